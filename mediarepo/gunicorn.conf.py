@@ -1,0 +1,14 @@
+"""gunicorn settings for `make run` and the container (override with GUNICORN_CMD_ARGS).
+
+Threads, not processes: downloads of media still uploading wait (up to 60 s) and a
+thread is cheap to park. Bodies are streamed, so a thread's memory stays flat.
+"""
+
+import os
+
+bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8008')}"
+workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
+worker_class = "gthread"
+threads = int(os.environ.get("GUNICORN_THREADS", "16"))
+timeout = 120
+accesslog = "-"

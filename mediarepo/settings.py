@@ -1,0 +1,213 @@
+"""Settings of the deployable media server, all from environment variables.
+
+With none set, this is the embedded default: SQLite, media on the local disk under
+``var/``, background tasks run in-process. See the README's table of variables.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(os.environ.get("MEDIAREPO_DATA_DIR", BASE_DIR / "var"))
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def env_int(name: str, default: int) -> int:
+    return int(env(name) or default)
+
+
+def _secret_key() -> str:
+    """DJANGO_SECRET_KEY, else one generated once and kept in the data directory (upload
+    URLs are signed with it, so it must survive restarts)."""
+    if key := env("DJANGO_SECRET_KEY"):
+        return key
+    path = DATA_DIR / "secret_key"
+    if not path.exists():
+        DATA_DIR.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(50))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+DEBUG = env("DJANGO_DEBUG") == "1"
+
+PORT = env_int("PORT", 8008)
+PUBLIC_BASEURL = (env("PUBLIC_BASEURL") or f"http://127.0.0.1:{PORT}").rstrip("/")
+MATRIX_SERVER_NAME = env("MATRIX_SERVER_NAME", "localhost")
+
+ALLOWED_HOSTS = [
+    host.strip()
+    for host in (env("DJANGO_ALLOWED_HOSTS") or "").split(",")
+    if host.strip()
+] or [urlsplit(PUBLIC_BASEURL).hostname or "localhost", "localhost", "127.0.0.1", "[::1]"]
+CSRF_TRUSTED_ORIGINS = [PUBLIC_BASEURL]
+if env("DJANGO_BEHIND_PROXY") == "1":
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "corsheaders",
+    "django_celery_beat",
+    "msc3870",
+]
+
+MIDDLEWARE = [
+    "msc3870.api.errors.MatrixErrorMiddleware",
+    "corsheaders.middleware.CorsMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "mediarepo.urls"
+WSGI_APPLICATION = "mediarepo.wsgi.application"
+APPEND_SLASH = False
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": dj_database_url.parse(
+        env("DATABASE_URL") or f"sqlite:///{DATA_DIR / 'mediarepo.sqlite3'}",
+        conn_max_age=60,
+        conn_health_checks=True,
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"]["OPTIONS"] = {
+        # Take the write lock at BEGIN: per-user limits stay exact and writers queue
+        # instead of failing with "database is locked".
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+CACHES = {
+    "default": (
+        {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": env("REDIS_URL")}
+        if env("REDIS_URL")
+        else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+    )
+}
+
+# Media bytes: S3 (django-storages) when a bucket is named, else the local disk.
+AWS_STORAGE_BUCKET_NAME = env("AWS_STORAGE_BUCKET_NAME")
+if AWS_STORAGE_BUCKET_NAME:
+    MEDIA_STORAGE = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": AWS_STORAGE_BUCKET_NAME,
+            "endpoint_url": env("AWS_S3_ENDPOINT_URL"),
+            "access_key": env("AWS_ACCESS_KEY_ID"),
+            "secret_key": env("AWS_SECRET_ACCESS_KEY"),
+            "region_name": env("AWS_S3_REGION_NAME"),
+            "addressing_style": env("AWS_S3_ADDRESSING_STYLE"),
+            "signature_version": "s3v4",
+            "querystring_auth": True,
+            "file_overwrite": True,
+            "default_acl": None,
+        },
+    }
+else:
+    MEDIA_STORAGE = {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {"location": str(DATA_DIR / "media")},
+    }
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+    "msc3870": MEDIA_STORAGE,
+}
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+
+MSC3870 = {
+    "SERVER_NAME": MATRIX_SERVER_NAME,
+    "PUBLIC_BASEURL": PUBLIC_BASEURL,
+    "MAX_UPLOAD_SIZE": env_int("MSC3870_MAX_UPLOAD_SIZE", 50 * 1024 * 1024),
+    "UNUSED_EXPIRATION": env_int("MSC3870_UNUSED_EXPIRATION", 86400),
+    "MAX_PENDING_UPLOADS": env_int("MSC3870_MAX_PENDING_UPLOADS", 5),
+    "CREATE_RATE": env("MSC3870_CREATE_RATE", "60/min"),
+    "REDIRECT_DOWNLOADS": env("MSC3870_REDIRECT_DOWNLOADS") == "1",
+    "S3_PUBLIC_ENDPOINT_URL": env("MSC3870_S3_PUBLIC_ENDPOINT_URL"),
+}
+if env("MATRIX_HOMESERVER_URL"):
+    MSC3870["HOMESERVER_URL"] = env("MATRIX_HOMESERVER_URL")
+    MSC3870["TOKEN_RESOLVER"] = "msc3870.auth.HomeserverTokenResolver"
+
+# Celery: a broker if one is named; otherwise tasks run in-process (eagerly).
+CELERY_BROKER_URL = env("CELERY_BROKER_URL")
+CELERY_TASK_ALWAYS_EAGER = CELERY_BROKER_URL is None
+CELERY_TASK_EAGER_PROPAGATES = False
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_ACKS_LATE = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# A request that queues work must not hang on a dead broker: fail fast, the sweep retries.
+CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5}
+CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_connect_timeout": 2, "socket_timeout": 5}
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+CELERY_BEAT_SCHEDULE = {
+    "msc3870-expire-pending": {"task": "msc3870.expire_pending", "schedule": 60.0},
+    "msc3870-delete-dead-objects": {"task": "msc3870.delete_dead_objects", "schedule": 300.0},
+    "msc3870-redispatch-stuck": {"task": "msc3870.redispatch_stuck", "schedule": 120.0},
+    "msc3870-delete-orphaned-uploads": {
+        "task": "msc3870.delete_orphaned_uploads",
+        "schedule": 3600.0,
+    },
+}
+CELERY_TIMEZONE = "UTC"
+
+CORS_URLS_REGEX = r"^/_matrix/.*$"
+CORS_ALLOW_ALL_ORIGINS = True
+CORS_EXPOSE_HEADERS = ["Content-Disposition", "Content-Range", "ETag"]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": env("LOG_LEVEL", "INFO")},
+}

@@ -1,0 +1,108 @@
+"""Download responses: a redirect to signed storage, or the bytes streamed with Range."""
+
+from __future__ import annotations
+
+import re
+
+from django.http import HttpResponse, HttpResponseBase, StreamingHttpResponse
+
+from ..conf import app_settings
+from ..errors import RangeNotSatisfiable
+from ..models import Media
+from ..storage import get_store
+from .errors import json_error
+from .headers import add_security_headers, content_disposition, served_content_type
+
+_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+# Media never changes once complete, but moderation can withdraw it: cache for a day.
+CACHE_SECONDS = 86400
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """One ``bytes=`` range as (start, end) inclusive; None = serve everything.
+
+    Malformed and multi-range headers are ignored (RFC 9110 allows it); an unsatisfiable
+    range raises ``RangeNotSatisfiable``.
+    """
+    if not header:
+        return None
+    match = _RANGE_RE.fullmatch(header.strip())
+    if not match or (not match.group(1) and not match.group(2)):
+        return None
+    first, last = match.group(1), match.group(2)
+    if not first:  # suffix: the last N bytes
+        length = int(last)
+        if length == 0:
+            raise RangeNotSatisfiable()
+        return max(0, size - length), size - 1
+    start = int(first)
+    end = min(int(last), size - 1) if last else size - 1
+    if last and int(last) < start:
+        return None
+    if start >= size:
+        raise RangeNotSatisfiable()
+    return start, end
+
+
+def media_response(
+    media: Media,
+    *,
+    filename: str | None,
+    range_header: str | None,
+    if_none_match: str | None,
+    allow_redirect: bool,
+    public_cache: bool,
+) -> HttpResponseBase:
+    content_type = served_content_type(media.content_type)
+    disposition = content_disposition(content_type, filename or media.filename or None)
+    store = get_store()
+    cache_control = (
+        f"public, max-age={CACHE_SECONDS}, s-maxage={CACHE_SECONDS}"
+        if public_cache
+        else f"private, max-age={CACHE_SECONDS}"
+    )
+    response: HttpResponseBase
+    if allow_redirect and store.can_redirect:
+        url = store.download_url(
+            media.storage_key,
+            content_type=content_type,
+            disposition=disposition,
+            lifetime=app_settings.DOWNLOAD_URL_LIFETIME,
+        )
+        if url:
+            response = HttpResponse(status=307)
+            response["Location"] = url
+            # The signed URL expires: caches must not keep the redirect longer.
+            response["Cache-Control"] = "private, max-age=60"
+            return add_security_headers(response)
+    etag = f'"{media.sha256}"' if media.sha256 else None
+    size = media.size or 0
+    if etag and if_none_match and etag in [t.strip() for t in if_none_match.split(",")]:
+        response = HttpResponse(status=304)
+    else:
+        try:
+            byte_range = parse_range(range_header, size)
+        except RangeNotSatisfiable as exc:
+            response = json_error(exc)
+            response["Content-Range"] = f"bytes */{size}"
+            return add_security_headers(response)
+        if byte_range is None:
+            response = StreamingHttpResponse(
+                store.iter_bytes(media.storage_key), content_type=content_type
+            )
+            response["Content-Length"] = str(size)
+        else:
+            start, end = byte_range
+            response = StreamingHttpResponse(
+                store.iter_bytes(media.storage_key, start, end),
+                status=206,
+                content_type=content_type,
+            )
+            response["Content-Length"] = str(end - start + 1)
+            response["Content-Range"] = f"bytes {start}-{end}/{size}"
+        response["Content-Disposition"] = disposition
+    response["Accept-Ranges"] = "bytes"
+    response["Cache-Control"] = cache_control
+    if etag:
+        response["ETag"] = etag
+    return add_security_headers(response)

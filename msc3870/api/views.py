@@ -1,0 +1,243 @@
+"""HTTP handlers: authenticate, read parameters, call a service, render. Nothing else."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.http import HttpRequest, HttpResponseBase
+from rest_framework.negotiation import BaseContentNegotiation
+from rest_framework.permissions import AllowAny, IsAuthenticated
+from rest_framework.renderers import BaseRenderer, JSONRenderer
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.throttling import SimpleRateThrottle
+from rest_framework.views import APIView
+
+from .. import services
+from ..auth import MatrixTokenAuthentication
+from ..conf import app_settings
+from ..errors import InvalidParam, MatrixError
+from ..storage import Readable
+from .errors import exception_handler, parse_json_object
+from .responses import media_response
+
+SPEC_VERSIONS = [
+    "r0.0.1",
+    "r0.1.0",
+    "r0.2.0",
+    "r0.3.0",
+    "r0.4.0",
+    "r0.5.0",
+    "r0.6.0",
+    "r0.6.1",
+    *(f"v1.{minor}" for minor in range(1, 17)),
+]
+
+UNSTABLE_FEATURES = {
+    "fi.mau.msc2246": True,
+    "com.beeper.msc3870": True,
+    # The proposal's own (mistyped) prefix; some readers look for it.
+    "com.beeper.msc3880": True,
+    "org.matrix.msc3916.stable": True,
+}
+
+
+class JSONOnlyNegotiation(BaseContentNegotiation):
+    """Errors are JSON whatever the client's Accept header says (a download may send
+    ``Accept: image/*``)."""
+
+    def select_parser(self, request: Request, parsers: list[Any]) -> Any:
+        return parsers[0] if parsers else None
+
+    def select_renderer(
+        self, request: Request, renderers: list[BaseRenderer], format_suffix: str | None = None
+    ) -> tuple[BaseRenderer, str]:
+        return renderers[0], renderers[0].media_type
+
+
+class CreateMediaThrottle(SimpleRateThrottle):
+    """``MSC3870["CREATE_RATE"]`` per Matrix user, read on each request."""
+
+    scope = "msc3870.create"
+
+    def get_rate(self) -> str | None:
+        return app_settings.CREATE_RATE
+
+    def get_cache_key(self, request: Request, view: APIView) -> str:
+        return f"msc3870:throttle:create:{request.user}"
+
+
+class MatrixView(APIView):
+    """Base of the app's views, configured here so a host's REST_FRAMEWORK cannot change
+    the wire behaviour."""
+
+    authentication_classes = [MatrixTokenAuthentication]
+    permission_classes = [IsAuthenticated]
+    renderer_classes = [JSONRenderer]
+    parser_classes: list[Any] = []
+    content_negotiation_class = JSONOnlyNegotiation
+    throttle_classes: list[Any] = []
+
+    def get_exception_handler(self) -> Any:
+        return exception_handler
+
+
+def _json_body(request: Request) -> dict[str, Any]:
+    return parse_json_object(request._request.body)
+
+
+def _content_length(request: Request) -> int | None:
+    raw = request.META.get("CONTENT_LENGTH")
+    if raw in (None, ""):
+        return None
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise InvalidParam("Invalid Content-Length") from exc
+    if value < 0:
+        raise InvalidParam("Invalid Content-Length")
+    return value
+
+
+class _LengthRequired(MatrixError):
+    status, errcode, default_message = 411, "M_UNKNOWN", "Content-Length is required"
+
+
+def request_body(request: Request) -> tuple[Readable, int | None]:
+    """The raw body as a stream (never read into memory) and its announced length."""
+    django_request: HttpRequest = request._request
+    length = _content_length(request)
+    if length is not None:
+        return django_request, length
+    if "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower():
+        # gunicorn decodes chunked bodies and says so with wsgi.input_terminated.
+        if request.META.get("wsgi.input_terminated"):
+            return request.META["wsgi.input"], None
+        raise _LengthRequired()
+    return django_request, 0
+
+
+def _filename(request: Request) -> str | None:
+    return request.query_params.get("filename")
+
+
+class CreateView(MatrixView):
+    throttle_classes = [CreateMediaThrottle]
+
+    def post(self, request: Request) -> Response:
+        _json_body(request)  # no fields are defined; only its syntax is checked
+        created = services.create_media(request.user)
+        upload = created.upload
+        return Response(
+            {
+                "content_uri": created.media.mxc_uri,
+                "unused_expires_at": int(created.media.unused_expires_at.timestamp() * 1000),
+                "upload_method": upload.method,
+                "upload_url": upload.url,
+                "com.beeper.msc3870.upload_url": upload.url,
+            }
+        )
+
+
+class UploadToMediaView(MatrixView):
+    def put(self, request: Request, server_name: str, media_id: str) -> Response:
+        body, length = request_body(request)
+        services.upload_to_media(
+            request.user,
+            server_name,
+            media_id,
+            body,
+            content_length=length,
+            content_type=request.content_type or None,
+            filename=_filename(request),
+        )
+        return Response({})
+
+
+class CompleteView(MatrixView):
+    def post(self, request: Request, server_name: str, media_id: str) -> Response:
+        _json_body(request)
+        media = services.complete_url_upload(
+            request.user, server_name, media_id, filename=_filename(request)
+        )
+        return Response({"content_uri": media.mxc_uri})
+
+
+class UploadView(MatrixView):
+    def post(self, request: Request) -> Response:
+        body, length = request_body(request)
+        media = services.upload_new_media(
+            request.user,
+            body,
+            content_length=length,
+            content_type=request.content_type or None,
+            filename=_filename(request),
+        )
+        return Response({"content_uri": media.mxc_uri})
+
+
+class UploadURLView(MatrixView):
+    """The upload URL of storages that cannot presign: the signed token is the credential."""
+
+    authentication_classes: list[Any] = []
+    permission_classes = [AllowAny]
+
+    def put(self, request: Request, token: str) -> Response:
+        body, length = request_body(request)
+        written = services.receive_url_upload(
+            token, body, content_length=length, content_type=request.content_type or None
+        )
+        response = Response({})
+        response["ETag"] = f'"{written.sha256}"'
+        return response
+
+
+class DownloadView(MatrixView):
+    """``/_matrix/client/v1/media/download``: authenticated; redirects if configured."""
+
+    public_cache = False
+
+    def allow_redirect(self, request: Request) -> bool:
+        return app_settings.REDIRECT_DOWNLOADS
+
+    def get(
+        self, request: Request, server_name: str, media_id: str, file_name: str | None = None
+    ) -> HttpResponseBase:
+        params = request.query_params
+        timeout_ms = services.download_timeout_ms(
+            params.get("timeout_ms", params.get("fi.mau.msc2246.timeout_ms"))
+        )
+        media = services.media_for_download(server_name, media_id, timeout_ms=timeout_ms)
+        return media_response(
+            media,
+            filename=file_name,
+            range_header=request.META.get("HTTP_RANGE"),
+            if_none_match=request.META.get("HTTP_IF_NONE_MATCH"),
+            allow_redirect=self.allow_redirect(request),
+            public_cache=self.public_cache,
+        )
+
+
+class LegacyDownloadView(DownloadView):
+    """``/_matrix/media/v3/download``: deprecated, unauthenticated; redirects only when the
+    client opts in with ``allow_redirect=true``."""
+
+    authentication_classes: list[Any] = []
+    permission_classes = [AllowAny]
+    public_cache = True
+
+    def allow_redirect(self, request: Request) -> bool:
+        return request.query_params.get("allow_redirect", "").lower() == "true"
+
+
+class ConfigView(MatrixView):
+    def get(self, request: Request) -> Response:
+        return Response({"m.upload.size": app_settings.MAX_UPLOAD_SIZE})
+
+
+class VersionsView(MatrixView):
+    authentication_classes: list[Any] = []
+    permission_classes = [AllowAny]
+
+    def get(self, request: Request) -> Response:
+        return Response({"versions": SPEC_VERSIONS, "unstable_features": UNSTABLE_FEATURES})

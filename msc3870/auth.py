@@ -1,0 +1,172 @@
+"""Who is calling: access token -> Matrix user id.
+
+The resolver is pluggable (``MSC3870["TOKEN_RESOLVER"]``). Two are built in:
+``LocalTokenResolver`` (tokens minted by ``manage.py create_access_token``) and
+``HomeserverTokenResolver`` (ask the homeserver's ``/account/whoami``, cached briefly).
+Application services masquerade with ``?user_id=``; the resolver decides whether the token
+may do that, and the identity returned is the masqueraded user.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, ClassVar
+
+import requests
+from django.core.cache import cache
+from django.utils import timezone
+from rest_framework.authentication import BaseAuthentication
+from rest_framework.request import Request
+
+from .conf import app_settings
+from .errors import Forbidden, HomeserverUnavailable, InvalidParam, LimitExceeded, UnknownToken
+from .models import AccessToken, digest_token
+
+# Matrix user ids: @localpart:server_name (historical localparts allowed, no whitespace).
+USER_ID_RE = re.compile(r"@[\x21-\x39\x3b-\x7e]+:[A-Za-z0-9.\-\[\]:]+")
+
+
+@dataclass(frozen=True)
+class MatrixUser:
+    """The authenticated caller, as DRF's ``request.user``."""
+
+    user_id: str
+    device_id: str | None = None
+    is_appservice: bool = False
+
+    is_authenticated: ClassVar[bool] = True
+    is_anonymous: ClassVar[bool] = False
+
+    def __str__(self) -> str:
+        return self.user_id
+
+
+def validate_user_id(user_id: str) -> str:
+    if len(user_id) > 255 or not USER_ID_RE.fullmatch(user_id):
+        raise InvalidParam(f"{user_id!r} is not a Matrix user id")
+    return user_id
+
+
+class TokenResolver:
+    """Interface of a token resolver. Raise ``UnknownToken``/``Forbidden`` to refuse."""
+
+    def resolve(
+        self, token: str, *, masquerade_as: str | None = None, device_id: str | None = None
+    ) -> MatrixUser:
+        raise NotImplementedError
+
+
+class LocalTokenResolver(TokenResolver):
+    # Writing last_used_at on every request would turn every read into a write.
+    LAST_USED_RESOLUTION = timedelta(minutes=5)
+
+    def resolve(
+        self, token: str, *, masquerade_as: str | None = None, device_id: str | None = None
+    ) -> MatrixUser:
+        row = AccessToken.objects.filter(token_digest=digest_token(token)).first()
+        if row is None or not row.is_usable():
+            raise UnknownToken()
+        now = timezone.now()
+        if row.last_used_at is None or now - row.last_used_at > self.LAST_USED_RESOLUTION:
+            AccessToken.objects.filter(pk=row.pk).update(last_used_at=now)
+        if masquerade_as and masquerade_as != row.user_id:
+            if not row.is_appservice:
+                raise Forbidden("Only application service tokens may act as another user")
+            validate_user_id(masquerade_as)
+            if row.masquerade_regex and not re.fullmatch(row.masquerade_regex, masquerade_as):
+                raise Forbidden("Application service cannot masquerade as this user")
+            return MatrixUser(masquerade_as, device_id, is_appservice=True)
+        return MatrixUser(row.user_id, device_id, is_appservice=row.is_appservice)
+
+
+_http = requests.Session()
+
+
+class HomeserverTokenResolver(TokenResolver):
+    """Ask the homeserver who a token belongs to, as matrix-media-repo does."""
+
+    TIMEOUT = (3.05, 10)
+
+    def resolve(
+        self, token: str, *, masquerade_as: str | None = None, device_id: str | None = None
+    ) -> MatrixUser:
+        base = app_settings.HOMESERVER_URL
+        if not base:
+            raise HomeserverUnavailable("MSC3870['HOMESERVER_URL'] is not set")
+        cache_key = "msc3870:whoami:" + hashlib.sha256(
+            "\0".join((token, masquerade_as or "", device_id or "")).encode()
+        ).hexdigest()
+        cached = cache.get(cache_key)
+        if cached is not None:
+            return MatrixUser(**cached)
+        params: dict[str, str] = {}
+        if masquerade_as:
+            params["user_id"] = masquerade_as
+        if device_id:
+            params["device_id"] = device_id
+        try:
+            response = _http.get(
+                f"{base}/_matrix/client/v3/account/whoami",
+                headers={"Authorization": f"Bearer {token}"},
+                params=params,
+                timeout=self.TIMEOUT,
+            )
+        except requests.RequestException as exc:
+            raise HomeserverUnavailable(f"Homeserver unreachable: {type(exc).__name__}") from exc
+        body = _json_or_empty(response)
+        if response.status_code == 200 and isinstance(body.get("user_id"), str):
+            user = {
+                "user_id": body["user_id"],
+                "device_id": body.get("device_id") or device_id,
+                "is_appservice": bool(masquerade_as),
+            }
+            cache.set(cache_key, user, app_settings.WHOAMI_CACHE_SECONDS)
+            return MatrixUser(**user)
+        message = str(body.get("error") or "")
+        if response.status_code == 401:
+            raise UnknownToken(message or None)
+        if response.status_code == 403:
+            raise Forbidden(message or None)
+        if response.status_code == 429:
+            raise LimitExceeded(message or None, retry_after_ms=body.get("retry_after_ms", 1000))
+        raise HomeserverUnavailable(f"Homeserver answered {response.status_code} to whoami")
+
+
+def _json_or_empty(response: requests.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def get_resolver() -> TokenResolver:
+    return app_settings.TOKEN_RESOLVER()
+
+
+def token_from_request(request: Request) -> str | None:
+    header = request.META.get("HTTP_AUTHORIZATION", "")
+    scheme, _, credentials = header.partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    # Deprecated by the spec, but still accepted, never required.
+    return request.query_params.get("access_token") or None
+
+
+class MatrixTokenAuthentication(BaseAuthentication):
+    def authenticate(self, request: Request) -> tuple[MatrixUser, str] | None:
+        token = token_from_request(request)
+        if token is None:
+            return None
+        user = get_resolver().resolve(
+            token,
+            masquerade_as=request.query_params.get("user_id") or None,
+            device_id=request.query_params.get("device_id") or None,
+        )
+        return user, token
+
+    def authenticate_header(self, request: Request) -> str:
+        return 'Bearer realm="matrix"'

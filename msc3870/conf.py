@@ -1,0 +1,177 @@
+"""The app's one settings object.
+
+Everything is read from the ``MSC3870`` dict in Django settings on every access (so
+``override_settings`` works in tests); defaults live in ``DEFAULTS``. Import strings are
+resolved lazily and errors name the setting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.utils.module_loading import import_string
+
+MiB = 1024 * 1024
+
+DEFAULTS: dict[str, Any] = {
+    # The server name in mxc:// ids. Media of other servers is never served from here.
+    "SERVER_NAME": "localhost",
+    # This server's public base URL: absolute upload URLs and Location headers.
+    "PUBLIC_BASEURL": "http://127.0.0.1:8008",
+    # Largest accepted upload, in bytes.
+    "MAX_UPLOAD_SIZE": 50 * MiB,
+    # Seconds a created media id waits for its upload (MSC2246 recommends 24 h).
+    "UNUSED_EXPIRATION": 24 * 60 * 60,
+    # Media ids a user may hold in the pending state at once.
+    "MAX_PENDING_UPLOADS": 5,
+    # Rate of /create per user, DRF syntax ("N/s", "N/min", "N/hour", "N/day"); None = off.
+    "CREATE_RATE": "60/min",
+    # Alias in Django's STORAGES of the storage media bytes live in.
+    "STORAGE_ALIAS": "msc3870",
+    # Callable (import string) turning an access token into a Matrix user id.
+    "TOKEN_RESOLVER": "msc3870.auth.LocalTokenResolver",
+    # Homeserver asked by msc3870.auth.HomeserverTokenResolver (/account/whoami).
+    "HOMESERVER_URL": None,
+    # Seconds a successful whoami answer is cached.
+    "WHOAMI_CACHE_SECONDS": 60,
+    # Seconds /complete and the upload PUT wait for the post-upload checks to decide.
+    "COMPLETE_WAIT_SECONDS": 20,
+    # Download wait for media that is not uploaded yet (ms): default and cap.
+    "DOWNLOAD_TIMEOUT_MS": 20_000,
+    "DOWNLOAD_TIMEOUT_MS_MAX": 60_000,
+    # Post-upload checks, run in order on the bytes that will be served.
+    "CHECKS": [
+        "msc3870.screening.check_size",
+        "msc3870.screening.check_content_type",
+        "msc3870.screening.check_sha256",
+    ],
+    # Content types (globs, matched against the type sniffed from the bytes, or the declared
+    # one when the bytes are not recognised) that may be stored, and those refused.
+    "ALLOWED_CONTENT_TYPES": ["*"],
+    "DENIED_CONTENT_TYPES": [],
+    # When the declared type contradicts the bytes: "sniffed" serves the sniffed type,
+    # "reject" refuses the upload, "declared" keeps what the client said.
+    "TYPE_MISMATCH": "sniffed",
+    # Redirect authenticated (v1) downloads to signed storage URLs where the storage can.
+    "REDIRECT_DOWNLOADS": False,
+    # Lifetime in seconds of signed download URLs.
+    "DOWNLOAD_URL_LIFETIME": 300,
+    # Separate endpoint for URLs handed to clients (CDN, transfer acceleration); None = same.
+    "S3_PUBLIC_ENDPOINT_URL": None,
+}
+
+TYPE_MISMATCH_POLICIES = ("sniffed", "reject", "declared")
+
+
+class MSC3870Settings:
+    """Typed view of ``settings.MSC3870``, read on every access."""
+
+    def _get(self, name: str) -> Any:
+        user = getattr(settings, "MSC3870", {}) or {}
+        if not isinstance(user, dict):
+            raise ImproperlyConfigured("MSC3870 must be a dict.")
+        return user.get(name, DEFAULTS[name])
+
+    def _import(self, name: str) -> Any:
+        path = self._get(name)
+        try:
+            return import_string(path)
+        except ImportError as exc:
+            raise ImproperlyConfigured(
+                f"MSC3870[{name!r}] = {path!r} could not be imported: {exc}"
+            ) from exc
+
+    @property
+    def SERVER_NAME(self) -> str:
+        return str(self._get("SERVER_NAME"))
+
+    @property
+    def PUBLIC_BASEURL(self) -> str:
+        return str(self._get("PUBLIC_BASEURL")).rstrip("/")
+
+    @property
+    def MAX_UPLOAD_SIZE(self) -> int:
+        return int(self._get("MAX_UPLOAD_SIZE"))
+
+    @property
+    def UNUSED_EXPIRATION(self) -> int:
+        return int(self._get("UNUSED_EXPIRATION"))
+
+    @property
+    def MAX_PENDING_UPLOADS(self) -> int:
+        return int(self._get("MAX_PENDING_UPLOADS"))
+
+    @property
+    def CREATE_RATE(self) -> str | None:
+        return self._get("CREATE_RATE")
+
+    @property
+    def STORAGE_ALIAS(self) -> str:
+        return str(self._get("STORAGE_ALIAS"))
+
+    @property
+    def TOKEN_RESOLVER(self) -> Callable[..., Any]:
+        return self._import("TOKEN_RESOLVER")
+
+    @property
+    def HOMESERVER_URL(self) -> str | None:
+        url = self._get("HOMESERVER_URL")
+        return url.rstrip("/") if url else None
+
+    @property
+    def WHOAMI_CACHE_SECONDS(self) -> int:
+        return int(self._get("WHOAMI_CACHE_SECONDS"))
+
+    @property
+    def COMPLETE_WAIT_SECONDS(self) -> float:
+        return float(self._get("COMPLETE_WAIT_SECONDS"))
+
+    @property
+    def DOWNLOAD_TIMEOUT_MS(self) -> int:
+        return int(self._get("DOWNLOAD_TIMEOUT_MS"))
+
+    @property
+    def DOWNLOAD_TIMEOUT_MS_MAX(self) -> int:
+        return int(self._get("DOWNLOAD_TIMEOUT_MS_MAX"))
+
+    @property
+    def CHECKS(self) -> list[Callable[..., Any]]:
+        checks = []
+        for path in self._get("CHECKS"):
+            try:
+                checks.append(import_string(path))
+            except ImportError as exc:
+                raise ImproperlyConfigured(
+                    f"MSC3870['CHECKS'] entry {path!r} could not be imported: {exc}"
+                ) from exc
+        return checks
+
+    @property
+    def ALLOWED_CONTENT_TYPES(self) -> list[str]:
+        return list(self._get("ALLOWED_CONTENT_TYPES"))
+
+    @property
+    def DENIED_CONTENT_TYPES(self) -> list[str]:
+        return list(self._get("DENIED_CONTENT_TYPES"))
+
+    @property
+    def TYPE_MISMATCH(self) -> str:
+        return str(self._get("TYPE_MISMATCH"))
+
+    @property
+    def REDIRECT_DOWNLOADS(self) -> bool:
+        return bool(self._get("REDIRECT_DOWNLOADS"))
+
+    @property
+    def DOWNLOAD_URL_LIFETIME(self) -> int:
+        return int(self._get("DOWNLOAD_URL_LIFETIME"))
+
+    @property
+    def S3_PUBLIC_ENDPOINT_URL(self) -> str | None:
+        return self._get("S3_PUBLIC_ENDPOINT_URL")
+
+
+app_settings = MSC3870Settings()

@@ -1,0 +1,89 @@
+"""The media state machine.
+
+Every transition is one ``UPDATE ... WHERE pk = %s AND state IN (...)``: it wins or it
+does not, so two requests, or a request and a task, can race without corrupting a row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from django.db.models import Q
+from django.utils import timezone
+
+from .models import Media, MediaState
+
+S = MediaState
+
+ALLOWED_TRANSITIONS: dict[str, frozenset[str]] = {
+    S.PENDING: frozenset({S.PROCESSING, S.EXPIRED, S.DELETED}),
+    # PROCESSING -> PENDING: an upload PUT failed before any byte was kept (too big,
+    # client went away), so the id may be used again.
+    S.PROCESSING: frozenset({S.COMPLETE, S.REJECTED, S.PENDING, S.DELETED}),
+    S.COMPLETE: frozenset({S.QUARANTINED, S.REJECTED, S.DELETED}),
+    S.QUARANTINED: frozenset({S.COMPLETE, S.REJECTED, S.DELETED}),
+    S.REJECTED: frozenset({S.DELETED}),
+    S.EXPIRED: frozenset({S.DELETED}),
+    S.DELETED: frozenset(),
+}
+
+# States whose bytes may be needed again; anything else has objects to delete.
+LIVE_STATES = frozenset({S.PENDING, S.PROCESSING, S.COMPLETE, S.QUARANTINED})
+
+
+class IllegalTransition(ValueError):
+    pass
+
+
+def check_transition(from_states: Iterable[str], to_state: str) -> list[str]:
+    sources = list(from_states)
+    for source in sources:
+        if to_state not in ALLOWED_TRANSITIONS[source]:
+            raise IllegalTransition(f"{source} -> {to_state} is not a media transition")
+    return sources
+
+
+def transition(
+    media: Media | int,
+    from_states: Iterable[str],
+    to_state: str,
+    *,
+    extra_where: Q | None = None,
+    **fields: Any,
+) -> bool:
+    """Move one row to ``to_state`` if it is in one of ``from_states``; True if this call won.
+
+    ``fields`` are written in the same UPDATE. On success a ``Media`` instance passed in is
+    updated in memory too.
+    """
+    sources = check_transition(from_states, to_state)
+    pk = media.pk if isinstance(media, Media) else media
+    now = timezone.now()
+    query = Media.objects.filter(pk=pk, state__in=sources)
+    if extra_where is not None:
+        query = query.filter(extra_where)
+    won = query.update(state=to_state, state_changed_at=now, **fields) == 1
+    if won and isinstance(media, Media):
+        media.state = to_state
+        media.state_changed_at = now
+        for name, value in fields.items():
+            setattr(media, name, value)
+    return won
+
+
+def transition_many(queryset: Any, from_states: Iterable[str], to_state: str, **fields: Any) -> int:
+    """Bulk form of ``transition`` for sweeps; returns how many rows moved."""
+    sources = check_transition(from_states, to_state)
+    return queryset.filter(state__in=sources).update(
+        state=to_state, state_changed_at=timezone.now(), **fields
+    )
+
+
+def update_if_state(media: Media, state: str, **fields: Any) -> bool:
+    """Write fields only while the row is still in ``state`` (no transition)."""
+    won = Media.objects.filter(pk=media.pk, state=state).update(**fields) == 1
+    if won:
+        for name, value in fields.items():
+            setattr(media, name, value)
+    return won

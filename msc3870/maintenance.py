@@ -1,0 +1,144 @@
+"""Periodic sweeps: expiry, deletion of dead objects, stuck screening, orphaned uploads.
+
+Each sweep works in bounded batches, moves rows with compare-and-set updates and treats a
+missing object as deleted, so it can run twice, or on two hosts at once, without harm.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.utils import timezone
+
+from . import lifecycle
+from .models import Media, MediaState, UploadMethod
+from .pipeline import delete_objects, dispatch_screening
+from .storage import get_store
+
+log = logging.getLogger(__name__)
+S = MediaState
+
+DEFAULT_BATCH = 500
+DEFAULT_MAX_BATCHES = 20
+# Media in PROCESSING longer than this is assumed lost (worker died, broker was down).
+STUCK_AFTER = timedelta(minutes=5)
+
+
+@dataclass
+class SweepResult:
+    moved: int = 0
+    objects_deleted: int = 0
+
+
+def expire_pending(
+    *, batch_size: int = DEFAULT_BATCH, max_batches: int = DEFAULT_MAX_BATCHES
+) -> SweepResult:
+    """PENDING past ``unused_expires_at`` -> EXPIRED, and delete what reached its URL."""
+    result = SweepResult()
+    for _ in range(max_batches):
+        now = timezone.now()
+        due = Media.objects.filter(state=S.PENDING, unused_expires_at__lte=now)
+        pks = list(due.order_by("pk").values_list("pk", flat=True)[:batch_size])
+        if not pks:
+            break
+        # The expiry condition is repeated in the UPDATE: a /complete that claimed the
+        # row in between wins, and this sweep leaves it alone.
+        result.moved += lifecycle.transition_many(
+            Media.objects.filter(pk__in=pks, unused_expires_at__lte=now), [S.PENDING], S.EXPIRED
+        )
+        result.objects_deleted += _delete_objects_of(pks)
+    return result
+
+
+def delete_dead_objects(
+    *, batch_size: int = DEFAULT_BATCH, max_batches: int = DEFAULT_MAX_BATCHES
+) -> SweepResult:
+    """Delete objects of rejected, expired and deleted media not yet cleaned up."""
+    result = SweepResult()
+    for _ in range(max_batches):
+        pks = list(
+            Media.objects.filter(objects_deleted_at__isnull=True)
+            .exclude(state__in=lifecycle.LIVE_STATES)
+            .order_by("pk")
+            .values_list("pk", flat=True)[:batch_size]
+        )
+        if not pks:
+            break
+        deleted = _delete_objects_of(pks)
+        result.objects_deleted += deleted
+        if deleted == 0:
+            break  # another sweep took them; do not spin
+    return result
+
+
+def _delete_objects_of(pks: list[int]) -> int:
+    return sum(1 for pk in pks if delete_objects(pk))
+
+
+def redispatch_stuck(*, older_than: timedelta = STUCK_AFTER, batch_size: int = DEFAULT_BATCH) -> int:
+    """Re-queue screening of media left in PROCESSING (lost task, broker outage)."""
+    cutoff = timezone.now() - older_than
+    count = 0
+    stuck = Media.objects.filter(state=S.PROCESSING, processing_started_at__lte=cutoff).order_by(
+        "processing_started_at"
+    )[:batch_size]
+    for media in stuck:
+        if media.storage_key or media.upload_method == UploadMethod.URL:
+            if dispatch_screening(media):
+                count += 1
+        elif media.upload_method == UploadMethod.PUT:
+            # The process receiving the body died: nothing usable was kept.
+            if lifecycle.transition(
+                media, [S.PROCESSING], S.PENDING, upload_method="", processing_started_at=None
+            ):
+                count += 1
+        elif lifecycle.transition(
+            media,
+            [S.PROCESSING],
+            S.REJECTED,
+            rejection_errcode="M_UNKNOWN",
+            rejection_reason="Upload was interrupted",
+        ):
+            delete_objects(media.pk)
+            count += 1
+    return count
+
+
+def delete_orphaned_uploads(*, limit: int = 1000) -> int:
+    """Delete objects under ``incoming/`` whose media no longer waits for them.
+
+    A client can PUT to its URL again after /complete (S3 cannot refuse it); those bytes
+    are never served, and this removes them.
+    """
+    store = get_store()
+    deleted = 0
+    batch: list[str] = []
+
+    def flush() -> int:
+        ids = {key.rsplit("/", 1)[-1]: key for key in batch}
+        waiting = set(
+            Media.objects.filter(
+                media_id__in=ids, state__in=[S.PENDING, S.PROCESSING]
+            ).values_list(
+                "media_id", flat=True
+            )
+        )
+        count = 0
+        for media_id, key in ids.items():
+            if media_id not in waiting:
+                store.delete(key)
+                count += 1
+        batch.clear()
+        return count
+
+    for index, key in enumerate(store.list_keys("incoming/")):
+        if index >= limit:
+            break
+        batch.append(key)
+        if len(batch) >= 200:
+            deleted += flush()
+    if batch:
+        deleted += flush()
+    return deleted

@@ -1,0 +1,139 @@
+"""Media rows and local access tokens.
+
+State changes never happen in ``save()``: they go through ``msc3870.lifecycle``, which
+updates the row with a compare-and-set on ``state``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from django.db import models
+from django.utils import timezone
+
+
+class MediaState(models.TextChoices):
+    PENDING = "pending", "Pending (id created, waiting for bytes)"
+    PROCESSING = "processing", "Processing (bytes arrived, being checked)"
+    COMPLETE = "complete", "Complete (served)"
+    REJECTED = "rejected", "Rejected (failed a check or by a moderator)"
+    EXPIRED = "expired", "Expired (no upload before unused_expires_at)"
+    QUARANTINED = "quarantined", "Quarantined (held by a moderator)"
+    DELETED = "deleted", "Deleted (tombstone)"
+
+
+class UploadMethod(models.TextChoices):
+    URL = "url", "Upload URL + /complete"
+    PUT = "put", "PUT to the media server"
+    POST = "post", "One-shot POST"
+
+
+class Media(models.Model):
+    """One mxc:// id and what is known about its bytes."""
+
+    server_name = models.CharField(max_length=255)
+    media_id = models.CharField(max_length=64)
+    user_id = models.CharField(max_length=255, help_text="Matrix user who created the id.")
+    state = models.CharField(max_length=16, choices=MediaState.choices, default=MediaState.PENDING)
+    created_at = models.DateTimeField(default=timezone.now)
+    state_changed_at = models.DateTimeField(default=timezone.now)
+    unused_expires_at = models.DateTimeField(
+        help_text="The id (and its upload URL) is dead after this unless bytes arrived."
+    )
+    upload_method = models.CharField(max_length=8, choices=UploadMethod.choices, blank=True)
+    declared_content_type = models.CharField(max_length=255, blank=True)
+    sniffed_content_type = models.CharField(max_length=255, blank=True)
+    content_type = models.CharField(
+        max_length=255, blank=True, help_text="The type downloads are served with."
+    )
+    filename = models.CharField(max_length=255, blank=True)
+    size = models.BigIntegerField(null=True, blank=True)
+    sha256 = models.CharField(max_length=64, blank=True)
+    storage_key = models.CharField(
+        max_length=512,
+        blank=True,
+        help_text="Key of the served bytes: written only by the server, never by a URL.",
+    )
+    processing_started_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    rejection_errcode = models.CharField(max_length=64, blank=True)
+    rejection_reason = models.TextField(blank=True)
+    last_error = models.TextField(blank=True, help_text="Last failure of background work.")
+    attempts = models.PositiveIntegerField(default=0, help_text="Screening attempts so far.")
+    objects_deleted_at = models.DateTimeField(
+        null=True, blank=True, help_text="When storage objects of dead media were deleted."
+    )
+    moderated_by = models.CharField(max_length=255, blank=True)
+
+    class Meta:
+        verbose_name_plural = "media"
+        constraints = [
+            models.UniqueConstraint(fields=["server_name", "media_id"], name="msc3870_unique_mxc"),
+        ]
+        indexes = [
+            models.Index(fields=["state", "unused_expires_at"], name="msc3870_state_expiry"),
+            models.Index(fields=["user_id", "state"], name="msc3870_user_state"),
+            models.Index(fields=["sha256"], name="msc3870_sha256"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.mxc_uri} ({self.state})"
+
+    @property
+    def mxc_uri(self) -> str:
+        return f"mxc://{self.server_name}/{self.media_id}"
+
+    @property
+    def incoming_key(self) -> str:
+        """Where an upload URL writes. Only this media id's URL can write it."""
+        return f"incoming/{self.media_id}"
+
+    @property
+    def served_key(self) -> str:
+        """Where the bytes are moved before they are checked; no URL can write it."""
+        return f"media/{self.media_id[:2]}/{self.media_id}"
+
+
+def digest_token(token: str) -> str:
+    """Tokens are stored as SHA-256 digests: a database leak does not leak tokens."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class AccessToken(models.Model):
+    """A local access token (used when no homeserver is configured)."""
+
+    user_id = models.CharField(max_length=255)
+    token_digest = models.CharField(max_length=64, unique=True, editable=False)
+    label = models.CharField(max_length=255, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked = models.BooleanField(default=False)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    is_appservice = models.BooleanField(
+        default=False,
+        help_text="May act as other users with ?user_id= (application-service masquerading).",
+    )
+    masquerade_regex = models.CharField(
+        max_length=255,
+        blank=True,
+        help_text="Users an application-service token may act as (full match); empty = any.",
+    )
+
+    class Meta:
+        indexes = [models.Index(fields=["user_id"], name="msc3870_token_user")]
+
+    def __str__(self) -> str:
+        return f"token of {self.user_id} ({self.label or self.pk})"
+
+    def is_usable(self) -> bool:
+        return not self.revoked and (self.expires_at is None or self.expires_at > timezone.now())
+
+
+class Uploader(models.Model):
+    """One row per Matrix user that uploads: locked to serialise per-user limits."""
+
+    user_id = models.CharField(max_length=255, primary_key=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return self.user_id

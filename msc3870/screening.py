@@ -1,0 +1,172 @@
+"""Post-upload checks.
+
+A check is a callable ``check(ctx: ScreeningContext) -> None`` named by import string in
+``MSC3870["CHECKS"]``. It passes by returning, refuses the upload by raising ``Rejection``
+(with a reason the uploader is told), and fails by raising anything else: failures are
+retried and recorded, never treated as a pass. Checks read the object at ``ctx.key``,
+which no upload URL can write, and record what they learn in ``ctx.findings``; the
+findings are written to the row in the same update that completes it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import puremagic
+
+from .conf import app_settings
+
+if TYPE_CHECKING:
+    from .models import Media
+    from .storage import MediaStore, ObjectInfo
+
+# puremagic looks at the first and last bytes; 8 KiB covers every signature it knows.
+SNIFF_BYTES = 8192
+UNKNOWN_TYPE = "application/octet-stream"
+
+# Types that name the same bytes (containers the sniffer cannot tell apart, aliases).
+EQUIVALENT_TYPES: list[frozenset[str]] = [
+    frozenset(
+        {
+            "application/zip",
+            "application/x-zip-compressed",
+            "application/java-archive",
+            "application/epub+zip",
+            "application/vnd.android.package-archive",
+            "application/vnd.oasis.opendocument.text",
+            "application/vnd.oasis.opendocument.spreadsheet",
+            "application/vnd.oasis.opendocument.presentation",
+            "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+            "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+            "application/vnd.openxmlformats-officedocument.presentationml.presentation",
+        }
+    ),
+    frozenset({"application/ogg", "audio/ogg", "video/ogg", "audio/opus", "audio/vorbis"}),
+    frozenset({"audio/wav", "audio/wave", "audio/x-wav", "audio/x-pn-wav", "audio/vnd.wave"}),
+    frozenset({"audio/flac", "audio/x-flac"}),
+    frozenset({"audio/mpeg", "audio/mp3", "audio/x-mpeg"}),
+    frozenset({"video/mp4", "audio/mp4", "video/quicktime", "audio/x-m4a", "video/x-m4v"}),
+    frozenset({"video/webm", "audio/webm", "video/x-matroska", "audio/x-matroska"}),
+    frozenset({"image/jpeg", "image/pjpeg", "image/jpg"}),
+    frozenset({"image/png", "image/apng"}),
+    frozenset({"application/xml", "text/xml"}),
+    frozenset({"application/json", "text/json", "application/ld+json"}),
+    frozenset({"application/x-tar", "application/tar"}),
+    frozenset({"application/gzip", "application/x-gzip"}),
+]
+
+
+class Rejection(Exception):  # noqa: N818 - a verdict, not a failure
+    """A check refuses the upload. ``errcode``/``status`` are what the uploader sees."""
+
+    def __init__(self, reason: str, *, errcode: str = "M_FORBIDDEN", status: int = 403) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.errcode = errcode
+        self.status = status
+
+
+@dataclass
+class ScreeningContext:
+    media: Media
+    store: MediaStore
+    key: str
+    info: ObjectInfo
+    findings: dict[str, Any] = field(default_factory=dict)
+    _prefix: bytes | None = None
+
+    @property
+    def declared_type(self) -> str:
+        return self.media.declared_content_type or self.info.content_type or ""
+
+    def prefix(self) -> bytes:
+        """The first bytes of the object, read once with a ranged read."""
+        if self._prefix is None:
+            self._prefix = self.store.read_prefix(self.key, SNIFF_BYTES)
+        return self._prefix
+
+
+def base_type(content_type: str) -> str:
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def sniff(data: bytes) -> list[str]:
+    """Candidate types for ``data``, most likely first; empty if unrecognised."""
+    if not data:
+        return []
+    try:
+        matches = puremagic.magic_string(data)
+    except (puremagic.PureError, ValueError):
+        return []
+    seen: list[str] = []
+    for match in matches:
+        if match.mime_type and match.mime_type not in seen:
+            seen.append(match.mime_type.lower())
+    return seen
+
+
+def types_agree(declared: str, candidates: list[str]) -> bool:
+    declared = base_type(declared)
+    if declared in candidates:
+        return True
+    return any(declared in group and group.intersection(candidates) for group in EQUIVALENT_TYPES)
+
+
+def check_size(ctx: ScreeningContext) -> None:
+    limit = app_settings.MAX_UPLOAD_SIZE
+    if ctx.info.size > limit:
+        raise Rejection(
+            f"Upload is {ctx.info.size} bytes, over the limit of {limit}",
+            errcode="M_TOO_LARGE",
+            status=413,
+        )
+    ctx.findings["size"] = ctx.info.size
+
+
+def check_content_type(ctx: ScreeningContext) -> None:
+    """Decide the served type from the bytes, the declaration and the type lists."""
+    candidates = sniff(ctx.prefix())
+    declared = ctx.declared_type
+    declared_base = base_type(declared)
+    sniffed = candidates[0] if candidates else ""
+    if not declared_base or declared_base == UNKNOWN_TYPE:
+        served = sniffed or UNKNOWN_TYPE
+    elif not candidates or types_agree(declared_base, candidates):
+        served = declared
+    else:
+        policy = app_settings.TYPE_MISMATCH
+        if policy == "reject":
+            raise Rejection(
+                f"Declared type {declared_base} does not match the content ({sniffed})",
+                errcode="M_INVALID_PARAM",
+                status=400,
+            )
+        served = declared if policy == "declared" else sniffed
+    served_base = base_type(served)
+    if not any(fnmatch.fnmatch(served_base, p) for p in app_settings.ALLOWED_CONTENT_TYPES) or any(
+        fnmatch.fnmatch(served_base, p) for p in app_settings.DENIED_CONTENT_TYPES
+    ):
+        raise Rejection(f"Content of type {served_base} is not allowed here")
+    ctx.findings["sniffed_content_type"] = sniffed
+    ctx.findings["content_type"] = served
+
+
+def check_sha256(ctx: ScreeningContext) -> None:
+    """Hash the stored bytes (skipped when the server hashed them while receiving them)."""
+    if ctx.media.sha256:
+        ctx.findings["sha256"] = ctx.media.sha256
+        return
+    digest = hashlib.sha256()
+    for chunk in ctx.store.iter_bytes(ctx.key):
+        digest.update(chunk)
+    ctx.findings["sha256"] = digest.hexdigest()
+
+
+def run_checks(ctx: ScreeningContext) -> dict[str, Any]:
+    """Run every configured check in order; return the findings. Raises ``Rejection``."""
+    for check in app_settings.CHECKS:
+        check(ctx)
+    return ctx.findings

@@ -1,0 +1,400 @@
+"""What clients can do with media: create, upload, complete, download.
+
+The domain API that views call. Nothing here sees a request: callers pass the Matrix user,
+ids, the body as a readable stream and the few headers that matter.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from . import lifecycle
+from .auth import MatrixUser
+from .conf import app_settings
+from .errors import (
+    CannotOverwrite,
+    Forbidden,
+    InvalidParam,
+    LimitExceeded,
+    NothingUploaded,
+    NotFound,
+    NotYetUploaded,
+    TooLarge,
+    UploadRejected,
+)
+from .models import Media, MediaState, Uploader, UploadMethod
+from .storage import (
+    Readable,
+    UploadTarget,
+    WrittenObject,
+    expiry_within_url_lifetime,
+    get_store,
+)
+from .upload_tokens import read_upload_token
+
+log = logging.getLogger(__name__)
+S = MediaState
+
+MEDIA_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# hostname | IPv4 | [IPv6], optional port (spec appendix "Server Name").
+SERVER_NAME_RE = re.compile(
+    r"(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,253}[A-Za-z0-9])?)(?::[0-9]{1,5})?"
+)
+MAX_FILENAME_LENGTH = 255
+
+
+def new_media_id() -> str:
+    """192 random bits in the URL-safe alphabet ``[A-Za-z0-9_-]``."""
+    return secrets.token_urlsafe(24)
+
+
+def validate_mxc(server_name: str, media_id: str) -> None:
+    if not SERVER_NAME_RE.fullmatch(server_name):
+        raise InvalidParam("Invalid server name")
+    if not MEDIA_ID_RE.fullmatch(media_id):
+        raise InvalidParam("Invalid media id")
+
+
+def clean_filename(filename: str | None) -> str:
+    if not filename:
+        return ""
+    if len(filename) > MAX_FILENAME_LENGTH or any(ord(c) < 0x20 or c == "\x7f" for c in filename):
+        raise InvalidParam("Invalid filename")
+    return filename
+
+
+def clean_content_type(content_type: str | None) -> str:
+    content_type = (content_type or "").strip()
+    if len(content_type) > 255 or any(ord(c) < 0x20 for c in content_type):
+        raise InvalidParam("Invalid Content-Type")
+    return content_type
+
+
+def _local_media(server_name: str, media_id: str) -> Media:
+    validate_mxc(server_name, media_id)
+    if server_name != app_settings.SERVER_NAME:
+        raise NotFound("This server only holds media of " + app_settings.SERVER_NAME)
+    media = Media.objects.filter(server_name=server_name, media_id=media_id).first()
+    if media is None:
+        raise NotFound()
+    return media
+
+
+# ---------------------------------------------------------------------------- create
+
+
+@dataclass(frozen=True)
+class CreatedMedia:
+    media: Media
+    upload: UploadTarget
+
+
+def create_media(user: MatrixUser) -> CreatedMedia:
+    """Reserve a new mxc:// id for ``user`` (MSC2246 /create, MSC3870 upload URL)."""
+    store = get_store()
+    now = timezone.now()
+    expires = expiry_within_url_lifetime(
+        store, now + timedelta(seconds=app_settings.UNUSED_EXPIRATION), now
+    )
+    with transaction.atomic():
+        Uploader.objects.get_or_create(user_id=user.user_id)
+        # The row lock serialises this user's creates, so the pending count is exact.
+        Uploader.objects.select_for_update().filter(pk=user.user_id).first()
+        limit = app_settings.MAX_PENDING_UPLOADS
+        if limit > 0:
+            pending = Media.objects.filter(
+                user_id=user.user_id, state=S.PENDING, unused_expires_at__gt=now
+            ).order_by("unused_expires_at")
+            expiries = list(pending.values_list("unused_expires_at", flat=True)[:limit])
+            if len(expiries) >= limit:
+                retry_after = (expiries[0] - now).total_seconds() * 1000
+                raise LimitExceeded("Too many pending uploads", retry_after_ms=int(retry_after))
+        media = Media.objects.create(
+            server_name=app_settings.SERVER_NAME,
+            media_id=new_media_id(),
+            user_id=user.user_id,
+            unused_expires_at=expires,
+        )
+    return CreatedMedia(media, store.upload_target(media))
+
+
+# ---------------------------------------------------------------------------- upload
+
+
+def _pending_media_of(user: MatrixUser, server_name: str, media_id: str) -> Media:
+    """The checks of an upload in Synapse's order (complement relies on it)."""
+    media = _local_media(server_name, media_id)
+    if media.user_id != user.user_id:
+        raise Forbidden("You may only upload to media you created")
+    if media.state in (S.PROCESSING, S.COMPLETE, S.QUARANTINED, S.REJECTED):
+        raise CannotOverwrite()
+    if media.state != S.PENDING or media.unused_expires_at <= timezone.now():
+        raise NotFound("Media id has expired")
+    return media
+
+
+def check_declared_length(content_length: int | None) -> None:
+    if content_length is not None and content_length > app_settings.MAX_UPLOAD_SIZE:
+        raise TooLarge(
+            f"Upload of {content_length} bytes is over the limit of "
+            f"{app_settings.MAX_UPLOAD_SIZE} bytes"
+        )
+
+
+def _receive(media: Media, body: Readable, content_length: int | None) -> None:
+    """Stream the body to the key the bytes will be served from; record size and hash."""
+    written = get_store().write_stream(
+        media.served_key,
+        body,
+        max_size=app_settings.MAX_UPLOAD_SIZE,
+        expected_size=content_length,
+        content_type=media.declared_content_type or None,
+    )
+    lifecycle.update_if_state(
+        media,
+        S.PROCESSING,
+        storage_key=media.served_key,
+        size=written.size,
+        sha256=written.sha256,
+    )
+
+
+def upload_to_media(
+    user: MatrixUser,
+    server_name: str,
+    media_id: str,
+    body: Readable,
+    *,
+    content_length: int | None,
+    content_type: str | None,
+    filename: str | None,
+) -> Media:
+    """MSC2246 ``PUT /upload/{serverName}/{mediaId}``: fill a pending id."""
+    media = _pending_media_of(user, server_name, media_id)
+    check_declared_length(content_length)
+    declared = clean_content_type(content_type)
+    name = clean_filename(filename)
+    now = timezone.now()
+    claimed = lifecycle.transition(
+        media,
+        [S.PENDING],
+        S.PROCESSING,
+        extra_where=Q(unused_expires_at__gt=now),
+        upload_method=UploadMethod.PUT,
+        declared_content_type=declared,
+        filename=name,
+        processing_started_at=now,
+    )
+    if not claimed:
+        # Someone else changed the row between the checks and the claim: say what it is now.
+        _pending_media_of(user, server_name, media_id)
+        raise CannotOverwrite()
+    try:
+        _receive(media, body, content_length)
+    except BaseException:
+        # Nothing was kept: the id may be uploaded to again.
+        lifecycle.transition(
+            media, [S.PROCESSING], S.PENDING, upload_method="", processing_started_at=None
+        )
+        raise
+    return _screen_and_wait(media)
+
+
+def upload_new_media(
+    user: MatrixUser,
+    body: Readable,
+    *,
+    content_length: int | None,
+    content_type: str | None,
+    filename: str | None,
+) -> Media:
+    """``POST /_matrix/media/v3/upload``: create and fill in one request."""
+    check_declared_length(content_length)
+    declared = clean_content_type(content_type)
+    name = clean_filename(filename)
+    now = timezone.now()
+    media = Media.objects.create(
+        server_name=app_settings.SERVER_NAME,
+        media_id=new_media_id(),
+        user_id=user.user_id,
+        state=S.PROCESSING,
+        unused_expires_at=now,
+        upload_method=UploadMethod.POST,
+        declared_content_type=declared,
+        filename=name,
+        processing_started_at=now,
+    )
+    try:
+        _receive(media, body, content_length)
+    except BaseException as exc:
+        lifecycle.transition(
+            media,
+            [S.PROCESSING],
+            S.REJECTED,
+            rejection_errcode=getattr(exc, "errcode", "M_UNKNOWN"),
+            rejection_reason=f"Upload failed: {exc}"[:1000],
+            objects_deleted_at=timezone.now(),
+        )
+        raise
+    return _screen_and_wait(media)
+
+
+def complete_url_upload(
+    user: MatrixUser, server_name: str, media_id: str, *, filename: str | None
+) -> Media:
+    """MSC3870 ``/complete``: the client says its PUT to the upload URL is done.
+
+    Idempotent for the uploader: a retried or concurrent /complete of an id already
+    completed through its URL gets the same answer, not an error.
+    """
+    name = clean_filename(filename)
+    for _ in range(2):
+        media = _local_media(server_name, media_id)
+        if media.user_id != user.user_id:
+            raise Forbidden("You may only complete media you created")
+        if media.upload_method == UploadMethod.URL and media.state != S.DELETED:
+            return _outcome(_wait_for_decision(media))
+        media = _pending_media_of(user, server_name, media_id)
+        if get_store().head(media.incoming_key) is None:
+            raise NothingUploaded()
+        now = timezone.now()
+        if lifecycle.transition(
+            media,
+            [S.PENDING],
+            S.PROCESSING,
+            extra_where=Q(unused_expires_at__gt=now),
+            upload_method=UploadMethod.URL,
+            filename=name,
+            processing_started_at=now,
+        ):
+            return _screen_and_wait(media)
+        # Lost a race (another /complete, a PUT, expiry): look again.
+    raise CannotOverwrite()
+
+
+def receive_url_upload(
+    token: str, body: Readable, *, content_length: int | None, content_type: str | None
+) -> WrittenObject:
+    """A PUT to a signed upload URL (storages that cannot presign): store it as the
+    incoming object of its media id. The URL is dead once the id left PENDING."""
+    media_id = read_upload_token(token)
+    if media_id is None:
+        raise Forbidden("Invalid or expired upload URL")
+    media = Media.objects.filter(server_name=app_settings.SERVER_NAME, media_id=media_id).first()
+    if media is None:
+        raise Forbidden("Invalid or expired upload URL")
+    if media.state != S.PENDING:
+        if media.state in (S.EXPIRED, S.DELETED):
+            raise Forbidden("Invalid or expired upload URL")
+        raise CannotOverwrite("This media's upload is already complete")
+    check_declared_length(content_length)
+    declared = clean_content_type(content_type)
+    written = get_store().write_stream(
+        media.incoming_key,
+        body,
+        max_size=app_settings.MAX_UPLOAD_SIZE,
+        expected_size=content_length,
+        content_type=declared,
+    )
+    # Stores that keep the type with the object (S3) need no row update; the local disk does.
+    lifecycle.update_if_state(media, S.PENDING, declared_content_type=declared)
+    return written
+
+
+def _screen_and_wait(media: Media) -> Media:
+    from .pipeline import dispatch_screening
+
+    dispatch_screening(media)
+    return _outcome(_wait_for_decision(media))
+
+
+def _wait_for_decision(media: Media) -> Media:
+    """Wait (bounded) for the checks to move the row out of PROCESSING."""
+    deadline = time.monotonic() + app_settings.COMPLETE_WAIT_SECONDS
+    return _poll(media.pk, deadline, lambda m: m.state != S.PROCESSING) or media
+
+
+def _outcome(media: Media) -> Media:
+    if media.state == S.REJECTED:
+        raise UploadRejected(
+            media.rejection_reason or "Upload rejected",
+            errcode=media.rejection_errcode or "M_FORBIDDEN",
+            status=_status_for(media.rejection_errcode),
+        )
+    if media.state in (S.EXPIRED, S.DELETED):
+        raise NotFound()
+    # COMPLETE, or still PROCESSING after the wait: the bytes are ours and will be decided;
+    # downloads wait for them meanwhile (MSC2246 semantics).
+    return media
+
+
+_STATUS_BY_ERRCODE = {
+    "M_TOO_LARGE": 413,
+    "M_INVALID_PARAM": 400,
+    "M_NOT_YET_UPLOADED": 400,
+    "M_FORBIDDEN": 403,
+}
+
+
+def _status_for(errcode: str) -> int:
+    return _STATUS_BY_ERRCODE.get(errcode, 403)
+
+
+def _poll(pk: int, deadline: float, done: object) -> Media | None:
+    delay = 0.02
+    while True:
+        media = Media.objects.filter(pk=pk).first()
+        if media is None or done(media):  # type: ignore[operator]
+            return media
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return media
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 1.5, 0.5)
+
+
+# ---------------------------------------------------------------------------- download
+
+
+def download_timeout_ms(requested: str | None) -> int:
+    if requested in (None, ""):
+        return app_settings.DOWNLOAD_TIMEOUT_MS
+    try:
+        value = int(requested)
+    except ValueError as exc:
+        raise InvalidParam("timeout_ms must be an integer") from exc
+    if value < 0:
+        raise InvalidParam("timeout_ms must not be negative")
+    return min(value, app_settings.DOWNLOAD_TIMEOUT_MS_MAX)
+
+
+def media_for_download(server_name: str, media_id: str, *, timeout_ms: int) -> Media:
+    """The complete media behind an mxc:// id, waiting up to ``timeout_ms`` for uploads."""
+    media = _local_media(server_name, media_id)
+    deadline = time.monotonic() + timeout_ms / 1000
+
+    def decided(m: Media) -> bool:
+        return not _awaiting_upload(m)
+
+    if _awaiting_upload(media):
+        media = _poll(media.pk, deadline, decided) or media
+    if media.state == S.COMPLETE and media.storage_key:
+        return media
+    if _awaiting_upload(media):
+        raise NotYetUploaded()
+    raise NotFound()
+
+
+def _awaiting_upload(media: Media) -> bool:
+    if media.state == S.PROCESSING:
+        return True
+    return media.state == S.PENDING and media.unused_expires_at > timezone.now()

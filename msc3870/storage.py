@@ -1,0 +1,266 @@
+"""A small facade over the configured Django storage.
+
+Services speak to a ``MediaStore``: where clients upload (a presigned or signed URL),
+what an object is, streamed reads and writes with a size limit, server-side moves,
+deletes that treat "missing" as done, and signed download URLs where the storage has them.
+The storage itself is an ordinary Django storage named by ``MSC3870["STORAGE_ALIAS"]``:
+``FileSystemStorage`` (the embedded default) or django-storages' ``S3Storage``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from django.core.exceptions import ImproperlyConfigured
+from django.core.files.storage import FileSystemStorage, Storage, storages
+from django.urls import reverse
+
+from .conf import app_settings
+from .errors import InvalidParam, TooLarge
+from .upload_tokens import make_upload_token
+
+if TYPE_CHECKING:
+    from .models import Media
+
+CHUNK_SIZE = 1024 * 1024
+
+
+class Readable(Protocol):
+    def read(self, size: int = ..., /) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class UploadTarget:
+    method: str
+    url: str
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    size: int
+    content_type: str | None
+
+
+@dataclass(frozen=True)
+class WrittenObject:
+    size: int
+    sha256: str
+
+
+class MeteredReader:
+    """Wraps a request body: counts and hashes what passes, stops past ``max_size``."""
+
+    def __init__(self, reader: Readable, max_size: int, expected_size: int | None = None) -> None:
+        self._reader = reader
+        self.max_size = max_size
+        self.expected_size = expected_size
+        self.size = 0
+        self._digest = hashlib.sha256()
+
+    def read(self, size: int = CHUNK_SIZE, /) -> bytes:
+        chunk = self._reader.read(size if size and size > 0 else CHUNK_SIZE)
+        self.size += len(chunk)
+        if self.size > self.max_size:
+            raise TooLarge(f"Upload is larger than the limit of {self.max_size} bytes")
+        if not chunk and self.expected_size is not None and self.size != self.expected_size:
+            # The client went away mid-body: keeping a truncated object would corrupt it.
+            raise InvalidParam(
+                f"Body ended after {self.size} of the {self.expected_size} bytes announced"
+            )
+        self._digest.update(chunk)
+        return chunk
+
+    @property
+    def sha256(self) -> str:
+        return self._digest.hexdigest()
+
+    def result(self) -> WrittenObject:
+        return WrittenObject(self.size, self.sha256)
+
+
+class StorageError(Exception):
+    """The storage could not be reached or failed; retryable."""
+
+
+class MediaStore(ABC):
+    #: Whether downloads can be answered with a redirect to a signed URL.
+    can_redirect: bool = False
+    #: Longest life an upload URL can have, in seconds (None = no limit).
+    max_upload_url_lifetime: int | None = None
+
+    @abstractmethod
+    def upload_target(self, media: Media) -> UploadTarget:
+        """The URL a client PUTs the bytes of ``media`` to, valid until its expiry."""
+
+    @abstractmethod
+    def head(self, key: str) -> ObjectInfo | None:
+        """Size and stored content type of an object, or None if it does not exist."""
+
+    @abstractmethod
+    def read_prefix(self, key: str, length: int) -> bytes:
+        """The first ``length`` bytes (fewer if the object is shorter)."""
+
+    @abstractmethod
+    def iter_bytes(
+        self, key: str, start: int = 0, end: int | None = None, chunk_size: int = CHUNK_SIZE
+    ) -> Iterator[bytes]:
+        """Stream bytes ``start``..``end`` (inclusive; None = to the end)."""
+
+    @abstractmethod
+    def write_stream(
+        self,
+        key: str,
+        reader: Readable,
+        *,
+        max_size: int,
+        expected_size: int | None = None,
+        content_type: str | None = None,
+    ) -> WrittenObject:
+        """Store what ``reader`` yields at ``key``; raise ``TooLarge`` past ``max_size`` and
+        ``InvalidParam`` if it ends before ``expected_size``.
+
+        A failed write leaves nothing at ``key``. Returns the size and SHA-256 written.
+        """
+
+    @abstractmethod
+    def move(self, source: str, destination: str) -> None:
+        """Server-side move: afterwards ``source`` is gone and ``destination`` has the bytes."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete an object; a missing object counts as deleted."""
+
+    @abstractmethod
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        """Keys under ``prefix`` (for cleanup of orphans)."""
+
+    def download_url(
+        self, key: str, *, content_type: str, disposition: str, lifetime: int
+    ) -> str | None:
+        """A signed GET URL that answers with these headers, or None if unsupported."""
+        return None
+
+
+class LocalMediaStore(MediaStore):
+    """Media on the local disk; upload URLs point at a signed endpoint of this server."""
+
+    def __init__(self, storage: FileSystemStorage) -> None:
+        self.storage = storage
+
+    def _path(self, key: str) -> Path:
+        # FileSystemStorage.path() refuses keys that would escape its location.
+        return Path(self.storage.path(key))
+
+    def upload_target(self, media: Media) -> UploadTarget:
+        token = make_upload_token(media.media_id, media.unused_expires_at)
+        path = reverse("msc3870:upload-url", kwargs={"token": token})
+        return UploadTarget("PUT", app_settings.PUBLIC_BASEURL + path)
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            return ObjectInfo(size=self._path(key).stat().st_size, content_type=None)
+        except FileNotFoundError:
+            return None
+
+    def read_prefix(self, key: str, length: int) -> bytes:
+        with open(self._path(key), "rb") as handle:
+            return handle.read(length)
+
+    def iter_bytes(
+        self, key: str, start: int = 0, end: int | None = None, chunk_size: int = CHUNK_SIZE
+    ) -> Iterator[bytes]:
+        with open(self._path(key), "rb") as handle:
+            handle.seek(start)
+            remaining = None if end is None else end - start + 1
+            while remaining is None or remaining > 0:
+                chunk = handle.read(chunk_size if remaining is None else min(chunk_size, remaining))
+                if not chunk:
+                    return
+                if remaining is not None:
+                    remaining -= len(chunk)
+                yield chunk
+
+    def write_stream(
+        self,
+        key: str,
+        reader: Readable,
+        *,
+        max_size: int,
+        expected_size: int | None = None,
+        content_type: str | None = None,
+    ) -> WrittenObject:
+        final = self._path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        # Write beside the target and rename: readers never see a partial object.
+        partial = final.with_name(f".{final.name}.{secrets.token_hex(8)}.part")
+        metered = MeteredReader(reader, max_size, expected_size)
+        try:
+            with open(partial, "wb") as handle:
+                while chunk := metered.read(CHUNK_SIZE):
+                    handle.write(chunk)
+            os.replace(partial, final)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                partial.unlink()
+            raise
+        return metered.result()
+
+    def move(self, source: str, destination: str) -> None:
+        target = self._path(destination)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self._path(source), target)
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(key).unlink()
+
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        root = Path(self.storage.location)
+        base = self._path(prefix)
+        if not base.exists():
+            return
+        for path in sorted(base.rglob("*")):
+            if path.is_file() and not path.name.endswith(".part"):
+                yield path.relative_to(root).as_posix()
+
+
+def get_store(alias: str | None = None) -> MediaStore:
+    storage: Storage = storages[alias or app_settings.STORAGE_ALIAS]
+    cached = getattr(storage, "_msc3870_store", None)
+    if cached is not None:
+        return cached
+    store: MediaStore
+    if isinstance(storage, FileSystemStorage):
+        store = LocalMediaStore(storage)
+    else:
+        try:
+            from storages.backends.s3 import S3Storage
+        except ImportError:  # pragma: no cover - django-storages is a dependency
+            S3Storage = None  # noqa: N806
+        if S3Storage is not None and isinstance(storage, S3Storage):
+            from .s3 import S3MediaStore
+
+            store = S3MediaStore(storage)
+        else:
+            raise ImproperlyConfigured(
+                f"STORAGES[{app_settings.STORAGE_ALIAS!r}] must be a FileSystemStorage or "
+                f"django-storages' S3Storage, not {type(storage).__name__}."
+            )
+    storage._msc3870_store = store  # type: ignore[attr-defined]
+    return store
+
+
+def expiry_within_url_lifetime(store: MediaStore, wanted: datetime, now: datetime) -> datetime:
+    """Cap an id's expiry to what its upload URL can cover (S3: 7 days)."""
+    if store.max_upload_url_lifetime is None:
+        return wanted
+    return min(wanted, now + timedelta(seconds=store.max_upload_url_lifetime))
