@@ -47,9 +47,7 @@ PUBLIC_BASEURL = (env("PUBLIC_BASEURL") or f"http://127.0.0.1:{PORT}").rstrip("/
 MATRIX_SERVER_NAME = env("MATRIX_SERVER_NAME", "localhost")
 
 ALLOWED_HOSTS = [
-    host.strip()
-    for host in (env("DJANGO_ALLOWED_HOSTS") or "").split(",")
-    if host.strip()
+    host.strip() for host in (env("DJANGO_ALLOWED_HOSTS") or "").split(",") if host.strip()
 ] or [urlsplit(PUBLIC_BASEURL).hostname or "localhost", "localhost", "127.0.0.1", "[::1]"]
 CSRF_TRUSTED_ORIGINS = [PUBLIC_BASEURL]
 if env("DJANGO_BEHIND_PROXY") == "1":

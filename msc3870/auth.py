@@ -96,9 +96,12 @@ class HomeserverTokenResolver(TokenResolver):
         base = app_settings.HOMESERVER_URL
         if not base:
             raise HomeserverUnavailable("MSC3870['HOMESERVER_URL'] is not set")
-        cache_key = "msc3870:whoami:" + hashlib.sha256(
-            "\0".join((token, masquerade_as or "", device_id or "")).encode()
-        ).hexdigest()
+        cache_key = (
+            "msc3870:whoami:"
+            + hashlib.sha256(
+                "\0".join((token, masquerade_as or "", device_id or "")).encode()
+            ).hexdigest()
+        )
         cached = cache.get(cache_key)
         if cached is not None:
             return MatrixUser(**cached)

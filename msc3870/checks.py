@@ -61,9 +61,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         except (TypeError, ValueError):
             value = -1
         if value < 0 or (name in positive and value == 0):
-            errors.append(
-                Error(f"MSC3870[{name!r}] must be a {'positive' if name in positive else 'non-negative'} number.", id="msc3870.E006")
-            )
+            kind = "positive" if name in positive else "non-negative"
+            errors.append(Error(f"MSC3870[{name!r}] must be a {kind} number.", id="msc3870.E006"))
     if app_settings.TYPE_MISMATCH not in TYPE_MISMATCH_POLICIES:
         errors.append(
             Error(
@@ -115,7 +114,7 @@ def _check_storage() -> list[CheckMessage]:
     try:
         from storages.backends.s3 import S3Storage
     except ImportError:  # pragma: no cover
-        S3Storage = None  # noqa: N806
+        S3Storage = None
     if S3Storage is None or not isinstance(storage, S3Storage):
         return [
             Error(

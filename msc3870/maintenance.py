@@ -77,7 +77,9 @@ def _delete_objects_of(pks: list[int]) -> int:
     return sum(1 for pk in pks if delete_objects(pk))
 
 
-def redispatch_stuck(*, older_than: timedelta = STUCK_AFTER, batch_size: int = DEFAULT_BATCH) -> int:
+def redispatch_stuck(
+    *, older_than: timedelta = STUCK_AFTER, batch_size: int = DEFAULT_BATCH
+) -> int:
     """Re-queue screening of media left in PROCESSING (lost task, broker outage)."""
     cutoff = timezone.now() - older_than
     count = 0
@@ -119,9 +121,7 @@ def delete_orphaned_uploads(*, limit: int = 1000) -> int:
     def flush() -> int:
         ids = {key.rsplit("/", 1)[-1]: key for key in batch}
         waiting = set(
-            Media.objects.filter(
-                media_id__in=ids, state__in=[S.PENDING, S.PROCESSING]
-            ).values_list(
+            Media.objects.filter(media_id__in=ids, state__in=[S.PENDING, S.PROCESSING]).values_list(
                 "media_id", flat=True
             )
         )

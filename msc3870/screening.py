@@ -59,7 +59,7 @@ EQUIVALENT_TYPES: list[frozenset[str]] = [
 ]
 
 
-class Rejection(Exception):  # noqa: N818 - a verdict, not a failure
+class Rejection(Exception):
     """A check refuses the upload. ``errcode``/``status`` are what the uploader sees."""
 
     def __init__(self, reason: str, *, errcode: str = "M_FORBIDDEN", status: int = 403) -> None:
@@ -108,9 +108,16 @@ def sniff(data: bytes) -> list[str]:
     return seen
 
 
+# Generic containers the sniffer reports for many specific formats: a declaration of one
+# of those formats (by structured suffix, RFC 6839) agrees with them.
+GENERIC_CONTAINERS = {"application/xml": "+xml", "text/xml": "+xml", "application/zip": "+zip"}
+
+
 def types_agree(declared: str, candidates: list[str]) -> bool:
     declared = base_type(declared)
     if declared in candidates:
+        return True
+    if any(declared.endswith(GENERIC_CONTAINERS.get(c, "\0")) for c in candidates):
         return True
     return any(declared in group and group.intersection(candidates) for group in EQUIVALENT_TYPES)
 

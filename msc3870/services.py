@@ -25,8 +25,8 @@ from .errors import (
     Forbidden,
     InvalidParam,
     LimitExceeded,
-    NothingUploaded,
     NotFound,
+    NothingUploaded,
     NotYetUploaded,
     TooLarge,
     UploadRejected,
@@ -130,16 +130,14 @@ def create_media(user: MatrixUser) -> CreatedMedia:
 # ---------------------------------------------------------------------------- upload
 
 
-def _pending_media_of(user: MatrixUser, server_name: str, media_id: str) -> Media:
+def _check_can_upload(user: MatrixUser, media: Media) -> None:
     """The checks of an upload in Synapse's order (complement relies on it)."""
-    media = _local_media(server_name, media_id)
     if media.user_id != user.user_id:
         raise Forbidden("You may only upload to media you created")
     if media.state in (S.PROCESSING, S.COMPLETE, S.QUARANTINED, S.REJECTED):
         raise CannotOverwrite()
     if media.state != S.PENDING or media.unused_expires_at <= timezone.now():
         raise NotFound("Media id has expired")
-    return media
 
 
 def check_declared_length(content_length: int | None) -> None:
@@ -179,7 +177,8 @@ def upload_to_media(
     filename: str | None,
 ) -> Media:
     """MSC2246 ``PUT /upload/{serverName}/{mediaId}``: fill a pending id."""
-    media = _pending_media_of(user, server_name, media_id)
+    media = _local_media(server_name, media_id)
+    _check_can_upload(user, media)
     check_declared_length(content_length)
     declared = clean_content_type(content_type)
     name = clean_filename(filename)
@@ -196,7 +195,7 @@ def upload_to_media(
     )
     if not claimed:
         # Someone else changed the row between the checks and the claim: say what it is now.
-        _pending_media_of(user, server_name, media_id)
+        _check_can_upload(user, _local_media(server_name, media_id))
         raise CannotOverwrite()
     try:
         _receive(media, body, content_length)
@@ -257,13 +256,13 @@ def complete_url_upload(
     completed through its URL gets the same answer, not an error.
     """
     name = clean_filename(filename)
-    for _ in range(2):
+    for _ in range(3):
         media = _local_media(server_name, media_id)
         if media.user_id != user.user_id:
             raise Forbidden("You may only complete media you created")
         if media.upload_method == UploadMethod.URL and media.state != S.DELETED:
             return _outcome(_wait_for_decision(media))
-        media = _pending_media_of(user, server_name, media_id)
+        _check_can_upload(user, media)
         if get_store().head(media.incoming_key) is None:
             raise NothingUploaded()
         now = timezone.now()

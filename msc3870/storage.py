@@ -67,7 +67,10 @@ class MeteredReader:
         self._digest = hashlib.sha256()
 
     def read(self, size: int = CHUNK_SIZE, /) -> bytes:
-        chunk = self._reader.read(size if size and size > 0 else CHUNK_SIZE)
+        try:
+            chunk = self._reader.read(size if size and size > 0 else CHUNK_SIZE)
+        except OSError as exc:  # the client went away (UnreadablePostError, NoMoreData, ...)
+            raise InvalidParam(f"The request body could not be read: {exc}") from exc
         self.size += len(chunk)
         if self.size > self.max_size:
             raise TooLarge(f"Upload is larger than the limit of {self.max_size} bytes")
@@ -245,7 +248,7 @@ def get_store(alias: str | None = None) -> MediaStore:
         try:
             from storages.backends.s3 import S3Storage
         except ImportError:  # pragma: no cover - django-storages is a dependency
-            S3Storage = None  # noqa: N806
+            S3Storage = None
         if S3Storage is not None and isinstance(storage, S3Storage):
             from .s3 import S3MediaStore
 

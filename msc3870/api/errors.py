@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.exceptions import RequestDataTooBig
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from rest_framework import exceptions as drf
 from rest_framework.response import Response
@@ -20,8 +21,9 @@ from ..errors import (
     MatrixError,
     MissingToken,
     NotJson,
-    Unrecognized,
+    TooLarge,
     UnknownToken,
+    Unrecognized,
 )
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,8 @@ class MethodNotAllowed(MatrixError):
 def to_matrix_error(exc: BaseException) -> MatrixError | None:
     if isinstance(exc, MatrixError):
         return exc
+    if isinstance(exc, RequestDataTooBig):
+        return TooLarge("Request body is too large")
     if isinstance(exc, drf.NotAuthenticated):
         return MissingToken()
     if isinstance(exc, drf.AuthenticationFailed):

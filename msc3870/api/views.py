@@ -83,6 +83,11 @@ class MatrixView(APIView):
 
 
 def _json_body(request: Request) -> dict[str, Any]:
+    """The body of /create and /complete. No field is defined, so only a body that claims
+    to be JSON (or says nothing) is checked; form posts of empty forms are ignored."""
+    content_type = (request.content_type or "").split(";")[0].strip().lower()
+    if content_type and not content_type.endswith("json"):
+        return {}
     return parse_json_object(request._request.body)
 
 
@@ -128,10 +133,13 @@ class CreateView(MatrixView):
         _json_body(request)  # no fields are defined; only its syntax is checked
         created = services.create_media(request.user)
         upload = created.upload
+        expires_ms = int(created.media.unused_expires_at.timestamp() * 1000)
         return Response(
             {
                 "content_uri": created.media.mxc_uri,
-                "unused_expires_at": int(created.media.unused_expires_at.timestamp() * 1000),
+                "unused_expires_at": expires_ms,
+                # mautrix-python's MediaCreateResponse reads this misspelling.
+                "unused_expired_at": expires_ms,
                 "upload_method": upload.method,
                 "upload_url": upload.url,
                 "com.beeper.msc3870.upload_url": upload.url,

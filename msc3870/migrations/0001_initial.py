@@ -5,70 +5,160 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='Uploader',
+            name="Uploader",
             fields=[
-                ('user_id', models.CharField(max_length=255, primary_key=True, serialize=False)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
+                ("user_id", models.CharField(max_length=255, primary_key=True, serialize=False)),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
             ],
         ),
         migrations.CreateModel(
-            name='AccessToken',
+            name="AccessToken",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('user_id', models.CharField(max_length=255)),
-                ('token_digest', models.CharField(editable=False, max_length=64, unique=True)),
-                ('label', models.CharField(blank=True, max_length=255)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('expires_at', models.DateTimeField(blank=True, null=True)),
-                ('revoked', models.BooleanField(default=False)),
-                ('last_used_at', models.DateTimeField(blank=True, null=True)),
-                ('is_appservice', models.BooleanField(default=False, help_text='May act as other users with ?user_id= (application-service masquerading).')),
-                ('masquerade_regex', models.CharField(blank=True, help_text='Users an application-service token may act as (full match); empty = any.', max_length=255)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("user_id", models.CharField(max_length=255)),
+                ("token_digest", models.CharField(editable=False, max_length=64, unique=True)),
+                ("label", models.CharField(blank=True, max_length=255)),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                ("expires_at", models.DateTimeField(blank=True, null=True)),
+                ("revoked", models.BooleanField(default=False)),
+                ("last_used_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "is_appservice",
+                    models.BooleanField(
+                        default=False,
+                        help_text="May act as other users with ?user_id= (application-service masquerading).",
+                    ),
+                ),
+                (
+                    "masquerade_regex",
+                    models.CharField(
+                        blank=True,
+                        help_text="Users an application-service token may act as (full match); empty = any.",
+                        max_length=255,
+                    ),
+                ),
             ],
             options={
-                'indexes': [models.Index(fields=['user_id'], name='msc3870_token_user')],
+                "indexes": [models.Index(fields=["user_id"], name="msc3870_token_user")],
             },
         ),
         migrations.CreateModel(
-            name='Media',
+            name="Media",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('server_name', models.CharField(max_length=255)),
-                ('media_id', models.CharField(max_length=64)),
-                ('user_id', models.CharField(help_text='Matrix user who created the id.', max_length=255)),
-                ('state', models.CharField(choices=[('pending', 'Pending (id created, waiting for bytes)'), ('processing', 'Processing (bytes arrived, being checked)'), ('complete', 'Complete (served)'), ('rejected', 'Rejected (failed a check or by a moderator)'), ('expired', 'Expired (no upload before unused_expires_at)'), ('quarantined', 'Quarantined (held by a moderator)'), ('deleted', 'Deleted (tombstone)')], default='pending', max_length=16)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('state_changed_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('unused_expires_at', models.DateTimeField(help_text='The id (and its upload URL) is dead after this unless bytes arrived.')),
-                ('upload_method', models.CharField(blank=True, choices=[('url', 'Upload URL + /complete'), ('put', 'PUT to the media server'), ('post', 'One-shot POST')], max_length=8)),
-                ('declared_content_type', models.CharField(blank=True, max_length=255)),
-                ('sniffed_content_type', models.CharField(blank=True, max_length=255)),
-                ('content_type', models.CharField(blank=True, help_text='The type downloads are served with.', max_length=255)),
-                ('filename', models.CharField(blank=True, max_length=255)),
-                ('size', models.BigIntegerField(blank=True, null=True)),
-                ('sha256', models.CharField(blank=True, max_length=64)),
-                ('storage_key', models.CharField(blank=True, help_text='Key of the served bytes: written only by the server, never by a URL.', max_length=512)),
-                ('processing_started_at', models.DateTimeField(blank=True, null=True)),
-                ('completed_at', models.DateTimeField(blank=True, null=True)),
-                ('rejection_errcode', models.CharField(blank=True, max_length=64)),
-                ('rejection_reason', models.TextField(blank=True)),
-                ('last_error', models.TextField(blank=True, help_text='Last failure of background work.')),
-                ('attempts', models.PositiveIntegerField(default=0, help_text='Screening attempts so far.')),
-                ('objects_deleted_at', models.DateTimeField(blank=True, help_text='When storage objects of dead media were deleted.', null=True)),
-                ('moderated_by', models.CharField(blank=True, max_length=255)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("server_name", models.CharField(max_length=255)),
+                ("media_id", models.CharField(max_length=64)),
+                (
+                    "user_id",
+                    models.CharField(help_text="Matrix user who created the id.", max_length=255),
+                ),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[
+                            ("pending", "Pending (id created, waiting for bytes)"),
+                            ("processing", "Processing (bytes arrived, being checked)"),
+                            ("complete", "Complete (served)"),
+                            ("rejected", "Rejected (failed a check or by a moderator)"),
+                            ("expired", "Expired (no upload before unused_expires_at)"),
+                            ("quarantined", "Quarantined (held by a moderator)"),
+                            ("deleted", "Deleted (tombstone)"),
+                        ],
+                        default="pending",
+                        max_length=16,
+                    ),
+                ),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                ("state_changed_at", models.DateTimeField(default=django.utils.timezone.now)),
+                (
+                    "unused_expires_at",
+                    models.DateTimeField(
+                        help_text="The id (and its upload URL) is dead after this unless bytes arrived."
+                    ),
+                ),
+                (
+                    "upload_method",
+                    models.CharField(
+                        blank=True,
+                        choices=[
+                            ("url", "Upload URL + /complete"),
+                            ("put", "PUT to the media server"),
+                            ("post", "One-shot POST"),
+                        ],
+                        max_length=8,
+                    ),
+                ),
+                ("declared_content_type", models.CharField(blank=True, max_length=255)),
+                ("sniffed_content_type", models.CharField(blank=True, max_length=255)),
+                (
+                    "content_type",
+                    models.CharField(
+                        blank=True, help_text="The type downloads are served with.", max_length=255
+                    ),
+                ),
+                ("filename", models.CharField(blank=True, max_length=255)),
+                ("size", models.BigIntegerField(blank=True, null=True)),
+                ("sha256", models.CharField(blank=True, max_length=64)),
+                (
+                    "storage_key",
+                    models.CharField(
+                        blank=True,
+                        help_text="Key of the served bytes: written only by the server, never by a URL.",
+                        max_length=512,
+                    ),
+                ),
+                ("processing_started_at", models.DateTimeField(blank=True, null=True)),
+                ("completed_at", models.DateTimeField(blank=True, null=True)),
+                ("rejection_errcode", models.CharField(blank=True, max_length=64)),
+                ("rejection_reason", models.TextField(blank=True)),
+                (
+                    "last_error",
+                    models.TextField(blank=True, help_text="Last failure of background work."),
+                ),
+                (
+                    "attempts",
+                    models.PositiveIntegerField(default=0, help_text="Screening attempts so far."),
+                ),
+                (
+                    "objects_deleted_at",
+                    models.DateTimeField(
+                        blank=True,
+                        help_text="When storage objects of dead media were deleted.",
+                        null=True,
+                    ),
+                ),
+                ("moderated_by", models.CharField(blank=True, max_length=255)),
             ],
             options={
-                'verbose_name_plural': 'media',
-                'indexes': [models.Index(fields=['state', 'unused_expires_at'], name='msc3870_state_expiry'), models.Index(fields=['user_id', 'state'], name='msc3870_user_state'), models.Index(fields=['sha256'], name='msc3870_sha256')],
-                'constraints': [models.UniqueConstraint(fields=('server_name', 'media_id'), name='msc3870_unique_mxc')],
+                "verbose_name_plural": "media",
+                "indexes": [
+                    models.Index(
+                        fields=["state", "unused_expires_at"], name="msc3870_state_expiry"
+                    ),
+                    models.Index(fields=["user_id", "state"], name="msc3870_user_state"),
+                    models.Index(fields=["sha256"], name="msc3870_sha256"),
+                ],
+                "constraints": [
+                    models.UniqueConstraint(
+                        fields=("server_name", "media_id"), name="msc3870_unique_mxc"
+                    )
+                ],
             },
         ),
     ]

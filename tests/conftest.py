@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+import io
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.conf import settings
+from django.core.cache import cache
+from django.test import Client
+from PIL import Image
+
+from msc3870.models import AccessToken, Media, digest_token
+
+
+def png_bytes(width: int = 8, height: int = 8) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(autouse=True)
+def _clean_media_and_cache() -> Iterator[None]:
+    cache.clear()
+    yield
+    media_dir = Path(settings.MEDIA_DIR)
+    if media_dir.exists():
+        shutil.rmtree(media_dir)
+
+
+def make_token(user_id: str, **fields: Any) -> str:
+    token = "mr_" + secrets.token_urlsafe(16)
+    AccessToken.objects.create(user_id=user_id, token_digest=digest_token(token), **fields)
+    return token
+
+
+@dataclass
+class MatrixClient:
+    """Django's test client speaking as one Matrix user."""
+
+    client: Client
+    token: str
+    user_id: str
+
+    def _headers(self, headers: dict[str, str] | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}", **(headers or {})}
+
+    def get(self, path: str, headers: dict[str, str] | None = None, **kwargs: Any) -> Any:
+        return self.client.get(path, headers=self._headers(headers), **kwargs)
+
+    def post(
+        self,
+        path: str,
+        data: bytes | str = b"",
+        content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
+    ) -> Any:
+        return self.client.generic(
+            "POST", path, data, content_type=content_type, headers=self._headers(headers)
+        )
+
+    def put(
+        self,
+        path: str,
+        data: bytes = b"",
+        content_type: str = "application/octet-stream",
+        headers: dict[str, str] | None = None,
+    ) -> Any:
+        return self.client.generic(
+            "PUT", path, data, content_type=content_type, headers=self._headers(headers)
+        )
+
+    def create(self) -> dict[str, Any]:
+        response = self.post("/_matrix/media/v1/create")
+        assert response.status_code == 200, response.content
+        return response.json()
+
+
+@pytest.fixture
+def matrix_client(db: None) -> Callable[[str], MatrixClient]:
+    def factory(user_id: str = "@alice:localhost") -> MatrixClient:
+        return MatrixClient(Client(), make_token(user_id), user_id)
+
+    return factory
+
+
+@pytest.fixture
+def alice(matrix_client: Callable[[str], MatrixClient]) -> MatrixClient:
+    return matrix_client("@alice:localhost")
+
+
+@pytest.fixture
+def bob(matrix_client: Callable[[str], MatrixClient]) -> MatrixClient:
+    return matrix_client("@bob:localhost")
+
+
+def mxc_path(content_uri: str) -> str:
+    """``mxc://server/id`` -> ``server/id``."""
+    assert content_uri.startswith("mxc://")
+    return content_uri[len("mxc://") :]
+
+
+def media_of(content_uri: str) -> Media:
+    server_name, media_id = mxc_path(content_uri).split("/")
+    return Media.objects.get(server_name=server_name, media_id=media_id)
+
+
+def url_path(url: str) -> str:
+    """The path and query of an absolute upload URL, for Django's test client."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts.path + (f"?{parts.query}" if parts.query else "")
+
+
+def files_under(root: Path) -> list[str]:
+    if not root.exists():
+        return []
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def msc3870_settings(**overrides: Any) -> Any:
+    """``override_settings`` for a few keys of the MSC3870 dict, keeping the others."""
+    from django.test import override_settings
+
+    return override_settings(MSC3870={**settings.MSC3870, **overrides})

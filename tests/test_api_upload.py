@@ -1,0 +1,207 @@
+"""MSC2246 PUT /upload/{serverName}/{mediaId} and the one-shot POST /upload."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from datetime import timedelta
+from pathlib import Path
+
+from django.conf import settings
+from django.utils import timezone
+
+from msc3870.models import Media, MediaState
+
+from .conftest import MatrixClient, files_under, media_of, msc3870_settings, mxc_path, png_bytes
+
+
+def put_path(content_uri: str) -> str:
+    return f"/_matrix/media/v3/upload/{mxc_path(content_uri)}"
+
+
+def test_put_then_download_round_trip(alice: MatrixClient) -> None:
+    created = alice.create()
+    data = png_bytes()
+    response = alice.put(put_path(created["content_uri"]) + "?filename=red.png", data, "image/png")
+    assert response.status_code == 200
+    assert response.json() == {}
+    media = media_of(created["content_uri"])
+    assert media.state == MediaState.COMPLETE
+    assert media.size == len(data)
+    assert media.sha256 == hashlib.sha256(data).hexdigest()
+    assert media.sniffed_content_type == "image/png"
+    assert media.filename == "red.png"
+    download = alice.get(f"/_matrix/client/v1/media/download/{mxc_path(created['content_uri'])}")
+    assert download.status_code == 200
+    assert b"".join(download.streaming_content) == data
+    assert download["Content-Type"] == "image/png"
+    assert download["Content-Disposition"] == "inline; filename=red.png"
+
+
+def test_put_on_unstable_path(alice: MatrixClient) -> None:
+    created = alice.create()
+    path = f"/_matrix/media/unstable/fi.mau.msc2246/upload/{mxc_path(created['content_uri'])}"
+    assert alice.put(path, b"hello", "text/plain").status_code == 200
+
+
+def test_put_to_unknown_id_is_404(alice: MatrixClient) -> None:
+    response = alice.put("/_matrix/media/v3/upload/localhost/doesNotExist", b"x")
+    assert response.status_code == 404
+    assert response.json()["errcode"] == "M_NOT_FOUND"
+
+
+def test_put_to_other_server_is_404(alice: MatrixClient) -> None:
+    response = alice.put("/_matrix/media/v3/upload/example.org/abcdef", b"x")
+    assert response.status_code == 404
+    assert response.json()["errcode"] == "M_NOT_FOUND"
+
+
+def test_put_to_someone_elses_id_is_403(alice: MatrixClient, bob: MatrixClient) -> None:
+    created = alice.create()
+    response = bob.put(put_path(created["content_uri"]), b"x")
+    assert response.status_code == 403
+    assert response.json()["errcode"] == "M_FORBIDDEN"
+    assert media_of(created["content_uri"]).state == MediaState.PENDING
+
+
+def test_put_to_filled_id_is_409_even_with_empty_body(alice: MatrixClient) -> None:
+    created = alice.create()
+    assert alice.put(put_path(created["content_uri"]), b"first").status_code == 200
+    response = alice.put(put_path(created["content_uri"]), b"")
+    assert response.status_code == 409
+    assert response.json()["errcode"] == "M_CANNOT_OVERWRITE_MEDIA"
+    download = alice.get(f"/_matrix/client/v1/media/download/{mxc_path(created['content_uri'])}")
+    assert b"".join(download.streaming_content) == b"first"
+
+
+def test_put_to_expired_id_is_404(alice: MatrixClient) -> None:
+    created = alice.create()
+    Media.objects.update(unused_expires_at=timezone.now() - timedelta(seconds=1))
+    response = alice.put(put_path(created["content_uri"]), b"x")
+    assert response.status_code == 404
+    assert response.json()["errcode"] == "M_NOT_FOUND"
+
+
+def test_put_too_large_by_content_length_is_413_and_id_stays_usable(alice: MatrixClient) -> None:
+    created = alice.create()
+    with msc3870_settings(MAX_UPLOAD_SIZE=10):
+        response = alice.put(put_path(created["content_uri"]), b"x" * 11)
+        assert response.status_code == 413
+        assert response.json()["errcode"] == "M_TOO_LARGE"
+        assert media_of(created["content_uri"]).state == MediaState.PENDING
+        assert files_under(Path(settings.MEDIA_DIR)) == []
+        assert alice.put(put_path(created["content_uri"]), b"x" * 10).status_code == 200
+
+
+class LyingBody(io.RawIOBase):
+    """A body that keeps going past the Content-Length it announced (and a client that
+    says nothing about its size): the limit must hold while streaming."""
+
+    def __init__(self, size: int) -> None:
+        self.remaining = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray) -> int:  # type: ignore[override]
+        count = min(len(buffer), self.remaining)
+        buffer[:count] = b"y" * count
+        self.remaining -= count
+        return count
+
+
+def test_limit_holds_while_streaming(alice: MatrixClient) -> None:
+    """No Content-Length to trust: the bytes are counted as they arrive."""
+    from msc3870.errors import TooLarge
+    from msc3870.storage import get_store
+
+    store = get_store()
+    try:
+        store.write_stream("media/xx/streamed", LyingBody(5000), max_size=4096)
+    except TooLarge:
+        pass
+    else:  # pragma: no cover - the assertion below reports it
+        raise AssertionError("TooLarge was not raised")
+    assert store.head("media/xx/streamed") is None
+    assert files_under(Path(settings.MEDIA_DIR)) == []
+
+
+def test_truncated_body_is_refused_and_nothing_is_kept(alice: MatrixClient) -> None:
+    """Announce 100 bytes, send 10: what a client that lost its connection looks like.
+    (The same over a real socket is in test_live_server.py.)"""
+    from msc3870.errors import InvalidParam
+    from msc3870.storage import get_store
+
+    store = get_store()
+    try:
+        store.write_stream(
+            "media/xx/short", io.BytesIO(b"0123456789"), max_size=1000, expected_size=100
+        )
+    except InvalidParam as exc:
+        assert "10 of the 100" in exc.message
+    else:  # pragma: no cover
+        raise AssertionError("InvalidParam was not raised")
+    assert files_under(Path(settings.MEDIA_DIR)) == []
+
+
+def test_invalid_media_id_and_server_name_are_400(alice: MatrixClient) -> None:
+    for path in (
+        "/_matrix/media/v3/upload/localhost/bad%20id",
+        "/_matrix/media/v3/upload/localhost/" + "a" * 65,
+        "/_matrix/media/v3/upload/bad_server!/abc",
+        "/_matrix/media/v3/upload/..%2F..%2Fetc/passwd",
+    ):
+        response = alice.put(path, b"x")
+        assert response.status_code in (400, 404), path
+        assert response.json()["errcode"] in ("M_INVALID_PARAM", "M_UNRECOGNIZED"), path
+
+
+def test_bad_filename_is_400(alice: MatrixClient) -> None:
+    created = alice.create()
+    response = alice.put(put_path(created["content_uri"]) + "?filename=a%0Ab", b"x")
+    assert response.status_code == 400
+    assert response.json()["errcode"] == "M_INVALID_PARAM"
+
+
+def test_one_shot_upload(alice: MatrixClient) -> None:
+    data = png_bytes()
+    response = alice.post("/_matrix/media/v3/upload?filename=one.png", data, "image/png")
+    assert response.status_code == 200
+    media = media_of(response.json()["content_uri"])
+    assert media.state == MediaState.COMPLETE
+    assert media.upload_method == "post"
+    download = alice.get(f"/_matrix/media/v3/download/{mxc_path(media.mxc_uri)}")
+    assert b"".join(download.streaming_content) == data
+
+
+def test_one_shot_upload_too_large(alice: MatrixClient) -> None:
+    with msc3870_settings(MAX_UPLOAD_SIZE=4):
+        response = alice.post("/_matrix/media/v3/upload", b"12345", "text/plain")
+    assert response.status_code == 413
+    assert response.json()["errcode"] == "M_TOO_LARGE"
+    assert files_under(Path(settings.MEDIA_DIR)) == []
+
+
+def test_upload_without_token_is_401(alice: MatrixClient) -> None:
+    response = alice.client.generic("POST", "/_matrix/media/v3/upload", b"x")
+    assert response.status_code == 401
+    assert response.json()["errcode"] == "M_MISSING_TOKEN"
+
+
+def test_denied_type_is_rejected_and_deleted(alice: MatrixClient) -> None:
+    created = alice.create()
+    with msc3870_settings(DENIED_CONTENT_TYPES=["text/html"]):
+        response = alice.put(
+            put_path(created["content_uri"]),
+            b"<!DOCTYPE html><html><script>alert(1)</script></html>",
+            "text/plain",
+        )
+    assert response.status_code == 403
+    assert response.json()["errcode"] == "M_FORBIDDEN"
+    assert "text/html" in response.json()["error"]
+    media = media_of(created["content_uri"])
+    assert media.state == MediaState.REJECTED
+    assert media.objects_deleted_at is not None
+    assert files_under(Path(settings.MEDIA_DIR)) == []
+    download = alice.get(f"/_matrix/client/v1/media/download/{mxc_path(created['content_uri'])}")
+    assert download.status_code == 404

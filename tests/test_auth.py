@@ -1,0 +1,155 @@
+"""Token resolvers: local tokens, and the homeserver's /account/whoami over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from io import StringIO
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.test import Client
+from django.utils import timezone
+
+from msc3870.auth import HomeserverTokenResolver, LocalTokenResolver
+from msc3870.errors import Forbidden, HomeserverUnavailable, UnknownToken
+from msc3870.models import AccessToken
+
+from .conftest import make_token, msc3870_settings
+
+
+def test_local_token_resolves(db: None) -> None:
+    token = make_token("@alice:localhost")
+    user = LocalTokenResolver().resolve(token)
+    assert user.user_id == "@alice:localhost"
+    assert AccessToken.objects.get().last_used_at is not None
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"revoked": True}, {"expires_at": timezone.now() - timedelta(seconds=1)}],
+)
+def test_revoked_or_expired_local_token_is_unknown(db: None, fields: dict[str, Any]) -> None:
+    token = make_token("@alice:localhost", **fields)
+    with pytest.raises(UnknownToken):
+        LocalTokenResolver().resolve(token)
+    response = Client().post(
+        "/_matrix/media/v1/create", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert response.status_code == 401
+    assert response.json()["errcode"] == "M_UNKNOWN_TOKEN"
+
+
+def test_tokens_are_stored_as_digests(db: None) -> None:
+    token = make_token("@alice:localhost")
+    assert not AccessToken.objects.filter(token_digest=token).exists()
+    assert token not in AccessToken.objects.get().token_digest
+
+
+def test_create_access_token_command_prints_token_last(db: None) -> None:
+    out = StringIO()
+    call_command("create_access_token", "@carol:localhost", stdout=out, stderr=StringIO())
+    token = out.getvalue().strip().splitlines()[-1]
+    assert LocalTokenResolver().resolve(token).user_id == "@carol:localhost"
+    row = AccessToken.objects.get(user_id="@carol:localhost")
+    assert row.expires_at is not None and row.expires_at > timezone.now() + timedelta(days=89)
+
+
+def test_create_access_token_refuses_a_bad_user_id(db: None) -> None:
+    with pytest.raises(CommandError):
+        call_command("create_access_token", "carol", stdout=StringIO(), stderr=StringIO())
+
+
+class FakeHomeserver(BaseHTTPRequestHandler):
+    """A whoami endpoint over real HTTP, answering like Synapse."""
+
+    tokens: dict[str, str] = {"good": "@dave:hs.example", "as": "@bridge:hs.example"}
+    calls: list[dict[str, Any]] = []
+
+    def do_GET(self) -> None:
+        parts = urlsplit(self.path)
+        query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+        FakeHomeserver.calls.append({"path": parts.path, "query": query})
+        token = self.headers.get("Authorization", "").removeprefix("Bearer ")
+        if parts.path != "/_matrix/client/v3/account/whoami":
+            return self._send(404, {"errcode": "M_UNRECOGNIZED", "error": "no"})
+        user = self.tokens.get(token)
+        if user is None:
+            return self._send(401, {"errcode": "M_UNKNOWN_TOKEN", "error": "Unknown token"})
+        if "user_id" in query:
+            if token != "as":
+                return self._send(403, {"errcode": "M_FORBIDDEN", "error": "Not an AS"})
+            user = query["user_id"]
+        return self._send(200, {"user_id": user, "device_id": "DEV"})
+
+    def _send(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def homeserver() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHomeserver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    FakeHomeserver.calls = []
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_homeserver_resolver_asks_whoami_and_caches(db: None, homeserver: str) -> None:
+    with msc3870_settings(HOMESERVER_URL=homeserver):
+        resolver = HomeserverTokenResolver()
+        assert resolver.resolve("good").user_id == "@dave:hs.example"
+        assert resolver.resolve("good").user_id == "@dave:hs.example"
+        assert len(FakeHomeserver.calls) == 1
+        with pytest.raises(UnknownToken):
+            resolver.resolve("bad")
+
+
+def test_homeserver_resolver_passes_masquerading_through(db: None, homeserver: str) -> None:
+    with msc3870_settings(HOMESERVER_URL=homeserver):
+        resolver = HomeserverTokenResolver()
+        user = resolver.resolve("as", masquerade_as="@tg_1:hs.example")
+        assert user.user_id == "@tg_1:hs.example"
+        assert FakeHomeserver.calls[-1]["query"] == {"user_id": "@tg_1:hs.example"}
+        with pytest.raises(Forbidden):
+            resolver.resolve("good", masquerade_as="@someone:hs.example")
+
+
+def test_homeserver_down_is_502(db: None) -> None:
+    with msc3870_settings(
+        HOMESERVER_URL="http://127.0.0.1:9",
+        TOKEN_RESOLVER="msc3870.auth.HomeserverTokenResolver",
+    ):
+        with pytest.raises(HomeserverUnavailable):
+            HomeserverTokenResolver().resolve("good")
+        response = Client().post(
+            "/_matrix/media/v1/create", headers={"Authorization": "Bearer good"}
+        )
+    assert response.status_code == 502
+    assert response.json()["errcode"] == "M_UNKNOWN"
+
+
+def test_create_through_homeserver_tokens(db: None, homeserver: str) -> None:
+    with msc3870_settings(
+        HOMESERVER_URL=homeserver, TOKEN_RESOLVER="msc3870.auth.HomeserverTokenResolver"
+    ):
+        ok = Client().post("/_matrix/media/v1/create", headers={"Authorization": "Bearer good"})
+        bad = Client().post("/_matrix/media/v1/create", headers={"Authorization": "Bearer bad"})
+    assert ok.status_code == 200
+    assert bad.status_code == 401
+    assert bad.json()["errcode"] == "M_UNKNOWN_TOKEN"

@@ -1,0 +1,131 @@
+"""Sweeps: expiry, dead objects, stuck screening, orphaned uploads."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+from django.conf import settings
+from django.test import Client
+from django.utils import timezone
+
+from msc3870 import maintenance, moderation
+from msc3870.models import Media, MediaState
+
+from .conftest import MatrixClient, files_under, media_of, mxc_path, url_path
+
+S = MediaState
+
+
+def put_to_url(url: str, data: bytes) -> None:
+    response = Client().generic("PUT", url_path(url), data)
+    assert response.status_code == 200
+
+
+def complete(client: MatrixClient, content_uri: str) -> int:
+    path = f"/_matrix/media/v1/upload/{mxc_path(content_uri)}/complete"
+    return client.post(path, b"{}").status_code
+
+
+def test_expiry_moves_pending_past_expiry_and_deletes_incoming(alice: MatrixClient) -> None:
+    expiring = alice.create()
+    fresh = alice.create()
+    put_to_url(expiring["upload_url"], b"never completed")
+    Media.objects.filter(pk=media_of(expiring["content_uri"]).pk).update(
+        unused_expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    result = maintenance.expire_pending()
+    assert result.moved == 1
+    assert result.objects_deleted == 1
+    assert media_of(expiring["content_uri"]).state == S.EXPIRED
+    assert media_of(fresh["content_uri"]).state == S.PENDING
+    assert files_under(Path(settings.MEDIA_DIR)) == []
+    # Running again finds nothing to do.
+    again = maintenance.expire_pending()
+    assert (again.moved, again.objects_deleted) == (0, 0)
+
+
+def test_expiry_is_batched(alice: MatrixClient) -> None:
+    past = timezone.now() - timedelta(seconds=1)
+    Media.objects.bulk_create(
+        Media(
+            server_name="localhost",
+            media_id=f"m{i}",
+            user_id="@a:localhost",
+            unused_expires_at=past,
+        )
+        for i in range(25)
+    )
+    first = maintenance.expire_pending(batch_size=10, max_batches=2)
+    assert first.moved == 20
+    assert maintenance.expire_pending(batch_size=10, max_batches=2).moved == 5
+    assert Media.objects.filter(state=S.EXPIRED).count() == 25
+
+
+def test_complete_and_expiry_race_has_one_winner(alice: MatrixClient) -> None:
+    created = alice.create()
+    put_to_url(created["upload_url"], b"bytes")
+    media = media_of(created["content_uri"])
+    # Expiry swept first: /complete must lose.
+    Media.objects.filter(pk=media.pk).update(unused_expires_at=timezone.now())
+    maintenance.expire_pending()
+    assert complete(alice, created["content_uri"]) == 404
+    assert media_of(created["content_uri"]).state == S.EXPIRED
+
+
+def test_dead_objects_are_deleted_once(alice: MatrixClient) -> None:
+    response = alice.post("/_matrix/media/v3/upload", b"bytes", "text/plain")
+    media = media_of(response.json()["content_uri"])
+    assert files_under(Path(settings.MEDIA_DIR)) == [media.storage_key]
+    # A purge whose deletion failed (simulated by clearing the record) is finished by the sweep.
+    assert moderation.purge(media, by="mod")
+    assert files_under(Path(settings.MEDIA_DIR)) == []
+    Media.objects.filter(pk=media.pk).update(objects_deleted_at=None)
+    assert maintenance.delete_dead_objects().objects_deleted == 1
+    assert maintenance.delete_dead_objects().objects_deleted == 0
+    assert Media.objects.get(pk=media.pk).state == S.DELETED  # the tombstone stays
+
+
+def test_stuck_url_upload_is_screened_again(alice: MatrixClient) -> None:
+    created = alice.create()
+    put_to_url(created["upload_url"], b"bytes")
+    media = media_of(created["content_uri"])
+    # As if /complete claimed the row and the task was lost with its worker.
+    Media.objects.filter(pk=media.pk).update(
+        state=S.PROCESSING,
+        upload_method="url",
+        processing_started_at=timezone.now() - timedelta(hours=1),
+    )
+    assert maintenance.redispatch_stuck() == 1
+    assert media_of(created["content_uri"]).state == S.COMPLETE
+
+
+def test_stuck_put_without_bytes_returns_to_pending(alice: MatrixClient) -> None:
+    created = alice.create()
+    media = media_of(created["content_uri"])
+    Media.objects.filter(pk=media.pk).update(
+        state=S.PROCESSING,
+        upload_method="put",
+        processing_started_at=timezone.now() - timedelta(hours=1),
+    )
+    assert maintenance.redispatch_stuck() == 1
+    assert media_of(created["content_uri"]).state == S.PENDING
+
+
+def test_orphaned_incoming_objects_are_deleted(alice: MatrixClient) -> None:
+    waiting = alice.create()
+    put_to_url(waiting["upload_url"], b"still waiting")
+    done = alice.create()
+    put_to_url(done["upload_url"], b"done")
+    assert complete(alice, done["content_uri"]) == 200
+    # Re-create the incoming object of completed media, as a re-PUT to S3 would.
+    from msc3870.storage import get_store
+
+    store = get_store()
+    done_media = media_of(done["content_uri"])
+    import io
+
+    store.write_stream(done_media.incoming_key, io.BytesIO(b"late"), max_size=100)
+    assert maintenance.delete_orphaned_uploads() == 1
+    assert store.head(done_media.incoming_key) is None
+    assert store.head(media_of(waiting["content_uri"]).incoming_key) is not None
