@@ -49,7 +49,13 @@ def screen_media(pk: int) -> str:
         if media.upload_method != UploadMethod.URL:
             return "receiving"  # a PUT is still streaming its body
         # Move the bytes out of the upload URL's reach before looking at them.
-        if store.head(media.incoming_key) is not None:
+        incoming = store.head(media.incoming_key)
+        if incoming is not None:
+            if incoming.content_type and not media.declared_content_type:
+                # S3 keeps the Content-Type of the client's PUT with the object.
+                lifecycle.update_if_state(
+                    media, S.PROCESSING, declared_content_type=incoming.content_type[:255]
+                )
             store.move(media.incoming_key, media.served_key)
         elif store.head(media.served_key) is None:
             return _reject(media, Rejection("Nothing was uploaded", errcode="M_NOT_YET_UPLOADED"))

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 # puremagic looks at the first and last bytes; 8 KiB covers every signature it knows.
 SNIFF_BYTES = 8192
 UNKNOWN_TYPE = "application/octet-stream"
+# What clients and stores say when they do not know the type.
+UNDECLARED_TYPES = frozenset({"", UNKNOWN_TYPE, "binary/octet-stream"})
 
 # Types that name the same bytes (containers the sniffer cannot tell apart, aliases).
 EQUIVALENT_TYPES: list[frozenset[str]] = [
@@ -139,7 +141,7 @@ def check_content_type(ctx: ScreeningContext) -> None:
     declared = ctx.declared_type
     declared_base = base_type(declared)
     sniffed = candidates[0] if candidates else ""
-    if not declared_base or declared_base == UNKNOWN_TYPE:
+    if declared_base in UNDECLARED_TYPES:
         served = sniffed or UNKNOWN_TYPE
     elif not candidates or types_agree(declared_base, candidates):
         served = declared

@@ -1,5 +1,8 @@
 """A small facade over the configured Django storage.
 
+Failures of the storage itself raise ``StorageUnavailable`` (503 to clients, retried by
+tasks).
+
 Services speak to a ``MediaStore``: where clients upload (a presigned or signed URL),
 what an object is, streamed reads and writes with a size limit, server-side moves,
 deletes that treat "missing" as done, and signed download URLs where the storage has them.
@@ -90,10 +93,6 @@ class MeteredReader:
         return WrittenObject(self.size, self.sha256)
 
 
-class StorageError(Exception):
-    """The storage could not be reached or failed; retryable."""
-
-
 class MediaStore(ABC):
     #: Whether downloads can be answered with a redirect to a signed URL.
     can_redirect: bool = False
@@ -141,6 +140,11 @@ class MediaStore(ABC):
     @abstractmethod
     def delete(self, key: str) -> None:
         """Delete an object; a missing object counts as deleted."""
+
+    def delete_many(self, keys: list[str]) -> None:
+        """Delete several objects (stores with a batch API override this)."""
+        for key in keys:
+            self.delete(key)
 
     @abstractmethod
     def list_keys(self, prefix: str) -> Iterator[str]:

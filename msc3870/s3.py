@@ -1,0 +1,240 @@
+"""Media in S3 (or anything S3-compatible) through django-storages' ``S3Storage``.
+
+Clients upload straight to the bucket with a SigV4 presigned PUT for a key only their
+media id uses (``incoming/<id>``). The server moves the bytes with a server-side copy to
+a key no URL can write before checking them, reads only what it needs (a ranged read to
+sniff the type), streams downloads in chunks or redirects to a short-lived presigned GET.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+from django.utils import timezone
+
+from .conf import app_settings
+from .errors import StorageUnavailable
+from .storage import (
+    CHUNK_SIZE,
+    MediaStore,
+    MeteredReader,
+    ObjectInfo,
+    Readable,
+    UploadTarget,
+    WrittenObject,
+)
+
+if TYPE_CHECKING:
+    from storages.backends.s3 import S3Storage
+
+    from .models import Media
+
+# S3 refuses presigned URLs that live longer than 7 days.
+MAX_PRESIGN_SECONDS = 7 * 24 * 3600
+MiB = 1024 * 1024
+# Streamed uploads go multipart past 8 MiB; two parts in flight keep memory flat (~24 MiB).
+UPLOAD_TRANSFER = TransferConfig(
+    multipart_threshold=8 * MiB, multipart_chunksize=8 * MiB, max_concurrency=2
+)
+# CopyObject handles up to 5 GB in one request; above that, a multipart copy.
+COPY_TRANSFER = TransferConfig(
+    multipart_threshold=5 * 1024 * MiB, multipart_chunksize=512 * MiB, max_concurrency=4
+)
+SIGV4 = Config(signature_version="s3v4")
+NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
+
+
+def _unavailable(exc: Exception) -> StorageUnavailable:
+    return StorageUnavailable(f"Media storage failed: {type(exc).__name__}: {exc}")
+
+
+class S3MediaStore(MediaStore):
+    can_redirect = True
+    max_upload_url_lifetime = MAX_PRESIGN_SECONDS
+
+    def __init__(self, storage: S3Storage) -> None:
+        self.storage = storage
+        self.bucket = storage.bucket_name
+
+    # -- clients ------------------------------------------------------------------------
+
+    @property
+    def client(self) -> Any:
+        """The storage's own client (per thread, made lazily by django-storages)."""
+        return self.storage.connection.meta.client
+
+    @cached_property
+    def signing_client(self) -> Any:
+        """Signs URLs handed to clients: always SigV4, and for the public endpoint (a CDN
+        or transfer-acceleration host) when one is configured. boto3 clients are
+        thread-safe, so one is shared."""
+        storage = self.storage
+        return boto3.session.Session().client(
+            "s3",
+            endpoint_url=app_settings.S3_PUBLIC_ENDPOINT_URL or storage.endpoint_url,
+            region_name=storage.region_name,
+            aws_access_key_id=storage.access_key,
+            aws_secret_access_key=storage.secret_key,
+            aws_session_token=storage.security_token,
+            config=storage.client_config.merge(SIGV4),
+        )
+
+    def _key(self, key: str) -> str:
+        location = (self.storage.location or "").strip("/")
+        return f"{location}/{key}" if location else key
+
+    # -- MediaStore ---------------------------------------------------------------------
+
+    def upload_target(self, media: Media) -> UploadTarget:
+        lifetime = int((media.unused_expires_at - timezone.now()).total_seconds())
+        # Only the key and the expiry are signed: no header a client cannot know.
+        url = self.signing_client.generate_presigned_url(
+            "put_object",
+            Params={"Bucket": self.bucket, "Key": self._key(media.incoming_key)},
+            ExpiresIn=max(1, min(lifetime, MAX_PRESIGN_SECONDS)),
+            HttpMethod="PUT",
+        )
+        return UploadTarget("PUT", url)
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if _code(exc) in NOT_FOUND_CODES:
+                return None
+            raise _unavailable(exc) from exc
+        except BotoCoreError as exc:
+            raise _unavailable(exc) from exc
+        return ObjectInfo(size=int(head["ContentLength"]), content_type=head.get("ContentType"))
+
+    def read_prefix(self, key: str, length: int) -> bytes:
+        try:
+            response = self.client.get_object(
+                Bucket=self.bucket, Key=self._key(key), Range=f"bytes=0-{length - 1}"
+            )
+            return response["Body"].read()
+        except ClientError as exc:
+            if _code(exc) == "InvalidRange":  # an empty object has no byte 0
+                return b""
+            raise _unavailable(exc) from exc
+        except BotoCoreError as exc:
+            raise _unavailable(exc) from exc
+
+    def iter_bytes(
+        self, key: str, start: int = 0, end: int | None = None, chunk_size: int = CHUNK_SIZE
+    ) -> Iterator[bytes]:
+        byte_range = f"bytes={start}-{'' if end is None else end}"
+        try:
+            response = self.client.get_object(
+                Bucket=self.bucket, Key=self._key(key), Range=byte_range
+            )
+        except ClientError as exc:
+            if _code(exc) == "InvalidRange":
+                return
+            raise _unavailable(exc) from exc
+        except BotoCoreError as exc:
+            raise _unavailable(exc) from exc
+        body = response["Body"]
+        try:
+            yield from body.iter_chunks(chunk_size)
+        finally:
+            body.close()
+
+    def write_stream(
+        self,
+        key: str,
+        reader: Readable,
+        *,
+        max_size: int,
+        expected_size: int | None = None,
+        content_type: str | None = None,
+    ) -> WrittenObject:
+        metered = MeteredReader(reader, max_size, expected_size)
+        extra = {"ContentType": content_type} if content_type else {}
+        try:
+            # Multipart past the threshold; a failed multipart upload is aborted by boto3,
+            # and a failed single PUT writes nothing.
+            self.client.upload_fileobj(
+                metered, self.bucket, self._key(key), ExtraArgs=extra, Config=UPLOAD_TRANSFER
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise _unavailable(exc) from exc
+        return metered.result()
+
+    def move(self, source: str, destination: str) -> None:
+        try:
+            self.client.copy(
+                {"Bucket": self.bucket, "Key": self._key(source)},
+                self.bucket,
+                self._key(destination),
+                Config=COPY_TRANSFER,
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise _unavailable(exc) from exc
+        self.delete(source)
+
+    def delete(self, key: str) -> None:
+        try:
+            # S3 answers 204 for a missing key: deleting twice is fine.
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if _code(exc) in NOT_FOUND_CODES:
+                return
+            raise _unavailable(exc) from exc
+        except BotoCoreError as exc:
+            raise _unavailable(exc) from exc
+
+    def delete_many(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": self._key(key)} for key in keys[start : start + 1000]]
+            try:
+                response = self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+                )
+            except (ClientError, BotoCoreError) as exc:
+                raise _unavailable(exc) from exc
+            errors = [e for e in response.get("Errors", []) if e.get("Code") not in NOT_FOUND_CODES]
+            if errors:
+                raise StorageUnavailable(f"Media storage refused deletes: {errors[:3]}")
+
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        location = self._key("")
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
+                for item in page.get("Contents", []):
+                    yield item["Key"][len(location) :]
+        except (ClientError, BotoCoreError) as exc:
+            raise _unavailable(exc) from exc
+
+    def download_url(
+        self, key: str, *, content_type: str, disposition: str, lifetime: int
+    ) -> str | None:
+        # The signed target answers with the same type and disposition as we would.
+        return self.signing_client.generate_presigned_url(
+            "get_object",
+            Params={
+                "Bucket": self.bucket,
+                "Key": self._key(key),
+                "ResponseContentType": content_type,
+                "ResponseContentDisposition": disposition,
+            },
+            ExpiresIn=lifetime,
+        )
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if missing (for development and tests)."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            self.client.create_bucket(Bucket=self.bucket)
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))

@@ -1,0 +1,259 @@
+"""S3 storage logic with moto's in-process mock (the real S3 server is in tests/services/)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import boto3
+import pytest
+from django.conf import settings
+from django.test import Client, override_settings
+from moto import mock_aws
+
+from msc3870.checks import check_settings
+from msc3870.models import MediaState
+from msc3870.s3 import S3MediaStore
+from msc3870.storage import get_store
+
+from .conftest import MatrixClient, media_of, msc3870_settings, mxc_path, png_bytes
+
+BUCKET = "media-test"
+
+
+def s3_storages(**options: Any) -> dict[str, Any]:
+    return {
+        **settings.STORAGES,
+        "msc3870": {
+            "BACKEND": "storages.backends.s3.S3Storage",
+            "OPTIONS": {
+                "bucket_name": BUCKET,
+                "region_name": "us-east-1",
+                "access_key": "testing",
+                "secret_key": "testing",
+                "signature_version": "s3v4",
+                **options,
+            },
+        },
+    }
+
+
+@pytest.fixture
+def s3() -> Iterator[Any]:
+    with mock_aws(), override_settings(STORAGES=s3_storages()):
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket=BUCKET)
+        yield client
+
+
+def keys(s3: Any, prefix: str = "") -> list[str]:
+    return [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])]
+
+
+def client_put(s3: Any, created: dict[str, Any], data: bytes, content_type: str) -> None:
+    """What the client's PUT to the presigned URL leaves in the bucket."""
+    key = urlsplit(created["upload_url"]).path.lstrip("/")
+    assert key == media_of(created["content_uri"]).incoming_key
+    s3.put_object(Bucket=BUCKET, Key=key, Body=data, ContentType=content_type)
+
+
+def complete(client: MatrixClient, content_uri: str) -> Any:
+    return client.post(f"/_matrix/media/v1/upload/{mxc_path(content_uri)}/complete", b"{}")
+
+
+def test_store_is_s3(s3: Any) -> None:
+    assert isinstance(get_store(), S3MediaStore)
+
+
+def test_upload_url_is_a_sigv4_presigned_put_for_this_id_only(s3: Any, alice: MatrixClient) -> None:
+    created = alice.create()
+    url = urlsplit(created["upload_url"])
+    query = parse_qs(url.query)
+    media = media_of(created["content_uri"])
+    assert url.path.endswith(f"/{media.incoming_key}")
+    assert query["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"]
+    assert query["X-Amz-SignedHeaders"] == ["host"]  # nothing a client cannot know
+    expires = int(query["X-Amz-Expires"][0])
+    assert 86_390 <= expires <= 86_400
+    assert created["upload_method"] == "PUT"
+
+
+def test_id_expiry_is_capped_to_seven_days(s3: Any, alice: MatrixClient) -> None:
+    with msc3870_settings(UNUSED_EXPIRATION=30 * 86400):
+        created = alice.create()
+    assert int(parse_qs(urlsplit(created["upload_url"]).query)["X-Amz-Expires"][0]) <= 604_800
+    expected_ms = (time.time() + 7 * 86400) * 1000
+    assert abs(created["unused_expires_at"] - expected_ms) < 10_000
+
+
+def test_public_endpoint_for_urls(alice: MatrixClient) -> None:
+    with (
+        mock_aws(),
+        override_settings(STORAGES=s3_storages(endpoint_url="http://s3.internal:9000")),
+        msc3870_settings(S3_PUBLIC_ENDPOINT_URL="https://cdn.example.com"),
+    ):
+        created = alice.create()
+    assert created["upload_url"].startswith("https://cdn.example.com/")
+
+
+def test_complete_moves_checks_and_serves(s3: Any, alice: MatrixClient) -> None:
+    created = alice.create()
+    data = png_bytes()
+    client_put(s3, created, data, "image/png")
+    response = complete(alice, created["content_uri"])
+    assert response.status_code == 200
+    media = media_of(created["content_uri"])
+    assert media.state == MediaState.COMPLETE
+    assert media.declared_content_type == "image/png"
+    assert media.content_type == "image/png"
+    assert media.sha256 == hashlib.sha256(data).hexdigest()
+    assert keys(s3) == [media.storage_key]  # incoming object deleted after the copy
+    download = alice.get(f"/_matrix/client/v1/media/download/{mxc_path(media.mxc_uri)}")
+    assert download.status_code == 200
+    assert b"".join(download.streaming_content) == data
+
+
+def test_sniffing_reads_a_range_not_the_object(
+    s3: Any, alice: MatrixClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    created = alice.create()
+    client_put(s3, created, png_bytes() + os.urandom(64 * 1024), "image/png")
+    store = get_store()
+    ranges: list[str | None] = []
+    real_get = store.client.get_object
+
+    def spy(**kwargs: Any) -> Any:
+        ranges.append(kwargs.get("Range"))
+        return real_get(**kwargs)
+
+    monkeypatch.setattr(store.client, "get_object", spy)
+    assert complete(alice, created["content_uri"]).status_code == 200
+    assert "bytes=0-8191" in ranges
+    # Every read is ranged; the one full pass is the SHA-256.
+    assert all(r is not None for r in ranges)
+
+
+def test_reput_after_complete_changes_nothing_served(s3: Any, alice: MatrixClient) -> None:
+    from msc3870 import maintenance
+
+    created = alice.create()
+    client_put(s3, created, b"checked bytes", "text/plain")
+    assert complete(alice, created["content_uri"]).status_code == 200
+    client_put(s3, created, b"<html>swapped</html>", "text/html")  # the URL still works
+    media = media_of(created["content_uri"])
+    download = alice.get(f"/_matrix/client/v1/media/download/{mxc_path(media.mxc_uri)}")
+    assert b"".join(download.streaming_content) == b"checked bytes"
+    assert maintenance.delete_orphaned_uploads() == 1
+    assert keys(s3) == [media.storage_key]
+
+
+def test_complete_without_upload(s3: Any, alice: MatrixClient) -> None:
+    created = alice.create()
+    response = complete(alice, created["content_uri"])
+    assert response.status_code == 400
+    assert response.json()["errcode"] == "M_NOT_YET_UPLOADED"
+
+
+def test_oversized_upload_is_413_and_deleted(s3: Any, alice: MatrixClient) -> None:
+    created = alice.create()
+    client_put(s3, created, b"x" * 2048, "text/plain")
+    with msc3870_settings(MAX_UPLOAD_SIZE=1024):
+        response = complete(alice, created["content_uri"])
+    assert response.status_code == 413
+    assert response.json()["errcode"] == "M_TOO_LARGE"
+    assert keys(s3) == []
+
+
+def test_redirects(s3: Any, alice: MatrixClient) -> None:
+    created = alice.create()
+    client_put(s3, created, png_bytes(), "image/png")
+    complete(alice, created["content_uri"])
+    path = mxc_path(created["content_uri"])
+    # v1 streams unless redirects are enabled.
+    assert alice.get(f"/_matrix/client/v1/media/download/{path}").status_code == 200
+    with msc3870_settings(REDIRECT_DOWNLOADS=True):
+        redirect = alice.get(f"/_matrix/client/v1/media/download/{path}/cat%20photo.png")
+    assert redirect.status_code == 307
+    location = urlsplit(redirect["Location"])
+    assert location.scheme in ("http", "https") and location.netloc
+    query = parse_qs(location.query)
+    assert query["response-content-type"] == ["image/png"]
+    assert query["response-content-disposition"] == ["inline; filename*=utf-8''cat%20photo.png"]
+    assert int(query["X-Amz-Expires"][0]) == 300
+    # v3: only with allow_redirect=true; otherwise the bytes.
+    assert Client().get(f"/_matrix/media/v3/download/{path}").status_code == 200
+    legacy = Client().get(f"/_matrix/media/v3/download/{path}?allow_redirect=true")
+    assert legacy.status_code == 307
+    assert legacy["Content-Security-Policy"].startswith("sandbox")
+
+
+def test_put_fallback_streams_multipart_to_s3(s3: Any, alice: MatrixClient) -> None:
+    created = alice.create()
+    data = os.urandom(20 * 1024 * 1024 + 3)  # past the 8 MiB multipart threshold
+    response = alice.put(f"/_matrix/media/v3/upload/{mxc_path(created['content_uri'])}", data)
+    assert response.status_code == 200
+    media = media_of(created["content_uri"])
+    assert media.sha256 == hashlib.sha256(data).hexdigest()
+    assert media.size == len(data)
+    ranged = alice.get(
+        f"/_matrix/client/v1/media/download/{mxc_path(media.mxc_uri)}",
+        headers={"Range": "bytes=10000000-10000009"},
+    )
+    assert ranged.status_code == 206
+    assert b"".join(ranged.streaming_content) == data[10_000_000:10_000_010]
+
+
+def test_oversized_put_fallback_leaves_no_object_or_multipart(s3: Any, alice: MatrixClient) -> None:
+    from .test_api_upload import LyingBody
+
+    store = get_store()
+    with pytest.raises(Exception, match="larger than the limit"):
+        store.write_stream("media/xx/big", LyingBody(20 * 1024 * 1024), max_size=12 * 1024 * 1024)
+    assert keys(s3) == []
+    assert s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []
+
+
+def test_storage_unreachable_is_503(alice: MatrixClient) -> None:
+    unreachable = s3_storages(endpoint_url="http://127.0.0.1:9")
+    with override_settings(STORAGES=unreachable):
+        created = alice.create()  # presigning needs no network
+        response = complete(alice, created["content_uri"])
+    assert response.status_code == 503
+    assert response.json()["errcode"] == "M_UNKNOWN"
+    assert media_of(created["content_uri"]).state == MediaState.PENDING
+
+
+@pytest.mark.parametrize(
+    ("options", "check_id"),
+    [
+        ({"querystring_auth": False}, "msc3870.E009"),
+        ({"default_acl": "public-read"}, "msc3870.E009"),
+        ({"signature_version": "s3"}, "msc3870.E011"),
+    ],
+)
+def test_checks_refuse_public_or_sigv2_s3(options: dict[str, Any], check_id: str) -> None:
+    with override_settings(STORAGES=s3_storages(**options)):
+        assert check_id in {m.id for m in check_settings()}
+
+
+def test_check_warns_when_expiry_exceeds_presign_limit() -> None:
+    with (
+        override_settings(STORAGES=s3_storages()),
+        msc3870_settings(UNUSED_EXPIRATION=int(timedelta(days=8).total_seconds())),
+    ):
+        assert "msc3870.W002" in {m.id for m in check_settings()}
+
+
+def test_delete_many_and_missing_keys(s3: Any) -> None:
+    store = get_store()
+    for index in range(3):
+        store.write_stream(f"media/aa/{index}", io.BytesIO(b"x"), max_size=10)
+    store.delete_many(["media/aa/0", "media/aa/1", "media/aa/2", "media/aa/never-existed"])
+    store.delete("media/aa/never-existed")
+    assert keys(s3) == []
