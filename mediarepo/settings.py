@@ -165,7 +165,12 @@ MSC3870 = {
     "CREATE_RATE": env("MSC3870_CREATE_RATE", "60/min"),
     "REDIRECT_DOWNLOADS": env("MSC3870_REDIRECT_DOWNLOADS") == "1",
     "S3_PUBLIC_ENDPOINT_URL": env("MSC3870_S3_PUBLIC_ENDPOINT_URL"),
+    "COMPLETE_WAIT_SECONDS": float(env("MSC3870_COMPLETE_WAIT_SECONDS") or 20),
+    "STUCK_AFTER_SECONDS": env_int("MSC3870_STUCK_AFTER_SECONDS", 300),
 }
+if env("MSC3870_CHECKS"):
+    # Comma-separated import strings, replacing the default pipeline (e.g. to add a scan).
+    MSC3870["CHECKS"] = [c.strip() for c in (env("MSC3870_CHECKS") or "").split(",") if c.strip()]
 if env("MATRIX_HOMESERVER_URL"):
     MSC3870["HOMESERVER_URL"] = env("MATRIX_HOMESERVER_URL")
     MSC3870["TOKEN_RESOLVER"] = "msc3870.auth.HomeserverTokenResolver"

@@ -59,6 +59,8 @@ DEFAULTS: dict[str, Any] = {
     "REDIRECT_DOWNLOADS": False,
     # Lifetime in seconds of signed download URLs.
     "DOWNLOAD_URL_LIFETIME": 300,
+    # Seconds in PROCESSING after which screening is assumed lost and queued again.
+    "STUCK_AFTER_SECONDS": 300,
     # Separate endpoint for URLs handed to clients (CDN, transfer acceleration); None = same.
     "S3_PUBLIC_ENDPOINT_URL": None,
 }
@@ -168,6 +170,10 @@ class MSC3870Settings:
     @property
     def DOWNLOAD_URL_LIFETIME(self) -> int:
         return int(self._get("DOWNLOAD_URL_LIFETIME"))
+
+    @property
+    def STUCK_AFTER_SECONDS(self) -> int:
+        return int(self._get("STUCK_AFTER_SECONDS"))
 
     @property
     def S3_PUBLIC_ENDPOINT_URL(self) -> str | None:

@@ -13,17 +13,16 @@ from datetime import timedelta
 from django.utils import timezone
 
 from . import lifecycle
+from .conf import app_settings
 from .models import Media, MediaState, UploadMethod
-from .pipeline import delete_objects, dispatch_screening
+from .pipeline import delete_objects, delete_objects_of, dispatch_screening
 from .storage import get_store
 
 log = logging.getLogger(__name__)
 S = MediaState
 
-DEFAULT_BATCH = 500
+DEFAULT_BATCH = 1000
 DEFAULT_MAX_BATCHES = 20
-# Media in PROCESSING longer than this is assumed lost (worker died, broker was down).
-STUCK_AFTER = timedelta(minutes=5)
 
 
 @dataclass
@@ -40,7 +39,8 @@ def expire_pending(
     for _ in range(max_batches):
         now = timezone.now()
         due = Media.objects.filter(state=S.PENDING, unused_expires_at__lte=now)
-        pks = list(due.order_by("pk").values_list("pk", flat=True)[:batch_size])
+        # In index order (state, unused_expires_at): each batch is a short index scan.
+        pks = list(due.order_by("unused_expires_at").values_list("pk", flat=True)[:batch_size])
         if not pks:
             break
         # The expiry condition is repeated in the UPDATE: a /complete that claimed the
@@ -48,7 +48,7 @@ def expire_pending(
         result.moved += lifecycle.transition_many(
             Media.objects.filter(pk__in=pks, unused_expires_at__lte=now), [S.PENDING], S.EXPIRED
         )
-        result.objects_deleted += _delete_objects_of(pks)
+        result.objects_deleted += delete_objects_of(pks)
     return result
 
 
@@ -61,26 +61,24 @@ def delete_dead_objects(
         pks = list(
             Media.objects.filter(objects_deleted_at__isnull=True)
             .exclude(state__in=lifecycle.LIVE_STATES)
-            .order_by("pk")
             .values_list("pk", flat=True)[:batch_size]
         )
         if not pks:
             break
-        deleted = _delete_objects_of(pks)
+        deleted = delete_objects_of(pks)
         result.objects_deleted += deleted
         if deleted == 0:
             break  # another sweep took them; do not spin
     return result
 
 
-def _delete_objects_of(pks: list[int]) -> int:
-    return sum(1 for pk in pks if delete_objects(pk))
-
-
 def redispatch_stuck(
-    *, older_than: timedelta = STUCK_AFTER, batch_size: int = DEFAULT_BATCH
+    *, older_than: timedelta | None = None, batch_size: int = DEFAULT_BATCH
 ) -> int:
-    """Re-queue screening of media left in PROCESSING (lost task, broker outage)."""
+    """Re-queue screening of media left in PROCESSING longer than ``STUCK_AFTER_SECONDS``
+    (worker died, broker was down)."""
+    if older_than is None:
+        older_than = timedelta(seconds=app_settings.STUCK_AFTER_SECONDS)
     cutoff = timezone.now() - older_than
     count = 0
     stuck = Media.objects.filter(state=S.PROCESSING, processing_started_at__lte=cutoff).order_by(

@@ -102,18 +102,31 @@ def record_failure(pk: int, exc: BaseException) -> None:
 
 def delete_objects(pk: int) -> bool:
     """Delete the storage objects of media that will never be served again. Idempotent."""
-    media = Media.objects.filter(pk=pk).first()
-    if media is None or media.state in lifecycle.LIVE_STATES or media.objects_deleted_at:
-        return False
-    store = get_store()
-    keys = {media.incoming_key, media.served_key}
-    if media.storage_key:
-        keys.add(media.storage_key)
-    for key in sorted(keys):
-        store.delete(key)
+    return delete_objects_of([pk]) == 1
+
+
+def delete_objects_of(pks: list[int]) -> int:
+    """Batch form: one query, one batched delete in storage, one update.
+
+    Only rows that are dead (not live) and not yet cleaned are touched; a missing object
+    counts as deleted. Returns how many rows this call marked as cleaned.
+    """
+    rows = list(
+        Media.objects.filter(pk__in=pks, objects_deleted_at__isnull=True)
+        .exclude(state__in=lifecycle.LIVE_STATES)
+        .values_list("pk", "media_id", "storage_key")
+    )
+    if not rows:
+        return 0
+    keys: set[str] = set()
+    for _, media_id, storage_key in rows:
+        probe = Media(media_id=media_id)
+        keys.update((probe.incoming_key, probe.served_key))
+        if storage_key:
+            keys.add(storage_key)
+    get_store().delete_many(sorted(keys))
     return (
-        Media.objects.filter(pk=pk, objects_deleted_at__isnull=True)
+        Media.objects.filter(pk__in=[row[0] for row in rows], objects_deleted_at__isnull=True)
         .exclude(state__in=lifecycle.LIVE_STATES)
         .update(objects_deleted_at=timezone.now())
-        == 1
     )
