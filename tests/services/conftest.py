@@ -1,0 +1,229 @@
+"""The services suite: the deployable project as separate processes on real services.
+
+A gunicorn process serves ``mediarepo`` and one or more ``celery worker`` processes run
+its tasks, against PostgreSQL (pytest-django's test database), a real broker (Redis or
+RabbitMQ) and the SeaweedFS S3 server that ``scripts/s3-server`` starts. The test process
+uses the same database and bucket to look at what the processes did.
+
+``.ci/run`` sets the environment (see ``SERVICES_ENV`` there); run alone with
+``scripts/services-test``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from django.conf import settings
+from django.db import connection
+
+from msc3870.models import AccessToken, digest_token
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+REQUIRED_ENV = ("DATABASE_URL", "CELERY_BROKER_URL", "AWS_STORAGE_BUCKET_NAME")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def database_url_of_test_db() -> str:
+    """DATABASE_URL of the test database pytest-django made (for the other processes)."""
+    db = connection.settings_dict
+    credentials = db["USER"] or "postgres"
+    if db.get("PASSWORD"):
+        credentials += f":{db['PASSWORD']}"
+    return f"postgres://{credentials}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+@dataclass
+class Stack:
+    """gunicorn + celery workers sharing one environment."""
+
+    env: dict[str, str]
+    logs: Path
+    base_url: str = ""
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the process
+        process = subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.processes[name] = process
+        return process
+
+    def start_server(self) -> None:
+        port = free_port()
+        self.base_url = f"http://127.0.0.1:{port}"
+        env = {**self.env, "PORT": str(port), "PUBLIC_BASEURL": self.base_url}
+        self._spawn(
+            "server",
+            [str(BIN / "gunicorn"), "-c", "mediarepo/gunicorn.conf.py", "mediarepo.wsgi"],
+            env,
+        )
+
+        def up() -> bool:
+            try:
+                return requests.get(f"{self.base_url}/_matrix/client/versions", timeout=1).ok
+            except requests.RequestException:
+                return False
+
+        wait_until(up, 30, "gunicorn to answer")
+
+    def start_worker(self, name: str = "worker", **extra_env: str) -> subprocess.Popen[bytes]:
+        log_path = self.logs / f"{name}.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        process = self._spawn(
+            name,
+            [
+                str(BIN / "celery"),
+                "-A",
+                "mediarepo",
+                "worker",
+                "-n",
+                f"{name}-{secrets.token_hex(3)}@%h",
+                "-c",
+                "2",
+                "-l",
+                "info",
+                "--without-gossip",
+                "--without-mingle",
+            ],
+            {**self.env, **extra_env},
+        )
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"worker {name} exited: {self.tail(name)}")
+            with open(log_path, "rb") as handle:
+                handle.seek(offset)
+                return b" ready." in handle.read()
+
+        wait_until(ready, 60, f"worker {name} to be ready")
+        return process
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Kill a process and its children (a prefork worker's pool goes with it)."""
+        process = self.processes.pop(name, None)
+        if process is None or process.poll() is not None:
+            return
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+    def stop(self, name: str) -> None:
+        self.kill(name, signal.SIGTERM)
+
+    def stop_all(self) -> None:
+        for name in list(self.processes):
+            self.stop(name)
+
+    def tail(self, name: str, lines: int = 40) -> str:
+        path = self.logs / f"{name}.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def base_env(tmp: Path, **overrides: str) -> dict[str, str]:
+    missing = [name for name in REQUIRED_ENV if not os.environ.get(name)]
+    if missing:
+        pytest.fail(f"the services suite needs {', '.join(missing)}; run it through .ci/run")
+    return {
+        **os.environ,
+        "DATABASE_URL": database_url_of_test_db(),
+        "DJANGO_SETTINGS_MODULE": "mediarepo.settings",
+        "DJANGO_SECRET_KEY": settings.SECRET_KEY,
+        "MEDIAREPO_DATA_DIR": str(tmp),
+        "MSC3870_COMPLETE_WAIT_SECONDS": "10",
+        "MSC3870_CREATE_RATE": "1000/min",
+        "PYTHONUNBUFFERED": "1",
+        **overrides,
+    }
+
+
+@pytest.fixture(scope="session")
+def stack(
+    django_db_setup: None, django_db_blocker: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("stack")
+    running = Stack(env=base_env(tmp), logs=tmp)
+    try:
+        running.start_server()
+        running.start_worker()
+        yield running
+    finally:
+        running.stop_all()
+
+
+@pytest.fixture
+def live(stack: Stack, transactional_db: None) -> Iterator[Stack]:
+    """The running stack, with a worker, for one test (which may kill and restart it)."""
+    if "worker" not in stack.processes:
+        stack.start_worker()
+    yield stack
+    for name in [n for n in stack.processes if n not in ("server", "worker")]:
+        stack.stop(name)
+    if "worker" not in stack.processes:
+        stack.start_worker()
+
+
+@pytest.fixture
+def user_token(transactional_db: None) -> tuple[str, str]:
+    """A fresh user (limits are per user) and its token, committed for the other processes."""
+    user_id = f"@u{secrets.token_hex(4)}:localhost"
+    token = "mr_" + secrets.token_urlsafe(16)
+    AccessToken.objects.create(user_id=user_id, token_digest=digest_token(token))
+    return user_id, token
+
+
+@pytest.fixture
+def s3_client() -> Any:
+    from msc3870.storage import get_store
+
+    return get_store().client  # type: ignore[attr-defined]
+
+
+def bucket_keys(s3_client: Any, prefix: str = "") -> list[str]:
+    bucket = os.environ["AWS_STORAGE_BUCKET_NAME"]
+    paginator = s3_client.get_paginator("list_objects_v2")
+    return [
+        item["Key"]
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix)
+        for item in page.get("Contents", [])
+    ]
+
+
+def s3_server(action: str) -> None:
+    subprocess.run([str(ROOT / "scripts" / "s3-server"), action], check=True, cwd=ROOT)
