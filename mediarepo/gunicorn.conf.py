@@ -12,3 +12,10 @@ worker_class = "gthread"
 threads = int(os.environ.get("GUNICORN_THREADS", "16"))
 timeout = 120
 accesslog = "-"
+
+
+def post_worker_init(worker: object) -> None:
+    # Without a broker there is no beat: run the periodic sweeps in-process.
+    from mediarepo.embedded import start_periodic_thread
+
+    start_periodic_thread()

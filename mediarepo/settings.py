@@ -167,6 +167,8 @@ MSC3870 = {
     "S3_PUBLIC_ENDPOINT_URL": env("MSC3870_S3_PUBLIC_ENDPOINT_URL"),
     "COMPLETE_WAIT_SECONDS": float(env("MSC3870_COMPLETE_WAIT_SECONDS") or 20),
     "STUCK_AFTER_SECONDS": env_int("MSC3870_STUCK_AFTER_SECONDS", 300),
+    "CLAMAV_URL": env("MSC3870_CLAMAV_URL"),
+    "USER_QUOTA_BYTES": int(env("MSC3870_USER_QUOTA_BYTES") or 0) or None,
 }
 if env("MSC3870_CHECKS"):
     # Comma-separated import strings, replacing the default pipeline (e.g. to add a scan).
@@ -196,6 +198,7 @@ CELERY_BEAT_SCHEDULE = {
         "task": "msc3870.delete_orphaned_uploads",
         "schedule": 3600.0,
     },
+    "msc3870-delete-old-tombstones": {"task": "msc3870.delete_old_tombstones", "schedule": 86400.0},
 }
 CELERY_TIMEZONE = "UTC"
 

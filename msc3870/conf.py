@@ -47,7 +47,17 @@ DEFAULTS: dict[str, Any] = {
         "msc3870.screening.check_size",
         "msc3870.screening.check_content_type",
         "msc3870.screening.check_sha256",
+        "msc3870.screening.check_not_blocked",
+        "msc3870.screening.check_user_quota",
+        "msc3870.screening.check_clamav",
     ],
+    # Bytes of live media a user may hold (None = no quota).
+    "USER_QUOTA_BYTES": None,
+    # clamd to scan uploads with: "tcp://host:3310" or "unix:///run/clamav/clamd.ctl".
+    "CLAMAV_URL": None,
+    "CLAMAV_TIMEOUT_SECONDS": 60,
+    # Days tombstones (expired, purged, rejected by checks) are kept; None = forever.
+    "TOMBSTONE_RETENTION_DAYS": 30,
     # Content types (globs, matched against the type sniffed from the bytes, or the declared
     # one when the bytes are not recognised) that may be stored, and those refused.
     "ALLOWED_CONTENT_TYPES": ["*"],
@@ -170,6 +180,24 @@ class MSC3870Settings:
     @property
     def DOWNLOAD_URL_LIFETIME(self) -> int:
         return int(self._get("DOWNLOAD_URL_LIFETIME"))
+
+    @property
+    def USER_QUOTA_BYTES(self) -> int | None:
+        value = self._get("USER_QUOTA_BYTES")
+        return None if value is None else int(value)
+
+    @property
+    def CLAMAV_URL(self) -> str | None:
+        return self._get("CLAMAV_URL") or None
+
+    @property
+    def CLAMAV_TIMEOUT_SECONDS(self) -> float:
+        return float(self._get("CLAMAV_TIMEOUT_SECONDS"))
+
+    @property
+    def TOMBSTONE_RETENTION_DAYS(self) -> int | None:
+        value = self._get("TOMBSTONE_RETENTION_DAYS")
+        return None if value is None else int(value)
 
     @property
     def STUCK_AFTER_SECONDS(self) -> int:

@@ -13,6 +13,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from .models import Media, MediaState
+from .signals import send_state_signal
 
 S = MediaState
 
@@ -50,12 +51,14 @@ def transition(
     to_state: str,
     *,
     extra_where: Q | None = None,
+    send_signal: bool = True,
     **fields: Any,
 ) -> bool:
     """Move one row to ``to_state`` if it is in one of ``from_states``; True if this call won.
 
     ``fields`` are written in the same UPDATE. On success a ``Media`` instance passed in is
-    updated in memory too.
+    updated in memory too, and the state's signal is sent (unless the caller is inside a
+    transaction and sends it after the commit itself).
     """
     sources = check_transition(from_states, to_state)
     pk = media.pk if isinstance(media, Media) else media
@@ -69,15 +72,38 @@ def transition(
         media.state_changed_at = now
         for name, value in fields.items():
             setattr(media, name, value)
+    if won and send_signal:
+        send_state_signal(to_state, [pk])
     return won
 
 
-def transition_many(queryset: Any, from_states: Iterable[str], to_state: str, **fields: Any) -> int:
-    """Bulk form of ``transition`` for sweeps; returns how many rows moved."""
+def transition_many(
+    pks: list[int],
+    from_states: Iterable[str],
+    to_state: str,
+    *,
+    extra_where: Q | None = None,
+    **fields: Any,
+) -> list[int]:
+    """Bulk form of ``transition`` for sweeps: returns the primary keys this call moved.
+
+    The rows moved are told apart from those a concurrent sweep moved by the exact
+    ``state_changed_at`` this call wrote.
+    """
     sources = check_transition(from_states, to_state)
-    return queryset.filter(state__in=sources).update(
-        state=to_state, state_changed_at=timezone.now(), **fields
+    stamp = timezone.now()
+    query = Media.objects.filter(pk__in=pks, state__in=sources)
+    if extra_where is not None:
+        query = query.filter(extra_where)
+    if not query.update(state=to_state, state_changed_at=stamp, **fields):
+        return []
+    moved = list(
+        Media.objects.filter(pk__in=pks, state=to_state, state_changed_at=stamp).values_list(
+            "pk", flat=True
+        )
     )
+    send_state_signal(to_state, moved)
+    return moved
 
 
 def update_if_state(media: Media, state: str, **fields: Any) -> bool:

@@ -10,12 +10,13 @@ import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
+from django.db.models import Q
 from django.utils import timezone
 
 from . import lifecycle
 from .conf import app_settings
 from .models import Media, MediaState, UploadMethod
-from .pipeline import delete_objects, delete_objects_of, dispatch_screening
+from .pipeline import delete_objects_of, dispatch_screening, schedule_object_deletion
 from .storage import get_store
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,10 @@ def expire_pending(
             break
         # The expiry condition is repeated in the UPDATE: a /complete that claimed the
         # row in between wins, and this sweep leaves it alone.
-        result.moved += lifecycle.transition_many(
-            Media.objects.filter(pk__in=pks, unused_expires_at__lte=now), [S.PENDING], S.EXPIRED
+        result.moved += len(
+            lifecycle.transition_many(
+                pks, [S.PENDING], S.EXPIRED, extra_where=Q(unused_expires_at__lte=now)
+            )
         )
         result.objects_deleted += delete_objects_of(pks)
     return result
@@ -86,8 +89,8 @@ def redispatch_stuck(
     )[:batch_size]
     for media in stuck:
         if media.storage_key or media.upload_method == UploadMethod.URL:
-            if dispatch_screening(media):
-                count += 1
+            dispatch_screening(media)
+            count += 1
         elif media.upload_method == UploadMethod.PUT:
             # The process receiving the body died: nothing usable was kept.
             if lifecycle.transition(
@@ -101,7 +104,7 @@ def redispatch_stuck(
             rejection_errcode="M_UNKNOWN",
             rejection_reason="Upload was interrupted",
         ):
-            delete_objects(media.pk)
+            schedule_object_deletion(media.pk)
             count += 1
     return count
 
@@ -139,4 +142,23 @@ def delete_orphaned_uploads(*, limit: int = 1000) -> int:
             deleted += flush()
     if batch:
         deleted += flush()
+    return deleted
+
+
+def delete_old_tombstones(*, batch_size: int = DEFAULT_BATCH) -> int:
+    """Delete rows of expired, purged and check-rejected media whose objects are gone, after
+    ``TOMBSTONE_RETENTION_DAYS``. Moderators' verdicts stay: they block re-uploads."""
+    days = app_settings.TOMBSTONE_RETENTION_DAYS
+    if days is None:
+        return 0
+    cutoff = timezone.now() - timedelta(days=days)
+    old = Media.objects.filter(
+        state__in=[S.EXPIRED, S.DELETED, S.REJECTED],
+        objects_deleted_at__lte=cutoff,
+        state_changed_at__lte=cutoff,
+    ).exclude(state=S.REJECTED, moderated_by__gt="")
+    pks = list(old.values_list("pk", flat=True)[:batch_size])
+    if not pks:
+        return 0
+    deleted, _ = Media.objects.filter(pk__in=pks).delete()
     return deleted

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from . import lifecycle
 from .models import Media, MediaState
-from .pipeline import delete_objects
+from .pipeline import schedule_object_deletion
 
 S = MediaState
 
@@ -34,7 +34,7 @@ def reject(media: Media, *, by: str, reason: str = "Rejected by a moderator") ->
         rejection_reason=reason,
     )
     if won:
-        delete_objects(media.pk)
+        schedule_object_deletion(media.pk)
     return won
 
 
@@ -43,5 +43,5 @@ def purge(media: Media, *, by: str) -> bool:
     sources = [state for state in S.values if S.DELETED in lifecycle.ALLOWED_TRANSITIONS[state]]
     won = lifecycle.transition(media, sources, S.DELETED, moderated_by=by)
     if won:
-        delete_objects(media.pk)
+        schedule_object_deletion(media.pk)
     return won

@@ -9,33 +9,36 @@ from __future__ import annotations
 
 import logging
 
+from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
 from . import lifecycle
 from .models import Media, MediaState, UploadMethod
 from .screening import Rejection, ScreeningContext, run_checks
+from .signals import send_state_signal
 from .storage import get_store
 
 log = logging.getLogger(__name__)
 S = MediaState
 
 
-def dispatch_screening(media: Media) -> bool:
-    """Queue the screening task; False (and the reason on the row) if the broker refused.
+def dispatch_screening(media: Media) -> None:
+    """Queue the screening task once the transaction that claimed the row has committed.
 
-    Media left in PROCESSING is re-dispatched by the stuck sweep, so a broker outage
-    delays screening but loses nothing.
+    If the broker refuses, the reason is kept on the row: media left in PROCESSING is
+    queued again by the stuck sweep, so an outage delays screening but loses nothing.
     """
     from .tasks import screen_media_task
 
-    try:
-        screen_media_task.delay(media.pk)
-    except Exception as exc:  # broker down, connection refused, ...
-        log.warning("Could not queue screening of %s: %s", media.mxc_uri, exc)
-        Media.objects.filter(pk=media.pk).update(last_error=f"queueing failed: {exc}"[:1000])
-        return False
-    return True
+    def send() -> None:
+        try:
+            screen_media_task.delay(media.pk)
+        except Exception as exc:  # broker down, connection refused, ...
+            log.warning("Could not queue screening of %s: %s", media.mxc_uri, exc)
+            Media.objects.filter(pk=media.pk).update(last_error=f"queueing failed: {exc}"[:1000])
+
+    transaction.on_commit(send)
 
 
 def screen_media(pk: int) -> str:
@@ -70,15 +73,43 @@ def screen_media(pk: int) -> str:
         findings = run_checks(ctx)
     except Rejection as rejection:
         return _reject(media, rejection)
-    won = lifecycle.transition(
-        media,
-        [S.PROCESSING],
-        S.COMPLETE,
-        completed_at=timezone.now(),
-        last_error="",
-        **findings,
-    )
-    return "complete" if won else "skipped"
+    return _complete(media, findings)
+
+
+def _complete(media: Media, findings: dict[str, object]) -> str:
+    """PROCESSING -> COMPLETE; identical content already served is stored once."""
+    own_key = media.storage_key
+    with transaction.atomic():
+        # Locking the donor row orders this against a purge of the donor: either the purge
+        # waits and then sees this row sharing the key (and keeps the object), or it ran
+        # first and the donor is no longer COMPLETE here.
+        donor = None
+        if findings.get("sha256"):
+            donor = (
+                Media.objects.select_for_update()
+                .filter(sha256=findings["sha256"], size=findings.get("size"), state=S.COMPLETE)
+                .exclude(pk=media.pk)
+                .exclude(storage_key="")
+                .order_by("pk")
+                .first()
+            )
+        storage_key = donor.storage_key if donor else own_key
+        won = lifecycle.transition(
+            media,
+            [S.PROCESSING],
+            S.COMPLETE,
+            send_signal=False,
+            completed_at=timezone.now(),
+            last_error="",
+            storage_key=storage_key,
+            **findings,
+        )
+    if not won:
+        return "skipped"
+    if storage_key != own_key:
+        get_store().delete(own_key)  # a fresh key of this media only: nobody else serves it
+    send_state_signal(S.COMPLETE, [media.pk])
+    return "complete"
 
 
 def _reject(media: Media, rejection: Rejection) -> str:
@@ -91,8 +122,22 @@ def _reject(media: Media, rejection: Rejection) -> str:
     ):
         return "skipped"
     log.info("Rejected %s: %s", media.mxc_uri, rejection.reason)
-    delete_objects(media.pk)
+    schedule_object_deletion(media.pk)
     return "rejected"
+
+
+def schedule_object_deletion(pk: int) -> None:
+    """Delete a dead media's objects in the background once this transaction commits. If
+    that cannot be queued, the cleanup sweep deletes them later."""
+    from .tasks import delete_objects_task
+
+    def send() -> None:
+        try:
+            delete_objects_task.delay(pk)
+        except Exception as exc:
+            log.warning("Could not queue deletion of media %s: %s", pk, exc)
+
+    transaction.on_commit(send)
 
 
 def record_failure(pk: int, exc: BaseException) -> None:
@@ -124,6 +169,12 @@ def delete_objects_of(pks: list[int]) -> int:
         keys.update((probe.incoming_key, probe.served_key))
         if storage_key:
             keys.add(storage_key)
+    # Identical content is stored once: keep objects that live media still serve.
+    keys -= set(
+        Media.objects.filter(storage_key__in=keys, state__in=lifecycle.LIVE_STATES).values_list(
+            "storage_key", flat=True
+        )
+    )
     get_store().delete_many(sorted(keys))
     return (
         Media.objects.filter(pk__in=[row[0] for row in rows], objects_deleted_at__isnull=True)

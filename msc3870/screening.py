@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import puremagic
+from django.db import models
 
 from .conf import app_settings
 
@@ -172,6 +173,61 @@ def check_sha256(ctx: ScreeningContext) -> None:
     for chunk in ctx.store.iter_bytes(ctx.key):
         digest.update(chunk)
     ctx.findings["sha256"] = digest.hexdigest()
+
+
+def check_not_blocked(ctx: ScreeningContext) -> None:
+    """Refuse content a moderator has quarantined or rejected (matched by SHA-256)."""
+    from .models import Media, MediaState
+
+    sha256 = ctx.findings.get("sha256")
+    if not sha256:
+        return
+    blocked = (
+        Media.objects.filter(sha256=sha256)
+        .exclude(pk=ctx.media.pk)
+        .filter(
+            models.Q(state=MediaState.QUARANTINED)
+            | models.Q(state=MediaState.REJECTED, moderated_by__gt="")
+        )
+        .exists()
+    )
+    if blocked:
+        raise Rejection("This content has been blocked by a moderator")
+
+
+def check_user_quota(ctx: ScreeningContext) -> None:
+    """Refuse an upload that would take its user past ``USER_QUOTA_BYTES`` of live media."""
+    from .models import Media, MediaState
+
+    quota = app_settings.USER_QUOTA_BYTES
+    if quota is None:
+        return
+    used = (
+        Media.objects.filter(
+            user_id=ctx.media.user_id, state__in=[MediaState.COMPLETE, MediaState.QUARANTINED]
+        )
+        .exclude(pk=ctx.media.pk)
+        .aggregate(total=models.Sum("size"))["total"]
+        or 0
+    )
+    if used + ctx.info.size > quota:
+        raise Rejection(
+            f"Storage quota exceeded: {used} of {quota} bytes used, upload is {ctx.info.size}",
+            errcode="M_TOO_LARGE",
+            status=413,
+        )
+
+
+def check_clamav(ctx: ScreeningContext) -> None:
+    """Scan with clamd (INSTREAM) when ``CLAMAV_URL`` is set; a finding rejects."""
+    url = app_settings.CLAMAV_URL
+    if not url:
+        return
+    from .clamav import scan_stream
+
+    verdict = scan_stream(url, ctx.store.iter_bytes(ctx.key), app_settings.CLAMAV_TIMEOUT_SECONDS)
+    if verdict is not None:
+        raise Rejection(f"Upload rejected by the virus scanner: {verdict}")
 
 
 def run_checks(ctx: ScreeningContext) -> dict[str, Any]:

@@ -21,23 +21,30 @@ TASK_OPTIONS: dict[str, Any] = {
 }
 
 
+def _retry(task: Any, pk: int, exc: Exception) -> Any:
+    """Record the failure on the row, then retry with exponential backoff (2, 4, 8 ... s,
+    at most 5 min). In-process (eager) runs do not retry inline, which would hold the
+    request: the periodic sweeps pick the row up again."""
+    pipeline.record_failure(pk, exc)
+    if task.request.is_eager:
+        return "failed"
+    raise task.retry(exc=exc, countdown=min(2 ** (task.request.retries + 1), 300)) from exc
+
+
 @shared_task(bind=True, max_retries=8, name="msc3870.screen_media", **TASK_OPTIONS)
 def screen_media_task(self: Any, pk: int) -> str:
     try:
         return pipeline.screen_media(pk)
     except Exception as exc:
-        pipeline.record_failure(pk, exc)
-        # Exponential backoff: 2, 4, 8 ... seconds, capped at 5 minutes.
-        raise self.retry(exc=exc, countdown=min(2 ** (self.request.retries + 1), 300)) from exc
+        return _retry(self, pk, exc)
 
 
 @shared_task(bind=True, max_retries=8, name="msc3870.delete_objects", **TASK_OPTIONS)
-def delete_objects_task(self: Any, pk: int) -> bool:
+def delete_objects_task(self: Any, pk: int) -> bool | str:
     try:
         return pipeline.delete_objects(pk)
     except Exception as exc:
-        pipeline.record_failure(pk, exc)
-        raise self.retry(exc=exc, countdown=min(2 ** (self.request.retries + 1), 300)) from exc
+        return _retry(self, pk, exc)
 
 
 @shared_task(name="msc3870.expire_pending", **TASK_OPTIONS)
@@ -58,3 +65,8 @@ def redispatch_stuck_task() -> int:
 @shared_task(name="msc3870.delete_orphaned_uploads", **TASK_OPTIONS)
 def delete_orphaned_uploads_task() -> int:
     return maintenance.delete_orphaned_uploads()
+
+
+@shared_task(name="msc3870.delete_old_tombstones", **TASK_OPTIONS)
+def delete_old_tombstones_task() -> int:
+    return maintenance.delete_old_tombstones()

@@ -128,3 +128,15 @@ def msc3870_settings(**overrides: Any) -> Any:
     from django.test import override_settings
 
     return override_settings(MSC3870={**settings.MSC3870, **overrides})
+
+
+@pytest.fixture(autouse=True)
+def _on_commit_runs_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unit tests run inside a transaction that never commits; requests in production do
+    not (each statement commits). Run on_commit callbacks at once, as production does."""
+    from django.db import transaction
+
+    def run_now(func: Callable[[], Any], using: str | None = None, robust: bool = False) -> None:
+        func()
+
+    monkeypatch.setattr(transaction, "on_commit", run_now)

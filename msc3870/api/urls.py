@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.db import transaction
 from django.urls import re_path
 
 from . import views
@@ -13,39 +14,46 @@ app_name = "msc3870"
 MXC = r"(?P<server_name>[^/]+)/(?P<media_id>[^/]+)"
 FILE_NAME = r"(?:/(?P<file_name>[^/]+))?"
 
+
+def view(cls: type[views.MatrixView]) -> object:
+    """Views commit as they go (each transition is its own compare-and-set, and tasks are
+    queued after commit), even in a host project with ATOMIC_REQUESTS."""
+    return transaction.non_atomic_requests(cls.as_view())
+
+
 urlpatterns = [
     re_path(
         r"^_matrix/media/(?:v1|unstable/fi\.mau\.msc2246)/create$",
-        views.CreateView.as_view(),
+        view(views.CreateView),
         name="create",
     ),
     re_path(
         rf"^_matrix/media/(?:v3|r0|unstable/fi\.mau\.msc2246)/upload/{MXC}$",
-        views.UploadToMediaView.as_view(),
+        view(views.UploadToMediaView),
         name="upload-to-media",
     ),
     re_path(
         rf"^_matrix/media/(?:v1|unstable/com\.beeper\.msc3870)/upload/{MXC}/complete$",
-        views.CompleteView.as_view(),
+        view(views.CompleteView),
         name="complete",
     ),
-    re_path(r"^_matrix/media/(?:v3|r0)/upload$", views.UploadView.as_view(), name="upload"),
+    re_path(r"^_matrix/media/(?:v3|r0)/upload$", view(views.UploadView), name="upload"),
     re_path(
         r"^_matrix/media/unstable/com\.beeper\.msc3870/upload_url/(?P<token>[^/]+)$",
-        views.UploadURLView.as_view(),
+        view(views.UploadURLView),
         name="upload-url",
     ),
     re_path(
         rf"^_matrix/client/v1/media/download/{MXC}{FILE_NAME}$",
-        views.DownloadView.as_view(),
+        view(views.DownloadView),
         name="download",
     ),
     re_path(
         rf"^_matrix/media/(?:v3|r0)/download/{MXC}{FILE_NAME}$",
-        views.LegacyDownloadView.as_view(),
+        view(views.LegacyDownloadView),
         name="legacy-download",
     ),
-    re_path(r"^_matrix/client/v1/media/config$", views.ConfigView.as_view(), name="config"),
-    re_path(r"^_matrix/media/(?:v3|r0)/config$", views.ConfigView.as_view(), name="legacy-config"),
-    re_path(r"^_matrix/client/versions$", views.VersionsView.as_view(), name="versions"),
+    re_path(r"^_matrix/client/v1/media/config$", view(views.ConfigView), name="config"),
+    re_path(r"^_matrix/media/(?:v3|r0)/config$", view(views.ConfigView), name="legacy-config"),
+    re_path(r"^_matrix/client/versions$", view(views.VersionsView), name="versions"),
 ]
