@@ -7,32 +7,35 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
 
 from celery import current_app
 from django.conf import settings
 from django.db import close_old_connections
 
+from msc3870.schedule import DEFAULT_SCHEDULE
+
 log = logging.getLogger(__name__)
 FIRST_RUN_DELAY = 5.0
 
 
-def run_due_tasks(schedule: dict[str, Any], next_run: dict[str, float], now: float) -> list[str]:
+def run_due_tasks(
+    schedule: dict[str, tuple[str, float]], next_run: dict[str, float], now: float
+) -> list[str]:
     """Run every entry whose time has come; return their names."""
     ran = []
-    for name, entry in schedule.items():
+    for name, (task, seconds) in schedule.items():
         if now < next_run.setdefault(name, now + FIRST_RUN_DELAY):
             continue
-        next_run[name] = now + float(entry["schedule"])
+        next_run[name] = now + seconds
         try:
-            current_app.tasks[entry["task"]].apply()
+            current_app.tasks[task].apply()
             ran.append(name)
         except Exception:
             log.exception("Periodic task %s failed", name)
     return ran
 
 
-def _loop(schedule: dict[str, Any]) -> None:
+def _loop(schedule: dict[str, tuple[str, float]]) -> None:
     next_run: dict[str, float] = {}
     while True:
         run_due_tasks(schedule, next_run, time.monotonic())
@@ -45,7 +48,7 @@ def start_periodic_thread() -> threading.Thread | None:
         return None  # a broker is configured: `celery -A mediarepo beat` does this
     thread = threading.Thread(
         target=_loop,
-        args=(dict(settings.CELERY_BEAT_SCHEDULE),),
+        args=(DEFAULT_SCHEDULE,),
         daemon=True,
         name="mediarepo-periodic",
     )

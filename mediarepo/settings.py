@@ -189,17 +189,9 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # A request that queues work must not hang on a dead broker: fail fast, the sweep retries.
 CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5}
 CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_connect_timeout": 2, "socket_timeout": 5}
+# Beat reads its schedule from the database (editable in the admin); msc3870 installs the
+# default sweeps after `migrate` (msc3870/schedule.py).
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
-CELERY_BEAT_SCHEDULE = {
-    "msc3870-expire-pending": {"task": "msc3870.expire_pending", "schedule": 60.0},
-    "msc3870-delete-dead-objects": {"task": "msc3870.delete_dead_objects", "schedule": 300.0},
-    "msc3870-redispatch-stuck": {"task": "msc3870.redispatch_stuck", "schedule": 120.0},
-    "msc3870-delete-orphaned-uploads": {
-        "task": "msc3870.delete_orphaned_uploads",
-        "schedule": 3600.0,
-    },
-    "msc3870-delete-old-tombstones": {"task": "msc3870.delete_old_tombstones", "schedule": 86400.0},
-}
 CELERY_TIMEZONE = "UTC"
 
 CORS_URLS_REGEX = r"^/_matrix/.*$"
