@@ -127,6 +127,35 @@ class Stack:
         wait_until(ready, 60, f"worker {name} to be ready")
         return process
 
+    def start_beat(self) -> subprocess.Popen[bytes]:
+        """``celery beat`` with the database scheduler (the schedule an operator edits)."""
+        log_path = self.logs / "beat.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        process = self._spawn(
+            "beat",
+            [
+                str(BIN / "celery"),
+                "-A",
+                "mediarepo",
+                "beat",
+                "-l",
+                "info",
+                "-s",
+                str(self.logs / "beat-schedule"),
+            ],
+            self.env,
+        )
+
+        def started() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"beat exited: {self.tail('beat')}")
+            with open(log_path, "rb") as handle:
+                handle.seek(offset)
+                return b"beat: Starting" in handle.read()
+
+        wait_until(started, 30, "beat to start")
+        return process
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Kill a process and its children (a prefork worker's pool goes with it)."""
         process = self.processes.pop(name, None)
@@ -197,6 +226,77 @@ def live(stack: Stack, transactional_db: None) -> Iterator[Stack]:
         stack.stop(name)
     if "worker" not in stack.processes:
         stack.start_worker()
+
+
+@pytest.fixture
+def make_stack(django_db_setup: None, transactional_db: None, tmp_path: Path) -> Iterator[Any]:
+    """Build an extra stack (its own server and workers) with other settings, e.g. another
+    broker; stopped at the end of the test."""
+    made: list[Stack] = []
+
+    def build(**env: str) -> Stack:
+        extra = Stack(env=base_env(tmp_path, **env), logs=tmp_path)
+        made.append(extra)
+        return extra
+
+    yield build
+    for extra in made:
+        extra.stop_all()
+
+
+class PrivateRedis:
+    """A redis-server of the test's own, to be stopped and started as a broker outage."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+        def answers() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return True
+            except OSError:
+                return False
+
+        wait_until(answers, 20, "the private redis-server")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    redis = PrivateRedis(tmp_path)
+    redis.start()
+    yield redis
+    redis.stop()
 
 
 @pytest.fixture

@@ -17,40 +17,10 @@ from django.utils import timezone
 from msc3870.models import Media, MediaState
 from msc3870.storage import get_store
 
-from .conftest import Stack, bucket_keys
+from .conftest import Stack
+from .helpers import auth, complete, create, keys_of, media_of, mxc_path
 
 pytestmark = pytest.mark.services
-
-
-def auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def mxc_path(content_uri: str) -> str:
-    return content_uri[len("mxc://") :]
-
-
-def media_of(content_uri: str) -> Media:
-    server, media_id = mxc_path(content_uri).split("/")
-    return Media.objects.get(server_name=server, media_id=media_id)
-
-
-def create(live: Stack, token: str) -> dict[str, Any]:
-    response = requests.post(f"{live.base_url}/_matrix/media/v1/create", headers=auth(token))
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def complete(live: Stack, token: str, content_uri: str, query: str = "") -> requests.Response:
-    return requests.post(
-        f"{live.base_url}/_matrix/media/v1/upload/{mxc_path(content_uri)}/complete{query}",
-        json={},
-        headers=auth(token),
-    )
-
-
-def keys_of(s3_client: Any, media: Media) -> list[str]:
-    return [k for k in bucket_keys(s3_client) if k.endswith(media.media_id)]
 
 
 def test_full_flow_presigned_put_complete_download(
