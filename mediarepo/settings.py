@@ -154,7 +154,7 @@ STORAGES = {
     "msc3870": MEDIA_STORAGE,
 }
 STATIC_URL = "static/"
-STATIC_ROOT = DATA_DIR / "static"
+STATIC_ROOT = Path(env("DJANGO_STATIC_ROOT") or DATA_DIR / "static")
 
 MSC3870 = {
     "SERVER_NAME": MATRIX_SERVER_NAME,

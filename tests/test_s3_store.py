@@ -257,3 +257,16 @@ def test_delete_many_and_missing_keys(s3: Any) -> None:
     store.delete_many(["media/aa/0", "media/aa/1", "media/aa/2", "media/aa/never-existed"])
     store.delete("media/aa/never-existed")
     assert keys(s3) == []
+
+
+def test_ensure_media_bucket_command() -> None:
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    with mock_aws(), override_settings(STORAGES=s3_storages()):
+        out = StringIO()
+        call_command("ensure_media_bucket", stdout=out)
+        assert f"Bucket {BUCKET} is ready" in out.getvalue()
+        assert BUCKET in [b["Name"] for b in boto3.client("s3").list_buckets()["Buckets"]]
+        call_command("ensure_media_bucket", stdout=StringIO())  # twice is fine

@@ -299,6 +299,45 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     redis.stop()
 
 
+EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+
+
+@pytest.fixture
+def clamd(tmp_path: Path) -> Iterator[str]:
+    """A real clamd (Debian's clamav-daemon). With no network for freshclam, its signature
+    database is one signature of our own: the EICAR test string."""
+    binary = "/usr/sbin/clamd"
+    if not Path(binary).exists():
+        pytest.fail("clamd is not installed: scripts/ensure-services installs clamav-daemon")
+    database = tmp_path / "clamav-db"
+    database.mkdir()
+    (database / "eicar.ndb").write_text(f"EICAR-Test-Signature:0:*:{EICAR.hex()}\n")
+    port = free_port()
+    config = tmp_path / "clamd.conf"
+    config.write_text(
+        f"DatabaseDirectory {database}\nTCPSocket {port}\nTCPAddr 127.0.0.1\n"
+        f"Foreground yes\nLogFile {tmp_path / 'clamd.log'}\nStreamMaxLength 100M\n"
+    )
+    process = subprocess.Popen(
+        [binary, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+
+    def answers() -> bool:
+        if process.poll() is not None:
+            raise AssertionError("clamd exited: " + (tmp_path / "clamd.log").read_text())
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                sock.sendall(b"zPING\0")
+                return sock.recv(16).startswith(b"PONG")
+        except OSError:
+            return False
+
+    wait_until(answers, 60, "clamd")
+    yield f"tcp://127.0.0.1:{port}"
+    process.terminate()
+    process.wait(timeout=30)
+
+
 @pytest.fixture
 def user_token(transactional_db: None) -> tuple[str, str]:
     """A fresh user (limits are per user) and its token, committed for the other processes."""

@@ -23,7 +23,7 @@ from msc3870 import maintenance, moderation
 from msc3870.conf import DEFAULTS
 from msc3870.models import Media, MediaState
 
-from .conftest import ROOT, PrivateRedis, Stack, bucket_keys, s3_server, wait_until
+from .conftest import EICAR, ROOT, PrivateRedis, Stack, bucket_keys, s3_server, wait_until
 from .helpers import complete, create, download, keys_of, media_of
 
 pytestmark = pytest.mark.services
@@ -279,3 +279,28 @@ def test_two_beat_hosts_run_the_same_cleanup_at_once(live: Stack, s3_client: Any
     assert sum(r["deleted"] for r in results) == 3000  # and marked cleaned exactly once
     assert not swept.filter(objects_deleted_at__isnull=True).exists()
     assert bucket_keys(s3_client, "incoming/twohosts") == []
+
+
+def test_clamav_scan_with_a_real_clamd(
+    make_stack: Any,
+    private_redis: PrivateRedis,
+    clamd: str,
+    user_token: tuple[str, str],
+    s3_client: Any,
+) -> None:
+    stack: Stack = make_stack(CELERY_BROKER_URL=private_redis.url, MSC3870_CLAMAV_URL=clamd)
+    stack.start_server()
+    stack.start_worker()
+    _, token = user_token
+    clean = create(stack, token)
+    requests.put(clean["upload_url"], data=b"nothing to see here")
+    assert complete(stack, token, clean["content_uri"]).status_code == 200
+    assert media_of(clean["content_uri"]).state == S.COMPLETE
+    infected = create(stack, token)
+    requests.put(infected["upload_url"], data=b"prefix " + EICAR + b" suffix")
+    answer = complete(stack, token, infected["content_uri"])
+    assert answer.status_code == 403
+    assert "EICAR-Test-Signature" in answer.json()["error"]
+    media = media_of(infected["content_uri"])
+    assert media.state == S.REJECTED
+    wait_until(lambda: not keys_of(s3_client, media), 30, "the infected bytes to be deleted")

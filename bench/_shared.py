@@ -1,0 +1,190 @@
+"""Helpers shared by the benchmarks: the bench S3 server, bench databases, machine facts.
+
+Everything here is namespaced so a benchmark can run while the test suite runs on the same
+machine: its own S3 server directory, port and bucket, databases named ``mediarepo_bench*``
+and Redis DB 13. ``weed mini`` binds fixed master/filer/volume/... ports besides the S3
+port, which ``scripts/s3-server`` does not move, so the bench runs it through
+``bench/weed-bench`` (the script's ``WEED`` hook), which moves them.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = ROOT / ".venv" / "bin"
+PYTHON = BIN / "python"
+
+S3_PORT = 8433
+S3_BUCKET = "mediarepo-bench"
+S3_SERVER_DIR = ROOT / "var" / "s3-bench"
+# Ports bench/weed-bench gives the master, filer and volume server (defaults + 100).
+WEED_BENCH_PORTS = (9433, 8988, 9440)
+PG_URL = "postgres://postgres@127.0.0.1:5432"
+BROKER_URL = "redis://127.0.0.1:6379/13"
+
+
+def s3_env() -> dict[str, str]:
+    """The django-storages variables for the bench bucket (as scripts/services-test sets)."""
+    return {
+        "AWS_STORAGE_BUCKET_NAME": S3_BUCKET,
+        "AWS_S3_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+        "AWS_ACCESS_KEY_ID": "mediarepo",
+        "AWS_SECRET_ACCESS_KEY": "mediarepo-secret",
+        "AWS_S3_REGION_NAME": "us-east-1",
+        "AWS_S3_ADDRESSING_STYLE": "path",
+    }
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class S3Server:
+    """``scripts/s3-server`` with the bench's port, directory and bucket."""
+
+    def __init__(self, manage: bool, wait_for_ports: float = 0) -> None:
+        self.manage = manage
+        self.wait_for_ports = wait_for_ports
+        self.env = {
+            **os.environ,
+            "S3_PORT": str(S3_PORT),
+            "S3_SERVER_DIR": str(S3_SERVER_DIR),
+            "S3_BUCKET": S3_BUCKET,
+            "WEED": str(ROOT / "bench" / "weed-bench"),
+        }
+
+    def _run(self, *args: str) -> None:
+        subprocess.run(
+            [str(ROOT / "scripts" / "s3-server"), *args], cwd=ROOT, env=self.env, check=True
+        )
+
+    def start(self) -> None:
+        """Start with an empty data directory (or check the one already running)."""
+        if not self.manage:
+            if not port_in_use(S3_PORT):
+                sys.exit(f"no S3 server on :{S3_PORT}; start it or drop --external-s3")
+            return
+        self.stop()
+        deadline = time.monotonic() + self.wait_for_ports
+        while (busy := [p for p in (S3_PORT, *WEED_BENCH_PORTS) if port_in_use(p)]) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(5)
+        if busy:
+            sys.exit(f"ports {busy} are taken; is another bench S3 server running?")
+        self._run("start", "--fresh")
+
+    def stop(self) -> None:
+        if not self.manage:
+            return
+        # `scripts/s3-server stop` kills the PID in the pid file: make sure it is still ours.
+        pid = self.pid()
+        if pid is not None and str(S3_SERVER_DIR) not in _cmdline(pid):
+            (S3_SERVER_DIR / "weed.pid").unlink()
+        self._run("stop")
+
+    def pid(self) -> int | None:
+        path = S3_SERVER_DIR / "weed.pid"
+        return int(path.read_text()) if path.exists() else None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def pg_admin(sql: str) -> None:
+    import psycopg
+
+    with psycopg.connect(f"{PG_URL}/postgres", autocommit=True) as conn:
+        conn.execute(sql)  # type: ignore[arg-type]
+
+
+def recreate_database(name: str) -> str:
+    if not name.startswith("mediarepo_bench"):
+        raise ValueError("bench databases are named mediarepo_bench*")
+    pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    pg_admin(f'CREATE DATABASE "{name}"')
+    return f"{PG_URL}/{name}"
+
+
+def drop_database(name: str) -> None:
+    if not name.startswith("mediarepo_bench"):
+        raise ValueError("bench databases are named mediarepo_bench*")
+    pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def flush_broker() -> None:
+    """Empty Redis DB 13 (the bench broker): no message of an earlier run is replayed."""
+    import redis
+
+    redis.Redis.from_url(BROKER_URL).flushdb()
+
+
+def _run_text(argv: Sequence[str]) -> str:
+    try:
+        return subprocess.run(
+            list(argv), cwd=ROOT, capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        return ""
+
+
+def machine_info() -> dict[str, Any]:
+    mem_total_kib = 0
+    with open("/proc/meminfo") as handle:
+        for line in handle:
+            if line.startswith("MemTotal:"):
+                mem_total_kib = int(line.split()[1])
+    cpu_model = ""
+    with open("/proc/cpuinfo") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    dirty = _run_text(["git", "status", "--short", "--untracked-files=no"])
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "nproc": os.cpu_count(),
+        "cpu": cpu_model,
+        "mem_total_gib": round(mem_total_kib / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "postgres": _run_text(
+            ["psql", "-h", "127.0.0.1", "-U", "postgres", "-Atc", "SHOW server_version"]
+        ),
+        "git_head": _run_text(["git", "rev-parse", "--short", "HEAD"]),
+        "git_dirty": dirty.replace("\n", "; ") if dirty else "",
+        "weed": shutil.which("weed", path=str(BIN)) or "",
+    }
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def mib(value: float) -> str:
+    return f"{value / 1024 / 1024:,.1f}"

@@ -1,0 +1,830 @@
+"""What a large upload costs the media server: upload-to-URL (MSC3870) versus PUT fallback.
+
+For one upload of ``--size-mib`` MiB to S3 storage (the bench SeaweedFS server), this runs
+the real deployable, a ``gunicorn`` process (``mediarepo/gunicorn.conf.py``) and a
+``celery worker -c 1`` on PostgreSQL and Redis, and measures per process:
+
+* bytes read: ``rchar`` and ``read_bytes`` of ``/proc/PID/io``. Linux counts only
+  ``read(2)``-family calls in ``rchar``, not ``recv(2)``, and Python sockets use ``recv``,
+  so network input does not show there; hence also
+* TCP bytes received and sent, summed over the process's sockets (``ss -tinp``
+  ``bytes_received``/``bytes_sent``, sampled every ``--poll`` seconds and once more before
+  the connections close), split by peer (the client, S3, PostgreSQL, Redis);
+* CPU time: ``utime + stime`` of ``/proc/PID/stat``;
+* peak memory: ``VmHWM`` of ``/proc/PID/status``. It is a high-water mark since process
+  start, so every flow gets freshly started processes (and a fresh S3 server).
+
+Flow ``url``: POST /create, PUT the body straight to the presigned ``upload_url``, POST
+/complete. Flow ``put``: POST /create, PUT the body to ``/_matrix/media/v3/upload/..`` on
+gunicorn. Both wait for the screening task (the answer comes once it decided). The body is
+random, generated and hashed in 1 MiB chunks while it is sent; afterwards the row's size
+and SHA-256 are checked, and the media is downloaded (a separate, extra phase) and hashed.
+
+    .venv/bin/python bench/upload_bench.py --size-mib 256
+
+starts and stops the bench S3 server itself (``scripts/s3-server`` on :8433, directory
+``var/s3-bench``, bucket ``mediarepo-bench``), creates and drops the database
+``mediarepo_bench`` and uses Redis DB 13.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _shared import (
+    BIN,
+    BROKER_URL,
+    PYTHON,
+    ROOT,
+    S3_PORT,
+    S3Server,
+    drop_database,
+    flush_broker,
+    free_port,
+    machine_info,
+    markdown_table,
+    mib,
+    recreate_database,
+    s3_env,
+)
+
+MiB = 1024 * 1024
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+DB_NAME = "mediarepo_bench"
+USER_ID = "@bench:localhost"
+
+# ------------------------------------------------------------------ /proc sampling
+
+
+@dataclass(frozen=True)
+class ProcSample:
+    rchar: int
+    read_bytes: int
+    wchar: int
+    cpu_s: float
+    vm_hwm_kib: int
+    vm_rss_kib: int
+
+
+def sample_proc(pid: int) -> ProcSample:
+    io: dict[str, int] = {}
+    with open(f"/proc/{pid}/io") as handle:
+        for line in handle:
+            name, value = line.split(":")
+            io[name] = int(value)
+    with open(f"/proc/{pid}/stat") as handle:
+        # Fields after the command name (which may contain spaces): state is field 3.
+        after_comm = handle.read().rsplit(")", 1)[1].split()
+    utime, stime = int(after_comm[11]), int(after_comm[12])
+    status: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith(("VmHWM:", "VmRSS:")):
+                name, value = line.split(":")
+                status[name] = int(value.split()[0])
+    return ProcSample(
+        rchar=io["rchar"],
+        read_bytes=io["read_bytes"],
+        wchar=io["wchar"],
+        cpu_s=(utime + stime) / CLK_TCK,
+        vm_hwm_kib=status["VmHWM"],
+        vm_rss_kib=status["VmRSS"],
+    )
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            found.append(int(entry))
+    return sorted(found)
+
+
+# ------------------------------------------------------------------ TCP byte counters
+
+SS_USERS = re.compile(r"pid=(\d+)")
+SS_COUNTER = re.compile(r"\b(bytes_received|bytes_sent):(\d+)")
+
+
+def read_tcp_counters(pids: set[int]) -> dict[tuple[int, str, str], tuple[int, int]]:
+    """(pid, local, peer) -> (bytes_received, bytes_sent) of the TCP sockets ``pids`` hold."""
+    out = subprocess.run(["ss", "-tinpH"], capture_output=True, text=True, check=True).stdout
+    counters: dict[tuple[int, str, str], tuple[int, int]] = {}
+    lines = out.splitlines()
+    for index, line in enumerate(lines):
+        if line.startswith(("\t", " ")) or "users:" not in line:
+            continue
+        parts = line.split()
+        # state recv-q send-q local peer users:...  (state is absent with a state filter)
+        local, peer = (parts[3], parts[4]) if not parts[0].isdigit() else (parts[2], parts[3])
+        info = lines[index + 1] if index + 1 < len(lines) else ""
+        values = dict(SS_COUNTER.findall(info))
+        for pid in {int(p) for p in SS_USERS.findall(line)} & pids:
+            counters[(pid, local, peer)] = (
+                int(values.get("bytes_received", 0)),
+                int(values.get("bytes_sent", 0)),
+            )
+    return counters
+
+
+class TcpMonitor:
+    """Largest counter seen per socket while running, minus the counter at start."""
+
+    def __init__(self, pids: set[int], interval: float) -> None:
+        self.pids = pids
+        self.interval = interval
+        self.baseline = read_tcp_counters(pids)
+        self.seen: dict[tuple[int, str, str], tuple[int, int]] = dict(self.baseline)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def sample(self) -> None:
+        for key, (received, sent) in read_tcp_counters(self.pids).items():
+            old = self.seen.get(key, (0, 0))
+            self.seen[key] = (max(old[0], received), max(old[1], sent))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def totals(self, pid: int, categorize: Any) -> dict[str, tuple[int, int]]:
+        """Bytes (received, sent) by ``pid`` per peer category."""
+        result: dict[str, tuple[int, int]] = {}
+        for (owner, local, peer), (received, sent) in self.seen.items():
+            if owner != pid:
+                continue
+            base = self.baseline.get((owner, local, peer), (0, 0))
+            category = categorize(local, peer)
+            old = result.get(category, (0, 0))
+            result[category] = (old[0] + received - base[0], old[1] + sent - base[1])
+        return result
+
+
+# ------------------------------------------------------------------ the server stack
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    logs: Path
+    port: int
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        process = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.processes[name] = process
+        return process
+
+    def start(self) -> dict[str, int]:
+        """Start gunicorn and a celery worker; return the PIDs to watch by role."""
+        server = self.spawn(
+            "gunicorn",
+            [str(BIN / "gunicorn"), "-c", "mediarepo/gunicorn.conf.py", "mediarepo.wsgi"],
+        )
+
+        def answers() -> bool:
+            if server.poll() is not None:
+                raise RuntimeError(f"gunicorn exited; see {self.logs / 'gunicorn.log'}")
+            try:
+                status, _ = request("GET", self.base_url + "/_matrix/client/versions")
+            except OSError:
+                return False
+            return status == 200
+
+        wait_until(answers, 60, "gunicorn to answer")
+        gunicorn_workers = wait_until(lambda: children_of(server.pid), 30, "a gunicorn worker")
+        worker_log = self.logs / "celery.log"
+        worker = self.spawn(
+            "celery",
+            [
+                str(BIN / "celery"),
+                "-A",
+                "mediarepo",
+                "worker",
+                "-c",
+                "1",
+                "-n",
+                f"bench-{os.getpid()}@%h",
+                "-l",
+                "info",
+                "--without-gossip",
+                "--without-mingle",
+            ],
+        )
+
+        def ready() -> bool:
+            if worker.poll() is not None:
+                raise RuntimeError(f"celery exited; see {worker_log}")
+            return worker_log.exists() and b" ready." in worker_log.read_bytes()
+
+        wait_until(ready, 90, "the celery worker")
+        pool = wait_until(lambda: children_of(worker.pid), 30, "the celery pool process")
+        if len(gunicorn_workers) != 1 or len(pool) != 1:
+            raise RuntimeError(f"expected one child each: {gunicorn_workers}, {pool}")
+        return {
+            "gunicorn worker": gunicorn_workers[0],
+            "gunicorn master": server.pid,
+            "celery pool child": pool[0],
+            "celery main": worker.pid,
+        }
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        for name, process in list(self.processes.items()):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait(timeout=10)
+            del self.processes[name]
+
+
+# ------------------------------------------------------------------ HTTP client
+
+
+def request(
+    method: str,
+    url: str,
+    *,
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+    timeout: float = 10,
+) -> tuple[int, bytes]:
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request(
+            method, parts.path + (f"?{parts.query}" if parts.query else ""), body, headers or {}
+        )
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+class RandomBody:
+    """A body of ``size`` random bytes, made and hashed chunk by chunk as it is read."""
+
+    def __init__(self, size: int) -> None:
+        self.remaining = size
+        self.digest = hashlib.sha256()
+
+    def read(self, size: int = MiB) -> bytes:
+        chunk = os.urandom(min(size if size > 0 else MiB, self.remaining, MiB))
+        self.remaining -= len(chunk)
+        self.digest.update(chunk)
+        return chunk
+
+
+def stream_put(
+    url: str, size: int, headers: dict[str, str]
+) -> tuple[http.client.HTTPConnection, int, bytes, str]:
+    """PUT ``size`` random bytes to ``url``; the connection is left open (its socket's
+    counters are read before it closes). Returns it, the status, the answer, the SHA-256."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=600, blocksize=MiB)
+    body = RandomBody(size)
+    conn.request(
+        "PUT",
+        parts.path + (f"?{parts.query}" if parts.query else ""),
+        body=body,  # type: ignore[arg-type]  # http.client streams any object with read()
+        headers={
+            "Content-Length": str(size),
+            "Content-Type": "application/octet-stream",
+            **headers,
+        },
+    )
+    response = conn.getresponse()
+    answer = response.read()
+    if body.remaining:
+        raise RuntimeError(f"{body.remaining} bytes of the body were not sent")
+    return conn, response.status, answer, body.digest.hexdigest()
+
+
+def download_sha256(
+    url: str, headers: dict[str, str]
+) -> tuple[http.client.HTTPConnection, int, int, str]:
+    """GET ``url`` in 1 MiB reads; the connection is left open (see ``stream_put``)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=600)
+    conn.request("GET", parts.path, headers=headers)
+    response = conn.getresponse()
+    digest, size = hashlib.sha256(), 0
+    while chunk := response.read(MiB):
+        digest.update(chunk)
+        size += len(chunk)
+    return conn, response.status, size, digest.hexdigest()
+
+
+def media_row(database_url: str, media_id: str) -> dict[str, Any]:
+    import psycopg
+    from psycopg.rows import dict_row
+
+    with psycopg.connect(database_url, row_factory=dict_row) as conn:
+        row = conn.execute(
+            "SELECT state, size, sha256, upload_method, storage_key, content_type, last_error"
+            " FROM msc3870_media WHERE media_id = %s",
+            (media_id,),
+        ).fetchone()
+    if row is None:
+        raise RuntimeError(f"no row for {media_id}")
+    return dict(row)
+
+
+def reset_hwm(pid: int) -> None:
+    """Reset VmHWM to the current RSS (proc(5), clear_refs value 5, Linux >= 4.0)."""
+    with open(f"/proc/{pid}/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+# ------------------------------------------------------------------ one flow
+
+
+@dataclass
+class ProcResult:
+    role: str
+    pid: int
+    rchar: int
+    read_bytes: int
+    wchar: int
+    cpu_s: float
+    rss_before_kib: int
+    peak_kib: int  # VmHWM since the reset just before the measured phase
+    hwm_since_start_kib: int
+    tcp: dict[str, tuple[int, int]]
+
+    @property
+    def tcp_received(self) -> int:
+        return sum(received for received, _ in self.tcp.values())
+
+    @property
+    def tcp_sent(self) -> int:
+        return sum(sent for _, sent in self.tcp.values())
+
+
+@dataclass
+class FlowResult:
+    flow: str
+    size: int
+    warmup_size: int
+    media_id: str = ""
+    phases: dict[str, float] = field(default_factory=dict)
+    processes: list[ProcResult] = field(default_factory=list)
+    sent_sha256: str = ""
+    row: dict[str, Any] = field(default_factory=dict)
+    download: dict[str, Any] = field(default_factory=dict)
+    verified: bool = False
+
+
+class Measurement:
+    """/proc and TCP counters of ``roles`` from ``start()`` to ``stop()``."""
+
+    def __init__(self, roles: dict[str, int], poll: float, categorize: Any) -> None:
+        self.roles = roles
+        self.poll = poll
+        self.categorize = categorize
+
+    def start(self) -> None:
+        self.hwm_before = {role: sample_proc(pid).vm_hwm_kib for role, pid in self.roles.items()}
+        for pid in self.roles.values():
+            reset_hwm(pid)
+        self.before = {role: sample_proc(pid) for role, pid in self.roles.items()}
+        self.tcp = TcpMonitor(set(self.roles.values()), self.poll)
+        self.tcp.start()
+
+    def stop(self) -> list[ProcResult]:
+        self.tcp.stop()
+        after = {role: sample_proc(pid) for role, pid in self.roles.items()}
+        before = self.before
+        return [
+            ProcResult(
+                role=role,
+                pid=pid,
+                rchar=after[role].rchar - before[role].rchar,
+                read_bytes=after[role].read_bytes - before[role].read_bytes,
+                wchar=after[role].wchar - before[role].wchar,
+                cpu_s=after[role].cpu_s - before[role].cpu_s,
+                rss_before_kib=before[role].vm_rss_kib,
+                peak_kib=after[role].vm_hwm_kib,
+                hwm_since_start_kib=max(self.hwm_before[role], after[role].vm_hwm_kib),
+                tcp=self.tcp.totals(pid, self.categorize),
+            )
+            for role, pid in self.roles.items()
+        ]
+
+
+def upload(
+    flow: str, stack: Stack, size: int, auth: dict[str, str], phases: dict[str, float]
+) -> tuple[http.client.HTTPConnection, str, str, str]:
+    """One upload by ``flow``; returns the open connection, server name, media id, SHA-256."""
+    t0 = time.monotonic()
+    status, raw = request(
+        "POST",
+        stack.base_url + "/_matrix/media/v1/create",
+        headers={**auth, "Content-Type": "application/json"},
+        body=b"{}",
+    )
+    if status != 200:
+        raise RuntimeError(f"/create answered {status}: {raw[:300]!r}")
+    created = json.loads(raw)
+    server_name, media_id = created["content_uri"].removeprefix("mxc://").split("/")
+    phases["create"] = time.monotonic() - t0
+
+    t0 = time.monotonic()
+    if flow == "url":
+        conn, status, raw, sha256 = stream_put(created["upload_url"], size, {})
+    else:
+        target = f"{stack.base_url}/_matrix/media/v3/upload/{server_name}/{media_id}"
+        conn, status, raw, sha256 = stream_put(f"{target}?filename=bench.bin", size, auth)
+    phases["PUT"] = time.monotonic() - t0
+    if status != 200:
+        raise RuntimeError(f"PUT answered {status}: {raw[:300]!r}")
+
+    if flow == "url":
+        t0 = time.monotonic()
+        status, raw = request(
+            "POST",
+            f"{stack.base_url}/_matrix/media/v1/upload/{server_name}/{media_id}/complete"
+            "?filename=bench.bin",
+            headers={**auth, "Content-Type": "application/json"},
+            body=b"{}",
+            timeout=300,
+        )
+        phases["complete"] = time.monotonic() - t0
+        if status != 200:
+            raise RuntimeError(f"/complete answered {status}: {raw[:300]!r}")
+    phases["total"] = sum(phases.values())
+    return conn, server_name, media_id, sha256
+
+
+def decided_row(database_url: str, media_id: str) -> dict[str, Any]:
+    """The row once the checks decided (the answer normally comes after that anyway)."""
+    return wait_until(
+        lambda: (row := media_row(database_url, media_id))["state"] != "processing" and row,
+        300,
+        "the screening to decide",
+    )
+
+
+def run_flow(
+    flow: str, args: argparse.Namespace, base_env: dict[str, str], token: str
+) -> FlowResult:
+    size = args.size_mib * MiB
+    logs = Path(tempfile.mkdtemp(prefix=f"upload-bench-{flow}-", dir=args.workdir))
+    port = free_port()
+    env = {
+        **base_env,
+        "PORT": str(port),
+        "PUBLIC_BASEURL": f"http://127.0.0.1:{port}",
+        "MEDIAREPO_DATA_DIR": str(logs / "data"),
+    }
+    stack = Stack(env=env, logs=logs, port=port)
+    result = FlowResult(flow=flow, size=size, warmup_size=int(args.warmup_mib * MiB))
+    auth = {"Authorization": f"Bearer {token}"}
+
+    def categorize(local: str, peer: str) -> str:
+        if local.endswith(f":{port}"):
+            return "client"
+        return {f":{S3_PORT}": "S3", ":5432": "PostgreSQL", ":6379": "Redis"}.get(
+            peer[peer.rfind(":") :], "other"
+        )
+
+    flush_broker()
+    try:
+        roles = stack.start()
+        if args.weed_pid:
+            roles["weed (S3 server)"] = args.weed_pid
+        if result.warmup_size:
+            # The first requests import most of the app (boto3, DRF, ...) and open the
+            # connection pools; that is not the upload's cost.
+            conn, _, warm_id, warm_sha = upload(flow, stack, result.warmup_size, auth, {})
+            conn.close()
+            if decided_row(env["DATABASE_URL"], warm_id)["sha256"] != warm_sha:
+                raise RuntimeError("the warm-up upload was stored wrong")
+        time.sleep(args.settle)
+
+        measurement = Measurement(roles, args.poll, categorize)
+        measurement.start()
+        conn, server_name, media_id, result.sent_sha256 = upload(
+            flow, stack, size, auth, result.phases
+        )
+        result.media_id = media_id
+        result.row = decided_row(env["DATABASE_URL"], media_id)
+        time.sleep(args.settle)  # let the worker finish acknowledging the task
+        result.processes = measurement.stop()
+        conn.close()
+
+        if not args.no_download:
+            measurement = Measurement(roles, args.poll, categorize)
+            measurement.start()
+            t0 = time.monotonic()
+            conn, status, got_size, got_sha = download_sha256(
+                f"{stack.base_url}/_matrix/client/v1/media/download/{server_name}/{media_id}", auth
+            )
+            wall = time.monotonic() - t0
+            processes = measurement.stop()
+            conn.close()
+            result.download = {
+                "status": status,
+                "size": got_size,
+                "sha256": got_sha,
+                "wall_s": wall,
+                "processes": [asdict(p) for p in processes],
+            }
+        row = result.row
+        result.verified = (
+            row["state"] == "complete"
+            and row["size"] == size
+            and row["sha256"] == result.sent_sha256
+            and (args.no_download or result.download["sha256"] == result.sent_sha256)
+        )
+    finally:
+        stack.stop()
+    if not args.keep_logs:
+        shutil.rmtree(logs, ignore_errors=True)
+    else:
+        print(f"logs of flow {flow}: {logs}", file=sys.stderr)
+    return result
+
+
+# ------------------------------------------------------------------ report
+
+FLOW_NAMES = {"url": "A: upload to URL", "put": "B: PUT fallback"}
+
+
+def mem(kib: int) -> str:
+    return f"{kib / 1024:.1f}"
+
+
+def report(results: list[FlowResult], info: dict[str, Any], args: argparse.Namespace) -> str:
+    out = [
+        f"Upload of {args.size_mib} MiB (after a {args.warmup_mib} MiB warm-up upload); "
+        f"{info['date']}; {info['nproc']} CPUs, {info['mem_total_gib']} GiB; "
+        f"Python {info['python']}; PostgreSQL {info['postgres']}; git {info['git_head']}"
+        + (f" (modified: {info['git_dirty']})" if info["git_dirty"] else ""),
+        "",
+        "Phases (wall seconds, as the client saw them) and verification:",
+        "",
+    ]
+    rows = []
+    for r in results:
+        rows.append(
+            [
+                FLOW_NAMES[r.flow],
+                f"{r.phases.get('create', 0):.3f}",
+                f"{r.phases.get('PUT', 0):.2f}",
+                f"{r.phases['complete']:.2f}" if "complete" in r.phases else "-",
+                f"{r.phases.get('total', 0):.2f}",
+                r.row.get("state", "?"),
+                "yes" if r.verified else "NO",
+            ]
+        )
+    out.append(
+        markdown_table(
+            [
+                "flow",
+                "create s",
+                "PUT s",
+                "complete s",
+                "total s",
+                "final state",
+                "size + SHA-256 match (row and download)",
+            ],
+            rows,
+        )
+    )
+    out += [
+        "",
+        "Per process, from /create until the row is decided (bytes in MiB):",
+        "",
+    ]
+    rows = []
+    for r in results:
+        for p in r.processes:
+            rows.append(
+                [
+                    FLOW_NAMES[r.flow],
+                    p.role,
+                    mib(p.rchar),
+                    mib(p.read_bytes),
+                    mib(p.tcp_received),
+                    mib(p.tcp_sent),
+                    f"{p.cpu_s:.2f}",
+                    mem(p.rss_before_kib),
+                    mem(p.peak_kib),
+                    f"{(p.peak_kib - p.rss_before_kib) / 1024:+.1f}",
+                    mem(p.hwm_since_start_kib),
+                ]
+            )
+    out.append(
+        markdown_table(
+            [
+                "flow",
+                "process",
+                "rchar",
+                "read_bytes",
+                "TCP received",
+                "TCP sent",
+                "CPU s",
+                "RSS before MiB",
+                "peak RSS in flow MiB",
+                "peak - before",
+                "VmHWM since start MiB",
+            ],
+            rows,
+        )
+    )
+    out += ["", "TCP bytes by peer (MiB received / sent; media server processes):", ""]
+    rows = []
+    for r in results:
+        for p in r.processes:
+            if p.role.startswith("weed"):
+                continue
+            peers = ", ".join(
+                f"{peer} {mib(rcv)} / {mib(snt)}"
+                for peer, (rcv, snt) in sorted(p.tcp.items())
+                if rcv >= 1024 or snt >= 1024
+            )
+            rows.append([FLOW_NAMES[r.flow], p.role, peers or "< 1 KiB"])
+    out.append(markdown_table(["flow", "process", "peers (>= 1 KiB)"], rows))
+    downloads = [r for r in results if r.download]
+    if downloads:
+        out += ["", "Extra phase: download through gunicorn (GET client/v1/media/download):", ""]
+        rows = []
+        for r in downloads:
+            w = next(p for p in r.download["processes"] if p["role"] == "gunicorn worker")
+            rows.append(
+                [
+                    FLOW_NAMES[r.flow],
+                    f"{r.download['wall_s']:.2f}",
+                    f"{w['cpu_s']:.2f}",
+                    mib(sum(v[0] for v in w["tcp"].values())),
+                    mib(sum(v[1] for v in w["tcp"].values())),
+                    mem(w["rss_before_kib"]),
+                    mem(w["peak_kib"]),
+                    "yes" if r.download["sha256"] == r.sent_sha256 else "NO",
+                ]
+            )
+        out.append(
+            markdown_table(
+                [
+                    "media from flow",
+                    "wall s",
+                    "gunicorn worker CPU s",
+                    "TCP received",
+                    "TCP sent",
+                    "RSS before MiB",
+                    "peak RSS MiB",
+                    "SHA-256 matches",
+                ],
+                rows,
+            )
+        )
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument(
+        "--warmup-mib",
+        type=float,
+        default=16,
+        help="size of the unmeasured upload first made on each fresh stack (0: none)",
+    )
+    parser.add_argument("--flows", default="url,put", help="comma-separated: url, put")
+    parser.add_argument("--poll", type=float, default=0.5, help="seconds between ss samples")
+    parser.add_argument("--settle", type=float, default=2.0, help="idle seconds around flows")
+    parser.add_argument("--no-download", action="store_true", help="skip the download phase")
+    parser.add_argument(
+        "--external-s3",
+        action="store_true",
+        help="use an S3 server already running on :8433 (default: start a fresh one per flow)",
+    )
+    parser.add_argument(
+        "--wait-s3-ports",
+        type=float,
+        default=60,
+        help="seconds to wait for the bench S3 server's ports to be free",
+    )
+    parser.add_argument("--keep-db", action="store_true", help=f"do not drop {DB_NAME}")
+    parser.add_argument("--keep-logs", action="store_true", help="keep gunicorn/celery logs")
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--workdir", default=str(ROOT / "var"), help="where logs go")
+    args = parser.parse_args()
+    flows = [f.strip() for f in args.flows.split(",") if f.strip()]
+    if unknown := set(flows) - set(FLOW_NAMES):
+        parser.error(f"unknown flows: {unknown}")
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+
+    info = machine_info()
+    s3 = S3Server(manage=not args.external_s3, wait_for_ports=args.wait_s3_ports)
+    database_url = recreate_database(DB_NAME)
+    base_env = {
+        **os.environ,
+        **s3_env(),
+        "DJANGO_SETTINGS_MODULE": "mediarepo.settings",
+        "DATABASE_URL": database_url,
+        "DJANGO_SECRET_KEY": "bench-" + os.urandom(16).hex(),
+        "CELERY_BROKER_URL": BROKER_URL,
+        "MSC3870_MAX_UPLOAD_SIZE": str(args.size_mib * MiB + MiB),
+        "MSC3870_COMPLETE_WAIT_SECONDS": "120",
+        "PYTHONUNBUFFERED": "1",
+    }
+    base_env.pop("REDIS_URL", None)
+    results: list[FlowResult] = []
+    try:
+        subprocess.run(
+            [str(PYTHON), "manage.py", "migrate", "--noinput", "-v", "0"],
+            cwd=ROOT,
+            env=base_env,
+            check=True,
+        )
+        out = subprocess.run(
+            [str(PYTHON), "manage.py", "create_access_token", USER_ID, "--label", "bench"],
+            cwd=ROOT,
+            env=base_env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        token = out.strip().splitlines()[-1]
+        for flow in flows:
+            s3.start()  # fresh per flow: an empty bucket, and a fresh VmHWM for weed
+            args.weed_pid = s3.pid() if s3.manage else None
+            try:
+                print(f"flow {flow}: {args.size_mib} MiB ...", file=sys.stderr, flush=True)
+                results.append(run_flow(flow, args, base_env, token))
+            finally:
+                s3.stop()
+    finally:
+        if not args.keep_db:
+            drop_database(DB_NAME)
+    text = report(results, info, args)
+    print(text)
+    if args.json:
+        args.json.write_text(
+            json.dumps({"machine": info, "results": [asdict(r) for r in results]}, indent=2)
+        )
+    if not all(r.verified for r in results):
+        sys.exit("verification FAILED")
+
+
+if __name__ == "__main__":
+    main()
