@@ -12,6 +12,7 @@ from celery import current_app
 from django.conf import settings
 from django.db import close_old_connections
 
+import msc3870.tasks  # noqa: F401 - registers the tasks the schedule names
 from msc3870.schedule import DEFAULT_SCHEDULE
 
 log = logging.getLogger(__name__)
