@@ -95,66 +95,43 @@ class Stack:
 
         wait_until(up, 30, "gunicorn to answer")
 
-    def start_worker(self, name: str = "worker", **extra_env: str) -> subprocess.Popen[bytes]:
+    def _start_celery(
+        self, name: str, args: list[str], env: dict[str, str], ready_line: bytes
+    ) -> subprocess.Popen[bytes]:
+        """Start a celery process and wait for the line that says it is up."""
         log_path = self.logs / f"{name}.log"
         offset = log_path.stat().st_size if log_path.exists() else 0
-        process = self._spawn(
-            name,
-            [
-                str(BIN / "celery"),
-                "-A",
-                "mediarepo",
-                "worker",
-                "-n",
-                f"{name}-{secrets.token_hex(3)}@%h",
-                "-c",
-                "2",
-                "-l",
-                "info",
-                "--without-gossip",
-                "--without-mingle",
-            ],
-            {**self.env, **extra_env},
-        )
+        process = self._spawn(name, [str(BIN / "celery"), "-A", "mediarepo", *args], env)
 
         def ready() -> bool:
             if process.poll() is not None:
-                raise AssertionError(f"worker {name} exited: {self.tail(name)}")
+                raise AssertionError(f"{name} exited: {self.tail(name)}")
             with open(log_path, "rb") as handle:
                 handle.seek(offset)
-                return b" ready." in handle.read()
+                return ready_line in handle.read()
 
-        wait_until(ready, 60, f"worker {name} to be ready")
+        wait_until(ready, 60, f"{name} to start")
         return process
+
+    def start_worker(self, name: str = "worker", **extra_env: str) -> subprocess.Popen[bytes]:
+        node = f"{name}-{secrets.token_hex(3)}@%h"
+        args = [
+            "worker",
+            "-n",
+            node,
+            "-c",
+            "2",
+            "-l",
+            "info",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+        return self._start_celery(name, args, {**self.env, **extra_env}, b" ready.")
 
     def start_beat(self) -> subprocess.Popen[bytes]:
         """``celery beat`` with the database scheduler (the schedule an operator edits)."""
-        log_path = self.logs / "beat.log"
-        offset = log_path.stat().st_size if log_path.exists() else 0
-        process = self._spawn(
-            "beat",
-            [
-                str(BIN / "celery"),
-                "-A",
-                "mediarepo",
-                "beat",
-                "-l",
-                "info",
-                "-s",
-                str(self.logs / "beat-schedule"),
-            ],
-            self.env,
-        )
-
-        def started() -> bool:
-            if process.poll() is not None:
-                raise AssertionError(f"beat exited: {self.tail('beat')}")
-            with open(log_path, "rb") as handle:
-                handle.seek(offset)
-                return b"beat: Starting" in handle.read()
-
-        wait_until(started, 30, "beat to start")
-        return process
+        args = ["beat", "-l", "info", "-s", str(self.logs / "beat-schedule")]
+        return self._start_celery("beat", args, self.env, b"beat: Starting")
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Kill a process and its children (a prefork worker's pool goes with it)."""
