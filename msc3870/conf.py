@@ -56,6 +56,9 @@ DEFAULTS: dict[str, Any] = {
     # clamd to scan uploads with: "tcp://host:3310" or "unix:///run/clamav/clamd.ctl".
     "CLAMAV_URL": None,
     "CLAMAV_TIMEOUT_SECONDS": 60,
+    # Thumbnails: largest source (bytes) and image (pixels) that will be decoded.
+    "THUMBNAIL_MAX_SOURCE_BYTES": 20 * MiB,
+    "THUMBNAIL_MAX_PIXELS": 32_000_000,
     # Days tombstones (expired, purged, rejected by checks) are kept; None = forever.
     "TOMBSTONE_RETENTION_DAYS": 30,
     # Content types (globs, matched against the type sniffed from the bytes, or the declared
@@ -193,6 +196,14 @@ class MSC3870Settings:
     @property
     def CLAMAV_TIMEOUT_SECONDS(self) -> float:
         return float(self._get("CLAMAV_TIMEOUT_SECONDS"))
+
+    @property
+    def THUMBNAIL_MAX_SOURCE_BYTES(self) -> int:
+        return int(self._get("THUMBNAIL_MAX_SOURCE_BYTES"))
+
+    @property
+    def THUMBNAIL_MAX_PIXELS(self) -> int:
+        return int(self._get("THUMBNAIL_MAX_PIXELS"))
 
     @property
     def TOMBSTONE_RETENTION_DAYS(self) -> int | None:

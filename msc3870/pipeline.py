@@ -18,6 +18,7 @@ from .models import Media, MediaState, UploadMethod
 from .screening import Rejection, ScreeningContext, run_checks
 from .signals import send_state_signal
 from .storage import get_store
+from .thumbnails import thumbnail_keys
 
 log = logging.getLogger(__name__)
 S = MediaState
@@ -166,7 +167,7 @@ def delete_objects_of(pks: list[int]) -> int:
     keys: set[str] = set()
     for _, media_id, storage_key in rows:
         probe = Media(media_id=media_id)
-        keys.update((probe.incoming_key, probe.served_key))
+        keys.update((probe.incoming_key, probe.served_key, *thumbnail_keys(media_id)))
         if storage_key:
             keys.add(storage_key)
     # Identical content is stored once: keep objects that live media still serve.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from django.http import HttpResponse, HttpResponseBase, StreamingHttpResponse
 
@@ -10,12 +11,45 @@ from ..conf import app_settings
 from ..errors import RangeNotSatisfiable
 from ..models import Media
 from ..storage import get_store
+from ..thumbnails import Thumbnail
 from .errors import json_error
 from .headers import add_security_headers, content_disposition, served_content_type
 
 _RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
 # Media never changes once complete, but moderation can withdraw it: cache for a day.
 CACHE_SECONDS = 86400
+
+
+@dataclass(frozen=True)
+class Servable:
+    """Bytes in storage and the headers they are served with."""
+
+    key: str
+    size: int
+    content_type: str
+    disposition: str
+    etag: str | None
+
+    @classmethod
+    def of_media(cls, media: Media, filename: str | None) -> Servable:
+        content_type = served_content_type(media.content_type)
+        return cls(
+            key=media.storage_key,
+            size=media.size or 0,
+            content_type=content_type,
+            disposition=content_disposition(content_type, filename or media.filename or None),
+            etag=f'"{media.sha256}"' if media.sha256 else None,
+        )
+
+    @classmethod
+    def of_thumbnail(cls, thumbnail: Thumbnail) -> Servable:
+        return cls(
+            key=thumbnail.key,
+            size=thumbnail.size,
+            content_type=thumbnail.content_type,
+            disposition="inline",  # thumbnails are always inline
+            etag=None,
+        )
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -44,29 +78,21 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-def media_response(
-    media: Media,
+def serve(
+    item: Servable,
     *,
-    filename: str | None,
     range_header: str | None,
     if_none_match: str | None,
     allow_redirect: bool,
     public_cache: bool,
 ) -> HttpResponseBase:
-    content_type = served_content_type(media.content_type)
-    disposition = content_disposition(content_type, filename or media.filename or None)
     store = get_store()
-    cache_control = (
-        f"public, max-age={CACHE_SECONDS}, s-maxage={CACHE_SECONDS}"
-        if public_cache
-        else f"private, max-age={CACHE_SECONDS}"
-    )
     response: HttpResponseBase
     if allow_redirect and store.can_redirect:
         url = store.download_url(
-            media.storage_key,
-            content_type=content_type,
-            disposition=disposition,
+            item.key,
+            content_type=item.content_type,
+            disposition=item.disposition,
             lifetime=app_settings.DOWNLOAD_URL_LIFETIME,
         )
         if url:
@@ -75,34 +101,36 @@ def media_response(
             # The signed URL expires: caches must not keep the redirect longer.
             response["Cache-Control"] = "private, max-age=60"
             return add_security_headers(response)
-    etag = f'"{media.sha256}"' if media.sha256 else None
-    size = media.size or 0
-    if etag and if_none_match and etag in [t.strip() for t in if_none_match.split(",")]:
+    if item.etag and if_none_match and item.etag in [t.strip() for t in if_none_match.split(",")]:
         response = HttpResponse(status=304)
     else:
         try:
-            byte_range = parse_range(range_header, size)
+            byte_range = parse_range(range_header, item.size)
         except RangeNotSatisfiable as exc:
             response = json_error(exc)
-            response["Content-Range"] = f"bytes */{size}"
+            response["Content-Range"] = f"bytes */{item.size}"
             return add_security_headers(response)
         if byte_range is None:
             response = StreamingHttpResponse(
-                store.iter_bytes(media.storage_key), content_type=content_type
+                store.iter_bytes(item.key), content_type=item.content_type
             )
-            response["Content-Length"] = str(size)
+            response["Content-Length"] = str(item.size)
         else:
             start, end = byte_range
             response = StreamingHttpResponse(
-                store.iter_bytes(media.storage_key, start, end),
+                store.iter_bytes(item.key, start, end),
                 status=206,
-                content_type=content_type,
+                content_type=item.content_type,
             )
             response["Content-Length"] = str(end - start + 1)
-            response["Content-Range"] = f"bytes {start}-{end}/{size}"
-        response["Content-Disposition"] = disposition
+            response["Content-Range"] = f"bytes {start}-{end}/{item.size}"
+        response["Content-Disposition"] = item.disposition
     response["Accept-Ranges"] = "bytes"
-    response["Cache-Control"] = cache_control
-    if etag:
-        response["ETag"] = etag
+    response["Cache-Control"] = (
+        f"public, max-age={CACHE_SECONDS}, s-maxage={CACHE_SECONDS}"
+        if public_cache
+        else f"private, max-age={CACHE_SECONDS}"
+    )
+    if item.etag:
+        response["ETag"] = item.etag
     return add_security_headers(response)

@@ -53,6 +53,16 @@ urlpatterns = [
         view(views.LegacyDownloadView),
         name="legacy-download",
     ),
+    re_path(
+        rf"^_matrix/client/v1/media/thumbnail/{MXC}$",
+        view(views.ThumbnailView),
+        name="thumbnail",
+    ),
+    re_path(
+        rf"^_matrix/media/(?:v3|r0)/thumbnail/{MXC}$",
+        view(views.LegacyThumbnailView),
+        name="legacy-thumbnail",
+    ),
     re_path(r"^_matrix/client/v1/media/config$", view(views.ConfigView), name="config"),
     re_path(r"^_matrix/media/(?:v3|r0)/config$", view(views.ConfigView), name="legacy-config"),
     re_path(r"^_matrix/client/versions$", view(views.VersionsView), name="versions"),

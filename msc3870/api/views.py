@@ -13,13 +13,13 @@ from rest_framework.response import Response
 from rest_framework.throttling import SimpleRateThrottle
 from rest_framework.views import APIView
 
-from .. import services
+from .. import services, thumbnails
 from ..auth import MatrixTokenAuthentication
 from ..conf import app_settings
 from ..errors import InvalidParam, MatrixError
 from ..storage import Readable
 from .errors import exception_handler, parse_json_object
-from .responses import media_response
+from .responses import Servable, serve
 
 SPEC_VERSIONS = [
     "r0.0.1",
@@ -211,14 +211,12 @@ class DownloadView(MatrixView):
     def get(
         self, request: Request, server_name: str, media_id: str, file_name: str | None = None
     ) -> HttpResponseBase:
-        params = request.query_params
-        timeout_ms = services.download_timeout_ms(
-            params.get("timeout_ms", params.get("fi.mau.msc2246.timeout_ms"))
-        )
-        media = services.media_for_download(server_name, media_id, timeout_ms=timeout_ms)
-        return media_response(
-            media,
-            filename=file_name,
+        media = services.media_for_download(server_name, media_id, timeout_ms=_timeout_ms(request))
+        return self.respond(request, Servable.of_media(media, file_name))
+
+    def respond(self, request: Request, item: Servable) -> HttpResponseBase:
+        return serve(
+            item,
             range_header=request.META.get("HTTP_RANGE"),
             if_none_match=request.META.get("HTTP_IF_NONE_MATCH"),
             allow_redirect=self.allow_redirect(request),
@@ -229,6 +227,41 @@ class DownloadView(MatrixView):
 class LegacyDownloadView(DownloadView):
     """``/_matrix/media/v3/download``: deprecated, unauthenticated; redirects only when the
     client opts in with ``allow_redirect=true``."""
+
+    authentication_classes: list[Any] = []
+    permission_classes = [AllowAny]
+    public_cache = True
+
+    def allow_redirect(self, request: Request) -> bool:
+        return request.query_params.get("allow_redirect", "").lower() == "true"
+
+
+def _timeout_ms(request: Request) -> int:
+    params = request.query_params
+    return services.download_timeout_ms(
+        params.get("timeout_ms", params.get("fi.mau.msc2246.timeout_ms"))
+    )
+
+
+class ThumbnailView(DownloadView):
+    """``/_matrix/client/v1/media/thumbnail``: authenticated."""
+
+    def get(  # type: ignore[override]
+        self, request: Request, server_name: str, media_id: str
+    ) -> HttpResponseBase:
+        params = request.query_params
+        width, height, method = thumbnails.parse_request(
+            params.get("width"), params.get("height"), params.get("method")
+        )
+        media = services.media_for_download(server_name, media_id, timeout_ms=_timeout_ms(request))
+        if thumbnails.serves_original(media, params.get("animated", "").lower() == "true"):
+            return self.respond(request, Servable.of_media(media, None))
+        thumb = thumbnails.thumbnail(media, width, height, method)
+        return self.respond(request, Servable.of_thumbnail(thumb))
+
+
+class LegacyThumbnailView(ThumbnailView):
+    """``/_matrix/media/v3/thumbnail``: deprecated, unauthenticated."""
 
     authentication_classes: list[Any] = []
     permission_classes = [AllowAny]
