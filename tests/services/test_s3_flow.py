@@ -17,7 +17,7 @@ from django.utils import timezone
 from msc3870.models import Media, MediaState
 from msc3870.storage import get_store
 
-from .conftest import Stack
+from .conftest import Stack, bucket_keys
 from .helpers import auth, complete, create, keys_of, media_of, mxc_path
 
 pytestmark = pytest.mark.services
@@ -231,3 +231,28 @@ def test_mautrix_async_upload_through_s3(live: Stack, user_token: tuple[str, str
     media = media_of(mxc)
     assert media.upload_method == "url"
     assert media.state == MediaState.COMPLETE
+
+
+def test_thumbnail_of_s3_media(live: Stack, user_token: tuple[str, str], s3_client: Any) -> None:
+    import io
+
+    from PIL import Image
+
+    _, token = user_token
+    buffer = io.BytesIO()
+    Image.new("RGB", (900, 600), (20, 200, 90)).save(buffer, "JPEG")
+    created = create(live, token)
+    requests.put(
+        created["upload_url"], data=buffer.getvalue(), headers={"Content-Type": "image/jpeg"}
+    )
+    assert complete(live, token, created["content_uri"]).status_code == 200
+    path = mxc_path(created["content_uri"])
+    response = requests.get(
+        f"{live.base_url}/_matrix/client/v1/media/thumbnail/{path}?width=320&height=240",
+        headers=auth(token),
+    )
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(response.content)).size == (320, 213)
+    media = media_of(created["content_uri"])
+    assert f"thumbnails/{media.media_id}/320x240-scale" in bucket_keys(s3_client, "thumbnails/")
