@@ -45,6 +45,7 @@ class MediaAdmin(admin.ModelAdmin):
     search_fields = ("media_id", "user_id", "sha256", "filename")
     date_hierarchy = "created_at"
     ordering = ("-created_at",)
+    show_full_result_count = False  # COUNT(*) over every row on each page is slow at scale
     actions = ("quarantine_media", "approve_media", "reject_media", "purge_media")
     readonly_fields = [field.name for field in Media._meta.fields]
 

@@ -210,3 +210,16 @@ def test_type_mismatch_policy(alice: MatrixClient) -> None:
         response = complete(alice, other["content_uri"])
     assert response.status_code == 400
     assert response.json()["errcode"] == "M_INVALID_PARAM"
+
+
+@pytest.mark.parametrize(
+    "content_type", ["multipart/form-data; boundary=xyz", "application/x-www-form-urlencoded"]
+)
+def test_upload_url_stores_form_like_bodies_verbatim(
+    alice: MatrixClient, content_type: str
+) -> None:
+    created = alice.create()
+    body = b"--xyz\r\nContent-Disposition: form-data; name=a\r\n\r\nb\r\n--xyz--\r\n&a=b"
+    assert put_to_url(created["upload_url"], body, content_type).status_code == 200
+    assert complete(alice, created["content_uri"]).status_code == 200
+    assert b"".join(download(alice, created["content_uri"]).streaming_content) == body

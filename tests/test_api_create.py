@@ -128,3 +128,10 @@ def test_plain_user_cannot_masquerade(alice: MatrixClient) -> None:
     assert response.json()["errcode"] == "M_FORBIDDEN"
     # Naming oneself is fine.
     assert alice.post(f"/_matrix/media/v1/create?user_id={alice.user_id}").status_code == 200
+
+
+def test_oversized_json_body_is_413(alice: MatrixClient) -> None:
+    response = alice.post("/_matrix/media/v1/create", b'{"pad": "' + b"x" * 3_000_000 + b'"}')
+    assert response.status_code == 413
+    assert response.json()["errcode"] == "M_TOO_LARGE"
+    assert not Media.objects.exists()
