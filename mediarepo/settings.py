@@ -177,7 +177,7 @@ if env("MATRIX_HOMESERVER_URL"):
     MSC3870["HOMESERVER_URL"] = env("MATRIX_HOMESERVER_URL")
     MSC3870["TOKEN_RESOLVER"] = "msc3870.auth.HomeserverTokenResolver"
     # How long a whoami answer is trusted (a logged-out token works this much longer).
-    MSC3870["WHOAMI_CACHE_SECONDS"] = env_int("MSC3870_WHOAMI_CACHE_SECONDS", 60)
+    MSC3870["WHOAMI_CACHE_SECONDS"] = env_int("MSC3870_WHOAMI_CACHE_SECONDS", 15)
 
 # Celery: a broker if one is named; otherwise tasks run in-process (eagerly).
 CELERY_BROKER_URL = env("CELERY_BROKER_URL")

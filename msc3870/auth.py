@@ -22,7 +22,14 @@ from rest_framework.authentication import BaseAuthentication
 from rest_framework.request import Request
 
 from .conf import app_settings
-from .errors import Forbidden, HomeserverUnavailable, InvalidParam, LimitExceeded, UnknownToken
+from .errors import (
+    Forbidden,
+    HomeserverUnavailable,
+    InvalidParam,
+    LimitExceeded,
+    MatrixError,
+    UnknownToken,
+)
 from .models import AccessToken, digest_token
 
 # Matrix user ids: @localpart:server_name (historical localparts allowed, no whitespace).
@@ -36,6 +43,7 @@ class MatrixUser:
     user_id: str
     device_id: str | None = None
     is_appservice: bool = False
+    is_guest: bool = False
 
     is_authenticated: ClassVar[bool] = True
     is_anonymous: ClassVar[bool] = False
@@ -124,18 +132,29 @@ class HomeserverTokenResolver(TokenResolver):
             user = {
                 "user_id": body["user_id"],
                 "device_id": body.get("device_id") or device_id,
-                "is_appservice": bool(masquerade_as),
+                # The homeserver decides whether ?user_id= was honoured, not the caller.
+                "is_appservice": bool(masquerade_as) and body["user_id"] == masquerade_as,
+                "is_guest": bool(body.get("is_guest")),
             }
             cache.set(cache_key, user, app_settings.WHOAMI_CACHE_SECONDS)
             return MatrixUser(**user)
-        message = str(body.get("error") or "")
-        if response.status_code == 401:
-            raise UnknownToken(message or None)
-        if response.status_code == 403:
-            raise Forbidden(message or None)
-        if response.status_code == 429:
-            raise LimitExceeded(message or None, retry_after_ms=body.get("retry_after_ms", 1000))
-        raise HomeserverUnavailable(f"Homeserver answered {response.status_code} to whoami")
+        raise _homeserver_refusal(response.status_code, body)
+
+
+def _homeserver_refusal(status: int, body: dict[str, Any]) -> MatrixError:
+    """The homeserver's own refusal, passed on: its errcode (M_USER_LOCKED, ...), and
+    ``soft_logout`` so a client keeps its session and keys where it may refresh."""
+    message = str(body.get("error") or "") or None
+    errcode = body.get("errcode")
+    extra = {"soft_logout": body["soft_logout"]} if "soft_logout" in body else {}
+    if status == 429:
+        return LimitExceeded(message, retry_after_ms=body.get("retry_after_ms", 1000))
+    if status in (401, 403):
+        error: MatrixError = (UnknownToken if status == 401 else Forbidden)(message, **extra)
+        if isinstance(errcode, str) and errcode.startswith("M_"):
+            error.errcode = errcode
+        return error
+    return HomeserverUnavailable(f"Homeserver answered {status} to whoami")
 
 
 def _json_or_empty(response: requests.Response) -> dict[str, Any]:

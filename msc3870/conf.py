@@ -35,8 +35,8 @@ DEFAULTS: dict[str, Any] = {
     "TOKEN_RESOLVER": "msc3870.auth.LocalTokenResolver",
     # Homeserver asked by msc3870.auth.HomeserverTokenResolver (/account/whoami).
     "HOMESERVER_URL": None,
-    # Seconds a successful whoami answer is cached.
-    "WHOAMI_CACHE_SECONDS": 60,
+    # Seconds a successful whoami answer is cached: a logged-out token works this long.
+    "WHOAMI_CACHE_SECONDS": 15,
     # Seconds /complete and the upload PUT wait for the post-upload checks to decide.
     "COMPLETE_WAIT_SECONDS": 20,
     # Download wait for media that is not uploaded yet (ms): default and cap.

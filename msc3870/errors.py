@@ -34,6 +34,10 @@ class Forbidden(MatrixError):
     status, errcode, default_message = 403, "M_FORBIDDEN", "Forbidden"
 
 
+class GuestAccessForbidden(MatrixError):
+    status, errcode, default_message = 403, "M_GUEST_ACCESS_FORBIDDEN", "Guests cannot upload"
+
+
 class NotFound(MatrixError):
     status, errcode, default_message = 404, "M_NOT_FOUND", "Media not found"
 

@@ -23,6 +23,7 @@ from .conf import app_settings
 from .errors import (
     CannotOverwrite,
     Forbidden,
+    GuestAccessForbidden,
     InvalidParam,
     LimitExceeded,
     NotFound,
@@ -79,6 +80,12 @@ def clean_content_type(content_type: str | None) -> str:
     return content_type
 
 
+def _require_member(user: MatrixUser) -> None:
+    """Guests may download but not upload (as Synapse decides)."""
+    if user.is_guest:
+        raise GuestAccessForbidden()
+
+
 def _local_media(server_name: str, media_id: str) -> Media:
     validate_mxc(server_name, media_id)
     if server_name != app_settings.SERVER_NAME:
@@ -100,6 +107,7 @@ class CreatedMedia:
 
 def create_media(user: MatrixUser) -> CreatedMedia:
     """Reserve a new mxc:// id for ``user`` (MSC2246 /create, MSC3870 upload URL)."""
+    _require_member(user)
     store = get_store()
     now = timezone.now()
     expires = expiry_within_url_lifetime(
@@ -177,6 +185,7 @@ def upload_to_media(
     filename: str | None,
 ) -> Media:
     """MSC2246 ``PUT /upload/{serverName}/{mediaId}``: fill a pending id."""
+    _require_member(user)
     media = _local_media(server_name, media_id)
     _check_can_upload(user, media)
     check_declared_length(content_length)
@@ -217,6 +226,7 @@ def upload_new_media(
     filename: str | None,
 ) -> Media:
     """``POST /_matrix/media/v3/upload``: create and fill in one request."""
+    _require_member(user)
     check_declared_length(content_length)
     declared = clean_content_type(content_type)
     name = clean_filename(filename)
@@ -255,6 +265,7 @@ def complete_url_upload(
     Idempotent for the uploader: a retried or concurrent /complete of an id already
     completed through its URL gets the same answer, not an error.
     """
+    _require_member(user)
     name = clean_filename(filename)
     for _ in range(3):
         media = _local_media(server_name, media_id)

@@ -69,7 +69,16 @@ def test_create_access_token_refuses_a_bad_user_id(db: None) -> None:
 class FakeHomeserver(BaseHTTPRequestHandler):
     """A whoami endpoint over real HTTP, answering like Synapse."""
 
-    tokens: dict[str, str] = {"good": "@dave:hs.example", "as": "@bridge:hs.example"}
+    tokens: dict[str, str] = {
+        "good": "@dave:hs.example",
+        "as": "@bridge:hs.example",
+        "guest": "@123:hs.example",
+    }
+    refusals: dict[str, tuple[int, dict[str, Any]]] = {
+        "expired": (401, {"errcode": "M_UNKNOWN_TOKEN", "error": "expired", "soft_logout": True}),
+        "locked": (401, {"errcode": "M_USER_LOCKED", "error": "locked", "soft_logout": True}),
+        "lapsed": (403, {"errcode": "M_EXPIRED_ACCOUNT", "error": "account expired"}),
+    }
     calls: list[dict[str, Any]] = []
 
     def do_GET(self) -> None:
@@ -79,6 +88,9 @@ class FakeHomeserver(BaseHTTPRequestHandler):
         token = self.headers.get("Authorization", "").removeprefix("Bearer ")
         if parts.path != "/_matrix/client/v3/account/whoami":
             return self._send(404, {"errcode": "M_UNRECOGNIZED", "error": "no"})
+        if token in self.refusals:
+            status, body = self.refusals[token]
+            return self._send(status, body)
         user = self.tokens.get(token)
         if user is None:
             return self._send(401, {"errcode": "M_UNKNOWN_TOKEN", "error": "Unknown token"})
@@ -86,7 +98,7 @@ class FakeHomeserver(BaseHTTPRequestHandler):
             if token != "as":
                 return self._send(403, {"errcode": "M_FORBIDDEN", "error": "Not an AS"})
             user = query["user_id"]
-        return self._send(200, {"user_id": user, "device_id": "DEV"})
+        return self._send(200, {"user_id": user, "device_id": "DEV", "is_guest": token == "guest"})
 
     def _send(self, status: int, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()
@@ -153,3 +165,50 @@ def test_create_through_homeserver_tokens(db: None, homeserver: str) -> None:
     assert ok.status_code == 200
     assert bad.status_code == 401
     assert bad.json()["errcode"] == "M_UNKNOWN_TOKEN"
+
+
+@pytest.mark.parametrize(
+    ("token", "status", "body"),
+    [
+        ("expired", 401, {"errcode": "M_UNKNOWN_TOKEN", "error": "expired", "soft_logout": True}),
+        ("locked", 401, {"errcode": "M_USER_LOCKED", "error": "locked", "soft_logout": True}),
+        ("lapsed", 403, {"errcode": "M_EXPIRED_ACCOUNT", "error": "account expired"}),
+    ],
+)
+def test_homeserver_refusals_are_passed_on(
+    db: None, homeserver: str, token: str, status: int, body: dict[str, Any]
+) -> None:
+    """soft_logout and the homeserver's errcode reach the client: a soft logout must not
+    read as a hard one (the client would drop its session and keys)."""
+    with msc3870_settings(
+        HOMESERVER_URL=homeserver, TOKEN_RESOLVER="msc3870.auth.HomeserverTokenResolver"
+    ):
+        response = Client().post(
+            "/_matrix/media/v1/create", headers={"Authorization": f"Bearer {token}"}
+        )
+    assert response.status_code == status
+    assert response.json() == body
+
+
+def test_guests_may_download_but_not_upload(db: None, homeserver: str) -> None:
+    from .conftest import make_token
+
+    owner = make_token("@owner:localhost")
+    upload = Client().post(
+        "/_matrix/media/v3/upload",
+        b"for everyone",
+        content_type="text/plain",
+        headers={"Authorization": f"Bearer {owner}"},
+    )
+    path = upload.json()["content_uri"][len("mxc://") :]
+    with msc3870_settings(
+        HOMESERVER_URL=homeserver, TOKEN_RESOLVER="msc3870.auth.HomeserverTokenResolver"
+    ):
+        guest = {"Authorization": "Bearer guest"}
+        created = Client().post("/_matrix/media/v1/create", headers=guest)
+        one_shot = Client().post("/_matrix/media/v3/upload", b"x", "text/plain", headers=guest)
+        download = Client().get(f"/_matrix/client/v1/media/download/{path}", headers=guest)
+    assert created.status_code == one_shot.status_code == 403
+    assert created.json()["errcode"] == "M_GUEST_ACCESS_FORBIDDEN"
+    assert download.status_code == 200
+    assert b"".join(download.streaming_content) == b"for everyone"
