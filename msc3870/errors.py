@@ -104,6 +104,14 @@ class UploadRejected(MatrixError):
         super().__init__(message)
 
 
+class UploadAbandoned(MatrixError):
+    status, errcode, default_message = (
+        408,
+        "M_UNKNOWN",
+        "The upload took too long and was abandoned; upload again",
+    )
+
+
 class StorageUnavailable(MatrixError):
     status, errcode, default_message = 503, "M_UNKNOWN", "Media storage is unavailable"
 

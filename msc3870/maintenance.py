@@ -24,6 +24,9 @@ S = MediaState
 
 DEFAULT_BATCH = 1000
 DEFAULT_MAX_BATCHES = 20
+# A body still streaming through this server (PUT, one-shot POST) is given this long
+# before the sweep decides its process died: slow clients on big files take minutes.
+IN_FLIGHT_UPLOAD_TIMEOUT = timedelta(hours=1)
 
 
 @dataclass
@@ -82,15 +85,17 @@ def redispatch_stuck(
     (worker died, broker was down)."""
     if older_than is None:
         older_than = timedelta(seconds=app_settings.STUCK_AFTER_SECONDS)
-    cutoff = timezone.now() - older_than
+    now = timezone.now()
     count = 0
-    stuck = Media.objects.filter(state=S.PROCESSING, processing_started_at__lte=cutoff).order_by(
-        "processing_started_at"
-    )[:batch_size]
+    stuck = Media.objects.filter(
+        state=S.PROCESSING, processing_started_at__lte=now - older_than
+    ).order_by("processing_started_at")[:batch_size]
     for media in stuck:
         if media.storage_key or media.upload_method == UploadMethod.URL:
             dispatch_screening(media)
             count += 1
+        elif media.processing_started_at > now - max(older_than, IN_FLIGHT_UPLOAD_TIMEOUT):
+            continue  # its body may still be arriving
         elif media.upload_method == UploadMethod.PUT:
             # The process receiving the body died: nothing usable was kept.
             if lifecycle.transition(
@@ -109,7 +114,7 @@ def redispatch_stuck(
     return count
 
 
-def delete_orphaned_uploads(*, limit: int = 1000) -> int:
+def delete_orphaned_uploads(*, limit: int = 10_000) -> int:
     """Delete objects under ``incoming/`` whose media no longer waits for them.
 
     A client can PUT to its URL again after /complete (S3 cannot refuse it); those bytes
@@ -126,13 +131,10 @@ def delete_orphaned_uploads(*, limit: int = 1000) -> int:
                 "media_id", flat=True
             )
         )
-        count = 0
-        for media_id, key in ids.items():
-            if media_id not in waiting:
-                store.delete(key)
-                count += 1
+        orphans = [key for media_id, key in ids.items() if media_id not in waiting]
+        store.delete_many(orphans)
         batch.clear()
-        return count
+        return len(orphans)
 
     for index, key in enumerate(store.list_keys("incoming/")):
         if index >= limit:

@@ -30,6 +30,7 @@ from .errors import (
     NothingUploaded,
     NotYetUploaded,
     TooLarge,
+    UploadAbandoned,
     UploadRejected,
 )
 from .models import Media, MediaState, Uploader, UploadMethod
@@ -158,20 +159,24 @@ def check_declared_length(content_length: int | None) -> None:
 
 def _receive(media: Media, body: Readable, content_length: int | None) -> None:
     """Stream the body to the key the bytes will be served from; record size and hash."""
-    written = get_store().write_stream(
+    store = get_store()
+    written = store.write_stream(
         media.served_key,
         body,
         max_size=app_settings.MAX_UPLOAD_SIZE,
         expected_size=content_length,
         content_type=media.declared_content_type or None,
     )
-    lifecycle.update_if_state(
+    if not lifecycle.update_if_state(
         media,
         S.PROCESSING,
         storage_key=media.served_key,
         size=written.size,
         sha256=written.sha256,
-    )
+    ):
+        # The stuck sweep (or a moderator) gave up on this upload while it streamed.
+        store.delete(media.served_key)
+        raise UploadAbandoned()
 
 
 def upload_to_media(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from django.conf import settings
 from django.test import Client
 from django.utils import timezone
@@ -103,12 +105,48 @@ def test_stuck_url_upload_is_screened_again(alice: MatrixClient) -> None:
 def test_stuck_put_without_bytes_returns_to_pending(alice: MatrixClient) -> None:
     created = alice.create()
     media = media_of(created["content_uri"])
+    # Ten minutes into its body: a slow client, not a dead one.
     Media.objects.filter(pk=media.pk).update(
         state=S.PROCESSING,
         upload_method="put",
-        processing_started_at=timezone.now() - timedelta(hours=1),
+        processing_started_at=timezone.now() - timedelta(minutes=10),
+    )
+    assert maintenance.redispatch_stuck() == 0
+    assert media_of(created["content_uri"]).state == S.PROCESSING
+    Media.objects.filter(pk=media.pk).update(
+        processing_started_at=timezone.now() - timedelta(hours=2)
     )
     assert maintenance.redispatch_stuck() == 1
+    assert media_of(created["content_uri"]).state == S.PENDING
+
+
+def test_upload_abandoned_by_the_sweep_while_streaming(alice: MatrixClient) -> None:
+    """The sweep gave up on a PUT whose body was still arriving: the client is told, and
+    the bytes it sent are not left behind."""
+    from msc3870 import services
+    from msc3870.auth import MatrixUser
+
+    created = alice.create()
+    media = media_of(created["content_uri"])
+
+    class SweptMidway(io.BytesIO):
+        def read(self, size: int = -1) -> bytes:
+            chunk = super().read(size)
+            if not chunk:  # the sweep ran while the last bytes arrived
+                Media.objects.filter(pk=media.pk).update(state=S.PENDING)
+            return chunk
+
+    with pytest.raises(services.UploadAbandoned):
+        services.upload_to_media(
+            MatrixUser(alice.user_id),
+            "localhost",
+            media.media_id,
+            SweptMidway(b"late bytes"),
+            content_length=10,
+            content_type="text/plain",
+            filename=None,
+        )
+    assert files_under(Path(settings.MEDIA_DIR)) == []
     assert media_of(created["content_uri"]).state == S.PENDING
 
 
