@@ -200,6 +200,13 @@ class UploadURLView(MatrixView):
         return response
 
 
+def _timeout_ms(request: Request) -> int:
+    params = request.query_params
+    return services.download_timeout_ms(
+        params.get("timeout_ms", params.get("fi.mau.msc2246.timeout_ms"))
+    )
+
+
 class DownloadView(MatrixView):
     """``/_matrix/client/v1/media/download``: authenticated; redirects if configured."""
 
@@ -224,9 +231,9 @@ class DownloadView(MatrixView):
         )
 
 
-class LegacyDownloadView(DownloadView):
-    """``/_matrix/media/v3/download``: deprecated, unauthenticated; redirects only when the
-    client opts in with ``allow_redirect=true``."""
+class LegacyMediaMixin:
+    """The deprecated ``/_matrix/media/v3`` reads: unauthenticated, cacheable by shared
+    caches, redirected only when the client opts in with ``allow_redirect=true``."""
 
     authentication_classes: list[Any] = []
     permission_classes = [AllowAny]
@@ -236,11 +243,8 @@ class LegacyDownloadView(DownloadView):
         return request.query_params.get("allow_redirect", "").lower() == "true"
 
 
-def _timeout_ms(request: Request) -> int:
-    params = request.query_params
-    return services.download_timeout_ms(
-        params.get("timeout_ms", params.get("fi.mau.msc2246.timeout_ms"))
-    )
+class LegacyDownloadView(LegacyMediaMixin, DownloadView):
+    """``/_matrix/media/v3/download``."""
 
 
 class ThumbnailView(DownloadView):
@@ -260,15 +264,8 @@ class ThumbnailView(DownloadView):
         return self.respond(request, Servable.of_thumbnail(thumb))
 
 
-class LegacyThumbnailView(ThumbnailView):
-    """``/_matrix/media/v3/thumbnail``: deprecated, unauthenticated."""
-
-    authentication_classes: list[Any] = []
-    permission_classes = [AllowAny]
-    public_cache = True
-
-    def allow_redirect(self, request: Request) -> bool:
-        return request.query_params.get("allow_redirect", "").lower() == "true"
+class LegacyThumbnailView(LegacyMediaMixin, ThumbnailView):
+    """``/_matrix/media/v3/thumbnail``."""
 
 
 class ConfigView(MatrixView):
