@@ -160,16 +160,22 @@ def delete_objects_of(pks: list[int]) -> int:
     rows = list(
         Media.objects.filter(pk__in=pks, objects_deleted_at__isnull=True)
         .exclude(state__in=lifecycle.LIVE_STATES)
-        .values_list("pk", "media_id", "storage_key")
+        .values_list("pk", "media_id", "storage_key", "upload_method", "completed_at")
     )
     if not rows:
         return 0
+    # Only keys the row's history can have made: an id that expired unused has at most
+    # its incoming object, so an expiry batch is one batched delete.
     keys: set[str] = set()
-    for _, media_id, storage_key in rows:
+    for _, media_id, storage_key, upload_method, completed_at in rows:
         probe = Media(media_id=media_id)
-        keys.update((probe.incoming_key, probe.served_key, *thumbnail_keys(media_id)))
+        keys.add(probe.incoming_key)
+        if upload_method or storage_key:
+            keys.add(probe.served_key)
         if storage_key:
             keys.add(storage_key)
+        if completed_at:
+            keys.update(thumbnail_keys(media_id))
     # Identical content is stored once: keep objects that live media still serve.
     keys -= set(
         Media.objects.filter(storage_key__in=keys, state__in=lifecycle.LIVE_STATES).values_list(
