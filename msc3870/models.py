@@ -74,6 +74,12 @@ class Media(models.Model):
             models.Index(fields=["state", "unused_expires_at"], name="msc3870_state_expiry"),
             models.Index(fields=["user_id", "state"], name="msc3870_user_state"),
             models.Index(fields=["sha256"], name="msc3870_sha256"),
+            # Cleanup asks which live media still serve a key (identical content is shared).
+            models.Index(
+                fields=["storage_key"],
+                condition=~models.Q(storage_key=""),
+                name="msc3870_storage_key",
+            ),
             # Dead media whose objects are not deleted yet: the cleanup sweep's work list.
             models.Index(
                 fields=["state"],
