@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from . import lifecycle
 from .conf import app_settings
+from .errors import StorageUnavailable
 from .models import Media, MediaState, UploadMethod
 from .pipeline import delete_objects_of, dispatch_screening, schedule_object_deletion
 from .storage import get_store
@@ -33,12 +34,17 @@ IN_FLIGHT_UPLOAD_TIMEOUT = timedelta(hours=1)
 class SweepResult:
     moved: int = 0
     objects_deleted: int = 0
+    storage_error: str = ""
 
 
 def expire_pending(
     *, batch_size: int = DEFAULT_BATCH, max_batches: int = DEFAULT_MAX_BATCHES
 ) -> SweepResult:
-    """PENDING past ``unused_expires_at`` -> EXPIRED, and delete what reached its URL."""
+    """PENDING past ``unused_expires_at`` -> EXPIRED, and delete what reached its URL.
+
+    If the storage fails, expiry goes on without it: the rows stay marked as not cleaned
+    and ``delete_dead_objects`` deletes their objects once the storage is back.
+    """
     result = SweepResult()
     for _ in range(max_batches):
         now = timezone.now()
@@ -54,7 +60,12 @@ def expire_pending(
                 pks, [S.PENDING], S.EXPIRED, extra_where=Q(unused_expires_at__lte=now)
             )
         )
-        result.objects_deleted += delete_objects_of(pks)
+        if not result.storage_error:
+            try:
+                result.objects_deleted += delete_objects_of(pks)
+            except StorageUnavailable as exc:
+                log.warning("Expiry goes on without deleting objects: %s", exc)
+                result.storage_error = exc.message
     return result
 
 

@@ -167,3 +167,34 @@ def test_orphaned_incoming_objects_are_deleted(alice: MatrixClient) -> None:
     assert maintenance.delete_orphaned_uploads() == 1
     assert store.head(done_media.incoming_key) is None
     assert store.head(media_of(waiting["content_uri"]).incoming_key) is not None
+
+
+def test_expiry_goes_on_when_storage_fails(
+    alice: MatrixClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from msc3870.errors import StorageUnavailable
+    from msc3870.storage import get_store
+
+    past = timezone.now() - timedelta(seconds=1)
+    Media.objects.bulk_create(
+        Media(
+            server_name="localhost",
+            media_id=f"s{i}",
+            user_id="@a:localhost",
+            unused_expires_at=past,
+        )
+        for i in range(30)
+    )
+    store = get_store()
+
+    def down(keys: list[str]) -> None:
+        raise StorageUnavailable("storage is down")
+
+    monkeypatch.setattr(store, "delete_many", down)
+    result = maintenance.expire_pending(batch_size=10)
+    assert result.moved == 30  # every row expired
+    assert result.objects_deleted == 0
+    assert result.storage_error == "storage is down"
+    assert Media.objects.filter(objects_deleted_at__isnull=True).count() == 30
+    monkeypatch.undo()
+    assert maintenance.delete_dead_objects().objects_deleted == 30
