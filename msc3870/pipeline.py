@@ -177,10 +177,12 @@ def delete_objects_of(pks: list[int]) -> int:
         if completed_at:
             keys.update(thumbnail_keys(media_id))
     # Identical content is stored once: keep objects that live media still serve.
+    # (The blank-key exclusion repeats the partial index's condition, so PostgreSQL uses
+    # the index for a long IN list too.)
     keys -= set(
-        Media.objects.filter(storage_key__in=keys, state__in=lifecycle.LIVE_STATES).values_list(
-            "storage_key", flat=True
-        )
+        Media.objects.filter(storage_key__in=keys, state__in=lifecycle.LIVE_STATES)
+        .exclude(storage_key="")
+        .values_list("storage_key", flat=True)
     )
     get_store().delete_many(sorted(keys))
     return (

@@ -38,10 +38,14 @@ if TYPE_CHECKING:
 # S3 refuses presigned URLs that live longer than 7 days.
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 MiB = 1024 * 1024
-# Streamed uploads go multipart past 8 MiB; two parts in flight keep memory flat (~24 MiB).
+# Streamed uploads go multipart past 8 MiB. s3transfer buffers up to
+# max_in_memory_upload_chunks parts of a non-seekable stream (10 by default: ~100 MiB per
+# upload, measured); two parts read ahead and two in flight keep it near 40 MiB.
 UPLOAD_TRANSFER = TransferConfig(
     multipart_threshold=8 * MiB, multipart_chunksize=8 * MiB, max_concurrency=2
 )
+# An s3transfer setting that boto3's TransferConfig does not take as an argument.
+UPLOAD_TRANSFER.max_in_memory_upload_chunks = 2
 # CopyObject handles up to 5 GB in one request; above that, a multipart copy.
 COPY_TRANSFER = TransferConfig(
     multipart_threshold=5 * 1024 * MiB, multipart_chunksize=512 * MiB, max_concurrency=4
