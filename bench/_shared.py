@@ -2,9 +2,8 @@
 
 Everything here is namespaced so a benchmark can run while the test suite runs on the same
 machine: its own S3 server directory, port and bucket, databases named ``mediarepo_bench*``
-and Redis DB 13. ``weed mini`` binds fixed master/filer/volume/... ports besides the S3
-port, which ``scripts/s3-server`` does not move, so the bench runs it through
-``bench/weed-bench`` (the script's ``WEED`` hook), which moves them.
+and Redis DB 13. ``scripts/s3-server`` moves weed's master/filer/volume/... ports with the
+S3 port, so the bench server on :8433 runs beside the suite's on :8333.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ PYTHON = BIN / "python"
 S3_PORT = 8433
 S3_BUCKET = "mediarepo-bench"
 S3_SERVER_DIR = ROOT / "var" / "s3-bench"
-# Ports bench/weed-bench gives the master, filer and volume server (defaults + 100).
+# Ports scripts/s3-server gives the master, filer and volume server for S3_PORT 8433.
 WEED_BENCH_PORTS = (9433, 8988, 9440)
 PG_URL = "postgres://postgres@127.0.0.1:5432"
 BROKER_URL = "redis://127.0.0.1:6379/13"
@@ -68,7 +67,6 @@ class S3Server:
             "S3_PORT": str(S3_PORT),
             "S3_SERVER_DIR": str(S3_SERVER_DIR),
             "S3_BUCKET": S3_BUCKET,
-            "WEED": str(ROOT / "bench" / "weed-bench"),
         }
 
     def _run(self, *args: str) -> None:
@@ -151,6 +149,11 @@ def _run_text(argv: Sequence[str]) -> str:
         return ""
 
 
+def load_average() -> str:
+    with open("/proc/loadavg") as handle:
+        return " ".join(handle.read().split()[:3])
+
+
 def machine_info() -> dict[str, Any]:
     mem_total_kib = 0
     with open("/proc/meminfo") as handle:
@@ -170,6 +173,7 @@ def machine_info() -> dict[str, Any]:
         "cpu": cpu_model,
         "mem_total_gib": round(mem_total_kib / 1024 / 1024, 1),
         "kernel": platform.release(),
+        "loadavg": load_average(),
         "python": platform.python_version(),
         "postgres": _run_text(
             ["psql", "-h", "127.0.0.1", "-U", "postgres", "-Atc", "SHOW server_version"]

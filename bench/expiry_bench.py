@@ -28,6 +28,7 @@ import os
 import random
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,7 @@ from _shared import (
     ROOT,
     S3Server,
     drop_database,
+    load_average,
     machine_info,
     markdown_table,
     recreate_database,
@@ -108,8 +110,8 @@ def setup_rows(
                 media_id=new_media_id(),
                 user_id=USER_ID,
                 state=MediaState.PENDING,
-                # All past due, a second apart, so the sweep's ORDER BY has work to do.
-                unused_expires_at=now - timedelta(days=1) + timedelta(seconds=i),
+                # All past due (the last an hour ago), a second apart, in insertion order.
+                unused_expires_at=now - timedelta(hours=1, seconds=rows - i),
             )
             for i in range(start, min(start + chunk, rows))
         ]
@@ -219,14 +221,36 @@ class QueryCounter:
 
 
 class S3Counter:
+    """botocore hooks: requests per operation, keys sent to DeleteObjects, time in calls."""
+
     def __init__(self) -> None:
         self.by_operation: dict[str, int] = {}
         self.keys_deleted = 0
+        self.seconds = 0.0
+        self._started = 0.0
 
-    def __call__(self, model: Any, params: dict[str, Any], **kwargs: Any) -> None:
+    def register(self, client: Any) -> None:
+        events = client.meta.events
+        # Once per API call (not per retry), with the API parameters.
+        events.register("before-parameter-build.s3", self.count)
+        events.register("before-call.s3", self.begin)
+        events.register("after-call.s3", self.end)
+
+    def count(self, model: Any, params: dict[str, Any], **kwargs: Any) -> None:
         self.by_operation[model.name] = self.by_operation.get(model.name, 0) + 1
         if model.name == "DeleteObjects":
             self.keys_deleted += len(params["Delete"]["Objects"])
+
+    def begin(self, **kwargs: Any) -> None:
+        self._started = time.monotonic()
+
+    def end(self, **kwargs: Any) -> None:
+        self.seconds += time.monotonic() - self._started
+
+    def reset(self) -> None:
+        self.by_operation.clear()
+        self.keys_deleted = 0
+        self.seconds = 0.0
 
 
 def child(args: argparse.Namespace) -> None:
@@ -244,12 +268,11 @@ def child(args: argparse.Namespace) -> None:
 
     store = get_store()
     s3 = S3Counter()
-    # Once per API call (not per retry), with the API parameters.
-    store.client.meta.events.register("before-parameter-build.s3", s3)  # type: ignore[attr-defined]
+    s3.register(store.client)  # type: ignore[attr-defined]
     # Warm up what the first batch would otherwise pay for: the connection, the client.
     Media.objects.filter(pk=0).exists()
     store.head("incoming/warm-up")
-    s3.by_operation.clear()
+    s3.reset()
     queries = QueryCounter()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     hwm_before = vm_hwm_kib()
@@ -262,8 +285,9 @@ def child(args: argparse.Namespace) -> None:
     traced_peak = tracemalloc.get_traced_memory()[1] if args.tracemalloc else None
     tracemalloc.stop()
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    hwm_after = vm_hwm_kib()
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    s3_requests = dict(s3.by_operation)
+    s3_requests, s3_seconds, s3_keys = dict(s3.by_operation), s3.seconds, s3.keys_deleted
 
     states = dict(Media.objects.values_list("state").annotate(n=Count("pk")).order_by())
     cleaned = Media.objects.filter(
@@ -284,11 +308,14 @@ def child(args: argparse.Namespace) -> None:
                 "batch_s_first10": sum(batch_s[:10]) / max(1, len(batch_s[:10])),
                 "batch_s_last10": sum(batch_s[-10:]) / max(1, len(batch_s[-10:])),
                 "s3_requests": s3_requests,
-                "s3_keys_deleted": s3.keys_deleted,
+                "s3_keys_deleted": s3_keys,
+                "s3_seconds": s3_seconds,
+                "sql_seconds": sum(t for _, t in queries.by_label.values()),
                 "tracemalloc_peak": traced_peak,
                 "maxrss_kib_before": rss_before,
                 "maxrss_kib_after": rss_after,
                 "vmhwm_kib_before": hwm_before,
+                "vmhwm_kib_after": hwm_after,
                 "cpu_s": usage.ru_utime + usage.ru_stime,
                 "states_after": states,
                 "rows_marked_cleaned": cleaned,
@@ -313,6 +340,7 @@ def report(results: list[dict[str, Any]], info: dict[str, Any], args: argparse.N
         f"{info['mem_total_gib']} GiB; Python {info['python']}; PostgreSQL {info['postgres']}; "
         f"tracemalloc {'on' if args.tracemalloc else 'off'}; git {info['git_head']}"
         + (f" (modified: {info['git_dirty']})" if info["git_dirty"] else ""),
+        f"Load average at start {info['loadavg']}, at end {load_average()}.",
         "",
     ]
     rows = []
@@ -324,8 +352,10 @@ def report(results: list[dict[str, Any]], info: dict[str, Any], args: argparse.N
                 f"{r['rows']:,}",
                 f"{r['setup']['objects']:,}",
                 f"{r['setup']['insert_s']:.1f} + {r['setup']['objects_s']:.1f}",
-                f"{r['seconds']:.2f}",
-                f"{r['seconds'] / r['rows'] * 1e6:.0f}",
+                f"{r['seconds']:.1f}",
+                f"{r['sql_seconds']:.1f}",
+                f"{r['s3_seconds']:.1f}",
+                f"{r['seconds'] / r['rows'] * 1e3:.2f}",
                 f"{r['cpu_s']:.2f}",
                 f"{r['queries']:,}",
                 f"{r['batches']}",
@@ -335,6 +365,7 @@ def report(results: list[dict[str, Any]], info: dict[str, Any], args: argparse.N
                 if r["tracemalloc_peak"] is None
                 else f"{r['tracemalloc_peak'] / 1024 / 1024:.2f}",
                 f"{r['maxrss_kib_before'] / 1024:.1f} -> {r['maxrss_kib_after'] / 1024:.1f}",
+                f"{r['vmhwm_kib_before'] / 1024:.1f} -> {r['vmhwm_kib_after'] / 1024:.1f}",
                 f"{r['batch_s_first10'] * 1000:.0f} / {r['batch_s_last10'] * 1000:.0f}",
                 "yes" if r["verified"] else "NO",
             ]
@@ -346,14 +377,17 @@ def report(results: list[dict[str, Any]], info: dict[str, Any], args: argparse.N
                 "objects",
                 "setup s (insert + objects)",
                 "expire s",
-                "µs/row",
+                "in SQL s",
+                "in S3 s",
+                "ms/row",
                 "CPU s (child)",
                 "SQL queries",
                 "batches",
                 "S3 requests",
                 "keys in DeleteObjects",
                 "tracemalloc peak MiB",
-                "max RSS MiB (before -> after)",
+                "ru_maxrss MiB (before -> after)",
+                "VmHWM MiB (before -> after)",
                 "ms/batch first 10 / last 10",
                 "all EXPIRED, cleaned, incoming/ empty",
             ],
@@ -399,13 +433,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    data_dir = tempfile.mkdtemp(prefix="expiry-bench-")
-    configure_env(data_dir)
-    if args.child:
+    if args.child:  # the parent's environment, data directory included
         args.rows = int(args.rows)
         child(args)
         return
 
+    data_dir = tempfile.mkdtemp(prefix="expiry-bench-")
+    configure_env(data_dir)
     counts = [int(n) for n in args.rows.split(",") if n.strip()]
     info = machine_info()
     s3 = S3Server(manage=not args.external_s3, wait_for_ports=args.wait_s3_ports)
@@ -429,7 +463,10 @@ def main() -> None:
                 file=sys.stderr,
                 flush=True,
             )
-            argv = [str(PYTHON), __file__, "--child", "--rows", str(n)]
+            # Through a forking shell: Linux keeps a process's max RSS across exec, and a
+            # child forked from this (large) process would report ours as its own.
+            argv = ["sh", "-c", '"$@"; exit $?', "sh", str(PYTHON), __file__, "--child"]
+            argv += ["--rows", str(n)]
             argv += ["--batch-size", str(args.batch_size), "--extra-rows", str(args.extra_rows)]
             if not args.tracemalloc:
                 argv.append("--no-tracemalloc")
@@ -449,6 +486,7 @@ def main() -> None:
         s3.stop()
         if not args.keep_db:
             drop_database(DB_NAME)
+        shutil.rmtree(data_dir, ignore_errors=True)
     print(report(results, info, args))
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "results": results}, indent=2))

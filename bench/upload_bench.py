@@ -11,20 +11,25 @@ the real deployable, a ``gunicorn`` process (``mediarepo/gunicorn.conf.py``) and
   ``bytes_received``/``bytes_sent``, sampled every ``--poll`` seconds and once more before
   the connections close), split by peer (the client, S3, PostgreSQL, Redis);
 * CPU time: ``utime + stime`` of ``/proc/PID/stat``;
-* peak memory: ``VmHWM`` of ``/proc/PID/status``. It is a high-water mark since process
-  start, so every flow gets freshly started processes (and a fresh S3 server).
+* peak memory: ``VmHWM`` of ``/proc/PID/status``, a high-water mark since process start.
+  So every flow gets freshly started processes (and a fresh S3 server); each fresh stack
+  first makes one unmeasured ``--warmup-mib`` upload of the same flow (the first requests
+  import most of the app and open connection pools), then ``VmHWM`` is reset to the
+  current RSS (``echo 5 > /proc/PID/clear_refs``, Linux >= 4.0) and the measured upload
+  runs. Reported: RSS before, the peak during the flow, and ``VmHWM`` since start.
 
 Flow ``url``: POST /create, PUT the body straight to the presigned ``upload_url``, POST
 /complete. Flow ``put``: POST /create, PUT the body to ``/_matrix/media/v3/upload/..`` on
 gunicorn. Both wait for the screening task (the answer comes once it decided). The body is
 random, generated and hashed in 1 MiB chunks while it is sent; afterwards the row's size
-and SHA-256 are checked, and the media is downloaded (a separate, extra phase) and hashed.
+and SHA-256 are checked, and the media is downloaded (a separate, extra phase, measured on
+its own) and hashed. The screening task's own duration is read from the celery log.
 
     .venv/bin/python bench/upload_bench.py --size-mib 256
 
-starts and stops the bench S3 server itself (``scripts/s3-server`` on :8433, directory
-``var/s3-bench``, bucket ``mediarepo-bench``), creates and drops the database
-``mediarepo_bench`` and uses Redis DB 13.
+starts and stops the bench S3 server itself (``scripts/s3-server`` on :8433 with
+directory ``var/s3-bench``, bucket ``mediarepo-bench``), creates
+and drops the database ``mediarepo_bench``, uses Redis DB 13 (flushed) and free ports.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from _shared import (
     drop_database,
     flush_broker,
     free_port,
+    load_average,
     machine_info,
     markdown_table,
     mib,
@@ -429,6 +435,7 @@ class FlowResult:
     sent_sha256: str = ""
     row: dict[str, Any] = field(default_factory=dict)
     download: dict[str, Any] = field(default_factory=dict)
+    screening_task_s: float | None = None
     verified: bool = False
 
 
@@ -596,6 +603,12 @@ def run_flow(
         )
     finally:
         stack.stop()
+    # celery logs "Task msc3870.screen_media[..] succeeded in 5.1s: 'complete'": the last is ours.
+    durations = re.findall(
+        r"msc3870\.screen_media\[[^\]]+\] succeeded in ([0-9.]+)s",
+        (logs / "celery.log").read_text(errors="replace"),
+    )
+    result.screening_task_s = float(durations[-1]) if durations else None
     if not args.keep_logs:
         shutil.rmtree(logs, ignore_errors=True)
     else:
@@ -631,6 +644,7 @@ def report(results: list[FlowResult], info: dict[str, Any], args: argparse.Names
                 f"{r.phases.get('PUT', 0):.2f}",
                 f"{r.phases['complete']:.2f}" if "complete" in r.phases else "-",
                 f"{r.phases.get('total', 0):.2f}",
+                "-" if r.screening_task_s is None else f"{r.screening_task_s:.2f}",
                 r.row.get("state", "?"),
                 "yes" if r.verified else "NO",
             ]
@@ -643,6 +657,7 @@ def report(results: list[FlowResult], info: dict[str, Any], args: argparse.Names
                 "PUT s",
                 "complete s",
                 "total s",
+                "screening task s (celery log)",
                 "final state",
                 "size + SHA-256 match (row and download)",
             ],
@@ -817,6 +832,7 @@ def main() -> None:
         if not args.keep_db:
             drop_database(DB_NAME)
     text = report(results, info, args)
+    text += f"\n\nLoad average at start {info['loadavg']}, at end {load_average()}."
     print(text)
     if args.json:
         args.json.write_text(
