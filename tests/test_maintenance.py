@@ -47,17 +47,22 @@ def test_expiry_moves_pending_past_expiry_and_deletes_incoming(alice: MatrixClie
     assert (again.moved, again.objects_deleted) == (0, 0)
 
 
-def test_expiry_is_batched(alice: MatrixClient) -> None:
+def due_pending(count: int, prefix: str) -> None:
+    """``count`` pending ids whose expiry has passed."""
     past = timezone.now() - timedelta(seconds=1)
     Media.objects.bulk_create(
         Media(
             server_name="localhost",
-            media_id=f"m{i}",
+            media_id=f"{prefix}{i}",
             user_id="@a:localhost",
             unused_expires_at=past,
         )
-        for i in range(25)
+        for i in range(count)
     )
+
+
+def test_expiry_is_batched(alice: MatrixClient) -> None:
+    due_pending(25, "m")
     first = maintenance.expire_pending(batch_size=10, max_batches=2)
     assert first.moved == 20
     assert maintenance.expire_pending(batch_size=10, max_batches=2).moved == 5
@@ -175,16 +180,7 @@ def test_expiry_goes_on_when_storage_fails(
     from msc3870.errors import StorageUnavailable
     from msc3870.storage import get_store
 
-    past = timezone.now() - timedelta(seconds=1)
-    Media.objects.bulk_create(
-        Media(
-            server_name="localhost",
-            media_id=f"s{i}",
-            user_id="@a:localhost",
-            unused_expires_at=past,
-        )
-        for i in range(30)
-    )
+    due_pending(30, "s")
     store = get_store()
 
     def down(keys: list[str]) -> None:
