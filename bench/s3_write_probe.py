@@ -101,6 +101,24 @@ def case(kind: str, size: int, chunks: int | None) -> dict[str, Any]:
     return {"move_s": t1 - t0, "hash_read_s": time.monotonic() - t1, "hash_cpu_s": cpu_s() - c1}
 
 
+def run_case(s3: S3Server, size_mib: int, spec: str, env: dict[str, str]) -> dict[str, Any]:
+    """One case in a child process, against a fresh S3 server (SeaweedFS does not reclaim
+    deleted space at once); the child's JSON result."""
+    s3.start()
+    try:
+        out = subprocess.run(
+            [str(PYTHON), __file__, "--size-mib", str(size_mib), "--case", spec],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    finally:
+        s3.stop()
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=256)
@@ -139,19 +157,7 @@ def main() -> None:
     try:
         for _ in range(args.repeat):
             for label, spec, env in variants:
-                s3.start()  # fresh: SeaweedFS does not reclaim deleted space at once
-                try:
-                    out = subprocess.run(
-                        [str(PYTHON), __file__, "--size-mib", str(args.size_mib), "--case", spec],
-                        cwd=ROOT,
-                        env={**os.environ, **env},
-                        check=True,
-                        capture_output=True,
-                        text=True,
-                    ).stdout
-                finally:
-                    s3.stop()
-                r = json.loads(out.strip().splitlines()[-1])
+                r = run_case(s3, args.size_mib, spec, env)
                 rows.append(
                     [
                         label,
@@ -162,18 +168,7 @@ def main() -> None:
                         f"{r['wall_s']:.2f}",
                     ]
                 )
-            s3.start()
-            try:
-                out = subprocess.run(
-                    [str(PYTHON), __file__, "--size-mib", str(args.size_mib), "--case", "complete"],
-                    cwd=ROOT,
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                ).stdout
-            finally:
-                s3.stop()
-            r = json.loads(out.strip().splitlines()[-1])
+            r = run_case(s3, args.size_mib, "complete", {})
             timings.append(
                 [f"{r['move_s']:.2f}", f"{r['hash_read_s']:.2f}", f"{r['hash_cpu_s']:.2f}"]
             )

@@ -47,3 +47,21 @@ def download(stack: Stack, content_uri: str, query: str = "") -> requests.Respon
 
 def keys_of(s3_client: Any, media: Media) -> list[str]:
     return [k for k in bucket_keys(s3_client) if k.endswith(media.media_id)]
+
+
+def upload_through_url(
+    stack: Stack, token: str, data: bytes, *, query: str = "", content_type: str = "text/plain"
+) -> str:
+    """create -> PUT to the upload URL -> /complete; the content URI."""
+    response = requests.post(
+        f"{stack.base_url}/_matrix/media/v1/create{query}", headers=auth(token), timeout=30
+    )
+    assert response.status_code == 200, response.text
+    created = response.json()
+    put = requests.put(
+        created["upload_url"], data=data, headers={"Content-Type": content_type}, timeout=60
+    )
+    assert put.status_code == 200, put.text
+    done = complete(stack, token, created["content_uri"], query)
+    assert done.status_code == 200, done.text
+    return created["content_uri"]

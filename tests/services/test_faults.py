@@ -24,7 +24,7 @@ from msc3870.conf import DEFAULTS
 from msc3870.models import Media, MediaState
 
 from .conftest import EICAR, ROOT, PrivateRedis, Stack, bucket_keys, s3_server, wait_until
-from .helpers import complete, create, download, keys_of, media_of
+from .helpers import complete, create, download, keys_of, media_of, upload_through_url
 
 pytestmark = pytest.mark.services
 S = MediaState
@@ -164,10 +164,7 @@ def test_s3_down_during_cleanup_never_claims_deleted(
     live: Stack, user_token: tuple[str, str], s3_client: Any
 ) -> None:
     _, token = user_token
-    created = create(live, token)
-    requests.put(created["upload_url"], data=b"to be purged")
-    assert complete(live, token, created["content_uri"]).status_code == 200
-    media = media_of(created["content_uri"])
+    media = media_of(upload_through_url(live, token, b"to be purged"))
     s3_server("stop")
     try:
         assert moderation.purge(media, by="@mod:localhost")

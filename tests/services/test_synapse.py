@@ -26,7 +26,7 @@ import requests
 from msc3870.models import MediaState
 
 from .conftest import ROOT, PrivateRedis, Stack, free_port
-from .helpers import auth, complete, create, media_of, mxc_path
+from .helpers import auth, complete, create, media_of, mxc_path, upload_through_url
 
 pytestmark = pytest.mark.services
 
@@ -216,24 +216,6 @@ def media_server(make_stack: Any, private_redis: PrivateRedis, synapse: Synapse)
     stack.start_server()
     stack.start_worker()
     return stack
-
-
-def upload_through_url(
-    stack: Stack, token: str, data: bytes, *, query: str = "", content_type: str = "text/plain"
-) -> str:
-    """create -> PUT to the upload URL -> /complete; the content URI."""
-    response = requests.post(
-        f"{stack.base_url}/_matrix/media/v1/create{query}", headers=auth(token), timeout=30
-    )
-    assert response.status_code == 200, response.text
-    created = response.json()
-    put = requests.put(
-        created["upload_url"], data=data, headers={"Content-Type": content_type}, timeout=60
-    )
-    assert put.status_code == 200, put.text
-    done = complete(stack, token, created["content_uri"], query)
-    assert done.status_code == 200, done.text
-    return created["content_uri"]
 
 
 def authenticated_download(
