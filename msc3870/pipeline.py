@@ -114,16 +114,22 @@ def _complete(media: Media, findings: dict[str, object]) -> str:
 
 
 def _reject(media: Media, rejection: Rejection) -> str:
+    # Delete first, while the row is still PROCESSING (never served): by the time the
+    # uploader hears of the rejection, the bytes are gone. These keys are this media's
+    # own (sharing happens only on completion). If the storage fails, the task is retried.
+    get_store().delete_many(
+        sorted(object_keys(media.media_id, media.storage_key, media.upload_method, None))
+    )
     if not lifecycle.transition(
         media,
         [S.PROCESSING],
         S.REJECTED,
         rejection_errcode=rejection.errcode,
         rejection_reason=rejection.reason[:1000],
+        objects_deleted_at=timezone.now(),
     ):
         return "skipped"
     log.info("Rejected %s: %s", media.mxc_uri, rejection.reason)
-    schedule_object_deletion(media.pk)
     return "rejected"
 
 
@@ -151,6 +157,22 @@ def delete_objects(pk: int) -> bool:
     return delete_objects_of([pk]) == 1
 
 
+def object_keys(
+    media_id: str, storage_key: str, upload_method: str, completed_at: object
+) -> set[str]:
+    """Only the keys a row's history can have made: an id that expired unused has at most
+    its incoming object, so an expiry batch is one batched delete."""
+    probe = Media(media_id=media_id)
+    keys = {probe.incoming_key}
+    if upload_method or storage_key:
+        keys.add(probe.served_key)
+    if storage_key:
+        keys.add(storage_key)
+    if completed_at:
+        keys.update(thumbnail_keys(media_id))
+    return keys
+
+
 def delete_objects_of(pks: list[int]) -> int:
     """Batch form: one query, one batched delete in storage, one update.
 
@@ -164,18 +186,9 @@ def delete_objects_of(pks: list[int]) -> int:
     )
     if not rows:
         return 0
-    # Only keys the row's history can have made: an id that expired unused has at most
-    # its incoming object, so an expiry batch is one batched delete.
     keys: set[str] = set()
-    for _, media_id, storage_key, upload_method, completed_at in rows:
-        probe = Media(media_id=media_id)
-        keys.add(probe.incoming_key)
-        if upload_method or storage_key:
-            keys.add(probe.served_key)
-        if storage_key:
-            keys.add(storage_key)
-        if completed_at:
-            keys.update(thumbnail_keys(media_id))
+    for _, *history in rows:
+        keys |= object_keys(*history)
     # Identical content is stored once: keep objects that live media still serve.
     # (The blank-key exclusion repeats the partial index's condition, so PostgreSQL uses
     # the index for a long IN list too.)
