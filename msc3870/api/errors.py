@@ -104,13 +104,20 @@ class MatrixErrorMiddleware:
         return json_error(error)
 
 
-def parse_json_object(raw: bytes) -> dict[str, Any]:
-    """Bodies of /create and /complete: empty, or a JSON object."""
+def parse_json_object(raw: bytes, *, max_size: int = 64 * 1024) -> dict[str, Any]:
+    """Bodies of /create and /complete: empty, or a JSON object.
+
+    Both endpoints define no field, so a body over ``max_size`` is refused unparsed (413),
+    which also bounds the parser's work; nesting past the parser's recursion limit
+    (RecursionError, a 500 before) is not JSON this server accepts (400).
+    """
+    if len(raw) > max_size:
+        raise TooLarge(f"A JSON body may be at most {max_size} bytes")
     if not raw.strip():
         return {}
     try:
         value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise NotJson() from exc
     if not isinstance(value, dict):
         raise BadJson()

@@ -56,25 +56,33 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """One ``bytes=`` range as (start, end) inclusive; None = serve everything.
 
     Malformed and multi-range headers are ignored (RFC 9110 allows it); an unsatisfiable
-    range raises ``RangeNotSatisfiable``.
+    range raises ``RangeNotSatisfiable``, and so does any range of an empty object (there is
+    no byte to point at, and ``bytes 0--1/0`` is not a Content-Range).
     """
     if not header:
         return None
     match = _RANGE_RE.fullmatch(header.strip())
     if not match or (not match.group(1) and not match.group(2)):
         return None
+
+    def number(digits: str) -> int:
+        # int() refuses more than 4300 digits (ValueError, a 500 before); any number past
+        # the object's size means the same thing, so cap it without converting it all.
+        digits = digits.lstrip("0") or "0"
+        return int(digits) if len(digits) <= 18 else 10**18
+
     first, last = match.group(1), match.group(2)
     if not first:  # suffix: the last N bytes
-        length = int(last)
-        if length == 0:
+        length = number(last)
+        if length == 0 or size == 0:
             raise RangeNotSatisfiable()
         return max(0, size - length), size - 1
-    start = int(first)
-    end = min(int(last), size - 1) if last else size - 1
-    if last and int(last) < start:
+    start = number(first)
+    if last and number(last) < start:
         return None
     if start >= size:
         raise RangeNotSatisfiable()
+    end = min(number(last), size - 1) if last else size - 1
     return start, end
 
 
