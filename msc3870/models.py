@@ -1,4 +1,4 @@
-"""Media rows and local access tokens.
+"""Media rows, local access tokens and the moderators' audit trail.
 
 State changes never happen in ``save()``: they go through ``msc3870.lifecycle``, which
 updates the row with a compare-and-set on ``state``.
@@ -7,6 +7,7 @@ updates the row with a compare-and-set on ``state``.
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 from django.db import models
 from django.utils import timezone
@@ -67,6 +68,10 @@ class Media(models.Model):
 
     class Meta:
         verbose_name_plural = "media"
+        # Checked by every moderation action; view/change alone only let staff look.
+        permissions = [
+            ("moderate_media", "Can moderate media (quarantine, approve, reject, purge)")
+        ]
         constraints = [
             models.UniqueConstraint(fields=["server_name", "media_id"], name="msc3870_unique_mxc"),
         ]
@@ -149,3 +154,70 @@ class Uploader(models.Model):
 
     def __str__(self) -> str:
         return self.user_id
+
+
+class ModerationAction(models.TextChoices):
+    QUARANTINE = "quarantine", "Quarantine"
+    APPROVE = "approve", "Approve"
+    REJECT = "reject", "Reject"
+    PURGE = "purge", "Purge"
+
+
+class AppendOnlyError(RuntimeError):
+    """Raised on an attempt to change or delete a moderation record."""
+
+
+class ModerationRecordQuerySet(models.QuerySet["ModerationRecord"]):
+    def delete(self) -> tuple[int, dict[str, int]]:
+        raise AppendOnlyError("Moderation records are append-only: they cannot be deleted")
+
+
+class ModerationRecord(models.Model):
+    """One moderator action that changed a media's state. Append-only: written by
+    ``msc3870.moderation`` in the same transaction as the transition, never changed.
+
+    ``media`` becomes NULL when the old-tombstone sweep deletes a purged row (the only
+    change a record ever sees); ``mxc_uri`` keeps saying which media it was.
+    """
+
+    media = models.ForeignKey(
+        Media,
+        null=True,
+        on_delete=models.SET_NULL,
+        related_name="moderation_records",
+        db_index=False,  # the (media, at) index serves lookups by media
+    )
+    mxc_uri = models.CharField(max_length=330)  # mxc:// + server name (255) + / + id (64)
+    actor = models.CharField(
+        max_length=255, help_text="Who acted: a staff username, a Matrix user id, a process."
+    )
+    action = models.CharField(max_length=16, choices=ModerationAction.choices)
+    reason = models.TextField(blank=True)
+    state_before = models.CharField(max_length=16, choices=MediaState.choices)
+    state_after = models.CharField(max_length=16, choices=MediaState.choices)
+    at = models.DateTimeField(default=timezone.now, help_text="When the transition happened.")
+
+    objects = ModerationRecordQuerySet.as_manager()
+
+    class Meta:
+        ordering = ("-at", "-pk")
+        # No add/change/delete permissions exist to be granted: records are written by
+        # the domain layer only.
+        default_permissions = ("view",)
+        indexes = [
+            models.Index(fields=["media", "at"], name="msc3870_modrec_media"),
+            models.Index(fields=["actor", "at"], name="msc3870_modrec_actor"),
+            models.Index(fields=["action", "at"], name="msc3870_modrec_action"),
+            models.Index(fields=["at"], name="msc3870_modrec_at"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.action} of {self.mxc_uri} by {self.actor} at {self.at:%Y-%m-%d %H:%M:%S}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if not self._state.adding:
+            raise AppendOnlyError("Moderation records are append-only: they cannot be changed")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
+        raise AppendOnlyError("Moderation records are append-only: they cannot be deleted")
