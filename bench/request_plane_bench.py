@@ -1,0 +1,1052 @@
+"""The request plane beside Synapse (issue 7, item 7): round trips and waiting downloads.
+
+One run starts a real Synapse (``scripts/synapse``, its own venv, SQLite) and this project
+exactly as a user would (``make run`` in ``--project-dir``, with ``PORT``,
+``MEDIAREPO_DATA_DIR`` = a fresh temporary directory and, for ``--database postgres``,
+``DATABASE_URL`` = a fresh database ``mediarepo_bench_rp``), and measures both:
+
+1. **Round trips** at 1, 16 and 64 concurrent clients (``--clients``), each client its own
+   user: ``POST /_matrix/media/v1/create`` then ``PUT /_matrix/media/v3/upload/{server}/{id}``
+   with 1 KiB of fresh random bytes. For each phase (``--warmup`` unmeasured seconds, then
+   ``--duration`` measured seconds; no new round trip starts after the deadline): round
+   trips/s, p50/p99 latency of a round trip, and CPU seconds per round trip summed over
+   every process of each server (psutil, user+system of the whole process tree, reaped
+   children included), plus the load client's own CPU. Servers run with their default
+   process count (``make run`` as it is; ``WEB_CONCURRENCY`` is left unset).
+2. **Waiting downloads**: N (``--waiters``) authenticated
+   ``GET /_matrix/client/v1/media/download/{server}/{id}?timeout_ms=60000`` all on ONE id
+   that was created but not uploaded. Once they are sent and the server is quiet: server
+   RSS (whole tree), then ``/_matrix/client/versions`` latency over ``--probes`` sequential
+   requests; then the PUT of the bytes: its latency, the time from its start until the
+   last waiter has its answer, and how many got 200 with the right bytes. Memory per waiter
+   = RSS growth / N. This project runs this phase with ``WEB_CONCURRENCY=1`` (one process);
+   each N gets a freshly restarted server (same data), Synapse included.
+
+Everything is bounded: every request has a timeout; a server that does not answer is
+reported as failures (numbers), never a hang. The bench raises ``RLIMIT_NOFILE`` to the
+hard limit before starting anything, so both servers (its children) inherit it.
+
+The bench does not care which HTTP server ``make run`` starts: it measures the process
+tree of ``make run`` (started in its own session, killed as a process group at the end)
+and records the processes it found.
+
+    .venv/bin/python bench/request_plane_bench.py --label current --database both
+    git worktree add /tmp/before cabaad8
+    .venv/bin/python bench/request_plane_bench.py --project-dir /tmp/before --label before
+    .venv/bin/python bench/request_plane_bench.py --plot-only \\
+        bench/results/request-plane-before.json bench/results/request-plane-current.json
+
+Results: ``bench/results/request-plane-<label>.json``; ``--plot`` draws
+``docs/request-plane.png`` from this run and the ``--compare`` result files.
+Needs psutil, aiohttp and matplotlib (``bench/requirements.txt``), PostgreSQL on
+127.0.0.1:5432 for ``--database postgres``, and ``scripts/synapse install`` done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import hmac
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _shared import (
+    ROOT,
+    drop_database,
+    free_port,
+    machine_info,
+    markdown_table,
+    port_in_use,
+    recreate_database,
+)
+
+RESULTS = ROOT / "bench" / "results"
+PLOT = ROOT / "docs" / "request-plane.png"
+SYNAPSE_SCRIPT = ROOT / "scripts" / "synapse"
+BENCH_DB = "mediarepo_bench_rp"
+BODY_SIZE = 1024
+DOWNLOAD_TIMEOUT_MS = 60_000
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class ProcessTree:
+    """A root process and all its descendants, measured together."""
+
+    def __init__(self, root_pid: int) -> None:
+        self.root_pid = root_pid
+
+    def processes(self) -> list[psutil.Process]:
+        try:
+            root = psutil.Process(self.root_pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def cpu_seconds(self) -> float:
+        """user+system of every live process, plus what they reaped from dead children:
+        the sum is conserved when a worker exits and its parent reaps it."""
+        total = 0.0
+        for proc in self.processes():
+            try:
+                t = proc.cpu_times()
+            except psutil.Error:
+                continue
+            total += t.user + t.system + t.children_user + t.children_system
+        return total
+
+    def rss(self) -> int:
+        total = 0
+        for proc in self.processes():
+            try:
+                total += proc.memory_info().rss
+            except psutil.Error:
+                continue
+        return total
+
+    def describe(self) -> list[str]:
+        out = []
+        for proc in self.processes():
+            try:
+                cmd = " ".join(proc.cmdline())
+            except psutil.Error:
+                continue
+            out.append(f"{proc.pid}: {cmd[:160]}")
+        return out
+
+    def wait_quiet(self, limit: float, busy_share: float = 0.05, window: float = 0.5) -> float:
+        """Wait until the tree uses under ``busy_share`` of a core over ``window`` s (the
+        waiters are parked), at most ``limit`` s; returns the seconds waited."""
+        start = time.monotonic()
+        last = self.cpu_seconds()
+        while time.monotonic() - start < limit:
+            time.sleep(window)
+            now = self.cpu_seconds()
+            if now - last < busy_share * window:
+                break
+            last = now
+        return time.monotonic() - start
+
+
+def raise_nofile() -> tuple[int, int]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def wait_answers(url: str, limit: float, alive: Callable[[], bool]) -> bool:
+    import urllib.request
+
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if not alive():
+            return False
+        try:
+            with urllib.request.urlopen(url + "/_matrix/client/versions", timeout=2) as resp:
+                if resp.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.25)
+    return False
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class ServerFailed(Exception):
+    pass
+
+
+class ProjectServer:
+    """``make run`` in a checkout, in its own session, on a free port."""
+
+    def __init__(self, project_dir: Path, data_dir: Path, database_url: str | None) -> None:
+        self.project_dir = project_dir
+        self.data_dir = data_dir
+        self.database_url = database_url
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir / "make-run.log"
+        self.web_concurrency: str | None = None
+
+    def env(self) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("WEB_CONCURRENCY", "DATABASE_URL", "VIRTUAL_ENV", "PYTHONPATH")
+            and not k.startswith(("MSC3870_", "DJANGO_", "GUNICORN_"))
+        }
+        env.update(
+            PORT=str(self.port),
+            MEDIAREPO_DATA_DIR=str(self.data_dir),
+            MSC3870_CREATE_RATE="1000000/min",
+        )
+        if self.database_url:
+            env["DATABASE_URL"] = self.database_url
+        if self.web_concurrency:
+            env["WEB_CONCURRENCY"] = self.web_concurrency
+        return env
+
+    def start(self, web_concurrency: str | None = None, limit: float = 600) -> None:
+        self.web_concurrency = web_concurrency
+        if port_in_use(self.port):
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as out:
+            out.write(f"\n=== make run (WEB_CONCURRENCY={web_concurrency})\n".encode())
+            out.flush()
+            self.proc = subprocess.Popen(
+                ["make", "run"],
+                cwd=self.project_dir,
+                env=self.env(),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        proc = self.proc
+        if not wait_answers(self.url, limit, lambda: proc.poll() is None):
+            self.stop()
+            raise ServerFailed(f"make run did not answer on {self.url}:\n{tail(self.log_path)}")
+
+    @property
+    def tree(self) -> ProcessTree:
+        assert self.proc is not None
+        return ProcessTree(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        pgid = self.proc.pid  # its own session: the group id is its pid
+        for sig, wait in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                self.proc.poll()
+                try:
+                    os.killpg(pgid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.2)
+            else:
+                continue
+            break
+        self.proc.wait(timeout=10)
+        self.proc = None
+
+    def mint_tokens(self, users: Sequence[str]) -> list[str]:
+        python = self.project_dir / ".venv" / "bin" / "python"
+
+        def mint(user: str) -> str:
+            out = subprocess.run(
+                [str(python), "manage.py", "create_access_token", user],
+                cwd=self.project_dir,
+                env=self.env(),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            if out.returncode != 0:
+                raise ServerFailed(f"create_access_token {user}: {out.stderr[-2000:]}")
+            return out.stdout.strip().splitlines()[-1]
+
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            return list(pool.map(mint, users))
+
+
+class SynapseServer:
+    """``scripts/synapse`` with a temporary data dir and a free port."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.started_once = False
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "SYNAPSE_DIR": str(self.data_dir), "SYNAPSE_PORT": str(self.port)}
+
+    def _script(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(SYNAPSE_SCRIPT), *args],
+            cwd=ROOT,
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def start(self, web_concurrency: str | None = None, limit: float = 180) -> None:
+        del web_concurrency  # one process
+        out = self._script("start", *(() if self.started_once else ("--fresh",)), timeout=limit)
+        if out.returncode != 0:
+            raise ServerFailed(f"scripts/synapse start: {out.stdout}{out.stderr}")
+        self.started_once = True
+
+    @property
+    def tree(self) -> ProcessTree:
+        return ProcessTree(int((self.data_dir / "synapse.pid").read_text()))
+
+    def stop(self) -> None:
+        self._script("stop", timeout=60)
+
+    def version(self) -> str:
+        python = ROOT / ".venv-synapse" / "bin" / "python"
+        out = subprocess.run(
+            [str(python), "-c", "import synapse; print(synapse.__version__)"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        return out.stdout.strip()
+
+    def mint_tokens(self, users: Sequence[str]) -> list[str]:
+        """Shared-secret registration (``POST /_synapse/admin/v1/register``)."""
+        import urllib.request
+
+        secret = (self.data_dir / "registration_shared_secret").read_text().strip()
+        endpoint = f"{self.url}/_synapse/admin/v1/register"
+
+        def register(user: str) -> str:
+            localpart = user[1:].split(":", 1)[0]
+            with urllib.request.urlopen(endpoint, timeout=30) as resp:
+                nonce = json.load(resp)["nonce"]
+            password = "bench-" + localpart
+            mac = hmac.new(
+                secret.encode(),
+                "\0".join((nonce, localpart, password, "notadmin")).encode(),
+                hashlib.sha1,
+            ).hexdigest()
+            body = json.dumps(
+                {
+                    "nonce": nonce,
+                    "username": localpart,
+                    "password": password,
+                    "admin": False,
+                    "mac": mac,
+                }
+            ).encode()
+            request = urllib.request.Request(
+                endpoint, data=body, headers={"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(request, timeout=60) as resp:
+                return str(json.load(resp)["access_token"])
+
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            return list(pool.map(register, users))
+
+
+Server = ProjectServer | SynapseServer
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000, 2)
+
+
+def self_cpu() -> float:
+    t = psutil.Process().cpu_times()
+    return t.user + t.system
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+class Failure(Exception):
+    pass
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def create_media(session: aiohttp.ClientSession, base: str, token: str) -> tuple[str, str]:
+    async with session.post(f"{base}/_matrix/media/v1/create", headers=auth(token)) as resp:
+        raw = await resp.read()
+        if resp.status != 200:
+            raise Failure(f"create {resp.status} {_errcode(raw)}")
+    uri = str(json.loads(raw)["content_uri"])
+    server_name, media_id = uri.removeprefix("mxc://").split("/", 1)
+    return server_name, media_id
+
+
+async def upload_media(
+    session: aiohttp.ClientSession, base: str, token: str, mxc: tuple[str, str], body: bytes
+) -> None:
+    headers = {**auth(token), "Content-Type": "application/octet-stream"}
+    url = f"{base}/_matrix/media/v3/upload/{mxc[0]}/{mxc[1]}"
+    async with session.put(url, data=body, headers=headers) as resp:
+        raw = await resp.read()
+        if resp.status != 200:
+            raise Failure(f"put {resp.status} {_errcode(raw)}")
+
+
+def _errcode(raw: bytes) -> str:
+    try:
+        return str(json.loads(raw).get("errcode", ""))
+    except (ValueError, AttributeError):
+        return "non-JSON"
+
+
+def _failure_kind(exc: BaseException) -> str:
+    if isinstance(exc, Failure):
+        return str(exc)
+    if isinstance(exc, TimeoutError):
+        return "client timeout"
+    return type(exc).__name__
+
+
+@dataclass
+class PhaseSamples:
+    latencies: list[float] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+
+
+async def _clients(
+    base: str, tokens: Sequence[str], seconds: float, request_timeout: float
+) -> tuple[PhaseSamples, float]:
+    samples = PhaseSamples()
+    timeout = aiohttp.ClientTimeout(total=request_timeout)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        start = time.monotonic()
+        deadline = start + seconds
+
+        async def client(token: str) -> None:
+            while time.monotonic() < deadline:
+                t0 = time.monotonic()
+                try:
+                    mxc = await create_media(session, base, token)
+                    await upload_media(session, base, token, mxc, os.urandom(BODY_SIZE))
+                except (TimeoutError, aiohttp.ClientError, Failure, ValueError) as exc:
+                    samples.errors[_failure_kind(exc)] += 1
+                    await asyncio.sleep(0.05)  # a failing server is not hammered in a loop
+                    continue
+                samples.latencies.append(time.monotonic() - t0)
+
+        await asyncio.gather(*(client(token) for token in tokens))
+        return samples, time.monotonic() - start
+
+
+def round_trip_phase(
+    server: Server, tokens: Sequence[str], clients: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    users = list(tokens[:clients])
+    if args.warmup > 0:
+        asyncio.run(_clients(server.url, users, args.warmup, args.request_timeout))
+    tree = server.tree
+    cpu0, client0 = tree.cpu_seconds(), self_cpu()
+    samples, wall = asyncio.run(_clients(server.url, users, args.duration, args.request_timeout))
+    cpu = tree.cpu_seconds() - cpu0
+    client_cpu = self_cpu() - client0
+    done = len(samples.latencies)
+    result = {
+        "clients": clients,
+        "wall_s": round(wall, 3),
+        "round_trips": done,
+        "errors": dict(samples.errors),
+        "round_trips_per_s": round(done / wall, 1) if wall else None,
+        "p50_ms": ms(percentile(samples.latencies, 50)),
+        "p99_ms": ms(percentile(samples.latencies, 99)),
+        "max_ms": ms(max(samples.latencies, default=None)),
+        "server_cpu_s": round(cpu, 3),
+        "server_cpu_ms_per_round_trip": round(cpu / done * 1000, 3) if done else None,
+        "server_cpu_share_of_wall": round(cpu / wall, 3) if wall else None,
+        "client_cpu_s": round(client_cpu, 3),
+        "client_cpu_ms_per_round_trip": round(client_cpu / done * 1000, 3) if done else None,
+        "server_processes": len(tree.processes()),
+    }
+    log(
+        f"  {clients:>3} clients: {result['round_trips_per_s']} rt/s, p50 {result['p50_ms']} ms, "
+        f"p99 {result['p99_ms']} ms, server {result['server_cpu_ms_per_round_trip']} ms CPU/rt, "
+        f"client {result['client_cpu_ms_per_round_trip']} ms/rt, errors {dict(samples.errors)}"
+    )
+    return result
+
+
+# --------------------------------------------------------------------------- waiters
+
+
+@dataclass
+class Waiter:
+    sent_at: float | None = None
+    answered_at: float | None = None
+    status: int | None = None
+    right_bytes: bool = False
+    error: str | None = None
+
+
+async def _waiter_phase(
+    server: Server,
+    tokens: Sequence[str],
+    n: int,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    base = server.url
+    tree = server.tree
+    body = os.urandom(BODY_SIZE)
+    uploader = tokens[0]
+    out: dict[str, Any] = {"waiters": n}
+    timeout = aiohttp.ClientTimeout(total=args.request_timeout)
+    async with aiohttp.ClientSession(timeout=timeout) as control:
+        mxc = await create_media(control, base, uploader)
+    rss0 = tree.rss()
+    cpu0 = tree.cpu_seconds()
+
+    waiters = [Waiter() for _ in range(n)]
+    trace = aiohttp.TraceConfig()
+
+    async def on_sent(
+        session: aiohttp.ClientSession, ctx: Any, params: aiohttp.TraceRequestHeadersSentParams
+    ) -> None:
+        del session, params
+        ctx.trace_request_ctx["waiter"].sent_at = time.monotonic()
+
+    trace.on_request_headers_sent.append(on_sent)
+    url = f"{base}/_matrix/client/v1/media/download/{mxc[0]}/{mxc[1]}"
+    wait_timeout = aiohttp.ClientTimeout(
+        total=DOWNLOAD_TIMEOUT_MS / 1000 + args.answer_deadline + 30, sock_connect=30
+    )
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    session = aiohttp.ClientSession(
+        connector=connector, timeout=wait_timeout, trace_configs=[trace]
+    )
+
+    async def wait_one(i: int) -> None:
+        waiter = waiters[i]
+        try:
+            async with session.get(
+                url,
+                params={"timeout_ms": str(DOWNLOAD_TIMEOUT_MS)},
+                headers=auth(tokens[i % len(tokens)]),
+                trace_request_ctx={"waiter": waiter},
+            ) as resp:
+                data = await resp.read()
+                waiter.status = resp.status
+                waiter.right_bytes = resp.status == 200 and data == body
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            waiter.error = _failure_kind(exc)
+        finally:
+            waiter.answered_at = time.monotonic()
+
+    t_launch = time.monotonic()
+    tasks: list[asyncio.Task[None]] = []
+    for i in range(n):  # ramp: 100 connections every 10 ms
+        tasks.append(asyncio.create_task(wait_one(i)))
+        if i % 100 == 99:
+            await asyncio.sleep(0.01)
+    # All sent (or failed), bounded.
+    send_deadline = time.monotonic() + args.send_timeout
+    while time.monotonic() < send_deadline:
+        pending = sum(1 for w in waiters if w.sent_at is None and w.answered_at is None)
+        if not pending:
+            break
+        await asyncio.sleep(0.1)
+    out["sent"] = sum(1 for w in waiters if w.sent_at is not None)
+    out["send_s"] = round(time.monotonic() - t_launch, 2)
+    out["quiet_wait_s"] = round(await asyncio.to_thread(tree.wait_quiet, args.quiet_timeout), 2)
+    out["answered_before_upload"] = Counter(
+        str(w.status if w.status is not None else w.error)
+        for w in waiters
+        if w.answered_at is not None
+    )
+    rss1 = tree.rss()
+    out["rss_before_mib"] = round(rss0 / 2**20, 1)
+    out["rss_waiting_mib"] = round(rss1 / 2**20, 1)
+    out["rss_per_waiter_kib"] = round((rss1 - rss0) / n / 1024, 1)
+    out["server_processes"] = len(tree.processes())
+    out["cpu_to_park_s"] = round(tree.cpu_seconds() - cpu0, 3)
+
+    # Other requests meanwhile: sequential /versions, bounded in total.
+    probes: list[float] = []
+    probe_errors: Counter[str] = Counter()
+    probe_deadline = time.monotonic() + args.probe_budget
+    probe_timeout = aiohttp.ClientTimeout(total=args.probe_timeout)
+    async with aiohttp.ClientSession(timeout=probe_timeout) as probe:
+        for _ in range(args.probes):
+            if time.monotonic() >= probe_deadline:
+                probe_errors["not tried (probe budget spent)"] += 1
+                continue
+            t0 = time.monotonic()
+            try:
+                async with probe.get(f"{base}/_matrix/client/versions") as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        raise Failure(f"versions {resp.status}")
+                probes.append(time.monotonic() - t0)
+            except (TimeoutError, aiohttp.ClientError, Failure) as exc:
+                probe_errors[_failure_kind(exc)] += 1
+    out["versions"] = {
+        "answered": len(probes),
+        "of": args.probes,
+        "errors": dict(probe_errors),
+        "p50_ms": ms(percentile(probes, 50)),
+        "p99_ms": ms(percentile(probes, 99)),
+        "max_ms": ms(max(probes, default=None)),
+    }
+
+    # The upload, then every waiter's answer, bounded.
+    t_put = time.monotonic()
+    put_error = None
+    try:
+        async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=args.put_timeout)
+        ) as control:
+            await upload_media(control, base, uploader, mxc, body)
+    except (TimeoutError, aiohttp.ClientError, Failure) as exc:
+        put_error = _failure_kind(exc)
+    put_end = time.monotonic()
+    out["put_ms"] = round((put_end - t_put) * 1000, 1)
+    out["put_error"] = put_error
+    remaining = [t for t in tasks if not t.done()]
+    answer_deadline = max(t_put + args.answer_deadline, put_end + 10)
+    if remaining:
+        await asyncio.wait(remaining, timeout=max(0.0, answer_deadline - time.monotonic()))
+    unanswered = [t for t in tasks if not t.done()]
+    for task in unanswered:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await session.close()
+
+    after = [
+        w.answered_at - t_put
+        for w in waiters
+        if w.answered_at is not None and w.answered_at >= t_put and (w.status or w.error)
+    ]
+    outcomes = Counter(
+        "200 right bytes"
+        if w.right_bytes
+        else (f"HTTP {w.status}" if w.status is not None else (w.error or "?"))
+        for w in waiters
+    )
+    out["answered_before_upload"] = dict(out["answered_before_upload"])
+    out["outcomes"] = dict(outcomes)
+    out["no_answer_by_deadline"] = len(unanswered)
+    out["ok"] = sum(1 for w in waiters if w.right_bytes)
+    out["upload_to_last_answer_ms"] = ms(max(after)) if after else None
+    ok_after = [w.answered_at - t_put for w in waiters if w.right_bytes and w.answered_at]
+    out["upload_to_last_ok_ms"] = ms(max(ok_after)) if ok_after else None
+    out["upload_to_median_ok_ms"] = ms(percentile(ok_after, 50))
+    out["put_end_to_last_ok_ms"] = ms(max(ok_after) - (put_end - t_put)) if ok_after else None
+    out["answer_deadline_s"] = round(answer_deadline - t_put, 1)
+    out["server_cpu_s"] = round(tree.cpu_seconds() - cpu0, 3)
+    log(
+        f"  {n} waiters: sent {out['sent']} in {out['send_s']} s, RSS "
+        f"+{out['rss_per_waiter_kib']} KiB/waiter, /versions p50 {out['versions']['p50_ms']} "
+        f"p99 {out['versions']['p99_ms']} ms ({len(probes)}/{args.probes}), PUT "
+        f"{out['put_ms']} ms {put_error or ''}, last answer +{out['upload_to_last_answer_ms']}"
+        f" ms, {out['ok']}/{n} had the bytes; {dict(outcomes)}"
+    )
+    return out
+
+
+def waiter_phase(
+    server: Server, tokens: Sequence[str], n: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    # Bounded at the top as well: the sum of every inner bound, plus slack.
+    limit = args.send_timeout + args.quiet_timeout + args.probe_budget + args.put_timeout
+    limit += args.answer_deadline + 120
+
+    async def bounded() -> dict[str, Any]:
+        return await asyncio.wait_for(_waiter_phase(server, tokens, n, args), limit)
+
+    try:
+        return asyncio.run(bounded())
+    except TimeoutError:
+        return {"waiters": n, "error": f"phase exceeded {limit} s"}
+
+
+# --------------------------------------------------------------------------- a server's run
+
+
+def measure_server(
+    name: str,
+    server: Server,
+    waiter_concurrency: str | None,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    result: dict[str, Any] = {"server": name}
+    users = [f"@rp{i}:localhost" for i in range(max(args.clients))]
+    try:
+        log(f"{name}: starting")
+        t0 = time.monotonic()
+        server.start(None)
+        result["start_s"] = round(time.monotonic() - t0, 1)
+        result["processes_round_trips"] = server.tree.describe()
+        log(f"{name}: up in {result['start_s']} s; {len(result['processes_round_trips'])} procs")
+        tokens = server.mint_tokens(users)
+        log(f"{name}: {len(tokens)} users with tokens")
+        result["round_trips"] = [
+            round_trip_phase(server, tokens, clients, args) for clients in args.clients
+        ]
+        result["waiting"] = []
+        result["waiter_web_concurrency"] = waiter_concurrency
+        for n in args.waiters:
+            server.stop()
+            server.start(waiter_concurrency)
+            result.setdefault("processes_waiting", server.tree.describe())
+            result["waiting"].append(waiter_phase(server, tokens, n, args))
+    except ServerFailed as exc:
+        log(f"{name}: FAILED: {exc}")
+        result["failed"] = str(exc)
+    finally:
+        server.stop()
+    return result
+
+
+def project_git_head(project_dir: Path) -> str:
+    out = subprocess.run(
+        ["git", "-C", str(project_dir), "log", "-1", "--format=%h %s"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return out.stdout.strip()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    nofile = raise_nofile()
+    project_dir = args.project_dir.resolve()
+    report: dict[str, Any] = {
+        "label": args.label,
+        "project_dir": str(project_dir),
+        "project_head": project_git_head(project_dir),
+        "argv": sys.argv[1:],
+        "machine": machine_info(),
+        "rlimit_nofile": nofile,
+        "settings": {
+            "clients": args.clients,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "waiters": args.waiters,
+            "body_bytes": BODY_SIZE,
+            "download_timeout_ms": DOWNLOAD_TIMEOUT_MS,
+            "probes": args.probes,
+            "project_env": {"MSC3870_CREATE_RATE": "1000000/min"},
+        },
+        "servers": [],
+    }
+    log(f"RLIMIT_NOFILE {nofile}; project {project_dir} ({report['project_head']})")
+    scratch = Path(tempfile.mkdtemp(prefix="request-plane-"))
+    try:
+        if not args.no_synapse:
+            synapse = SynapseServer(scratch / "synapse")
+            report["synapse_version"] = synapse.version()
+            report["servers"].append(measure_server("synapse", synapse, None, args))
+        databases = ["sqlite", "postgres"] if args.database == "both" else [args.database]
+        for database in databases:
+            url = recreate_database(BENCH_DB) if database == "postgres" else None
+            try:
+                server = ProjectServer(project_dir, scratch / f"project-{database}", url)
+                report["servers"].append(measure_server(f"this ({database})", server, "1", args))
+            finally:
+                if url:
+                    drop_database(BENCH_DB)
+    finally:
+        if args.keep_logs:
+            log(f"logs kept in {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return report
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _find(report: dict[str, Any], server: str) -> dict[str, Any] | None:
+    return next((s for s in report["servers"] if s["server"] == server), None)
+
+
+def _rt(server: dict[str, Any], clients: int) -> dict[str, Any] | None:
+    return next((r for r in server.get("round_trips", []) if r["clients"] == clients), None)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a is not None and b else "n/a"
+
+
+def summary(report: dict[str, Any]) -> str:
+    lines = [f"## {report['label']}: {report['project_head']}", ""]
+    rows = []
+    for server in report["servers"]:
+        if "failed" in server:
+            rows.append([server["server"], "FAILED", "", "", "", "", "", ""])
+            continue
+        for r in server["round_trips"]:
+            rows.append(
+                [
+                    server["server"],
+                    r["clients"],
+                    r["round_trips_per_s"],
+                    r["p50_ms"],
+                    r["p99_ms"],
+                    r["server_cpu_ms_per_round_trip"],
+                    r["client_cpu_ms_per_round_trip"],
+                    sum(r["errors"].values()),
+                ]
+            )
+    lines.append(
+        markdown_table(
+            [
+                "server",
+                "clients",
+                "round trips/s",
+                "p50 ms",
+                "p99 ms",
+                "server CPU ms/rt",
+                "client CPU ms/rt",
+                "errors",
+            ],
+            rows,
+        )
+    )
+    lines.append("")
+    rows = []
+    for server in report["servers"]:
+        for w in server.get("waiting", []):
+            if "error" in w:
+                rows.append([server["server"], w["waiters"], w["error"], "", "", "", "", ""])
+                continue
+            v = w["versions"]
+            rows.append(
+                [
+                    server["server"],
+                    w["waiters"],
+                    f"{v['p50_ms']} / {v['p99_ms']} ({v['answered']}/{v['of']})",
+                    f"{w['put_ms']}" + (f" ({w['put_error']})" if w["put_error"] else ""),
+                    w["upload_to_last_answer_ms"],
+                    f"{w['ok']}/{w['waiters']}",
+                    w["rss_per_waiter_kib"],
+                    w["server_processes"],
+                ]
+            )
+    lines.append(
+        markdown_table(
+            [
+                "server",
+                "waiters",
+                "/versions p50 / p99 ms (answered)",
+                "PUT ms",
+                "upload to last answer ms",
+                "200 with the bytes",
+                "RSS KiB/waiter",
+                "processes",
+            ],
+            rows,
+        )
+    )
+    synapse = _find(report, "synapse")
+    if synapse and "failed" not in synapse:
+        lines += ["", "Ratios this/Synapse (throughput, server CPU per round trip, p99):", ""]
+        rows = []
+        for server in report["servers"]:
+            if server is synapse or "failed" in server:
+                continue
+            for r in server["round_trips"]:
+                s = _rt(synapse, r["clients"])
+                if s is None:
+                    continue
+                rows.append(
+                    [
+                        server["server"],
+                        r["clients"],
+                        _ratio(r["round_trips_per_s"], s["round_trips_per_s"]),
+                        _ratio(
+                            r["server_cpu_ms_per_round_trip"], s["server_cpu_ms_per_round_trip"]
+                        ),
+                        _ratio(r["p99_ms"], s["p99_ms"]),
+                    ]
+                )
+        lines.append(markdown_table(["server", "clients", "throughput", "CPU/rt", "p99"], rows))
+    return "\n".join(lines)
+
+
+def plot(reports: Sequence[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    (ax_tp, ax_p99), (ax_cpu, ax_wait) = axes
+    series: list[tuple[str, dict[str, Any]]] = []
+    seen_synapse = False
+    for report in reports:
+        for server in report["servers"]:
+            if "failed" in server:
+                continue
+            if server["server"] == "synapse":
+                label = f"Synapse {report.get('synapse_version', '')}".strip()
+                if seen_synapse:
+                    label += f" ({report['label']} run)"
+                seen_synapse = True
+            else:
+                label = f"{report['label']}: {server['server']}"
+            series.append((label, server))
+    for label, server in series:
+        rts = server.get("round_trips", [])
+        xs = [r["clients"] for r in rts]
+        style = "--" if label.startswith("Synapse") else "-"
+        ax_tp.plot(xs, [r["round_trips_per_s"] for r in rts], style, marker="o", label=label)
+        ax_p99.plot(xs, [r["p99_ms"] for r in rts], style, marker="o", label=label)
+        ax_cpu.plot(
+            xs, [r["server_cpu_ms_per_round_trip"] for r in rts], style, marker="o", label=label
+        )
+    for ax, title in (
+        (ax_tp, "create + PUT round trips/s (higher is better)"),
+        (ax_p99, "p99 round-trip latency, ms (log)"),
+        (ax_cpu, "server CPU ms per round trip, all processes"),
+    ):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("concurrent clients")
+        ax.set_xscale("log", base=2)
+        ax.grid(True, alpha=0.3)
+    ax_p99.set_yscale("log")
+    ax_tp.legend(fontsize=7)
+
+    # Waiting downloads: time from upload start to the last answer; unanswered = hatched.
+    labels: list[str] = []
+    values: list[float] = []
+    notes: list[str] = []
+    complete: list[bool] = []
+    for label, server in series:
+        for w in server.get("waiting", []):
+            if "error" in w:
+                continue
+            labels.append(f"{label}\nN={w['waiters']}")
+            last = w["upload_to_last_answer_ms"]
+            values.append((last or 0) / 1000)
+            complete.append(w["ok"] == w["waiters"])
+            notes.append(
+                f"{w['ok']}/{w['waiters']} ok; /versions p99 {w['versions']['p99_ms']} ms"
+                f" ({w['versions']['answered']}/{w['versions']['of']})"
+            )
+    ys = range(len(labels))
+    bars = ax_wait.barh(list(ys), values, color="tab:blue")
+    for bar, note, all_ok in zip(bars, notes, complete, strict=True):
+        if not all_ok:
+            bar.set_hatch("//")
+            bar.set_color("tab:orange")
+        y = bar.get_y() + bar.get_height() / 2
+        ax_wait.text(bar.get_width(), y, " " + note, va="center", fontsize=6)
+    ax_wait.set_yticks(list(ys), labels, fontsize=6)
+    ax_wait.axvline(1.0, color="red", linestyle=":", linewidth=1)
+    ax_wait.set_xscale("symlog", linthresh=1)
+    ax_wait.set_title(
+        "N downloads waiting on one id: upload start to last answer, s\n"
+        "(red: 1 s target; hatched: not all got the bytes)",
+        fontsize=10,
+    )
+    ax_wait.invert_yaxis()
+    fig.suptitle(
+        "Request plane beside Synapse (bench/request_plane_bench.py), 2 vCPUs", fontsize=11
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    log(f"plot: {path}")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--project-dir", type=Path, default=ROOT, help="checkout to `make run`")
+    parser.add_argument("--label", default="current", help="names the result file")
+    parser.add_argument("--database", choices=["sqlite", "postgres", "both"], default="sqlite")
+    parser.add_argument("--clients", type=int_list, default=[1, 16, 64])
+    parser.add_argument("--duration", type=float, default=10.0, help="measured s per phase")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured s per phase")
+    parser.add_argument("--waiters", type=int_list, default=[1000, 5000])
+    parser.add_argument("--probes", type=int, default=100, help="/versions samples")
+    parser.add_argument("--request-timeout", type=float, default=30.0)
+    parser.add_argument("--send-timeout", type=float, default=60.0)
+    parser.add_argument("--quiet-timeout", type=float, default=15.0)
+    parser.add_argument("--probe-timeout", type=float, default=10.0)
+    parser.add_argument("--probe-budget", type=float, default=30.0, help="s for all probes")
+    parser.add_argument("--put-timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--answer-deadline", type=float, default=30.0, help="s after the PUT starts"
+    )
+    parser.add_argument("--no-synapse", action="store_true")
+    parser.add_argument("--json", type=Path, help="default bench/results/request-plane-LABEL")
+    parser.add_argument("--plot", type=Path, nargs="?", const=PLOT, help=f"draw ({PLOT})")
+    parser.add_argument("--compare", type=Path, nargs="*", default=[], help="results to plot")
+    parser.add_argument("--plot-only", type=Path, nargs="+", help="draw these results, no run")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the temp data dirs")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.plot_only:
+        reports = [json.loads(p.read_text()) for p in args.plot_only]
+        for report in reports:
+            print(summary(report) + "\n")
+        plot(reports, args.plot or PLOT)
+        return
+    report = run(args)
+    path = args.json or RESULTS / f"request-plane-{args.label}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    log(f"results: {path}")
+    print(summary(report))
+    if args.plot:
+        plot([*(json.loads(p.read_text()) for p in args.compare), report], args.plot)
+
+
+if __name__ == "__main__":
+    main()
