@@ -26,7 +26,7 @@ from django.utils.html import format_html
 from django.utils.http import urlencode
 
 from . import moderation
-from .models import AccessToken, Media, ModerationRecord
+from .models import AccessToken, Media, ModerationAction, ModerationRecord
 
 MODERATE_PERMISSION = "msc3870.moderate_media"
 CONFIRMATION_TEMPLATE = "admin/msc3870/media/moderation_confirmation.html"
@@ -39,7 +39,8 @@ class Operation:
     """One moderation action as the admin offers it."""
 
     name: str  # the admin action's name
-    label: str  # imperative, for the confirmation page's title and button
+    label: str  # imperative, for the confirmation page's title and buttons
+    kind: ModerationAction
     perform: Callable[..., bool]  # msc3870.moderation's function
     verb: str  # past tense, for messages
     consequence: str  # what the confirmation page warns of
@@ -48,16 +49,23 @@ class Operation:
 QUARANTINE = Operation(
     "quarantine_media",
     "Quarantine",
+    ModerationAction.QUARANTINE,
     moderation.quarantine,
     "Quarantined",
     "They stop being served; their bytes are kept so they can be approved again.",
 )
 APPROVE = Operation(
-    "approve_media", "Approve", moderation.approve, "Approved", "They are served again."
+    "approve_media",
+    "Approve",
+    ModerationAction.APPROVE,
+    moderation.approve,
+    "Approved",
+    "They are served again.",
 )
 REJECT = Operation(
     "reject_media",
     "Reject",
+    ModerationAction.REJECT,
     moderation.reject,
     "Rejected",
     "They stop being served for good and their bytes are deleted. "
@@ -66,11 +74,13 @@ REJECT = Operation(
 PURGE = Operation(
     "purge_media",
     "Purge",
+    ModerationAction.PURGE,
     moderation.purge,
     "Purged",
     "Their bytes are deleted, in any state; only a tombstone row stays, so the ids are "
     "never reused. This cannot be undone.",
 )
+OPERATIONS = (QUARANTINE, APPROVE, REJECT, PURGE)
 
 
 class ModerationReasonForm(forms.Form):
@@ -189,6 +199,26 @@ class MediaAdmin(admin.ModelAdmin):
 
     def has_moderate_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm(MODERATE_PERMISSION)
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> Any:
+        # Buttons on the media's page for the actions its state allows; each posts to the
+        # change list as the action would, so it goes through the same confirmation.
+        media = self.get_object(request, object_id)
+        operations = []
+        if media is not None and self.has_moderate_permission(request):
+            operations = [
+                operation
+                for operation in OPERATIONS
+                if media.state in moderation.SOURCE_STATES[operation.kind]
+            ]
+        context = {**(extra_context or {}), "moderation_operations": operations}
+        return super().change_view(request, object_id, form_url, context)
 
     @admin.display(description="Moderation history")
     def moderation_history(self, media: Media) -> str:

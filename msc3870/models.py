@@ -187,7 +187,8 @@ class ModerationRecord(models.Model):
         related_name="moderation_records",
         db_index=False,  # the (media, at) index serves lookups by media
     )
-    mxc_uri = models.CharField(max_length=330)  # mxc:// + server name (255) + / + id (64)
+    # mxc:// + server name (255) + / + id (64)
+    mxc_uri = models.CharField("mxc URI", max_length=330)
     actor = models.CharField(
         max_length=255, help_text="Who acted: a staff username, a Matrix user id, a process."
     )
@@ -195,7 +196,7 @@ class ModerationRecord(models.Model):
     reason = models.TextField(blank=True)
     state_before = models.CharField(max_length=16, choices=MediaState.choices)
     state_after = models.CharField(max_length=16, choices=MediaState.choices)
-    at = models.DateTimeField(default=timezone.now, help_text="When the transition happened.")
+    at = models.DateTimeField("time", default=timezone.now, help_text="When the state changed.")
 
     objects = ModerationRecordQuerySet.as_manager()
 

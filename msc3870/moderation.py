@@ -30,24 +30,26 @@ Actor = AbstractBaseUser | str
 # the audit record only: it may name reporters or rooms the uploader must not learn of.
 PUBLIC_REJECTION_REASON = "Rejected by a moderator"
 
-# Every state a purge may start from.
-PURGEABLE_STATES = frozenset(
-    state for state in S.values if S.DELETED in lifecycle.ALLOWED_TRANSITIONS[state]
-)
+# The states each action may start from (the admin offers an action on a media's page
+# only in these).
+SOURCE_STATES: dict[ModerationAction, frozenset[str]] = {
+    ModerationAction.QUARANTINE: frozenset({S.COMPLETE}),
+    ModerationAction.APPROVE: frozenset({S.QUARANTINED}),
+    ModerationAction.REJECT: frozenset({S.COMPLETE, S.QUARANTINED}),
+    ModerationAction.PURGE: frozenset(
+        state for state in S.values if S.DELETED in lifecycle.ALLOWED_TRANSITIONS[state]
+    ),
+}
 
 
 def quarantine(media: Media, *, by: Actor, reason: str = "") -> bool:
     """Stop serving complete media, keeping its bytes for review."""
-    return _moderate(
-        media, ModerationAction.QUARANTINE, {S.COMPLETE}, S.QUARANTINED, by=by, reason=reason
-    )
+    return _moderate(media, ModerationAction.QUARANTINE, S.QUARANTINED, by=by, reason=reason)
 
 
 def approve(media: Media, *, by: Actor, reason: str = "") -> bool:
     """Serve quarantined media again."""
-    return _moderate(
-        media, ModerationAction.APPROVE, {S.QUARANTINED}, S.COMPLETE, by=by, reason=reason
-    )
+    return _moderate(media, ModerationAction.APPROVE, S.COMPLETE, by=by, reason=reason)
 
 
 def reject(media: Media, *, by: Actor, reason: str = "") -> bool:
@@ -55,7 +57,6 @@ def reject(media: Media, *, by: Actor, reason: str = "") -> bool:
     won = _moderate(
         media,
         ModerationAction.REJECT,
-        {S.COMPLETE, S.QUARANTINED},
         S.REJECTED,
         by=by,
         reason=reason,
@@ -69,9 +70,7 @@ def reject(media: Media, *, by: Actor, reason: str = "") -> bool:
 
 def purge(media: Media, *, by: Actor, reason: str = "") -> bool:
     """Delete the media in any state; the row stays as a tombstone so the id is never reused."""
-    won = _moderate(
-        media, ModerationAction.PURGE, PURGEABLE_STATES, S.DELETED, by=by, reason=reason
-    )
+    won = _moderate(media, ModerationAction.PURGE, S.DELETED, by=by, reason=reason)
     if won:
         schedule_object_deletion(media.pk)
     return won
@@ -84,24 +83,24 @@ def actor_name(by: Actor) -> str:
 def _moderate(
     media: Media,
     action: ModerationAction,
-    from_states: set[str] | frozenset[str],
     to_state: str,
     *,
     by: Actor,
     reason: str,
     **fields: Any,
 ) -> bool:
-    """Move ``media`` to ``to_state`` from any of ``from_states`` and record it; True if
-    this call won.
+    """Move ``media`` to ``to_state`` from any of the action's source states and record
+    it; True if this call won.
 
     The record must say which state the media left, so the compare-and-set names the one
-    state just read, not all of ``from_states``. On PostgreSQL the row lock makes the read
+    state just read, not all the source states. On PostgreSQL the row lock makes the read
     and the update agree; where there is no row lock (SQLite), a row changed in between
     makes the update lose, and the state is read again. States only move forward or
     between a few states, so a handful of rounds is plenty; a row that keeps changing
     under us counts as lost.
     """
     actor = actor_name(by)
+    from_states = SOURCE_STATES[action]
     for _round in range(len(S.values)):
         with transaction.atomic():
             state_before = (

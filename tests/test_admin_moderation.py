@@ -312,3 +312,36 @@ def test_records_inline_on_the_media_page_is_read_only(
     assert not inline.has_add_permission
     assert not inline.has_change_permission
     assert not inline.has_delete_permission
+
+
+# Acting from a media's own page
+
+
+def test_media_page_offers_the_actions_its_state_allows_to_moderators_only(
+    moderator: Client, viewer: Client, alice: MatrixClient
+) -> None:
+    media = upload(alice)
+    page = moderator.get(f"{CHANGELIST}{media.pk}/change/")
+    offered = {operation.name for operation in page.context["moderation_operations"]}
+    assert offered == {"quarantine_media", "reject_media", "purge_media"}
+    assert f'value="{media.pk}"' in page.content.decode()
+
+    assert moderation.quarantine(media, by="setup")
+    page = moderator.get(f"{CHANGELIST}{media.pk}/change/")
+    offered = {operation.name for operation in page.context["moderation_operations"]}
+    assert offered == {"approve_media", "reject_media", "purge_media"}
+
+    page = viewer.get(f"{CHANGELIST}{media.pk}/change/")
+    assert page.status_code == 200
+    assert page.context["moderation_operations"] == []
+    assert 'value="purge_media"' not in page.content.decode()
+
+
+def test_a_button_on_the_media_page_leads_to_the_confirmation_page(
+    moderator: Client, alice: MatrixClient
+) -> None:
+    media = upload(alice)
+    # What the page's "Purge" button posts.
+    response = moderator.post(CHANGELIST, {"action": "purge_media", "_selected_action": media.pk})
+    assert CONFIRMATION_TEMPLATE in [t.name for t in response.templates]
+    assert Media.objects.get(pk=media.pk).state == S.COMPLETE

@@ -29,7 +29,7 @@ class Migration(migrations.Migration):
                         auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
                     ),
                 ),
-                ("mxc_uri", models.CharField(max_length=330)),
+                ("mxc_uri", models.CharField(max_length=330, verbose_name="mxc URI")),
                 (
                     "actor",
                     models.CharField(
@@ -83,7 +83,9 @@ class Migration(migrations.Migration):
                 (
                     "at",
                     models.DateTimeField(
-                        default=django.utils.timezone.now, help_text="When the transition happened."
+                        default=django.utils.timezone.now,
+                        help_text="When the state changed.",
+                        verbose_name="time",
                     ),
                 ),
                 (
