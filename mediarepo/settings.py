@@ -6,6 +6,7 @@ With none set, this is the embedded default: SQLite, media on the local disk und
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from pathlib import Path
@@ -24,6 +25,10 @@ def env(name: str, default: str | None = None) -> str | None:
 
 def env_int(name: str, default: int) -> int:
     return int(env(name) or default)
+
+
+def _csv(value: str | None) -> list[str]:
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
 
 
 def _secret_key() -> str:
@@ -173,6 +178,15 @@ MSC3870 = {
 if env("MSC3870_CHECKS"):
     # Comma-separated import strings, replacing the default pipeline (e.g. to add a scan).
     MSC3870["CHECKS"] = [c.strip() for c in (env("MSC3870_CHECKS") or "").split(",") if c.strip()]
+# Federation: this server's signing key, made on first use if missing (never shipped).
+MSC3870["SIGNING_KEY_PATH"] = env("MSC3870_SIGNING_KEY_PATH") or str(DATA_DIR / "signing.key")
+# Notaries for other servers' keys, as JSON: [{"server_name": .., "verify_keys": {..}}].
+MSC3870["TRUSTED_KEY_SERVERS"] = json.loads(env("MSC3870_TRUSTED_KEY_SERVERS") or "[]")
+# Comma-separated CIDRs; the denylist replaces the built-in one only when set.
+if env("MSC3870_FEDERATION_IP_RANGE_DENYLIST") is not None:
+    MSC3870["FEDERATION_IP_RANGE_DENYLIST"] = _csv(env("MSC3870_FEDERATION_IP_RANGE_DENYLIST"))
+MSC3870["FEDERATION_IP_RANGE_ALLOWLIST"] = _csv(env("MSC3870_FEDERATION_IP_RANGE_ALLOWLIST"))
+MSC3870["FEDERATION_VERIFY_TLS"] = env("MSC3870_FEDERATION_VERIFY_TLS") != "0"
 if env("MATRIX_HOMESERVER_URL"):
     MSC3870["HOMESERVER_URL"] = env("MATRIX_HOMESERVER_URL")
     MSC3870["TOKEN_RESOLVER"] = "msc3870.auth.HomeserverTokenResolver"

@@ -76,6 +76,22 @@ DEFAULTS: dict[str, Any] = {
     "STUCK_AFTER_SECONDS": 300,
     # Separate endpoint for URLs handed to clients (CDN, transfer acceleration); None = same.
     "S3_PUBLIC_ENDPOINT_URL": None,
+    # Federation. This server's Ed25519 signing key file (Synapse's format); made on first
+    # use if missing. None: federation is off until a path is set.
+    "SIGNING_KEY_PATH": None,
+    # valid_until_ts of our /_matrix/key/v2/server answer: how long others may cache it.
+    "SIGNING_KEY_VALIDITY_SECONDS": 24 * 60 * 60,
+    # Notaries asked for other servers' keys before the servers themselves, as Synapse's
+    # trusted_key_servers: [{"server_name": "matrix.org", "verify_keys": {"ed25519:auto":
+    # "<base64>"}}]. Their answers must be signed by one of the listed keys.
+    "TRUSTED_KEY_SERVERS": [],
+    # Outbound requests (keys, remote media) never reach these addresses (CIDRs), unless
+    # FEDERATION_IP_RANGE_ALLOWLIST holds them (as Synapse's ip_range_blacklist/whitelist).
+    # None: the built-in list of private, loopback, link-local, multicast and reserved ranges.
+    "FEDERATION_IP_RANGE_DENYLIST": None,
+    "FEDERATION_IP_RANGE_ALLOWLIST": [],
+    # Verify other servers' TLS certificates (turn off only in tests).
+    "FEDERATION_VERIFY_TLS": True,
 }
 
 TYPE_MISMATCH_POLICIES = ("sniffed", "reject", "declared")
@@ -217,6 +233,52 @@ class MSC3870Settings:
     @property
     def S3_PUBLIC_ENDPOINT_URL(self) -> str | None:
         return self._get("S3_PUBLIC_ENDPOINT_URL")
+
+    @property
+    def SIGNING_KEY_PATH(self) -> str | None:
+        path = self._get("SIGNING_KEY_PATH")
+        return str(path) if path else None
+
+    @property
+    def SIGNING_KEY_VALIDITY_SECONDS(self) -> int:
+        return int(self._get("SIGNING_KEY_VALIDITY_SECONDS"))
+
+    @property
+    def TRUSTED_KEY_SERVERS(self) -> list[dict[str, Any]]:
+        servers = self._get("TRUSTED_KEY_SERVERS") or []
+        if not isinstance(servers, list | tuple) or not all(
+            isinstance(s, dict)
+            and isinstance(s.get("server_name"), str)
+            and isinstance(s.get("verify_keys"), dict)
+            and s["verify_keys"]
+            for s in servers
+        ):
+            raise ImproperlyConfigured(
+                "MSC3870['TRUSTED_KEY_SERVERS'] must be a list of "
+                '{"server_name": str, "verify_keys": {key_id: base64 key}}.'
+            )
+        return list(servers)
+
+    @property
+    def FEDERATION_IP_RANGE_DENYLIST(self) -> list[str] | None:
+        ranges = self._get("FEDERATION_IP_RANGE_DENYLIST")
+        return None if ranges is None else _cidr_list("FEDERATION_IP_RANGE_DENYLIST", ranges)
+
+    @property
+    def FEDERATION_IP_RANGE_ALLOWLIST(self) -> list[str]:
+        ranges = self._get("FEDERATION_IP_RANGE_ALLOWLIST") or []
+        return _cidr_list("FEDERATION_IP_RANGE_ALLOWLIST", ranges)
+
+    @property
+    def FEDERATION_VERIFY_TLS(self) -> bool:
+        return bool(self._get("FEDERATION_VERIFY_TLS"))
+
+
+def _cidr_list(name: str, ranges: Any) -> list[str]:
+    """A list of CIDRs; a bare string would be read as a list of characters."""
+    if isinstance(ranges, str) or not isinstance(ranges, list | tuple):
+        raise ImproperlyConfigured(f"MSC3870[{name!r}] must be a list of CIDR strings.")
+    return [str(r) for r in ranges]
 
 
 app_settings = MSC3870Settings()

@@ -30,6 +30,12 @@ class UnknownToken(MatrixError):
     status, errcode, default_message = 401, "M_UNKNOWN_TOKEN", "Unknown or expired access token"
 
 
+class Unauthorized(MatrixError):
+    """A federation request whose X-Matrix signature does not verify (or is missing)."""
+
+    status, errcode, default_message = 401, "M_UNAUTHORIZED", "Unauthorized"
+
+
 class Forbidden(MatrixError):
     status, errcode, default_message = 403, "M_FORBIDDEN", "Forbidden"
 

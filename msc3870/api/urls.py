@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.db import transaction
 from django.urls import re_path
 
+from ..federation.views import KeyServerView
 from . import views
 
 app_name = "msc3870"
@@ -66,4 +67,10 @@ urlpatterns = [
     re_path(r"^_matrix/client/v1/media/config$", view(views.ConfigView), name="config"),
     re_path(r"^_matrix/media/(?:v3|r0)/config$", view(views.ConfigView), name="legacy-config"),
     re_path(r"^_matrix/client/versions$", view(views.VersionsView), name="versions"),
+    # Our signing keys; the deprecated /{keyId} form answers the same.
+    re_path(
+        r"^_matrix/key/v2/server(?:/(?P<key_id>[^/]+))?$",
+        KeyServerView.as_view(),
+        name="key-server",
+    ),
 ]

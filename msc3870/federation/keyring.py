@@ -1,0 +1,272 @@
+"""Other servers' verify keys: fetched, checked, cached (Synapse's ``synapse/crypto/keyring.py``).
+
+A server's keys come from its ``GET /_matrix/key/v2/server`` over HTTPS (through
+``outbound``, so through the address guard), or first from the notaries in
+``MSC3870["TRUSTED_KEY_SERVERS"]`` (``POST /_matrix/key/v2/query``), as Synapse asks its
+``trusted_key_servers`` before the origin. An answer is used only if:
+
+- its ``server_name`` is the server asked about;
+- every signature it carries from that server by a key it lists verifies, and there is at
+  least one (a notary's answer must also verify with one of the notary's configured keys);
+- its ``valid_until_ts`` is in the future. It counts as at most seven days ahead, as the
+  spec says, so a key published once cannot stay trusted forever.
+
+Keys are cached (Django cache) for at most half of their remaining validity. Only
+``verify_keys`` authenticate requests: ``old_verify_keys`` are for old events, not requests.
+A server is asked again for a key it did not have at most once a minute, so requests naming
+made-up key ids cannot turn this server into a traffic amplifier; a failed fetch is
+remembered as long.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from canonicaljson import encode_canonical_json
+from django.core.cache import cache
+from signedjson.key import (
+    decode_verify_key_base64,
+    encode_verify_key_base64,
+    is_signing_algorithm_supported,
+)
+from signedjson.sign import SignatureVerifyException, verify_signed_json
+from signedjson.types import VerifyKey
+
+from ..conf import app_settings
+from . import keys, outbound
+from .server_names import InvalidServerName, server_base_url
+
+log = logging.getLogger(__name__)
+
+MAX_VALIDITY_MS = 7 * 24 * 60 * 60 * 1000
+REFETCH_AFTER_SECONDS = 60
+FETCH_TIMEOUT_SECONDS = 10.0
+MAX_KEY_RESPONSE_BYTES = 256 * 1024
+# Keys known to be compromised, refused whoever publishes them (as Synapse does).
+BANNED_VERIFY_KEYS = frozenset({"l/O9hxMVKB6Lg+3Hqf0FQQZhVESQcMzbPN1Cz2nM3og="})
+
+
+class KeyLookupError(Exception):
+    """No usable key: the server could not be asked, or its answer did not check out."""
+
+
+@dataclass(frozen=True)
+class ServerKey:
+    verify_key: VerifyKey
+    valid_until_ts: int
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _cache_key(kind: str, *parts: str) -> str:
+    # Server names and key ids are remote input: hash them into a safe, short cache key.
+    digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()
+    return f"msc3870:federation:{kind}:{digest}"
+
+
+def check_server_keys(response: Any, server_name: str, now: int) -> dict[str, ServerKey]:
+    """The verify keys of a Server Keys object, if it is ``server_name``'s, self-signed by
+    every key it lists that signed it, and still valid. Raises KeyLookupError."""
+    if not isinstance(response, dict):
+        raise KeyLookupError("Key response is not a JSON object")
+    if response.get("server_name") != server_name:
+        raise KeyLookupError(
+            f"Key response is for {response.get('server_name')!r}, not {server_name!r}"
+        )
+    valid_until = response.get("valid_until_ts")
+    if not isinstance(valid_until, int) or isinstance(valid_until, bool):
+        raise KeyLookupError(f"Key response of {server_name} has no valid_until_ts")
+    if valid_until <= now:
+        raise KeyLookupError(f"Keys of {server_name} expired at {valid_until}")
+    valid_until = min(valid_until, now + MAX_VALIDITY_MS)
+
+    listed = response.get("verify_keys")
+    if not isinstance(listed, dict):
+        raise KeyLookupError(f"Key response of {server_name} has no verify_keys")
+    found: dict[str, ServerKey] = {}
+    for key_id, key_data in listed.items():
+        if not is_signing_algorithm_supported(key_id):
+            continue  # an algorithm we cannot verify with; it cannot sign for us either
+        try:
+            algorithm, _, version = key_id.partition(":")
+            verify_key = decode_verify_key_base64(algorithm, version, key_data["key"])
+        except Exception as exc:
+            raise KeyLookupError(f"Malformed key {key_id!r} of {server_name}: {exc}") from exc
+        if encode_verify_key_base64(verify_key) in BANNED_VERIFY_KEYS:
+            raise KeyLookupError(f"Key {key_id!r} of {server_name} is banned")
+        found[key_id] = ServerKey(verify_key, valid_until)
+
+    signatures = response.get("signatures")
+    own = signatures.get(server_name) if isinstance(signatures, dict) else None
+    signed_by = [key_id for key_id in own if key_id in found] if isinstance(own, dict) else []
+    if not signed_by:
+        raise KeyLookupError(f"Key response of {server_name} is not signed by its own keys")
+    for key_id in signed_by:
+        try:
+            verify_signed_json(response, server_name, found[key_id].verify_key)
+        except SignatureVerifyException as exc:
+            raise KeyLookupError(f"Bad self-signature by {key_id} of {server_name}") from exc
+    return found
+
+
+def _get_json(method: str, url: str, body: Any | None = None) -> Any:
+    headers = {"Accept": "application/json"}
+    data = None
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+        data = encode_canonical_json(body)
+    try:
+        response = outbound.request(
+            method,
+            url,
+            headers=headers,
+            data=data,
+            max_bytes=MAX_KEY_RESPONSE_BYTES,
+            timeout=FETCH_TIMEOUT_SECONDS,
+            # A redirect is not a key server's answer; its target would be unchecked.
+            allow_redirects=False,
+        )
+    except outbound.OutboundError as exc:
+        raise KeyLookupError(f"{method} {url}: {exc}") from exc
+    if response.status != 200:
+        raise KeyLookupError(f"{method} {url} answered {response.status}")
+    try:
+        return json.loads(response.content)
+    except ValueError as exc:
+        raise KeyLookupError(f"{method} {url} did not answer JSON") from exc
+
+
+def fetch_direct(server_name: str, now: int) -> dict[str, ServerKey]:
+    """The keys a server publishes itself."""
+    try:
+        url = server_base_url(server_name) + "/_matrix/key/v2/server"
+    except InvalidServerName as exc:
+        raise KeyLookupError(str(exc)) from exc
+    return check_server_keys(_get_json("GET", url), server_name, now)
+
+
+def _notary_verify_keys(notary: dict[str, Any]) -> dict[str, VerifyKey]:
+    result = {}
+    for key_id, key_base64 in notary["verify_keys"].items():
+        algorithm, _, version = key_id.partition(":")
+        result[key_id] = decode_verify_key_base64(algorithm, version, key_base64)
+    return result
+
+
+def fetch_from_notary(
+    notary: dict[str, Any], server_name: str, key_ids: list[str], now: int
+) -> dict[str, ServerKey]:
+    """A server's keys as a notary saw them (``POST /_matrix/key/v2/query``): each answer
+    must be signed by one of the notary's configured keys and by the server itself."""
+    notary_name = notary["server_name"]
+    try:
+        url = server_base_url(notary_name) + "/_matrix/key/v2/query"
+    except InvalidServerName as exc:
+        raise KeyLookupError(str(exc)) from exc
+    criteria = {key_id: {"minimum_valid_until_ts": now} for key_id in key_ids}
+    answer = _get_json("POST", url, {"server_keys": {server_name: criteria}})
+    entries = answer.get("server_keys") if isinstance(answer, dict) else None
+    if not isinstance(entries, list):
+        raise KeyLookupError(f"Notary {notary_name} answered no server_keys list")
+    notary_keys = _notary_verify_keys(notary)
+    found: dict[str, ServerKey] = {}
+    for entry in entries:
+        if not isinstance(entry, dict) or entry.get("server_name") != server_name:
+            continue
+        by_notary = (entry.get("signatures") or {}).get(notary_name) or {}
+        known = [key_id for key_id in by_notary if key_id in notary_keys]
+        if not known:
+            log.warning(
+                "Notary %s answer for %s not signed by a known key", notary_name, server_name
+            )
+            continue
+        try:
+            for key_id in known:
+                verify_signed_json(entry, notary_name, notary_keys[key_id])
+            checked = check_server_keys(entry, server_name, now)
+        except (SignatureVerifyException, KeyLookupError) as exc:
+            log.warning("Notary %s answer for %s refused: %s", notary_name, server_name, exc)
+            continue
+        for key_id, key in checked.items():
+            if key_id not in found or found[key_id].valid_until_ts < key.valid_until_ts:
+                found[key_id] = key
+    return found
+
+
+def _remember(server_name: str, found: dict[str, ServerKey], now: int) -> None:
+    for key_id, key in found.items():
+        # At most half the remaining validity: a key the server drops is not trusted long.
+        seconds = (key.valid_until_ts - now) // 2 // 1000
+        if seconds >= 1:
+            cache.set(
+                _cache_key("key", server_name, key_id),
+                (encode_verify_key_base64(key.verify_key), key.valid_until_ts),
+                timeout=seconds,
+            )
+
+
+def _cached(server_name: str, key_id: str, now: int) -> VerifyKey | None:
+    entry = cache.get(_cache_key("key", server_name, key_id))
+    if entry is None:
+        return None
+    key_base64, valid_until = entry
+    if valid_until <= now:
+        return None
+    algorithm, _, version = key_id.partition(":")
+    return decode_verify_key_base64(algorithm, version, key_base64)
+
+
+def get_verify_key(server_name: str, key_id: str, now: int | None = None) -> VerifyKey:
+    """The key ``key_id`` of ``server_name``, valid now. Raises KeyLookupError."""
+    now = now_ms() if now is None else now
+    if not is_signing_algorithm_supported(key_id):
+        raise KeyLookupError(f"Unsupported key algorithm in {key_id!r}")
+    if server_name == app_settings.SERVER_NAME:
+        # Our own keys are on disk: no need to ask ourselves over HTTPS.
+        local = keys.verify_keys().get(key_id)
+        if local is None:
+            raise KeyLookupError(f"{key_id} is not one of this server's keys")
+        return local
+    if (key := _cached(server_name, key_id, now)) is not None:
+        return key
+    fetched = _cache_key("fetched", server_name)
+    if cache.get(fetched):
+        raise KeyLookupError(
+            f"Key {key_id} of {server_name} unknown (its keys were fetched in the last minute)"
+        )
+    try:
+        found = _fetch(server_name, key_id, now)
+    finally:
+        cache.set(fetched, True, timeout=REFETCH_AFTER_SECONDS)
+    if key_id not in found:
+        raise KeyLookupError(f"{server_name} has no key {key_id}")
+    return found[key_id].verify_key
+
+
+def _fetch(server_name: str, key_id: str, now: int) -> dict[str, ServerKey]:
+    """Notaries first, then the server itself if none had the key; what checks out is
+    cached even when the key asked for is not among it."""
+    found: dict[str, ServerKey] = {}
+    for notary in app_settings.TRUSTED_KEY_SERVERS:
+        try:
+            found.update(fetch_from_notary(notary, server_name, [key_id], now))
+        except KeyLookupError as exc:
+            log.warning("Key lookup of %s through %s failed: %s", server_name, notary, exc)
+        if key_id in found:
+            break
+    try:
+        if key_id not in found:
+            try:
+                found.update(fetch_direct(server_name, now))
+            except KeyLookupError as exc:
+                raise KeyLookupError(f"Keys of {server_name} could not be fetched: {exc}") from exc
+    finally:
+        _remember(server_name, found, now)
+    return found

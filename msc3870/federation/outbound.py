@@ -1,0 +1,408 @@
+"""Outbound HTTP to other servers, safe against server-side request forgery.
+
+Every request this server makes on behalf of someone else (keys, remote media, a
+``Location`` a remote server hands us) goes through here:
+
+- **Addresses are checked at connect time.** The connection classes below resolve the host
+  once, refuse the host if ANY address it resolves to is denied (a DNS answer mixing a
+  public and a private address is an attack, as Synapse's resolver judges it), and connect
+  to the very addresses they checked. There is no resolve-then-connect window for DNS
+  rebinding, and every redirect hop opens its connection through the same classes.
+- Denied by default: private, loopback, link-local, multicast, reserved, documentation and
+  unspecified ranges of IPv4 and IPv6. IPv6 addresses that carry an IPv4 address
+  (IPv4-mapped ``::ffff:a.b.c.d``, 6to4 ``2002::/16``, NAT64 ``64:ff9b::/96``) are judged
+  by that IPv4 address too. ``MSC3870["FEDERATION_IP_RANGE_DENYLIST"]`` replaces the
+  default list, ``["FEDERATION_IP_RANGE_ALLOWLIST"]`` exempts ranges from it (the
+  allowlist wins); ``0.0.0.0`` and ``::`` are always denied.
+- No proxy from the environment (a proxy would make the checked address the proxy's),
+  no ``.netrc``.
+- Bodies are streamed with a byte limit (``Content-Length`` first, then while reading)
+  and an overall deadline; TLS certificates are verified unless
+  ``MSC3870["FEDERATION_VERIFY_TLS"]`` is off.
+
+This is synchronous (requests and urllib3); async callers run it in a thread.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    HTTPError,
+    NameResolutionError,
+    NewConnectionError,
+    ReadTimeoutError,
+)
+from urllib3.util.connection import allowed_gai_family
+from urllib3.util.timeout import _DEFAULT_TIMEOUT
+
+from ..conf import app_settings
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# IANA's special-purpose registries, the ranges no federation peer lives in (Synapse's
+# DEFAULT_IP_RANGE_BLACKLIST plus 0.0.0.0/8, 240.0.0.0/4 and 100::/64).
+DEFAULT_IP_RANGE_DENYLIST: tuple[str, ...] = (
+    "0.0.0.0/8",  # "this network"; 0.0.0.0 reaches the local host
+    "10.0.0.0/8",  # private
+    "100.64.0.0/10",  # carrier-grade NAT
+    "127.0.0.0/8",  # loopback
+    "169.254.0.0/16",  # link-local (cloud metadata services live here)
+    "172.16.0.0/12",  # private
+    "192.0.0.0/24",  # IETF protocol assignments
+    "192.0.2.0/24",  # documentation
+    "192.88.99.0/24",  # 6to4 relay anycast
+    "192.168.0.0/16",  # private
+    "198.18.0.0/15",  # benchmarking
+    "198.51.100.0/24",  # documentation
+    "203.0.113.0/24",  # documentation
+    "224.0.0.0/4",  # multicast
+    "240.0.0.0/4",  # reserved, and 255.255.255.255 broadcast
+    "::/128",  # unspecified
+    "::1/128",  # loopback
+    "100::/64",  # discard-only
+    "2001:db8::/32",  # documentation
+    "fc00::/7",  # unique local (private)
+    "fe80::/10",  # link-local
+    "fec0::/10",  # site-local (deprecated)
+    "ff00::/8",  # multicast
+)
+# Whatever the operator configures: these mean "this host" to connect().
+ALWAYS_DENIED: tuple[str, ...] = ("0.0.0.0/32", "::/128")
+
+_NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
+
+DEFAULT_MAX_BYTES = 1024 * 1024
+DEFAULT_TIMEOUT_SECONDS = 10.0
+MAX_REDIRECTS = 5
+_CHUNK = 64 * 1024
+
+
+class OutboundError(Exception):
+    """A request to another server failed: refused here, unreachable, or a bad answer."""
+
+
+class AddressNotAllowed(OutboundError):
+    """The host resolved to an address outbound requests may not reach."""
+
+
+class ResponseTooLarge(OutboundError):
+    pass
+
+
+class OutboundTimeout(OutboundError):
+    pass
+
+
+@lru_cache(maxsize=32)
+def _networks(ranges: tuple[str, ...]) -> tuple[IPNetwork, ...]:
+    try:
+        return tuple(ipaddress.ip_network(r, strict=False) for r in ranges)
+    except ValueError as exc:
+        raise OutboundError(f"Bad IP range in the federation IP range lists: {exc}") from exc
+
+
+def _embedded_ipv4(ip: IPAddress) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 address leads to: connect() to ``::ffff:127.0.0.1`` reaches
+    127.0.0.1, and a 6to4 or NAT64 gateway forwards to the IPv4 address inside."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return []
+    found = [v4 for v4 in (ip.ipv4_mapped, ip.sixtofour) if v4 is not None]
+    if ip in _NAT64_PREFIX:
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return found
+
+
+@dataclass(frozen=True)
+class IPPolicy:
+    """Which addresses outbound requests may reach."""
+
+    deny: tuple[IPNetwork, ...]
+    allow: tuple[IPNetwork, ...] = ()
+
+    @classmethod
+    def from_settings(cls) -> IPPolicy:
+        deny = app_settings.FEDERATION_IP_RANGE_DENYLIST
+        return cls(
+            deny=_networks(
+                (*(DEFAULT_IP_RANGE_DENYLIST if deny is None else deny), *ALWAYS_DENIED)
+            ),
+            allow=_networks(tuple(app_settings.FEDERATION_IP_RANGE_ALLOWLIST)),
+        )
+
+    def allows(self, address: str | IPAddress) -> bool:
+        ip = ipaddress.ip_address(address) if isinstance(address, str) else address
+        candidates: list[IPAddress] = [ip, *_embedded_ipv4(ip)]
+        # The allowlist wins, on any form of the address (an operator who allows
+        # 127.0.0.1 means ::ffff:127.0.0.1 too).
+        if any(c in net for c in candidates for net in self.allow if c.version == net.version):
+            return True
+        return not any(
+            c in net for c in candidates for net in self.deny if c.version == net.version
+        )
+
+
+def _sockaddr_ip(sockaddr: tuple[Any, ...]) -> IPAddress:
+    # An IPv6 link-local answer carries its zone ("fe80::1%eth0"); the zone does not
+    # change which range the address is in.
+    return ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+
+
+def guarded_connect(
+    host: str,
+    port: int,
+    *,
+    timeout: float | None,
+    policy: IPPolicy | None = None,
+    source_address: tuple[str, int] | None = None,
+    socket_options: Iterable[tuple[int, int, int | bytes]] | None = None,
+) -> socket.socket:
+    """Resolve ``host`` once, refuse it if any address is denied, connect to a checked one.
+
+    Raises AddressNotAllowed, or OSError (socket.gaierror for names that do not resolve)."""
+    policy = policy or IPPolicy.from_settings()
+    host = host.strip("[]")
+    infos = socket.getaddrinfo(host, port, allowed_gai_family(), socket.SOCK_STREAM)
+    if not infos:
+        raise OSError(f"{host} resolved to no address")
+    addresses = [_sockaddr_ip(info[4]) for info in infos]
+    denied = sorted({str(ip) for ip in addresses if not policy.allows(ip)})
+    if denied:
+        raise AddressNotAllowed(
+            f"{host} resolves to {', '.join(denied)}, which outbound requests may not reach"
+        )
+    error: OSError | None = None
+    for family, socktype, proto, _canonname, sockaddr in infos:
+        sock = socket.socket(family, socktype, proto)
+        try:
+            for option in socket_options or ():
+                sock.setsockopt(*option)
+            sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            error = exc
+            sock.close()
+    assert error is not None
+    raise error
+
+
+class _GuardedConnectionMixin:
+    """urllib3 connection whose socket comes from ``guarded_connect``.
+
+    Only the socket is replaced: TLS still verifies the certificate against the host name
+    of the URL (and sends it as SNI), so connecting to the checked IP costs nothing in
+    authentication."""
+
+    host: str
+    port: int
+    timeout: Any
+    source_address: tuple[str, int] | None
+    socket_options: Any
+    _dns_host: str
+
+    def _new_conn(self) -> socket.socket:
+        timeout = None if self.timeout is _DEFAULT_TIMEOUT else self.timeout
+        try:
+            return guarded_connect(
+                self._dns_host,
+                self.port,
+                timeout=timeout,
+                source_address=self.source_address,
+                socket_options=self.socket_options,
+            )
+        except AddressNotAllowed:
+            raise  # not an OSError: urllib3 passes it up untouched, requests too
+        except socket.gaierror as exc:
+            raise NameResolutionError(self.host, self, exc) from exc  # type: ignore[arg-type]
+        except TimeoutError as exc:
+            raise ConnectTimeoutError(self, f"Connection to {self.host} timed out") from exc
+        except OSError as exc:
+            raise NewConnectionError(self, f"Failed to connect: {exc}") from exc  # type: ignore[arg-type]
+
+
+class GuardedHTTPConnection(_GuardedConnectionMixin, HTTPConnection):
+    pass
+
+
+class GuardedHTTPSConnection(_GuardedConnectionMixin, HTTPSConnection):
+    pass
+
+
+class _GuardedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = GuardedHTTPConnection
+
+
+class _GuardedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = GuardedHTTPSConnection
+
+
+class GuardedAdapter(HTTPAdapter):
+    """A requests adapter whose every connection goes through ``guarded_connect``."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": _GuardedHTTPPool,
+            "https": _GuardedHTTPSPool,
+        }
+
+    def proxy_manager_for(self, *args: Any, **kwargs: Any) -> Any:
+        # Through a proxy the address checked would be the proxy's, not the target's.
+        raise OutboundError("Outbound requests do not use proxies")
+
+
+def new_session() -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False  # no proxies, .netrc or CA bundle from the environment
+    session.max_redirects = MAX_REDIRECTS
+    adapter = GuardedAdapter(max_retries=0)
+    # Only http(s): requests refuses other schemes, and these two are guarded.
+    session.adapters.clear()
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
+
+
+@dataclass
+class StreamedResponse:
+    """An answer whose body is read on demand, never beyond ``max_bytes``."""
+
+    status: int
+    headers: CaseInsensitiveDict[str]
+    url: str
+    max_bytes: int
+    _response: requests.Response = field(repr=False)
+    _deadline: float = field(repr=False)
+    _read: int = field(default=0, repr=False)
+
+    def iter_bytes(self, chunk_size: int = _CHUNK) -> Iterator[bytes]:
+        """The body (content-decoded), in chunks; raises ResponseTooLarge past the limit
+        (a gzip bomb counts by what it expands to) and OutboundTimeout past the deadline.
+
+        Each chunk is one read from the socket (``read1``), so a peer trickling a byte at
+        a time is stopped at the deadline, not after a full buffer's worth of reads."""
+        raw = self._response.raw
+        while True:
+            try:
+                chunk = raw.read1(chunk_size, decode_content=True)
+            except ReadTimeoutError as exc:
+                raise OutboundTimeout(f"Reading from {self.url} timed out") from exc
+            except (HTTPError, OSError) as exc:
+                raise OutboundError(f"Reading the response from {self.url} failed: {exc}") from exc
+            if not chunk:
+                return
+            self._read += len(chunk)
+            if self._read > self.max_bytes:
+                raise ResponseTooLarge(f"Response from {self.url} exceeds {self.max_bytes} bytes")
+            if time.monotonic() > self._deadline:
+                raise OutboundTimeout(f"Response from {self.url} took too long")
+            yield chunk
+
+    def read(self) -> bytes:
+        return b"".join(self.iter_bytes())
+
+
+@contextmanager
+def stream(
+    method: str,
+    url: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    data: bytes | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    timeout: float = DEFAULT_TIMEOUT_SECONDS,
+    total_timeout: float | None = None,
+    allow_redirects: bool = True,
+) -> Iterator[StreamedResponse]:
+    """Send a request and yield its response with the body unread.
+
+    ``timeout`` bounds connecting and each read; ``total_timeout`` (default: six times
+    ``timeout``) the whole exchange, so a peer trickling bytes cannot hold a thread. Every
+    redirect hop (at most five) connects through the address guard. Raises
+    AddressNotAllowed, ResponseTooLarge (``Content-Length`` over the limit: nothing is
+    read), OutboundTimeout or OutboundError."""
+    deadline = time.monotonic() + (total_timeout or timeout * 6)
+    session = new_session()
+    try:
+        try:
+            response = session.request(
+                method,
+                url,
+                headers=dict(headers or {}),
+                data=data,
+                stream=True,
+                timeout=timeout,
+                allow_redirects=allow_redirects,
+                verify=app_settings.FEDERATION_VERIFY_TLS,
+            )
+        except requests.Timeout as exc:
+            raise OutboundTimeout(f"{method} {url} timed out") from exc
+        except requests.RequestException as exc:
+            raise OutboundError(f"{method} {url} failed: {exc}") from exc
+        try:
+            length = response.headers.get("Content-Length")
+            if length is not None and length.strip().isdigit() and int(length) > max_bytes:
+                raise ResponseTooLarge(
+                    f"{method} {url}: Content-Length {length} exceeds {max_bytes} bytes"
+                )
+            yield StreamedResponse(
+                status=response.status_code,
+                headers=response.headers,
+                url=response.url,
+                max_bytes=max_bytes,
+                _response=response,
+                _deadline=deadline,
+            )
+        finally:
+            response.close()
+    finally:
+        session.close()
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    headers: CaseInsensitiveDict[str]
+    url: str
+    content: bytes
+
+
+def request(
+    method: str,
+    url: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    data: bytes | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    timeout: float = DEFAULT_TIMEOUT_SECONDS,
+    allow_redirects: bool = True,
+) -> Response:
+    """``stream`` with the body read (at most ``max_bytes``)."""
+    with stream(
+        method,
+        url,
+        headers=headers,
+        data=data,
+        max_bytes=max_bytes,
+        timeout=timeout,
+        allow_redirects=allow_redirects,
+    ) as response:
+        content = response.read()
+        return Response(response.status, response.headers, response.url, content)
