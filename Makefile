@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 $(VENV)/.run-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e .[postgres]
 	touch $@
 
 $(VENV)/.dev-installed: pyproject.toml requirements-dev.txt | $(BIN)/python
@@ -21,7 +21,7 @@ $(VENV)/.dev-installed: pyproject.toml requirements-dev.txt | $(BIN)/python
 run: $(VENV)/.run-installed
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py collectstatic --noinput -v 0
-	PORT=$(PORT) $(BIN)/gunicorn -c mediarepo/gunicorn.conf.py mediarepo.wsgi
+	PORT=$(PORT) $(BIN)/gunicorn -c mediarepo/gunicorn.conf.py mediarepo.asgi
 
 test: $(VENV)/.dev-installed
 	$(BIN)/pytest -m "not services"

@@ -1,12 +1,16 @@
-"""Periodic work for the embedded default (no broker, so no beat): a thread in each
-gunicorn worker runs the beat schedule in-process. The tasks are idempotent, so running
-them in several workers at once does no harm."""
+"""Periodic work for the embedded default (no broker, so no beat): the beat schedule runs
+in-process, in one web worker per host. Every worker starts a thread that waits for an
+exclusive lock on a file in the data directory; the one holding it runs the sweeps, and
+if its process dies the lock is released and another worker takes over. (The tasks are
+idempotent, so even two runners would do no harm: the lock only saves the work.)"""
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import threading
 import time
+from pathlib import Path
 
 from celery import current_app
 from django.conf import settings
@@ -17,6 +21,8 @@ from msc3870.schedule import DEFAULT_SCHEDULE
 
 log = logging.getLogger(__name__)
 FIRST_RUN_DELAY = 5.0
+# How often a worker without the lock tries to take it (its holder may have died).
+LOCK_RETRY_SECONDS = 5.0
 
 
 def run_due_tasks(
@@ -36,7 +42,22 @@ def run_due_tasks(
     return ran
 
 
-def _loop(schedule: dict[str, tuple[str, float]]) -> None:
+def hold_host_lock(path: Path) -> object:
+    """Block until this process holds the host's periodic-work lock; return the open file
+    (the lock lasts as long as it stays open, i.e. the process's life)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a")  # noqa: SIM115 - held for the life of the process
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            time.sleep(LOCK_RETRY_SECONDS)
+
+
+def _loop(schedule: dict[str, tuple[str, float]], lock_path: Path) -> None:
+    lock = hold_host_lock(lock_path)  # noqa: F841 - the lock lives while this is open
+    log.info("This process runs the periodic sweeps (lock %s)", lock_path)
     next_run: dict[str, float] = {}
     while True:
         run_due_tasks(schedule, next_run, time.monotonic())
@@ -47,9 +68,10 @@ def _loop(schedule: dict[str, tuple[str, float]]) -> None:
 def start_periodic_thread() -> threading.Thread | None:
     if not getattr(settings, "CELERY_TASK_ALWAYS_EAGER", False):
         return None  # a broker is configured: `celery -A mediarepo beat` does this
+    lock_path = Path(getattr(settings, "DATA_DIR", ".")) / "periodic.lock"
     thread = threading.Thread(
         target=_loop,
-        args=(DEFAULT_SCHEDULE,),
+        args=(DEFAULT_SCHEDULE, lock_path),
         daemon=True,
         name="mediarepo-periodic",
     )

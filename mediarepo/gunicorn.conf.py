@@ -1,21 +1,25 @@
 """gunicorn settings for `make run` and the container (override with GUNICORN_CMD_ARGS).
 
-Threads, not processes: downloads of media still uploading wait (up to 60 s) and a
-thread is cheap to park. Bodies are streamed, so a thread's memory stays flat.
+One uvicorn worker process per core (``WEB_CONCURRENCY`` overrides): each serves the
+ASGI app (msc3870.asgi), running Django's views on ``WEB_THREADS`` threads and parking
+requests that wait for media on its event loop. See mediarepo/server.py.
 """
 
 import os
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8008')}"
-workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
-worker_class = "gthread"
-threads = int(os.environ.get("GUNICORN_THREADS", "32"))
+workers = int(os.environ.get("WEB_CONCURRENCY") or os.cpu_count() or 1)
+worker_class = "mediarepo.server.MediaUvicornWorker"
 timeout = 120
+keepalive = 75
+# Thousands of parked downloads may connect at once.
+backlog = 4096
 accesslog = "-"
 
 
 def post_worker_init(worker: object) -> None:
-    # Without a broker there is no beat: run the periodic sweeps in-process.
+    # Without a broker there is no beat: run the periodic sweeps in-process, in one
+    # worker per host (a file lock decides which).
     from mediarepo.embedded import start_periodic_thread
 
     start_periodic_thread()

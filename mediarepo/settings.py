@@ -86,6 +86,7 @@ MIDDLEWARE = [
 
 ROOT_URLCONF = "mediarepo.urls"
 WSGI_APPLICATION = "mediarepo.wsgi.application"
+ASGI_APPLICATION = "mediarepo.asgi.application"
 APPEND_SLASH = False
 
 TEMPLATES = [
@@ -103,15 +104,17 @@ TEMPLATES = [
     },
 ]
 
+# Persistent connections (the web server keeps a fixed set of threads, each with its
+# connection); checked before reuse on PostgreSQL.
 DATABASES = {
     "default": dj_database_url.parse(
         env("DATABASE_URL") or f"sqlite:///{DATA_DIR / 'mediarepo.sqlite3'}",
-        conn_max_age=60,
+        conn_max_age=None,
         conn_health_checks=True,
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = False  # a file: nothing to lose
     DATABASES["default"]["OPTIONS"] = {
         # Take the write lock at BEGIN: per-user limits stay exact and writers queue
         # instead of failing with "database is locked".

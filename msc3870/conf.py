@@ -42,6 +42,22 @@ DEFAULTS: dict[str, Any] = {
     # Download wait for media that is not uploaded yet (ms): default and cap.
     "DOWNLOAD_TIMEOUT_MS": 20_000,
     "DOWNLOAD_TIMEOUT_MS_MAX": 60_000,
+    # Unauthenticated (legacy /_matrix/media/v3) downloads wait at most this long (ms).
+    "LEGACY_DOWNLOAD_TIMEOUT_MS_MAX": 10_000,
+    # Requests waiting on media (downloads of pending media, /complete and PUTs waiting
+    # for the checks) per process, per media id, and unauthenticated ones per process.
+    # Past a cap the answer is an immediate 429 M_LIMIT_EXCEEDED, never a queue.
+    "WAIT_MAX_WAITERS": 10_000,
+    "WAIT_MAX_WAITERS_PER_MEDIA": 5_000,
+    "LEGACY_WAIT_MAX_WAITERS": 500,
+    # Wake-up hub (msc3870/wakeup.py): the batched poll's interval where it is the only
+    # source (SQLite), the safety poll's behind PostgreSQL LISTEN, and whether to LISTEN.
+    "WAKEUP_POLL_SECONDS": 0.05,
+    "WAKEUP_SAFETY_POLL_SECONDS": 2.0,
+    "WAKEUP_LISTEN": True,
+    # Seconds a resolved access token is trusted per process: a revoked token (or a
+    # logged-out one, with a homeserver) stops working at most this much later.
+    "TOKEN_CACHE_SECONDS": 10,
     # Post-upload checks, run in order on the bytes that will be served.
     "CHECKS": [
         "msc3870.screening.check_size",
@@ -59,6 +75,13 @@ DEFAULTS: dict[str, Any] = {
     # Thumbnails: largest source (bytes) and image (pixels) that will be decoded.
     "THUMBNAIL_MAX_SOURCE_BYTES": 20 * MiB,
     "THUMBNAIL_MAX_PIXELS": 32_000_000,
+    # Memory one render may decode into, from the header before decoding (192 MiB: a 32 Mpx
+    # PNG takes 122 MiB, a 12 Mpx WebP 183 MiB); renders at once per process; seconds a
+    # request waits for its turn before 429 M_LIMIT_EXCEEDED. Peak per process is about
+    # CONCURRENT_RENDERS x (MAX_DECODED_BYTES + MAX_SOURCE_BYTES).
+    "THUMBNAIL_MAX_DECODED_BYTES": 192 * MiB,
+    "THUMBNAIL_CONCURRENT_RENDERS": 2,
+    "THUMBNAIL_RENDER_WAIT_SECONDS": 5.0,
     # Days tombstones (expired, purged, rejected by checks) are kept; None = forever.
     "TOMBSTONE_RETENTION_DAYS": 30,
     # Content types (globs, matched against the type sniffed from the bytes, or the declared
@@ -169,6 +192,38 @@ class MSC3870Settings:
         return int(self._get("DOWNLOAD_TIMEOUT_MS_MAX"))
 
     @property
+    def LEGACY_DOWNLOAD_TIMEOUT_MS_MAX(self) -> int:
+        return int(self._get("LEGACY_DOWNLOAD_TIMEOUT_MS_MAX"))
+
+    @property
+    def WAIT_MAX_WAITERS(self) -> int:
+        return int(self._get("WAIT_MAX_WAITERS"))
+
+    @property
+    def WAIT_MAX_WAITERS_PER_MEDIA(self) -> int:
+        return int(self._get("WAIT_MAX_WAITERS_PER_MEDIA"))
+
+    @property
+    def LEGACY_WAIT_MAX_WAITERS(self) -> int:
+        return int(self._get("LEGACY_WAIT_MAX_WAITERS"))
+
+    @property
+    def WAKEUP_POLL_SECONDS(self) -> float:
+        return float(self._get("WAKEUP_POLL_SECONDS"))
+
+    @property
+    def WAKEUP_SAFETY_POLL_SECONDS(self) -> float:
+        return float(self._get("WAKEUP_SAFETY_POLL_SECONDS"))
+
+    @property
+    def WAKEUP_LISTEN(self) -> bool:
+        return bool(self._get("WAKEUP_LISTEN"))
+
+    @property
+    def TOKEN_CACHE_SECONDS(self) -> float:
+        return float(self._get("TOKEN_CACHE_SECONDS"))
+
+    @property
     def CHECKS(self) -> list[Callable[..., Any]]:
         checks = []
         for path in self._get("CHECKS"):
@@ -220,6 +275,18 @@ class MSC3870Settings:
     @property
     def THUMBNAIL_MAX_PIXELS(self) -> int:
         return int(self._get("THUMBNAIL_MAX_PIXELS"))
+
+    @property
+    def THUMBNAIL_MAX_DECODED_BYTES(self) -> int:
+        return int(self._get("THUMBNAIL_MAX_DECODED_BYTES"))
+
+    @property
+    def THUMBNAIL_CONCURRENT_RENDERS(self) -> int:
+        return max(1, int(self._get("THUMBNAIL_CONCURRENT_RENDERS")))
+
+    @property
+    def THUMBNAIL_RENDER_WAIT_SECONDS(self) -> float:
+        return max(0.0, float(self._get("THUMBNAIL_RENDER_WAIT_SECONDS")))
 
     @property
     def TOMBSTONE_RETENTION_DAYS(self) -> int | None:

@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from . import wakeup
 from .models import Media, MediaState
 from .signals import send_state_signal
 
@@ -72,8 +74,11 @@ def transition(
         media.state_changed_at = now
         for name, value in fields.items():
             setattr(media, name, value)
-    if won and send_signal:
-        send_state_signal(to_state, [pk])
+    if won:
+        # Requests of this process waiting on the row wake once the change is visible.
+        transaction.on_commit(lambda: wakeup.announce(pk, to_state))
+        if send_signal:
+            send_state_signal(to_state, [pk])
     return won
 
 
@@ -102,6 +107,7 @@ def transition_many(
             "pk", flat=True
         )
     )
+    transaction.on_commit(lambda: wakeup.announce_many(moved, to_state))
     send_state_signal(to_state, moved)
     return moved
 

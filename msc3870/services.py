@@ -9,11 +9,11 @@ from __future__ import annotations
 import logging
 import re
 import secrets
-import time
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -42,6 +42,7 @@ from .storage import (
     get_store,
 )
 from .upload_tokens import read_upload_token
+from .waiting import Deadline, MediaWait
 
 log = logging.getLogger(__name__)
 S = MediaState
@@ -100,6 +101,21 @@ def _local_media(server_name: str, media_id: str) -> Media:
 # ---------------------------------------------------------------------------- create
 
 
+def _lock_uploader(user_id: str) -> None:
+    """Serialise one user's creates until the transaction ends, so the pending count is
+    exact. SQLite's write lock (BEGIN IMMEDIATE) already does; PostgreSQL takes an
+    advisory lock on the user (one query, no row needed); other databases lock the
+    user's ``Uploader`` row."""
+    if connection.vendor == "sqlite":
+        return
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [user_id])
+        return
+    Uploader.objects.get_or_create(user_id=user_id)
+    Uploader.objects.select_for_update().filter(pk=user_id).first()
+
+
 @dataclass(frozen=True)
 class CreatedMedia:
     media: Media
@@ -115,15 +131,16 @@ def create_media(user: MatrixUser) -> CreatedMedia:
         store, now + timedelta(seconds=app_settings.UNUSED_EXPIRATION), now
     )
     with transaction.atomic():
-        Uploader.objects.get_or_create(user_id=user.user_id)
-        # The row lock serialises this user's creates, so the pending count is exact.
-        Uploader.objects.select_for_update().filter(pk=user.user_id).first()
+        _lock_uploader(user.user_id)
         limit = app_settings.MAX_PENDING_UPLOADS
         if limit > 0:
-            pending = Media.objects.filter(
-                user_id=user.user_id, state=S.PENDING, unused_expires_at__gt=now
-            ).order_by("unused_expires_at")
-            expiries = list(pending.values_list("unused_expires_at", flat=True)[:limit])
+            expiries = list(
+                Media.objects.filter(
+                    user_id=user.user_id, state=S.PENDING, unused_expires_at__gt=now
+                )
+                .order_by("unused_expires_at")
+                .values_list("unused_expires_at", flat=True)[:limit]
+            )
             if len(expiries) >= limit:
                 retry_after = (expiries[0] - now).total_seconds() * 1000
                 raise LimitExceeded("Too many pending uploads", retry_after_ms=int(retry_after))
@@ -277,7 +294,7 @@ def complete_url_upload(
         if media.user_id != user.user_id:
             raise Forbidden("You may only complete media you created")
         if media.upload_method == UploadMethod.URL and media.state != S.DELETED:
-            return _outcome(_wait_for_decision(media))
+            return _decision(media, Deadline.after_seconds(app_settings.COMPLETE_WAIT_SECONDS))
         _check_can_upload(user, media)
         if get_store().head(media.incoming_key) is None:
             raise NothingUploaded()
@@ -329,13 +346,16 @@ def _screen_and_wait(media: Media) -> Media:
     from .pipeline import dispatch_screening
 
     dispatch_screening(media)
-    return _outcome(_wait_for_decision(media))
+    return _decision(media, Deadline.after_seconds(app_settings.COMPLETE_WAIT_SECONDS))
 
 
-def _wait_for_decision(media: Media) -> Media:
-    """Wait (bounded) for the checks to move the row out of PROCESSING."""
-    deadline = time.monotonic() + app_settings.COMPLETE_WAIT_SECONDS
-    return _poll(media.pk, deadline, lambda m: m.state != S.PROCESSING) or media
+def _decision(media: Media | None, deadline: Deadline) -> Media:
+    """The outcome of the checks, or ``MediaWait`` while they run (bounded)."""
+    if media is None:
+        raise NotFound()
+    if media.state == S.PROCESSING and not deadline.passed:
+        raise MediaWait(media.pk, S.PROCESSING, deadline, partial(_decision, deadline=deadline))
+    return _outcome(media)
 
 
 def _outcome(media: Media) -> Media:
@@ -364,49 +384,43 @@ def _status_for(errcode: str) -> int:
     return _STATUS_BY_ERRCODE.get(errcode, 403)
 
 
-def _poll(pk: int, deadline: float, done: object) -> Media | None:
-    delay = 0.02
-    while True:
-        media = Media.objects.filter(pk=pk).first()
-        if media is None or done(media):  # type: ignore[operator]
-            return media
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return media
-        time.sleep(min(delay, remaining))
-        delay = min(delay * 1.5, 0.5)
-
-
 # ---------------------------------------------------------------------------- download
 
 
-def download_timeout_ms(requested: str | None) -> int:
+def download_timeout_ms(requested: str | None, *, maximum: int | None = None) -> int:
+    cap = app_settings.DOWNLOAD_TIMEOUT_MS_MAX if maximum is None else maximum
     if requested in (None, ""):
-        return app_settings.DOWNLOAD_TIMEOUT_MS
+        return min(app_settings.DOWNLOAD_TIMEOUT_MS, cap)
     try:
         value = int(requested)
     except ValueError as exc:
         raise InvalidParam("timeout_ms must be an integer") from exc
     if value < 0:
         raise InvalidParam("timeout_ms must not be negative")
-    return min(value, app_settings.DOWNLOAD_TIMEOUT_MS_MAX)
+    return min(value, cap)
 
 
 def media_for_download(server_name: str, media_id: str, *, timeout_ms: int) -> Media:
-    """The complete media behind an mxc:// id, waiting up to ``timeout_ms`` for uploads."""
-    media = _local_media(server_name, media_id)
-    deadline = time.monotonic() + timeout_ms / 1000
+    """The complete media behind an mxc:// id; ``MediaWait`` (up to ``timeout_ms``) while
+    it is being uploaded or checked."""
+    return _downloadable(_local_media(server_name, media_id), Deadline.after_ms(timeout_ms))
 
-    def decided(m: Media) -> bool:
-        return not _awaiting_upload(m)
 
-    if _awaiting_upload(media):
-        media = _poll(media.pk, deadline, decided) or media
+def _downloadable(media: Media | None, deadline: Deadline) -> Media:
+    if media is None:
+        raise NotFound()
     if media.state == S.COMPLETE and media.storage_key:
         return media
-    if _awaiting_upload(media):
+    if not _awaiting_upload(media):
+        raise NotFound()
+    if deadline.passed:
         raise NotYetUploaded()
-    raise NotFound()
+    wait_until = deadline
+    if media.state == S.PENDING:
+        # An id that expires unused is answered 404 at its expiry, not at the deadline.
+        until_expiry = (media.unused_expires_at - timezone.now()).total_seconds()
+        wait_until = Deadline(min(deadline.at, Deadline.after_seconds(until_expiry).at))
+    raise MediaWait(media.pk, media.state, wait_until, partial(_downloadable, deadline=deadline))
 
 
 def _awaiting_upload(media: Media) -> bool:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from django.http import HttpRequest, HttpResponseBase
+from django.http import HttpRequest, HttpResponseBase, JsonResponse
 from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.renderers import BaseRenderer, JSONRenderer
@@ -17,7 +18,10 @@ from .. import services, thumbnails
 from ..auth import MatrixTokenAuthentication
 from ..conf import app_settings
 from ..errors import InvalidParam, MatrixError
+from ..models import Media
 from ..storage import Readable
+from ..waiting import AUTHENTICATED, LEGACY
+from .deferred import answer
 from .errors import exception_handler, parse_json_object
 from .responses import Servable, serve
 
@@ -147,41 +151,56 @@ class CreateView(MatrixView):
         )
 
 
+def _json_response(body: dict[str, Any]) -> HttpResponseBase:
+    # Rendered here (not by DRF's Response) so that an answer given after a wait, outside
+    # the view, is the same bytes.
+    return JsonResponse(body)
+
+
 class UploadToMediaView(MatrixView):
-    def put(self, request: Request, server_name: str, media_id: str) -> Response:
+    def put(self, request: Request, server_name: str, media_id: str) -> HttpResponseBase:
         body, length = request_body(request)
-        services.upload_to_media(
-            request.user,
-            server_name,
-            media_id,
-            body,
-            content_length=length,
-            content_type=request.content_type or None,
-            filename=_filename(request),
+        return answer(
+            request,
+            lambda: services.upload_to_media(
+                request.user,
+                server_name,
+                media_id,
+                body,
+                content_length=length,
+                content_type=request.content_type or None,
+                filename=_filename(request),
+            ),
+            lambda media: _json_response({}),
         )
-        return Response({})
 
 
 class CompleteView(MatrixView):
-    def post(self, request: Request, server_name: str, media_id: str) -> Response:
+    def post(self, request: Request, server_name: str, media_id: str) -> HttpResponseBase:
         _json_body(request)
-        media = services.complete_url_upload(
-            request.user, server_name, media_id, filename=_filename(request)
+        return answer(
+            request,
+            lambda: services.complete_url_upload(
+                request.user, server_name, media_id, filename=_filename(request)
+            ),
+            lambda media: _json_response({"content_uri": media.mxc_uri}),
         )
-        return Response({"content_uri": media.mxc_uri})
 
 
 class UploadView(MatrixView):
-    def post(self, request: Request) -> Response:
+    def post(self, request: Request) -> HttpResponseBase:
         body, length = request_body(request)
-        media = services.upload_new_media(
-            request.user,
-            body,
-            content_length=length,
-            content_type=request.content_type or None,
-            filename=_filename(request),
+        return answer(
+            request,
+            lambda: services.upload_new_media(
+                request.user,
+                body,
+                content_length=length,
+                content_type=request.content_type or None,
+                filename=_filename(request),
+            ),
+            lambda media: _json_response({"content_uri": media.mxc_uri}),
         )
-        return Response({"content_uri": media.mxc_uri})
 
 
 class UploadURLView(MatrixView):
@@ -200,35 +219,51 @@ class UploadURLView(MatrixView):
         return response
 
 
-def _timeout_ms(request: Request) -> int:
-    params = request.query_params
-    return services.download_timeout_ms(
-        params.get("timeout_ms", params.get("fi.mau.msc2246.timeout_ms"))
-    )
-
-
 class DownloadView(MatrixView):
     """``/_matrix/client/v1/media/download``: authenticated; redirects if configured."""
 
     public_cache = False
+    wait_kind = AUTHENTICATED
 
     def allow_redirect(self, request: Request) -> bool:
         return app_settings.REDIRECT_DOWNLOADS
 
+    def timeout_ms(self, request: Request) -> int:
+        params = request.query_params
+        return services.download_timeout_ms(
+            params.get("timeout_ms", params.get("fi.mau.msc2246.timeout_ms"))
+        )
+
     def get(
         self, request: Request, server_name: str, media_id: str, file_name: str | None = None
     ) -> HttpResponseBase:
-        media = services.media_for_download(server_name, media_id, timeout_ms=_timeout_ms(request))
-        return self.respond(request, Servable.of_media(media, file_name))
-
-    def respond(self, request: Request, item: Servable) -> HttpResponseBase:
-        return serve(
-            item,
-            range_header=request.META.get("HTTP_RANGE"),
-            if_none_match=request.META.get("HTTP_IF_NONE_MATCH"),
-            allow_redirect=self.allow_redirect(request),
-            public_cache=self.public_cache,
+        timeout_ms = self.timeout_ms(request)
+        serving = self.serving(request)
+        return answer(
+            request,
+            lambda: services.media_for_download(server_name, media_id, timeout_ms=timeout_ms),
+            lambda media: serving(Servable.of_media(media, file_name)),
+            kind=self.wait_kind,
         )
+
+    def serving(self, request: Request) -> Callable[[Servable], HttpResponseBase]:
+        """How to serve an item to this request; holds only the few values it needs, not
+        the request (an answer given after a wait is made outside the view)."""
+        range_header = request.META.get("HTTP_RANGE")
+        if_none_match = request.META.get("HTTP_IF_NONE_MATCH")
+        allow_redirect = self.allow_redirect(request)
+        public_cache = self.public_cache
+
+        def respond(item: Servable) -> HttpResponseBase:
+            return serve(
+                item,
+                range_header=range_header,
+                if_none_match=if_none_match,
+                allow_redirect=allow_redirect,
+                public_cache=public_cache,
+            )
+
+        return respond
 
 
 class LegacyMediaMixin:
@@ -238,9 +273,17 @@ class LegacyMediaMixin:
     authentication_classes: list[Any] = []
     permission_classes = [AllowAny]
     public_cache = True
+    wait_kind = LEGACY
 
     def allow_redirect(self, request: Request) -> bool:
         return request.query_params.get("allow_redirect", "").lower() == "true"
+
+    def timeout_ms(self, request: Request) -> int:
+        params = request.query_params
+        return services.download_timeout_ms(
+            params.get("timeout_ms", params.get("fi.mau.msc2246.timeout_ms")),
+            maximum=app_settings.LEGACY_DOWNLOAD_TIMEOUT_MS_MAX,
+        )
 
 
 class LegacyDownloadView(LegacyMediaMixin, DownloadView):
@@ -257,11 +300,23 @@ class ThumbnailView(DownloadView):
         width, height, method = thumbnails.parse_request(
             params.get("width"), params.get("height"), params.get("method")
         )
-        media = services.media_for_download(server_name, media_id, timeout_ms=_timeout_ms(request))
-        if thumbnails.serves_original(media, params.get("animated", "").lower() == "true"):
-            return self.respond(request, Servable.of_media(media, None))
-        thumb = thumbnails.thumbnail(media, width, height, method)
-        return self.respond(request, Servable.of_thumbnail(thumb))
+        animated = params.get("animated", "").lower() == "true"
+        timeout_ms = self.timeout_ms(request)
+        serving = self.serving(request)
+
+        def render(media: Media) -> HttpResponseBase:
+            if thumbnails.serves_original(media, animated):
+                return serving(Servable.of_media(media, None))
+            return serving(
+                Servable.of_thumbnail(thumbnails.thumbnail(media, width, height, method))
+            )
+
+        return answer(
+            request,
+            lambda: services.media_for_download(server_name, media_id, timeout_ms=timeout_ms),
+            render,
+            kind=self.wait_kind,
+        )
 
 
 class LegacyThumbnailView(LegacyMediaMixin, ThumbnailView):

@@ -1,0 +1,98 @@
+"""The HTTP server of the deployable project: gunicorn managing uvicorn workers.
+
+gunicorn forks one worker per core and restarts any that dies; each worker is uvicorn
+(httptools parser, uvloop) running ``mediarepo.asgi``. Two adjustments:
+- the worker raises its open-files limit to the hard limit: thousands of parked
+  downloads are thousands of sockets;
+- the HTTP protocol answers requests it cannot parse or that pass its size limits in
+  Matrix JSON (414 for an overlong request line, 431 for overlong headers, 400 for the
+  rest), where uvicorn would answer in plain text; and it bounds what it buffers.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn_worker import UvicornWorker
+
+# Above the application's own limits (msc3870.asgi), which answer first where they can.
+MAX_URL_BYTES = 16 * 1024
+MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADERS = 200
+
+_STATUS_TEXT = {400: b"Bad Request", 414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
+
+
+class _HeadTooLarge(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def matrix_error_bytes(status: int, message: str) -> bytes:
+    body = json.dumps({"errcode": "M_UNKNOWN", "error": message}).encode()
+    return b"".join(
+        [
+            b"HTTP/1.1 %d %s\r\n" % (status, _STATUS_TEXT[status]),
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n\r\n",
+            body,
+        ]
+    )
+
+
+class MatrixHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, with bounded request heads and JSON refusals."""
+
+    _head_bytes = 0
+    _head_error: _HeadTooLarge | None = None
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes = 0
+        self._head_error = None
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        if len(self.url) > MAX_URL_BYTES:
+            self._head_error = _HeadTooLarge(414, "Request URI is too long")
+            raise self._head_error
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > MAX_HEADER_BYTES or len(self.headers) >= MAX_HEADERS:
+            self._head_error = _HeadTooLarge(431, "Request headers are too large")
+            raise self._head_error
+        super().on_header(name, value)
+
+    def send_400_response(self, msg: str) -> None:
+        error = self._head_error
+        if error is not None:
+            self.transport.write(matrix_error_bytes(error.status, str(error)))
+        else:
+            self.transport.write(matrix_error_bytes(400, "Invalid HTTP request"))
+        self.transport.close()
+
+
+def raise_open_files_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class MediaUvicornWorker(UvicornWorker):
+    CONFIG_KWARGS: dict[str, Any] = {
+        "loop": "auto",
+        "http": "mediarepo.server:MatrixHttpToolsProtocol",
+        # Parked downloads answer from the loop; nothing in uvicorn should cap them
+        # below the application's own waiting caps.
+        "limit_concurrency": None,
+    }
+
+    def init_process(self) -> None:
+        raise_open_files_limit()
+        super().init_process()

@@ -1,0 +1,57 @@
+"""How a view hands a wait to the server instead of blocking a thread.
+
+``answer`` runs a service. If the service raises ``MediaWait`` and the request is served
+by ``msc3870.asgi.MediaASGIHandler`` (which marks it with ``CAN_DEFER``), the view returns
+a ``DeferredResponse``: the handler parks the request on the event loop's wake-up hub and
+sends what ``wait.resume(row)`` renders once the row changes. Served any other way (WSGI,
+Django's test client), the view waits in its own thread, as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from django.http import HttpResponseBase, JsonResponse
+
+from ..errors import NotYetUploaded
+from ..waiting import AUTHENTICATED, MediaWait, block_until_answered
+
+T = TypeVar("T")
+
+#: request.META key set by the handler that can park requests.
+CAN_DEFER = "msc3870.can_defer"
+
+
+class DeferredResponse(JsonResponse):
+    """The handler's cue to wait, never sent. (202, so that Django does not log it as a
+    server error on its way through the middleware.)"""
+
+    def __init__(self, wait: MediaWait[HttpResponseBase]) -> None:
+        super().__init__(NotYetUploaded().as_dict(), status=202)
+        self.wait = wait
+        self._own_headers = {name.lower() for name in self.headers}
+
+    def headers_added_by_middleware(self) -> list[tuple[str, str]]:
+        """Headers the middleware put on this response on its way out (CORS, security):
+        the final answer carries them too."""
+        return [(k, v) for k, v in self.headers.items() if k.lower() not in self._own_headers]
+
+
+def answer(
+    request: Any,
+    produce: Callable[[], T],
+    render: Callable[[T], HttpResponseBase],
+    *,
+    kind: str = AUTHENTICATED,
+) -> HttpResponseBase:
+    """``render(produce())``, waiting as the server allows when the answer is not ready."""
+    try:
+        value = produce()
+    except MediaWait as wait:
+        rendered = wait.then(render)
+        rendered.kind = kind
+        if request.META.get(CAN_DEFER):
+            return DeferredResponse(rendered)
+        return block_until_answered(rendered)
+    return render(value)

@@ -1,0 +1,416 @@
+"""The ASGI entry point of the media server: Django's sync views on a fixed set of threads,
+waiting on the event loop.
+
+Why not Django's own ``ASGIHandler``: it gives every request a new thread (and so a new
+database connection), and its sync ``request_started`` receivers hold a thread even in
+async views; measured on this kind of machine, twice the CPU of WSGI per request. Here:
+
+- sync work (middleware, views, signals) runs on ``threads`` long-lived threads, each
+  keeping its database connection (``CONN_MAX_AGE``), so a request costs what it costs
+  under WSGI;
+- a request whose answer depends on media still uploading or being checked (a view
+  returned ``DeferredResponse``) is parked on the event loop's wake-up hub
+  (``msc3870.wakeup``): it holds no thread and no connection, however long it waits, and
+  is answered from one fetch of the row shared with every other waiter on it. Waiting is
+  capped per process, per media and for unauthenticated requests: past a cap, an
+  immediate 429, never a queue;
+- request bodies are read on the loop into a spooled file (memory up to
+  ``SPOOL_MEMORY_BYTES``, disk beyond) and refused with 413 from ``Content-Length`` before
+  a byte is read, or as soon as they pass the limit;
+- requests under ``/_matrix/`` skip the middleware only the admin needs (sessions,
+  authentication, messages, CSRF, clickjacking, static files);
+- an overlong URI or header block, which a server would refuse in its own words, gets a
+  Matrix error (``mediarepo.server`` does the same at the protocol level).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import tempfile
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import IO, Any
+
+from django.conf import settings
+from django.core import signals
+from django.core.exceptions import RequestDataTooBig
+from django.core.handlers import base
+from django.core.handlers.asgi import ASGIRequest, get_script_prefix
+from django.http import HttpResponseBase
+from django.urls import set_script_prefix
+
+from . import wakeup
+from .api.deferred import CAN_DEFER, DeferredResponse
+from .api.errors import json_error, to_matrix_error
+from .conf import app_settings
+from .errors import InvalidParam, LimitExceeded, MatrixError, TooLarge
+from .waiting import LEGACY, MediaWait
+
+log = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+MATRIX_PREFIX = "/_matrix/"
+# Middleware only the admin needs: not run for /_matrix requests.
+ADMIN_ONLY_MIDDLEWARE = frozenset(
+    {
+        "django.contrib.sessions.middleware.SessionMiddleware",
+        "django.contrib.auth.middleware.AuthenticationMiddleware",
+        "django.contrib.messages.middleware.MessageMiddleware",
+        "django.middleware.csrf.CsrfViewMiddleware",
+        "django.middleware.clickjacking.XFrameOptionsMiddleware",
+        "whitenoise.middleware.WhiteNoiseMiddleware",
+    }
+)
+# The request targets whose bodies are media (PUT/POST): everything else under /_matrix
+# is a small JSON body.
+MEDIA_BODY_PATH = re.compile(
+    r"^/_matrix/media/[^/]+(?:/[^/]+)?/(?:upload|upload_url/[^/]+|upload/[^/]+/[^/]+)$"
+)
+JSON_BODY_LIMIT = 64 * 1024
+OTHER_BODY_LIMIT = 10 * 1024 * 1024  # the admin's forms
+SPOOL_MEMORY_BYTES = 1024 * 1024
+MAX_URI_BYTES = 8 * 1024
+MAX_HEADER_BYTES = 32 * 1024
+RESPONSE_CHUNK = 64 * 1024
+# A body declared this many times over the limit is not drained after the 413: the
+# connection is closed instead.
+DRAIN_FACTOR = 4
+
+
+class URITooLong(MatrixError):
+    status, errcode, default_message = 414, "M_UNKNOWN", "Request URI is too long"
+
+
+class HeadersTooLarge(MatrixError):
+    status, errcode, default_message = 431, "M_UNKNOWN", "Request headers are too large"
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class WaitCaps:
+    """How many requests wait, in total, per media and unauthenticated."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.legacy = 0
+        self.per_media: Counter[int] = Counter()
+
+    def admit(self, wait: MediaWait[Any]) -> MatrixError | None:
+        if self.total >= app_settings.WAIT_MAX_WAITERS:
+            return LimitExceeded("Too many requests are waiting", retry_after_ms=1000)
+        if wait.kind == LEGACY and self.legacy >= app_settings.LEGACY_WAIT_MAX_WAITERS:
+            return LimitExceeded(
+                "Too many unauthenticated requests are waiting", retry_after_ms=1000
+            )
+        if self.per_media[wait.pk] >= app_settings.WAIT_MAX_WAITERS_PER_MEDIA:
+            return LimitExceeded("Too many requests wait for this media", retry_after_ms=1000)
+        self.total += 1
+        self.legacy += wait.kind == LEGACY
+        self.per_media[wait.pk] += 1
+        return None
+
+    def release(self, wait: MediaWait[Any]) -> None:
+        self.total -= 1
+        self.legacy -= wait.kind == LEGACY
+        self.per_media[wait.pk] -= 1
+        if self.per_media[wait.pk] <= 0:
+            del self.per_media[wait.pk]
+
+
+class _Chain(base.BaseHandler):
+    """One middleware chain, run synchronously."""
+
+    def __init__(self, middleware: list[str]) -> None:
+        super().__init__()
+        # load_middleware reads settings.MIDDLEWARE; swap the list in for the call only
+        # (at start-up, before any request).
+        configured = settings.MIDDLEWARE
+        settings.MIDDLEWARE = middleware
+        try:
+            self.load_middleware(is_async=False)
+        finally:
+            settings.MIDDLEWARE = configured
+
+
+def default_threads() -> int:
+    return int(os.environ.get("WEB_THREADS") or 8)
+
+
+class MediaASGIHandler:
+    def __init__(self, threads: int | None = None) -> None:
+        self.full_chain = _Chain(list(settings.MIDDLEWARE))
+        self.matrix_chain = _Chain(
+            [m for m in settings.MIDDLEWARE if m not in ADMIN_ONLY_MIDDLEWARE]
+        )
+        self.threads = threads or default_threads()
+        self.executor = ThreadPoolExecutor(self.threads, thread_name_prefix="msc3870-web")
+        self.caps = WaitCaps()
+
+    # ------------------------------------------------------------------ ASGI
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            raise ValueError(f"Only HTTP is served, not {scope['type']}")
+        with contextlib.suppress(_ClientGone):  # nobody to answer
+            await self._handle(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                hub = wakeup.current_hub()
+                if hub is not None and hub.loop is asyncio.get_running_loop():
+                    await hub.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def _run(self, function: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        is_matrix = scope["path"].startswith(MATRIX_PREFIX)
+        refusal = _request_head_error(scope)
+        if refusal is not None:
+            await self._send(json_error(refusal), send)
+            return
+        body, error = await self._read_body(scope, receive, is_matrix)
+        if error is not None:
+            await self._send(error, send)
+            return
+        chain = self.matrix_chain if is_matrix else self.full_chain
+        response = await self._run(self._respond, chain, scope, body)
+        if isinstance(response, DeferredResponse):
+            response = await self._after_wait(response, receive)
+            if response is None:
+                return  # the client went away while it waited
+        await self._send(response, send, receive)
+
+    # ------------------------------------------------------------------ body
+
+    async def _read_body(
+        self, scope: Scope, receive: Receive, is_matrix: bool
+    ) -> tuple[IO[bytes], HttpResponseBase | None]:
+        limit = _body_limit(scope, is_matrix)
+        declared = _declared_length(scope)
+        # Closed with the request (``_respond``), or here on any refusal.
+        spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES, mode="w+b")  # noqa: SIM115
+        if declared == -1:
+            return spool, self._body_error(InvalidParam("Invalid Content-Length"), close=True)
+        if declared is not None and declared > limit:
+            # Refused before a byte is read. A modest excess is drained by the server
+            # after the answer (the client reads the 413, not a reset); a gross one closes.
+            return spool, self._body_error(
+                _too_large(limit), close=declared > DRAIN_FACTOR * max(limit, 1)
+            )
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                spool.close()
+                raise _ClientGone()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                spool.close()
+                return spool, self._body_error(_too_large(limit), close=False)
+            if chunk:
+                spool.write(chunk)
+            if not message.get("more_body", False):
+                break
+        spool.seek(0)
+        if declared is None:
+            # A chunked body, now of known length: views see it like any other.
+            scope["headers"] = [*scope["headers"], (b"content-length", str(size).encode())]
+        return spool, None
+
+    @staticmethod
+    def _body_error(error: MatrixError, *, close: bool) -> HttpResponseBase:
+        response = json_error(error)
+        if close:
+            response["Connection"] = "close"
+        return response
+
+    # ------------------------------------------------------------------ sync work
+
+    def _respond(self, chain: _Chain, scope: Scope, body: IO[bytes]) -> HttpResponseBase:
+        """One request through Django, on a pool thread."""
+        set_script_prefix(get_script_prefix(scope))
+        signals.request_started.send(sender=self.__class__, scope=scope)
+        try:
+            request = ASGIRequest(scope, body)
+        except UnicodeDecodeError:
+            response: HttpResponseBase = json_error(InvalidParam("Undecodable request"))
+        except RequestDataTooBig:
+            response = json_error(TooLarge("Request body is too large"))
+        else:
+            request.META[CAN_DEFER] = True
+            response = chain.get_response(request)
+        if not response.streaming:
+            response.close()  # request_finished: connections are checked, kept
+            body.close()
+        else:
+            response._resource_closers.append(body.close)
+        return response
+
+    def _resume(self, wait: MediaWait[HttpResponseBase], row: Any) -> HttpResponseBase:
+        """A parked request's answer, from the fresh row, on a pool thread."""
+        signals.request_started.send(sender=self.__class__, scope=None)
+        try:
+            response = wait.resume(row)
+        except MediaWait:
+            signals.request_finished.send(sender=self.__class__)
+            raise
+        except Exception as exc:
+            error = to_matrix_error(exc)
+            if error is None:
+                log.exception("Unhandled error answering a parked request")
+                error = MatrixError("Internal error")
+            response = json_error(error)
+        if not response.streaming:
+            response.close()
+        return response
+
+    # ------------------------------------------------------------------ waiting
+
+    async def _after_wait(
+        self, deferred: DeferredResponse, receive: Receive
+    ) -> HttpResponseBase | None:
+        hub = wakeup.install_hub(asyncio.get_running_loop(), self.executor)
+        wait = deferred.wait
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            while True:
+                refusal = self.caps.admit(wait)
+                if refusal is not None:
+                    response = json_error(refusal)
+                    break
+                try:
+                    waiting = asyncio.ensure_future(
+                        hub.wait_for_change(wait.pk, wait.state, wait.deadline.remaining)
+                    )
+                    await asyncio.wait([waiting, gone], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    self.caps.release(wait)
+                if not waiting.done():
+                    waiting.cancel()
+                    return None
+                row = waiting.result()
+                try:
+                    response = await self._run(self._resume, wait, row)
+                except MediaWait as again:
+                    wait = again
+                    continue
+                break
+        finally:
+            gone.cancel()
+        for name, value in deferred.headers_added_by_middleware():
+            if name not in response:
+                response[name] = value
+        return response
+
+    # ------------------------------------------------------------------ sending
+
+    async def _send(
+        self, response: HttpResponseBase, send: Send, receive: Receive | None = None
+    ) -> None:
+        headers = [
+            (name.encode("latin1"), str(value).encode("latin1")) for name, value in response.items()
+        ]
+        headers += [
+            (b"set-cookie", cookie.output(header="").encode("ascii").strip())
+            for cookie in response.cookies.values()
+        ]
+        if not response.streaming and not response.has_header("Content-Length"):
+            headers.append((b"content-length", str(len(response.content)).encode()))  # type: ignore[attr-defined]
+        await send(
+            {"type": "http.response.start", "status": response.status_code, "headers": headers}
+        )
+        if not response.streaming:
+            content = response.content  # type: ignore[attr-defined]
+            for start in range(0, max(len(content), 1), 1024 * 1024):
+                more = start + 1024 * 1024 < len(content)
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": content[start : start + 1024 * 1024],
+                        "more_body": more,
+                    }
+                )
+            return
+        try:
+            await self._stream(response, send)
+        finally:
+            await self._run(response.close)
+
+    async def _stream(self, response: HttpResponseBase, send: Send) -> None:
+        if response.is_async:  # type: ignore[attr-defined]
+            async for chunk in response:  # type: ignore[attr-defined]
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        else:
+            chunks: Iterator[bytes] = iter(response)  # type: ignore[call-overload]
+            while (chunk := await self._run(next, chunks, None)) is not None:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client hangs up (the body has been read: nothing else arrives)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _too_large(limit: int) -> TooLarge:
+    return TooLarge(f"Request body is over the limit of {limit} bytes")
+
+
+def _declared_length(scope: Scope) -> int | None:
+    """Content-Length, None if absent, -1 if malformed."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                length = int(value)
+            except ValueError:
+                return -1
+            return length if length >= 0 else -1
+    return None
+
+
+def _body_limit(scope: Scope, is_matrix: bool) -> int:
+    if not is_matrix:
+        return OTHER_BODY_LIMIT
+    if scope["method"] in ("PUT", "POST") and MEDIA_BODY_PATH.match(scope["path"]):
+        return app_settings.MAX_UPLOAD_SIZE
+    return JSON_BODY_LIMIT
+
+
+def _request_head_error(scope: Scope) -> MatrixError | None:
+    if len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") > MAX_URI_BYTES:
+        return URITooLong()
+    if sum(len(n) + len(v) + 4 for n, v in scope["headers"]) > MAX_HEADER_BYTES:
+        return HeadersTooLarge()
+    return None
+
+
+def get_asgi_application(threads: int | None = None) -> MediaASGIHandler:
+    """Like ``django.core.asgi.get_asgi_application``: set Django up, return the handler."""
+    import django
+
+    django.setup(set_prefix=False)
+    return MediaASGIHandler(threads)

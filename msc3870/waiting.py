@@ -1,0 +1,99 @@
+"""Answers that depend on a media row changing state, and how a request waits for them.
+
+A service that cannot answer yet (a download of media still uploading, a ``/complete``
+whose checks are still running) raises ``MediaWait``: "ask ``resume`` again once row
+``pk`` has left ``state``, or once ``deadline`` has passed". It never sleeps itself.
+
+Who waits depends on the server:
+- under ``msc3870.asgi.MediaASGIHandler`` the request is parked on the event loop's
+  wake-up hub (``msc3870.wakeup``): no thread, no database connection;
+- anywhere else (WSGI, Django's test client) ``block_until_answered`` polls the row from
+  the calling thread, as a plain synchronous server must.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+#: Waits are counted in classes, each with its own caps (``msc3870.asgi``).
+AUTHENTICATED = "authenticated"
+LEGACY = "legacy"  # unauthenticated /_matrix/media/v3 reads: lower caps
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """A point on the monotonic clock."""
+
+    at: float
+
+    @classmethod
+    def after_ms(cls, milliseconds: float) -> Deadline:
+        return cls(time.monotonic() + milliseconds / 1000)
+
+    @classmethod
+    def after_seconds(cls, seconds: float) -> Deadline:
+        return cls(time.monotonic() + seconds)
+
+    @property
+    def remaining(self) -> float:
+        return max(0.0, self.at - time.monotonic())
+
+    @property
+    def passed(self) -> bool:
+        return time.monotonic() >= self.at
+
+
+class MediaWait(Exception, Generic[T]):
+    """The answer depends on media row ``pk`` leaving ``state``.
+
+    ``resume(row)`` computes the answer from a fresh copy of the row (None if the row is
+    gone); it may raise ``MediaWait`` again (the row moved on to another state that is
+    still not an answer) or a ``MatrixError``.
+    """
+
+    def __init__(self, pk: int, state: str, deadline: Deadline, resume: Callable[[Any], T]) -> None:
+        super().__init__(f"waiting for media {pk} to leave {state}")
+        self.pk = pk
+        self.state = state
+        self.deadline = deadline
+        self.resume = resume
+        self.kind = AUTHENTICATED
+
+    def then(self, render: Callable[[T], Any]) -> MediaWait[Any]:
+        """The same wait, with ``render`` applied to its answer (views add the HTTP part)."""
+
+        def resume(row: Any) -> Any:
+            try:
+                return render(self.resume(row))
+            except MediaWait as again:
+                raise again.then(render) from None
+
+        wait: MediaWait[Any] = MediaWait(self.pk, self.state, self.deadline, resume)
+        wait.kind = self.kind
+        return wait
+
+
+def fetch_row(pk: int) -> Any:
+    from .models import Media
+
+    return Media.objects.filter(pk=pk).first()
+
+
+def block_until_answered(wait: MediaWait[T]) -> T:
+    """The synchronous fallback: poll the row from this thread (20 ms rising to 0.5 s)."""
+    delay = 0.02
+    while True:
+        row = fetch_row(wait.pk)
+        if row is None or row.state != wait.state or wait.deadline.passed:
+            try:
+                return wait.resume(row)
+            except MediaWait as again:
+                wait = again
+                continue
+        time.sleep(min(delay, max(wait.deadline.remaining, 0.001)))
+        delay = min(delay * 1.5, 0.5)

@@ -1,0 +1,268 @@
+"""The per-process wake-up hub: requests waiting on a media row await it on the event loop.
+
+A waiting request registers ``(pk, the state it saw)`` and awaits a future; it holds no
+thread and no database connection. The hub learns of state changes from:
+- this process's own transitions (``announce``, called by ``msc3870.lifecycle`` once the
+  change is committed): woken at once;
+- on PostgreSQL, ``LISTEN msc3870_media`` (a trigger NOTIFYs every state change, from any
+  process or worker: migration 0003), on one connection per process;
+- a poll: one batched query per tick for every row waited on in this process. It is the
+  only source on other databases (SQLite: ``WAKEUP_POLL_SECONDS``), and the slow safety
+  net behind LISTEN (``WAKEUP_SAFETY_POLL_SECONDS``) so that a lost notification, or a
+  listener that reconnects, never strands a waiter.
+
+Waiters woken by one change share one fetch of the row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Any
+
+from .conf import app_settings
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "msc3870_media"
+# How long a change is remembered: a waiter that registers just after the change it
+# waits for (its row was read before the change, the future made after) is woken at once.
+RECENT_SECONDS = 10.0
+# Rows per batched poll query (well under every database's parameter limit).
+POLL_BATCH = 500
+
+_hub: WakeupHub | None = None
+_hub_lock = threading.Lock()
+
+
+def announce(pk: int, state: str) -> None:
+    """A transition of this process committed: wake its waiters now (thread-safe, cheap
+    when there is no hub, as in a celery worker)."""
+    hub = _hub
+    if hub is not None:
+        hub.notify_threadsafe(pk, state)
+
+
+def announce_many(pks: list[int], state: str) -> None:
+    hub = _hub
+    if hub is not None:
+        for pk in pks:
+            hub.notify_threadsafe(pk, state)
+
+
+def current_hub() -> WakeupHub | None:
+    return _hub
+
+
+def install_hub(loop: asyncio.AbstractEventLoop, executor: Executor) -> WakeupHub:
+    """The hub of this process, made on first use on the server's event loop."""
+    global _hub
+    with _hub_lock:
+        if _hub is None or _hub.loop is not loop:
+            _hub = WakeupHub(loop, executor)
+        return _hub
+
+
+def _fetch_states(pks: list[int]) -> dict[int, str]:
+    from .models import Media
+
+    states: dict[int, str] = {}
+    for start in range(0, len(pks), POLL_BATCH):
+        batch = pks[start : start + POLL_BATCH]
+        states.update(Media.objects.filter(pk__in=batch).values_list("pk", "state"))
+    return states
+
+
+def _fetch_row(pk: int) -> Any:
+    from .models import Media
+
+    return Media.objects.filter(pk=pk).first()
+
+
+class _Waiter:
+    __slots__ = ("future", "seen")
+
+    def __init__(self, seen: str, future: asyncio.Future[None]) -> None:
+        self.seen = seen
+        self.future = future
+
+
+class WakeupHub:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        executor: Executor,
+        *,
+        fetch_states: Callable[[list[int]], dict[int, str]] = _fetch_states,
+        fetch_row: Callable[[int], Any] = _fetch_row,
+    ) -> None:
+        self.loop = loop
+        self.executor = executor
+        self._fetch_states = fetch_states
+        self._fetch_row = fetch_row
+        self._waiters: dict[int, list[_Waiter]] = defaultdict(list)
+        self._recent: dict[int, tuple[str, float]] = {}
+        self._fetches: dict[int, asyncio.Future[Any]] = {}
+        self._poke = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.listening = False  # a push source (LISTEN) is connected
+        self.polls = 0  # batched poll queries run (tests and benchmarks read it)
+
+    # ------------------------------------------------------------------ waiting
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(waiters) for waiters in self._waiters.values())
+
+    async def wait_for_change(self, pk: int, seen: str, timeout: float) -> Any:
+        """Wait until row ``pk`` is no longer in state ``seen`` (or ``timeout`` seconds);
+        return a fresh copy of the row (None if it is gone)."""
+        self._start()
+        recent = self._recent.get(pk)
+        if recent is None or recent[0] == seen:
+            waiter = _Waiter(seen, self.loop.create_future())
+            self._waiters[pk].append(waiter)
+            self._poke.set()  # a poll source with nothing to do sleeps until poked
+            try:
+                await asyncio.wait_for(waiter.future, timeout)
+            except TimeoutError:
+                pass
+            finally:
+                self._forget(pk, waiter)
+        return await self.fetch(pk)
+
+    def _forget(self, pk: int, waiter: _Waiter) -> None:
+        waiters = self._waiters.get(pk)
+        if waiters is None:
+            return
+        with contextlib.suppress(ValueError):
+            waiters.remove(waiter)
+        if not waiters:
+            del self._waiters[pk]
+
+    async def fetch(self, pk: int) -> Any:
+        """The row, read once for every waiter asking at the same time."""
+        pending = self._fetches.get(pk)
+        if pending is None:
+            pending = self.loop.run_in_executor(self.executor, self._fetch_row, pk)
+            self._fetches[pk] = pending
+            pending.add_done_callback(lambda _f: self._fetches.pop(pk, None))
+        return await asyncio.shield(pending)
+
+    # ------------------------------------------------------------------ changes
+
+    def notify(self, pk: int, state: str) -> None:
+        """Row ``pk`` is now in ``state``: wake those who saw another state."""
+        now = time.monotonic()
+        self._recent[pk] = (state, now)
+        for waiter in self._waiters.get(pk, ()):
+            if waiter.seen != state and not waiter.future.done():
+                waiter.future.set_result(None)
+
+    def notify_threadsafe(self, pk: int, state: str) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            self.loop.call_soon_threadsafe(self.notify, pk, state)
+
+    def _prune_recent(self) -> None:
+        horizon = time.monotonic() - RECENT_SECONDS
+        for pk in [pk for pk, (_, at) in self._recent.items() if at < horizon]:
+            del self._recent[pk]
+
+    # ------------------------------------------------------------------ sources
+
+    def _start(self) -> None:
+        if self._tasks:
+            return
+        self._tasks.append(self.loop.create_task(self._poll_loop()))
+        if _database_vendor() == "postgresql" and app_settings.WAKEUP_LISTEN:
+            self._tasks.append(self.loop.create_task(self._listen_loop()))
+
+    async def poll_once(self) -> None:
+        pks = list(self._waiters)
+        if not pks:
+            return
+        self.polls += 1
+        states = await self.loop.run_in_executor(self.executor, self._fetch_states, pks)
+        for pk in pks:
+            state = states.get(pk)
+            if state is None:  # the row is gone: wake its waiters to say so
+                for waiter in self._waiters.get(pk, ()):
+                    if not waiter.future.done():
+                        waiter.future.set_result(None)
+            else:
+                self.notify(pk, state)
+
+    async def _poll_loop(self) -> None:
+        while True:
+            interval = (
+                app_settings.WAKEUP_SAFETY_POLL_SECONDS
+                if self.listening
+                else app_settings.WAKEUP_POLL_SECONDS
+            )
+            if not self._waiters:
+                self._poke.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._poke.wait(), RECENT_SECONDS)
+            await asyncio.sleep(interval)
+            try:
+                await self.poll_once()
+            except Exception:
+                log.exception("Wake-up poll failed; retrying")
+            self._prune_recent()
+
+    async def _listen_loop(self) -> None:
+        import psycopg
+
+        backoff = 0.5
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    **_listen_connection_params(), autocommit=True
+                ) as connection:
+                    await connection.execute(f"LISTEN {CHANNEL}")
+                    self.listening = True
+                    backoff = 0.5
+                    # Changes made while not listening were not heard: look at every row.
+                    await self.poll_once()
+                    async for note in connection.notifies():
+                        pk, _, state = note.payload.partition(":")
+                        with contextlib.suppress(ValueError):
+                            self.notify(int(pk), state)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("LISTEN %s lost (%s); polling until it is back", CHANNEL, exc)
+            self.listening = False
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+
+
+def _database_vendor() -> str:
+    from django.db import connection
+
+    return connection.vendor
+
+
+def _listen_connection_params() -> dict[str, Any]:
+    """psycopg connection parameters of the default database, as Django would connect."""
+    from django.db import connections
+
+    params = dict(connections["default"].get_connection_params())
+    # Django-only keys (adapters context, cursor factory, pool) mean nothing here.
+    for key in ("context", "cursor_factory", "prepare_threshold", "pool"):
+        params.pop(key, None)
+    return params
