@@ -32,6 +32,8 @@ MODERATE_PERMISSION = "msc3870.moderate_media"
 CONFIRMATION_TEMPLATE = "admin/msc3870/media/moderation_confirmation.html"
 # Media listed by name on a confirmation page; a larger selection is given as a count.
 CONFIRMATION_PREVIEW_LIMIT = 100
+# Media rows loaded at once while acting on a large selection.
+ACTION_BATCH_SIZE = 500
 
 
 @dataclass(frozen=True)
@@ -104,12 +106,16 @@ def _moderate_each(
         raise PermissionDenied
     # One transition per row, so each row's record and side effects are written (a bulk
     # update() would skip them).
-    done = sum(
-        1
-        for media in queryset.iterator()
-        if operation.perform(media, by=request.user, reason=reason)
-    )
-    skipped = queryset.count() - done
+    # The selection is fixed first: on a filtered list the rows acted on leave the filter,
+    # and SQLite gives no isolation between a cursor and updates of the rows it reads.
+    selected = list(queryset.values_list("pk", flat=True))
+    done = 0
+    for start in range(0, len(selected), ACTION_BATCH_SIZE):
+        batch = Media.objects.filter(pk__in=selected[start : start + ACTION_BATCH_SIZE])
+        done += sum(
+            1 for media in batch if operation.perform(media, by=request.user, reason=reason)
+        )
+    skipped = len(selected) - done
     modeladmin.message_user(request, f"{operation.verb} {done} media.", messages.SUCCESS)
     if skipped:
         modeladmin.message_user(
