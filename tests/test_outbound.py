@@ -1,0 +1,314 @@
+"""The SSRF guard of outbound requests, against a real HTTP server on 127.0.0.1: refused by
+default, allowed when the allowlist opens 127.0.0.1, refused again when it closes, on
+every redirect hop, at connect time, with size limits and TLS verification."""
+
+from __future__ import annotations
+
+import gzip
+import socket
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from msc3870.federation import outbound
+from msc3870.federation.outbound import AddressNotAllowed, IPPolicy
+
+from .conftest import msc3870_settings
+from .federation_helpers import LocalServer, local_server, self_signed_tls, send
+
+LOOPBACK_OPEN = msc3870_settings(FEDERATION_IP_RANGE_ALLOWLIST=["127.0.0.1/32"])
+
+
+def _ok(handler: BaseHTTPRequestHandler) -> None:
+    send(handler, 200, b"hello", {"Content-Type": "text/plain"})
+
+
+def _big(handler: BaseHTTPRequestHandler) -> None:
+    send(handler, 200, b"x" * 10_000, {"Content-Type": "application/octet-stream"})
+
+
+def _big_chunked(handler: BaseHTTPRequestHandler) -> None:
+    # No Content-Length: only counting while reading can stop it.
+    handler.send_response(200)
+    handler.send_header("Transfer-Encoding", "chunked")
+    handler.end_headers()
+    for _ in range(10):
+        handler.wfile.write(b"3e8\r\n" + b"y" * 1000 + b"\r\n")
+    handler.wfile.write(b"0\r\n\r\n")
+
+
+def _gzip_bomb(handler: BaseHTTPRequestHandler) -> None:
+    body = gzip.compress(b"\0" * 1_000_000)  # about 1 KiB on the wire
+    send(handler, 200, body, {"Content-Encoding": "gzip"})
+
+
+def _trickle(handler: BaseHTTPRequestHandler) -> None:
+    handler.send_response(200)
+    handler.send_header("Content-Length", "100")
+    handler.end_headers()
+    try:
+        for _ in range(100):
+            handler.wfile.write(b"z")
+            handler.wfile.flush()
+            time.sleep(0.1)
+    except OSError:
+        pass  # the client gave up, as it should
+
+
+def _redirect(target: str) -> Any:
+    def route(handler: BaseHTTPRequestHandler) -> None:
+        send(handler, 302, b"", {"Location": target})
+
+    return route
+
+
+@pytest.fixture
+def server() -> Iterator[LocalServer]:
+    routes = {
+        "/ok": _ok,
+        "/big": _big,
+        "/big-chunked": _big_chunked,
+        "/gzip-bomb": _gzip_bomb,
+        "/trickle": _trickle,
+        "/to-metadata": _redirect("http://169.254.169.254/latest/meta-data/"),
+        "/to-private": _redirect("http://10.0.0.1/"),
+    }
+    with local_server(routes) as running:
+        routes["/to-ok"] = _redirect(f"{running.url}/ok")
+        yield running
+
+
+# --- the policy, address by address ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "127.8.9.10",
+        "10.1.2.3",
+        "172.16.5.4",
+        "192.168.1.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "0.0.0.0",
+        "224.0.0.251",
+        "255.255.255.255",
+        "192.0.2.1",
+        "::1",
+        "::",
+        "::ffff:127.0.0.1",
+        "::ffff:10.0.0.1",
+        "fe80::1",
+        "fc00::1",
+        "fd12:3456::1",
+        "ff02::1",
+        "2001:db8::1",
+        "2002:7f00:1::",  # 6to4 of 127.0.0.1
+        "64:ff9b::a00:1",  # NAT64 of 10.0.0.1
+    ],
+)
+def test_default_policy_refuses_internal_addresses(address: str) -> None:
+    assert not IPPolicy.from_settings().allows(address)
+
+
+@pytest.mark.parametrize(
+    "address", ["8.8.8.8", "93.184.216.34", "2606:4700:4700::1111", "64:ff9b::808:808"]
+)
+def test_default_policy_allows_public_addresses(address: str) -> None:
+    assert IPPolicy.from_settings().allows(address)
+
+
+def test_allowlist_wins_over_the_denylist_in_either_form() -> None:
+    with LOOPBACK_OPEN:
+        policy = IPPolicy.from_settings()
+        assert policy.allows("127.0.0.1")
+        assert policy.allows("::ffff:127.0.0.1")  # the same address, mapped
+        assert not policy.allows("127.0.0.2")
+        assert not policy.allows("::1")
+
+
+def test_a_configured_denylist_replaces_the_default_but_never_unspecified() -> None:
+    with msc3870_settings(FEDERATION_IP_RANGE_DENYLIST=["203.0.113.0/24"]):
+        policy = IPPolicy.from_settings()
+        assert policy.allows("10.0.0.1")
+        assert not policy.allows("203.0.113.9")
+        assert not policy.allows("0.0.0.0")
+        assert not policy.allows("::")
+
+
+# --- real requests --------------------------------------------------------------------
+
+
+def test_loopback_server_is_refused_by_default_and_never_reached(server: LocalServer) -> None:
+    with pytest.raises(AddressNotAllowed, match=r"127\.0\.0\.1"):
+        outbound.request("GET", f"{server.url}/ok")
+    assert server.hits == []
+
+
+def test_loopback_server_is_reached_when_the_allowlist_opens_it(server: LocalServer) -> None:
+    with LOOPBACK_OPEN:
+        response = outbound.request("GET", f"{server.url}/ok")
+    assert (response.status, response.content) == (200, b"hello")
+    assert server.hits == ["/ok"]
+    # ...and refused again once it closes.
+    with pytest.raises(AddressNotAllowed):
+        outbound.request("GET", f"{server.url}/ok")
+    assert server.hits == ["/ok"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://10.0.0.1/",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]:8448/",
+        "http://[::ffff:127.0.0.1]:8448/",
+        "http://[fe80::1]:8448/",
+        "https://0.0.0.0:8448/",
+    ],
+)
+def test_internal_ip_literals_are_refused_before_connecting(url: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(AddressNotAllowed):
+        outbound.request("GET", url, timeout=30)
+    assert time.monotonic() - started < 5  # refused, not timed out trying
+
+
+def test_a_hostname_resolving_to_loopback_is_refused(server: LocalServer) -> None:
+    with pytest.raises(AddressNotAllowed, match="localhost resolves to"):
+        outbound.request("GET", f"http://localhost:{server.port}/ok")
+    assert server.hits == []
+
+
+def test_a_redirect_to_a_private_address_is_refused(server: LocalServer) -> None:
+    with LOOPBACK_OPEN:
+        for path in ("/to-metadata", "/to-private"):
+            with pytest.raises(AddressNotAllowed):
+                outbound.request("GET", f"{server.url}{path}")
+    assert server.hits == ["/to-metadata", "/to-private"]
+
+
+def test_allowed_redirects_are_followed_through_the_guard(server: LocalServer) -> None:
+    with LOOPBACK_OPEN:
+        response = outbound.request("GET", f"{server.url}/to-ok")
+        assert (response.status, response.content) == (200, b"hello")
+        not_followed = outbound.request("GET", f"{server.url}/to-ok", allow_redirects=False)
+    assert not_followed.status == 302
+    assert server.hits == ["/to-ok", "/ok", "/to-ok"]
+
+
+def test_mixed_public_and_private_answers_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_getaddrinfo(host: str, port: int, *args: Any) -> list[Any]:
+        assert host == "mixed.example"
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port)),
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+    with pytest.raises(AddressNotAllowed, match=r"127\.0\.0\.1"):
+        outbound.request("GET", "http://mixed.example/")
+
+
+def test_the_connection_goes_to_the_address_that_was_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DNS rebinding: a name that is public when checked and loopback when connecting. The
+    guard resolves once and connects to what it checked, so the second answer is never
+    asked for."""
+    answers = iter(["93.184.216.34", "127.0.0.1"])
+    lookups: list[str] = []
+    connects: list[Any] = []
+
+    def rebinding_getaddrinfo(host: str, port: int, *args: Any) -> list[Any]:
+        lookups.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), port))]
+
+    def recording_connect(self: socket.socket, address: Any) -> None:
+        connects.append(address)
+        raise ConnectionRefusedError("test: no network")
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding_getaddrinfo)
+    monkeypatch.setattr(socket.socket, "connect", recording_connect)
+    with pytest.raises(outbound.OutboundError):
+        outbound.request("GET", "http://rebind.example/")
+    assert lookups == ["rebind.example"]
+    assert connects == [("93.184.216.34", 80)]
+
+
+def test_proxies_from_the_environment_are_not_used(
+    server: LocalServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", "http://10.9.9.9:3128")
+    monkeypatch.setenv("http_proxy", "http://10.9.9.9:3128")
+    with LOOPBACK_OPEN:
+        assert outbound.request("GET", f"{server.url}/ok", timeout=5).content == b"hello"
+
+
+# --- limits ---------------------------------------------------------------------------
+
+
+def test_content_length_over_the_limit_is_refused_before_reading(server: LocalServer) -> None:
+    with LOOPBACK_OPEN, pytest.raises(outbound.ResponseTooLarge, match="Content-Length"):
+        outbound.request("GET", f"{server.url}/big", max_bytes=9_999)
+    with LOOPBACK_OPEN:
+        assert len(outbound.request("GET", f"{server.url}/big", max_bytes=10_000).content) == 10_000
+
+
+def test_a_body_without_length_is_stopped_while_streaming(server: LocalServer) -> None:
+    received = []
+    with (
+        LOOPBACK_OPEN,
+        outbound.stream("GET", f"{server.url}/big-chunked", max_bytes=2500) as r,
+        pytest.raises(outbound.ResponseTooLarge),
+    ):
+        for chunk in r.iter_bytes(1000):
+            received.append(chunk)
+    assert sum(map(len, received)) <= 2500
+
+
+def test_a_compressed_body_counts_by_its_decoded_size(server: LocalServer) -> None:
+    with LOOPBACK_OPEN, pytest.raises(outbound.ResponseTooLarge):
+        outbound.request("GET", f"{server.url}/gzip-bomb", max_bytes=100_000)
+
+
+def test_a_trickling_peer_is_stopped_at_the_deadline(server: LocalServer) -> None:
+    started = time.monotonic()
+    with (
+        LOOPBACK_OPEN,
+        outbound.stream("GET", f"{server.url}/trickle", timeout=2, total_timeout=0.5) as r,
+        pytest.raises(outbound.OutboundTimeout),
+    ):
+        r.read()
+    assert time.monotonic() - started < 3
+
+
+# --- TLS ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[LocalServer]:
+    pytest.importorskip("cryptography")
+    with local_server({"/ok": _ok}, tls=self_signed_tls(tmp_path)) as running:
+        yield running
+
+
+def test_tls_certificates_are_verified_by_default(tls_server: LocalServer) -> None:
+    with LOOPBACK_OPEN, pytest.raises(outbound.OutboundError, match="CERTIFICATE_VERIFY_FAILED"):
+        outbound.request("GET", f"{tls_server.url}/ok", timeout=5)
+
+
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
+def test_tls_verification_can_be_turned_off_for_tests(tls_server: LocalServer) -> None:
+    with msc3870_settings(
+        FEDERATION_IP_RANGE_ALLOWLIST=["127.0.0.1/32"], FEDERATION_VERIFY_TLS=False
+    ):
+        response = outbound.request("GET", f"{tls_server.url}/ok", timeout=5)
+        assert response.content == b"hello"
+    with msc3870_settings(FEDERATION_VERIFY_TLS=False), pytest.raises(AddressNotAllowed):
+        outbound.request("GET", f"{tls_server.url}/ok", timeout=5)  # still guarded
