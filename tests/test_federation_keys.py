@@ -153,9 +153,7 @@ def test_every_key_in_the_file_is_published_and_signs(key_path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", ["/_matrix/key/v2/server", "/_matrix/key/v2/server/ed25519:x"])
-def test_key_endpoint_answers_signed_json_without_authentication(
-    key_path: Path, path: str
-) -> None:
+def test_key_endpoint_answers_signed_json_without_authentication(key_path: Path, path: str) -> None:
     response = Client().get(path, headers={"Accept": "text/html"})
     assert response.status_code == 200
     assert response["Content-Type"] == "application/json"
