@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import io
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from django.conf import settings
 from django.test import Client
-from PIL import Image
+from PIL import Image, ImageFile
 
 from msc3870 import moderation, thumbnails
 
@@ -134,3 +136,234 @@ def test_thumbnail_of_pending_media_waits_then_504(alice: MatrixClient) -> None:
     response = alice.get(V1 + mxc_path(created["content_uri"]) + "?width=32&height=32&timeout_ms=0")
     assert response.status_code == 504
     assert response.json()["errcode"] == "M_NOT_YET_UPLOADED"
+
+
+# --- Memory and concurrency (issue 8, item 1) -------------------------------------------
+
+
+def test_decoded_memory_limit_refuses_before_decoding(
+    alice: MatrixClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = upload(alice, image_bytes((2000, 1000), "PNG"), "image/png")  # 8 MB decoded
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+
+    def counting_load(self: ImageFile.ImageFile) -> Any:
+        decoded.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)
+    with msc3870_settings(THUMBNAIL_MAX_DECODED_BYTES=4_000_000):
+        response = alice.get(V3 + path + "?width=32&height=32")
+    assert response.status_code == 400
+    assert response.json()["errcode"] == "M_UNKNOWN"
+    assert "too much memory" in response.json()["error"]
+    assert decoded == []
+    with msc3870_settings(THUMBNAIL_MAX_DECODED_BYTES=8_000_000):
+        assert alice.get(V3 + path + "?width=32&height=32").status_code == 200
+
+
+def test_jpeg_limit_counts_the_reduced_decode_and_progressive_coefficients(
+    alice: MatrixClient,
+) -> None:
+    # 4000x2000 is 32 MB decoded; draft() decodes it at 1/8 scale (0.5 MB) for a 32x32 crop.
+    baseline = upload(alice, image_bytes((4000, 2000), "JPEG"), "image/jpeg")
+    # A progressive JPEG keeps its DCT coefficients at full scale: 12 M of 2 bytes (4:2:0).
+    progressive = upload(alice, image_bytes((4000, 2000), "JPEG", progressive=True), "image/jpeg")
+    with msc3870_settings(THUMBNAIL_MAX_DECODED_BYTES=2_000_000):
+        assert alice.get(V1 + baseline + "?width=32&height=32&method=crop").status_code == 200
+        refused = alice.get(V1 + progressive + "?width=32&height=32&method=crop")
+    assert refused.status_code == 400
+    assert "too much memory" in refused.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt", "expected"),
+    [("RGB", "PNG", 4), ("L", "PNG", 1), ("RGBA", "PNG", 4), ("P", "GIF", 1), ("RGB", "WEBP", 16)],
+)
+def test_decoded_bytes_per_pixel(mode: str, fmt: str, expected: int) -> None:
+    buffer = io.BytesIO()
+    Image.new(mode, (100, 50)).save(buffer, fmt)
+    with Image.open(buffer) as image:
+        assert thumbnails._decoded_bytes(image, image.size) == 100 * 50 * expected
+
+
+def source_image(mode: str, size: tuple[int, int]) -> bytes:
+    colour: Any = {"RGB": (10, 120, 200), "RGBA": (10, 120, 200, 128), "LA": (90, 200)}
+    image = Image.new(mode, size, colour.get(mode, 3))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", **({"transparency": 3} if mode == "L" else {}))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "LA", "L"])
+@pytest.mark.parametrize("size", [(32, 32, "crop"), (800, 600, "scale")])
+def test_render_never_copies_the_decoded_image(
+    monkeypatch: pytest.MonkeyPatch, mode: str, size: tuple[int, int, str]
+) -> None:
+    source_pixels = 3000 * 3000
+    source = source_image(mode, (3000, 3000))
+    made: list[int] = []
+    real_new = Image.Image._new
+
+    def recording_new(self: Image.Image, im: Any) -> Image.Image:
+        made.append(im.size[0] * im.size[1])
+        return real_new(self, im)
+
+    monkeypatch.setattr(Image.Image, "_new", recording_new)
+    data = thumbnails._render(source, *size, "image/png")
+    assert Image.open(io.BytesIO(data)).size in ((32, 32), (600, 600))
+    # Every image made on the way (strips, the reduced image, the output) is far smaller.
+    assert made
+    assert max(made) < source_pixels / 2
+
+
+def test_transparent_edges_have_no_dark_fringe() -> None:
+    # Left half transparent black, right half opaque white: resampling without
+    # premultiplied alpha would blend black into the white edge.
+    image = Image.new("RGBA", (2000, 1000), (0, 0, 0, 0))
+    image.paste((255, 255, 255, 255), (1000, 0, 2000, 1000))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    result = Image.open(io.BytesIO(thumbnails._render(buffer.getvalue(), 96, 96, "crop", "")))
+    assert result.mode == "RGBA"
+    pixels = [result.getpixel((x, y)) for x in range(96) for y in range(96)]
+    visible = [p for p in pixels if isinstance(p, tuple) and p[3] > 0]
+    assert visible
+    assert min(min(p[:3]) for p in visible) >= 250
+
+
+@pytest.mark.parametrize(
+    ("orientation", "method", "expected"),
+    [(1, "scale", (320, 160)), (6, "scale", (120, 240)), (8, "crop", (96, 96))],
+)
+def test_exif_orientation_is_applied(
+    orientation: int, method: str, expected: tuple[int, int]
+) -> None:
+    image = Image.new("RGB", (400, 200), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 200, 200))  # left half blue
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=exif)
+    width, height = (320, 240) if method == "scale" else (96, 96)
+    data = thumbnails._render(buffer.getvalue(), width, height, method, "image/jpeg")
+    result = Image.open(io.BytesIO(data)).convert("RGB")
+    assert result.size == expected
+    if orientation == 6:  # rotated 90 degrees clockwise: the blue half is now on top
+        top, bottom = result.getpixel((60, 10)), result.getpixel((60, 230))
+        assert top[2] > 200 and top[0] < 60
+        assert bottom[0] > 200 and bottom[2] < 60
+
+
+class BlockingRender:
+    """Stands in for ``_render``: counts calls; the first blocks until released."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+
+    def __call__(self, source: bytes, width: int, height: int, *args: Any) -> bytes:
+        with self.lock:
+            self.calls += 1
+            first = self.calls == 1
+        if first:
+            self.entered.set()
+            assert self.release.wait(30), "test never released the render"
+        return image_bytes((width, height), "PNG")
+
+
+def wait_until(condition: Any) -> None:
+    """Wait for another thread to reach a state (bounded, so a bug fails, not hangs)."""
+    for _ in range(3000):
+        if condition():
+            return
+        time.sleep(0.01)
+    raise AssertionError("the other thread never got there")
+
+
+def waiting_for_key(key: str) -> int:
+    """Requests waiting for the render of ``key`` (0 before the per-key lock existed)."""
+    entry = getattr(thumbnails, "_key_locks", {}).get(key)
+    return 0 if entry is None else entry.users - 1
+
+
+def test_one_render_per_key_the_others_serve_its_result(
+    alice: MatrixClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    media = media_of("mxc://" + upload(alice, image_bytes((800, 800), "PNG"), "image/png"))
+    render = BlockingRender()
+    monkeypatch.setattr(thumbnails, "_render", render)
+    key = f"thumbnails/{media.media_id}/32x32-crop"
+    results: list[Any] = []
+
+    def request() -> None:
+        results.append(thumbnails.thumbnail(media, 32, 32, "crop"))
+
+    first = threading.Thread(target=request)
+    second = threading.Thread(target=request)
+    try:
+        with msc3870_settings(THUMBNAIL_RENDER_WAIT_SECONDS=30):
+            first.start()
+            assert render.entered.wait(30)
+            second.start()
+            # The second request either waits for the key or (without the lock) renders.
+            wait_until(lambda: render.calls > 1 or waiting_for_key(key) == 1)
+            render.release.set()
+            first.join()
+            second.join()
+    finally:
+        render.release.set()
+    assert render.calls == 1
+    assert len(results) == 2
+    assert results[0] == results[1]
+    assert results[0].key == key
+    assert getattr(thumbnails, "_key_locks", {}) == {}  # no entry left behind
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_renders_past_the_per_process_cap_get_429(
+    alice: MatrixClient, monkeypatch: pytest.MonkeyPatch, slots: int
+) -> None:
+    path = upload(alice, image_bytes((800, 800), "PNG"), "image/png")
+    media = media_of("mxc://" + path)
+    renders = [BlockingRender() for _ in range(slots)]
+    for render in renders[1:]:
+        render.calls = 1  # only the first call of each blocks: mark these as "not first"
+    busy = threading.Event()
+
+    def blocking(source: bytes, width: int, height: int, *args: Any) -> bytes:
+        for render in renders:
+            if not render.entered.is_set():
+                render.calls = 0
+                return render(source, width, height)
+        busy.set()  # a render past the cap got through
+        return image_bytes((width, height), "PNG")
+
+    monkeypatch.setattr(thumbnails, "_render", blocking)
+    sizes = [(32, 32, "crop"), (96, 96, "crop")][:slots]
+    threads = [threading.Thread(target=thumbnails.thumbnail, args=(media, *s)) for s in sizes]
+    try:
+        with msc3870_settings(THUMBNAIL_CONCURRENT_RENDERS=slots, THUMBNAIL_RENDER_WAIT_SECONDS=0):
+            for thread, render in zip(threads, renders, strict=True):
+                thread.start()
+                assert render.entered.wait(30)
+            # Every slot is taken: another size is refused at once, and so is a second
+            # request for a size being rendered (it may not wait at all either).
+            for query in ("?width=320&height=240", "?width=32&height=32&method=crop"):
+                response = Client().get(V3 + path + query)
+                assert response.status_code == 429
+                assert response.json()["errcode"] == "M_LIMIT_EXCEEDED"
+                assert response.json()["retry_after_ms"] > 0
+            assert not busy.is_set()
+            for render in renders:
+                render.release.set()
+            for thread in threads:
+                thread.join()
+            # Slots free again: the refused size renders now.
+            assert Client().get(V3 + path + "?width=320&height=240").status_code == 200
+    finally:
+        for render in renders:
+            render.release.set()
