@@ -82,13 +82,6 @@ DEFAULTS: dict[str, Any] = {
     "THUMBNAIL_MAX_DECODED_BYTES": 192 * MiB,
     "THUMBNAIL_CONCURRENT_RENDERS": 2,
     "THUMBNAIL_RENDER_WAIT_SECONDS": 5.0,
-    # Memory one render may decode into, from the header before decoding (192 MiB: a 32 Mpx
-    # PNG takes 122 MiB, a 12 Mpx WebP 183 MiB); renders at once per process; seconds a
-    # request waits for its turn before 429 M_LIMIT_EXCEEDED. Peak per process is about
-    # CONCURRENT_RENDERS x (MAX_DECODED_BYTES + MAX_SOURCE_BYTES).
-    "THUMBNAIL_MAX_DECODED_BYTES": 192 * MiB,
-    "THUMBNAIL_CONCURRENT_RENDERS": 2,
-    "THUMBNAIL_RENDER_WAIT_SECONDS": 5.0,
     # Days tombstones (expired, purged, rejected by checks) are kept; None = forever.
     "TOMBSTONE_RETENTION_DAYS": 30,
     # Content types (globs, matched against the type sniffed from the bytes, or the declared
@@ -282,18 +275,6 @@ class MSC3870Settings:
     @property
     def THUMBNAIL_MAX_PIXELS(self) -> int:
         return int(self._get("THUMBNAIL_MAX_PIXELS"))
-
-    @property
-    def THUMBNAIL_MAX_DECODED_BYTES(self) -> int:
-        return int(self._get("THUMBNAIL_MAX_DECODED_BYTES"))
-
-    @property
-    def THUMBNAIL_CONCURRENT_RENDERS(self) -> int:
-        return max(1, int(self._get("THUMBNAIL_CONCURRENT_RENDERS")))
-
-    @property
-    def THUMBNAIL_RENDER_WAIT_SECONDS(self) -> float:
-        return max(0.0, float(self._get("THUMBNAIL_RENDER_WAIT_SECONDS")))
 
     @property
     def THUMBNAIL_MAX_DECODED_BYTES(self) -> int:
