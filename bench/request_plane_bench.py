@@ -188,6 +188,10 @@ class ServerFailed(Exception):
     pass
 
 
+class ServerDied(Exception):
+    """The server's process tree ended in the middle of a phase (something killed it)."""
+
+
 class ProjectServer:
     """``make run`` in a checkout, in its own session, on a free port."""
 
@@ -246,6 +250,9 @@ class ProjectServer:
     def tree(self) -> ProcessTree:
         assert self.proc is not None
         return ProcessTree(self.proc.pid)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
         if self.proc is None:
@@ -323,6 +330,9 @@ class SynapseServer:
     @property
     def tree(self) -> ProcessTree:
         return ProcessTree(int((self.data_dir / "synapse.pid").read_text()))
+
+    def alive(self) -> bool:
+        return psutil.pid_exists(self.tree.root_pid)
 
     def stop(self) -> None:
         self._script("stop", timeout=60)
@@ -483,9 +493,12 @@ def round_trip_phase(
     if args.warmup > 0:
         asyncio.run(_clients(server.url, users, args.warmup, args.request_timeout))
     tree = server.tree
+    pids0 = {p.pid for p in tree.processes()}
     cpu0, client0 = tree.cpu_seconds(), self_cpu()
     samples, wall = asyncio.run(_clients(server.url, users, args.duration, args.request_timeout))
     cpu = tree.cpu_seconds() - cpu0
+    if not server.alive():
+        raise ServerDied(f"{clients} clients: the server's process tree ended during the phase")
     client_cpu = self_cpu() - client0
     done = len(samples.latencies)
     result = {
@@ -503,6 +516,7 @@ def round_trip_phase(
         "client_cpu_s": round(client_cpu, 3),
         "client_cpu_ms_per_round_trip": round(client_cpu / done * 1000, 3) if done else None,
         "server_processes": len(tree.processes()),
+        "process_tree_changed": pids0 != {p.pid for p in tree.processes()},
     }
     log(
         f"  {clients:>3} clients: {result['round_trips_per_s']} rt/s, p50 {result['p50_ms']} ms, "
@@ -699,9 +713,28 @@ def waiter_phase(
         return await asyncio.wait_for(_waiter_phase(server, tokens, n, args), limit)
 
     try:
-        return asyncio.run(bounded())
+        result = asyncio.run(bounded())
     except TimeoutError:
-        return {"waiters": n, "error": f"phase exceeded {limit} s"}
+        result = {"waiters": n, "error": f"phase exceeded {limit} s"}
+    if not server.alive():
+        raise ServerDied(f"{n} waiters: the server's process tree ended during the phase")
+    return result
+
+
+def with_retry(
+    name: str, server: Server, phase: Callable[[], dict[str, Any]], web_concurrency: str | None
+) -> dict[str, Any]:
+    """Run a phase; if the server died under it (killed from outside: the machine is
+    shared), restart the server and run the phase once more, and say so."""
+    try:
+        return phase()
+    except ServerDied as exc:
+        log(f"{name}: {exc}; restarting the server and running the phase again")
+        server.stop()
+        server.start(web_concurrency)
+        result = phase()
+        result["retried_after"] = str(exc)
+        return result
 
 
 # --------------------------------------------------------------------------- a server's run
@@ -725,7 +758,10 @@ def measure_server(
         tokens = server.mint_tokens(users)
         log(f"{name}: {len(tokens)} users with tokens")
         result["round_trips"] = [
-            round_trip_phase(server, tokens, clients, args) for clients in args.clients
+            with_retry(
+                name, server, lambda c=clients: round_trip_phase(server, tokens, c, args), None
+            )
+            for clients in args.clients
         ]
         result["waiting"] = []
         result["waiter_web_concurrency"] = waiter_concurrency
@@ -733,8 +769,15 @@ def measure_server(
             server.stop()
             server.start(waiter_concurrency)
             result.setdefault("processes_waiting", server.tree.describe())
-            result["waiting"].append(waiter_phase(server, tokens, n, args))
-    except ServerFailed as exc:
+            result["waiting"].append(
+                with_retry(
+                    name,
+                    server,
+                    lambda n=n: waiter_phase(server, tokens, n, args),
+                    waiter_concurrency,
+                )
+            )
+    except (ServerFailed, ServerDied) as exc:
         log(f"{name}: FAILED: {exc}")
         result["failed"] = str(exc)
     finally:
@@ -752,7 +795,13 @@ def project_git_head(project_dir: Path) -> str:
     return out.stdout.strip()
 
 
+def _terminate(signum: int, frame: object) -> None:
+    del frame
+    raise SystemExit(128 + signum)  # the finally blocks stop the servers
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    signal.signal(signal.SIGTERM, _terminate)
     nofile = raise_nofile()
     project_dir = args.project_dir.resolve()
     report: dict[str, Any] = {
