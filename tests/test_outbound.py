@@ -66,6 +66,22 @@ def _redirect(target: str) -> Any:
     return route
 
 
+def _redirect_with_endless_body(target: str) -> Any:
+    def route(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(302)
+        handler.send_header("Location", target)
+        handler.send_header("Content-Length", str(10**9))
+        handler.end_headers()
+        try:
+            handler.wfile.write(b"r" * 65536)
+            handler.wfile.flush()
+            time.sleep(3)  # then nothing more: a client reading it would hang here
+        except OSError:
+            pass
+
+    return route
+
+
 @pytest.fixture
 def server() -> Iterator[LocalServer]:
     routes = {
@@ -79,6 +95,8 @@ def server() -> Iterator[LocalServer]:
     }
     with local_server(routes) as running:
         routes["/to-ok"] = _redirect(f"{running.url}/ok")
+        routes["/to-ok-endless-body"] = _redirect_with_endless_body("/ok")
+        routes["/loop"] = _redirect("/loop")
         yield running
 
 
@@ -200,6 +218,20 @@ def test_allowed_redirects_are_followed_through_the_guard(server: LocalServer) -
         not_followed = outbound.request("GET", f"{server.url}/to-ok", allow_redirects=False)
     assert not_followed.status == 302
     assert server.hits == ["/to-ok", "/ok", "/to-ok"]
+
+
+def test_a_redirects_body_is_never_read(server: LocalServer) -> None:
+    started = time.monotonic()
+    with LOOPBACK_OPEN:
+        response = outbound.request("GET", f"{server.url}/to-ok-endless-body", max_bytes=100)
+    assert (response.status, response.content) == (200, b"hello")
+    assert time.monotonic() - started < 2
+
+
+def test_redirect_loops_end(server: LocalServer) -> None:
+    with LOOPBACK_OPEN, pytest.raises(outbound.OutboundError, match="redirects"):
+        outbound.request("GET", f"{server.url}/loop")
+    assert server.hits == ["/loop"] * 6
 
 
 def test_mixed_public_and_private_answers_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -268,8 +269,16 @@ class GuardedAdapter(HTTPAdapter):
         raise OutboundError("Outbound requests do not use proxies")
 
 
+class _Session(requests.Session):
+    def resolve_redirects(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        """Never: requests reads a redirect's whole body here, even with
+        ``allow_redirects=False`` (to prepare ``Response.next``). ``stream`` follows
+        redirects itself, without reading their bodies."""
+        return iter(())
+
+
 def new_session() -> requests.Session:
-    session = requests.Session()
+    session = _Session()
     session.trust_env = False  # no proxies, .netrc or CA bundle from the environment
     session.max_redirects = MAX_REDIRECTS
     adapter = GuardedAdapter(max_retries=0)
@@ -341,21 +350,9 @@ def stream(
     deadline = time.monotonic() + (total_timeout or timeout * 6)
     session = new_session()
     try:
-        try:
-            response = session.request(
-                method,
-                url,
-                headers=dict(headers or {}),
-                data=data,
-                stream=True,
-                timeout=timeout,
-                allow_redirects=allow_redirects,
-                verify=app_settings.FEDERATION_VERIFY_TLS,
-            )
-        except requests.Timeout as exc:
-            raise OutboundTimeout(f"{method} {url} timed out") from exc
-        except requests.RequestException as exc:
-            raise OutboundError(f"{method} {url} failed: {exc}") from exc
+        response = _send_following_redirects(
+            session, method, url, dict(headers or {}), data, timeout, allow_redirects
+        )
         try:
             length = response.headers.get("Content-Length")
             if length is not None and length.strip().isdigit() and int(length) > max_bytes:
@@ -374,6 +371,53 @@ def stream(
             response.close()
     finally:
         session.close()
+
+
+def _send_following_redirects(
+    session: requests.Session,
+    method: str,
+    url: str,
+    headers: dict[str, str],
+    data: bytes | None,
+    timeout: float,
+    allow_redirects: bool,
+) -> requests.Response:
+    """Redirects are followed here rather than by requests, which reads each redirect's
+    whole body into memory first (a huge body behind a 302 would get past the limit, or
+    hold the thread). A redirect's body is never read: its connection is closed."""
+    for _hop in range(MAX_REDIRECTS + 1):
+        try:
+            response = session.request(
+                method,
+                url,
+                headers=headers,
+                data=data,
+                stream=True,
+                timeout=timeout,
+                allow_redirects=False,
+                verify=app_settings.FEDERATION_VERIFY_TLS,
+            )
+        except requests.Timeout as exc:
+            raise OutboundTimeout(f"{method} {url} timed out") from exc
+        except requests.RequestException as exc:
+            raise OutboundError(f"{method} {url} failed: {exc}") from exc
+        location = session.get_redirect_target(response) if allow_redirects else None
+        if not location:
+            return response
+        response.close()
+        next_url = urljoin(url, location)
+        if urlsplit(next_url).scheme not in ("http", "https"):
+            raise OutboundError(f"{url} redirects to a non-HTTP URL")
+        # What browsers and requests do: 303 (and 301/302 after a POST) becomes a GET
+        # without a body; 307 and 308 repeat the request as it was.
+        if response.status_code == 303 or (response.status_code in (301, 302) and method == "POST"):
+            method, data = "GET", None
+            headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
+        # Credentials are for the host they were made for.
+        if urlsplit(next_url).netloc != urlsplit(url).netloc:
+            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+        url = next_url
+    raise OutboundError(f"More than {MAX_REDIRECTS} redirects")
 
 
 @dataclass(frozen=True)
