@@ -122,11 +122,14 @@ def serves_original(media: Media, animated: bool) -> bool:
 
 
 def _is_animated(media: Media) -> bool:
-    try:
-        with Image.open(io.BytesIO(_read_source(media))) as image:
-            return bool(getattr(image, "is_animated", False))
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
-        return False
+    # The whole source is read (a GIF's frames are found by walking it): under a render
+    # slot, so concurrent requests cannot each hold a copy of a source of up to 20 MiB.
+    with _render_slot(app_settings.THUMBNAIL_RENDER_WAIT_SECONDS):
+        try:
+            with Image.open(io.BytesIO(_read_source(media))) as image:
+                return bool(getattr(image, "is_animated", False))
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+            return False
 
 
 def _read_source(media: Media) -> bytes:

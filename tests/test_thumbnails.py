@@ -367,3 +367,31 @@ def test_renders_past_the_per_process_cap_get_429(
     finally:
         for render in renders:
             render.release.set()
+
+
+def test_animated_check_reads_the_source_under_a_render_slot(
+    alice: MatrixClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    frames = [Image.new("RGB", (50, 50), colour) for colour in ("red", "blue")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=100)
+    gif = upload(alice, buffer.getvalue(), "image/gif")
+    png = media_of("mxc://" + upload(alice, image_bytes((800, 800), "PNG"), "image/png"))
+    render = BlockingRender()
+    monkeypatch.setattr(thumbnails, "_render", render)
+    thread = threading.Thread(target=thumbnails.thumbnail, args=(png, 32, 32, "crop"))
+    try:
+        with msc3870_settings(THUMBNAIL_CONCURRENT_RENDERS=1, THUMBNAIL_RENDER_WAIT_SECONDS=0):
+            thread.start()
+            assert render.entered.wait(30)
+            # Reading the whole source to see whether it is animated takes a slot too.
+            busy = Client().get(V3 + gif + "?width=32&height=32&animated=true")
+            assert busy.status_code == 429
+            assert busy.json()["errcode"] == "M_LIMIT_EXCEEDED"
+            render.release.set()
+            thread.join()
+            served = Client().get(V3 + gif + "?width=32&height=32&animated=true")
+            assert served.status_code == 200
+            assert served["Content-Type"] == "image/gif"
+    finally:
+        render.release.set()
