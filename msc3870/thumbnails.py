@@ -51,6 +51,10 @@ SIZES: list[tuple[int, int, str]] = [
 ]
 METHODS = ("crop", "scale")
 THUMBNAILABLE = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp", "image/apng"})
+# The only decoders Pillow may use (APNG is PNG): the declared type can lie (TYPE_MISMATCH
+# "declared"), and other formats bring other parsers (EPS runs Ghostscript) and memory
+# costs that DECODER_COPIES has not measured.
+FORMATS = ("JPEG", "PNG", "GIF", "WEBP")
 ANIMATABLE = frozenset({"image/gif", "image/webp", "image/png", "image/apng"})
 
 # The last resize step shrinks at most this much after the integer reduction (Pillow's
@@ -126,7 +130,7 @@ def _is_animated(media: Media) -> bool:
     # slot, so concurrent requests cannot each hold a copy of a source of up to 20 MiB.
     with _render_slot(app_settings.THUMBNAIL_RENDER_WAIT_SECONDS):
         try:
-            with Image.open(io.BytesIO(_read_source(media))) as image:
+            with Image.open(io.BytesIO(_read_source(media)), formats=FORMATS) as image:
                 return bool(getattr(image, "is_animated", False))
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
             return False
@@ -233,7 +237,7 @@ def _render_slot(wait: float) -> Iterator[None]:
 
 def _render(source: bytes, width: int, height: int, method: str, output_type: str) -> bytes:
     try:
-        with Image.open(io.BytesIO(source)) as image:
+        with Image.open(io.BytesIO(source), formats=FORMATS) as image:
             declared = image.size
             if declared[0] * declared[1] > app_settings.THUMBNAIL_MAX_PIXELS:
                 raise CannotThumbnail("Image has too many pixels to thumbnail")
@@ -309,9 +313,12 @@ def _plan(
 
 def _decoded_bytes(image: Image.Image, declared: tuple[int, int]) -> int:
     """Memory decoding will take, from the header alone (measured, Pillow 13)."""
-    mode = ImageMode.getmode(image.mode)
-    # Pillow stores pixels of several 8-bit bands in 4 bytes (RGB too).
-    pixel = 4 if len(mode.bands) > 1 else int(mode.typestr[-1])
+    try:
+        mode = ImageMode.getmode(image.mode)
+        # Pillow stores pixels of several 8-bit bands in 4 bytes (RGB too).
+        pixel = 4 if len(mode.bands) > 1 else int(mode.typestr[-1])
+    except KeyError:  # a mode ImageMode does not describe: count the widest pixel
+        mode, pixel = ImageMode.getmode("RGBA"), 4
     total = image.width * image.height * pixel * DECODER_COPIES.get(image.format or "", 1)
     if image.format == "JPEG" and image.info.get("progressive"):
         # libjpeg keeps every DCT coefficient (2 bytes) of a progressive JPEG at full

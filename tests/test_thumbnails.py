@@ -395,3 +395,10 @@ def test_animated_check_reads_the_source_under_a_render_slot(
             assert served["Content-Type"] == "image/gif"
     finally:
         render.release.set()
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "TIFF", "PPM"])
+def test_only_the_thumbnailable_formats_are_decoded(fmt: str) -> None:
+    # With TYPE_MISMATCH = "declared" the bytes behind "image/png" can be anything.
+    with pytest.raises(thumbnails.CannotThumbnail):
+        thumbnails._render(image_bytes((64, 64), fmt), 32, 32, "crop", "image/png")
