@@ -23,6 +23,7 @@ import io
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -63,9 +64,8 @@ def max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def child(args: argparse.Namespace) -> dict[str, Any]:
-    """One measurement, in this (fresh) process."""
-    data_dir = tempfile.mkdtemp(prefix="mediarepo-thumbbench-")
+def child(args: argparse.Namespace, data_dir: str) -> dict[str, Any]:
+    """One measurement, in this (fresh) process, with its data in ``data_dir``."""
     os.environ["MEDIAREPO_DATA_DIR"] = data_dir
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mediarepo.settings")
     sys.path.insert(0, str(ROOT))
@@ -159,7 +159,11 @@ def main() -> None:
     parser.add_argument("--source", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args)))
+        data_dir = tempfile.mkdtemp(prefix="mediarepo-thumbbench-")
+        try:
+            print(json.dumps(child(args, data_dir)))
+        finally:
+            shutil.rmtree(data_dir, ignore_errors=True)
         return
     with tempfile.TemporaryDirectory(prefix="thumbbench-") as tmp:
         source = Path(tmp) / "source"
