@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 import requests
@@ -67,19 +68,74 @@ class TokenResolver:
         raise NotImplementedError
 
 
+class ProcessCache:
+    """A small per-process cache of resolved tokens (no network, no lock: a dict read is
+    atomic). Entries live ``TOKEN_CACHE_SECONDS``: a revoked token stops working at most
+    that much later. Bounded: when full, the oldest half is dropped."""
+
+    MAX_ENTRIES = 20_000
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[float, Any]] = {}
+
+    def get(self, key: str) -> Any:
+        entry = self._entries.get(key)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def set(self, key: str, value: Any) -> None:
+        ttl = app_settings.TOKEN_CACHE_SECONDS
+        if ttl <= 0:
+            return
+        if len(self._entries) >= self.MAX_ENTRIES:
+            for stale in list(self._entries)[: self.MAX_ENTRIES // 2]:
+                self._entries.pop(stale, None)
+        self._entries[key] = (time.monotonic() + ttl, value)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+token_cache = ProcessCache()
+
+
+@dataclass(frozen=True)
+class _LocalToken:
+    pk: int
+    user_id: str
+    is_appservice: bool
+    masquerade_regex: str
+    expires_at: datetime | None
+
+
 class LocalTokenResolver(TokenResolver):
     # Writing last_used_at on every request would turn every read into a write.
     LAST_USED_RESOLUTION = timedelta(minutes=5)
 
-    def resolve(
-        self, token: str, *, masquerade_as: str | None = None, device_id: str | None = None
-    ) -> MatrixUser:
-        row = AccessToken.objects.filter(token_digest=digest_token(token)).first()
+    def _lookup(self, token: str) -> _LocalToken:
+        digest = digest_token(token)
+        cached = token_cache.get("local:" + digest)
+        if cached is not None:
+            return cached
+        row = AccessToken.objects.filter(token_digest=digest).first()
         if row is None or not row.is_usable():
             raise UnknownToken()
         now = timezone.now()
         if row.last_used_at is None or now - row.last_used_at > self.LAST_USED_RESOLUTION:
             AccessToken.objects.filter(pk=row.pk).update(last_used_at=now)
+        found = _LocalToken(
+            row.pk, row.user_id, row.is_appservice, row.masquerade_regex, row.expires_at
+        )
+        token_cache.set("local:" + digest, found)
+        return found
+
+    def resolve(
+        self, token: str, *, masquerade_as: str | None = None, device_id: str | None = None
+    ) -> MatrixUser:
+        row = self._lookup(token)
+        if row.expires_at is not None and row.expires_at <= timezone.now():
+            raise UnknownToken()
         if masquerade_as and masquerade_as != row.user_id:
             if not row.is_appservice:
                 raise Forbidden("Only application service tokens may act as another user")
@@ -110,8 +166,9 @@ class HomeserverTokenResolver(TokenResolver):
                 "\0".join((token, masquerade_as or "", device_id or "")).encode()
             ).hexdigest()
         )
-        cached = cache.get(cache_key)
+        cached = token_cache.get(cache_key) or cache.get(cache_key)
         if cached is not None:
+            token_cache.set(cache_key, cached)
             return MatrixUser(**cached)
         params: dict[str, str] = {}
         if masquerade_as:
@@ -137,6 +194,7 @@ class HomeserverTokenResolver(TokenResolver):
                 "is_guest": bool(body.get("is_guest")),
             }
             cache.set(cache_key, user, app_settings.WHOAMI_CACHE_SECONDS)
+            token_cache.set(cache_key, user)
             return MatrixUser(**user)
         raise _homeserver_refusal(response.status_code, body)
 

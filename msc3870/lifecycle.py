@@ -73,7 +73,8 @@ def transition(
         media.state = to_state
         media.state_changed_at = now
         for name, value in fields.items():
-            setattr(media, name, value)
+            if not hasattr(value, "resolve_expression"):  # F(...) is written, not mirrored
+                setattr(media, name, value)
     if won:
         # Requests of this process waiting on the row wake once the change is visible.
         transaction.on_commit(lambda: wakeup.announce(pk, to_state))

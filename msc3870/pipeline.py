@@ -8,6 +8,7 @@ redelivered or re-dispatched task does no harm.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from django.db import transaction
 from django.db.models import F
@@ -51,7 +52,7 @@ def screen_in_process(media: Media) -> None:
     state is then known without another query). A failure is recorded on the row; the
     stuck sweep screens it again."""
     try:
-        screen_loaded(media)
+        screen_loaded(media, count_attempt=False)
     except Exception as exc:
         log.exception("Screening of %s failed", media.mxc_uri)
         record_failure(media.pk, exc)
@@ -65,12 +66,17 @@ def screen_media(pk: int) -> str:
     return screen_loaded(media)
 
 
-def screen_loaded(media: Media) -> str:
-    """``screen_media`` of a row already read."""
+def screen_loaded(media: Media, *, count_attempt: bool = True) -> str:
+    """``screen_media`` of a row already read. A task counts its attempt first (it may
+    die); in-process screening counts it in the update that decides."""
     if media.state != S.PROCESSING:
         return "skipped"
     pk = media.pk
-    Media.objects.filter(pk=pk).update(attempts=F("attempts") + 1)
+    decided: dict[str, Any] = {}
+    if count_attempt:
+        Media.objects.filter(pk=pk).update(attempts=F("attempts") + 1)
+    else:
+        decided["attempts"] = F("attempts") + 1
     store = get_store()
     if not media.storage_key:
         if media.upload_method != UploadMethod.URL:
@@ -85,58 +91,76 @@ def screen_loaded(media: Media) -> str:
                 )
             store.move(media.incoming_key, media.served_key)
         elif store.head(media.served_key) is None:
-            return _reject(media, Rejection("Nothing was uploaded", errcode="M_NOT_YET_UPLOADED"))
+            return _reject(
+                media, Rejection("Nothing was uploaded", errcode="M_NOT_YET_UPLOADED"), **decided
+            )
         # (else: an earlier attempt moved the bytes and died before recording it)
         if not lifecycle.update_if_state(media, S.PROCESSING, storage_key=media.served_key):
             return "skipped"
     info = store.head(media.storage_key)
     if info is None:
-        return _reject(media, Rejection("The stored object is missing", errcode="M_UNKNOWN"))
+        return _reject(
+            media, Rejection("The stored object is missing", errcode="M_UNKNOWN"), **decided
+        )
     ctx = ScreeningContext(media=media, store=store, key=media.storage_key, info=info)
     try:
         findings = run_checks(ctx)
     except Rejection as rejection:
-        return _reject(media, rejection)
-    return _complete(media, findings)
+        return _reject(media, rejection, **decided)
+    return _complete(media, findings, twins=ctx.twins, **decided)
 
 
-def _complete(media: Media, findings: dict[str, object]) -> str:
-    """PROCESSING -> COMPLETE; identical content already served is stored once."""
+def _complete(
+    media: Media, findings: dict[str, object], *, twins: bool | None = None, **fields: Any
+) -> str:
+    """PROCESSING -> COMPLETE; identical content already served is stored once.
+    ``twins=False``: the checks found no other media with this content."""
     own_key = media.storage_key
-    with transaction.atomic():
-        # Locking the donor row orders this against a purge of the donor: either the purge
-        # waits and then sees this row sharing the key (and keeps the object), or it ran
-        # first and the donor is no longer COMPLETE here.
-        donor = None
-        if findings.get("sha256"):
-            donor = (
-                Media.objects.select_for_update()
-                .filter(sha256=findings["sha256"], size=findings.get("size"), state=S.COMPLETE)
-                .exclude(pk=media.pk)
-                .exclude(storage_key="")
-                .order_by("pk")
-                .first()
+    sharing = Media.objects.none()
+    if findings.get("sha256") and twins is not False:
+        sharing = (
+            Media.objects.filter(
+                sha256=findings["sha256"], size=findings.get("size"), state=S.COMPLETE
             )
-        storage_key = donor.storage_key if donor else own_key
-        won = lifecycle.transition(
-            media,
-            [S.PROCESSING],
-            S.COMPLETE,
-            send_signal=False,
-            completed_at=timezone.now(),
-            last_error="",
-            storage_key=storage_key,
-            **findings,
+            .exclude(pk=media.pk)
+            .exclude(storage_key="")
+            .order_by("pk")
         )
+    if twins is not False and sharing.exists():
+        with transaction.atomic():
+            # Locking the donor row orders this against a purge of the donor: either the
+            # purge waits and then sees this row sharing the key (and keeps the object), or
+            # it ran first and the donor is no longer COMPLETE here.
+            donor = sharing.select_for_update().first()
+            won = _mark_complete(media, donor.storage_key if donor else own_key, findings, fields)
+    else:
+        # Nothing to share (the common case): no lock, no transaction.
+        won = _mark_complete(media, own_key, findings, fields)
     if not won:
         return "skipped"
-    if storage_key != own_key:
+    if media.storage_key != own_key:
         get_store().delete(own_key)  # a fresh key of this media only: nobody else serves it
     send_state_signal(S.COMPLETE, [media.pk])
     return "complete"
 
 
-def _reject(media: Media, rejection: Rejection) -> str:
+def _mark_complete(
+    media: Media, storage_key: str, findings: dict[str, object], fields: dict[str, Any]
+) -> bool:
+    return lifecycle.transition(
+        media,
+        [S.PROCESSING],
+        S.COMPLETE,
+        send_signal=False,
+        completed_at=timezone.now(),
+        last_error="",
+        storage_key=storage_key,
+        **findings,
+        **fields,
+    )
+
+
+def _reject(media: Media, rejection: Rejection, **fields: Any) -> str:
     # Delete first, while the row is still PROCESSING (never served): by the time the
     # uploader hears of the rejection, the bytes are gone. These keys are this media's
     # own (sharing happens only on completion). If the storage fails, the task is retried.
@@ -150,6 +174,7 @@ def _reject(media: Media, rejection: Rejection) -> str:
         rejection_errcode=rejection.errcode,
         rejection_reason=rejection.reason[:1000],
         objects_deleted_at=timezone.now(),
+        **fields,
     ):
         return "skipped"
     log.info("Rejected %s: %s", media.mxc_uri, rejection.reason)

@@ -80,10 +80,24 @@ class ScreeningContext:
     info: ObjectInfo
     findings: dict[str, Any] = field(default_factory=dict)
     _prefix: bytes | None = None
+    #: Whether other media has the same SHA-256 (None: not asked yet).
+    twins: bool | None = None
 
     @property
     def declared_type(self) -> str:
         return self.media.declared_content_type or self.info.content_type or ""
+
+    def has_twins(self) -> bool:
+        """Whether other media has the same content, asked once: most content is new, and
+        then neither the block list nor deduplication needs another query."""
+        from .models import Media
+
+        sha256 = self.findings.get("sha256")
+        if not sha256:
+            return False
+        if self.twins is None:
+            self.twins = Media.objects.filter(sha256=sha256).exclude(pk=self.media.pk).exists()
+        return self.twins
 
     def prefix(self) -> bytes:
         """The first bytes of the object, read once with a ranged read."""
@@ -180,7 +194,7 @@ def check_not_blocked(ctx: ScreeningContext) -> None:
     from .models import Media, MediaState
 
     sha256 = ctx.findings.get("sha256")
-    if not sha256:
+    if not sha256 or not ctx.has_twins():
         return
     blocked = (
         Media.objects.filter(sha256=sha256)

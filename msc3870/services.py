@@ -92,10 +92,10 @@ def _local_media(server_name: str, media_id: str) -> Media:
     validate_mxc(server_name, media_id)
     if server_name != app_settings.SERVER_NAME:
         raise NotFound("This server only holds media of " + app_settings.SERVER_NAME)
-    media = Media.objects.filter(server_name=server_name, media_id=media_id).first()
-    if media is None:
-        raise NotFound()
-    return media
+    # [:1], not .first(): the pair is unique, an ORDER BY would only cost.
+    for media in Media.objects.filter(server_name=server_name, media_id=media_id)[:1]:
+        return media
+    raise NotFound()
 
 
 # ---------------------------------------------------------------------------- create
@@ -134,15 +134,15 @@ def create_media(user: MatrixUser) -> CreatedMedia:
         _lock_uploader(user.user_id)
         limit = app_settings.MAX_PENDING_UPLOADS
         if limit > 0:
-            expiries = list(
-                Media.objects.filter(
-                    user_id=user.user_id, state=S.PENDING, unused_expires_at__gt=now
-                )
-                .order_by("unused_expires_at")
-                .values_list("unused_expires_at", flat=True)[:limit]
+            pending = Media.objects.filter(
+                user_id=user.user_id, state=S.PENDING, unused_expires_at__gt=now
             )
-            if len(expiries) >= limit:
-                retry_after = (expiries[0] - now).total_seconds() * 1000
+            if pending.count() >= limit:
+                # Synapse's answer: retry once the oldest pending id has expired.
+                oldest = pending.order_by("unused_expires_at").values_list(
+                    "unused_expires_at", flat=True
+                )[0]
+                retry_after = (oldest - now).total_seconds() * 1000
                 raise LimitExceeded("Too many pending uploads", retry_after_ms=int(retry_after))
         media = Media.objects.create(
             server_name=app_settings.SERVER_NAME,

@@ -25,7 +25,10 @@ def png_bytes(width: int = 8, height: int = 8) -> bytes:
 
 @pytest.fixture(autouse=True)
 def _clean_media_and_cache() -> Iterator[None]:
+    from msc3870.auth import token_cache
+
     cache.clear()
+    token_cache.clear()
     yield
     media_dir = Path(settings.MEDIA_DIR)
     if media_dir.exists():

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
+from django.core.cache import cache
 from django.http import HttpRequest, HttpResponseBase, JsonResponse
 from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.throttling import SimpleRateThrottle
+from rest_framework.throttling import BaseThrottle, SimpleRateThrottle
 from rest_framework.views import APIView
 
 from .. import services, thumbnails
@@ -59,16 +61,32 @@ class JSONOnlyNegotiation(BaseContentNegotiation):
         return renderers[0], renderers[0].media_type
 
 
-class CreateMediaThrottle(SimpleRateThrottle):
-    """``MSC3870["CREATE_RATE"]`` per Matrix user, read on each request."""
+class CreateMediaThrottle(BaseThrottle):
+    """``MSC3870["CREATE_RATE"]`` ("N/period") per Matrix user, read on each request, as a
+    leaky bucket (Synapse's rate limiter): bursts of up to N, refilled at N per period.
+    One small cache entry per user, whatever the rate (DRF's SimpleRateThrottle keeps a
+    timestamp per request)."""
 
-    scope = "msc3870.create"
+    def __init__(self) -> None:
+        self.retry_after: float | None = None
 
-    def get_rate(self) -> str | None:
-        return app_settings.CREATE_RATE
+    def allow_request(self, request: Request, view: APIView) -> bool:
+        rate = app_settings.CREATE_RATE
+        if not rate:
+            return True
+        capacity, period = SimpleRateThrottle.parse_rate(None, rate)  # type: ignore[arg-type]
+        key = f"msc3870:throttle:create:{request.user}"
+        now = time.time()
+        level, at = cache.get(key) or (0.0, now)
+        level = max(0.0, level - (now - at) * capacity / period)
+        if level + 1 > capacity:
+            self.retry_after = (level + 1 - capacity) * period / capacity
+            return False
+        cache.set(key, (level + 1, now), period)
+        return True
 
-    def get_cache_key(self, request: Request, view: APIView) -> str:
-        return f"msc3870:throttle:create:{request.user}"
+    def wait(self) -> float | None:
+        return self.retry_after
 
 
 class MatrixView(APIView):
