@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -66,11 +67,19 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     error = to_matrix_error(exc)
     if error is None:
         return None  # a bug: the middleware turns it into M_UNKNOWN 500 and it is logged
-    return Response(error.as_dict(), status=error.status)
+    return Response(error.as_dict(), status=error.status, headers=error_headers(error))
+
+
+def error_headers(error: MatrixError) -> dict[str, str]:
+    """HTTP's own words for what the body says: when to retry a 429 (RFC 9110)."""
+    retry_after_ms = error.extra.get("retry_after_ms")
+    if retry_after_ms is None:
+        return {}
+    return {"Retry-After": str(max(1, math.ceil(int(retry_after_ms) / 1000)))}
 
 
 def json_error(error: MatrixError) -> JsonResponse:
-    return JsonResponse(error.as_dict(), status=error.status)
+    return JsonResponse(error.as_dict(), status=error.status, headers=error_headers(error))
 
 
 class MatrixErrorMiddleware:

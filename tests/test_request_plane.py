@@ -1,0 +1,473 @@
+"""The request plane (msc3870.asgi, msc3870.wakeup): waits held on the event loop, caps,
+bodies refused before they are read, query budgets of the hot path."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from msc3870 import wakeup
+from msc3870.asgi import MediaASGIHandler
+from msc3870.auth import token_cache
+from msc3870.models import AccessToken, Media, MediaState
+
+from .asgi_driver import Reply, call, request
+from .conftest import MatrixClient, make_token, msc3870_settings, mxc_path
+
+S = MediaState
+TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE")
+
+
+def data_queries(captured: CaptureQueriesContext) -> list[str]:
+    """Statements that read or write data (a BEGIN or COMMIT is not a query)."""
+    return [
+        q["sql"] for q in captured.captured_queries if not q["sql"].startswith(TRANSACTION_CONTROL)
+    ]
+
+
+# ------------------------------------------------------------------ query budgets
+
+
+def test_create_costs_at_most_3_queries(alice: MatrixClient) -> None:
+    alice.create()  # the token is resolved (and cached) once
+    with CaptureQueriesContext(connection) as captured:
+        alice.create()
+    assert len(data_queries(captured)) <= 3, data_queries(captured)
+
+
+def test_put_of_a_small_file_with_screening_costs_at_most_8_queries(alice: MatrixClient) -> None:
+    alice.create()
+    path = mxc_path(alice.create()["content_uri"])
+    with CaptureQueriesContext(connection) as captured:
+        response = alice.put(f"/_matrix/media/v3/upload/{path}", os.urandom(1024))
+    assert response.status_code == 200, response.content
+    queries = data_queries(captured)
+    assert len(queries) <= 8, queries
+    assert Media.objects.get(media_id=path.split("/")[1]).state == S.COMPLETE  # screened
+
+
+def test_download_of_complete_media_costs_at_most_2_queries(alice: MatrixClient) -> None:
+    path = mxc_path(alice.create()["content_uri"])
+    alice.put(f"/_matrix/media/v3/upload/{path}", b"some bytes")
+    with CaptureQueriesContext(connection) as captured:
+        response = alice.get(f"/_matrix/client/v1/media/download/{path}")
+        body = b"".join(response.streaming_content)
+    assert response.status_code == 200
+    assert body == b"some bytes"
+    assert len(data_queries(captured)) <= 2, data_queries(captured)
+
+
+# ------------------------------------------------------------------ token cache
+
+
+def test_revoked_token_stops_working_once_its_cache_entry_expires(
+    alice: MatrixClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert alice.get("/_matrix/client/v1/media/config").status_code == 200
+    AccessToken.objects.update(revoked=True)
+    # Within TOKEN_CACHE_SECONDS the process still trusts what it resolved...
+    assert alice.get("/_matrix/client/v1/media/config").status_code == 200
+    # ...and not after.
+    import msc3870.auth
+
+    later = msc3870.auth.time.monotonic() + 11
+    monkeypatch.setattr(msc3870.auth.time, "monotonic", lambda: later)
+    response = alice.get("/_matrix/client/v1/media/config")
+    assert response.status_code == 401
+    assert response.json()["errcode"] == "M_UNKNOWN_TOKEN"
+
+
+def test_token_cache_can_be_turned_off(alice: MatrixClient) -> None:
+    with msc3870_settings(TOKEN_CACHE_SECONDS=0):
+        assert alice.get("/_matrix/client/v1/media/config").status_code == 200
+        AccessToken.objects.update(revoked=True)
+        assert alice.get("/_matrix/client/v1/media/config").status_code == 401
+
+
+# ------------------------------------------------------------------ the ASGI handler
+
+
+@pytest.fixture
+def app(transactional_db: None) -> Iterator[MediaASGIHandler]:
+    handler = MediaASGIHandler(threads=2)
+    yield handler
+    handler.executor.shutdown(wait=True)
+    wakeup._hub = None
+
+
+@pytest.fixture
+def token(transactional_db: None) -> str:
+    token_cache.clear()
+    return make_token("@alice:localhost")
+
+
+def bearer(token: str, **extra: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}", **extra}
+
+
+def run(scenario: Callable[[], Any]) -> Any:
+    return asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+async def created_path(app: MediaASGIHandler, token: str) -> str:
+    reply = await call(app, "POST", "/_matrix/media/v1/create", headers=bearer(token))
+    assert reply.status == 200, reply.body
+    return mxc_path(reply.json()["content_uri"])
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def parked() -> int:
+    hub = wakeup.current_hub()
+    return hub.waiting if hub is not None else 0
+
+
+def test_waiting_downloads_hold_no_thread_and_all_get_the_bytes(
+    app: MediaASGIHandler, token: str
+) -> None:
+    """50 waiters on a handler with 2 threads: other requests still answer, and one
+    upload answers every waiter."""
+
+    async def scenario() -> None:
+        path = await created_path(app, token)
+        url = f"/_matrix/client/v1/media/download/{path}?timeout_ms=30000"
+        waiters = [request(app, "GET", url, headers=bearer(token)) for _ in range(50)]
+        await until(lambda: parked() == 50, "50 parked waiters")
+        versions = await call(app, "GET", "/_matrix/client/versions")
+        assert versions.status == 200
+        data = os.urandom(4096)
+        put = await call(
+            app, "PUT", f"/_matrix/media/v3/upload/{path}", body=data, headers=bearer(token)
+        )
+        assert put.status == 200, put.body
+        replies = [await w.reply() for w in waiters]
+        assert {r.status for r in replies} == {200}
+        assert all(r.body == data for r in replies)
+        assert parked() == 0
+
+    run(scenario)
+
+
+def test_a_change_made_elsewhere_wakes_waiters_through_the_poll(
+    app: MediaASGIHandler, token: str
+) -> None:
+    """A change this process did not make (another process, a worker) and was not told
+    of: the batched poll finds it."""
+
+    async def scenario() -> None:
+        path = await created_path(app, token)
+        waiter = request(
+            app,
+            "GET",
+            f"/_matrix/client/v1/media/download/{path}?timeout_ms=30000",
+            headers=bearer(token),
+        )
+        await until(lambda: parked() == 1, "a parked waiter")
+        media_id = path.split("/")[1]
+        await asyncio.to_thread(
+            lambda: Media.objects.filter(media_id=media_id).update(state=S.EXPIRED)
+        )
+        reply = await waiter.reply()
+        assert reply.status == 404
+        assert reply.json()["errcode"] == "M_NOT_FOUND"
+        assert wakeup.current_hub().polls >= 1  # type: ignore[union-attr]
+
+    run(scenario)
+
+
+def test_a_lost_notification_is_recovered_by_the_safety_poll(
+    app: MediaASGIHandler, token: str
+) -> None:
+    """With a push source connected, the poll runs at the slow safety interval and still
+    finds a change whose notification never came."""
+
+    async def scenario() -> None:
+        path = await created_path(app, token)
+        waiter = request(
+            app,
+            "GET",
+            f"/_matrix/client/v1/media/download/{path}?timeout_ms=30000",
+            headers=bearer(token),
+        )
+        await until(lambda: parked() == 1, "a parked waiter")
+        hub = wakeup.current_hub()
+        assert hub is not None
+        hub.listening = True  # as if LISTEN were connected: only the safety poll runs
+        polls_before = hub.polls
+        media_id = path.split("/")[1]
+        await asyncio.to_thread(
+            lambda: Media.objects.filter(media_id=media_id).update(state=S.EXPIRED)
+        )
+        reply = await waiter.reply()
+        assert reply.status == 404
+        assert hub.polls > polls_before
+
+    with msc3870_settings(WAKEUP_SAFETY_POLL_SECONDS=0.2):
+        run(scenario)
+
+
+def test_waiting_ends_at_the_deadline_with_504(app: MediaASGIHandler, token: str) -> None:
+    async def scenario() -> Reply:
+        path = await created_path(app, token)
+        return await call(
+            app,
+            "GET",
+            f"/_matrix/client/v1/media/download/{path}?timeout_ms=200",
+            headers=bearer(token),
+        )
+
+    reply = run(scenario)
+    assert reply.status == 504
+    assert reply.json()["errcode"] == "M_NOT_YET_UPLOADED"
+    assert parked() == 0
+
+
+def test_waiters_past_the_per_media_cap_get_429_at_once(app: MediaASGIHandler, token: str) -> None:
+    async def scenario() -> None:
+        path = await created_path(app, token)
+        url = f"/_matrix/client/v1/media/download/{path}?timeout_ms=30000"
+        first = [request(app, "GET", url, headers=bearer(token)) for _ in range(3)]
+        await until(lambda: parked() == 3, "3 parked waiters")
+        refused = await call(app, "GET", url, headers=bearer(token))
+        assert refused.status == 429
+        assert refused.json()["errcode"] == "M_LIMIT_EXCEEDED"
+        assert refused.json()["retry_after_ms"] > 0
+        assert refused.headers["retry-after"] == "1"
+        for waiter in first:
+            waiter.hang_up.set()
+        await until(lambda: parked() == 0, "hung-up waiters released")
+        assert app.caps.total == 0 and not app.caps.per_media
+
+    with msc3870_settings(WAIT_MAX_WAITERS_PER_MEDIA=3):
+        run(scenario)
+
+
+def test_unauthenticated_waits_have_their_own_lower_cap(app: MediaASGIHandler, token: str) -> None:
+    async def scenario() -> None:
+        path = await created_path(app, token)
+        legacy = f"/_matrix/media/v3/download/{path}?timeout_ms=30000"
+        parked_legacy = [request(app, "GET", legacy) for _ in range(2)]
+        await until(lambda: parked() == 2, "2 parked legacy waiters")
+        assert (await call(app, "GET", legacy)).status == 429
+        # Authenticated clients are not refused because of them.
+        authed = request(
+            app,
+            "GET",
+            f"/_matrix/client/v1/media/download/{path}?timeout_ms=30000",
+            headers=bearer(token),
+        )
+        await until(lambda: parked() == 3, "an authenticated waiter parked too")
+        for waiter in [*parked_legacy, authed]:
+            waiter.hang_up.set()
+        await until(lambda: parked() == 0, "all released")
+
+    with msc3870_settings(LEGACY_WAIT_MAX_WAITERS=2):
+        run(scenario)
+
+
+def test_legacy_waits_are_capped_in_time(token: str, app: MediaASGIHandler) -> None:
+    async def scenario() -> Reply:
+        path = await created_path(app, token)
+        return await call(app, "GET", f"/_matrix/media/v3/download/{path}?timeout_ms=60000")
+
+    with msc3870_settings(LEGACY_DOWNLOAD_TIMEOUT_MS_MAX=300):
+        reply = run(scenario)
+    assert reply.status == 504
+
+
+def test_complete_waits_on_the_loop_for_screening_done_elsewhere(
+    app: MediaASGIHandler, token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a broker the checks run in a worker: /complete parks until they decide."""
+    from msc3870 import pipeline
+
+    monkeypatch.setattr(pipeline, "dispatch_screening", lambda media: None)
+
+    async def scenario() -> None:
+        created = await call(app, "POST", "/_matrix/media/v1/create", headers=bearer(token))
+        upload_url = created.json()["upload_url"]
+        path = mxc_path(created.json()["content_uri"])
+        put = await call(app, "PUT", upload_url.split("8008", 1)[1], body=b"hello")
+        assert put.status == 200, put.body
+        completing = request(
+            app, "POST", f"/_matrix/media/v1/upload/{path}/complete", headers=bearer(token)
+        )
+        await until(lambda: parked() == 1, "/complete parked")
+        media = await asyncio.to_thread(Media.objects.get, media_id=path.split("/")[1])
+        outcome = await asyncio.to_thread(pipeline.screen_media, media.pk)
+        assert outcome == "complete"
+        reply = await completing.reply()
+        assert reply.status == 200, reply.body
+        assert reply.json() == {"content_uri": f"mxc://{path}"}
+
+    run(scenario)
+
+
+def test_middleware_headers_reach_an_answer_given_after_a_wait(
+    app: MediaASGIHandler, token: str
+) -> None:
+    async def scenario() -> Reply:
+        path = await created_path(app, token)
+        waiter = request(
+            app,
+            "GET",
+            f"/_matrix/client/v1/media/download/{path}?timeout_ms=30000",
+            headers=bearer(token, Origin="https://app.element.io"),
+        )
+        await until(lambda: parked() == 1, "a parked waiter")
+        await call(app, "PUT", f"/_matrix/media/v3/upload/{path}", body=b"x", headers=bearer(token))
+        return await waiter.reply()
+
+    reply = run(scenario)
+    assert reply.status == 200
+    assert reply.headers["access-control-allow-origin"] == "*"
+    assert reply.headers["x-content-type-options"] == "nosniff"
+
+
+# ------------------------------------------------------------------ bodies and heads
+
+
+def test_declared_length_over_the_limit_is_refused_before_reading(
+    app: MediaASGIHandler, token: str
+) -> None:
+    async def scenario() -> None:
+        path = await created_path(app, token)
+        exchange = request(
+            app,
+            "PUT",
+            f"/_matrix/media/v3/upload/{path}",
+            chunks=[b"x" * 1024] * 3,
+            headers=bearer(token, **{"Content-Length": "2000000"}),
+        )
+        reply = await exchange.reply()
+        assert reply.status == 413
+        assert reply.json()["errcode"] == "M_TOO_LARGE"
+        assert exchange.body_reads == []  # not a byte read
+
+    with msc3870_settings(MAX_UPLOAD_SIZE=1024 * 1024):
+        run(scenario)
+
+
+def test_a_body_streaming_past_the_limit_is_refused(app: MediaASGIHandler, token: str) -> None:
+    async def scenario() -> None:
+        path = await created_path(app, token)
+        reply = await call(
+            app,
+            "PUT",
+            f"/_matrix/media/v3/upload/{path}",
+            chunks=[b"x" * 600] * 4,
+            headers=bearer(token),
+            content_length=False,
+        )
+        assert reply.status == 413
+        assert reply.json()["errcode"] == "M_TOO_LARGE"
+        media = await asyncio.to_thread(Media.objects.get, media_id=path.split("/")[1])
+        assert media.state == S.PENDING  # nothing kept: the id may be uploaded to again
+
+    with msc3870_settings(MAX_UPLOAD_SIZE=2000):
+        run(scenario)
+
+
+def test_a_chunked_body_is_uploaded_whole(app: MediaASGIHandler, token: str) -> None:
+    async def scenario() -> bytes:
+        path = await created_path(app, token)
+        put = await call(
+            app,
+            "PUT",
+            f"/_matrix/media/v3/upload/{path}",
+            chunks=[b"abc", b"def", b"ghi"],
+            headers=bearer(token),
+            content_length=False,
+        )
+        assert put.status == 200, put.body
+        got = await call(
+            app, "GET", f"/_matrix/client/v1/media/download/{path}", headers=bearer(token)
+        )
+        assert got.status == 200
+        return got.body
+
+    assert run(scenario) == b"abcdefghi"
+
+
+def test_json_bodies_are_small(app: MediaASGIHandler, token: str) -> None:
+    reply = run(
+        lambda: call(
+            app, "POST", "/_matrix/media/v1/create", body=b" " * 70_000, headers=bearer(token)
+        )
+    )
+    assert reply.status == 413
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status"),
+    [
+        ("/_matrix/client/versions?" + "a" * 9000, {}, 414),
+        ("/_matrix/client/versions", {"X-Big": "b" * 40_000}, 431),
+    ],
+)
+def test_overlong_heads_get_matrix_errors(
+    app: MediaASGIHandler, path: str, headers: dict[str, str], status: int
+) -> None:
+    reply = run(lambda: call(app, "GET", path, headers=headers))
+    assert reply.status == status
+    assert reply.json()["errcode"] == "M_UNKNOWN"
+
+
+def test_matrix_requests_skip_the_admin_middleware(app: MediaASGIHandler) -> None:
+    matrix = run(lambda: call(app, "GET", "/_matrix/client/versions"))
+    admin = run(lambda: call(app, "GET", "/admin/login/"))
+    assert "x-frame-options" not in matrix.headers  # clickjacking middleware: admin only
+    assert admin.headers.get("x-frame-options") == "DENY"
+    assert "csrftoken" in admin.headers.get("set-cookie", "")
+
+
+def test_a_waiter_that_hangs_up_is_released(app: MediaASGIHandler, token: str) -> None:
+    async def scenario() -> Reply:
+        path = await created_path(app, token)
+        exchange = request(
+            app,
+            "GET",
+            f"/_matrix/client/v1/media/download/{path}?timeout_ms=30000",
+            headers=bearer(token),
+        )
+        await until(lambda: parked() == 1, "a parked waiter")
+        exchange.hang_up.set()
+        return await exchange.reply()
+
+    reply = run(scenario)
+    assert reply.status == 0  # nothing sent to a client that is gone
+    assert parked() == 0
+    assert app.caps.total == 0
+
+
+def test_an_id_expiring_while_waited_on_answers_404_at_its_expiry(
+    app: MediaASGIHandler, token: str
+) -> None:
+    async def scenario() -> Reply:
+        path = await created_path(app, token)
+        soon = timezone.now() + timezone.timedelta(milliseconds=300)
+        await asyncio.to_thread(
+            lambda: Media.objects.filter(media_id=path.split("/")[1]).update(unused_expires_at=soon)
+        )
+        return await call(
+            app,
+            "GET",
+            f"/_matrix/client/v1/media/download/{path}?timeout_ms=30000",
+            headers=bearer(token),
+        )
+
+    reply = run(scenario)
+    assert reply.status == 404
