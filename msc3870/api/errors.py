@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
