@@ -178,6 +178,15 @@ MSC3870 = {
     "CLAMAV_URL": env("MSC3870_CLAMAV_URL"),
     "USER_QUOTA_BYTES": int(env("MSC3870_USER_QUOTA_BYTES") or 0) or None,
 }
+# Waiting requests (msc3870.asgi, msc3870.wakeup): caps and wake-up sources, when set.
+for _key in ("WAIT_MAX_WAITERS", "WAIT_MAX_WAITERS_PER_MEDIA", "LEGACY_WAIT_MAX_WAITERS"):
+    if env(f"MSC3870_{_key}"):
+        MSC3870[_key] = env_int(f"MSC3870_{_key}", 0)
+for _key in ("WAKEUP_POLL_SECONDS", "WAKEUP_SAFETY_POLL_SECONDS"):
+    if env(f"MSC3870_{_key}"):
+        MSC3870[_key] = float(env(f"MSC3870_{_key}") or 0)
+if env("MSC3870_WAKEUP_LISTEN"):
+    MSC3870["WAKEUP_LISTEN"] = env("MSC3870_WAKEUP_LISTEN") != "0"
 if env("MSC3870_CHECKS"):
     # Comma-separated import strings, replacing the default pipeline (e.g. to add a scan).
     MSC3870["CHECKS"] = [c.strip() for c in (env("MSC3870_CHECKS") or "").split(",") if c.strip()]
