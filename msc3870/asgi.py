@@ -34,6 +34,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import IO, Any
 
 from django.conf import settings
@@ -80,6 +81,8 @@ SPOOL_MEMORY_BYTES = 1024 * 1024
 MAX_URI_BYTES = 8 * 1024
 MAX_HEADER_BYTES = 32 * 1024
 RESPONSE_CHUNK = 64 * 1024
+# Streamed responses up to this size are read whole on the pool thread that made them.
+SMALL_STREAM_BYTES = 64 * 1024
 # A body declared this many times over the limit is not drained after the 413: the
 # connection is closed instead.
 DRAIN_FACTOR = 4
@@ -155,6 +158,7 @@ class MediaASGIHandler:
         self.threads = threads or default_threads()
         self.executor = ThreadPoolExecutor(self.threads, thread_name_prefix="msc3870-web")
         self.caps = WaitCaps()
+        self._resumes = _Batches(self)
 
     # ------------------------------------------------------------------ ASGI
 
@@ -186,19 +190,19 @@ class MediaASGIHandler:
         is_matrix = scope["path"].startswith(MATRIX_PREFIX)
         refusal = _request_head_error(scope)
         if refusal is not None:
-            await self._send(json_error(refusal), send)
+            await self._send(Outgoing.error(refusal), send)
             return
         body, error = await self._read_body(scope, receive, is_matrix)
         if error is not None:
-            await self._send(error, send)
+            await self._send(Outgoing(error, error.content), send)
             return
         chain = self.matrix_chain if is_matrix else self.full_chain
-        response = await self._run(self._respond, chain, scope, body)
-        if isinstance(response, DeferredResponse):
-            response = await self._after_wait(response, receive)
-            if response is None:
+        outgoing = await self._run(self._respond, chain, scope, body)
+        if isinstance(outgoing, DeferredResponse):
+            outgoing = await self._after_wait(outgoing, receive)
+            if outgoing is None:
                 return  # the client went away while it waited
-        await self._send(response, send, receive)
+        await self._send(outgoing, send)
 
     # ------------------------------------------------------------------ body
 
@@ -260,36 +264,38 @@ class MediaASGIHandler:
         else:
             request.META[CAN_DEFER] = True
             response = chain.get_response(request)
-        if not response.streaming:
-            response.close()  # request_finished: connections are checked, kept
+        if isinstance(response, DeferredResponse):
+            response.close()
             body.close()
-        else:
-            response._resource_closers.append(body.close)
-        return response
+            return response  # type: ignore[return-value]
+        response._resource_closers.append(body.close)
+        return _finish(response)
 
-    def _resume(self, wait: MediaWait[HttpResponseBase], row: Any) -> HttpResponseBase:
-        """A parked request's answer, from the fresh row, on a pool thread."""
+    def _resume(self, wait: MediaWait[HttpResponseBase], row: Any) -> Outgoing | MediaWait[Any]:
+        """A parked request's answer (or its next wait), from the fresh row, on a pool
+        thread."""
         signals.request_started.send(sender=self.__class__, scope=None)
         try:
             response = wait.resume(row)
-        except MediaWait:
+        except MediaWait as again:
             signals.request_finished.send(sender=self.__class__)
-            raise
+            return again.with_traceback(None)  # kept while it waits: drop the frames
         except Exception as exc:
             error = to_matrix_error(exc)
             if error is None:
                 log.exception("Unhandled error answering a parked request")
                 error = MatrixError("Internal error")
             response = json_error(error)
-        if not response.streaming:
-            response.close()
-        return response
+        return _finish(response)
+
+    def _resume_all(
+        self, jobs: list[tuple[MediaWait[HttpResponseBase], Any]]
+    ) -> list[Outgoing | MediaWait[Any]]:
+        return [self._resume(wait, row) for wait, row in jobs]
 
     # ------------------------------------------------------------------ waiting
 
-    async def _after_wait(
-        self, deferred: DeferredResponse, receive: Receive
-    ) -> HttpResponseBase | None:
+    async def _after_wait(self, deferred: DeferredResponse, receive: Receive) -> Outgoing | None:
         hub = wakeup.install_hub(asyncio.get_running_loop(), self.executor)
         wait = deferred.wait
         gone = asyncio.ensure_future(_disconnected(receive))
@@ -297,7 +303,7 @@ class MediaASGIHandler:
             while True:
                 refusal = self.caps.admit(wait)
                 if refusal is not None:
-                    response = json_error(refusal)
+                    answer: Outgoing | MediaWait[Any] = Outgoing.error(refusal)
                     break
                 try:
                     waiting = asyncio.ensure_future(
@@ -309,25 +315,23 @@ class MediaASGIHandler:
                 if not waiting.done():
                     waiting.cancel()
                     return None
-                row = waiting.result()
-                try:
-                    response = await self._run(self._resume, wait, row)
-                except MediaWait as again:
-                    wait = again
+                answer = await self._resumes.submit((wait, waiting.result()))
+                if isinstance(answer, MediaWait):
+                    wait = answer
                     continue
                 break
         finally:
             gone.cancel()
+        assert isinstance(answer, Outgoing)
         for name, value in deferred.headers_added_by_middleware():
-            if name not in response:
-                response[name] = value
-        return response
+            if name not in answer.response:
+                answer.response[name] = value
+        return answer
 
     # ------------------------------------------------------------------ sending
 
-    async def _send(
-        self, response: HttpResponseBase, send: Send, receive: Receive | None = None
-    ) -> None:
+    async def _send(self, outgoing: Outgoing, send: Send) -> None:
+        response = outgoing.response
         headers = [
             (name.encode("latin1"), str(value).encode("latin1")) for name, value in response.items()
         ]
@@ -335,20 +339,19 @@ class MediaASGIHandler:
             (b"set-cookie", cookie.output(header="").encode("ascii").strip())
             for cookie in response.cookies.values()
         ]
-        if not response.streaming and not response.has_header("Content-Length"):
-            headers.append((b"content-length", str(len(response.content)).encode()))  # type: ignore[attr-defined]
+        body = outgoing.body
+        if body is not None and not response.has_header("Content-Length"):
+            headers.append((b"content-length", str(len(body)).encode()))
         await send(
             {"type": "http.response.start", "status": response.status_code, "headers": headers}
         )
-        if not response.streaming:
-            content = response.content  # type: ignore[attr-defined]
-            for start in range(0, max(len(content), 1), 1024 * 1024):
-                more = start + 1024 * 1024 < len(content)
+        if body is not None:
+            for start in range(0, max(len(body), 1), RESPONSE_CHUNK):
                 await send(
                     {
                         "type": "http.response.body",
-                        "body": content[start : start + 1024 * 1024],
-                        "more_body": more,
+                        "body": body[start : start + RESPONSE_CHUNK],
+                        "more_body": start + RESPONSE_CHUNK < len(body),
                     }
                 )
             return
@@ -366,6 +369,74 @@ class MediaASGIHandler:
             while (chunk := await self._run(next, chunks, None)) is not None:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+@dataclass
+class Outgoing:
+    """A response ready to send: its body already in hand (``body``), or a stream."""
+
+    response: HttpResponseBase
+    body: bytes | None
+
+    @classmethod
+    def error(cls, error: MatrixError) -> Outgoing:
+        """A refusal made by the handler itself (no Django request cycle to close)."""
+        response = json_error(error)
+        return cls(response, response.content)
+
+
+def _finish(response: HttpResponseBase) -> Outgoing:
+    """On a pool thread: take the body of a plain or small streamed response now (a small
+    download is one read; the loop then sends it without coming back to a thread) and
+    close the response (``request_finished``: connections are checked, kept)."""
+    if not response.streaming:
+        response.close()
+        return Outgoing(response, response.content)  # type: ignore[attr-defined]
+    length = response.get("Content-Length")
+    if not response.is_async and length is not None and int(length) <= SMALL_STREAM_BYTES:  # type: ignore[attr-defined]
+        body = b"".join(response)  # type: ignore[arg-type]
+        response.close()
+        return Outgoing(response, body)
+    return Outgoing(response, None)
+
+
+class _Batches:
+    """Runs the answers of parked requests woken together as one job on the pool: a
+    thousand waiters woken by one upload cost one thread hop per ``BATCH``, not one each."""
+
+    BATCH = 256
+
+    def __init__(self, handler: MediaASGIHandler) -> None:
+        self.handler = handler
+        self.jobs: list[tuple[tuple[Any, Any], asyncio.Future[Any]]] = []
+        self.running: set[asyncio.Future[None]] = set()
+
+    def submit(self, job: tuple[Any, Any]) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self.jobs:
+            loop.call_soon(self._flush)
+        self.jobs.append((job, future))
+        return future
+
+    def _flush(self) -> None:
+        jobs, self.jobs = self.jobs, []
+        for start in range(0, len(jobs), self.BATCH):
+            task = asyncio.ensure_future(self._run(jobs[start : start + self.BATCH]))
+            self.running.add(task)
+            task.add_done_callback(self.running.discard)
+
+    async def _run(self, jobs: list[tuple[tuple[Any, Any], asyncio.Future[Any]]]) -> None:
+        try:
+            results = await self.handler._run(self.handler._resume_all, [job for job, _ in jobs])
+        except BaseException as exc:
+            for _, future in jobs:
+                if not future.done():
+                    future.set_exception(exc)
+            raise
+        for (_, future), result in zip(jobs, results, strict=True):
+            if not future.done():
+                future.set_result(result)
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -67,9 +67,13 @@ class MediaWait(Exception, Generic[T]):
     def then(self, render: Callable[[T], Any]) -> MediaWait[Any]:
         """The same wait, with ``render`` applied to its answer (views add the HTTP part)."""
 
+        # Hold the inner resume, not this exception: its traceback holds the frames (and
+        # the request) that raised it, for as long as the request waits.
+        inner = self.resume
+
         def resume(row: Any) -> Any:
             try:
-                return render(self.resume(row))
+                return render(inner(row))
             except MediaWait as again:
                 raise again.then(render) from None
 

@@ -49,7 +49,7 @@ def answer(
     try:
         value = produce()
     except MediaWait as wait:
-        rendered = wait.then(render)
+        rendered = wait.then(render)  # a new wait: no traceback holding this request
         rendered.kind = kind
         if request.META.get(CAN_DEFER):
             return DeferredResponse(rendered)
