@@ -649,6 +649,7 @@ async def _waiter_phase(
 
     # The upload, then every waiter's answer, bounded.
     t_put = time.monotonic()
+    client_cpu0 = self_cpu()
     put_error = None
     try:
         async with aiohttp.ClientSession(
@@ -669,6 +670,7 @@ async def _waiter_phase(
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await session.close()
+    out["client_cpu_s_from_put"] = round(self_cpu() - client_cpu0, 3)
 
     after = [
         w.answered_at - t_put
@@ -678,7 +680,9 @@ async def _waiter_phase(
     outcomes = Counter(
         "200 right bytes"
         if w.right_bytes
-        else (f"HTTP {w.status}" if w.status is not None else (w.error or "?"))
+        else (
+            f"HTTP {w.status}" if w.status is not None else (w.error or "no answer by the deadline")
+        )
         for w in waiters
     )
     out["answered_before_upload"] = dict(out["answered_before_upload"])
