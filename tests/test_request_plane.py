@@ -471,3 +471,27 @@ def test_an_id_expiring_while_waited_on_answers_404_at_its_expiry(
 
     reply = run(scenario)
     assert reply.status == 404
+
+
+def test_an_answer_after_a_wait_has_its_own_length(app: MediaASGIHandler, token: str) -> None:
+    """The placeholder's Content-Length (added by the middleware) must not describe the
+    final answer: a 429 past a cap, a 404, the bytes."""
+
+    async def scenario() -> list[Reply]:
+        path = await created_path(app, token)
+        url = f"/_matrix/client/v1/media/download/{path}?timeout_ms=30000"
+        first = request(app, "GET", url, headers=bearer(token))
+        await until(lambda: parked() == 1, "a parked waiter")
+        refused = await call(app, "GET", url, headers=bearer(token))
+        media_id = path.split("/")[1]
+        await asyncio.to_thread(
+            lambda: Media.objects.filter(media_id=media_id).update(state=S.EXPIRED)
+        )
+        return [refused, await first.reply()]
+
+    with msc3870_settings(WAIT_MAX_WAITERS_PER_MEDIA=1):
+        replies = run(scenario)
+    assert [r.status for r in replies] == [429, 404]
+    for reply in replies:
+        assert int(reply.headers["content-length"]) == len(reply.body)
+        assert reply.json()["errcode"]

@@ -21,6 +21,10 @@ T = TypeVar("T")
 
 #: request.META key set by the handler that can park requests.
 CAN_DEFER = "msc3870.can_defer"
+# Headers that belong to one response's body or status, never carried to another.
+REPRESENTATION_HEADERS = frozenset(
+    {"etag", "last-modified", "allow", "location", "retry-after", "cache-control", "expires"}
+)
 
 
 class DeferredResponse(JsonResponse):
@@ -33,9 +37,16 @@ class DeferredResponse(JsonResponse):
         self._own_headers = {name.lower() for name in self.headers}
 
     def headers_added_by_middleware(self) -> list[tuple[str, str]]:
-        """Headers the middleware put on this response on its way out (CORS, security):
-        the final answer carries them too."""
-        return [(k, v) for k, v in self.headers.items() if k.lower() not in self._own_headers]
+        """Headers the middleware and DRF put on this response on its way out (CORS,
+        security), which the final answer carries too. Not those that describe this
+        placeholder's own body or status (its Content-Length above all)."""
+        return [
+            (name, value)
+            for name, value in self.headers.items()
+            if name.lower() not in self._own_headers
+            and not name.lower().startswith("content-")
+            and name.lower() not in REPRESENTATION_HEADERS
+        ]
 
 
 def answer(
