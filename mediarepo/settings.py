@@ -179,10 +179,15 @@ MSC3870 = {
     "USER_QUOTA_BYTES": int(env("MSC3870_USER_QUOTA_BYTES") or 0) or None,
 }
 # Waiting requests (msc3870.asgi, msc3870.wakeup): caps and wake-up sources, when set.
-for _key in ("WAIT_MAX_WAITERS", "WAIT_MAX_WAITERS_PER_MEDIA", "LEGACY_WAIT_MAX_WAITERS"):
+for _key in (
+    "WAIT_MAX_WAITERS",
+    "WAIT_MAX_WAITERS_PER_MEDIA",
+    "LEGACY_WAIT_MAX_WAITERS",
+    "LEGACY_DOWNLOAD_TIMEOUT_MS_MAX",
+):
     if env(f"MSC3870_{_key}"):
         MSC3870[_key] = env_int(f"MSC3870_{_key}", 0)
-for _key in ("WAKEUP_POLL_SECONDS", "WAKEUP_SAFETY_POLL_SECONDS"):
+for _key in ("WAKEUP_POLL_SECONDS", "WAKEUP_SAFETY_POLL_SECONDS", "TOKEN_CACHE_SECONDS"):
     if env(f"MSC3870_{_key}"):
         MSC3870[_key] = float(env(f"MSC3870_{_key}") or 0)
 if env("MSC3870_WAKEUP_LISTEN"):
