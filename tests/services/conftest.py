@@ -77,17 +77,32 @@ class Stack:
         self.processes[name] = process
         return process
 
-    def start_server(self) -> None:
+    def start_server(self, workers: int | None = None, **extra_env: str) -> None:
+        """gunicorn serving the ASGI app (as ``make run`` and the container start it), with
+        ``workers`` uvicorn workers (WEB_CONCURRENCY; default: the environment's, else
+        one per core) and ``extra_env`` on top of the stack's; waits until every worker
+        has started and the server answers."""
         port = free_port()
         self.base_url = f"http://127.0.0.1:{port}"
-        env = {**self.env, "PORT": str(port), "PUBLIC_BASEURL": self.base_url}
-        self._spawn(
+        env = {**self.env, **extra_env, "PORT": str(port), "PUBLIC_BASEURL": self.base_url}
+        if workers is not None:
+            env["WEB_CONCURRENCY"] = str(workers)
+        expected = int(env.get("WEB_CONCURRENCY") or os.cpu_count() or 1)
+        log_path = self.logs / "server.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        process = self._spawn(
             "server",
-            [str(BIN / "gunicorn"), "-c", "mediarepo/gunicorn.conf.py", "mediarepo.wsgi"],
+            [str(BIN / "gunicorn"), "-c", "mediarepo/gunicorn.conf.py", "mediarepo.asgi"],
             env,
         )
 
         def up() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"gunicorn exited: {self.tail('server')}")
+            with open(log_path, "rb") as handle:
+                handle.seek(offset)
+                if handle.read().count(b"Application startup complete") < expected:
+                    return False
             try:
                 return requests.get(f"{self.base_url}/_matrix/client/versions", timeout=1).ok
             except requests.RequestException:
