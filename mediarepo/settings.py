@@ -190,6 +190,8 @@ for _key in (
 for _key in ("WAKEUP_POLL_SECONDS", "WAKEUP_SAFETY_POLL_SECONDS", "TOKEN_CACHE_SECONDS"):
     if env(f"MSC3870_{_key}"):
         MSC3870[_key] = float(env(f"MSC3870_{_key}") or 0)
+# Wake-ups across web processes and workers: PostgreSQL LISTEN where it can, else Redis.
+MSC3870["WAKEUP_REDIS_URL"] = env("REDIS_URL")
 if env("MSC3870_WAKEUP_LISTEN"):
     MSC3870["WAKEUP_LISTEN"] = env("MSC3870_WAKEUP_LISTEN") != "0"
 if env("MSC3870_CHECKS"):

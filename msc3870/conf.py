@@ -55,6 +55,8 @@ DEFAULTS: dict[str, Any] = {
     "WAKEUP_POLL_SECONDS": 0.05,
     "WAKEUP_SAFETY_POLL_SECONDS": 2.0,
     "WAKEUP_LISTEN": True,
+    # Redis URL for wake-ups across processes where the database cannot LISTEN (None: off).
+    "WAKEUP_REDIS_URL": None,
     # Seconds a resolved access token is trusted per process: a revoked token (or a
     # logged-out one, with a homeserver) stops working at most this much later.
     "TOKEN_CACHE_SECONDS": 10,
@@ -218,6 +220,10 @@ class MSC3870Settings:
     @property
     def WAKEUP_LISTEN(self) -> bool:
         return bool(self._get("WAKEUP_LISTEN"))
+
+    @property
+    def WAKEUP_REDIS_URL(self) -> str | None:
+        return self._get("WAKEUP_REDIS_URL") or None
 
     @property
     def TOKEN_CACHE_SECONDS(self) -> float:

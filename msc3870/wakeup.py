@@ -6,6 +6,9 @@ thread and no database connection. The hub learns of state changes from:
   change is committed): woken at once;
 - on PostgreSQL, ``LISTEN msc3870_media`` (a trigger NOTIFYs every state change, from any
   process or worker: migration 0003), on one connection per process;
+- on other databases with ``WAKEUP_REDIS_URL`` set, Redis pub/sub on the same channel
+  name: ``announce`` publishes every committed transition there (from web processes and
+  celery workers alike), and each web process subscribes;
 - a poll: one batched query per tick for every row waited on in this process. It is the
   only source on other databases (SQLite: ``WAKEUP_POLL_SECONDS``), and the slow safety
   net behind LISTEN (``WAKEUP_SAFETY_POLL_SECONDS``) so that a lost notification, or a
@@ -22,7 +25,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor
 from typing import Any
 
@@ -43,10 +46,9 @@ _hub_lock = threading.Lock()
 
 def announce(pk: int, state: str) -> None:
     """A transition of this process committed: wake its waiters now (thread-safe, cheap
-    when there is no hub, as in a celery worker)."""
-    hub = _hub
-    if hub is not None:
-        hub.notify_threadsafe(pk, state)
+    when there is no hub, as in a celery worker), and other processes' through Redis
+    where that is the push source."""
+    announce_many([pk], state)
 
 
 def announce_many(pks: list[int], state: str) -> None:
@@ -54,6 +56,35 @@ def announce_many(pks: list[int], state: str) -> None:
     if hub is not None:
         for pk in pks:
             hub.notify_threadsafe(pk, state)
+    if pks and _redis_is_the_push_source():
+        _publish(pks, state)
+
+
+def _redis_is_the_push_source() -> bool:
+    # On PostgreSQL the trigger already tells everyone; Redis would only repeat it.
+    return bool(app_settings.WAKEUP_REDIS_URL) and _database_vendor() != "postgresql"
+
+
+_publishers: dict[str, Any] = {}
+
+
+def _publish(pks: list[int], state: str) -> None:
+    """Best effort: a lost message is found by the safety poll."""
+    import redis
+
+    url = app_settings.WAKEUP_REDIS_URL
+    try:
+        client = _publishers.get(url)  # type: ignore[arg-type]
+        if client is None:
+            client = _publishers[url] = redis.Redis.from_url(  # type: ignore[arg-type]
+                url, socket_connect_timeout=1, socket_timeout=1
+            )
+        with client.pipeline(transaction=False) as pipe:
+            for pk in pks:
+                pipe.publish(CHANNEL, f"{pk}:{state}")
+            pipe.execute()
+    except redis.RedisError as exc:
+        log.warning("Could not publish media state changes to Redis: %s", exc)
 
 
 def current_hub() -> WakeupHub | None:
@@ -176,12 +207,20 @@ class WakeupHub:
 
     # ------------------------------------------------------------------ sources
 
+    def push_sources(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
+        """Where notifications come from besides the poll (and this process's own)."""
+        if _database_vendor() == "postgresql" and app_settings.WAKEUP_LISTEN:
+            return [self._listen_loop]
+        if _redis_is_the_push_source():
+            return [self._redis_loop]
+        return []
+
     def _start(self) -> None:
         if self._tasks:
             return
         self._tasks.append(self.loop.create_task(self._poll_loop()))
-        if _database_vendor() == "postgresql" and app_settings.WAKEUP_LISTEN:
-            self._tasks.append(self.loop.create_task(self._listen_loop()))
+        for source in self.push_sources():
+            self._tasks.append(self.loop.create_task(source()))
 
     async def poll_once(self) -> None:
         pks = list(self._waiters)
@@ -238,6 +277,35 @@ class WakeupHub:
                 raise
             except Exception as exc:
                 log.warning("LISTEN %s lost (%s); polling until it is back", CHANNEL, exc)
+            self.listening = False
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+    async def _redis_loop(self) -> None:
+        import redis.asyncio
+
+        backoff = 0.5
+        while True:
+            client = redis.asyncio.Redis.from_url(app_settings.WAKEUP_REDIS_URL)  # type: ignore[arg-type]
+            try:
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(CHANNEL)
+                    self.listening = True
+                    backoff = 0.5
+                    await self.poll_once()  # what changed while not subscribed
+                    async for message in pubsub.listen():
+                        if message.get("type") != "message":
+                            continue
+                        pk, _, state = message["data"].decode().partition(":")
+                        with contextlib.suppress(ValueError):
+                            self.notify(int(pk), state)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("Redis subscription lost (%s); polling until it is back", exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
             self.listening = False
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
