@@ -33,8 +33,17 @@ from .errors import (
 )
 from .models import AccessToken, digest_token
 
-# Matrix user ids: @localpart:server_name (historical localparts allowed, no whitespace).
-USER_ID_RE = re.compile(r"@[\x21-\x39\x3b-\x7e]+:[A-Za-z0-9.\-\[\]:]+")
+# Matrix user ids: @localpart:server_name (historical localparts allowed, no whitespace,
+# no colon). The server name is the spec's grammar (a host, then an optional port) and no
+# looser: with a lax server part, ``@x:evil.example:localhost`` would pass for a user of
+# ``localhost`` under a namespace like ``@.*:localhost``.
+USER_ID_RE = re.compile(
+    r"@[\x21-\x39\x3b-\x7e]+:(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.\-]{1,255})(?::[0-9]{1,5})?"
+)
+# A server name no pattern can mean on purpose (RFC 6761): a namespace that matches a user
+# of this server also matches the same localpart here only if its server part is a
+# wildcard, and then it does not name other servers.
+_PROBE_SERVER = "server.invalid"
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,33 @@ def validate_user_id(user_id: str) -> str:
     if len(user_id) > 255 or not USER_ID_RE.fullmatch(user_id):
         raise InvalidParam(f"{user_id!r} is not a Matrix user id")
     return user_id
+
+
+def local_namespace(server_name: str) -> str:
+    """The default namespace of an application-service token: this server's users only."""
+    return "@[^:]+:" + re.escape(server_name)
+
+
+def namespace_allows(pattern: str, user_id: str, server_name: str) -> bool:
+    """Whether an application-service token with namespace ``pattern`` may act as
+    ``user_id`` (already validated).
+
+    An empty pattern allows nobody (tokens minted before namespaces were required had
+    one, and meant "anyone on any server"). The pattern must match the whole user id, and
+    a user of another server is allowed only if the pattern names that server: one that
+    matches the same localpart on any server (``@bridge_.*``) is held to this server.
+    """
+    if not pattern:
+        return False
+    try:
+        if not re.fullmatch(pattern, user_id):
+            return False
+        localpart, _, user_server = user_id.partition(":")
+        if user_server == server_name:
+            return True
+        return re.fullmatch(pattern, f"{localpart}:{_PROBE_SERVER}") is None
+    except re.error:
+        return False  # a pattern edited into the database by hand: refuse, do not 500
 
 
 class TokenResolver:
@@ -140,7 +176,7 @@ class LocalTokenResolver(TokenResolver):
             if not row.is_appservice:
                 raise Forbidden("Only application service tokens may act as another user")
             validate_user_id(masquerade_as)
-            if row.masquerade_regex and not re.fullmatch(row.masquerade_regex, masquerade_as):
+            if not namespace_allows(row.masquerade_regex, masquerade_as, app_settings.SERVER_NAME):
                 raise Forbidden("Application service cannot masquerade as this user")
             return MatrixUser(masquerade_as, device_id, is_appservice=True)
         return MatrixUser(row.user_id, device_id, is_appservice=row.is_appservice)

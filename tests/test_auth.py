@@ -18,7 +18,7 @@ from django.test import Client
 from django.utils import timezone
 
 from msc3870.auth import HomeserverTokenResolver, LocalTokenResolver
-from msc3870.errors import Forbidden, HomeserverUnavailable, UnknownToken
+from msc3870.errors import Forbidden, HomeserverUnavailable, InvalidParam, UnknownToken
 from msc3870.models import AccessToken
 
 from .conftest import make_token, msc3870_settings
@@ -64,6 +64,80 @@ def test_create_access_token_command_prints_token_last(db: None) -> None:
 def test_create_access_token_refuses_a_bad_user_id(db: None) -> None:
     with pytest.raises(CommandError):
         call_command("create_access_token", "carol", stdout=StringIO(), stderr=StringIO())
+
+
+def _mint(*args: str) -> str:
+    out = StringIO()
+    call_command("create_access_token", *args, stdout=out, stderr=StringIO())
+    return out.getvalue().strip().splitlines()[-1]
+
+
+def _acts_as(token: str, user_id: str) -> bool:
+    try:
+        return LocalTokenResolver().resolve(token, masquerade_as=user_id).user_id == user_id
+    except (Forbidden, InvalidParam):
+        return False
+
+
+def test_appservice_token_without_namespace_acts_only_as_local_users(db: None) -> None:
+    """Issue 8.5: minted without --namespace, it acted as anyone on any server."""
+    token = _mint("@bridge:localhost", "--appservice")
+    assert AccessToken.objects.get().masquerade_regex == r"@[^:]+:localhost"
+    assert _acts_as(token, "@tg_1:localhost")
+    assert not _acts_as(token, "@root:evil.example")
+    # A server part only a lax grammar accepts cannot pass for this server.
+    assert not _acts_as(token, "@root:evil.example:localhost")
+    response = Client().post(
+        "/_matrix/media/v1/create?user_id=@root:evil.example",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert response.status_code == 403
+    assert response.json()["errcode"] == "M_FORBIDDEN"
+
+
+def test_appservice_namespace_follows_the_server_name(db: None) -> None:
+    with msc3870_settings(SERVER_NAME="media.example.org"):
+        token = _mint("@bridge:media.example.org", "--appservice")
+        assert _acts_as(token, "@a:media.example.org")
+        # The dots are literal: "mediaXexample.org" is another server.
+        assert not _acts_as(token, "@a:mediaXexample.org")
+
+
+@pytest.mark.parametrize("namespace", ["", "   "])
+def test_create_access_token_refuses_an_empty_namespace(db: None, namespace: str) -> None:
+    with pytest.raises(CommandError, match="empty"):
+        _mint("@bridge:localhost", "--appservice", "--namespace", namespace)
+    assert not AccessToken.objects.exists()
+
+
+def test_create_access_token_refuses_a_bad_namespace(db: None) -> None:
+    with pytest.raises(CommandError, match="regex"):
+        _mint("@bridge:localhost", "--appservice", "--namespace", "@tg_(")
+    with pytest.raises(CommandError, match="appservice"):
+        _mint("@alice:localhost", "--namespace", "@.*")
+
+
+def test_stored_empty_namespace_allows_no_masquerading(db: None) -> None:
+    """Rows minted before namespaces were required have an empty pattern: it used to mean
+    anyone; now it means nobody but the token's own user."""
+    token = make_token("@bridge:localhost", is_appservice=True, masquerade_regex="")
+    assert not _acts_as(token, "@tg_1:localhost")
+    assert LocalTokenResolver().resolve(token).user_id == "@bridge:localhost"
+    assert _acts_as(token, "@bridge:localhost")
+
+
+def test_namespace_reaches_other_servers_only_when_it_names_them(db: None) -> None:
+    anywhere = make_token("@bridge:localhost", is_appservice=True, masquerade_regex=r"@tg_.*")
+    assert _acts_as(anywhere, "@tg_1:localhost")
+    assert not _acts_as(anywhere, "@tg_1:evil.example")
+    assert not _acts_as(anywhere, "@alice:localhost")
+    named = make_token(
+        "@bridge:localhost", is_appservice=True, masquerade_regex=r"@tg_.*:other\.example"
+    )
+    assert _acts_as(named, "@tg_1:other.example")
+    assert not _acts_as(named, "@tg_1:evil.example")
+    broken = make_token("@bridge:localhost", is_appservice=True, masquerade_regex="@tg_(")
+    assert not _acts_as(broken, "@tg_1:localhost")
 
 
 class FakeHomeserver(BaseHTTPRequestHandler):

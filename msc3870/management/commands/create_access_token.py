@@ -1,10 +1,13 @@
 """``manage.py create_access_token @alice:example.com``: mint a local access token.
 
-The token is printed once, as the last line; only its SHA-256 digest is stored.
+The token is printed once, as the last line; only its SHA-256 digest is stored. An
+application-service token (``--appservice``) always has a namespace: by default this
+server's users only (``@[^:]+:<SERVER_NAME>``), else the ``--namespace`` regex given.
 """
 
 from __future__ import annotations
 
+import re
 import secrets
 from datetime import timedelta
 from typing import Any
@@ -12,7 +15,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
-from ...auth import validate_user_id
+from ...auth import local_namespace, validate_user_id
+from ...conf import app_settings
 from ...errors import InvalidParam
 from ...models import AccessToken, digest_token
 
@@ -33,8 +37,12 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--namespace",
-            default="",
-            help="Regex of the users an application-service token may act as.",
+            default=None,
+            help=(
+                "Regex (full match on the user id) of the users an application-service "
+                "token may act as. Default: this server's users. Users of another server "
+                "only if the regex names that server."
+            ),
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -42,6 +50,7 @@ class Command(BaseCommand):
             user_id = validate_user_id(options["user_id"])
         except InvalidParam as exc:
             raise CommandError(exc.message) from exc
+        namespace = self._namespace(options["appservice"], options["namespace"])
         token = "mr_" + secrets.token_urlsafe(32)
         days = options["days"]
         AccessToken.objects.create(
@@ -50,7 +59,29 @@ class Command(BaseCommand):
             label=options["label"],
             expires_at=timezone.now() + timedelta(days=days) if days > 0 else None,
             is_appservice=options["appservice"],
-            masquerade_regex=options["namespace"],
+            masquerade_regex=namespace,
         )
+        if namespace:
+            self.stderr.write(f"May act as users matching: {namespace}")
         self.stderr.write(f"Access token for {user_id} (shown once):")
         self.stdout.write(token)
+
+    @staticmethod
+    def _namespace(appservice: bool, given: str | None) -> str:
+        """The masquerading namespace to store. Without one, an application-service token
+        would act as anyone on any server, so there is always one."""
+        if not appservice:
+            if given is not None:
+                raise CommandError("--namespace only applies to --appservice tokens")
+            return ""
+        if given is None:
+            return local_namespace(app_settings.SERVER_NAME)
+        if not given.strip():
+            raise CommandError("--namespace must not be empty (omit it for local users only)")
+        try:
+            re.compile(given)
+        except re.error as exc:
+            raise CommandError(f"--namespace is not a valid regex: {exc}") from exc
+        if len(given) > AccessToken._meta.get_field("masquerade_regex").max_length:
+            raise CommandError("--namespace is too long")
+        return given
