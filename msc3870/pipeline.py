@@ -16,7 +16,13 @@ from django.utils import timezone
 
 from . import lifecycle
 from .models import Media, MediaState, UploadMethod
-from .screening import Rejection, ScreeningContext, run_checks
+from .screening import (
+    QuotaClaim,
+    Rejection,
+    ScreeningContext,
+    enforce_user_quota,
+    run_checks,
+)
 from .signals import send_state_signal
 from .storage import get_store
 from .thumbnails import thumbnail_keys
@@ -107,14 +113,21 @@ def screen_loaded(media: Media, *, count_attempt: bool = True) -> str:
         findings = run_checks(ctx)
     except Rejection as rejection:
         return _reject(media, rejection, **decided)
-    return _complete(media, findings, twins=ctx.twins, **decided)
+    return _complete(media, findings, twins=ctx.twins, quota=ctx.quota_claim, **decided)
 
 
 def _complete(
-    media: Media, findings: dict[str, object], *, twins: bool | None = None, **fields: Any
+    media: Media,
+    findings: dict[str, object],
+    *,
+    twins: bool | None = None,
+    quota: QuotaClaim | None = None,
+    **fields: Any,
 ) -> str:
     """PROCESSING -> COMPLETE; identical content already served is stored once.
-    ``twins=False``: the checks found no other media with this content."""
+    ``twins=False``: the checks found no other media with this content. ``quota``: the
+    user's quota, decided in the same transaction as the transition (else racing
+    completes of one user would each pass against the same total)."""
     own_key = media.storage_key
     sharing = Media.objects.none()
     if findings.get("sha256") and twins is not False:
@@ -126,15 +139,24 @@ def _complete(
             .exclude(storage_key="")
             .order_by("pk")
         )
-    if twins is not False and sharing.exists():
-        with transaction.atomic():
-            # Locking the donor row orders this against a purge of the donor: either the
-            # purge waits and then sees this row sharing the key (and keeps the object), or
-            # it ran first and the donor is no longer COMPLETE here.
-            donor = sharing.select_for_update().first()
-            won = _mark_complete(media, donor.storage_key if donor else own_key, findings, fields)
+    if quota is not None or (twins is not False and sharing.exists()):
+        try:
+            with transaction.atomic():
+                if quota is not None:
+                    enforce_user_quota(quota, exclude_pk=media.pk)
+                # Locking the donor row orders this against a purge of the donor: either
+                # the purge waits and then sees this row sharing the key (and keeps the
+                # object), or it ran first and the donor is no longer COMPLETE here.
+                donor = sharing.select_for_update().first()
+                won = _mark_complete(
+                    media, donor.storage_key if donor else own_key, findings, fields
+                )
+        except Rejection as rejection:
+            # Decided under the lock; the row is still PROCESSING (the transaction rolled
+            # back), so it is rejected as a failed check would be.
+            return _reject(media, rejection, **fields)
     else:
-        # Nothing to share (the common case): no lock, no transaction.
+        # No quota and nothing to share (the common case): no lock, no transaction.
         won = _mark_complete(media, own_key, findings, fields)
     if not won:
         return "skipped"

@@ -72,6 +72,15 @@ class Rejection(Exception):
         self.status = status
 
 
+@dataclass(frozen=True)
+class QuotaClaim:
+    """An upload's claim on its user's quota, decided when it completes."""
+
+    user_id: str
+    size: int
+    quota: int
+
+
 @dataclass
 class ScreeningContext:
     media: Media
@@ -82,6 +91,8 @@ class ScreeningContext:
     _prefix: bytes | None = None
     #: Whether other media has the same SHA-256 (None: not asked yet).
     twins: bool | None = None
+    #: The quota to decide again at completion, under the user's lock (check_user_quota).
+    quota_claim: QuotaClaim | None = None
 
     @property
     def declared_type(self) -> str:
@@ -210,23 +221,46 @@ def check_not_blocked(ctx: ScreeningContext) -> None:
 
 
 def check_user_quota(ctx: ScreeningContext) -> None:
-    """Refuse an upload that would take its user past ``USER_QUOTA_BYTES`` of live media."""
-    from .models import Media, MediaState
+    """Refuse an upload that would take its user past ``USER_QUOTA_BYTES`` of live media.
 
+    This early look spares the later checks (a virus scan) for uploads already over; it
+    is not the decision. Uploads of one user checked at the same time all see the same
+    total here, so the quota is decided again by ``enforce_user_quota`` when the upload
+    completes, in the transaction and under the lock that complete it."""
     quota = app_settings.USER_QUOTA_BYTES
     if quota is None:
         return
+    claim = QuotaClaim(user_id=ctx.media.user_id, size=ctx.info.size, quota=quota)
+    _refuse_over_quota(claim, exclude_pk=ctx.media.pk)
+    ctx.quota_claim = claim
+
+
+def enforce_user_quota(claim: QuotaClaim, *, exclude_pk: int) -> None:
+    """Decide ``claim`` for good. Call it inside the transaction that completes the upload:
+    the user's lock, taken here, is held until that transaction ends, so racing completes
+    of one user are decided one after the other, each counting every upload completed
+    before it (media still being checked is counted once it is decided, under this lock).
+    Raises ``Rejection``."""
+    from .services import _lock_uploader
+
+    _lock_uploader(claim.user_id)
+    _refuse_over_quota(claim, exclude_pk=exclude_pk)
+
+
+def _refuse_over_quota(claim: QuotaClaim, *, exclude_pk: int) -> None:
+    from .models import Media, MediaState
+
     used = (
         Media.objects.filter(
-            user_id=ctx.media.user_id, state__in=[MediaState.COMPLETE, MediaState.QUARANTINED]
+            user_id=claim.user_id, state__in=[MediaState.COMPLETE, MediaState.QUARANTINED]
         )
-        .exclude(pk=ctx.media.pk)
+        .exclude(pk=exclude_pk)
         .aggregate(total=models.Sum("size"))["total"]
         or 0
     )
-    if used + ctx.info.size > quota:
+    if used + claim.size > claim.quota:
         raise Rejection(
-            f"Storage quota exceeded: {used} of {quota} bytes used, upload is {ctx.info.size}",
+            f"Storage quota exceeded: {used} of {claim.quota} bytes used, upload is {claim.size}",
             errcode="M_TOO_LARGE",
             status=413,
         )
