@@ -345,7 +345,7 @@ class SynapseServer:
             text=True,
             check=False,
         )
-        return out.stdout.strip()
+        return out.stdout.strip().split(" ")[0]  # without "(b=<branch>,<commit>)" of cwd
 
     def mint_tokens(self, users: Sequence[str]) -> list[str]:
         """Shared-secret registration (``POST /_synapse/admin/v1/register``)."""
@@ -515,6 +515,7 @@ def round_trip_phase(
         "server_cpu_share_of_wall": round(cpu / wall, 3) if wall else None,
         "client_cpu_s": round(client_cpu, 3),
         "client_cpu_ms_per_round_trip": round(client_cpu / done * 1000, 3) if done else None,
+        "loadavg_after": round(os.getloadavg()[0], 2),
         "server_processes": len(tree.processes()),
         "process_tree_changed": pids0 != {p.pid for p in tree.processes()},
     }
@@ -696,6 +697,7 @@ async def _waiter_phase(
     out["put_end_to_last_ok_ms"] = ms(max(ok_after) - (put_end - t_put)) if ok_after else None
     out["answer_deadline_s"] = round(answer_deadline - t_put, 1)
     out["server_cpu_s"] = round(tree.cpu_seconds() - cpu0, 3)
+    out["loadavg_after"] = round(os.getloadavg()[0], 2)
     log(
         f"  {n} waiters: sent {out['sent']} in {out['send_s']} s, RSS "
         f"+{out['rss_per_waiter_kib']} KiB/waiter, /versions p50 {out['versions']['p50_ms']} "
@@ -871,9 +873,8 @@ def summary(report: dict[str, Any]) -> str:
     rows = []
     for server in report["servers"]:
         if "failed" in server:
-            rows.append([server["server"], "FAILED", "", "", "", "", "", ""])
-            continue
-        for r in server["round_trips"]:
+            rows.append([server["server"], "FAILED (see failed)", "", "", "", "", "", ""])
+        for r in server.get("round_trips", []):
             rows.append(
                 [
                     server["server"],
@@ -941,9 +942,9 @@ def summary(report: dict[str, Any]) -> str:
         lines += ["", "Ratios this/Synapse (throughput, server CPU per round trip, p99):", ""]
         rows = []
         for server in report["servers"]:
-            if server is synapse or "failed" in server:
+            if server is synapse:
                 continue
-            for r in server["round_trips"]:
+            for r in server.get("round_trips", []):
                 s = _rt(synapse, r["clients"])
                 if s is None:
                     continue
@@ -971,16 +972,14 @@ def plot(reports: Sequence[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
     (ax_tp, ax_p99), (ax_cpu, ax_wait) = axes
     series: list[tuple[str, dict[str, Any]]] = []
-    seen_synapse = False
     for report in reports:
         for server in report["servers"]:
-            if "failed" in server:
+            if not server.get("round_trips") and not server.get("waiting"):
                 continue
             if server["server"] == "synapse":
-                label = f"Synapse {report.get('synapse_version', '')}".strip()
-                if seen_synapse:
+                label = "Synapse " + str(report.get("synapse_version", "")).split(" ")[0]
+                if len(reports) > 1:
                     label += f" ({report['label']} run)"
-                seen_synapse = True
             else:
                 label = f"{report['label']}: {server['server']}"
             series.append((label, server))
