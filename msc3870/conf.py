@@ -117,6 +117,9 @@ DEFAULTS: dict[str, Any] = {
     "FEDERATION_IP_RANGE_ALLOWLIST": [],
     # Verify other servers' TLS certificates (turn off only in tests).
     "FEDERATION_VERIFY_TLS": True,
+    # Rate of federation media requests (download and thumbnail together) per origin
+    # server, DRF syntax, as a leaky bucket (bursts of N); None = off.
+    "FEDERATION_MEDIA_RATE": "600/min",
 }
 
 TYPE_MISMATCH_POLICIES = ("sniffed", "reject", "declared")
@@ -345,6 +348,10 @@ class MSC3870Settings:
     @property
     def FEDERATION_VERIFY_TLS(self) -> bool:
         return bool(self._get("FEDERATION_VERIFY_TLS"))
+
+    @property
+    def FEDERATION_MEDIA_RATE(self) -> str | None:
+        return self._get("FEDERATION_MEDIA_RATE")
 
 
 def _cidr_list(name: str, ranges: Any) -> list[str]:

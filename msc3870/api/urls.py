@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.db import transaction
 from django.urls import re_path
 
+from ..federation import urls as federation_urls
 from ..federation.views import KeyServerView
 from . import views
 
@@ -73,4 +74,6 @@ urlpatterns = [
         KeyServerView.as_view(),
         name="key-server",
     ),
+    # /_matrix/federation/v1/media/...: media of this server for other servers.
+    *federation_urls.urlpatterns,
 ]
