@@ -10,7 +10,9 @@ may do that, and the identity returned is the masqueraded user.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -120,8 +122,9 @@ class ProcessCache:
             return None
         return entry[1]
 
-    def set(self, key: str, value: Any) -> None:
-        ttl = app_settings.TOKEN_CACHE_SECONDS
+    def set(self, key: str, value: Any, ttl: float | None = None) -> None:
+        """Keep ``value`` for ``TOKEN_CACHE_SECONDS``, or less when ``ttl`` says so."""
+        ttl = min(app_settings.TOKEN_CACHE_SECONDS, ttl if ttl is not None else math.inf)
         if ttl <= 0:
             return
         if len(self._entries) >= self.MAX_ENTRIES:
@@ -184,11 +187,39 @@ class LocalTokenResolver(TokenResolver):
 
 _http = requests.Session()
 
+_slots_lock = threading.Lock()
+_slots: tuple[int, threading.BoundedSemaphore] | None = None
+
+
+def _whoami_slots(size: int) -> threading.BoundedSemaphore:
+    """The per-process semaphore of whoami calls in flight (made again if the cap changes;
+    holders of the old one release the old one)."""
+    global _slots
+    with _slots_lock:
+        if _slots is None or _slots[0] != size:
+            _slots = (size, threading.BoundedSemaphore(size))
+        return _slots[1]
+
 
 class HomeserverTokenResolver(TokenResolver):
-    """Ask the homeserver who a token belongs to, as matrix-media-repo does."""
+    """Ask the homeserver who a token belongs to, as matrix-media-repo does.
+
+    Answers are cached: a user for ``WHOAMI_CACHE_SECONDS``, a refusal (401/403) for
+    ``NEGATIVE_CACHE_SECONDS``, so a client retrying a dead token, or someone trying
+    tokens, costs the homeserver one call per token per few seconds. Errors of the
+    homeserver itself (5xx, 429, unreachable) are never cached. At most
+    ``MAX_CONCURRENT_WHOAMI`` calls are in flight per process: each can hold a thread for
+    the whole ``TIMEOUT``; a request that finds no slot within ``WHOAMI_SLOT_WAIT_SECONDS``
+    is answered 429 ``M_LIMIT_EXCEEDED`` (retry_after_ms, Retry-After), so that clients
+    back off and keep their session, where a 502 would read as a broken server.
+    Subclass to change these (``MSC3870["TOKEN_RESOLVER"]``).
+    """
 
     TIMEOUT = (3.05, 10)
+    NEGATIVE_CACHE_SECONDS = 5.0
+    MAX_CONCURRENT_WHOAMI = 4
+    WHOAMI_SLOT_WAIT_SECONDS = 2.0
+    BUSY_RETRY_AFTER_MS = 1000
 
     def resolve(
         self, token: str, *, masquerade_as: str | None = None, device_id: str | None = None
@@ -202,10 +233,43 @@ class HomeserverTokenResolver(TokenResolver):
                 "\0".join((token, masquerade_as or "", device_id or "")).encode()
             ).hexdigest()
         )
-        cached = token_cache.get(cache_key) or cache.get(cache_key)
+        cached = self._cached(cache_key)
         if cached is not None:
-            token_cache.set(cache_key, cached)
-            return MatrixUser(**cached)
+            return cached
+        slots = _whoami_slots(self.MAX_CONCURRENT_WHOAMI)
+        if not slots.acquire(timeout=self.WHOAMI_SLOT_WAIT_SECONDS):
+            raise LimitExceeded(
+                "Too many access tokens are being checked with the homeserver; retry",
+                retry_after_ms=self.BUSY_RETRY_AFTER_MS,
+            )
+        try:
+            # Requests with the same token that waited for a slot find the first one's
+            # answer here instead of asking again.
+            cached = self._cached(cache_key)
+            if cached is not None:
+                return cached
+            return self._whoami(base, token, cache_key, masquerade_as, device_id)
+        finally:
+            slots.release()
+
+    def _cached(self, cache_key: str) -> MatrixUser | None:
+        """The cached answer: the user, or the homeserver's refusal raised again."""
+        cached = token_cache.get(cache_key) or cache.get(cache_key)
+        if cached is None:
+            return None
+        if "refused" in cached:
+            raise _homeserver_refusal(cached["refused"], cached["body"])
+        token_cache.set(cache_key, cached)
+        return MatrixUser(**cached)
+
+    def _whoami(
+        self,
+        base: str,
+        token: str,
+        cache_key: str,
+        masquerade_as: str | None,
+        device_id: str | None,
+    ) -> MatrixUser:
         params: dict[str, str] = {}
         if masquerade_as:
             params["user_id"] = masquerade_as
@@ -232,6 +296,14 @@ class HomeserverTokenResolver(TokenResolver):
             cache.set(cache_key, user, app_settings.WHOAMI_CACHE_SECONDS)
             token_cache.set(cache_key, user)
             return MatrixUser(**user)
+        if response.status_code in (401, 403) and self.NEGATIVE_CACHE_SECONDS > 0:
+            # Only the homeserver's verdict on this token; the body is kept so that the
+            # cached refusal reads the same (errcode, soft_logout).
+            kept = {k: body[k] for k in ("errcode", "soft_logout") if k in body}
+            kept["error"] = str(body.get("error") or "")[:500]
+            refused = {"refused": response.status_code, "body": kept}
+            cache.set(cache_key, refused, self.NEGATIVE_CACHE_SECONDS)
+            token_cache.set(cache_key, refused, self.NEGATIVE_CACHE_SECONDS)
         raise _homeserver_refusal(response.status_code, body)
 
 

@@ -18,7 +18,13 @@ from django.test import Client
 from django.utils import timezone
 
 from msc3870.auth import HomeserverTokenResolver, LocalTokenResolver
-from msc3870.errors import Forbidden, HomeserverUnavailable, InvalidParam, UnknownToken
+from msc3870.errors import (
+    Forbidden,
+    HomeserverUnavailable,
+    InvalidParam,
+    LimitExceeded,
+    UnknownToken,
+)
 from msc3870.models import AccessToken
 
 from .conftest import make_token, msc3870_settings
@@ -153,15 +159,27 @@ class FakeHomeserver(BaseHTTPRequestHandler):
         "locked": (401, {"errcode": "M_USER_LOCKED", "error": "locked", "soft_logout": True}),
         "lapsed": (403, {"errcode": "M_EXPIRED_ACCOUNT", "error": "account expired"}),
     }
+    # The homeserver's own failures: never the token's fault.
+    failures: dict[str, tuple[int, dict[str, Any]]] = {
+        "broken": (500, {"errcode": "M_UNKNOWN", "error": "Internal server error"}),
+        "busy": (429, {"errcode": "M_LIMIT_EXCEEDED", "error": "slow down"}),
+    }
     calls: list[dict[str, Any]] = []
+    # Tokens starting with "slow" are answered (401) only once this is set.
+    gate = threading.Event()
 
     def do_GET(self) -> None:
         parts = urlsplit(self.path)
         query = {k: v[0] for k, v in parse_qs(parts.query).items()}
-        FakeHomeserver.calls.append({"path": parts.path, "query": query})
         token = self.headers.get("Authorization", "").removeprefix("Bearer ")
+        FakeHomeserver.calls.append({"path": parts.path, "query": query, "token": token})
         if parts.path != "/_matrix/client/v3/account/whoami":
             return self._send(404, {"errcode": "M_UNRECOGNIZED", "error": "no"})
+        if token.startswith("slow"):
+            FakeHomeserver.gate.wait(30)
+        if token in self.failures:
+            status, body = self.failures[token]
+            return self._send(status, body)
         if token in self.refusals:
             status, body = self.refusals[token]
             return self._send(status, body)
@@ -172,7 +190,8 @@ class FakeHomeserver(BaseHTTPRequestHandler):
             if token != "as":
                 return self._send(403, {"errcode": "M_FORBIDDEN", "error": "Not an AS"})
             user = query["user_id"]
-        return self._send(200, {"user_id": user, "device_id": "DEV", "is_guest": token == "guest"})
+        device = query.get("device_id", "DEV")
+        return self._send(200, {"user_id": user, "device_id": device, "is_guest": token == "guest"})
 
     def _send(self, status: int, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()
@@ -192,8 +211,130 @@ def homeserver() -> Iterator[str]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     FakeHomeserver.calls = []
+    FakeHomeserver.gate = threading.Event()
     yield f"http://127.0.0.1:{server.server_address[1]}"
+    FakeHomeserver.gate.set()
     server.shutdown()
+
+
+def _whoami_tokens() -> list[str]:
+    return [call["token"] for call in FakeHomeserver.calls]
+
+
+def test_whoami_cache_is_keyed_by_token_user_and_device(db: None, homeserver: str) -> None:
+    """One appservice token acting as two users is two identities, never the first one's
+    cached answer (a key of the token alone would serve @a's identity to a request for @b)."""
+    with msc3870_settings(HOMESERVER_URL=homeserver):
+        resolver = HomeserverTokenResolver()
+        for _ in range(2):
+            assert resolver.resolve("as", masquerade_as="@a:hs.example").user_id == "@a:hs.example"
+            assert resolver.resolve("as", masquerade_as="@b:hs.example").user_id == "@b:hs.example"
+            assert resolver.resolve("as").user_id == "@bridge:hs.example"
+            assert resolver.resolve("as", device_id="D2").device_id == "D2"
+            assert resolver.resolve("as").device_id == "DEV"
+        # Each distinct (token, user_id, device_id) asked once, then cached.
+        assert len(FakeHomeserver.calls) == 4
+
+
+def test_refused_tokens_are_remembered_briefly(db: None, homeserver: str) -> None:
+    """Issue 8.12: every request with a bad token cost a whoami round trip."""
+    with msc3870_settings(HOMESERVER_URL=homeserver):
+        resolver = HomeserverTokenResolver()
+        for _ in range(3):
+            with pytest.raises(UnknownToken):
+                resolver.resolve("bad")
+        assert _whoami_tokens() == ["bad"]
+        # The cached refusal reads as the homeserver's own (errcode, soft_logout).
+        answers = []
+        for _ in range(2):
+            with pytest.raises(UnknownToken) as refused:
+                resolver.resolve("locked")
+            answers.append((refused.value.status, refused.value.as_dict()))
+        assert answers[0] == answers[1]
+        assert answers[0][1]["errcode"] == "M_USER_LOCKED"
+        assert answers[0][1]["soft_logout"] is True
+        assert _whoami_tokens() == ["bad", "locked"]
+        # A refusal for one (token, user) pair is not the token's refusal.
+        for _ in range(2):
+            with pytest.raises(Forbidden):
+                resolver.resolve("good", masquerade_as="@a:hs.example")
+            assert resolver.resolve("good").user_id == "@dave:hs.example"
+        assert _whoami_tokens() == ["bad", "locked", "good", "good"]
+
+
+@pytest.mark.parametrize(
+    ("token", "error"), [("broken", HomeserverUnavailable), ("busy", LimitExceeded)]
+)
+def test_homeserver_errors_are_not_cached(
+    db: None, homeserver: str, token: str, error: type[Exception]
+) -> None:
+    with msc3870_settings(HOMESERVER_URL=homeserver):
+        for _ in range(3):
+            with pytest.raises(error):
+                HomeserverTokenResolver().resolve(token)
+    assert _whoami_tokens() == [token] * 3
+
+
+def test_unreachable_homeserver_is_not_cached(db: None, homeserver: str) -> None:
+    with (
+        msc3870_settings(HOMESERVER_URL="http://127.0.0.1:9"),
+        pytest.raises(HomeserverUnavailable),
+    ):
+        HomeserverTokenResolver().resolve("good")
+    with msc3870_settings(HOMESERVER_URL=homeserver):
+        assert HomeserverTokenResolver().resolve("good").user_id == "@dave:hs.example"
+
+
+def test_whoami_calls_in_flight_are_capped(
+    db: None, homeserver: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 8.12: a slow homeserver and many new tokens took every thread. Past the cap,
+    a request waits a bounded time for a slot, then gets 429 and never reaches the
+    homeserver."""
+    monkeypatch.setattr(HomeserverTokenResolver, "MAX_CONCURRENT_WHOAMI", 2)
+    monkeypatch.setattr(HomeserverTokenResolver, "WHOAMI_SLOT_WAIT_SECONDS", 0.2)
+    outcomes: list[BaseException | None] = []
+
+    def resolve(token: str) -> None:
+        try:
+            HomeserverTokenResolver().resolve(token)
+        except BaseException as exc:
+            outcomes.append(exc)
+        else:
+            outcomes.append(None)
+
+    # One settings override for every thread (override_settings is process-wide).
+    with msc3870_settings(
+        HOMESERVER_URL=homeserver, TOKEN_RESOLVER="msc3870.auth.HomeserverTokenResolver"
+    ):
+        slow = [threading.Thread(target=resolve, args=(f"slow{i}",)) for i in range(2)]
+        for thread in slow:
+            thread.start()
+        try:
+            pause = threading.Event()
+            for _ in range(400):  # until both are at the homeserver (bounded: a hang fails)
+                if len(FakeHomeserver.calls) == 2:
+                    break
+                pause.wait(0.025)
+            assert sorted(_whoami_tokens()) == ["slow0", "slow1"]
+            with pytest.raises(LimitExceeded):
+                HomeserverTokenResolver().resolve("good")
+            response = Client().post(
+                "/_matrix/media/v1/create", headers={"Authorization": "Bearer good"}
+            )
+            assert response.status_code == 429
+            assert response.json()["errcode"] == "M_LIMIT_EXCEEDED"
+            assert response.json()["retry_after_ms"] > 0
+            assert int(response.headers["Retry-After"]) >= 1
+            # The refused requests never reached the homeserver.
+            assert sorted(_whoami_tokens()) == ["slow0", "slow1"]
+        finally:
+            FakeHomeserver.gate.set()
+            for thread in slow:
+                thread.join(30)
+        assert [type(o) for o in outcomes] == [UnknownToken, UnknownToken]
+        # The slots are free again.
+        assert HomeserverTokenResolver().resolve("good").user_id == "@dave:hs.example"
 
 
 def test_homeserver_resolver_asks_whoami_and_caches(db: None, homeserver: str) -> None:
