@@ -7,13 +7,14 @@ does not, so two requests, or a request and a task, can race without corrupting 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from . import wakeup
+from . import sql, wakeup
 from .models import Media, MediaState
 from .signals import send_state_signal
 
@@ -53,22 +54,30 @@ def transition(
     to_state: str,
     *,
     extra_where: Q | None = None,
+    unexpired_at: datetime | None = None,
     send_signal: bool = True,
     **fields: Any,
 ) -> bool:
     """Move one row to ``to_state`` if it is in one of ``from_states``; True if this call won.
 
-    ``fields`` are written in the same UPDATE. On success a ``Media`` instance passed in is
-    updated in memory too, and the state's signal is sent (unless the caller is inside a
-    transaction and sends it after the commit itself).
+    ``fields`` are written in the same UPDATE. ``unexpired_at``: only if the id has not
+    expired by then (``unused_expires_at`` later). On success a ``Media`` instance passed
+    in is updated in memory too, and the state's signal is sent (unless the caller is
+    inside a transaction and sends it after the commit itself).
     """
     sources = check_transition(from_states, to_state)
     pk = media.pk if isinstance(media, Media) else media
     now = timezone.now()
-    query = Media.objects.filter(pk=pk, state__in=sources)
-    if extra_where is not None:
-        query = query.filter(extra_where)
-    won = query.update(state=to_state, state_changed_at=now, **fields) == 1
+    values = {"state": to_state, "state_changed_at": now, **fields}
+    if extra_where is None and all(sql.is_plain(v) for v in values.values()):
+        won = sql.update_media(pk, values, states=sources, unexpired_at=unexpired_at) == 1
+    else:
+        query = Media.objects.filter(pk=pk, state__in=sources)
+        if extra_where is not None:
+            query = query.filter(extra_where)
+        if unexpired_at is not None:
+            query = query.filter(unused_expires_at__gt=unexpired_at)
+        won = query.update(**values) == 1
     if won and isinstance(media, Media):
         media.state = to_state
         media.state_changed_at = now
@@ -115,7 +124,10 @@ def transition_many(
 
 def update_if_state(media: Media, state: str, **fields: Any) -> bool:
     """Write fields only while the row is still in ``state`` (no transition)."""
-    won = Media.objects.filter(pk=media.pk, state=state).update(**fields) == 1
+    if all(sql.is_plain(v) for v in fields.values()):
+        won = sql.update_media(media.pk, fields, states=[state]) == 1
+    else:
+        won = Media.objects.filter(pk=media.pk, state=state).update(**fields) == 1
     if won:
         for name, value in fields.items():
             setattr(media, name, value)

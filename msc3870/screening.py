@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
 
 # puremagic looks at the first and last bytes; 8 KiB covers every signature it knows.
 SNIFF_BYTES = 8192
+# Whole-object reads (hash, scan) go in chunks this large: fewer, bigger reads cost less
+# CPU per byte than the 1 MiB chunks of downloads.
+WHOLE_READ_CHUNK = 8 * 1024 * 1024
 UNKNOWN_TYPE = "application/octet-stream"
 # What clients and stores say when they do not know the type.
 UNDECLARED_TYPES = frozenset({"", UNKNOWN_TYPE, "binary/octet-stream"})
@@ -91,6 +95,38 @@ class ScreeningContext:
     _prefix: bytes | None = None
     #: Whether other media has the same SHA-256 (None: not asked yet).
     twins: bool | None = None
+    #: The SHA-256 (hex) the store computed while copying the bytes here, if it did.
+    store_sha256: str | None = None
+    #: Set by ``read_whole``: the object's SHA-256 and clamd's verdict (when scanned).
+    whole_sha256: str | None = None
+    scanned: bool = False
+    scan_verdict: str | None = None
+
+    def read_whole(self) -> None:
+        """Read the object once, in large chunks, feeding the SHA-256 and (when
+        ``check_clamav`` will run) clamd in the same pass: no byte is read twice."""
+        if self.whole_sha256 is not None:
+            return
+        scan = None
+        if app_settings.CLAMAV_URL and check_clamav in app_settings.CHECKS:
+            from .clamav import ClamdStream
+
+            scan = ClamdStream(app_settings.CLAMAV_URL, app_settings.CLAMAV_TIMEOUT_SECONDS)
+        digest = hashlib.sha256()
+        try:
+            for chunk in self.store.iter_bytes(self.key, chunk_size=WHOLE_READ_CHUNK):
+                digest.update(chunk)
+                if scan is not None:
+                    scan.send(chunk)
+        except BaseException:
+            if scan is not None:
+                scan.close()
+            raise
+        if scan is not None:
+            self.scan_verdict = scan.verdict()
+            self.scanned = True
+        self.whole_sha256 = digest.hexdigest()
+
     #: The quota to decide again at completion, under the user's lock (check_user_quota).
     quota_claim: QuotaClaim | None = None
 
@@ -101,13 +137,13 @@ class ScreeningContext:
     def has_twins(self) -> bool:
         """Whether other media has the same content, asked once: most content is new, and
         then neither the block list nor deduplication needs another query."""
-        from .models import Media
+        from . import sql
 
         sha256 = self.findings.get("sha256")
         if not sha256:
             return False
         if self.twins is None:
-            self.twins = Media.objects.filter(sha256=sha256).exclude(pk=self.media.pk).exists()
+            self.twins = sql.has_twin(sha256, self.media.pk)
         return self.twins
 
     def prefix(self) -> bytes:
@@ -190,14 +226,16 @@ def check_content_type(ctx: ScreeningContext) -> None:
 
 
 def check_sha256(ctx: ScreeningContext) -> None:
-    """Hash the stored bytes (skipped when the server hashed them while receiving them)."""
+    """Hash the stored bytes, unless this server hashed them while receiving them or the
+    store computed the hash while copying them (CopyObject with ChecksumAlgorithm)."""
     if ctx.media.sha256:
         ctx.findings["sha256"] = ctx.media.sha256
         return
-    digest = hashlib.sha256()
-    for chunk in ctx.store.iter_bytes(ctx.key):
-        digest.update(chunk)
-    ctx.findings["sha256"] = digest.hexdigest()
+    if ctx.store_sha256:
+        ctx.findings["sha256"] = ctx.store_sha256
+        return
+    ctx.read_whole()
+    ctx.findings["sha256"] = ctx.whole_sha256
 
 
 def check_not_blocked(ctx: ScreeningContext) -> None:
@@ -271,9 +309,16 @@ def check_clamav(ctx: ScreeningContext) -> None:
     url = app_settings.CLAMAV_URL
     if not url:
         return
-    from .clamav import scan_stream
+    if ctx.scanned:  # scanned in the same read as the SHA-256
+        verdict = ctx.scan_verdict
+    else:
+        from .clamav import scan_stream
 
-    verdict = scan_stream(url, ctx.store.iter_bytes(ctx.key), app_settings.CLAMAV_TIMEOUT_SECONDS)
+        verdict = scan_stream(
+            url,
+            ctx.store.iter_bytes(ctx.key, chunk_size=WHOLE_READ_CHUNK),
+            app_settings.CLAMAV_TIMEOUT_SECONDS,
+        )
     if verdict is not None:
         raise Rejection(f"Upload rejected by the virus scanner: {verdict}")
 
@@ -283,3 +328,13 @@ def run_checks(ctx: ScreeningContext) -> dict[str, Any]:
     for check in app_settings.CHECKS:
         check(ctx)
     return ctx.findings
+
+
+def metadata_checks() -> list[Callable[[ScreeningContext], None]]:
+    """The configured checks that need only the object's metadata (HEAD) and its first
+    bytes: ``/complete`` runs these before it answers (COMPLETE_WAITS_FOR_CHECKS off);
+    every check, these again included, runs on the copy that will be served."""
+    return [check for check in app_settings.CHECKS if check in METADATA_CHECKS]
+
+
+METADATA_CHECKS = frozenset({check_size, check_content_type, check_user_quota})

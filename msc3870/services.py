@@ -14,10 +14,9 @@ from datetime import timedelta
 from functools import partial
 
 from django.db import connection, transaction
-from django.db.models import Q
 from django.utils import timezone
 
-from . import lifecycle
+from . import lifecycle, sql
 from .auth import MatrixUser
 from .conf import app_settings
 from .errors import (
@@ -35,6 +34,7 @@ from .errors import (
 )
 from .models import Media, MediaState, Uploader, UploadMethod
 from .storage import (
+    ObjectInfo,
     Readable,
     UploadTarget,
     WrittenObject,
@@ -92,10 +92,10 @@ def _local_media(server_name: str, media_id: str) -> Media:
     validate_mxc(server_name, media_id)
     if server_name != app_settings.SERVER_NAME:
         raise NotFound("This server only holds media of " + app_settings.SERVER_NAME)
-    # [:1], not .first(): the pair is unique, an ORDER BY would only cost.
-    for media in Media.objects.filter(server_name=server_name, media_id=media_id)[:1]:
-        return media
-    raise NotFound()
+    media = sql.media_by_mxc(server_name, media_id)
+    if media is None:
+        raise NotFound()
+    return media
 
 
 # ---------------------------------------------------------------------------- create
@@ -133,17 +133,17 @@ def create_media(user: MatrixUser) -> CreatedMedia:
     with transaction.atomic():
         _lock_uploader(user.user_id)
         limit = app_settings.MAX_PENDING_UPLOADS
-        if limit > 0:
-            pending = Media.objects.filter(
-                user_id=user.user_id, state=S.PENDING, unused_expires_at__gt=now
+        if limit > 0 and sql.count_pending(user.user_id, now) >= limit:
+            # Synapse's answer: retry once the oldest pending id has expired.
+            oldest = (
+                Media.objects.filter(
+                    user_id=user.user_id, state=S.PENDING, unused_expires_at__gt=now
+                )
+                .order_by("unused_expires_at")
+                .values_list("unused_expires_at", flat=True)[0]
             )
-            if pending.count() >= limit:
-                # Synapse's answer: retry once the oldest pending id has expired.
-                oldest = pending.order_by("unused_expires_at").values_list(
-                    "unused_expires_at", flat=True
-                )[0]
-                retry_after = (oldest - now).total_seconds() * 1000
-                raise LimitExceeded("Too many pending uploads", retry_after_ms=int(retry_after))
+            retry_after = (oldest - now).total_seconds() * 1000
+            raise LimitExceeded("Too many pending uploads", retry_after_ms=int(retry_after))
         media = Media.objects.create(
             server_name=app_settings.SERVER_NAME,
             media_id=new_media_id(),
@@ -218,7 +218,7 @@ def upload_to_media(
         media,
         [S.PENDING],
         S.PROCESSING,
-        extra_where=Q(unused_expires_at__gt=now),
+        unexpired_at=now,
         upload_method=UploadMethod.PUT,
         declared_content_type=declared,
         filename=name,
@@ -286,29 +286,38 @@ def complete_url_upload(
 
     Idempotent for the uploader: a retried or concurrent /complete of an id already
     completed through its URL gets the same answer, not an error.
+
+    The answer comes once what needs only metadata and the first bytes is decided (the
+    object exists, its size from a HEAD, its sniffed type); the full-object checks go on
+    after it while downloads wait. ``COMPLETE_WAITS_FOR_CHECKS``: wait for the verdict.
     """
     _require_member(user)
     name = clean_filename(filename)
+    waits = app_settings.COMPLETE_WAITS_FOR_CHECKS
     for _ in range(3):
         media = _local_media(server_name, media_id)
         if media.user_id != user.user_id:
             raise Forbidden("You may only complete media you created")
         if media.upload_method == UploadMethod.URL and media.state != S.DELETED:
-            return _decision(media, Deadline.after_seconds(app_settings.COMPLETE_WAIT_SECONDS))
+            wait = app_settings.COMPLETE_WAIT_SECONDS if waits else 0
+            return _decision(media, Deadline.after_seconds(wait))
         _check_can_upload(user, media)
-        if get_store().head(media.incoming_key) is None:
+        incoming = get_store().head(media.incoming_key)
+        if incoming is None:
             raise NothingUploaded()
         now = timezone.now()
         if lifecycle.transition(
             media,
             [S.PENDING],
             S.PROCESSING,
-            extra_where=Q(unused_expires_at__gt=now),
+            unexpired_at=now,
             upload_method=UploadMethod.URL,
             filename=name,
             processing_started_at=now,
         ):
-            return _screen_and_wait(media)
+            if waits:
+                return _screen_and_wait(media)
+            return _screen_after_answer(media, incoming)
         # Lost a race (another /complete, a PUT, expiry): look again.
     raise CannotOverwrite()
 
@@ -340,6 +349,17 @@ def receive_url_upload(
     # Stores that keep the type with the object (S3) need no row update; the local disk does.
     lifecycle.update_if_state(media, S.PENDING, declared_content_type=declared)
     return written
+
+
+def _screen_after_answer(media: Media, incoming: ObjectInfo) -> Media:
+    """Decide what metadata and a ranged read can (an oversized object is refused from its
+    HEAD and never copied), then answer while the rest of the screening runs."""
+    from .pipeline import dispatch_screening, reject_before_answer
+
+    if reject_before_answer(media, incoming):
+        return _outcome(media)  # raises the rejection
+    dispatch_screening(media, background=True)
+    return media
 
 
 def _screen_and_wait(media: Media) -> Media:
@@ -411,6 +431,10 @@ def _downloadable(media: Media | None, deadline: Deadline) -> Media:
         raise NotFound()
     if media.state == S.COMPLETE and media.storage_key:
         return media
+    if media.state == S.REJECTED and media.rejection_errcode and not media.moderated_by:
+        # Rejected by the checks, possibly after /complete answered (recipients may have
+        # the id already): say why, as the uploader was told. A moderator's removal is 404.
+        _outcome(media)
     if not _awaiting_upload(media):
         raise NotFound()
     if deadline.passed:
