@@ -57,6 +57,10 @@ ALLOWED_HOSTS = [
 CSRF_TRUSTED_ORIGINS = [PUBLIC_BASEURL]
 if env("DJANGO_BEHIND_PROXY") == "1":
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    # Behind a TLS-terminating proxy the admin is reached over HTTPS: its session and CSRF
+    # cookies must never travel over plain HTTP.
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -197,6 +201,15 @@ if env("MSC3870_WAKEUP_LISTEN"):
 if env("MSC3870_CHECKS"):
     # Comma-separated import strings, replacing the default pipeline (e.g. to add a scan).
     MSC3870["CHECKS"] = [c.strip() for c in (env("MSC3870_CHECKS") or "").split(",") if c.strip()]
+# Content-type globs, comma-separated ("image/*,video/*"): lists, never a bare string (a
+# string would be read as a list of its characters, and "*" would allow everything).
+for _key in ("ALLOWED_CONTENT_TYPES", "DENIED_CONTENT_TYPES"):
+    if env(f"MSC3870_{_key}") is not None:
+        MSC3870[_key] = _csv(env(f"MSC3870_{_key}"))
+# Media created after this ISO 8601 time (with a time zone: "2025-07-01T00:00:00Z") is not
+# served unauthenticated (/_matrix/media/v3); msc3870.E019 reports a bad value.
+if env("MSC3870_LEGACY_MEDIA_FREEZE_AFTER"):
+    MSC3870["LEGACY_MEDIA_FREEZE_AFTER"] = env("MSC3870_LEGACY_MEDIA_FREEZE_AFTER")
 # Federation: this server's signing key, made on first use if missing (never shipped).
 MSC3870["SIGNING_KEY_PATH"] = env("MSC3870_SIGNING_KEY_PATH") or str(DATA_DIR / "signing.key")
 # Notaries for other servers' keys, as JSON: [{"server_name": .., "verify_keys": {..}}].

@@ -8,9 +8,15 @@ class MSC3870Config(AppConfig):
 
     def ready(self) -> None:
         from django.apps import apps
+        from django.core.checks import Tags, register
         from django.db.models.signals import post_migrate
 
-        from . import checks  # noqa: F401 - registers the system checks
+        from . import checks
+
+        register(checks.check_settings, Tags.compatibility)
+        register(checks.check_setting_types, Tags.compatibility)
+        # Settings a misread would weaken (a content-type allowlist given as a string).
+        register(checks.check_security_setting_types, Tags.security)
 
         if apps.is_installed("django_celery_beat"):
             # After the beat tables exist; only missing entries are created.

@@ -1,26 +1,244 @@
-"""System checks for misconfiguration (``manage.py check``). No network calls here."""
+"""System checks for misconfiguration (``manage.py check``). No network calls here.
+
+Registered in ``MSC3870Config.ready()``: ``check_settings`` (values), and the type of every
+setting in ``DEFAULTS`` (``SETTING_TYPES``), one check id per kind of type, split in two
+functions so that the settings a misread would weaken (what may be uploaded, who may
+act, what is checked, limits) are tagged ``Tags.security``.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 from django.conf import settings
-from django.core.checks import CheckMessage, Error, Tags, Warning, register
+from django.core.checks import CheckMessage, Error, Warning
 from django.core.exceptions import ImproperlyConfigured
 from django.core.files.storage import FileSystemStorage, InvalidStorageError, storages
 
-from .conf import DEFAULTS, TYPE_MISMATCH_POLICIES, app_settings
+from .conf import DEFAULTS, TYPE_MISMATCH_POLICIES, app_settings, parse_freeze_time
 
 # S3 signs upload URLs for at most 7 days.
 S3_MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 
 
-@register(Tags.compatibility)
+# ---------------------------------------------------------------------------- types
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int too
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_str_list(value: Any) -> bool:
+    # A bare string iterates as its characters: "image/*" would allow "*".
+    return isinstance(value, list | tuple) and all(isinstance(item, str) for item in value)
+
+
+def _is_import_string(value: Any) -> bool:
+    return isinstance(value, str) and "." in value.strip(".")
+
+
+def _is_datetime(value: Any) -> bool:
+    if not isinstance(value, str | datetime):
+        return False
+    try:
+        return parse_freeze_time(value) is not None
+    except ImproperlyConfigured:
+        return False
+
+
+def _is_key_servers(value: Any) -> bool:
+    return isinstance(value, list | tuple) and all(
+        isinstance(s, dict)
+        and isinstance(s.get("server_name"), str)
+        and isinstance(s.get("verify_keys"), dict)
+        and s["verify_keys"]
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in s["verify_keys"].items())
+        for s in value
+    )
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A type a setting can have, and the check id that reports a value of another type."""
+
+    id: str
+    description: str
+    accepts: Callable[[Any], bool]
+
+
+INT = Kind("msc3870.E012", "an integer", _is_int)
+NUMBER = Kind("msc3870.E013", "a number", _is_number)
+BOOL = Kind("msc3870.E014", "True or False", lambda value: isinstance(value, bool))
+STR = Kind("msc3870.E015", "a string", lambda value: isinstance(value, str))
+STR_LIST = Kind("msc3870.E016", "a list of strings", _is_str_list)
+IMPORT_STRING = Kind("msc3870.E017", "an import string ('package.module.name')", _is_import_string)
+IMPORT_STRING_LIST = Kind(
+    "msc3870.E018",
+    "a list of import strings",
+    lambda value: _is_str_list(value) and all(_is_import_string(item) for item in value),
+)
+DATETIME = Kind(
+    "msc3870.E019",
+    "a timezone-aware datetime (or an ISO 8601 string with a time zone)",
+    _is_datetime,
+)
+KEY_SERVERS = Kind(
+    "msc3870.E020",
+    'a list of {"server_name": str, "verify_keys": {key id: base64 key}}',
+    _is_key_servers,
+)
+PATH = Kind(
+    "msc3870.E021", "a file path (str or os.PathLike)", lambda v: isinstance(v, str | os.PathLike)
+)
+
+
+@dataclass(frozen=True)
+class SettingType:
+    kind: Kind
+    nullable: bool = False  # None is allowed (and means "off" or "the default")
+    security: bool = False  # a misread weakens a defence: reported under Tags.security
+
+
+def _t(kind: Kind, *, null: bool = False, security: bool = False) -> SettingType:
+    return SettingType(kind, null, security)
+
+
+# Every key of DEFAULTS (tests/test_checks.py makes sure none is missing).
+SETTING_TYPES: dict[str, SettingType] = {
+    "SERVER_NAME": _t(STR),
+    "PUBLIC_BASEURL": _t(STR),
+    "MAX_UPLOAD_SIZE": _t(INT, security=True),
+    "UNUSED_EXPIRATION": _t(INT, security=True),
+    "MAX_PENDING_UPLOADS": _t(INT, security=True),
+    "CREATE_RATE": _t(STR, null=True, security=True),
+    "STORAGE_ALIAS": _t(STR),
+    "TOKEN_RESOLVER": _t(IMPORT_STRING, security=True),
+    "HOMESERVER_URL": _t(STR, null=True, security=True),
+    "WHOAMI_CACHE_SECONDS": _t(NUMBER, security=True),
+    "COMPLETE_WAIT_SECONDS": _t(NUMBER),
+    "COMPLETE_WAITS_FOR_CHECKS": _t(BOOL),
+    "DOWNLOAD_TIMEOUT_MS": _t(INT),
+    "DOWNLOAD_TIMEOUT_MS_MAX": _t(INT),
+    "LEGACY_DOWNLOAD_TIMEOUT_MS_MAX": _t(INT),
+    "LEGACY_MEDIA_FREEZE_AFTER": _t(DATETIME, null=True, security=True),
+    "WAIT_MAX_WAITERS": _t(INT, security=True),
+    "WAIT_MAX_WAITERS_PER_MEDIA": _t(INT, security=True),
+    "LEGACY_WAIT_MAX_WAITERS": _t(INT, security=True),
+    "WAKEUP_POLL_SECONDS": _t(NUMBER),
+    "WAKEUP_SAFETY_POLL_SECONDS": _t(NUMBER),
+    "WAKEUP_LISTEN": _t(BOOL),
+    "WAKEUP_REDIS_URL": _t(STR, null=True),
+    "TOKEN_CACHE_SECONDS": _t(NUMBER, security=True),
+    "CHECKS": _t(IMPORT_STRING_LIST, security=True),
+    "USER_QUOTA_BYTES": _t(INT, null=True, security=True),
+    "CLAMAV_URL": _t(STR, null=True, security=True),
+    "CLAMAV_TIMEOUT_SECONDS": _t(NUMBER),
+    "THUMBNAIL_MAX_SOURCE_BYTES": _t(INT, security=True),
+    "THUMBNAIL_MAX_PIXELS": _t(INT, security=True),
+    "THUMBNAIL_MAX_DECODED_BYTES": _t(INT, security=True),
+    "THUMBNAIL_CONCURRENT_RENDERS": _t(INT, security=True),
+    "THUMBNAIL_RENDER_WAIT_SECONDS": _t(NUMBER),
+    "TOMBSTONE_RETENTION_DAYS": _t(INT, null=True),
+    "ALLOWED_CONTENT_TYPES": _t(STR_LIST, security=True),
+    "DENIED_CONTENT_TYPES": _t(STR_LIST, security=True),
+    "TYPE_MISMATCH": _t(STR, security=True),
+    "REDIRECT_DOWNLOADS": _t(BOOL),
+    "DOWNLOAD_URL_LIFETIME": _t(INT, security=True),
+    "STUCK_AFTER_SECONDS": _t(INT),
+    "S3_PUBLIC_ENDPOINT_URL": _t(STR, null=True),
+    "S3_COPY_CHECKSUM": _t(BOOL),
+    "S3_COPY_PART_THRESHOLD": _t(INT),
+    "S3_COPY_PART_SIZE": _t(INT),
+    "S3_COPY_CONCURRENCY": _t(INT),
+    "S3_INCOMING_EXPIRATION_DAYS": _t(INT, null=True),
+    "SIGNING_KEY_PATH": _t(PATH, null=True, security=True),
+    "SIGNING_KEY_VALIDITY_SECONDS": _t(INT, security=True),
+    "TRUSTED_KEY_SERVERS": _t(KEY_SERVERS, security=True),
+    "FEDERATION_IP_RANGE_DENYLIST": _t(STR_LIST, null=True, security=True),
+    "FEDERATION_IP_RANGE_ALLOWLIST": _t(STR_LIST, security=True),
+    "FEDERATION_VERIFY_TLS": _t(BOOL, security=True),
+    "FEDERATION_MEDIA_RATE": _t(STR, null=True, security=True),
+}
+
+
+def _user_settings() -> dict[str, Any] | None:
+    user = getattr(settings, "MSC3870", {}) or {}
+    return user if isinstance(user, dict) else None
+
+
+def mistyped_settings() -> dict[str, SettingType]:
+    """The settings whose value (given, or the default) has the wrong type."""
+    user = _user_settings()
+    if user is None:
+        return {}
+    wrong: dict[str, SettingType] = {}
+    for name, default in DEFAULTS.items():
+        expected = SETTING_TYPES.get(name)
+        if expected is None:
+            continue
+        value = user.get(name, default)
+        if value is None and expected.nullable:
+            continue
+        if not expected.kind.accepts(value):
+            wrong[name] = expected
+    return wrong
+
+
+def _type_errors(*, security: bool) -> list[CheckMessage]:
+    user = _user_settings() or {}
+    errors: list[CheckMessage] = []
+    for name, expected in mistyped_settings().items():
+        if expected.security != security:
+            continue
+        value = user.get(name, DEFAULTS[name])
+        listy = expected.kind in (STR_LIST, IMPORT_STRING_LIST)
+        errors.append(
+            Error(
+                f"MSC3870[{name!r}] must be {expected.kind.description}"
+                f"{' or None' if expected.nullable else ''}, not {type(value).__name__} "
+                f"{value!r:.60}.",
+                hint="A string where a list belongs is read as a list of its characters."
+                if listy and isinstance(value, str)
+                else None,
+                id=expected.kind.id,
+            )
+        )
+    return errors
+
+
+def check_setting_types(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """Types of the settings that do not weaken a defence when misread (Tags.compatibility)."""
+    return _type_errors(security=False)
+
+
+def check_security_setting_types(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """Types of the settings a misread would weaken (Tags.security)."""
+    return _type_errors(security=True)
+
+
+# ---------------------------------------------------------------------------- values
+
+
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """The values of the settings. A setting of the wrong type is left to the type checks
+    (its value cannot be judged, and reading it could raise)."""
     user = getattr(settings, "MSC3870", {})
     if not isinstance(user, dict):
         return [Error("MSC3870 must be a dict.", id="msc3870.E001")]
+    mistyped = mistyped_settings()
+
+    def typed(*names: str) -> bool:
+        return not any(name in mistyped for name in names)
+
     errors: list[CheckMessage] = [
         Warning(
             f"MSC3870[{key!r}] is not a known setting.",
@@ -32,7 +250,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     ]
     from .services import SERVER_NAME_RE
 
-    if not SERVER_NAME_RE.fullmatch(app_settings.SERVER_NAME):
+    if typed("SERVER_NAME") and not SERVER_NAME_RE.fullmatch(app_settings.SERVER_NAME):
         errors.append(
             Error(
                 f"MSC3870['SERVER_NAME'] = {app_settings.SERVER_NAME!r} is not a server name.",
@@ -40,7 +258,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             )
         )
     base = urlsplit(app_settings.PUBLIC_BASEURL)
-    if base.scheme not in ("http", "https") or not base.netloc:
+    if typed("PUBLIC_BASEURL") and (base.scheme not in ("http", "https") or not base.netloc):
         errors.append(
             Error(
                 "MSC3870['PUBLIC_BASEURL'] must be an absolute http(s) URL.",
@@ -49,6 +267,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             )
         )
     for name in ("TOKEN_RESOLVER", "CHECKS"):
+        if not typed(name):
+            continue
         try:
             getattr(app_settings, name)
         except ImproperlyConfigured as exc:
@@ -56,6 +276,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     positive = ("MAX_UPLOAD_SIZE", "UNUSED_EXPIRATION", "COMPLETE_WAIT_SECONDS")
     non_negative = ("MAX_PENDING_UPLOADS", "DOWNLOAD_TIMEOUT_MS", "DOWNLOAD_TIMEOUT_MS_MAX")
     for name in (*positive, *non_negative):
+        if not typed(name):
+            continue
         try:
             value = float(getattr(app_settings, name))
         except (TypeError, ValueError):
@@ -63,7 +285,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         if value < 0 or (name in positive and value == 0):
             kind = "positive" if name in positive else "non-negative"
             errors.append(Error(f"MSC3870[{name!r}] must be a {kind} number.", id="msc3870.E006"))
-    if app_settings.TYPE_MISMATCH not in TYPE_MISMATCH_POLICIES:
+    if typed("TYPE_MISMATCH") and app_settings.TYPE_MISMATCH not in TYPE_MISMATCH_POLICIES:
         errors.append(
             Error(
                 f"MSC3870['TYPE_MISMATCH'] must be one of {', '.join(TYPE_MISMATCH_POLICIES)}.",
@@ -72,6 +294,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         )
     if (
         user.get("TOKEN_RESOLVER") == "msc3870.auth.HomeserverTokenResolver"
+        and typed("HOMESERVER_URL")
         and not app_settings.HOMESERVER_URL
     ):
         errors.append(
@@ -82,7 +305,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             )
         )
     rate = app_settings.CREATE_RATE
-    if rate is not None:
+    if rate is not None and typed("CREATE_RATE"):
         from rest_framework.throttling import SimpleRateThrottle
 
         try:
@@ -94,7 +317,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                     id="msc3870.E010",
                 )
             )
-    errors.extend(_check_storage())
+    if typed("STORAGE_ALIAS", "UNUSED_EXPIRATION"):
+        errors.extend(_check_storage())
     return errors
 
 

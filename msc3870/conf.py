@@ -8,6 +8,7 @@ resolved lazily and errors name the setting.
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from django.conf import settings
@@ -44,6 +45,12 @@ DEFAULTS: dict[str, Any] = {
     "DOWNLOAD_TIMEOUT_MS_MAX": 60_000,
     # Unauthenticated (legacy /_matrix/media/v3) downloads wait at most this long (ms).
     "LEGACY_DOWNLOAD_TIMEOUT_MS_MAX": 10_000,
+    # Media created after this time (a timezone-aware datetime, or an ISO 8601 string with
+    # a time zone) is not served by the unauthenticated /_matrix/media/v3 endpoints: 404
+    # M_NOT_FOUND, as Synapse answers for media stored once authenticated media is on
+    # (MSC3916). None: off. Off by default while other servers reach our media only
+    # through those endpoints (there are no federation media endpoints yet).
+    "LEGACY_MEDIA_FREEZE_AFTER": None,
     # Requests waiting on media (downloads of pending media, /complete and PUTs waiting
     # for the checks) per process, per media id, and unauthenticated ones per process.
     # Past a cap the answer is an immediate 429 M_LIMIT_EXCEEDED, never a queue.
@@ -235,7 +242,7 @@ class MSC3870Settings:
     @property
     def CHECKS(self) -> list[Callable[..., Any]]:
         checks = []
-        for path in self._get("CHECKS"):
+        for path in _str_list("CHECKS", self._get("CHECKS")):
             try:
                 checks.append(import_string(path))
             except ImportError as exc:
@@ -246,11 +253,15 @@ class MSC3870Settings:
 
     @property
     def ALLOWED_CONTENT_TYPES(self) -> list[str]:
-        return list(self._get("ALLOWED_CONTENT_TYPES"))
+        return _str_list("ALLOWED_CONTENT_TYPES", self._get("ALLOWED_CONTENT_TYPES"))
 
     @property
     def DENIED_CONTENT_TYPES(self) -> list[str]:
-        return list(self._get("DENIED_CONTENT_TYPES"))
+        return _str_list("DENIED_CONTENT_TYPES", self._get("DENIED_CONTENT_TYPES"))
+
+    @property
+    def LEGACY_MEDIA_FREEZE_AFTER(self) -> datetime | None:
+        return parse_freeze_time(self._get("LEGACY_MEDIA_FREEZE_AFTER"))
 
     @property
     def TYPE_MISMATCH(self) -> str:
@@ -352,6 +363,32 @@ class MSC3870Settings:
     @property
     def FEDERATION_MEDIA_RATE(self) -> str | None:
         return self._get("FEDERATION_MEDIA_RATE")
+
+
+def _str_list(name: str, value: Any) -> list[str]:
+    """A list of strings. A bare string would be read as a list of its characters (an
+    allowlist of "image/*" allowing everything matching "*"): refused, so screening fails
+    (and is retried) rather than passing on a misread policy."""
+    if not isinstance(value, list | tuple) or not all(isinstance(item, str) for item in value):
+        raise ImproperlyConfigured(f"MSC3870[{name!r}] must be a list of strings.")
+    return list(value)
+
+
+def parse_freeze_time(value: Any) -> datetime | None:
+    """``LEGACY_MEDIA_FREEZE_AFTER``: None, an aware datetime or an ISO 8601 string with a
+    time zone. A naive time would be compared in whatever zone the process runs in."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            value = None
+    if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
+        raise ImproperlyConfigured(
+            "MSC3870['LEGACY_MEDIA_FREEZE_AFTER'] must be None or a timezone-aware datetime."
+        )
+    return value
 
 
 def _cidr_list(name: str, ranges: Any) -> list[str]:

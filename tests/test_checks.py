@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
+from django.core.checks import Tags, run_checks
+from django.core.checks.registry import registry
+from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
 
+from msc3870 import checks
 from msc3870.checks import check_settings
+from msc3870.conf import DEFAULTS, app_settings
+from msc3870.models import Media, MediaState
 
-from .conftest import msc3870_settings
+from .conftest import MatrixClient, msc3870_settings
 
 
 def ids(**overrides: Any) -> set[str]:
@@ -74,3 +82,130 @@ def test_e008_homeserver_resolver_without_url() -> None:
 
 def test_e010_create_rate() -> None:
     assert "msc3870.E010" in ids(CREATE_RATE="lots")
+
+
+# ---------------------------------------------------------------- types (issue 8.8)
+
+
+def type_ids(**overrides: Any) -> set[str]:
+    """Ids of every msc3870 check, values and types, as ``manage.py check`` runs them."""
+    with msc3870_settings(**overrides):
+        messages = [
+            *check_settings(),
+            *checks.check_setting_types(),
+            *checks.check_security_setting_types(),
+        ]
+    return {message.id for message in messages}
+
+
+def test_every_setting_has_a_type() -> None:
+    assert set(DEFAULTS) <= set(checks.SETTING_TYPES), "add the new setting to SETTING_TYPES"
+
+
+def test_the_defaults_have_their_types() -> None:
+    assert checks.mistyped_settings() == {}
+
+
+def test_checks_are_registered_in_ready_security_ones_tagged() -> None:
+    registered = registry.get_checks()
+    assert checks.check_settings in registered
+    assert checks.check_setting_types in registered
+    assert checks.check_security_setting_types in registered
+    assert Tags.security in checks.check_security_setting_types.tags  # type: ignore[attr-defined]
+    assert Tags.security not in checks.check_setting_types.tags  # type: ignore[attr-defined]
+
+
+def test_content_types_given_as_a_string_are_a_security_error() -> None:
+    """The issue's case: ``"image/*"`` was read as ["i", "m", ..., "*"] and allowed HTML."""
+    with msc3870_settings(ALLOWED_CONTENT_TYPES="image/*", DENIED_CONTENT_TYPES="text/html"):
+        messages = [m for m in run_checks(tags=[Tags.security]) if m.id == "msc3870.E016"]
+        assert {m.msg.split("]")[0] for m in messages} == {
+            "MSC3870['ALLOWED_CONTENT_TYPES'",
+            "MSC3870['DENIED_CONTENT_TYPES'",
+        }
+        assert all("characters" in (m.hint or "") for m in messages)
+        with pytest.raises(ImproperlyConfigured):
+            assert not app_settings.ALLOWED_CONTENT_TYPES
+        with pytest.raises(ImproperlyConfigured):
+            assert not app_settings.DENIED_CONTENT_TYPES
+
+
+def test_a_misread_allowlist_fails_screening_instead_of_passing(alice: MatrixClient) -> None:
+    html = b"<!DOCTYPE html><html><script>alert(1)</script></html>"
+    with msc3870_settings(ALLOWED_CONTENT_TYPES="image/*", COMPLETE_WAIT_SECONDS=0):
+        response = alice.post("/_matrix/media/v3/upload", html, "text/html")
+    media = Media.objects.get(user_id=alice.user_id)
+    assert media.state != MediaState.COMPLETE, response.content
+    assert "ALLOWED_CONTENT_TYPES" in media.last_error
+
+
+def test_e012_integer() -> None:
+    assert "msc3870.E012" in type_ids(MAX_UPLOAD_SIZE="50M")
+    assert "msc3870.E012" in type_ids(MAX_PENDING_UPLOADS=True)  # a bool is not a count
+    assert "msc3870.E012" in type_ids(USER_QUOTA_BYTES=1.5)
+    assert "msc3870.E012" not in type_ids(USER_QUOTA_BYTES=None)  # None: no quota
+
+
+def test_e013_number() -> None:
+    assert "msc3870.E013" in type_ids(COMPLETE_WAIT_SECONDS="20")
+    assert "msc3870.E013" not in type_ids(COMPLETE_WAIT_SECONDS=2.5)
+
+
+def test_e014_bool() -> None:
+    assert "msc3870.E014" in type_ids(REDIRECT_DOWNLOADS="0")  # a non-empty string is true
+    assert "msc3870.E014" in type_ids(FEDERATION_VERIFY_TLS=None)
+
+
+def test_e015_string() -> None:
+    assert "msc3870.E015" in type_ids(HOMESERVER_URL=["https://hs.example"])
+    assert "msc3870.E015" in type_ids(SERVER_NAME=None)
+    assert "msc3870.E015" not in type_ids(CLAMAV_URL=None)
+
+
+def test_e016_list_of_strings() -> None:
+    assert "msc3870.E016" in type_ids(ALLOWED_CONTENT_TYPES="image/*")
+    assert "msc3870.E016" in type_ids(DENIED_CONTENT_TYPES=[b"text/html"])
+    assert "msc3870.E016" in type_ids(FEDERATION_IP_RANGE_ALLOWLIST="10.0.0.0/8")
+    assert "msc3870.E016" not in type_ids(FEDERATION_IP_RANGE_DENYLIST=None)
+
+
+def test_e017_import_string() -> None:
+    assert "msc3870.E017" in type_ids(TOKEN_RESOLVER=object)
+    assert "msc3870.E017" in type_ids(TOKEN_RESOLVER="LocalTokenResolver")
+
+
+def test_e018_list_of_import_strings() -> None:
+    assert "msc3870.E018" in type_ids(CHECKS="msc3870.screening.check_size")
+    assert "msc3870.E018" in type_ids(CHECKS=[len])
+
+
+def test_e019_datetime() -> None:
+    assert "msc3870.E019" in type_ids(LEGACY_MEDIA_FREEZE_AFTER="yesterday")
+    assert "msc3870.E019" in type_ids(LEGACY_MEDIA_FREEZE_AFTER="2025-01-01T00:00:00")  # naive
+    assert "msc3870.E019" in type_ids(LEGACY_MEDIA_FREEZE_AFTER=datetime(2025, 1, 1))
+    assert "msc3870.E019" not in type_ids(LEGACY_MEDIA_FREEZE_AFTER="2025-01-01T00:00:00Z")
+    assert "msc3870.E019" not in type_ids(
+        LEGACY_MEDIA_FREEZE_AFTER=datetime(2025, 1, 1, tzinfo=UTC)
+    )
+
+
+def test_e020_trusted_key_servers() -> None:
+    assert "msc3870.E020" in type_ids(TRUSTED_KEY_SERVERS="matrix.org")
+    assert "msc3870.E020" in type_ids(TRUSTED_KEY_SERVERS=[{"server_name": "matrix.org"}])
+
+
+def test_e021_path() -> None:
+    assert "msc3870.E021" in type_ids(SIGNING_KEY_PATH=42)
+    assert "msc3870.E021" not in type_ids(SIGNING_KEY_PATH=Path("/tmp/signing.key"))
+
+
+def test_a_mistyped_setting_does_not_crash_the_value_checks() -> None:
+    """Value checks skip what the type checks report (they would raise reading it)."""
+    found = type_ids(
+        HOMESERVER_URL=5,
+        TOKEN_RESOLVER="msc3870.auth.HomeserverTokenResolver",
+        UNUSED_EXPIRATION="a day",
+        CREATE_RATE=60,
+        MAX_UPLOAD_SIZE=None,
+    )
+    assert {"msc3870.E012", "msc3870.E015"} <= found
