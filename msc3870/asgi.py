@@ -26,7 +26,6 @@ async views; measured on this kind of machine, twice the CPU of WSGI per request
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import re
@@ -168,8 +167,25 @@ class MediaASGIHandler:
             return
         if scope["type"] != "http":
             raise ValueError(f"Only HTTP is served, not {scope['type']}")
-        with contextlib.suppress(_ClientGone):  # nobody to answer
-            await self._handle(scope, receive, send)
+        started = False
+
+        async def tracking_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await self._handle(scope, receive, tracking_send)
+        except _ClientGone:
+            pass  # nobody to answer
+        except Exception:
+            # A failure outside Django's own handling (reading a body to send, the
+            # hub): still a Matrix error, unless the answer had begun (then the server
+            # can only drop the connection).
+            log.exception("Unhandled error on %s %s", scope["method"], scope["path"])
+            if started:
+                raise
+            await self._send(Outgoing.error(MatrixError("Internal error")), send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

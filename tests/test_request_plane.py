@@ -294,7 +294,7 @@ def test_complete_waits_on_the_loop_for_screening_done_elsewhere(
     """With a broker the checks run in a worker: /complete parks until they decide."""
     from msc3870 import pipeline
 
-    monkeypatch.setattr(pipeline, "dispatch_screening", lambda media: None)
+    monkeypatch.setattr(pipeline, "dispatch_screening", lambda media, **options: None)
 
     async def scenario() -> None:
         created = await call(app, "POST", "/_matrix/media/v1/create", headers=bearer(token))
@@ -495,3 +495,29 @@ def test_an_answer_after_a_wait_has_its_own_length(app: MediaASGIHandler, token:
     for reply in replies:
         assert int(reply.headers["content-length"]) == len(reply.body)
         assert reply.json()["errcode"]
+
+
+def test_a_failure_outside_the_view_is_still_a_matrix_error(
+    app: MediaASGIHandler, token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bytes of a small download are read after the view (on the pool thread, by the
+    handler): if that fails, the client gets M_UNKNOWN 500 in JSON, not the server's
+    plain-text page."""
+    from msc3870.storage import LocalMediaStore
+
+    async def scenario() -> Reply:
+        path = await created_path(app, token)
+        await call(app, "PUT", f"/_matrix/media/v3/upload/{path}", body=b"x", headers=bearer(token))
+
+        def broken(*args: Any, **kwargs: Any) -> Iterator[bytes]:
+            raise OSError("disk gone")
+            yield b""
+
+        monkeypatch.setattr(LocalMediaStore, "iter_bytes", broken)
+        return await call(
+            app, "GET", f"/_matrix/client/v1/media/download/{path}", headers=bearer(token)
+        )
+
+    reply = run(scenario)
+    assert reply.status == 500
+    assert reply.json()["errcode"] == "M_UNKNOWN"
