@@ -40,6 +40,11 @@ DEFAULTS: dict[str, Any] = {
     "WHOAMI_CACHE_SECONDS": 15,
     # Seconds /complete and the upload PUT wait for the post-upload checks to decide.
     "COMPLETE_WAIT_SECONDS": 20,
+    # False: /complete (MSC3870) answers once what needs only metadata or a ranged read is
+    # decided (the object exists, its size, its sniffed type); the full-object checks
+    # (SHA-256, block list, virus scan) go on after the answer while downloads wait, and a
+    # later rejection is what downloads answer. True: /complete waits for the verdict.
+    "COMPLETE_WAITS_FOR_CHECKS": False,
     # Download wait for media that is not uploaded yet (ms): default and cap.
     "DOWNLOAD_TIMEOUT_MS": 20_000,
     "DOWNLOAD_TIMEOUT_MS_MAX": 60_000,
@@ -108,6 +113,18 @@ DEFAULTS: dict[str, Any] = {
     "STUCK_AFTER_SECONDS": 300,
     # Separate endpoint for URLs handed to clients (CDN, transfer acceleration); None = same.
     "S3_PUBLIC_ENDPOINT_URL": None,
+    # Ask S3 for the SHA-256 of the server-side copy (CopyObject ChecksumAlgorithm=SHA256):
+    # where the store returns it (AWS), the bytes are never read back to hash them.
+    "S3_COPY_CHECKSUM": True,
+    # Copies above this many bytes are multipart (parallel UploadPartCopy); S3 copies at
+    # most 5 GiB in one request. Parts of S3_COPY_PART_SIZE, S3_COPY_CONCURRENCY at once.
+    "S3_COPY_PART_THRESHOLD": 5 * 1024 * 1024 * 1024,
+    "S3_COPY_PART_SIZE": 512 * 1024 * 1024,
+    "S3_COPY_CONCURRENCY": 4,
+    # Days after which the bucket's lifecycle rule (ensure_media_bucket) expires objects
+    # under incoming/ (a second line of defence behind the expiry sweeps); None: one day
+    # more than UNUSED_EXPIRATION.
+    "S3_INCOMING_EXPIRATION_DAYS": None,
     # Federation. This server's Ed25519 signing key file (Synapse's format); made on first
     # use if missing. None: federation is off until a path is set.
     "SIGNING_KEY_PATH": None,
@@ -320,6 +337,33 @@ class MSC3870Settings:
     @property
     def S3_PUBLIC_ENDPOINT_URL(self) -> str | None:
         return self._get("S3_PUBLIC_ENDPOINT_URL")
+
+    @property
+    def COMPLETE_WAITS_FOR_CHECKS(self) -> bool:
+        return bool(self._get("COMPLETE_WAITS_FOR_CHECKS"))
+
+    @property
+    def S3_COPY_CHECKSUM(self) -> bool:
+        return bool(self._get("S3_COPY_CHECKSUM"))
+
+    @property
+    def S3_COPY_PART_THRESHOLD(self) -> int:
+        return int(self._get("S3_COPY_PART_THRESHOLD"))
+
+    @property
+    def S3_COPY_PART_SIZE(self) -> int:
+        return int(self._get("S3_COPY_PART_SIZE"))
+
+    @property
+    def S3_COPY_CONCURRENCY(self) -> int:
+        return max(1, int(self._get("S3_COPY_CONCURRENCY")))
+
+    @property
+    def S3_INCOMING_EXPIRATION_DAYS(self) -> int:
+        days = self._get("S3_INCOMING_EXPIRATION_DAYS")
+        if days is None:
+            return -(-int(self._get("UNUSED_EXPIRATION")) // 86400) + 1
+        return max(1, int(days))
 
     @property
     def SIGNING_KEY_PATH(self) -> str | None:

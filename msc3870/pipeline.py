@@ -8,39 +8,49 @@ redelivered or re-dispatched task does no harm.
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from django.db import transaction
+from django.db import connection, connections, transaction
 from django.db.models import F
 from django.utils import timezone
 
 from . import lifecycle
+from .conf import app_settings
 from .models import Media, MediaState, UploadMethod
 from .screening import (
+    UNKNOWN_TYPE,
     QuotaClaim,
     Rejection,
     ScreeningContext,
     enforce_user_quota,
+    metadata_checks,
     run_checks,
 )
 from .signals import send_state_signal
-from .storage import get_store
+from .storage import ObjectInfo, get_store
 from .thumbnails import thumbnail_keys
 
 log = logging.getLogger(__name__)
 S = MediaState
 
 
-def dispatch_screening(media: Media) -> None:
+def dispatch_screening(media: Media, *, background: bool = False) -> None:
     """Queue the screening task once the transaction that claimed the row has committed.
 
     If the broker refuses, the reason is kept on the row: media left in PROCESSING is
     queued again by the stuck sweep, so an outage delays screening but loses nothing.
+    Without a broker, screening runs in this thread, or with ``background`` (the caller
+    answers before the verdict) on a small pool of this process's threads.
     """
     from .tasks import screen_media_task
 
     if screen_media_task.app.conf.task_always_eager:
-        transaction.on_commit(lambda: screen_in_process(media))
+        if background:
+            transaction.on_commit(lambda: _screen_in_background(media))
+        else:
+            transaction.on_commit(lambda: screen_in_process(media))
         return
 
     def send() -> None:
@@ -64,6 +74,51 @@ def screen_in_process(media: Media) -> None:
         record_failure(media.pk, exc)
 
 
+_background: ThreadPoolExecutor | None = None
+_background_lock = threading.Lock()
+
+
+def _screen_in_background(media: Media) -> None:
+    """Screen on a background thread of this process (no broker, and the request answers
+    before the verdict). Inside an atomic block (a caller's transaction, or a test's) a
+    thread's own connection could not see the row: screen here instead. A process that
+    dies mid-screening leaves the row PROCESSING: the stuck sweep screens it again."""
+    global _background
+    if connection.in_atomic_block:
+        screen_in_process(media)
+        return
+    with _background_lock:
+        if _background is None:
+            # Screening is mostly waiting on storage; two threads leave a process's CPU to
+            # its requests.
+            _background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="screening")
+
+    def run() -> None:
+        try:
+            screen_in_process(media)
+        finally:
+            connections.close_all()  # this thread's connections only
+
+    _background.submit(run)
+
+
+def reject_before_answer(media: Media, info: ObjectInfo) -> bool:
+    """The checks that need only metadata and a ranged read (``metadata_checks``), run on
+    the incoming object of a URL upload before ``/complete`` answers. True if they
+    rejected it (then its bytes are deleted, never copied, and the row is REJECTED).
+    They run again on the copy that will be served: the client can still overwrite the
+    incoming object until it is moved."""
+    store = get_store()
+    ctx = ScreeningContext(media=media, store=store, key=media.incoming_key, info=info)
+    try:
+        for check in metadata_checks():
+            check(ctx)
+    except Rejection as rejection:
+        _reject(media, rejection)
+        return True
+    return False
+
+
 def screen_media(pk: int) -> str:
     """Screen one media row in PROCESSING; returns what happened (for logs and tests)."""
     media = Media.objects.filter(pk=pk).first()
@@ -84,6 +139,7 @@ def screen_loaded(media: Media, *, count_attempt: bool = True) -> str:
     else:
         decided["attempts"] = F("attempts") + 1
     store = get_store()
+    store_sha256 = None
     if not media.storage_key:
         if media.upload_method != UploadMethod.URL:
             return "receiving"  # a PUT is still streaming its body
@@ -95,7 +151,17 @@ def screen_loaded(media: Media, *, count_attempt: bool = True) -> str:
                 lifecycle.update_if_state(
                     media, S.PROCESSING, declared_content_type=incoming.content_type[:255]
                 )
-            store.move(media.incoming_key, media.served_key)
+            if incoming.size > app_settings.MAX_UPLOAD_SIZE:
+                # Refused from its HEAD: an oversized object is never copied.
+                return _reject(media, _too_large(incoming.size), **decided)
+            # Served with our type only (never the uploader's metadata); downloads and
+            # redirects set the decided type themselves.
+            store_sha256 = store.move(
+                media.incoming_key,
+                media.served_key,
+                size=incoming.size,
+                content_type=UNKNOWN_TYPE,
+            )
         elif store.head(media.served_key) is None:
             return _reject(
                 media, Rejection("Nothing was uploaded", errcode="M_NOT_YET_UPLOADED"), **decided
@@ -108,12 +174,21 @@ def screen_loaded(media: Media, *, count_attempt: bool = True) -> str:
         return _reject(
             media, Rejection("The stored object is missing", errcode="M_UNKNOWN"), **decided
         )
-    ctx = ScreeningContext(media=media, store=store, key=media.storage_key, info=info)
+    ctx = ScreeningContext(
+        media=media, store=store, key=media.storage_key, info=info, store_sha256=store_sha256
+    )
     try:
         findings = run_checks(ctx)
     except Rejection as rejection:
         return _reject(media, rejection, **decided)
     return _complete(media, findings, twins=ctx.twins, quota=ctx.quota_claim, **decided)
+
+
+def _too_large(size: int) -> Rejection:
+    limit = app_settings.MAX_UPLOAD_SIZE
+    return Rejection(
+        f"Upload is {size} bytes, over the limit of {limit}", errcode="M_TOO_LARGE", status=413
+    )
 
 
 def _complete(

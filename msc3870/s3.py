@@ -8,7 +8,11 @@ sniff the type), streams downloads in chunks or redirects to a short-lived presi
 
 from __future__ import annotations
 
+import base64
+import binascii
+import contextlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -46,10 +50,13 @@ UPLOAD_TRANSFER = TransferConfig(
 )
 # An s3transfer setting that boto3's TransferConfig does not take as an argument.
 UPLOAD_TRANSFER.max_in_memory_upload_chunks = 2
-# CopyObject handles up to 5 GB in one request; above that, a multipart copy.
-COPY_TRANSFER = TransferConfig(
-    multipart_threshold=5 * 1024 * MiB, multipart_chunksize=512 * MiB, max_concurrency=4
-)
+# S3's multipart limits: at most 10,000 parts, each at least 5 MiB (but the last).
+MAX_PARTS = 10_000
+MIN_PART_SIZE = 5 * MiB
+# What stores answer to a CopyObject ChecksumAlgorithm they do not implement.
+CHECKSUM_REFUSED_CODES = {"NotImplemented", "501", "InvalidArgument", "InvalidRequest"}
+LIFECYCLE_UNSUPPORTED_CODES = {"NotImplemented", "501", "MethodNotAllowed", "405"}
+INCOMING_RULE_ID = "msc3870-expire-incoming"
 SIGV4 = Config(signature_version="s3v4")
 NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
 
@@ -171,17 +178,103 @@ class S3MediaStore(MediaStore):
             raise _unavailable(exc) from exc
         return metered.result()
 
-    def move(self, source: str, destination: str) -> None:
+    def move(
+        self,
+        source: str,
+        destination: str,
+        *,
+        size: int | None = None,
+        content_type: str | None = None,
+    ) -> str | None:
+        if size is None:
+            info = self.head(source)
+            if info is None:
+                raise StorageUnavailable(f"Media storage has no object at {source}")
+            size = info.size
+        # REPLACE: nothing the uploader sent with its PUT (Content-Encoding, Cache-Control,
+        # Expires, Content-Disposition, x-amz-meta-*) survives into what is served.
+        metadata = {
+            "MetadataDirective": "REPLACE",
+            "ContentType": content_type or "application/octet-stream",
+        }
         try:
-            self.client.copy(
-                {"Bucket": self.bucket, "Key": self._key(source)},
-                self.bucket,
-                self._key(destination),
-                Config=COPY_TRANSFER,
-            )
+            if size > app_settings.S3_COPY_PART_THRESHOLD:
+                sha256 = self._copy_in_parts(source, destination, size, metadata)
+            else:
+                sha256 = self._copy_object(source, destination, metadata)
         except (ClientError, BotoCoreError) as exc:
             raise _unavailable(exc) from exc
         self.delete(source)
+        return sha256
+
+    #: Set once a store refused CopyObject's ChecksumAlgorithm (R2 answers 501): the
+    #: process stops asking.
+    copy_checksum_refused = False
+
+    def _copy_object(self, source: str, destination: str, metadata: dict[str, str]) -> str | None:
+        params: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": self._key(destination),
+            "CopySource": {"Bucket": self.bucket, "Key": self._key(source)},
+            **metadata,
+        }
+        if app_settings.S3_COPY_CHECKSUM and not S3MediaStore.copy_checksum_refused:
+            try:
+                response = self.client.copy_object(**params, ChecksumAlgorithm="SHA256")
+                return sha256_of_copy(response.get("CopyObjectResult", {}))
+            except ClientError as exc:
+                if _code(exc) not in CHECKSUM_REFUSED_CODES:
+                    raise
+                S3MediaStore.copy_checksum_refused = True
+        self.client.copy_object(**params)
+        return None
+
+    def _copy_in_parts(
+        self, source: str, destination: str, size: int, metadata: dict[str, str]
+    ) -> None:
+        """Multipart copy (UploadPartCopy), parts copied in parallel: above 5 GiB S3 has no
+        other way, and parallel parts are faster anyway. A multipart object has no
+        whole-object SHA-256 from the store (only a checksum of checksums): None."""
+        part_size = max(app_settings.S3_COPY_PART_SIZE, -(-size // MAX_PARTS), MIN_PART_SIZE)
+        ranges = [(start, min(start + part_size, size) - 1) for start in range(0, size, part_size)]
+        key = self._key(destination)
+        # This thread's client (django-storages keeps one per thread), shared with the part
+        # threads: boto3 clients are thread-safe, and a client per part thread would cost
+        # a new connection pool per move.
+        client = self.client
+        # The metadata of a multipart object is given when the upload is created.
+        upload_id = client.create_multipart_upload(
+            Bucket=self.bucket, Key=key, ContentType=metadata["ContentType"]
+        )["UploadId"]
+        copy_source = {"Bucket": self.bucket, "Key": self._key(source)}
+
+        def copy_part(numbered: tuple[int, tuple[int, int]]) -> dict[str, Any]:
+            number, (first, last) = numbered
+            result = client.upload_part_copy(
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                CopySource=copy_source,
+                CopySourceRange=f"bytes={first}-{last}",
+            )
+            return {"PartNumber": number, "ETag": result["CopyPartResult"]["ETag"]}
+
+        try:
+            with ThreadPoolExecutor(
+                max_workers=min(app_settings.S3_COPY_CONCURRENCY, len(ranges)),
+                thread_name_prefix="s3-copy",
+            ) as pool:
+                parts = list(pool.map(copy_part, enumerate(ranges, start=1)))
+            client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+        except BaseException:
+            # Parts already copied cost storage until the upload is aborted.
+            with contextlib.suppress(ClientError, BotoCoreError):
+                client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            raise
+        return None
 
     def delete(self, key: str) -> None:
         try:
@@ -218,18 +311,26 @@ class S3MediaStore(MediaStore):
             raise _unavailable(exc) from exc
 
     def download_url(
-        self, key: str, *, content_type: str, disposition: str, lifetime: int
+        self,
+        key: str,
+        *,
+        content_type: str,
+        disposition: str,
+        lifetime: int,
+        cache_control: str | None = None,
     ) -> str | None:
-        # The signed target answers with the same type and disposition as we would.
+        # The signed target answers with the same type, disposition and caching as we
+        # would, whatever metadata the object carries (objects copied before the copy
+        # replaced the uploader's metadata may still carry its Cache-Control).
+        params = {
+            "Bucket": self.bucket,
+            "Key": self._key(key),
+            "ResponseContentType": content_type,
+            "ResponseContentDisposition": disposition,
+            "ResponseCacheControl": cache_control or f"private, max-age={lifetime}",
+        }
         return self.signing_client.generate_presigned_url(
-            "get_object",
-            Params={
-                "Bucket": self.bucket,
-                "Key": self._key(key),
-                "ResponseContentType": content_type,
-                "ResponseContentDisposition": disposition,
-            },
-            ExpiresIn=lifetime,
+            "get_object", Params=params, ExpiresIn=lifetime
         )
 
     def ensure_bucket(self) -> None:
@@ -239,6 +340,51 @@ class S3MediaStore(MediaStore):
         except ClientError:
             self.client.create_bucket(Bucket=self.bucket)
 
+    def ensure_incoming_expiry(self, days: int) -> bool:
+        """Install a lifecycle rule that expires ``incoming/`` objects after ``days`` (and
+        aborts multipart uploads left there), keeping the bucket's other rules. The sweeps
+        delete abandoned uploads; this catches what they miss (a sweep that never ran, a
+        row deleted by hand). False if the store does not support lifecycle rules."""
+        prefix = self._key("incoming/")
+        rule: dict[str, Any] = {
+            "ID": INCOMING_RULE_ID,
+            "Filter": {"Prefix": prefix},
+            "Status": "Enabled",
+            "Expiration": {"Days": days},
+            "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": days},
+        }
+        try:
+            try:
+                rules = self.client.get_bucket_lifecycle_configuration(Bucket=self.bucket)["Rules"]
+            except ClientError as exc:
+                if _code(exc) != "NoSuchLifecycleConfiguration":
+                    raise
+                rules = []
+            rules = [r for r in rules if r.get("ID") != INCOMING_RULE_ID] + [rule]
+            self.client.put_bucket_lifecycle_configuration(
+                Bucket=self.bucket, LifecycleConfiguration={"Rules": rules}
+            )
+        except ClientError as exc:
+            if _code(exc) in LIFECYCLE_UNSUPPORTED_CODES:
+                return False
+            raise _unavailable(exc) from exc
+        except BotoCoreError as exc:
+            raise _unavailable(exc) from exc
+        return True
+
 
 def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def sha256_of_copy(result: dict[str, Any]) -> str | None:
+    """The hex SHA-256 a CopyObject answered with, if it is one of the whole object: a
+    multipart source can carry a checksum of part checksums ("...-N", COMPOSITE)."""
+    value = result.get("ChecksumSHA256")
+    if not value or result.get("ChecksumType", "FULL_OBJECT") != "FULL_OBJECT":
+        return None
+    try:
+        digest = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return digest.hex() if len(digest) == 32 else None

@@ -134,8 +134,18 @@ class MediaStore(ABC):
         """
 
     @abstractmethod
-    def move(self, source: str, destination: str) -> None:
-        """Server-side move: afterwards ``source`` is gone and ``destination`` has the bytes."""
+    def move(
+        self,
+        source: str,
+        destination: str,
+        *,
+        size: int | None = None,
+        content_type: str | None = None,
+    ) -> str | None:
+        """Server-side move: afterwards ``source`` is gone and ``destination`` has the bytes,
+        with ``content_type`` and none of the metadata the uploader sent with them.
+        ``size``: the source's, if the caller already knows it. Returns the SHA-256 (hex)
+        of the bytes where the store computed it during the move, else None."""
 
     @abstractmethod
     def delete(self, key: str) -> None:
@@ -151,7 +161,13 @@ class MediaStore(ABC):
         """Keys under ``prefix`` (for cleanup of orphans)."""
 
     def download_url(
-        self, key: str, *, content_type: str, disposition: str, lifetime: int
+        self,
+        key: str,
+        *,
+        content_type: str,
+        disposition: str,
+        lifetime: int,
+        cache_control: str | None = None,
     ) -> str | None:
         """A signed GET URL that answers with these headers, or None if unsupported."""
         return None
@@ -221,10 +237,19 @@ class LocalMediaStore(MediaStore):
             raise
         return metered.result()
 
-    def move(self, source: str, destination: str) -> None:
+    def move(
+        self,
+        source: str,
+        destination: str,
+        *,
+        size: int | None = None,
+        content_type: str | None = None,
+    ) -> str | None:
+        # Files keep no metadata: the row says what is served.
         target = self._path(destination)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self._path(source), target)
+        return None
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -102,6 +102,12 @@ def serve(
             content_type=item.content_type,
             disposition=item.disposition,
             lifetime=app_settings.DOWNLOAD_URL_LIFETIME,
+            # What the store answers with, whatever the object carries: our caching.
+            cache_control=(
+                f"public, max-age={CACHE_SECONDS}, s-maxage={CACHE_SECONDS}"
+                if public_cache
+                else f"private, max-age={CACHE_SECONDS}"
+            ),
         )
         if url:
             response = HttpResponse(status=307)
