@@ -291,7 +291,8 @@ def test_legacy_waits_are_capped_in_time(token: str, app: MediaASGIHandler) -> N
 def test_complete_waits_on_the_loop_for_screening_done_elsewhere(
     app: MediaASGIHandler, token: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With a broker the checks run in a worker: /complete parks until they decide."""
+    """With a broker the checks run in a worker: where /complete waits for their verdict
+    (COMPLETE_WAITS_FOR_CHECKS), it parks until they decide."""
     from msc3870 import pipeline
 
     monkeypatch.setattr(pipeline, "dispatch_screening", lambda media, **options: None)
@@ -313,7 +314,8 @@ def test_complete_waits_on_the_loop_for_screening_done_elsewhere(
         assert reply.status == 200, reply.body
         assert reply.json() == {"content_uri": f"mxc://{path}"}
 
-    run(scenario)
+    with msc3870_settings(COMPLETE_WAITS_FOR_CHECKS=True):
+        run(scenario)
 
 
 def test_middleware_headers_reach_an_answer_given_after_a_wait(

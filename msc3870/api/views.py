@@ -13,6 +13,9 @@ from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.settings import DEFAULTS as DRF_DEFAULTS
+from rest_framework.settings import IMPORT_STRINGS as DRF_IMPORT_STRINGS
+from rest_framework.settings import APISettings
 from rest_framework.throttling import BaseThrottle, SimpleRateThrottle
 from rest_framework.views import APIView
 
@@ -89,19 +92,74 @@ class CreateMediaThrottle(BaseThrottle):
         return self.retry_after
 
 
+class MatrixJSONRenderer(JSONRenderer):
+    """DRF's JSONRenderer with its output pinned: the base class reads UNICODE_JSON,
+    COMPACT_JSON and STRICT_JSON from the host's REST_FRAMEWORK when DRF is imported."""
+
+    ensure_ascii = False
+    compact = True
+    strict = True
+
+
+class MatrixRequest(Request):
+    """A DRF request whose anonymous user is DRF's default whatever the host's
+    UNAUTHENTICATED_USER/TOKEN say (None there would break ``request.user`` checks)."""
+
+    def _not_authenticated(self) -> None:
+        from django.contrib.auth.models import AnonymousUser
+
+        self._authenticator = None
+        self.user = AnonymousUser()
+        self.auth = None
+
+
+# DRF's defaults alone, never the host's REST_FRAMEWORK: what APIView reads through
+# ``self.settings`` at request time (view name/description, format suffix, ...). A
+# non-empty dict, or APISettings falls back to the host's settings.
+_PINNED_DRF_SETTINGS = APISettings(
+    user_settings={"EXCEPTION_HANDLER": "msc3870.api.errors.exception_handler"},
+    defaults=DRF_DEFAULTS,
+    import_strings=DRF_IMPORT_STRINGS,
+)
+
+
 class MatrixView(APIView):
     """Base of the app's views, configured here so a host's REST_FRAMEWORK cannot change
-    the wire behaviour."""
+    the wire behaviour.
+
+    APIView takes every policy from REST_FRAMEWORK (class attributes bound when DRF is
+    imported, or ``api_settings`` read per request), so each one is set here: a host's
+    URLPathVersioning made /versions 404, its renderers, parsers, authentication,
+    permissions, throttles, metadata, exception handler or anonymous user would change
+    answers too. Pagination and filter backends are GenericAPIView's, not used here.
+    """
 
     authentication_classes = [MatrixTokenAuthentication]
     permission_classes = [IsAuthenticated]
-    renderer_classes = [JSONRenderer]
+    renderer_classes = [MatrixJSONRenderer]
     parser_classes: list[Any] = []
     content_negotiation_class = JSONOnlyNegotiation
     throttle_classes: list[Any] = []
+    versioning_class = None
+    # OPTIONS answers {} (as Synapse does), not DRF's description of the view.
+    metadata_class = None
+    schema = None
+    settings = _PINNED_DRF_SETTINGS
 
     def get_exception_handler(self) -> Any:
         return exception_handler
+
+    def initialize_request(self, request: HttpRequest, *args: Any, **kwargs: Any) -> Request:
+        return MatrixRequest(
+            request,
+            parsers=self.get_parsers(),
+            authenticators=self.get_authenticators(),
+            negotiator=self.get_content_negotiator(),
+            parser_context=self.get_parser_context(request),
+        )
+
+    def options(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return Response({})
 
 
 def _json_body(request: Request) -> dict[str, Any]:
