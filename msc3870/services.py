@@ -10,7 +10,7 @@ import logging
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import partial
 
 from django.db import connection, transaction
@@ -420,14 +420,28 @@ def download_timeout_ms(requested: str | None, *, maximum: int | None = None) ->
     return min(value, cap)
 
 
-def media_for_download(server_name: str, media_id: str, *, timeout_ms: int) -> Media:
+def media_for_download(
+    server_name: str, media_id: str, *, timeout_ms: int, frozen_after: datetime | None = None
+) -> Media:
     """The complete media behind an mxc:// id; ``MediaWait`` (up to ``timeout_ms``) while
-    it is being uploaded or checked."""
-    return _downloadable(_local_media(server_name, media_id), Deadline.after_ms(timeout_ms))
+    it is being uploaded or checked. Media created after ``frozen_after`` is not found (the
+    legacy unauthenticated endpoints' freeze, MSC3916), before and after any wait."""
+    return _downloadable(
+        _local_media(server_name, media_id),
+        Deadline.after_ms(timeout_ms),
+        frozen_after=frozen_after,
+    )
 
 
-def _downloadable(media: Media | None, deadline: Deadline) -> Media:
+def _downloadable(
+    media: Media | None, deadline: Deadline, *, frozen_after: datetime | None = None
+) -> Media:
     if media is None:
+        raise NotFound()
+    if frozen_after is not None and media.created_at > frozen_after:
+        # As Synapse answers for media stored once authenticated media is on: it exists
+        # only for authenticated requests. Decided now, not after the wait: the creation
+        # time never changes, and an unauthenticated request should not hold a waiter.
         raise NotFound()
     if media.state == S.COMPLETE and media.storage_key:
         return media
@@ -444,7 +458,12 @@ def _downloadable(media: Media | None, deadline: Deadline) -> Media:
         # An id that expires unused is answered 404 at its expiry, not at the deadline.
         until_expiry = (media.unused_expires_at - timezone.now()).total_seconds()
         wait_until = Deadline(min(deadline.at, Deadline.after_seconds(until_expiry).at))
-    raise MediaWait(media.pk, media.state, wait_until, partial(_downloadable, deadline=deadline))
+    raise MediaWait(
+        media.pk,
+        media.state,
+        wait_until,
+        partial(_downloadable, deadline=deadline, frozen_after=frozen_after),
+    )
 
 
 def _awaiting_upload(media: Media) -> bool:

@@ -16,8 +16,18 @@ from .errors import json_error
 from .headers import add_security_headers, content_disposition, served_content_type
 
 _RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
-# Media never changes once complete, but moderation can withdraw it: cache for a day.
+# Media never changes once complete, but moderation can withdraw it: a client's own cache
+# (authenticated downloads are private) keeps it a day.
 CACHE_SECONDS = 86400
+# Unauthenticated (legacy) answers may sit in shared caches (CDNs, proxies), where a
+# moderator cannot reach them: quarantined media must leave them within minutes.
+LEGACY_CACHE_SECONDS = 300
+
+
+def cache_control(public_cache: bool) -> str:
+    if public_cache:
+        return f"public, max-age={LEGACY_CACHE_SECONDS}"
+    return f"private, max-age={CACHE_SECONDS}"
 
 
 @dataclass(frozen=True)
@@ -103,11 +113,7 @@ def serve(
             disposition=item.disposition,
             lifetime=app_settings.DOWNLOAD_URL_LIFETIME,
             # What the store answers with, whatever the object carries: our caching.
-            cache_control=(
-                f"public, max-age={CACHE_SECONDS}, s-maxage={CACHE_SECONDS}"
-                if public_cache
-                else f"private, max-age={CACHE_SECONDS}"
-            ),
+            cache_control=cache_control(public_cache),
         )
         if url:
             response = HttpResponse(status=307)
@@ -140,11 +146,7 @@ def serve(
             response["Content-Range"] = f"bytes {start}-{end}/{item.size}"
         response["Content-Disposition"] = item.disposition
     response["Accept-Ranges"] = "bytes"
-    response["Cache-Control"] = (
-        f"public, max-age={CACHE_SECONDS}, s-maxage={CACHE_SECONDS}"
-        if public_cache
-        else f"private, max-age={CACHE_SECONDS}"
-    )
+    response["Cache-Control"] = cache_control(public_cache)
     if item.etag:
         response["ETag"] = item.etag
     return add_security_headers(response)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from django.core.cache import cache
@@ -310,14 +311,21 @@ class DownloadView(MatrixView):
             params.get("timeout_ms", params.get("fi.mau.msc2246.timeout_ms"))
         )
 
+    def frozen_after(self) -> datetime | None:
+        """Media created after this time is not served to this view (None: all is)."""
+        return None
+
     def get(
         self, request: Request, server_name: str, media_id: str, file_name: str | None = None
     ) -> HttpResponseBase:
         timeout_ms = self.timeout_ms(request)
+        frozen_after = self.frozen_after()
         serving = self.serving(request)
         return answer(
             request,
-            lambda: services.media_for_download(server_name, media_id, timeout_ms=timeout_ms),
+            lambda: services.media_for_download(
+                server_name, media_id, timeout_ms=timeout_ms, frozen_after=frozen_after
+            ),
             lambda media: serving(Servable.of_media(media, file_name)),
             kind=self.wait_kind,
         )
@@ -344,7 +352,9 @@ class DownloadView(MatrixView):
 
 class LegacyMediaMixin:
     """The deprecated ``/_matrix/media/v3`` reads: unauthenticated, cacheable by shared
-    caches, redirected only when the client opts in with ``allow_redirect=true``."""
+    caches for minutes (``responses.LEGACY_CACHE_SECONDS``), redirected only when the
+    client opts in with ``allow_redirect=true``, and blind to media created after
+    ``LEGACY_MEDIA_FREEZE_AFTER`` (MSC3916's freeze)."""
 
     authentication_classes: list[Any] = []
     permission_classes = [AllowAny]
@@ -360,6 +370,9 @@ class LegacyMediaMixin:
             params.get("timeout_ms", params.get("fi.mau.msc2246.timeout_ms")),
             maximum=app_settings.LEGACY_DOWNLOAD_TIMEOUT_MS_MAX,
         )
+
+    def frozen_after(self) -> datetime | None:
+        return app_settings.LEGACY_MEDIA_FREEZE_AFTER
 
 
 class LegacyDownloadView(LegacyMediaMixin, DownloadView):
@@ -378,6 +391,7 @@ class ThumbnailView(DownloadView):
         )
         animated = params.get("animated", "").lower() == "true"
         timeout_ms = self.timeout_ms(request)
+        frozen_after = self.frozen_after()
         serving = self.serving(request)
 
         def render(media: Media) -> HttpResponseBase:
@@ -389,7 +403,9 @@ class ThumbnailView(DownloadView):
 
         return answer(
             request,
-            lambda: services.media_for_download(server_name, media_id, timeout_ms=timeout_ms),
+            lambda: services.media_for_download(
+                server_name, media_id, timeout_ms=timeout_ms, frozen_after=frozen_after
+            ),
             render,
             kind=self.wait_kind,
         )
