@@ -58,6 +58,9 @@ class Media(models.Model):
     processing_started_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)
     rejection_errcode = models.CharField(max_length=64, blank=True)
+    # The HTTP status the uploader gets (a check's ``Rejection.status``); empty: the
+    # errcode's usual one.
+    rejection_status = models.PositiveSmallIntegerField(null=True, blank=True)
     rejection_reason = models.TextField(blank=True)
     last_error = models.TextField(blank=True, help_text="Last failure of background work.")
     attempts = models.PositiveIntegerField(default=0, help_text="Screening attempts so far.")
@@ -133,7 +136,10 @@ class AccessToken(models.Model):
     masquerade_regex = models.CharField(
         max_length=255,
         blank=True,
-        help_text="Users an application-service token may act as (full match); empty = any.",
+        help_text=(
+            "Users an application-service token may act as (full match on the user id; "
+            "users of other servers only if it names their server); empty = nobody."
+        ),
     )
 
     class Meta:

@@ -269,6 +269,7 @@ def _reject(media: Media, rejection: Rejection, **fields: Any) -> str:
         [S.PROCESSING],
         S.REJECTED,
         rejection_errcode=rejection.errcode,
+        rejection_status=rejection.status,
         rejection_reason=rejection.reason[:1000],
         objects_deleted_at=timezone.now(),
         **fields,

@@ -383,7 +383,7 @@ def _outcome(media: Media) -> Media:
         raise UploadRejected(
             media.rejection_reason or "Upload rejected",
             errcode=media.rejection_errcode or "M_FORBIDDEN",
-            status=_status_for(media.rejection_errcode),
+            status=_status_for(media),
         )
     if media.state in (S.EXPIRED, S.DELETED):
         raise NotFound()
@@ -400,8 +400,14 @@ _STATUS_BY_ERRCODE = {
 }
 
 
-def _status_for(errcode: str) -> int:
-    return _STATUS_BY_ERRCODE.get(errcode, 403)
+def _status_for(media: Media) -> int:
+    """The status the rejection was decided with (a check's ``Rejection.status``), if it
+    is a client error; else the usual one of its errcode. A 2xx, 3xx or 5xx would tell
+    the uploader the upload worked, moved or may be retried, none of which is true."""
+    status = media.rejection_status
+    if status is not None and 400 <= status <= 499:
+        return status
+    return _STATUS_BY_ERRCODE.get(media.rejection_errcode, 403)
 
 
 # ---------------------------------------------------------------------------- download

@@ -70,12 +70,29 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     return Response(error.as_dict(), status=error.status, headers=error_headers(error))
 
 
+# RFC 9110 (11.6.1): a 401 must carry a challenge. Clients authenticate with a bearer
+# token (RFC 6750 names the error of a token that was sent and refused); other servers
+# with X-Matrix signatures. The Matrix spec defines no challenge of its own, and clients
+# read the errcode, so these only make the answer well-formed HTTP.
+BEARER_CHALLENGE = 'Bearer realm="matrix"'
+_CHALLENGES = {
+    "M_MISSING_TOKEN": BEARER_CHALLENGE,
+    "M_UNAUTHORIZED": 'X-Matrix realm="matrix"',
+}
+
+
 def error_headers(error: MatrixError) -> dict[str, str]:
-    """HTTP's own words for what the body says: when to retry a 429 (RFC 9110)."""
+    """HTTP's own words for what the body says: when to retry a 429, how to authenticate
+    after a 401 (RFC 9110)."""
+    headers: dict[str, str] = {}
+    if error.status == 401:
+        headers["WWW-Authenticate"] = _CHALLENGES.get(
+            error.errcode, BEARER_CHALLENGE + ', error="invalid_token"'
+        )
     retry_after_ms = error.extra.get("retry_after_ms")
-    if retry_after_ms is None:
-        return {}
-    return {"Retry-After": str(max(1, math.ceil(int(retry_after_ms) / 1000)))}
+    if retry_after_ms is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(int(retry_after_ms) / 1000)))
+    return headers
 
 
 def json_error(error: MatrixError) -> JsonResponse:
