@@ -868,6 +868,79 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a is not None and b else "n/a"
 
 
+def targets(report: dict[str, Any]) -> list[list[str]]:
+    """Issue 7's targets for each configuration of this project, against the same run's
+    Synapse: [server, target, this, Synapse or bound, met?]."""
+    rows: list[list[str]] = []
+    synapse = _find(report, "synapse")
+    for server in report["servers"]:
+        if server["server"] == "synapse":
+            continue
+        name = server["server"]
+        for clients in (1, 16, 64):
+            r = _rt(server, clients)
+            s = _rt(synapse, clients) if synapse else None
+            if r is None or s is None or not r["round_trips"]:
+                continue
+            if clients == 16:
+                tp, stp = r["round_trips_per_s"], s["round_trips_per_s"]
+                rows.append(
+                    [
+                        name,
+                        "round trips/s at 16 clients >= 1.5 x Synapse",
+                        f"{tp} ({_ratio(tp, stp)} x)",
+                        f"{stp} (target {1.5 * stp:.1f})",
+                        "met" if tp >= 1.5 * stp else "missed",
+                    ]
+                )
+                rows.append(
+                    [
+                        name,
+                        "p99 at 16 clients <= Synapse",
+                        f"{r['p99_ms']} ms ({_ratio(r['p99_ms'], s['p99_ms'])} x)",
+                        f"{s['p99_ms']} ms",
+                        "met" if r["p99_ms"] <= s["p99_ms"] else "missed",
+                    ]
+                )
+            cpu, scpu = r["server_cpu_ms_per_round_trip"], s["server_cpu_ms_per_round_trip"]
+            rows.append(
+                [
+                    name,
+                    f"server CPU per round trip <= Synapse ({clients} clients)",
+                    f"{cpu} ms ({_ratio(cpu, scpu)} x)",
+                    f"{scpu} ms",
+                    "met" if cpu <= scpu else "missed",
+                ]
+            )
+        for w in server.get("waiting", []):
+            n = w["waiters"]
+            if "error" in w:
+                rows.append([name, f"{n} waiters", w["error"], "", "missed"])
+                continue
+            v = w["versions"]
+            ok_versions = v["answered"] == v["of"] and (v["p99_ms"] or 1e9) < 50
+            rows.append(
+                [
+                    name,
+                    f"{n} waiters: /versions p99 < 50 ms meanwhile",
+                    f"{v['p99_ms']} ms ({v['answered']}/{v['of']} answered)",
+                    "50 ms",
+                    "met" if ok_versions else "missed",
+                ]
+            )
+            last = w.get("put_end_to_last_ok_ms")
+            rows.append(
+                [
+                    name,
+                    f"{n} waiters: all answered within 1 s after the upload completes",
+                    f"{w['ok']}/{n} had the bytes, the last {last} ms after the PUT's answer",
+                    "1000 ms",
+                    "met" if w["ok"] == n and last is not None and last <= 1000 else "missed",
+                ]
+            )
+    return rows
+
+
 def summary(report: dict[str, Any]) -> str:
     lines = [f"## {report['label']}: {report['project_head']}", ""]
     rows = []
@@ -960,6 +1033,10 @@ def summary(report: dict[str, Any]) -> str:
                     ]
                 )
         lines.append(markdown_table(["server", "clients", "throughput", "CPU/rt", "p99"], rows))
+    rows = targets(report)
+    if rows:
+        lines += ["", "Targets of issue 7:", ""]
+        lines.append(markdown_table(["server", "target", "this", "Synapse / bound", ""], rows))
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
@@ -61,8 +62,18 @@ SIGV4 = Config(signature_version="s3v4")
 NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
 
 
+log = logging.getLogger(__name__)
+
+
 def _unavailable(exc: Exception) -> StorageUnavailable:
-    return StorageUnavailable(f"Media storage failed: {type(exc).__name__}: {exc}")
+    """The store's own words (endpoint, bucket, key, request ids, credentials' names) are
+    for the operator's log; clients get the fixed message of a 503."""
+    return _logged(f"{type(exc).__name__}: {exc}")
+
+
+def _logged(detail: str) -> StorageUnavailable:
+    log.warning("Media storage failed: %s", detail)
+    return StorageUnavailable()
 
 
 class S3MediaStore(MediaStore):
@@ -189,7 +200,7 @@ class S3MediaStore(MediaStore):
         if size is None:
             info = self.head(source)
             if info is None:
-                raise StorageUnavailable(f"Media storage has no object at {source}")
+                raise _logged(f"no object at {source}")
             size = info.size
         # REPLACE: nothing the uploader sent with its PUT (Content-Encoding, Cache-Control,
         # Expires, Content-Disposition, x-amz-meta-*) survives into what is served.
@@ -298,7 +309,7 @@ class S3MediaStore(MediaStore):
                 raise _unavailable(exc) from exc
             errors = [e for e in response.get("Errors", []) if e.get("Code") not in NOT_FOUND_CODES]
             if errors:
-                raise StorageUnavailable(f"Media storage refused deletes: {errors[:3]}")
+                raise _logged(f"refused deletes: {errors[:3]}")
 
     def list_keys(self, prefix: str) -> Iterator[str]:
         location = self._key("")

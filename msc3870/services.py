@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
@@ -67,10 +68,27 @@ def validate_mxc(server_name: str, media_id: str) -> None:
         raise InvalidParam("Invalid media id")
 
 
+# Format characters that are not needed to spell a name: joiners (emoji sequences, Persian
+# and Indic scripts) and tag characters (subdivision flags) are.
+_ALLOWED_FORMAT_CHARACTERS = frozenset({"\u200c", "\u200d"}) | frozenset(
+    chr(c) for c in range(0xE0020, 0xE0080)
+)
+
+
+def _refused_in_filename(char: str) -> bool:
+    """Control characters, line separators and invisible format characters: a right-to-
+    left override (U+202E) makes "invoice\u202efdp.exe" display as "invoiceexe.pdf", and
+    other bidi controls, zero-width spaces and the like hide what a name says."""
+    category = unicodedata.category(char)
+    if category in ("Cc", "Cs", "Zl", "Zp"):
+        return True
+    return category == "Cf" and char not in _ALLOWED_FORMAT_CHARACTERS
+
+
 def clean_filename(filename: str | None) -> str:
     if not filename:
         return ""
-    if len(filename) > MAX_FILENAME_LENGTH or any(ord(c) < 0x20 or c == "\x7f" for c in filename):
+    if len(filename) > MAX_FILENAME_LENGTH or any(_refused_in_filename(c) for c in filename):
         raise InvalidParam("Invalid filename")
     return filename
 

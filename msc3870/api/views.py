@@ -321,6 +321,8 @@ class DownloadView(MatrixView):
         timeout_ms = self.timeout_ms(request)
         frozen_after = self.frozen_after()
         serving = self.serving(request)
+        # The name a link asks the browser to save as obeys the upload's rules (no RLO).
+        file_name = services.clean_filename(file_name) or None
         return answer(
             request,
             lambda: services.media_for_download(
