@@ -356,10 +356,11 @@ def test_chunked_upload_to_the_upload_url(server: Server) -> None:
         timeout=15,
     )
     assert done.status_code == 200, done.text
+    # /complete may answer before the full-object checks end (downloads wait meanwhile).
     got = requests.get(
-        f"{server.base_url}/_matrix/client/v1/media/download/{path}?timeout_ms=0",
+        f"{server.base_url}/_matrix/client/v1/media/download/{path}?timeout_ms=20000",
         headers=server.auth(),
-        timeout=15,
+        timeout=30,
     )
     assert got.status_code == 200
     assert got.content == data
