@@ -489,6 +489,53 @@ def test_the_waiter_past_the_per_media_cap_is_refused_at_once(capped_server: Ser
     assert [(s, b) for s, b, _ in five] == [(200, data)] * 5
 
 
+def test_waiters_that_hang_up_free_their_places(capped_server: Server) -> None:
+    """Five waiters fill the per-media cap, then hang up: five others are admitted (not
+    refused with 429), and get the bytes."""
+    server = capped_server
+    created = create(server)
+    path = mxc_path(created["content_uri"])
+    url = f"{server.base_url}/_matrix/client/v1/media/download/{path}?timeout_ms=50000"
+    data = os.urandom(700)
+
+    async def scenario() -> list[tuple[int, bytes, dict[str, str]]]:
+        first, first_session = await _wait_downloads(url, server.auth(), 5)
+        await asyncio.sleep(1.0)
+        assert not any(task.done() for task in first)
+        for task in first:
+            task.cancel()
+        await first_session.close()  # the five connections close
+        await asyncio.sleep(1.0)
+        second, session = await _wait_downloads(url, server.auth(), 5)
+        try:
+            await asyncio.sleep(1.0)
+            refused = [t.result()[:2] for t in second if t.done() and not t.exception()]
+            assert not refused, f"places of waiters that hung up were not freed: {refused}"
+            loop = asyncio.get_running_loop()
+            put = await loop.run_in_executor(None, lambda: upload(server, path, data))
+            assert put.status_code == 200, put.text
+            return list(await asyncio.wait_for(asyncio.gather(*second), 60))
+        finally:
+            for task in second:
+                task.cancel()
+            await session.close()
+
+    answers = asyncio.run(scenario())
+    assert [(s, b) for s, b, _ in answers] == [(200, data)] * 5
+
+
+def test_a_wait_that_times_out_is_a_whole_504(server: Server) -> None:
+    created = create(server)
+    path = mxc_path(created["content_uri"])
+    response = requests.get(
+        f"{server.base_url}/_matrix/client/v1/media/download/{path}?timeout_ms=300",
+        headers=server.auth(),
+        timeout=15,
+    )
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert_matrix_error(response.status_code, response.content, 504, "M_NOT_YET_UPLOADED")
+
+
 # ---------------------------------------------------------------------------- workers
 
 
