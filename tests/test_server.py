@@ -312,6 +312,39 @@ def test_over_limit_upload_gets_413_on_a_raw_socket(server: Server) -> None:
         assert_matrix_error(status, answer, 413, "M_TOO_LARGE")
 
 
+@pytest.mark.parametrize("target", ["upload_url", "msc2246_put", "create_json"])
+def test_every_body_limit_answers_413(server: Server, target: str) -> None:
+    """The upload URL and the MSC2246 PUT (media limit), and a JSON endpoint (64 KiB)."""
+    created = create(server)
+    if target == "upload_url":
+        url, headers = created["upload_url"], {}
+        body = os.urandom(OVER_LIMIT_BODY)
+    elif target == "msc2246_put":
+        url = f"{server.base_url}/_matrix/media/v3/upload/{mxc_path(created['content_uri'])}"
+        headers, body = server.auth(), os.urandom(OVER_LIMIT_BODY)
+    else:
+        url = f"{server.base_url}/_matrix/media/v1/create"
+        headers, body = server.auth(), b"{" + b" " * 100_000 + b"}"
+    response = requests.request(
+        "POST" if target == "create_json" else "PUT",
+        url,
+        data=body,
+        headers={**headers, "Content-Type": "application/octet-stream"},
+        timeout=15,
+    )
+    assert_matrix_error(response.status_code, response.content, 413, "M_TOO_LARGE")
+
+
+def test_a_declared_length_far_over_the_limit_is_refused_unread(server: Server) -> None:
+    head = (
+        "POST /_matrix/media/v3/upload HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {server.token}\r\nContent-Length: 99999999999\r\n\r\n"
+    ).encode()
+    status, headers, body = raw_exchange(server.port, head)  # no body sent: none is awaited
+    assert_matrix_error(status, body, 413, "M_TOO_LARGE")
+    assert headers.get("connection") == "close"
+
+
 def chunks(data: bytes, size: int = 64 * 1024) -> Iterator[bytes]:
     for start in range(0, len(data), size):
         yield data[start : start + size]
