@@ -15,6 +15,10 @@ keepalive = 75
 # Thousands of parked downloads may connect at once.
 backlog = 4096
 accesslog = "-"
+# What the server makes (the SQLite database, the sweeps' lock, media files) is for this
+# user only; mediarepo.settings sets the same umask in each worker.
+umask = 0o077
+os.umask(umask)
 
 
 def post_worker_init(worker: object) -> None:

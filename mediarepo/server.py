@@ -18,6 +18,8 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn_worker import UvicornWorker
 
+from . import redaction
+
 # Above the application's own limits (msc3870.asgi), which answer first where they can.
 MAX_URL_BYTES = 16 * 1024
 MAX_HEADER_BYTES = 64 * 1024
@@ -92,6 +94,12 @@ class MediaUvicornWorker(UvicornWorker):
         # below the application's own waiting caps.
         "limit_concurrency": None,
     }
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # UvicornWorker has just wired uvicorn's loggers to gunicorn's access and error
+        # logs: request lines carry access tokens and upload URLs (mediarepo/redaction.py).
+        redaction.install()
 
     def init_process(self) -> None:
         raise_open_files_limit()

@@ -6,6 +6,7 @@ With none set, this is the embedded default: SQLite, media on the local disk und
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -16,6 +17,18 @@ import dj_database_url
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("MEDIAREPO_DATA_DIR", BASE_DIR / "var"))
+
+# The data directory holds the database (admin sessions, token digests), the secret key,
+# the signing key and the media: nothing in it is for other local users. Every process
+# of the project (web, celery, manage.py) imports these settings, so from here on what it
+# makes is 0600/0700. manage.py collectstatic alone uses 022: static files are public,
+# and in the container they are made by root at build time and read by the app user.
+os.umask(int(os.environ.get("MEDIAREPO_UMASK") or "077", 8))
+DATA_DIR.mkdir(parents=True, exist_ok=True)
+# Also closes a directory an older version made 0755. One that is not ours (a mount the
+# operator prepared) keeps the operator's modes.
+with contextlib.suppress(PermissionError):
+    DATA_DIR.chmod(0o700)
 
 
 def env(name: str, default: str | None = None) -> str | None:
@@ -158,7 +171,13 @@ if AWS_STORAGE_BUCKET_NAME:
 else:
     MEDIA_STORAGE = {
         "BACKEND": "django.core.files.storage.FileSystemStorage",
-        "OPTIONS": {"location": str(DATA_DIR / "media")},
+        "OPTIONS": {
+            "location": str(DATA_DIR / "media"),
+            # Explicit, whatever the umask of the process that writes (Django's default
+            # for files is 0644).
+            "file_permissions_mode": 0o600,
+            "directory_permissions_mode": 0o700,
+        },
     }
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
@@ -256,9 +275,13 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 
+# Access tokens and upload URLs are credentials: redacted from every record the console
+# prints, and from Django's request warnings (which carry the path) for its own handlers.
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "filters": {"redact_secrets": {"()": "mediarepo.redaction.RedactSecrets"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "filters": ["redact_secrets"]}},
+    "loggers": {"django.request": {"filters": ["redact_secrets"]}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", "INFO")},
 }
