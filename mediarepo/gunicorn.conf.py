@@ -15,6 +15,12 @@ keepalive = 75
 # Thousands of parked downloads may connect at once.
 backlog = 4096
 accesslog = "-"
+# gunicorn's control socket defaults to one path per user ($HOME/.gunicorn/gunicorn.ctl):
+# a second server of the same user would take it over. One per data directory instead.
+control_socket = os.path.join(
+    os.environ.get("MEDIAREPO_DATA_DIR") or os.path.join(os.path.dirname(__file__), "..", "var"),
+    "gunicorn.ctl",
+)
 # What the server makes (the SQLite database, the sweeps' lock, media files) is for this
 # user only; mediarepo.settings sets the same umask in each worker.
 umask = 0o077
