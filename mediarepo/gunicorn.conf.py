@@ -17,10 +17,16 @@ backlog = 4096
 accesslog = "-"
 # gunicorn's control socket defaults to one path per user ($HOME/.gunicorn/gunicorn.ctl):
 # a second server of the same user would take it over. One per data directory instead.
-control_socket = os.path.join(
-    os.environ.get("MEDIAREPO_DATA_DIR") or os.path.join(os.path.dirname(__file__), "..", "var"),
-    "gunicorn.ctl",
+control_socket = os.path.abspath(
+    os.path.join(
+        os.environ.get("MEDIAREPO_DATA_DIR")
+        or os.path.join(os.path.dirname(__file__), "..", "var"),
+        "gunicorn.ctl",
+    )
 )
+# A Unix socket path has at most 107 bytes: past that, no control socket rather than none
+# of the server.
+control_socket_disable = len(control_socket.encode()) > 100
 # What the server makes (the SQLite database, the sweeps' lock, media files) is for this
 # user only; mediarepo.settings sets the same umask in each worker.
 umask = 0o077
