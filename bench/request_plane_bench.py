@@ -12,7 +12,11 @@ exactly as a user would (``make run`` in ``--project-dir``, with ``PORT``,
    trips/s, p50/p99 latency of a round trip, and CPU seconds per round trip summed over
    every process of each server (psutil, user+system of the whole process tree, reaped
    children included), plus the load client's own CPU. Servers run with their default
-   process count (``make run`` as it is; ``WEB_CONCURRENCY`` is left unset).
+   process count (``make run`` as it is; ``WEB_CONCURRENCY`` is left unset). All servers
+   are up at once and the phases are interleaved: for each client count, ``--repeats``
+   rounds, each running every server's phase back to back (the order reversed on odd
+   rounds), so a change in the machine's load hits every server alike; the figures pool
+   the rounds (totals over totals, percentiles over all samples; each round is kept).
 2. **Waiting downloads**: N (``--waiters``) authenticated
    ``GET /_matrix/client/v1/media/download/{server}/{id}?timeout_ms=60000`` all on ONE id
    that was created but not uploaded. Once they are sent and the server is quiet: server
@@ -518,6 +522,7 @@ def round_trip_phase(
         "loadavg_after": round(os.getloadavg()[0], 2),
         "server_processes": len(tree.processes()),
         "process_tree_changed": pids0 != {p.pid for p in tree.processes()},
+        "_latencies": samples.latencies,
     }
     log(
         f"  {clients:>3} clients: {result['round_trips_per_s']} rt/s, p50 {result['p50_ms']} ms, "
@@ -746,49 +751,120 @@ def with_retry(
 # --------------------------------------------------------------------------- a server's run
 
 
-def measure_server(
-    name: str,
-    server: Server,
-    waiter_concurrency: str | None,
-    args: argparse.Namespace,
-) -> dict[str, Any]:
-    result: dict[str, Any] = {"server": name}
+@dataclass
+class Subject:
+    """One server under test, its users and what was measured of it."""
+
+    name: str
+    server: Server
+    waiter_concurrency: str | None
+    tokens: list[str] = field(default_factory=list)
+    result: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return "failed" not in self.result
+
+    def fail(self, exc: BaseException) -> None:
+        log(f"{self.name}: FAILED: {exc}")
+        self.result["failed"] = str(exc)
+        self.server.stop()
+
+
+def combine_round_trips(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pool the repeats of one phase: totals over totals, percentiles over every sample."""
+    latencies = [x for r in reps for x in r.pop("_latencies")]
+    done = sum(r["round_trips"] for r in reps)
+    wall = sum(r["wall_s"] for r in reps)
+    cpu = sum(r["server_cpu_s"] for r in reps)
+    client_cpu = sum(r["client_cpu_s"] for r in reps)
+    errors: Counter[str] = Counter()
+    for r in reps:
+        errors.update(r["errors"])
+    return {
+        "clients": reps[0]["clients"],
+        "wall_s": round(wall, 3),
+        "round_trips": done,
+        "errors": dict(errors),
+        "round_trips_per_s": round(done / wall, 1) if wall else None,
+        "p50_ms": ms(percentile(latencies, 50)),
+        "p99_ms": ms(percentile(latencies, 99)),
+        "max_ms": ms(max(latencies, default=None)),
+        "server_cpu_s": round(cpu, 3),
+        "server_cpu_ms_per_round_trip": round(cpu / done * 1000, 3) if done else None,
+        "client_cpu_s": round(client_cpu, 3),
+        "client_cpu_ms_per_round_trip": round(client_cpu / done * 1000, 3) if done else None,
+        "repeats": reps,
+    }
+
+
+def measure(subjects: list[Subject], args: argparse.Namespace) -> None:
+    """Round trips with every server up, interleaved: for each client count, each repeat
+    runs every server's phase back to back (order reversed on odd repeats), so a change in
+    the machine's load hits all servers alike. Then the waiters, one server at a time."""
     users = [f"@rp{i}:localhost" for i in range(max(args.clients))]
-    try:
-        log(f"{name}: starting")
-        t0 = time.monotonic()
-        server.start(None)
-        result["start_s"] = round(time.monotonic() - t0, 1)
-        result["processes_round_trips"] = server.tree.describe()
-        log(f"{name}: up in {result['start_s']} s; {len(result['processes_round_trips'])} procs")
-        tokens = server.mint_tokens(users)
-        log(f"{name}: {len(tokens)} users with tokens")
-        result["round_trips"] = [
-            with_retry(
-                name, server, lambda c=clients: round_trip_phase(server, tokens, c, args), None
-            )
-            for clients in args.clients
-        ]
-        result["waiting"] = []
-        result["waiter_web_concurrency"] = waiter_concurrency
-        for n in args.waiters:
-            server.stop()
-            server.start(waiter_concurrency)
-            result.setdefault("processes_waiting", server.tree.describe())
-            result["waiting"].append(
-                with_retry(
-                    name,
-                    server,
-                    lambda n=n: waiter_phase(server, tokens, n, args),
-                    waiter_concurrency,
+    for subject in subjects:
+        try:
+            log(f"{subject.name}: starting")
+            t0 = time.monotonic()
+            subject.server.start(None)
+            subject.result["start_s"] = round(time.monotonic() - t0, 1)
+            subject.result["processes_round_trips"] = subject.server.tree.describe()
+            log(f"{subject.name}: up in {subject.result['start_s']} s")
+            subject.tokens = subject.server.mint_tokens(users)
+            log(f"{subject.name}: {len(subject.tokens)} users with tokens")
+        except (ServerFailed, ServerDied) as exc:
+            subject.fail(exc)
+    for subject in subjects:
+        subject.result["round_trips"] = []
+    for clients in args.clients:
+        reps: dict[str, list[dict[str, Any]]] = {s.name: [] for s in subjects}
+        for rep in range(args.repeats):
+            order = subjects if rep % 2 == 0 else subjects[::-1]
+            for subject in order:
+                if not subject.ok:
+                    continue
+                log(f"{subject.name}: {clients} clients, repeat {rep + 1}/{args.repeats}")
+                try:
+                    reps[subject.name].append(
+                        with_retry(
+                            subject.name,
+                            subject.server,
+                            lambda s=subject, c=clients: round_trip_phase(
+                                s.server, s.tokens, c, args
+                            ),
+                            None,
+                        )
+                    )
+                except (ServerFailed, ServerDied) as exc:
+                    subject.fail(exc)
+        for subject in subjects:
+            if reps[subject.name]:
+                subject.result["round_trips"].append(combine_round_trips(reps[subject.name]))
+    for subject in subjects:
+        subject.server.stop()
+    for n in args.waiters:
+        for subject in subjects:
+            if not subject.ok:
+                continue
+            result = subject.result
+            result["waiter_web_concurrency"] = subject.waiter_concurrency
+            try:
+                subject.server.start(subject.waiter_concurrency)
+                result.setdefault("processes_waiting", subject.server.tree.describe())
+                log(f"{subject.name}: {n} waiters")
+                result.setdefault("waiting", []).append(
+                    with_retry(
+                        subject.name,
+                        subject.server,
+                        lambda s=subject, n=n: waiter_phase(s.server, s.tokens, n, args),
+                        subject.waiter_concurrency,
+                    )
                 )
-            )
-    except (ServerFailed, ServerDied) as exc:
-        log(f"{name}: FAILED: {exc}")
-        result["failed"] = str(exc)
-    finally:
-        server.stop()
-    return result
+            except (ServerFailed, ServerDied) as exc:
+                subject.fail(exc)
+            finally:
+                subject.server.stop()
 
 
 def project_git_head(project_dir: Path) -> str:
@@ -821,6 +897,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "clients": args.clients,
             "duration_s": args.duration,
             "warmup_s": args.warmup,
+            "repeats": args.repeats,
             "waiters": args.waiters,
             "body_bytes": BODY_SIZE,
             "download_timeout_ms": DOWNLOAD_TIMEOUT_MS,
@@ -831,20 +908,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     log(f"RLIMIT_NOFILE {nofile}; project {project_dir} ({report['project_head']})")
     scratch = Path(tempfile.mkdtemp(prefix="request-plane-"))
+    subjects: list[Subject] = []
+    databases = ["sqlite", "postgres"] if args.database == "both" else [args.database]
     try:
         if not args.no_synapse:
             synapse = SynapseServer(scratch / "synapse")
             report["synapse_version"] = synapse.version()
-            report["servers"].append(measure_server("synapse", synapse, None, args))
-        databases = ["sqlite", "postgres"] if args.database == "both" else [args.database]
+            subjects.append(Subject("synapse", synapse, None))
         for database in databases:
             url = recreate_database(BENCH_DB) if database == "postgres" else None
-            try:
-                server = ProjectServer(project_dir, scratch / f"project-{database}", url)
-                report["servers"].append(measure_server(f"this ({database})", server, "1", args))
-            finally:
-                if url:
-                    drop_database(BENCH_DB)
+            server = ProjectServer(project_dir, scratch / f"project-{database}", url)
+            subjects.append(Subject(f"this ({database})", server, "1"))
+        try:
+            measure(subjects, args)
+        finally:
+            for subject in subjects:
+                subject.server.stop()
+                report["servers"].append({"server": subject.name, **subject.result})
+            if "postgres" in databases:
+                drop_database(BENCH_DB)
     finally:
         if args.keep_logs:
             log(f"logs kept in {scratch}")
@@ -1139,6 +1221,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int_list, default=[1, 16, 64])
     parser.add_argument("--duration", type=float, default=10.0, help="measured s per phase")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured s per phase")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved runs per phase")
     parser.add_argument("--waiters", type=int_list, default=[1000, 5000])
     parser.add_argument("--probes", type=int, default=100, help="/versions samples")
     parser.add_argument("--request-timeout", type=float, default=30.0)
