@@ -6,7 +6,9 @@ import asyncio
 import hashlib
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -17,10 +19,20 @@ from django.utils import timezone
 from msc3870.models import Media, MediaState
 from msc3870.storage import get_store
 
-from .conftest import Stack, bucket_keys
+from .conftest import Stack, bucket_keys, wait_until
 from .helpers import auth, complete, create, keys_of, media_of, mxc_path
 
 pytestmark = pytest.mark.services
+
+
+def decided(content_uri: str) -> Media:
+    """The row once screening decided: /complete answers before the full-object checks."""
+
+    def done() -> Media | None:
+        media = media_of(content_uri)
+        return None if media.state == MediaState.PROCESSING else media
+
+    return wait_until(done, 60, "screening to decide")
 
 
 def test_full_flow_presigned_put_complete_download(
@@ -41,7 +53,7 @@ def test_full_flow_presigned_put_complete_download(
     done = complete(live, token, created["content_uri"], "?filename=clip.mp4")
     assert done.status_code == 200, done.text
     assert done.json() == {"content_uri": created["content_uri"]}
-    media = media_of(created["content_uri"])
+    media = decided(created["content_uri"])
     assert media.state == MediaState.COMPLETE
     assert media.sha256 == hashlib.sha256(data).hexdigest()
     assert media.declared_content_type == "video/mp4"
@@ -127,6 +139,7 @@ def test_reput_after_complete_changes_nothing(
         created["upload_url"], data=b"screened bytes", headers={"Content-Type": "text/plain"}
     )
     assert complete(live, token, created["content_uri"]).status_code == 200
+    decided(created["content_uri"])  # /complete answers before the move (issue 9)
     # The presigned URL still works until it expires; S3 cannot refuse the second PUT...
     again = requests.put(created["upload_url"], data=b"<script>swap</script>")
     assert again.status_code == 200
@@ -246,6 +259,7 @@ def test_thumbnail_of_s3_media(live: Stack, user_token: tuple[str, str], s3_clie
         created["upload_url"], data=buffer.getvalue(), headers={"Content-Type": "image/jpeg"}
     )
     assert complete(live, token, created["content_uri"]).status_code == 200
+    decided(created["content_uri"])
     path = mxc_path(created["content_uri"])
     response = requests.get(
         f"{live.base_url}/_matrix/client/v1/media/thumbnail/{path}?width=320&height=240",
@@ -256,3 +270,207 @@ def test_thumbnail_of_s3_media(live: Stack, user_token: tuple[str, str], s3_clie
     assert Image.open(io.BytesIO(response.content)).size == (320, 213)
     media = media_of(created["content_uri"])
     assert f"thumbnails/{media.media_id}/320x240-scale" in bucket_keys(s3_client, "thumbnails/")
+
+
+# ----------------------------------------------------------------- issue 9: the direct path
+
+GATED_CHECKS = ",".join(
+    [
+        "msc3870.screening.check_size",
+        "msc3870.screening.check_content_type",
+        "msc3870.screening.check_sha256",
+        "tests.services.gate_check.gate",
+    ]
+)
+
+
+def _gated_stack(live: Stack, make_stack: Any, gate_dir: Path, **env: str) -> Stack:
+    """A stack whose screening waits at tests/services/gate_check.py's gate. /complete may
+    wait up to 120 s: answering before the gate opens proves it did not wait. The session
+    stack's worker shares the broker: it is stopped (``live`` starts it again)."""
+    live.stop("worker")
+    gate_dir.mkdir(exist_ok=True)
+    stack = make_stack(
+        MSC3870_CHECKS=GATED_CHECKS,
+        GATE_DIR=str(gate_dir),
+        MSC3870_COMPLETE_WAIT_SECONDS="120",
+        **env,
+    )
+    stack.start_server(workers=1)
+    stack.start_worker()
+    return stack
+
+
+def _put_and_complete(stack: Stack, token: str, data: bytes) -> tuple[str, requests.Response]:
+    created = create(stack, token)
+    put = requests.put(created["upload_url"], data=data, headers={"Content-Type": "text/plain"})
+    assert put.status_code == 200, put.text
+    # Well under the 120 s /complete could wait: a timeout here means it waited.
+    done = requests.post(
+        f"{stack.base_url}/_matrix/media/v1/upload/{mxc_path(created['content_uri'])}/complete",
+        json={},
+        headers=auth(token),
+        timeout=60,
+    )
+    return created["content_uri"], done
+
+
+def test_complete_answers_before_the_full_checks_and_downloads_wait(
+    live: Stack, make_stack: Any, user_token: tuple[str, str], s3_client: Any, tmp_path: Path
+) -> None:
+    _, token = user_token
+    gate_dir = tmp_path / "gate"
+    stack = _gated_stack(live, make_stack, gate_dir)
+    data = os.urandom(3 * 1024 * 1024)
+    content_uri, done = _put_and_complete(stack, token, data)
+    assert done.status_code == 200, done.text
+    assert done.json() == {"content_uri": content_uri}
+    media = media_of(content_uri)
+    assert media.state == MediaState.PROCESSING  # the gate is closed
+    path = mxc_path(content_uri)
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(
+            requests.get,
+            f"{stack.base_url}/_matrix/client/v1/media/download/{path}?timeout_ms=60000",
+            headers=auth(token),
+            timeout=90,
+        )
+        wait_until(lambda: (gate_dir / f"{media.media_id}.started").exists(), 60, "screening")
+        (gate_dir / f"{media.media_id}.release").touch()
+        got = waiting.result()
+    assert got.status_code == 200
+    assert got.content == data
+    media.refresh_from_db()
+    assert (media.state, media.sha256) == (MediaState.COMPLETE, hashlib.sha256(data).hexdigest())
+
+    # Rejected after /complete answered: whoever asks hears the rejection's errcode.
+    content_uri, done = _put_and_complete(stack, token, b"fine until the gate says no")
+    assert done.status_code == 200, done.text
+    rejected = media_of(content_uri)
+    (gate_dir / f"{rejected.media_id}.reject").touch()
+    got = requests.get(
+        f"{stack.base_url}/_matrix/client/v1/media/download/{mxc_path(content_uri)}"
+        "?timeout_ms=60000",
+        headers=auth(token),
+        timeout=90,
+    )
+    assert got.status_code == 403
+    assert got.json() == {"errcode": "M_FORBIDDEN", "error": "Refused at the gate"}
+    assert keys_of(s3_client, rejected) == []
+
+
+def test_complete_waits_for_the_verdict_when_configured(
+    live: Stack, make_stack: Any, user_token: tuple[str, str], tmp_path: Path
+) -> None:
+    _, token = user_token
+    gate_dir = tmp_path / "gate"
+    stack = _gated_stack(live, make_stack, gate_dir, MSC3870_COMPLETE_WAITS_FOR_CHECKS="1")
+
+    def open_gate() -> None:
+        started = wait_until(lambda: list(gate_dir.glob("*.started")), 60, "screening")
+        started[0].with_suffix(".release").touch()
+
+    with ThreadPoolExecutor(1) as pool:
+        opener = pool.submit(open_gate)
+        content_uri, done = _put_and_complete(stack, token, b"decided before the answer")
+        opener.result()
+    assert done.status_code == 200, done.text
+    assert media_of(content_uri).state == MediaState.COMPLETE
+
+
+def test_uploaders_metadata_does_not_survive_into_downloads(
+    live: Stack, user_token: tuple[str, str], s3_client: Any
+) -> None:
+    _, token = user_token
+    created = create(live, token)
+    put = requests.put(
+        created["upload_url"],
+        data=b"plain bytes, not gzip",
+        headers={
+            "Content-Type": "text/html",
+            "Content-Encoding": "gzip",
+            "Cache-Control": "public, max-age=31536000, immutable",
+            "Expires": "Wed, 21 Oct 2037 07:28:00 GMT",
+            "Content-Disposition": "attachment; filename=evil.html",
+        },
+    )
+    assert put.status_code == 200, put.text
+    # SeaweedFS keeps them with the object, as S3 does.
+    bucket = os.environ["AWS_STORAGE_BUCKET_NAME"]
+    incoming = media_of(created["content_uri"]).incoming_key
+    assert s3_client.head_object(Bucket=bucket, Key=incoming)["ContentEncoding"] == "gzip"
+    assert complete(live, token, created["content_uri"]).status_code == 200
+    media = media_of(created["content_uri"])
+    wait_until(lambda: media_of(media.mxc_uri).state == MediaState.COMPLETE, 60, "screening")
+    stored = s3_client.head_object(Bucket=bucket, Key=media_of(media.mxc_uri).storage_key)
+    assert stored["ContentType"] == "application/octet-stream"
+    for header in ("ContentEncoding", "CacheControl", "Expires", "ContentDisposition"):
+        assert header not in stored, header
+    path = mxc_path(media.mxc_uri)
+    served = requests.get(
+        f"{live.base_url}/_matrix/client/v1/media/download/{path}?timeout_ms=30000",
+        headers=auth(token),
+    )
+    redirect = requests.get(
+        f"{live.base_url}/_matrix/media/v3/download/{path}?allow_redirect=true",
+        allow_redirects=False,
+    )
+    assert redirect.status_code == 307
+    from_store = requests.get(redirect.headers["Location"])
+    for response in (served, from_store):
+        assert response.status_code == 200
+        assert response.content == b"plain bytes, not gzip"
+        assert "Content-Encoding" not in response.headers
+        assert "Expires" not in response.headers
+        assert "immutable" not in response.headers["Cache-Control"]
+    assert from_store.headers["Cache-Control"].startswith("public, max-age=")
+    assert from_store.headers["Content-Type"] == served.headers["Content-Type"]
+    assert from_store.headers["Content-Disposition"] == served.headers["Content-Disposition"]
+
+
+def test_large_copy_in_parallel_parts_on_seaweedfs(s3_client: Any) -> None:
+    """Above S3_COPY_PART_THRESHOLD (5 GiB in production, 6 MiB here) the move is a
+    multipart copy whose parts are copied in parallel."""
+    from ..conftest import msc3870_settings
+
+    bucket = os.environ["AWS_STORAGE_BUCKET_NAME"]
+    data = os.urandom(16 * 1024 * 1024 + 5)
+    s3_client.put_object(Bucket=bucket, Key="incoming/partcopy", Body=data, ContentEncoding="gzip")
+    store = get_store()
+    with msc3870_settings(
+        S3_COPY_PART_THRESHOLD=6 * 1024 * 1024, S3_COPY_PART_SIZE=5 * 1024 * 1024
+    ):
+        assert store.move("incoming/partcopy", "media/pa/partcopy", content_type="x/y") is None
+    head = s3_client.head_object(Bucket=bucket, Key="media/pa/partcopy")
+    assert head["ETag"].strip('"').endswith("-4")  # 5 + 5 + 5 + 1 MiB
+    assert head["ContentType"] == "x/y" and "ContentEncoding" not in head
+    body = s3_client.get_object(Bucket=bucket, Key="media/pa/partcopy")["Body"].read()
+    assert hashlib.sha256(body).digest() == hashlib.sha256(data).digest()
+    assert bucket_keys(s3_client, "incoming/partcopy") == []
+    store.delete("media/pa/partcopy")
+
+
+def test_seaweedfs_computes_no_sha256_on_copy_so_screening_reads_once(s3_client: Any) -> None:
+    """What docs/benchmarks.md reports for SeaweedFS: CopyObject with
+    ChecksumAlgorithm=SHA256 is accepted but answers no checksum (the screening then hashes
+    with one streamed read)."""
+    bucket = os.environ["AWS_STORAGE_BUCKET_NAME"]
+    s3_client.put_object(Bucket=bucket, Key="incoming/probe", Body=b"probe")
+    assert get_store().move("incoming/probe", "media/pr/probe") is None
+    get_store().delete("media/pr/probe")
+
+
+def test_ensure_media_bucket_installs_the_lifecycle_rule_on_seaweedfs(s3_client: Any) -> None:
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    out = StringIO()
+    call_command("ensure_media_bucket", stdout=out)
+    assert "incoming/ expire after" in out.getvalue()
+    rules = s3_client.get_bucket_lifecycle_configuration(
+        Bucket=os.environ["AWS_STORAGE_BUCKET_NAME"]
+    )["Rules"]
+    assert [r["Filter"]["Prefix"] for r in rules if r["ID"] == "msc3870-expire-incoming"] == [
+        "incoming/"
+    ]
