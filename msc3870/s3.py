@@ -73,7 +73,10 @@ def _unavailable(exc: Exception) -> StorageUnavailable:
 
 def _logged(detail: str) -> StorageUnavailable:
     log.warning("Media storage failed: %s", detail)
-    return StorageUnavailable()
+    error = StorageUnavailable()  # its message, the body of the 503, is the fixed one
+    # str() keeps the detail for logs, retries and the row's last_error (record_failure).
+    error.args = (f"Media storage failed: {detail}",)
+    return error
 
 
 class S3MediaStore(MediaStore):

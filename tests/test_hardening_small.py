@@ -73,3 +73,4 @@ def test_storage_errors_do_not_reach_clients(
     assert response.status_code == 503
     assert response.json() == {"errcode": "M_UNKNOWN", "error": "Media storage is unavailable"}
     assert "127.0.0.1:9" in caplog.text  # logged for the operator
+    assert "127.0.0.1:9" not in response.content.decode()
