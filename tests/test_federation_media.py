@@ -468,7 +468,7 @@ def test_each_origin_has_its_own_rate(
 def test_a_bad_rate_setting_names_itself(served: str, remote: FakeRemote) -> None:
     from django.core.exceptions import ImproperlyConfigured
 
-    from msc3870.federation.authentication import leaky_bucket
+    from msc3870.api.throttling import leaky_bucket
 
     with pytest.raises(ImproperlyConfigured, match="FEDERATION_MEDIA_RATE"):
         leaky_bucket("k", "lots", "FEDERATION_MEDIA_RATE")

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from django.core.cache import cache
 from django.http import HttpRequest, HttpResponseBase, JsonResponse
 from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.permissions import AllowAny, IsAuthenticated
@@ -17,7 +15,6 @@ from rest_framework.response import Response
 from rest_framework.settings import DEFAULTS as DRF_DEFAULTS
 from rest_framework.settings import IMPORT_STRINGS as DRF_IMPORT_STRINGS
 from rest_framework.settings import APISettings
-from rest_framework.throttling import BaseThrottle, SimpleRateThrottle
 from rest_framework.views import APIView
 
 from .. import services, thumbnails
@@ -30,6 +27,7 @@ from ..waiting import AUTHENTICATED, LEGACY
 from .deferred import answer
 from .errors import exception_handler, parse_json_object
 from .responses import Servable, serve
+from .throttling import LeakyBucketThrottle
 
 SPEC_VERSIONS = [
     "r0.0.1",
@@ -65,32 +63,14 @@ class JSONOnlyNegotiation(BaseContentNegotiation):
         return renderers[0], renderers[0].media_type
 
 
-class CreateMediaThrottle(BaseThrottle):
-    """``MSC3870["CREATE_RATE"]`` ("N/period") per Matrix user, read on each request, as a
-    leaky bucket (Synapse's rate limiter): bursts of up to N, refilled at N per period.
-    One small cache entry per user, whatever the rate (DRF's SimpleRateThrottle keeps a
-    timestamp per request)."""
+class CreateMediaThrottle(LeakyBucketThrottle):
+    """``MSC3870["CREATE_RATE"]`` per Matrix user."""
 
-    def __init__(self) -> None:
-        self.retry_after: float | None = None
+    scope = "create"
+    setting = "CREATE_RATE"
 
-    def allow_request(self, request: Request, view: APIView) -> bool:
-        rate = app_settings.CREATE_RATE
-        if not rate:
-            return True
-        capacity, period = SimpleRateThrottle.parse_rate(None, rate)  # type: ignore[arg-type]
-        key = f"msc3870:throttle:create:{request.user}"
-        now = time.time()
-        level, at = cache.get(key) or (0.0, now)
-        level = max(0.0, level - (now - at) * capacity / period)
-        if level + 1 > capacity:
-            self.retry_after = (level + 1 - capacity) * period / capacity
-            return False
-        cache.set(key, (level + 1, now), period)
-        return True
-
-    def wait(self) -> float | None:
-        return self.retry_after
+    def rate(self) -> str | None:
+        return app_settings.CREATE_RATE
 
 
 class MatrixJSONRenderer(JSONRenderer):

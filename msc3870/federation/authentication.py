@@ -9,16 +9,12 @@ per origin server.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Any
 
-from django.core.cache import cache
-from django.core.exceptions import ImproperlyConfigured
 from rest_framework.authentication import BaseAuthentication
 from rest_framework.request import Request
-from rest_framework.throttling import BaseThrottle, SimpleRateThrottle
 
+from ..api.throttling import LeakyBucketThrottle
 from ..conf import app_settings
 from .xmatrix import authenticate_request
 
@@ -49,45 +45,13 @@ class XMatrixAuthentication(BaseAuthentication):
         return "X-Matrix"
 
 
-def leaky_bucket(key: str, rate: str, setting: str) -> float | None:
-    """Count one request against the bucket at ``key`` with capacity N refilled at N per
-    period (``rate`` is "N/period", DRF's syntax); None if it fits, else the seconds until
-    it would. One small cache entry per key, whatever the rate (the shared cache, so all
-    web processes count together when ``REDIS_URL`` is set)."""
-    try:
-        capacity, period = SimpleRateThrottle.parse_rate(None, rate)  # type: ignore[arg-type]
-    except (KeyError, ValueError, IndexError) as exc:
-        raise ImproperlyConfigured(
-            f"MSC3870[{setting!r}] must look like '600/min' (N per s, min, hour or day)"
-        ) from exc
-    if not capacity or not period:
-        raise ImproperlyConfigured(f"MSC3870[{setting!r}] must allow at least one request")
-    now = time.time()
-    level, at = cache.get(key) or (0.0, now)
-    level = max(0.0, level - (now - at) * capacity / period)
-    if level + 1 > capacity:
-        return (level + 1 - capacity) * period / capacity
-    cache.set(key, (level + 1, now), period)
-    return None
-
-
-class OriginThrottle(BaseThrottle):
+class OriginThrottle(LeakyBucketThrottle):
     """``MSC3870["FEDERATION_MEDIA_RATE"]`` per origin server (download and thumbnail
     share one bucket). Runs after authentication, so only a server that proved who it is
     spends its own budget: unsigned requests cannot use up another server's."""
 
     scope = "federation-media"
+    setting = "FEDERATION_MEDIA_RATE"
 
-    def __init__(self) -> None:
-        self.retry_after: float | None = None
-
-    def allow_request(self, request: Request, view: Any) -> bool:
-        rate = app_settings.FEDERATION_MEDIA_RATE
-        if not rate:
-            return True
-        key = f"msc3870:throttle:{self.scope}:{request.user}"
-        self.retry_after = leaky_bucket(key, rate, "FEDERATION_MEDIA_RATE")
-        return self.retry_after is None
-
-    def wait(self) -> float | None:
-        return self.retry_after
+    def rate(self) -> str | None:
+        return app_settings.FEDERATION_MEDIA_RATE
