@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from msc3870 import wakeup
 
 
 @dataclass
@@ -95,3 +98,22 @@ def request(
 
 async def call(app: Any, method: str, path: str, **kwargs: Any) -> Reply:
     return await request(app, method, path, **kwargs).reply()
+
+
+def run(scenario: Callable[[], Any]) -> Any:
+    """Run an async scenario on a new loop, bounded (a hang fails, never hangs)."""
+    return asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def parked() -> int:
+    """Requests parked on this process's wake-up hub."""
+    hub = wakeup.current_hub()
+    return hub.waiting if hub is not None else 0

@@ -143,3 +143,17 @@ def _on_commit_runs_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
         func()
 
     monkeypatch.setattr(transaction, "on_commit", run_now)
+
+
+@pytest.fixture
+def app(transactional_db: None) -> Iterator[Any]:
+    """The ASGI application (msc3870.asgi.MediaASGIHandler) with 2 threads, driven in
+    process by tests/asgi_driver.py; its pool threads need committed data, hence
+    transactional_db."""
+    from msc3870 import wakeup
+    from msc3870.asgi import MediaASGIHandler
+
+    handler = MediaASGIHandler(threads=2)
+    yield handler
+    handler.executor.shutdown(wait=True)
+    wakeup._hub = None

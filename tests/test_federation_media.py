@@ -6,10 +6,9 @@ the parser Synapse reads them with, driven the way Synapse drives it."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -25,7 +24,7 @@ from PIL import Image
 from python_multipart import MultipartParser
 from signedjson.key import generate_signing_key
 
-from msc3870 import moderation, wakeup
+from msc3870 import moderation
 from msc3870.asgi import MediaASGIHandler
 from msc3870.auth import token_cache
 from msc3870.conf import app_settings
@@ -33,7 +32,7 @@ from msc3870.federation import keyring
 from msc3870.federation.xmatrix import sign_request
 from msc3870.models import Media, MediaState
 
-from .asgi_driver import call, request
+from .asgi_driver import call, parked, request, run, until
 from .conftest import MatrixClient, make_token, media_of, msc3870_settings, mxc_path, png_bytes
 from .federation_helpers import FakeRemote
 from .test_s3_store import BUCKET, s3_storages
@@ -476,31 +475,6 @@ def test_a_bad_rate_setting_names_itself(served: str, remote: FakeRemote) -> Non
 
 
 # --- waiting for pending media, through the ASGI handler ------------------------------
-
-
-@pytest.fixture
-def app(transactional_db: None) -> Iterator[MediaASGIHandler]:
-    handler = MediaASGIHandler(threads=2)
-    yield handler
-    handler.executor.shutdown(wait=True)
-    wakeup._hub = None
-
-
-def run(scenario: Callable[[], Any]) -> Any:
-    return asyncio.run(asyncio.wait_for(scenario(), 60))
-
-
-async def until(predicate: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
-def parked() -> int:
-    hub = wakeup.current_hub()
-    return hub.waiting if hub is not None else 0
 
 
 def test_a_pending_id_is_answered_once_uploaded_without_holding_a_thread(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,7 +18,7 @@ from msc3870.asgi import MediaASGIHandler
 from msc3870.auth import token_cache
 from msc3870.models import AccessToken, Media, MediaState
 
-from .asgi_driver import Reply, call, request
+from .asgi_driver import Reply, call, parked, request, run, until
 from .conftest import MatrixClient, make_token, msc3870_settings, mxc_path
 
 S = MediaState
@@ -95,14 +95,6 @@ def test_token_cache_can_be_turned_off(alice: MatrixClient) -> None:
 
 
 @pytest.fixture
-def app(transactional_db: None) -> Iterator[MediaASGIHandler]:
-    handler = MediaASGIHandler(threads=2)
-    yield handler
-    handler.executor.shutdown(wait=True)
-    wakeup._hub = None
-
-
-@pytest.fixture
 def token(transactional_db: None) -> str:
     token_cache.clear()
     return make_token("@alice:localhost")
@@ -112,27 +104,10 @@ def bearer(token: str, **extra: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}", **extra}
 
 
-def run(scenario: Callable[[], Any]) -> Any:
-    return asyncio.run(asyncio.wait_for(scenario(), 60))
-
-
 async def created_path(app: MediaASGIHandler, token: str) -> str:
     reply = await call(app, "POST", "/_matrix/media/v1/create", headers=bearer(token))
     assert reply.status == 200, reply.body
     return mxc_path(reply.json()["content_uri"])
-
-
-async def until(predicate: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
-def parked() -> int:
-    hub = wakeup.current_hub()
-    return hub.waiting if hub is not None else 0
 
 
 def test_waiting_downloads_hold_no_thread_and_all_get_the_bytes(
