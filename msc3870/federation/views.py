@@ -17,18 +17,15 @@ from typing import Any
 
 from django.db import transaction
 from django.http import HttpResponse, HttpResponseBase, StreamingHttpResponse
-from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.permissions import AllowAny, IsAuthenticated
-from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from .. import services, thumbnails
 from ..api.deferred import answer
-from ..api.errors import exception_handler
 from ..api.headers import add_security_headers
 from ..api.responses import CACHE_SECONDS, Servable
+from ..api.views import MatrixView
 from ..conf import app_settings
 from ..models import Media
 from ..storage import get_store
@@ -38,50 +35,26 @@ from .keys import key_server_response
 from .multipart import MultipartMedia
 
 
-class _JSONOnly(BaseContentNegotiation):
-    """JSON whatever the Accept header says (no 406 for a browser's Accept)."""
-
-    def select_parser(self, request: Request, parsers: list[Any]) -> Any:
-        return parsers[0] if parsers else None
-
-    def select_renderer(
-        self, request: Request, renderers: list[BaseRenderer], format_suffix: str | None = None
-    ) -> tuple[BaseRenderer, str]:
-        return renderers[0], renderers[0].media_type
-
-
-class KeyServerView(APIView):
+class KeyServerView(MatrixView):
     """Unauthenticated, as the spec has it. The deprecated ``/{keyId}`` suffix answers
     the same (every key), as Synapse does."""
 
     authentication_classes: list[Any] = []
     permission_classes = [AllowAny]
-    renderer_classes = [JSONRenderer]
-    parser_classes: list[Any] = []
-    content_negotiation_class = _JSONOnly
-    throttle_classes: list[Any] = []
-
-    def get_exception_handler(self) -> Any:
-        return exception_handler
 
     def get(self, request: Request, key_id: str | None = None) -> Response:
         return Response(key_server_response())
 
 
-class FederationView(APIView):
+class FederationView(MatrixView):
     """Base of the endpoints that answer other servers: X-Matrix (401 ``M_UNAUTHORIZED``
-    for anything that does not verify, the destination included), a per-origin rate,
-    Matrix JSON errors, all configured here so a host's REST_FRAMEWORK changes nothing."""
+    for anything that does not verify, the destination included), a per-origin rate;
+    every other DRF policy pinned by ``MatrixView``, so a host's REST_FRAMEWORK changes
+    nothing."""
 
     authentication_classes = [XMatrixAuthentication]
     permission_classes = [IsAuthenticated]
-    renderer_classes = [JSONRenderer]
-    parser_classes: list[Any] = []
-    content_negotiation_class = _JSONOnly
     throttle_classes = [OriginThrottle]
-
-    def get_exception_handler(self) -> Any:
-        return exception_handler
 
     @classmethod
     def as_route(cls) -> Any:
