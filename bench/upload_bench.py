@@ -754,6 +754,487 @@ def report(results: list[FlowResult], info: dict[str, Any], args: argparse.Names
     return "\n".join(out)
 
 
+# ------------------------------------------------------------------ --compare (issue 9)
+#
+# One run, beside Synapse: for each size, the bare presigned PUT to the store (the limit),
+# create -> PUT to upload_url -> /complete on this server, and Synapse's create -> PUT
+# (MSC2246 through the homeserver); the time from the start of an upload until a
+# recipient already waiting on the id gets the first byte; the CPU of every process of
+# each server per GiB uploaded. This server runs as `make run` does (gunicorn + uvicorn
+# workers, mediarepo.asgi, tasks in-process unless --celery) under each --policies entry.
+
+SYNAPSE_SCRIPT = ROOT / "scripts" / "synapse"
+SYNAPSE_PYTHON = ROOT / ".venv-synapse" / "bin" / "python"
+POLICY_ENV: dict[str, dict[str, str]] = {
+    # Default: /complete answers on metadata; SHA-256 (dedup, block list) after it.
+    "default": {},
+    # The full-object checks skipped: size and sniffed type only (no SHA-256, no dedup).
+    "metadata-only": {
+        "MSC3870_CHECKS": "msc3870.screening.check_size,msc3870.screening.check_content_type"
+    },
+    # /complete waits for the verdict (the behaviour before issue 9).
+    "wait": {"MSC3870_COMPLETE_WAITS_FOR_CHECKS": "1"},
+}
+
+
+def tree_cpu(root_pid: int) -> float:
+    """user+system of a process and all its descendants, with what they reaped."""
+    import psutil
+
+    total = 0.0
+    try:
+        root = psutil.Process(root_pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+class Recipient(threading.Thread):
+    """Asks for the media as soon as its id exists (waiting, MSC2246) and notes when the
+    first byte of the answer arrives; then reads and hashes the rest."""
+
+    def __init__(self, url: str, headers: dict[str, str]) -> None:
+        super().__init__(daemon=True)
+        self.url, self.headers = url, headers
+        self.first_byte_at = 0.0
+        self.status = 0
+        self.sha256 = ""
+        self.error = ""
+
+    def run(self) -> None:
+        try:
+            parts = urlsplit(self.url)
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=600)
+            conn.request("GET", f"{parts.path}?{parts.query}", headers=self.headers)
+            response = conn.getresponse()
+            self.status = response.status
+            digest = hashlib.sha256()
+            first = response.read(1)
+            self.first_byte_at = time.monotonic()
+            digest.update(first)
+            while chunk := response.read(MiB):
+                digest.update(chunk)
+            self.sha256 = digest.hexdigest()
+            conn.close()
+        except Exception as exc:  # reported, not raised: the thread is joined later
+            self.error = repr(exc)
+
+
+class BenchSynapse:
+    """Synapse from ``scripts/synapse`` (its own venv, SQLite, media on local disk), with
+    max_upload_size raised for the largest size (an extra config file)."""
+
+    def __init__(self, data_dir: Path, max_upload: int) -> None:
+        self.data_dir, self.max_upload = data_dir, max_upload
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def _script(self, *args: str) -> None:
+        env = {**os.environ, "SYNAPSE_DIR": str(self.data_dir), "SYNAPSE_PORT": str(self.port)}
+        subprocess.run(
+            [str(SYNAPSE_SCRIPT), *args], cwd=ROOT, env=env, check=True, capture_output=True
+        )
+
+    def start(self) -> None:
+        # The script writes the config, keys and secrets; it is then restarted with one
+        # more config file (Synapse merges every -c).
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._script("start", "--fresh")
+        self._script("stop")
+        extra = self.data_dir / "bench.yaml"
+        extra.write_text(f"max_upload_size: {self.max_upload}\nmax_pending_media_uploads: 100\n")
+        log = open(self.data_dir / "bench-synapse.log", "ab")  # noqa: SIM115 - the child's
+        self.process = subprocess.Popen(
+            [
+                str(SYNAPSE_PYTHON),
+                "-m",
+                "synapse.app.homeserver",
+                "-c",
+                str(self.data_dir / "homeserver.yaml"),
+                "-c",
+                str(extra),
+            ],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+        def answers() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"synapse exited; see {self.data_dir}/bench-synapse.log")
+            try:
+                return request("GET", self.url + "/_matrix/client/versions")[0] == 200
+            except OSError:
+                return False
+
+        wait_until(answers, 120, "synapse to answer")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+    def version(self) -> str:
+        out = subprocess.run(
+            [str(SYNAPSE_PYTHON), "-c", "import synapse; print(synapse.__version__)"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        return out.stdout.strip().split(" ")[0]
+
+    def register(self, localpart: str) -> str:
+        import hmac
+
+        secret = (self.data_dir / "registration_shared_secret").read_text().strip()
+        endpoint = self.url + "/_synapse/admin/v1/register"
+        nonce = json.loads(request("GET", endpoint)[1])["nonce"]
+        password = "bench-" + localpart
+        mac = hmac.new(
+            secret.encode(),
+            "\0".join((nonce, localpart, password, "notadmin")).encode(),
+            hashlib.sha1,
+        ).hexdigest()
+        body = {"nonce": nonce, "username": localpart, "password": password, "mac": mac}
+        status, raw = request(
+            "POST",
+            endpoint,
+            headers={"Content-Type": "application/json"},
+            body=json.dumps(body).encode(),
+            timeout=60,
+        )
+        if status != 200:
+            raise RuntimeError(f"synapse register: {status} {raw[:200]!r}")
+        return str(json.loads(raw)["access_token"])
+
+
+def make_run_stack(
+    base_env: dict[str, str], policy: str, logs: Path, celery: bool
+) -> tuple[Stack, subprocess.Popen[bytes], list[int]]:
+    """This server as `make run` starts it (ASGI), one web process; the root PIDs whose
+    process trees are measured."""
+    logs.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {
+        **base_env,
+        **POLICY_ENV[policy],
+        "PORT": str(port),
+        "PUBLIC_BASEURL": f"http://127.0.0.1:{port}",
+        "MEDIAREPO_DATA_DIR": str(logs / "data"),
+        "WEB_CONCURRENCY": "1",
+    }
+    if not celery:
+        env.pop("CELERY_BROKER_URL", None)
+    stack = Stack(env=env, logs=logs, port=port)
+    server = stack.spawn(
+        "server", [str(BIN / "gunicorn"), "-c", "mediarepo/gunicorn.conf.py", "mediarepo.asgi"]
+    )
+
+    def answers() -> bool:
+        if server.poll() is not None:
+            raise RuntimeError(f"gunicorn exited; see {logs / 'server.log'}")
+        try:
+            return request("GET", stack.base_url + "/_matrix/client/versions")[0] == 200
+        except OSError:
+            return False
+
+    wait_until(answers, 60, "gunicorn to answer")
+    roots = [server.pid]
+    if celery:
+        worker = stack.spawn(
+            "celery",
+            [
+                *(str(BIN / "celery"), "-A", "mediarepo", "worker", "-c", "1", "-l", "info"),
+                *("--without-gossip", "--without-mingle", "-n", f"bench-{os.getpid()}@%h"),
+            ],
+        )
+        wait_until(
+            lambda: (
+                b" ready." in (logs / "celery.log").read_bytes()
+                if (logs / "celery.log").exists()
+                else False
+            ),
+            90,
+            "the celery worker",
+        )
+        roots.append(worker.pid)
+    return stack, server, roots
+
+
+def bare_put(size: int) -> float:
+    """A presigned PUT straight to the bench bucket: what the store alone takes."""
+    import boto3
+    from botocore.config import Config
+
+    env = s3_env()
+    client = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_S3_ENDPOINT_URL"],
+        region_name=env["AWS_S3_REGION_NAME"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
+    )
+    key = f"bare/{os.urandom(8).hex()}"
+    url = client.generate_presigned_url(
+        "put_object", Params={"Bucket": env["AWS_STORAGE_BUCKET_NAME"], "Key": key}, ExpiresIn=600
+    )
+    t0 = time.monotonic()
+    conn, status, raw, _ = stream_put(url, size, {})
+    wall = time.monotonic() - t0
+    conn.close()
+    if status != 200:
+        raise RuntimeError(f"bare PUT answered {status}: {raw[:200]!r}")
+    client.delete_object(Bucket=env["AWS_STORAGE_BUCKET_NAME"], Key=key)
+    return wall
+
+
+def one_upload(
+    kind: str, base_url: str, token: str, size: int, cpu_roots: list[int], database_url: str
+) -> dict[str, Any]:
+    """create -> (recipient waiting) -> PUT -> /complete (url) for ``kind`` "url" (this
+    server) or "synapse" (MSC2246 PUT through Synapse). Wall times from the start of the
+    upload; CPU of ``cpu_roots``' trees until the media is decided (this server) or
+    downloaded (Synapse: it is decided once the PUT answered)."""
+    auth = {"Authorization": f"Bearer {token}"}
+    cpu0 = sum(tree_cpu(pid) for pid in cpu_roots)
+    t0 = time.monotonic()
+    status, raw = request(
+        "POST",
+        base_url + "/_matrix/media/v1/create",
+        headers={**auth, "Content-Type": "application/json"},
+        body=b"{}",
+    )
+    if status != 200:
+        raise RuntimeError(f"{kind} /create: {status} {raw[:200]!r}")
+    created = json.loads(raw)
+    server_name, media_id = created["content_uri"].removeprefix("mxc://").split("/")
+    recipient = Recipient(
+        f"{base_url}/_matrix/client/v1/media/download/{server_name}/{media_id}?timeout_ms=120000",
+        auth,
+    )
+    recipient.start()
+    t_create = time.monotonic() - t0
+    if kind == "url":
+        conn, status, raw, sha256 = stream_put(created["upload_url"], size, {})
+    else:
+        target = f"{base_url}/_matrix/media/v3/upload/{server_name}/{media_id}?filename=b.bin"
+        conn, status, raw, sha256 = stream_put(target, size, auth)
+    t_put = time.monotonic() - t0
+    conn.close()
+    if status != 200:
+        raise RuntimeError(f"{kind} PUT: {status} {raw[:200]!r}")
+    t_done = t_put
+    if kind == "url":
+        status, raw = request(
+            "POST",
+            f"{base_url}/_matrix/media/v1/upload/{server_name}/{media_id}/complete",
+            headers={**auth, "Content-Type": "application/json"},
+            body=b"{}",
+            timeout=300,
+        )
+        t_done = time.monotonic() - t0
+        if status != 200:
+            raise RuntimeError(f"/complete: {status} {raw[:200]!r}")
+    recipient.join(600)
+    t_first_byte = recipient.first_byte_at - t0 if recipient.first_byte_at else float("nan")
+    decided = t_done
+    if kind == "url":
+        row = decided_row(database_url, media_id)
+        decided = time.monotonic() - t0
+        if row["state"] != "complete":
+            raise RuntimeError(f"row {row}")
+    time.sleep(0.5)  # the background screening thread returns, the worker acknowledges
+    cpu = sum(tree_cpu(pid) for pid in cpu_roots) - cpu0
+    return {
+        "create_s": t_create,
+        "put_done_s": t_put,
+        "answered_s": t_done,
+        "decided_s": decided,
+        "first_byte_s": t_first_byte,
+        "cpu_s": cpu,
+        "verified": recipient.status == 200 and recipient.sha256 == sha256,
+        "recipient_error": recipient.error,
+    }
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else float("nan")
+
+
+def compare_main(args: argparse.Namespace) -> None:
+    sizes = [int(s) for s in args.sizes.split(",")]
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    if unknown := set(policies) - set(POLICY_ENV):
+        sys.exit(f"unknown policies: {unknown}")
+    info = machine_info()
+    logs = Path(tempfile.mkdtemp(prefix="upload-compare-", dir=args.workdir))
+    s3 = S3Server(manage=not args.external_s3, wait_for_ports=args.wait_s3_ports)
+    database_url = recreate_database(DB_NAME)
+    base_env = {
+        **os.environ,
+        **s3_env(),
+        "DJANGO_SETTINGS_MODULE": "mediarepo.settings",
+        "DATABASE_URL": database_url,
+        "DJANGO_SECRET_KEY": "bench-" + os.urandom(16).hex(),
+        "CELERY_BROKER_URL": BROKER_URL,
+        "MSC3870_MAX_UPLOAD_SIZE": str(max(sizes) * MiB + MiB),
+        "MSC3870_COMPLETE_WAIT_SECONDS": "120",
+        "MSC3870_MAX_PENDING_UPLOADS": "100",
+        "MSC3870_CREATE_RATE": "10000/min",
+        "PYTHONUNBUFFERED": "1",
+    }
+    base_env.pop("REDIS_URL", None)
+    results: dict[str, Any] = {"machine": info, "loadavg": [], "runs": []}
+    synapse = BenchSynapse(logs / "synapse", max(sizes) * MiB + MiB) if args.synapse else None
+    try:
+        s3.start()
+        subprocess.run(
+            [str(PYTHON), "manage.py", "migrate", "--noinput", "-v", "0"],
+            cwd=ROOT,
+            env=base_env,
+            check=True,
+        )
+        token = (
+            subprocess.run(
+                [str(PYTHON), "manage.py", "create_access_token", USER_ID, "--label", "bench"],
+                cwd=ROOT,
+                env=base_env,
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+        subjects: list[tuple[str, str, str, list[int]]] = []
+        stacks: list[Stack] = []
+        for policy in policies:
+            flush_broker()
+            stack, _, roots = make_run_stack(base_env, policy, logs / policy, args.celery)
+            stacks.append(stack)
+            subjects.append((f"this server ({policy})", "url", stack.base_url, roots))
+        if synapse is not None:
+            synapse.start()
+            results["synapse_version"] = synapse.version()
+            assert synapse.process is not None
+            subjects.append(("Synapse", "synapse", synapse.url, [synapse.process.pid]))
+            synapse_token = synapse.register("bench")
+        # Warm-up: imports, connection pools, first queries (not the upload's cost).
+        for _, kind, url, roots in subjects:
+            one_upload(
+                kind,
+                url,
+                synapse_token if kind == "synapse" else token,
+                4 * MiB,
+                roots,
+                database_url,
+            )
+        for size_mib in sizes:
+            size = size_mib * MiB
+            for repeat in range(args.repeat):
+                results["loadavg"].append(load_average())
+                run = {"size_mib": size_mib, "repeat": repeat, "bare_put_s": bare_put(size)}
+                for name, kind, url, roots in subjects:
+                    tok = synapse_token if kind == "synapse" else token
+                    run[name] = one_upload(kind, url, tok, size, roots, database_url)
+                results["runs"].append(run)
+                print(f"{size_mib} MiB #{repeat}: " + json.dumps(run), file=sys.stderr, flush=True)
+        for stack in stacks:
+            stack.stop()
+    finally:
+        if synapse is not None:
+            synapse.stop()
+        s3.stop()
+        drop_database(DB_NAME)
+        if not args.keep_logs:
+            shutil.rmtree(logs, ignore_errors=True)
+    results["loadavg"].append(load_average())
+    text = compare_report(results, [s[0] for s in subjects], sizes)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    failed = [
+        (run["size_mib"], name)
+        for run in results["runs"]
+        for name in (s[0] for s in subjects)
+        if not run[name]["verified"]
+    ]
+    if failed:
+        sys.exit(f"verification FAILED: {failed}")
+
+
+def compare_report(results: dict[str, Any], names: list[str], sizes: list[int]) -> str:
+    info = results["machine"]
+    out = [
+        f"{info['date']}; {info['nproc']} CPUs; git {info['git_head']}"
+        + (f" (modified: {info['git_dirty']})" if info["git_dirty"] else "")
+        + f"; Synapse {results.get('synapse_version', '-')}; load average during the run: "
+        + ", ".join(results["loadavg"]),
+        "",
+        "Medians over the repeats. 'answered': create + PUT + /complete (this server) or "
+        "create + PUT (Synapse), from the start of the upload; 'vs bare': the bare presigned "
+        "PUT's wall time divided by it (1.0 = the store's own speed); 'first byte': a "
+        "recipient waiting on the id since /create gets its first byte; CPU: every process "
+        "of that server until the media is decided.",
+        "",
+    ]
+    rows = []
+    for size_mib in sizes:
+        runs = [r for r in results["runs"] if r["size_mib"] == size_mib]
+        bare = _median([r["bare_put_s"] for r in runs])
+        rows.append(
+            [f"{size_mib} MiB", "bare presigned PUT", f"{bare:.2f}", "1.00", "", "", "", ""]
+        )
+        synapse_cpu = None
+        if "Synapse" in names:
+            synapse_cpu = _median([r["Synapse"]["cpu_s"] for r in runs]) / (size_mib / 1024)
+        for name in names:
+            m = {k: _median([r[name][k] for r in runs]) for k in runs[0][name] if k.endswith("_s")}
+            per_gib = m["cpu_s"] / (size_mib / 1024)
+            rows.append(
+                [
+                    f"{size_mib} MiB",
+                    name,
+                    f"{m['answered_s']:.2f}",
+                    f"{bare / m['answered_s']:.2f}",
+                    f"{m['decided_s']:.2f}",
+                    f"{m['first_byte_s']:.2f}",
+                    f"{per_gib:.2f}",
+                    "" if synapse_cpu is None else f"{100 * per_gib / synapse_cpu:.0f} %",
+                ]
+            )
+    out.append(
+        markdown_table(
+            [
+                "size",
+                "path",
+                "answered s",
+                "vs bare",
+                "decided s",
+                "first byte s",
+                "CPU s per GiB",
+                "CPU vs Synapse",
+            ],
+            rows,
+        )
+    )
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=256)
@@ -782,7 +1263,26 @@ def main() -> None:
     parser.add_argument("--keep-logs", action="store_true", help="keep gunicorn/celery logs")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--workdir", default=str(ROOT / "var"), help="where logs go")
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="issue 9: bare presigned PUT vs create+PUT+/complete vs Synapse, time to first "
+        "byte for a waiting recipient, CPU per GiB (see the comment above compare_main)",
+    )
+    parser.add_argument("--sizes", default="1,32,256", help="--compare: MiB, comma-separated")
+    parser.add_argument("--repeat", type=int, default=3, help="--compare: runs per size")
+    parser.add_argument(
+        "--policies",
+        default="default,metadata-only,wait",
+        help="--compare: " + ", ".join(POLICY_ENV),
+    )
+    parser.add_argument("--celery", action="store_true", help="--compare: a celery worker")
+    parser.add_argument("--no-synapse", dest="synapse", action="store_false")
     args = parser.parse_args()
+    if args.compare:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
+        compare_main(args)
+        return
     flows = [f.strip() for f in args.flows.split(",") if f.strip()]
     if unknown := set(flows) - set(FLOW_NAMES):
         parser.error(f"unknown flows: {unknown}")
