@@ -27,9 +27,6 @@ if TYPE_CHECKING:
 
 # puremagic looks at the first and last bytes; 8 KiB covers every signature it knows.
 SNIFF_BYTES = 8192
-# Whole-object reads (hash, scan) go in chunks this large: fewer, bigger reads cost less
-# CPU per byte than the 1 MiB chunks of downloads.
-WHOLE_READ_CHUNK = 8 * 1024 * 1024
 UNKNOWN_TYPE = "application/octet-stream"
 # What clients and stores say when they do not know the type.
 UNDECLARED_TYPES = frozenset({"", UNKNOWN_TYPE, "binary/octet-stream"})
@@ -114,7 +111,7 @@ class ScreeningContext:
             scan = ClamdStream(app_settings.CLAMAV_URL, app_settings.CLAMAV_TIMEOUT_SECONDS)
         digest = hashlib.sha256()
         try:
-            for chunk in self.store.iter_bytes(self.key, chunk_size=WHOLE_READ_CHUNK):
+            for chunk in self.store.read_whole(self.key):
                 digest.update(chunk)
                 if scan is not None:
                     scan.send(chunk)
@@ -315,9 +312,7 @@ def check_clamav(ctx: ScreeningContext) -> None:
         from .clamav import scan_stream
 
         verdict = scan_stream(
-            url,
-            ctx.store.iter_bytes(ctx.key, chunk_size=WHOLE_READ_CHUNK),
-            app_settings.CLAMAV_TIMEOUT_SECONDS,
+            url, ctx.store.read_whole(ctx.key), app_settings.CLAMAV_TIMEOUT_SECONDS
         )
     if verdict is not None:
         raise Rejection(f"Upload rejected by the virus scanner: {verdict}")

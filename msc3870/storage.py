@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from .models import Media
 
 CHUNK_SIZE = 1024 * 1024
+# Whole-object reads (hash, scan) ask for chunks this large: fewer calls per byte.
+WHOLE_READ_CHUNK = 8 * 1024 * 1024
 
 
 class Readable(Protocol):
@@ -116,6 +118,11 @@ class MediaStore(ABC):
         self, key: str, start: int = 0, end: int | None = None, chunk_size: int = CHUNK_SIZE
     ) -> Iterator[bytes]:
         """Stream bytes ``start``..``end`` (inclusive; None = to the end)."""
+
+    def read_whole(self, key: str) -> Iterator[bytes | memoryview]:
+        """The whole object, in large chunks, for hashing and scanning. A chunk may be a
+        view of a buffer reused for the next one: use it before asking for the next."""
+        yield from self.iter_bytes(key, chunk_size=WHOLE_READ_CHUNK)
 
     @abstractmethod
     def write_stream(

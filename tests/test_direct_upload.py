@@ -207,7 +207,7 @@ def test_store_sha256_of_the_copy_spares_the_read(
     data = b"hashed by the store"
     digest = hashlib.sha256(data).hexdigest()
     monkeypatch.setattr(S3MediaStore, "_copy_object", lambda *a: _copy_returning(digest, *a))
-    monkeypatch.setattr(S3MediaStore, "iter_bytes", lambda *a, **kw: pytest.fail("read back"))
+    monkeypatch.setattr(S3MediaStore, "read_whole", lambda *a, **kw: pytest.fail("read back"))
     created = alice.create()
     client_put(s3, created, data, "text/plain")
     assert complete(alice, created["content_uri"]).status_code == 200
@@ -299,13 +299,14 @@ def test_hash_and_scan_share_one_read(
 ) -> None:
     clamd = FakeClamd()
     reads: list[str] = []
-    real = S3MediaStore.iter_bytes
+    real_whole = S3MediaStore.read_whole
 
-    def counted(self: S3MediaStore, key: str, *args: Any, **kwargs: Any) -> Any:
+    def whole(self: S3MediaStore, key: str) -> Any:
         reads.append(key)
-        return real(self, key, *args, **kwargs)
+        return real_whole(self, key)
 
-    monkeypatch.setattr(S3MediaStore, "iter_bytes", counted)
+    monkeypatch.setattr(S3MediaStore, "read_whole", whole)
+    monkeypatch.setattr(S3MediaStore, "iter_bytes", lambda *a, **kw: pytest.fail("2nd read"))
     monkeypatch.setattr(S3MediaStore, "copy_checksum_refused", True)  # as SeaweedFS: no hash
     data = os.urandom(3 * MiB)
     try:
