@@ -102,14 +102,16 @@ def _screen_in_background(media: Media) -> None:
     _background.submit(run)
 
 
-def reject_before_answer(media: Media, info: ObjectInfo) -> bool:
+def reject_before_answer(media: Media, info: ObjectInfo, prefix: bytes | None = None) -> bool:
     """The checks that need only metadata and a ranged read (``metadata_checks``), run on
     the incoming object of a URL upload before ``/complete`` answers. True if they
     rejected it (then its bytes are deleted, never copied, and the row is REJECTED).
     They run again on the copy that will be served: the client can still overwrite the
-    incoming object until it is moved."""
+    incoming object until it is moved. ``prefix``: its first bytes, if already read."""
     store = get_store()
-    ctx = ScreeningContext(media=media, store=store, key=media.incoming_key, info=info)
+    ctx = ScreeningContext(
+        media=media, store=store, key=media.incoming_key, info=info, _prefix=prefix
+    )
     try:
         for check in metadata_checks():
             check(ctx)

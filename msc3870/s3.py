@@ -154,6 +154,27 @@ class S3MediaStore(MediaStore):
         except BotoCoreError as exc:
             raise _unavailable(exc) from exc
 
+    def head_with_prefix(self, key: str, length: int) -> tuple[ObjectInfo, bytes] | None:
+        # One ranged GET answers both: Content-Range carries the object's size. /complete
+        # waits for this, so one round trip to the store instead of two.
+        try:
+            response = self.client.get_object(
+                Bucket=self.bucket, Key=self._key(key), Range=f"bytes=0-{length - 1}"
+            )
+            prefix = response["Body"].read()
+        except ClientError as exc:
+            if _code(exc) in NOT_FOUND_CODES:
+                return None
+            if _code(exc) == "InvalidRange":  # an empty object has no byte 0
+                info = self.head(key)
+                return None if info is None else (info, b"")
+            raise _unavailable(exc) from exc
+        except BotoCoreError as exc:
+            raise _unavailable(exc) from exc
+        total = str(response.get("ContentRange", "")).rpartition("/")[2]
+        size = int(total) if total.isdigit() else int(response["ContentLength"])
+        return ObjectInfo(size=size, content_type=response.get("ContentType")), prefix
+
     def iter_bytes(
         self, key: str, start: int = 0, end: int | None = None, chunk_size: int = CHUNK_SIZE
     ) -> Iterator[bytes]:

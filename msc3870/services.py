@@ -34,6 +34,7 @@ from .errors import (
     UploadRejected,
 )
 from .models import Media, MediaState, Uploader, UploadMethod
+from .screening import SNIFF_BYTES
 from .storage import (
     ObjectInfo,
     Readable,
@@ -320,7 +321,15 @@ def complete_url_upload(
             wait = app_settings.COMPLETE_WAIT_SECONDS if waits else 0
             return _decision(media, Deadline.after_seconds(wait))
         _check_can_upload(user, media)
-        incoming = get_store().head(media.incoming_key)
+        store = get_store()
+        prefix = None
+        if waits:
+            incoming = store.head(media.incoming_key)
+        elif found := store.head_with_prefix(media.incoming_key, SNIFF_BYTES):
+            # The size and the first bytes decide the answer: one ranged GET gives both.
+            incoming, prefix = found
+        else:
+            incoming = None
         if incoming is None:
             raise NothingUploaded()
         now = timezone.now()
@@ -335,7 +344,7 @@ def complete_url_upload(
         ):
             if waits:
                 return _screen_and_wait(media)
-            return _screen_after_answer(media, incoming)
+            return _screen_after_answer(media, incoming, prefix)
         # Lost a race (another /complete, a PUT, expiry): look again.
     raise CannotOverwrite()
 
@@ -369,12 +378,12 @@ def receive_url_upload(
     return written
 
 
-def _screen_after_answer(media: Media, incoming: ObjectInfo) -> Media:
+def _screen_after_answer(media: Media, incoming: ObjectInfo, prefix: bytes | None) -> Media:
     """Decide what metadata and a ranged read can (an oversized object is refused from its
     HEAD and never copied), then answer while the rest of the screening runs."""
     from .pipeline import dispatch_screening, reject_before_answer
 
-    if reject_before_answer(media, incoming):
+    if reject_before_answer(media, incoming, prefix):
         return _outcome(media)  # raises the rejection
     dispatch_screening(media, background=True)
     return media

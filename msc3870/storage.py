@@ -119,6 +119,14 @@ class MediaStore(ABC):
     ) -> Iterator[bytes]:
         """Stream bytes ``start``..``end`` (inclusive; None = to the end)."""
 
+    def head_with_prefix(self, key: str, length: int) -> tuple[ObjectInfo, bytes] | None:
+        """``head`` and ``read_prefix`` together (stores that can answer both with one
+        request override this); None if there is no object."""
+        info = self.head(key)
+        if info is None:
+            return None
+        return info, self.read_prefix(key, length) if info.size else b""
+
     def read_whole(self, key: str) -> Iterator[bytes | memoryview]:
         """The whole object, in large chunks, for hashing and scanning. A chunk may be a
         view of a buffer reused for the next one: use it before asking for the next."""

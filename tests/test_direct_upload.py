@@ -362,3 +362,33 @@ def test_ensure_media_bucket_says_when_the_store_has_no_lifecycle(
     out = StringIO()
     call_command("ensure_media_bucket", stdout=out)
     assert "does not support lifecycle rules" in out.getvalue()
+
+
+def test_complete_asks_the_store_once_before_answering(
+    s3: Any, alice: MatrixClient, deferred: list[Media]
+) -> None:
+    """Existence, size and the first bytes from one ranged GET (Content-Range has the size):
+    /complete waits for one round trip to the store, not a HEAD and then a GET."""
+    calls: list[str] = []
+    client = get_store().client  # type: ignore[attr-defined]
+    client.meta.events.register("before-call.s3", lambda model, **kw: calls.append(model.name))
+    created = alice.create()
+    data = png_bytes(32, 32)
+    client_put(s3, created, data, "image/png")
+    calls.clear()
+    assert complete(alice, created["content_uri"]).status_code == 200
+    assert calls == ["GetObject"]
+    pipeline.screen_in_process(deferred[0])
+    media = media_of(created["content_uri"])
+    assert (media.state, media.size, media.content_type) == (S.COMPLETE, len(data), "image/png")
+
+
+def test_empty_upload_completes(s3: Any, alice: MatrixClient, deferred: list[Media]) -> None:
+    created = alice.create()
+    client_put(s3, created, b"", "text/plain")
+    assert complete(alice, created["content_uri"]).status_code == 200
+    pipeline.screen_in_process(deferred[0])
+    assert (media_of(created["content_uri"]).state, media_of(created["content_uri"]).size) == (
+        S.COMPLETE,
+        0,
+    )
