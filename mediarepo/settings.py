@@ -243,6 +243,11 @@ MSC3870["FEDERATION_VERIFY_TLS"] = env("MSC3870_FEDERATION_VERIFY_TLS") != "0"
 # Federation media requests per origin server ("600/min"); "0" turns the limit off.
 if _rate := env("MSC3870_FEDERATION_MEDIA_RATE"):
     MSC3870["FEDERATION_MEDIA_RATE"] = None if _rate == "0" else _rate
+# Other servers' media: fetched on request ("0": only what is held is served), how long a
+# failed fetch is remembered, how long one fetch may take.
+MSC3870["FETCH_REMOTE_MEDIA"] = env("MSC3870_FETCH_REMOTE_MEDIA") != "0"
+MSC3870["REMOTE_MEDIA_FAILURE_SECONDS"] = env_int("MSC3870_REMOTE_MEDIA_FAILURE_SECONDS", 60)
+MSC3870["REMOTE_MEDIA_TIMEOUT_SECONDS"] = env_int("MSC3870_REMOTE_MEDIA_TIMEOUT_SECONDS", 120)
 if env("MATRIX_HOMESERVER_URL"):
     MSC3870["HOMESERVER_URL"] = env("MATRIX_HOMESERVER_URL")
     MSC3870["TOKEN_RESOLVER"] = "msc3870.auth.HomeserverTokenResolver"

@@ -167,6 +167,9 @@ SETTING_TYPES: dict[str, SettingType] = {
     "FEDERATION_IP_RANGE_ALLOWLIST": _t(STR_LIST, security=True),
     "FEDERATION_VERIFY_TLS": _t(BOOL, security=True),
     "FEDERATION_MEDIA_RATE": _t(STR, null=True, security=True),
+    "FETCH_REMOTE_MEDIA": _t(BOOL),
+    "REMOTE_MEDIA_FAILURE_SECONDS": _t(INT),
+    "REMOTE_MEDIA_TIMEOUT_SECONDS": _t(NUMBER),
 }
 
 

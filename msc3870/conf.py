@@ -144,6 +144,12 @@ DEFAULTS: dict[str, Any] = {
     # Rate of federation media requests (download and thumbnail together) per origin
     # server, DRF syntax, as a leaky bucket (bursts of N); None = off.
     "FEDERATION_MEDIA_RATE": "600/min",
+    # Other servers' media, fetched when a client asks for it (needs SIGNING_KEY_PATH): a
+    # failed fetch (unreachable, unknown, too large) is answered from the row this long,
+    # then tried again; one fetch may take this long in all (discovery, redirects, bytes).
+    "FETCH_REMOTE_MEDIA": True,
+    "REMOTE_MEDIA_FAILURE_SECONDS": 60,
+    "REMOTE_MEDIA_TIMEOUT_SECONDS": 120,
 }
 
 TYPE_MISMATCH_POLICIES = ("sniffed", "reject", "declared")
@@ -407,6 +413,18 @@ class MSC3870Settings:
     @property
     def FEDERATION_MEDIA_RATE(self) -> str | None:
         return self._get("FEDERATION_MEDIA_RATE")
+
+    @property
+    def FETCH_REMOTE_MEDIA(self) -> bool:
+        return bool(self._get("FETCH_REMOTE_MEDIA"))
+
+    @property
+    def REMOTE_MEDIA_FAILURE_SECONDS(self) -> int:
+        return max(0, int(self._get("REMOTE_MEDIA_FAILURE_SECONDS")))
+
+    @property
+    def REMOTE_MEDIA_TIMEOUT_SECONDS(self) -> float:
+        return max(1.0, float(self._get("REMOTE_MEDIA_TIMEOUT_SECONDS")))
 
 
 def _str_list(name: str, value: Any) -> list[str]:

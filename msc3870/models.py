@@ -27,6 +27,7 @@ class UploadMethod(models.TextChoices):
     URL = "url", "Upload URL + /complete"
     PUT = "put", "PUT to the media server"
     POST = "post", "One-shot POST"
+    REMOTE = "remote", "Fetched from another server"
 
 
 class Media(models.Model):
@@ -109,9 +110,31 @@ class Media(models.Model):
         return f"incoming/{self.media_id}"
 
     @property
+    def is_remote(self) -> bool:
+        return self.upload_method == UploadMethod.REMOTE
+
+    @property
     def served_key(self) -> str:
-        """Where the bytes are moved before they are checked; no URL can write it."""
+        """Where the bytes are moved before they are checked; no URL can write it.
+
+        Another server's media lives under its server name: its ids are chosen by that
+        server and may equal ours (a hostile server could otherwise overwrite our bytes)."""
+        if self.is_remote:
+            return f"remote/{_key_safe(self.server_name)}/{self.media_id[:2]}/{self.media_id}"
         return f"media/{self.media_id[:2]}/{self.media_id}"
+
+    @property
+    def thumbnail_prefix(self) -> str:
+        """The thumbnails of this media are stored under this prefix (same reason)."""
+        if self.is_remote:
+            return f"remote-thumbnails/{_key_safe(self.server_name)}/{self.media_id}"
+        return f"thumbnails/{self.media_id}"
+
+
+def _key_safe(server_name: str) -> str:
+    # Server names hold [A-Za-z0-9.-], brackets and colons; "_" is in none of them, so this
+    # is one-to-one, and no name is "." or ".." (a name starts with a letter, digit or "[").
+    return server_name.replace(":", "_")
 
 
 def digest_token(token: str) -> str:

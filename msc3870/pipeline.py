@@ -264,7 +264,11 @@ def _reject(media: Media, rejection: Rejection, **fields: Any) -> str:
     # uploader hears of the rejection, the bytes are gone. These keys are this media's
     # own (sharing happens only on completion). If the storage fails, the task is retried.
     get_store().delete_many(
-        sorted(object_keys(media.media_id, media.storage_key, media.upload_method, None))
+        sorted(
+            object_keys(
+                media.media_id, media.storage_key, media.upload_method, None, media.server_name
+            )
+        )
     )
     if not lifecycle.transition(
         media,
@@ -306,18 +310,23 @@ def delete_objects(pk: int) -> bool:
 
 
 def object_keys(
-    media_id: str, storage_key: str, upload_method: str, completed_at: object
+    media_id: str,
+    storage_key: str,
+    upload_method: str,
+    completed_at: object,
+    server_name: str = "",
 ) -> set[str]:
     """Only the keys a row's history can have made: an id that expired unused has at most
-    its incoming object, so an expiry batch is one batched delete."""
-    probe = Media(media_id=media_id)
-    keys = {probe.incoming_key}
+    its incoming object, so an expiry batch is one batched delete. Another server's media
+    has no incoming object (its id may be one of ours: never touch our upload's)."""
+    probe = Media(server_name=server_name, media_id=media_id, upload_method=upload_method)
+    keys = set() if probe.is_remote else {probe.incoming_key}
     if upload_method or storage_key:
         keys.add(probe.served_key)
     if storage_key:
         keys.add(storage_key)
     if completed_at:
-        keys.update(thumbnail_keys(media_id))
+        keys.update(thumbnail_keys(probe))
     return keys
 
 
@@ -330,7 +339,9 @@ def delete_objects_of(pks: list[int]) -> int:
     rows = list(
         Media.objects.filter(pk__in=pks, objects_deleted_at__isnull=True)
         .exclude(state__in=lifecycle.LIVE_STATES)
-        .values_list("pk", "media_id", "storage_key", "upload_method", "completed_at")
+        .values_list(
+            "pk", "media_id", "storage_key", "upload_method", "completed_at", "server_name"
+        )
     )
     if not rows:
         return 0

@@ -47,6 +47,15 @@ def delete_objects_task(self: Any, pk: int) -> bool | str:
         return _retry(self, pk, exc)
 
 
+@shared_task(name="msc3870.fetch_remote_media", **TASK_OPTIONS)
+def fetch_remote_media_task(pk: int) -> str:
+    """Not retried by Celery: a fetch that fails marks its row, which requests answer from
+    and fetch again after ``REMOTE_MEDIA_FAILURE_SECONDS``."""
+    from .federation import remote_media
+
+    return remote_media.fetch_remote_media(pk)
+
+
 @shared_task(name="msc3870.expire_pending", **TASK_OPTIONS)
 def expire_pending_task() -> dict[str, int]:
     return vars(maintenance.expire_pending())

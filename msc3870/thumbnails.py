@@ -149,7 +149,7 @@ def thumbnail(media: Media, width: int, height: int, method: str) -> Thumbnail:
         raise CannotThumbnail()
     w, h, method = choose_size(width, height, method)
     output_type = "image/jpeg" if source_type == "image/jpeg" else "image/png"
-    key = f"thumbnails/{media.media_id}/{w}x{h}-{method}"
+    key = f"{media.thumbnail_prefix}/{w}x{h}-{method}"
     store = get_store()
     existing = store.head(key)
     if existing is not None:
@@ -380,6 +380,6 @@ def _convert(strip: Image.Image, work_mode: str) -> Image.Image:
     return strip.convert(work_mode)
 
 
-def thumbnail_keys(media_id: str) -> list[str]:
+def thumbnail_keys(media: Media) -> list[str]:
     """Every key a thumbnail of this media can have (for deletion)."""
-    return [f"thumbnails/{media_id}/{w}x{h}-{m}" for w, h, m in SIZES]
+    return [f"{media.thumbnail_prefix}/{w}x{h}-{m}" for w, h, m in SIZES]

@@ -295,18 +295,27 @@ class DownloadView(MatrixView):
         """Media created after this time is not served to this view (None: all is)."""
         return None
 
+    def fetch_remote(self, request: Request) -> bool:
+        """Whether other servers' media not held yet is fetched for this request."""
+        return True
+
     def get(
         self, request: Request, server_name: str, media_id: str, file_name: str | None = None
     ) -> HttpResponseBase:
         timeout_ms = self.timeout_ms(request)
         frozen_after = self.frozen_after()
+        fetch_remote = self.fetch_remote(request)
         serving = self.serving(request)
         # The name a link asks the browser to save as obeys the upload's rules (no RLO).
         file_name = services.clean_filename(file_name) or None
         return answer(
             request,
             lambda: services.media_for_download(
-                server_name, media_id, timeout_ms=timeout_ms, frozen_after=frozen_after
+                server_name,
+                media_id,
+                timeout_ms=timeout_ms,
+                frozen_after=frozen_after,
+                fetch_remote=fetch_remote,
             ),
             lambda media: serving(Servable.of_media(media, file_name)),
             kind=self.wait_kind,
@@ -356,6 +365,10 @@ class LegacyMediaMixin:
     def frozen_after(self) -> datetime | None:
         return app_settings.LEGACY_MEDIA_FREEZE_AFTER
 
+    def fetch_remote(self, request: Request) -> bool:
+        # The spec's allow_remote (default true): false stops servers fetching in loops.
+        return request.query_params.get("allow_remote", "").lower() != "false"
+
 
 class LegacyDownloadView(LegacyMediaMixin, DownloadView):
     """``/_matrix/media/v3/download``."""
@@ -374,6 +387,7 @@ class ThumbnailView(DownloadView):
         animated = params.get("animated", "").lower() == "true"
         timeout_ms = self.timeout_ms(request)
         frozen_after = self.frozen_after()
+        fetch_remote = self.fetch_remote(request)
         serving = self.serving(request)
 
         def render(media: Media) -> HttpResponseBase:
@@ -386,7 +400,11 @@ class ThumbnailView(DownloadView):
         return answer(
             request,
             lambda: services.media_for_download(
-                server_name, media_id, timeout_ms=timeout_ms, frozen_after=frozen_after
+                server_name,
+                media_id,
+                timeout_ms=timeout_ms,
+                frozen_after=frozen_after,
+                fetch_remote=fetch_remote,
             ),
             render,
             kind=self.wait_kind,

@@ -30,6 +30,7 @@ import socket
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -204,6 +205,27 @@ def guarded_connect(
     raise error
 
 
+# Server discovery (SRV) names a host to connect to that is not the one in the URL: TLS
+# must still verify the URL's host (the server's delegated name). ``connect_to`` maps
+# (URL host, port) to the address to connect to, for the requests of one block.
+_connect_overrides: ContextVar[Mapping[tuple[str, int], tuple[str, int]] | None] = ContextVar(
+    "msc3870_connect_overrides", default=None
+)
+
+
+@contextmanager
+def connect_to(overrides: Mapping[tuple[str, int], tuple[str, int]]) -> Iterator[None]:
+    """Within the block, connections to ``(host, port)`` go to the mapped host and port
+    (still through the address guard); TLS verifies and Host names the URL's host."""
+    token = _connect_overrides.set(
+        {(host.lower(), port): target for (host, port), target in overrides.items()}
+    )
+    try:
+        yield
+    finally:
+        _connect_overrides.reset(token)
+
+
 class _GuardedConnectionMixin:
     """urllib3 connection whose socket comes from ``guarded_connect``.
 
@@ -220,10 +242,13 @@ class _GuardedConnectionMixin:
 
     def _new_conn(self) -> socket.socket:
         timeout = None if self.timeout is _DEFAULT_TIMEOUT else self.timeout
+        host, port = (_connect_overrides.get() or {}).get(
+            (self._dns_host.lower(), self.port), (self._dns_host, self.port)
+        )
         try:
             return guarded_connect(
-                self._dns_host,
-                self.port,
+                host,
+                port,
                 timeout=timeout,
                 source_address=self.source_address,
                 socket_options=self.socket_options,
@@ -413,9 +438,12 @@ def _send_following_redirects(
         if response.status_code == 303 or (response.status_code in (301, 302) and method == "POST"):
             method, data = "GET", None
             headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
-        # Credentials are for the host they were made for.
+        # Credentials are for the host they were made for, and so is a Host header set
+        # by server discovery.
         if urlsplit(next_url).netloc != urlsplit(url).netloc:
-            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            headers = {
+                k: v for k, v in headers.items() if k.lower() not in ("authorization", "host")
+            }
         url = next_url
     raise OutboundError(f"More than {MAX_REDIRECTS} redirects")
 

@@ -1,0 +1,603 @@
+"""Other servers' media, fetched when a client of ours asks for it.
+
+Route of one ``mxc://other.server/id``, top to bottom:
+
+1. ``media_for_download`` (called by ``services.media_for_download``) looks the row up
+   (``server_name`` = the other server). None: it INSERTs one in PROCESSING with upload
+   method ``remote``; the unique constraint on (server_name, media_id) lets exactly one of
+   any number of concurrent requests win, and only the winner starts the fetch (the task
+   ``msc3870.fetch_remote_media``: a Celery worker, or a thread of this process without a
+   broker). Every request, the winner too, then waits for the row to leave PROCESSING on
+   the request plane's wake-up hub, as downloads of local uploads do: no thread per waiter.
+2. ``fetch_remote_media`` (the task) resolves the server (``discovery``), asks its
+   ``/_matrix/federation/v1/media/download/{id}`` signed with our key, and on
+   ``M_UNRECOGNIZED`` the legacy ``/_matrix/media/v3/download/{server}/{id}
+   ?allow_remote=false``. The ``multipart/mixed`` answer is parsed as it streams
+   (python-multipart); a ``Location`` part is followed through ``outbound`` (address guard
+   on every hop, no credentials). ``MAX_UPLOAD_SIZE`` is enforced from ``Content-Length``
+   and while streaming. The bytes go to the row's served key (under ``remote/<server>/``,
+   never where our own ids live), then through the same screening as local uploads
+   (``pipeline.screen_loaded``: type checks, block list, dedup, clamav), which ends in
+   COMPLETE or REJECTED and wakes the waiters.
+3. A failed fetch (unreachable, unknown there, too large, refused address) moves the row to
+   REJECTED with the reason and the status to answer (404 for media the server does not
+   have, else 502), and no storage key. For ``REMOTE_MEDIA_FAILURE_SECONDS`` every request
+   gets that answer from the row at once; after that the next request deletes the dead row
+   (compare-and-set on its state and time: one request wins) and fetches again. Media
+   rejected by screening or by a moderator is never fetched again: its row stays.
+
+Thumbnails of remote media are made here from the fetched original, as for local media.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from email.message import Message
+from functools import partial
+from typing import Any
+from urllib.parse import quote
+
+from django.db import IntegrityError, connection, connections, transaction
+from django.utils import timezone
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from .. import lifecycle, sql
+from ..conf import app_settings
+from ..errors import MatrixError, NotFound, NotYetUploaded, TooLarge
+from ..models import Media, MediaState, UploadMethod
+from ..storage import get_store
+from ..waiting import Deadline, MediaWait
+from . import discovery, outbound
+from .xmatrix import sign_request
+
+log = logging.getLogger(__name__)
+S = MediaState
+
+# The multipart framing around the bytes: boundaries, part headers and the JSON part.
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+MAX_ERROR_BODY_BYTES = 64 * 1024
+# One connect or read may take this long; the whole fetch REMOTE_MEDIA_TIMEOUT_SECONDS.
+REQUEST_TIMEOUT_SECONDS = 30.0
+# A fetch still PROCESSING without bytes this long after the fetch deadline was abandoned
+# (its process died): the next request fails it and fetches again.
+ABANDONED_AFTER_EXTRA_SECONDS = 60
+
+
+class RemoteMediaError(MatrixError):
+    """What a client hears when another server's media could not be fetched."""
+
+    def __init__(self, message: str, *, errcode: str = "M_UNKNOWN", status: int = 502) -> None:
+        self.errcode = errcode
+        self.status = status
+        super().__init__(message)
+
+
+class FetchFailed(Exception):
+    def __init__(self, reason: str, *, errcode: str = "M_UNKNOWN", status: int = 502) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.errcode = errcode
+        self.status = status
+
+
+# ----------------------------------------------------------------------- the request side
+
+
+def fetching_enabled() -> bool:
+    """Fetching needs our signing key (federation is off without ``SIGNING_KEY_PATH``)."""
+    return app_settings.FETCH_REMOTE_MEDIA and bool(app_settings.SIGNING_KEY_PATH)
+
+
+def media_for_download(
+    server_name: str,
+    media_id: str,
+    *,
+    deadline: Deadline,
+    frozen_after: datetime | None = None,
+    fetch: bool = True,
+) -> Media:
+    """The complete media ``mxc://server_name/media_id`` of another server, fetched if
+    ``fetch`` and not held yet; ``MediaWait`` while it is fetched or screened. Without
+    ``fetch`` (``allow_remote=false``) only what is already held is served."""
+    media = sql.media_by_mxc(server_name, media_id)
+    if frozen_after is not None and timezone.now() > frozen_after:
+        # Anything fetched now would be created after the freeze, and not served to this
+        # request anyway.
+        fetch = False
+    if fetch and fetching_enabled():
+        media = _row_to_serve(media, server_name, media_id)
+    return _remote_downloadable(media, deadline=deadline, frozen_after=frozen_after)
+
+
+def is_fetch_failure(media: Media) -> bool:
+    """A row whose fetch failed (as opposed to bytes refused by screening or a moderator,
+    which keep their storage key or their moderator)."""
+    return (
+        media.is_remote
+        and media.state == S.REJECTED
+        and not media.storage_key
+        and not media.moderated_by
+    )
+
+
+def _row_to_serve(media: Media | None, server_name: str, media_id: str) -> Media | None:
+    for _attempt in range(3):
+        if media is None:
+            media = _claim(server_name, media_id)
+            if media is not None:
+                return media
+        elif _abandoned(media):
+            _fail(media, FetchFailed("The fetch was abandoned"))
+            media = _forget_failure(media)
+        elif is_fetch_failure(media) and _failure_forgotten(media):
+            media = _forget_failure(media)
+        else:
+            return media
+    return media
+
+
+def _claim(server_name: str, media_id: str) -> Media | None:
+    """Insert the row that stands for the fetch; the winner starts it. A loser gets the
+    winner's row (None if it vanished meanwhile)."""
+    now = timezone.now()
+    try:
+        with transaction.atomic():
+            media = Media.objects.create(
+                server_name=server_name,
+                media_id=media_id,
+                user_id="",
+                state=S.PROCESSING,
+                unused_expires_at=now,
+                upload_method=UploadMethod.REMOTE,
+                processing_started_at=now,
+            )
+    except IntegrityError:
+        return sql.media_by_mxc(server_name, media_id)
+    dispatch_fetch(media)
+    return media
+
+
+def _failure_forgotten(media: Media) -> bool:
+    age = timezone.now() - media.state_changed_at
+    return age >= timedelta(seconds=app_settings.REMOTE_MEDIA_FAILURE_SECONDS)
+
+
+def _abandoned(media: Media) -> bool:
+    if not (media.is_remote and media.state == S.PROCESSING and not media.storage_key):
+        return False
+    started = media.processing_started_at or media.state_changed_at
+    limit = app_settings.REMOTE_MEDIA_TIMEOUT_SECONDS + ABANDONED_AFTER_EXTRA_SECONDS
+    return timezone.now() - started > timedelta(seconds=limit)
+
+
+def _forget_failure(media: Media) -> Media | None:
+    """Delete a failed fetch's row so that the id can be fetched again. Compare-and-set
+    on its state and time: of racing requests one deletes, the others see the new row."""
+    Media.objects.filter(
+        pk=media.pk, state=S.REJECTED, state_changed_at=media.state_changed_at
+    ).delete()
+    return sql.media_by_mxc(media.server_name, media.media_id)
+
+
+def _remote_downloadable(
+    media: Media | None, *, deadline: Deadline, frozen_after: datetime | None
+) -> Media:
+    from ..services import _downloadable
+
+    if media is None:
+        raise NotFound()
+    if is_fetch_failure(media):
+        raise RemoteMediaError(
+            media.rejection_reason or "Could not fetch the remote media",
+            errcode=media.rejection_errcode or "M_UNKNOWN",
+            status=media.rejection_status or 502,
+        )
+    if media.state == S.PROCESSING:
+        if frozen_after is not None and media.created_at > frozen_after:
+            raise NotFound()
+        if deadline.passed:
+            raise NotYetUploaded()
+        raise MediaWait(
+            media.pk,
+            S.PROCESSING,
+            deadline,
+            partial(_remote_downloadable, deadline=deadline, frozen_after=frozen_after),
+        )
+    return _downloadable(media, deadline, frozen_after=frozen_after)
+
+
+# ----------------------------------------------------------------------- dispatch
+
+
+_threads: ThreadPoolExecutor | None = None
+_threads_lock = threading.Lock()
+
+
+def dispatch_fetch(media: Media) -> None:
+    """Queue the fetch once the row is committed: to Celery, or without a broker on a
+    thread of this process (the request that claimed the row waits on the hub like the
+    others). A broker that refuses fails the fetch at once: the waiters hear 502 instead
+    of waiting for nothing."""
+    from ..tasks import fetch_remote_media_task
+
+    if fetch_remote_media_task.app.conf.task_always_eager:
+        transaction.on_commit(lambda: _fetch_in_background(media.pk))
+        return
+
+    def send() -> None:
+        try:
+            fetch_remote_media_task.delay(media.pk)
+        except Exception as exc:  # broker down
+            log.warning("Could not queue the fetch of %s: %s", media.mxc_uri, exc)
+            _fail(media, FetchFailed("The fetch could not be queued"))
+
+    transaction.on_commit(send)
+
+
+def _fetch_in_background(pk: int) -> None:
+    global _threads
+    if connection.in_atomic_block:
+        # A thread's own connection could not see the row of an open transaction.
+        fetch_remote_media(pk)
+        return
+    with _threads_lock:
+        if _threads is None:
+            _threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="remote-media")
+
+    def run() -> None:
+        try:
+            fetch_remote_media(pk)
+        except Exception:
+            log.exception("Fetching remote media %s failed", pk)
+        finally:
+            connections.close_all()  # this thread's connections only
+
+    _threads.submit(run)
+
+
+# ----------------------------------------------------------------------- the fetch
+
+
+@dataclass(frozen=True)
+class Fetched:
+    size: int
+    sha256: str
+    content_type: str
+    filename: str
+
+
+def fetch_remote_media(pk: int) -> str:
+    """The task's body: fetch, store and screen one claimed row. Starts from the row's
+    state, so a redelivered task does nothing twice."""
+    from ..pipeline import record_failure, screen_loaded
+
+    media = Media.objects.filter(pk=pk).first()
+    if media is None or not media.is_remote or media.state != S.PROCESSING:
+        return "skipped"
+    if not media.storage_key:
+        try:
+            fetched = download(media)
+        except FetchFailed as failure:
+            return _fail(media, failure)
+        except Exception as exc:
+            log.exception("Fetching %s failed", media.mxc_uri)
+            return _fail(media, FetchFailed(f"Fetching failed: {type(exc).__name__}"))
+        if not lifecycle.update_if_state(
+            media,
+            S.PROCESSING,
+            storage_key=media.served_key,
+            size=fetched.size,
+            sha256=fetched.sha256,
+            declared_content_type=fetched.content_type,
+            filename=fetched.filename,
+        ):
+            get_store().delete(media.served_key)
+            return "skipped"
+    try:
+        return screen_loaded(media, count_attempt=False)
+    except Exception as exc:
+        # As for local uploads: recorded, and the stuck sweep screens it again.
+        log.exception("Screening of %s failed", media.mxc_uri)
+        record_failure(media.pk, exc)
+        return "failed"
+
+
+def _fail(media: Media, failure: FetchFailed) -> str:
+    get_store().delete(media.served_key)
+    if not lifecycle.transition(
+        media,
+        [S.PROCESSING],
+        S.REJECTED,
+        storage_key="",
+        rejection_errcode=failure.errcode,
+        rejection_status=failure.status,
+        rejection_reason=failure.reason[:1000],
+        last_error=f"remote fetch: {failure.reason}"[:1000],
+        objects_deleted_at=timezone.now(),
+    ):
+        return "skipped"
+    log.info("Could not fetch %s: %s", media.mxc_uri, failure.reason)
+    return "failed"
+
+
+def download(media: Media) -> Fetched:
+    """Fetch the bytes of ``media`` into its served key. Raises FetchFailed."""
+    deadline = Deadline.after_seconds(app_settings.REMOTE_MEDIA_TIMEOUT_SECONDS)
+    try:
+        destination = discovery.resolve(media.server_name)
+    except discovery.DiscoveryError as exc:
+        raise FetchFailed(f"Cannot resolve {media.server_name}: {exc}") from exc
+    try:
+        with outbound.connect_to(destination.overrides()):
+            fetched = _federation_download(media, destination, deadline)
+            if fetched is None:
+                fetched = _legacy_download(media, destination, deadline)
+            return fetched
+    except (outbound.ResponseTooLarge, TooLarge) as exc:
+        raise FetchFailed(
+            f"The remote media is larger than {app_settings.MAX_UPLOAD_SIZE} bytes",
+            errcode="M_TOO_LARGE",
+        ) from exc
+    except outbound.AddressNotAllowed as exc:
+        raise FetchFailed(f"Refused to connect: {exc}") from exc
+    except outbound.OutboundError as exc:
+        raise FetchFailed(f"Could not reach {media.server_name}: {exc}") from exc
+
+
+def _timeouts(deadline: Deadline) -> dict[str, float]:
+    remaining = max(deadline.remaining, 1.0)
+    return {"timeout": min(REQUEST_TIMEOUT_SECONDS, remaining), "total_timeout": remaining}
+
+
+def _federation_download(
+    media: Media, destination: discovery.Destination, deadline: Deadline
+) -> Fetched | None:
+    """The federation endpoint (spec v1.11); None if the server does not know it."""
+    uri = f"/_matrix/federation/v1/media/download/{quote(media.media_id, safe='')}"
+    headers = {
+        "Host": destination.host_header,
+        # The signature covers this exact URI: no redirects (the spec forbids them here).
+        "Authorization": sign_request("GET", uri, media.server_name),
+    }
+    limit = app_settings.MAX_UPLOAD_SIZE
+    with outbound.stream(
+        "GET",
+        destination.base_url + uri,
+        headers=headers,
+        max_bytes=limit + MULTIPART_OVERHEAD_BYTES,
+        allow_redirects=False,
+        **_timeouts(deadline),
+    ) as response:
+        if response.status == 200:
+            return _store_multipart(media, response, deadline)
+        errcode = _errcode(response)
+        if response.status in (400, 404) and errcode == "M_UNRECOGNIZED":
+            return None
+        raise _failure(media, response.status, errcode)
+
+
+def _legacy_download(
+    media: Media, destination: discovery.Destination, deadline: Deadline
+) -> Fetched:
+    """The deprecated unauthenticated endpoint, for servers older than v1.11. Signed all
+    the same (as Synapse does); redirects followed through the address guard, without our
+    credentials once the host changes."""
+    uri = (
+        f"/_matrix/media/v3/download/{quote(media.server_name, safe=':')}/"
+        f"{quote(media.media_id, safe='')}?allow_remote=false&allow_redirect=true"
+    )
+    headers = {
+        "Host": destination.host_header,
+        "Authorization": sign_request("GET", uri, media.server_name),
+    }
+    with outbound.stream(
+        "GET",
+        destination.base_url + uri,
+        headers=headers,
+        max_bytes=app_settings.MAX_UPLOAD_SIZE,
+        **_timeouts(deadline),
+    ) as response:
+        if response.status != 200:
+            raise _failure(media, response.status, _errcode(response))
+        return _store_plain(media, response)
+
+
+def _errcode(response: outbound.StreamedResponse) -> str | None:
+    try:
+        body = json.loads(b"".join(_limited(response.iter_bytes(), MAX_ERROR_BODY_BYTES)))
+    except (ValueError, outbound.OutboundError):
+        return None
+    errcode = body.get("errcode") if isinstance(body, dict) else None
+    return errcode if isinstance(errcode, str) else None
+
+
+def _limited(chunks: Iterator[bytes], limit: int) -> Iterator[bytes]:
+    read = 0
+    for chunk in chunks:
+        read += len(chunk)
+        if read > limit:
+            raise ValueError("error body too large")
+        yield chunk
+
+
+def _failure(media: Media, status: int, errcode: str | None) -> FetchFailed:
+    if status == 404:
+        return FetchFailed(
+            f"{media.server_name} does not have this media", errcode="M_NOT_FOUND", status=404
+        )
+    return FetchFailed(f"{media.server_name} answered {status} {errcode or ''}".strip())
+
+
+def _store_plain(media: Media, response: outbound.StreamedResponse) -> Fetched:
+    """A body that is the file itself (legacy endpoint, or a ``Location`` followed)."""
+    written = get_store().write_stream(
+        media.served_key,
+        _ChunkReader(response.iter_bytes()),
+        max_size=app_settings.MAX_UPLOAD_SIZE,
+    )
+    return Fetched(
+        size=written.size,
+        sha256=written.sha256,
+        content_type=_content_type(response.headers.get("Content-Type")),
+        filename=_filename(response.headers.get("Content-Disposition")),
+    )
+
+
+def _store_multipart(
+    media: Media, response: outbound.StreamedResponse, deadline: Deadline
+) -> Fetched:
+    kind, params = parse_options_header(response.headers.get("Content-Type", ""))
+    boundary = params.get(b"boundary")
+    if kind != b"multipart/mixed" or not boundary:
+        raise FetchFailed(f"{media.server_name} answered a download that is not multipart/mixed")
+    reader = _MediaPartReader(response.iter_bytes(), boundary)
+    headers = reader.media_headers()
+    location = headers.get("location")
+    if location:
+        with outbound.stream(
+            "GET",
+            location,
+            max_bytes=app_settings.MAX_UPLOAD_SIZE,
+            **_timeouts(deadline),
+        ) as followed:
+            if followed.status != 200:
+                raise FetchFailed(f"The Location of {media.mxc_uri} answered {followed.status}")
+            return _store_plain(media, followed)
+    written = get_store().write_stream(
+        media.served_key, reader, max_size=app_settings.MAX_UPLOAD_SIZE
+    )
+    return Fetched(
+        size=written.size,
+        sha256=written.sha256,
+        content_type=_content_type(headers.get("content-type")),
+        filename=_filename(headers.get("content-disposition")),
+    )
+
+
+class _ChunkReader:
+    """A ``Readable`` over an iterator of chunks."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._pending = b""
+
+    def read(self, size: int = -1, /) -> bytes:
+        if not self._pending:
+            self._pending = next(self._chunks, b"")
+        if size is None or size < 0:
+            size = len(self._pending)
+        out, self._pending = self._pending[:size], self._pending[size:]
+        return out
+
+
+class _MediaPartReader:
+    """The second part of a ``multipart/mixed`` body (the first is the JSON metadata), as
+    a ``Readable``: the response is parsed as it is read, a chunk at a time, so nothing
+    but the current chunk is held in memory."""
+
+    MAX_METADATA_BYTES = 64 * 1024
+
+    def __init__(self, chunks: Iterator[bytes], boundary: bytes) -> None:
+        self._chunks = chunks
+        self._part = -1
+        self._field = bytearray()
+        self._value = bytearray()
+        self._headers: list[dict[str, str]] = []
+        self._media_headers_done = False
+        self._media_done = False
+        self._metadata = 0
+        self._ready = bytearray()
+        callbacks: Any = {
+            "on_part_begin": self._on_part_begin,
+            "on_header_field": lambda d, s, e: self._field.extend(d[s:e]),
+            "on_header_value": lambda d, s, e: self._value.extend(d[s:e]),
+            "on_header_end": self._on_header_end,
+            "on_headers_finished": self._on_headers_finished,
+            "on_part_data": self._on_part_data,
+            "on_part_end": self._on_part_end,
+        }
+        self._parser = MultipartParser(boundary, callbacks)
+
+    def _on_part_begin(self) -> None:
+        self._part += 1
+        self._headers.append({})
+
+    def _on_header_end(self) -> None:
+        name = bytes(self._field).decode("latin-1").strip().lower()
+        self._headers[-1][name] = bytes(self._value).decode("latin-1").strip()
+        self._field.clear()
+        self._value.clear()
+
+    def _on_headers_finished(self) -> None:
+        if self._part == 1:
+            self._media_headers_done = True
+
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._part == 0:
+            self._metadata += end - start
+            if self._metadata > self.MAX_METADATA_BYTES:
+                raise FetchFailed("The metadata part of the multipart answer is too large")
+        elif self._part == 1:
+            self._ready.extend(data[start:end])
+
+    def _on_part_end(self) -> None:
+        if self._part == 1:
+            self._media_done = True
+
+    def _feed(self) -> None:
+        chunk = next(self._chunks, None)
+        if chunk is None:
+            raise FetchFailed("The multipart answer ended before its media part did")
+        try:
+            self._parser.write(chunk)
+        except MultipartParseError as exc:
+            raise FetchFailed(f"Malformed multipart answer: {exc}") from exc
+
+    def media_headers(self) -> dict[str, str]:
+        """The headers of the media part (lowercased names), reading as far as them."""
+        while not self._media_headers_done:
+            self._feed()
+        if self._headers[0].get("content-type", "").split(";")[0].strip() != "application/json":
+            raise FetchFailed("The first part of the multipart answer is not JSON")
+        return self._headers[1]
+
+    def read(self, size: int = -1, /) -> bytes:
+        self.media_headers()
+        while not self._ready and not self._media_done:
+            self._feed()
+        if size is None or size < 0:
+            size = len(self._ready)
+        out = bytes(self._ready[:size])
+        del self._ready[:size]
+        return out
+
+
+def _content_type(value: str | None) -> str:
+    value = (value or "").strip()
+    if len(value) > 255 or any(ord(c) < 0x20 for c in value):
+        return ""
+    return value
+
+
+def _filename(disposition: str | None) -> str:
+    """The file name of a ``Content-Disposition`` (``filename*`` of RFC 6266 first), if it
+    passes the upload rules; else none (the bytes are still worth serving)."""
+    from ..errors import InvalidParam
+    from ..services import clean_filename
+
+    if not disposition:
+        return ""
+    message = Message()
+    message["Content-Disposition"] = disposition
+    try:
+        name = message.get_filename() or ""
+        return clean_filename(name)
+    except (InvalidParam, ValueError, LookupError):
+        return ""

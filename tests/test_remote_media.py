@@ -1,0 +1,362 @@
+"""Other servers' media, fetched when a client asks for it (issue 10, item 3).
+
+The other server is a real HTTPS server on 127.0.0.1 (server name ``127.0.0.1:<port>``, an
+IP literal with a port: no discovery), serving the federation media endpoint as the spec
+and Synapse do; 127.0.0.1 is opened in the outbound allowlist for these tests only."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.test import Client
+from django.utils import timezone
+from signedjson.sign import verify_signed_json
+
+from msc3870.conf import app_settings
+from msc3870.federation import keys
+from msc3870.federation.multipart import MultipartMedia
+from msc3870.federation.xmatrix import parse_x_matrix, request_json
+from msc3870.models import Media, MediaState, UploadMethod
+from msc3870.storage import get_store
+
+from .asgi_driver import parked, request, run, until
+from .conftest import MatrixClient, make_token, msc3870_settings, png_bytes
+from .federation_helpers import LocalServer, local_server, self_signed_tls, send
+
+V1 = "/_matrix/client/v1/media/download/"
+V1_THUMB = "/_matrix/client/v1/media/thumbnail/"
+LEGACY = "/_matrix/media/v3/download/"
+FED = "/_matrix/federation/v1/media/download/"
+
+
+@pytest.fixture(autouse=True)
+def _fetching_on() -> Iterator[None]:
+    with msc3870_settings(
+        FETCH_REMOTE_MEDIA=True,
+        FEDERATION_IP_RANGE_ALLOWLIST=["127.0.0.1/32"],
+        FEDERATION_VERIFY_TLS=False,
+    ):
+        yield
+
+
+class Remote:
+    """What the fake server answers, and what it saw."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, tuple[bytes, str]] = {}
+        self.authorizations: list[tuple[str, str]] = []  # (path, Authorization)
+        self.gate: threading.Event | None = None
+        self.server: LocalServer | None = None
+
+    @property
+    def name(self) -> str:
+        assert self.server is not None
+        return self.server.server_name
+
+    def fed_hits(self) -> int:
+        assert self.server is not None
+        return sum(1 for hit in self.server.hits if hit.startswith(FED))
+
+
+def multipart_file(body: bytes, content_type: str, filename: str = "f") -> tuple[bytes, str]:
+    framing = MultipartMedia()
+    chunks, _ = framing.file(content_type, f"inline; filename={filename}", [body], len(body))
+    return b"".join(chunks), framing.content_type
+
+
+@pytest.fixture
+def remote(tmp_path: Path) -> Iterator[Remote]:
+    state = Remote()
+
+    def federation(handler: Any) -> None:
+        state.authorizations.append((handler.path, handler.headers.get("Authorization", "")))
+        if state.gate is not None:
+            state.gate.wait(20)
+        media_id = handler.path.split("?")[0].rsplit("/", 1)[1]
+        if media_id not in state.files:
+            send(handler, 404, b'{"errcode":"M_NOT_FOUND","error":"no"}')
+            return
+        body, content_type = multipart_file(*state.files[media_id])
+        send(handler, 200, body, {"Content-Type": content_type})
+
+    class Routes(dict[str, Callable[[Any], None]]):
+        def get(self, path: str, default: Any = None) -> Any:  # type: ignore[override]
+            if path.startswith(FED) and "federation" in self:
+                return self["federation"]
+            return super().get(path, default)
+
+    routes = Routes(federation=federation)
+    with local_server(routes, tls=self_signed_tls(tmp_path)) as server:
+        state.server = server
+        state.routes = routes  # type: ignore[attr-defined]
+        yield state
+
+
+def row(server_name: str, media_id: str) -> Media:
+    return Media.objects.get(server_name=server_name, media_id=media_id)
+
+
+def verified(path: str, authorization: str, destination: str) -> bool:
+    """The X-Matrix header verifies with our own published key, over this exact URI."""
+    (credential,) = parse_x_matrix([authorization])
+    assert credential.origin == app_settings.SERVER_NAME
+    assert credential.destination == destination
+    signed = request_json("GET", path, credential.origin, destination)
+    signed["signatures"] = {credential.origin: {credential.key: credential.sig}}
+    verify_signed_json(signed, credential.origin, keys.verify_keys()[credential.key])
+    return True
+
+
+# --- fetched, stored, screened, served -----------------------------------------------
+
+
+def test_remote_media_is_fetched_signed_and_kept(alice: MatrixClient, remote: Remote) -> None:
+    image = png_bytes(64, 48)
+    remote.files["abc"] = (image, "image/png")
+
+    response = alice.get(V1 + f"{remote.name}/abc")
+
+    assert response.status_code == 200
+    assert b"".join(response.streaming_content) == image
+    assert response["Content-Type"] == "image/png"
+    media = row(remote.name, "abc")
+    assert media.state == MediaState.COMPLETE and media.upload_method == UploadMethod.REMOTE
+    assert media.size == len(image) and media.filename == "f"
+    assert media.storage_key.startswith("remote/127.0.0.1_")
+    ((path, authorization),) = remote.authorizations
+    assert path == FED + "abc"
+    assert verified(path, authorization, remote.name)
+    # Held now: served without asking again, thumbnails made here from the original.
+    assert alice.get(V1 + f"{remote.name}/abc").status_code == 200
+    thumb = alice.get(V1_THUMB + f"{remote.name}/abc?width=32&height=32&method=crop")
+    assert thumb.status_code == 200
+    assert remote.fed_hits() == 1
+    assert any(
+        key.startswith("remote-thumbnails/") for key in get_store().list_keys("remote-thumbnails/")
+    )
+
+
+def test_remote_id_equal_to_a_local_id_touches_nothing_local(
+    alice: MatrixClient, remote: Remote
+) -> None:
+    uploaded = alice.post("/_matrix/media/v3/upload", b"ours", content_type="text/plain")
+    local_id = uploaded.json()["content_uri"].rsplit("/", 1)[1]
+    remote.files[local_id] = (b"theirs", "text/plain")
+
+    theirs = alice.get(V1 + f"{remote.name}/{local_id}")
+    ours = alice.get(V1 + f"{app_settings.SERVER_NAME}/{local_id}")
+
+    assert b"".join(theirs.streaming_content) == b"theirs"
+    assert b"".join(ours.streaming_content) == b"ours"
+
+
+def test_fetched_bytes_are_screened(alice: MatrixClient, remote: Remote) -> None:
+    remote.files["page"] = (b"<html><body>hi</body></html>", "text/html")
+    with msc3870_settings(DENIED_CONTENT_TYPES=["text/html"]):
+        response = alice.get(V1 + f"{remote.name}/page")
+    assert response.status_code == 403
+    media = row(remote.name, "page")
+    assert media.state == MediaState.REJECTED
+    assert not get_store().head(media.served_key)
+    # Refused content is not a failed fetch: never fetched again.
+    Media.objects.filter(pk=media.pk).update(state_changed_at=timezone.now() - timedelta(hours=1))
+    assert alice.get(V1 + f"{remote.name}/page").status_code == 403
+    assert remote.fed_hits() == 1
+
+
+# --- the legacy endpoint, allow_remote -------------------------------------------------
+
+
+def test_falls_back_to_legacy_download_on_unrecognized(alice: MatrixClient, remote: Remote) -> None:
+    del remote.routes["federation"]  # type: ignore[attr-defined]
+    legacy_path = LEGACY + f"{remote.name}/old"
+
+    def legacy(handler: Any) -> None:
+        remote.authorizations.append((handler.path, handler.headers.get("Authorization", "")))
+        send(handler, 200, b"legacy bytes", {"Content-Type": "text/plain"})
+
+    remote.routes[legacy_path] = legacy  # type: ignore[attr-defined]
+
+    response = alice.get(V1 + f"{remote.name}/old")
+
+    assert response.status_code == 200
+    assert b"".join(response.streaming_content) == b"legacy bytes"
+    assert remote.server is not None
+    assert remote.server.hits == [
+        FED + "old",
+        legacy_path + "?allow_remote=false&allow_redirect=true",
+    ]
+    path, authorization = remote.authorizations[0]
+    assert verified(path, authorization, remote.name)
+
+
+def test_legacy_allow_remote_false_never_fetches(db: None, remote: Remote) -> None:
+    remote.files["x"] = (b"bytes", "text/plain")
+    client = Client()
+    assert client.get(LEGACY + f"{remote.name}/x?allow_remote=false").status_code == 404
+    assert remote.fed_hits() == 0
+    response = client.get(LEGACY + f"{remote.name}/x")
+    assert response.status_code == 200
+    # Held now: allow_remote=false serves what is held.
+    assert client.get(LEGACY + f"{remote.name}/x?allow_remote=false").status_code == 200
+    assert remote.fed_hits() == 1
+
+
+# --- Location parts and the address guard ----------------------------------------------
+
+
+def _location_route(remote: Remote, url: str) -> None:
+    def federation(handler: Any) -> None:
+        remote.authorizations.append((handler.path, handler.headers.get("Authorization", "")))
+        framing = MultipartMedia()
+        send(handler, 200, framing.location(url), {"Content-Type": framing.content_type})
+
+    remote.routes["federation"] = federation  # type: ignore[attr-defined]
+
+
+def test_location_part_is_followed_without_credentials(alice: MatrixClient, remote: Remote) -> None:
+    seen: list[str | None] = []
+
+    def cdn(handler: Any) -> None:
+        seen.append(handler.headers.get("Authorization"))
+        send(
+            handler,
+            200,
+            b"from the cdn",
+            {"Content-Type": "text/plain", "Content-Disposition": "inline; filename=a.txt"},
+        )
+
+    with local_server({"/object": cdn}) as storage:
+        _location_route(remote, f"{storage.url}/object?sig=1")
+        response = alice.get(V1 + f"{remote.name}/loc")
+
+    assert response.status_code == 200
+    assert b"".join(response.streaming_content) == b"from the cdn"
+    assert seen == [None]
+    assert row(remote.name, "loc").filename == "a.txt"
+
+
+def test_location_to_a_private_address_is_refused(alice: MatrixClient, remote: Remote) -> None:
+    _location_route(remote, "http://169.254.169.254/latest/meta-data/")
+    response = alice.get(V1 + f"{remote.name}/meta")
+    assert response.status_code == 502
+    media = row(remote.name, "meta")
+    assert media.state == MediaState.REJECTED
+    assert "may not reach" in media.rejection_reason
+
+
+def test_remote_server_on_a_denied_address_is_refused(alice: MatrixClient, remote: Remote) -> None:
+    remote.files["x"] = (b"bytes", "text/plain")
+    with msc3870_settings(FEDERATION_IP_RANGE_ALLOWLIST=[]):  # the default: loopback denied
+        response = alice.get(V1 + f"{remote.name}/x")
+    assert response.status_code == 502
+    assert remote.fed_hits() == 0
+
+
+# --- size limits -----------------------------------------------------------------------
+
+
+def test_too_large_from_content_length(alice: MatrixClient, remote: Remote) -> None:
+    def federation(handler: Any) -> None:
+        remote.authorizations.append((handler.path, ""))
+        # Announces far more than the limit allows, sends almost nothing: refused unread.
+        send(
+            handler,
+            200,
+            b"--b\r\n",
+            {
+                "Content-Type": "multipart/mixed; boundary=b",
+                "Content-Length": str(10 * 1024 * 1024),
+            },
+        )
+
+    remote.routes["federation"] = federation  # type: ignore[attr-defined]
+    with msc3870_settings(MAX_UPLOAD_SIZE=1000):
+        response = alice.get(V1 + f"{remote.name}/big")
+    assert response.status_code == 502
+    assert response.json()["errcode"] == "M_TOO_LARGE"
+
+
+def test_too_large_while_streaming(alice: MatrixClient, remote: Remote) -> None:
+    body, content_type = multipart_file(b"x" * 5000, "application/octet-stream")
+
+    def federation(handler: Any) -> None:
+        # Chunked, no Content-Length: the limit can only be found while reading.
+        handler.send_response(200)
+        handler.send_header("Content-Type", content_type)
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        for start in range(0, len(body), 1000):
+            piece = body[start : start + 1000]
+            handler.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+        handler.wfile.write(b"0\r\n\r\n")
+
+    remote.routes["federation"] = federation  # type: ignore[attr-defined]
+    with msc3870_settings(MAX_UPLOAD_SIZE=1000):
+        response = alice.get(V1 + f"{remote.name}/stream")
+    assert response.status_code == 502
+    assert response.json()["errcode"] == "M_TOO_LARGE"
+    media = row(remote.name, "stream")
+    assert media.state == MediaState.REJECTED and not get_store().head(media.served_key)
+
+
+# --- failures are remembered briefly ----------------------------------------------------
+
+
+def test_failure_is_remembered_then_retried(alice: MatrixClient, remote: Remote) -> None:
+    first = alice.get(V1 + f"{remote.name}/later")
+    assert first.status_code == 404
+    assert first.json()["errcode"] == "M_NOT_FOUND"
+    assert alice.get(V1 + f"{remote.name}/later").status_code == 404
+    assert remote.fed_hits() == 1  # answered from the row
+
+    remote.files["later"] = (b"now it exists", "text/plain")
+    Media.objects.filter(server_name=remote.name, media_id="later").update(
+        state_changed_at=timezone.now() - timedelta(seconds=61)
+    )
+    retried = alice.get(V1 + f"{remote.name}/later")
+    assert retried.status_code == 200
+    assert b"".join(retried.streaming_content) == b"now it exists"
+    assert remote.fed_hits() == 2
+
+
+def test_unreachable_server_is_502(alice: MatrixClient, remote: Remote) -> None:
+    assert remote.server is not None
+    with local_server({}) as closed:
+        name = closed.server_name
+    response = alice.get(V1 + f"{name}/gone")
+    assert response.status_code == 502
+    assert row(name, "gone").state == MediaState.REJECTED
+
+
+# --- one fetch for many requests, waiting on the request plane --------------------------
+
+
+def test_concurrent_requests_cause_one_fetch(app: Any, remote: Remote) -> None:
+    remote.files["shared"] = (b"one fetch", "text/plain")
+    remote.gate = threading.Event()
+    token = make_token("@alice:localhost")
+    headers = {"Authorization": f"Bearer {token}"}
+
+    async def scenario() -> None:
+        exchanges = [
+            request(app, "GET", V1 + f"{remote.name}/shared", headers=headers) for _ in range(6)
+        ]
+        # All six wait on the hub (no thread each) while the one fetch is held at the gate.
+        await until(lambda: parked() == 6, "six parked requests")
+        await until(lambda: remote.fed_hits() > 0, "the fetch")
+        assert remote.fed_hits() == 1
+        assert remote.gate is not None
+        remote.gate.set()
+        replies = await asyncio.gather(*(e.reply() for e in exchanges))
+        assert [r.status for r in replies] == [200] * 6
+        assert {r.body for r in replies} == {b"one fetch"}
+
+    run(scenario)
+    assert remote.fed_hits() == 1
