@@ -489,11 +489,15 @@ class _ChunkReader:
         self._pending = b""
 
     def read(self, size: int = -1, /) -> bytes:
-        if not self._pending:
-            self._pending = next(self._chunks, b"")
-        if size is None or size < 0:
-            size = len(self._pending)
-        out, self._pending = self._pending[:size], self._pending[size:]
+        # As a file's read(): ``size`` bytes unless the body ends first (stores may take a
+        # short read for the end, the S3 store's part uploads do).
+        want = size if size is not None and size > 0 else 1024 * 1024
+        while len(self._pending) < want:
+            chunk = next(self._chunks, b"")
+            if not chunk:
+                break
+            self._pending += chunk
+        out, self._pending = self._pending[:want], self._pending[want:]
         return out
 
 
@@ -569,13 +573,14 @@ class _MediaPartReader:
         return self._headers[1]
 
     def read(self, size: int = -1, /) -> bytes:
+        # As a file's read(): ``size`` bytes unless the part ends first (stores may take a
+        # short read for the end, the S3 store's part uploads do).
         self.media_headers()
-        while not self._ready and not self._media_done:
+        want = size if size is not None and size > 0 else 1024 * 1024
+        while len(self._ready) < want and not self._media_done:
             self._feed()
-        if size is None or size < 0:
-            size = len(self._ready)
-        out = bytes(self._ready[:size])
-        del self._ready[:size]
+        out = bytes(self._ready[:want])
+        del self._ready[:want]
         return out
 
 
