@@ -31,7 +31,7 @@ import os
 import re
 import tempfile
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Any
@@ -283,6 +283,7 @@ class MediaASGIHandler:
         if isinstance(response, DeferredResponse):
             response.close()
             body.close()
+            response.note_added_headers()
             return response  # type: ignore[return-value]
         response._resource_closers.append(body.close)
         return _finish(response)
@@ -307,7 +308,26 @@ class MediaASGIHandler:
     def _resume_all(
         self, jobs: list[tuple[MediaWait[HttpResponseBase], Any]]
     ) -> list[Outgoing | MediaWait[Any]]:
-        return [self._resume(wait, row) for wait, row in jobs]
+        """Answers of requests woken together. Those asking the same thing of the same
+        row (equal share keys) get one rendering: a thousand recipients of one upload
+        cost one response, sent a thousand times. Only successes are shared (an error
+        may depend on the request's own deadline)."""
+        shared: dict[tuple[Hashable, int], Outgoing] = {}
+        answers: list[Outgoing | MediaWait[Any]] = []
+        for wait, row in jobs:
+            key = (wait.share_key, id(row)) if wait.share_key is not None else None
+            answer = shared.get(key) if key is not None else None
+            if answer is None:
+                answer = self._resume(wait, row)
+                if (
+                    key is not None
+                    and isinstance(answer, Outgoing)
+                    and answer.body is not None
+                    and answer.response.status_code < 400
+                ):
+                    shared[key] = answer
+            answers.append(answer)
+        return answers
 
     # ------------------------------------------------------------------ waiting
 
@@ -339,27 +359,22 @@ class MediaASGIHandler:
         finally:
             gone.cancel()
         assert isinstance(answer, Outgoing)
-        for name, value in deferred.headers_added_by_middleware():
-            if name not in answer.response:
-                answer.response[name] = value
+        if deferred.added_headers:
+            # The answer may be shared with other requests: add to a copy of its head.
+            answer = Outgoing(answer.response, answer.body, answer.head(deferred.added_headers))
         return answer
 
     # ------------------------------------------------------------------ sending
 
     async def _send(self, outgoing: Outgoing, send: Send) -> None:
         response = outgoing.response
-        headers = [
-            (name.encode("latin1"), str(value).encode("latin1")) for name, value in response.items()
-        ]
-        headers += [
-            (b"set-cookie", cookie.output(header="").encode("ascii").strip())
-            for cookie in response.cookies.values()
-        ]
         body = outgoing.body
-        if body is not None and not response.has_header("Content-Length"):
-            headers.append((b"content-length", str(len(body)).encode()))
         await send(
-            {"type": "http.response.start", "status": response.status_code, "headers": headers}
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": outgoing.head(),
+            }
         )
         if body is not None:
             for start in range(0, max(len(body), 1), RESPONSE_CHUNK):
@@ -393,6 +408,28 @@ class Outgoing:
 
     response: HttpResponseBase
     body: bytes | None
+    #: The encoded head, made once (shared answers are sent many times).
+    headers: list[tuple[bytes, bytes]] | None = None
+
+    def head(self, extra: list[tuple[bytes, bytes]] = ()) -> list[tuple[bytes, bytes]]:  # type: ignore[assignment]
+        """The response's headers for ASGI, plus ``extra`` ones it does not have."""
+        if self.headers is None:
+            response = self.response
+            headers = [
+                (name.encode("latin1"), str(value).encode("latin1"))
+                for name, value in response.items()
+            ]
+            headers += [
+                (b"set-cookie", cookie.output(header="").encode("ascii").strip())
+                for cookie in response.cookies.values()
+            ]
+            if self.body is not None and not response.has_header("Content-Length"):
+                headers.append((b"content-length", str(len(self.body)).encode()))
+            self.headers = headers
+        if not extra:
+            return self.headers
+        present = {name.lower() for name, _ in self.headers}
+        return [*self.headers, *(item for item in extra if item[0].lower() not in present)]
 
     @classmethod
     def error(cls, error: MatrixError) -> Outgoing:

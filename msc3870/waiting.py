@@ -14,7 +14,7 @@ Who waits depends on the server:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -63,22 +63,29 @@ class MediaWait(Exception, Generic[T]):
         self.deadline = deadline
         self.resume = resume
         self.kind = AUTHENTICATED
+        #: Waits with equal keys woken by the same change get the same successful answer,
+        #: rendered once (a view sets it from everything its rendering depends on).
+        self.share_key: Hashable | None = None
 
-    def then(self, render: Callable[[T], Any]) -> MediaWait[Any]:
+    def then(
+        self, render: Callable[[T], Any], *, kind: str | None = None, share_key: Hashable = None
+    ) -> MediaWait[Any]:
         """The same wait, with ``render`` applied to its answer (views add the HTTP part)."""
 
         # Hold the inner resume, not this exception: its traceback holds the frames (and
         # the request) that raised it, for as long as the request waits.
         inner = self.resume
+        kind = kind or self.kind
 
         def resume(row: Any) -> Any:
             try:
                 return render(inner(row))
             except MediaWait as again:
-                raise again.then(render) from None
+                raise again.then(render, kind=kind, share_key=share_key) from None
 
         wait: MediaWait[Any] = MediaWait(self.pk, self.state, self.deadline, resume)
-        wait.kind = self.kind
+        wait.kind = kind
+        wait.share_key = share_key
         return wait
 
 

@@ -9,7 +9,7 @@ Django's test client), the view waits in its own thread, as before.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
 from django.http import HttpResponseBase, JsonResponse
@@ -35,6 +35,16 @@ class DeferredResponse(JsonResponse):
         super().__init__(NotYetUploaded().as_dict(), status=202)
         self.wait = wait
         self._own_headers = {name.lower() for name in self.headers}
+        #: What the middleware added, encoded for the final answer (note_added_headers).
+        self.added_headers: list[tuple[bytes, bytes]] = []
+
+    def note_added_headers(self) -> None:
+        """Called once the response has passed the middleware (on the pool thread, while
+        parking), so the wake-up has nothing left to compute."""
+        self.added_headers = [
+            (name.lower().encode("latin1"), value.encode("latin1"))
+            for name, value in self.headers_added_by_middleware()
+        ]
 
     def headers_added_by_middleware(self) -> list[tuple[str, str]]:
         """Headers the middleware and DRF put on this response on its way out (CORS,
@@ -55,13 +65,17 @@ def answer(
     render: Callable[[T], HttpResponseBase],
     *,
     kind: str = AUTHENTICATED,
+    share_key: Hashable = None,
 ) -> HttpResponseBase:
-    """``render(produce())``, waiting as the server allows when the answer is not ready."""
+    """``render(produce())``, waiting as the server allows when the answer is not ready.
+
+    ``share_key``: what ``render`` depends on besides the row (the file name, Range, ...);
+    parked requests with equal keys woken together share one rendering."""
     try:
         value = produce()
     except MediaWait as wait:
-        rendered = wait.then(render)  # a new wait: no traceback holding this request
-        rendered.kind = kind
+        # A new wait: no traceback holding this request.
+        rendered = wait.then(render, kind=kind, share_key=share_key)
         if request.META.get(CAN_DEFER):
             return DeferredResponse(rendered)
         return block_until_answered(rendered)

@@ -319,6 +319,16 @@ class DownloadView(MatrixView):
             ),
             lambda media: serving(Servable.of_media(media, file_name)),
             kind=self.wait_kind,
+            share_key=("download", file_name, *self.serving_key(request)),
+        )
+
+    def serving_key(self, request: Request) -> tuple[Any, ...]:
+        """Everything ``serving`` depends on, for parked requests to share an answer."""
+        return (
+            type(self).__name__,
+            request.META.get("HTTP_RANGE"),
+            request.META.get("HTTP_IF_NONE_MATCH"),
+            self.allow_redirect(request),
         )
 
     def serving(self, request: Request) -> Callable[[Servable], HttpResponseBase]:
@@ -408,6 +418,7 @@ class ThumbnailView(DownloadView):
             ),
             render,
             kind=self.wait_kind,
+            share_key=("thumbnail", width, height, method, animated, *self.serving_key(request)),
         )
 
 
