@@ -474,3 +474,48 @@ def test_ensure_media_bucket_installs_the_lifecycle_rule_on_seaweedfs(s3_client:
     assert [r["Filter"]["Prefix"] for r in rules if r["ID"] == "msc3870-expire-incoming"] == [
         "incoming/"
     ]
+
+
+def test_large_upload_through_the_url_path(
+    live: Stack, user_token: tuple[str, str], s3_client: Any
+) -> None:
+    """The URL path at a size that fits CI (the bytes never pass through this server
+    before the copy; the screening reads them once, streamed)."""
+    _, token = user_token
+    size = 48 * 1024 * 1024 + 7  # under the default MAX_UPLOAD_SIZE (50 MiB)
+    digest = hashlib.sha256()
+
+    class Body:
+        """Random bytes made as they are sent, with a length (a presigned PUT is not
+        chunked: S3 wants Content-Length)."""
+
+        def __init__(self) -> None:
+            self.left = size
+
+        def __len__(self) -> int:
+            return self.left
+
+        def read(self, amount: int = -1) -> bytes:
+            chunk = os.urandom(min(self.left, amount if amount > 0 else 1024 * 1024))
+            digest.update(chunk)
+            self.left -= len(chunk)
+            return chunk
+
+    created = create(live, token)
+    put = requests.put(created["upload_url"], data=Body(), timeout=300)
+    assert put.status_code == 200, put.text
+    assert complete(live, token, created["content_uri"]).status_code == 200
+    media = decided(created["content_uri"])
+    assert (media.state, media.size) == (MediaState.COMPLETE, size)
+    assert media.sha256 == digest.hexdigest()
+    got = requests.get(
+        f"{live.base_url}/_matrix/client/v1/media/download/{mxc_path(media.mxc_uri)}",
+        headers=auth(token),
+        stream=True,
+        timeout=300,
+    )
+    downloaded = hashlib.sha256()
+    for chunk in got.iter_content(1024 * 1024):
+        downloaded.update(chunk)
+    assert downloaded.hexdigest() == media.sha256
+    assert keys_of(s3_client, media) == [media.storage_key]
