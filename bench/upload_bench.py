@@ -796,6 +796,40 @@ def tree_cpu(root_pid: int) -> float:
     return total
 
 
+def tree_pids(root_pid: int) -> list[int]:
+    import psutil
+
+    try:
+        root = psutil.Process(root_pid)
+        return [root.pid, *(p.pid for p in root.children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def reset_peaks(roots: list[int]) -> dict[int, int]:
+    """Reset every process's VmHWM to its RSS; return the RSS (KiB) by PID."""
+    rss = {}
+    for root in roots:
+        for pid in tree_pids(root):
+            try:
+                reset_hwm(pid)
+                rss[pid] = sample_proc(pid).vm_rss_kib
+            except OSError:
+                continue
+    return rss
+
+
+def peak_growth_mib(rss_before: dict[int, int]) -> float:
+    """The largest growth of one process's peak RSS over its RSS at the reset."""
+    growth = 0
+    for pid, before in rss_before.items():
+        try:
+            growth = max(growth, sample_proc(pid).vm_hwm_kib - before)
+        except OSError:
+            continue
+    return growth / 1024
+
+
 class Recipient(threading.Thread):
     """Asks for the media as soon as its id exists (waiting, MSC2246) and notes when the
     first byte of the answer arrives; then reads and hashes the rest."""
@@ -973,6 +1007,13 @@ def make_run_stack(
     return stack, server, roots
 
 
+def fresh_store(s3: S3Server) -> None:
+    """A fresh bench SeaweedFS, warmed by one small write (its first write allocates
+    volumes and is much slower than the next: not what the measured upload should pay)."""
+    s3.start()
+    bare_put(MiB)
+
+
 def bare_put(size: int) -> float:
     """A presigned PUT straight to the bench bucket: what the store alone takes."""
     import boto3
@@ -1016,6 +1057,7 @@ def one_upload(
     upload; CPU of ``cpu_roots``' trees until the media is decided (this server) or
     downloaded (Synapse: it is decided once the PUT answered)."""
     auth = {"Authorization": f"Bearer {token}"}
+    rss_before = reset_peaks(cpu_roots)
     cpu0 = sum(tree_cpu(pid) for pid in cpu_roots)
     t0 = time.monotonic()
     status, raw = request(
@@ -1066,10 +1108,12 @@ def one_upload(
         time.sleep(0.5)  # the background screening thread returns, the worker acknowledges
     cpu = sum(tree_cpu(pid) for pid in cpu_roots) - cpu0
     window = time.monotonic() - t0
+    peak_mib = peak_growth_mib(rss_before)
     if not recipient_waits:  # verified by a download after the measured window
         recipient.run()
     t_first_byte = recipient.first_byte_at - t0 if recipient_waits else float("nan")
     return {
+        "peak_growth_mib": peak_mib,
         "window_s": window,
         "create_s": t_create,
         "put_done_s": t_put,
@@ -1173,11 +1217,11 @@ def compare_main(args: argparse.Namespace) -> None:
                 # clients reconnect; botocore retries the first request).
                 fresh = s3.manage and size_mib >= 64
                 if fresh or repeat == 0:
-                    s3.start()
+                    fresh_store(s3)
                 run = {"size_mib": size_mib, "repeat": repeat, "bare_put_s": bare_put(size)}
                 for name, kind, url, roots in subjects:
                     if fresh and kind == "url":
-                        s3.start()
+                        fresh_store(s3)
                     tok = synapse_token if kind == "synapse" else token
                     # CPU and answer times without a recipient (its download would count);
                     # then the time to the first byte with one waiting since /create.
@@ -1185,7 +1229,7 @@ def compare_main(args: argparse.Namespace) -> None:
                         kind, url, tok, size, roots, database_url, recipient_waits=False
                     )
                     if fresh and kind == "url":
-                        s3.start()
+                        fresh_store(s3)
                     waited = one_upload(
                         kind, url, tok, size, roots, database_url, recipient_waits=True
                     )
@@ -1248,7 +1292,7 @@ def compare_report(results: dict[str, Any], names: list[str], sizes: list[int]) 
         runs = [r for r in results["runs"] if r["size_mib"] == size_mib]
         bare = _median([r["bare_put_s"] for r in runs])
         rows.append(
-            [f"{size_mib} MiB", "bare presigned PUT", f"{bare:.2f}", "1.00", "", "", "", ""]
+            [f"{size_mib} MiB", "bare presigned PUT", f"{bare:.2f}", "1.00", "", "", "", "", ""]
         )
         synapse_cpu = None
         if "Synapse" in names:
@@ -1269,6 +1313,7 @@ def compare_report(results: dict[str, Any], names: list[str], sizes: list[int]) 
                     f"{m['first_byte_s']:.2f}",
                     f"{per_gib:.2f} ({raw_per_gib:.2f})",
                     "" if not synapse_cpu else f"{100 * per_gib / synapse_cpu:.0f} %",
+                    f"{_median([r[name]['peak_growth_mib'] for r in runs]):+.1f}",
                 ]
             )
     out.append(
@@ -1282,6 +1327,7 @@ def compare_report(results: dict[str, Any], names: list[str], sizes: list[int]) 
                 "first byte s",
                 "CPU s per GiB, idle subtracted (raw)",
                 "CPU vs Synapse",
+                "peak RSS growth MiB (one process)",
             ],
             rows,
         )
