@@ -343,7 +343,7 @@ class MediaASGIHandler:
                     break
                 try:
                     waiting = asyncio.ensure_future(
-                        hub.wait_for_change(wait.pk, wait.state, wait.deadline.remaining)
+                        hub.wait_for_change(wait.pk, wait.states, wait.deadline.remaining)
                     )
                     await asyncio.wait([waiting, gone], return_when=asyncio.FIRST_COMPLETED)
                 finally:

@@ -512,10 +512,14 @@ def _downloadable(
         wait_until = Deadline(min(deadline.at, Deadline.after_seconds(until_expiry).at))
     raise MediaWait(
         media.pk,
-        media.state,
+        AWAITING_UPLOAD,
         wait_until,
         partial(_downloadable, deadline=deadline, frozen_after=frozen_after),
     )
+
+
+#: The states a download waits through.
+AWAITING_UPLOAD = frozenset({S.PENDING, S.PROCESSING})
 
 
 def _awaiting_upload(media: Media) -> bool:

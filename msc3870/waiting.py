@@ -14,7 +14,7 @@ Who waits depends on the server:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -49,17 +49,25 @@ class Deadline:
 
 
 class MediaWait(Exception, Generic[T]):
-    """The answer depends on media row ``pk`` leaving ``state``.
+    """The answer depends on media row ``pk`` leaving ``state`` (one state, or several
+    that all mean "not yet": a download waits through PENDING and PROCESSING alike, so
+    the start of an upload does not wake it for nothing).
 
     ``resume(row)`` computes the answer from a fresh copy of the row (None if the row is
     gone); it may raise ``MediaWait`` again (the row moved on to another state that is
     still not an answer) or a ``MatrixError``.
     """
 
-    def __init__(self, pk: int, state: str, deadline: Deadline, resume: Callable[[Any], T]) -> None:
-        super().__init__(f"waiting for media {pk} to leave {state}")
+    def __init__(
+        self,
+        pk: int,
+        state: str | Iterable[str],
+        deadline: Deadline,
+        resume: Callable[[Any], T],
+    ) -> None:
+        self.states = frozenset([state] if isinstance(state, str) else state)
+        super().__init__(f"waiting for media {pk} to leave {sorted(self.states)}")
         self.pk = pk
-        self.state = state
         self.deadline = deadline
         self.resume = resume
         self.kind = AUTHENTICATED
@@ -83,7 +91,7 @@ class MediaWait(Exception, Generic[T]):
             except MediaWait as again:
                 raise again.then(render, kind=kind, share_key=share_key) from None
 
-        wait: MediaWait[Any] = MediaWait(self.pk, self.state, self.deadline, resume)
+        wait: MediaWait[Any] = MediaWait(self.pk, self.states, self.deadline, resume)
         wait.kind = kind
         wait.share_key = share_key
         return wait
@@ -100,7 +108,7 @@ def block_until_answered(wait: MediaWait[T]) -> T:
     delay = 0.02
     while True:
         row = fetch_row(wait.pk)
-        if row is None or row.state != wait.state or wait.deadline.passed:
+        if row is None or row.state not in wait.states or wait.deadline.passed:
             try:
                 return wait.resume(row)
             except MediaWait as again:

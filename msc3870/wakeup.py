@@ -117,10 +117,10 @@ def _fetch_row(pk: int) -> Any:
 
 
 class _Waiter:
-    __slots__ = ("future", "seen")
+    __slots__ = ("future", "states")
 
-    def __init__(self, seen: str, future: asyncio.Future[None]) -> None:
-        self.seen = seen
+    def __init__(self, states: frozenset[str], future: asyncio.Future[None]) -> None:
+        self.states = states  # woken when the row is in none of these
         self.future = future
 
 
@@ -151,13 +151,14 @@ class WakeupHub:
     def waiting(self) -> int:
         return sum(len(waiters) for waiters in self._waiters.values())
 
-    async def wait_for_change(self, pk: int, seen: str, timeout: float) -> Any:
-        """Wait until row ``pk`` is no longer in state ``seen`` (or ``timeout`` seconds);
-        return a fresh copy of the row (None if it is gone)."""
+    async def wait_for_change(self, pk: int, states: str | frozenset[str], timeout: float) -> Any:
+        """Wait until row ``pk`` is in none of ``states`` (or ``timeout`` seconds); return a
+        fresh copy of the row (None if it is gone)."""
         self._start()
+        states = frozenset([states]) if isinstance(states, str) else states
         recent = self._recent.get(pk)
-        if recent is None or recent[0] == seen:
-            waiter = _Waiter(seen, self.loop.create_future())
+        if recent is None or recent[0] in states:
+            waiter = _Waiter(states, self.loop.create_future())
             self._waiters[pk].append(waiter)
             self._poke.set()  # a poll source with nothing to do sleeps until poked
             try:
@@ -189,11 +190,11 @@ class WakeupHub:
     # ------------------------------------------------------------------ changes
 
     def notify(self, pk: int, state: str) -> None:
-        """Row ``pk`` is now in ``state``: wake those who saw another state."""
+        """Row ``pk`` is now in ``state``: wake those waiting for it to leave theirs."""
         now = time.monotonic()
         self._recent[pk] = (state, now)
         for waiter in self._waiters.get(pk, ()):
-            if waiter.seen != state and not waiter.future.done():
+            if state not in waiter.states and not waiter.future.done():
                 waiter.future.set_result(None)
 
     def notify_threadsafe(self, pk: int, state: str) -> None:
