@@ -392,3 +392,32 @@ def test_empty_upload_completes(s3: Any, alice: MatrixClient, deferred: list[Med
         S.COMPLETE,
         0,
     )
+
+
+def test_without_a_broker_screening_runs_on_a_background_thread(
+    s3: Any, transactional_db: None, alice: MatrixClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No atomic block around the request (as in production): /complete answers, and a
+    thread of this process screens after it."""
+    import threading
+    import time
+
+    created = alice.create()
+    data = b"screened elsewhere"
+    client_put(s3, created, data, "text/plain")
+    seen: list[str] = []
+    real = pipeline.screen_in_process
+
+    def screen(media: Media) -> None:
+        seen.append(threading.current_thread().name)
+        real(media)
+
+    monkeypatch.setattr(pipeline, "screen_in_process", screen)
+    assert complete(alice, created["content_uri"]).status_code == 200
+    deadline = time.monotonic() + 30
+    while media_of(created["content_uri"]).state == S.PROCESSING:
+        assert time.monotonic() < deadline, "screening never decided"
+        time.sleep(0.02)
+    media = media_of(created["content_uri"])
+    assert (media.state, media.sha256) == (S.COMPLETE, hashlib.sha256(data).hexdigest())
+    assert len(seen) == 1 and seen[0].startswith("screening")
