@@ -288,8 +288,9 @@ class S3MediaStore(MediaStore):
         self, source: str, destination: str, size: int, metadata: dict[str, str]
     ) -> None:
         """Multipart copy (UploadPartCopy), parts copied in parallel: above 5 GiB S3 has no
-        other way, and parallel parts are faster anyway. A multipart object has no
-        whole-object SHA-256 from the store (only a checksum of checksums): None."""
+        other way (on the bench SeaweedFS, 4 parallel parts of 256 MiB were no faster than
+        one CopyObject). A multipart object has no whole-object SHA-256 from the store
+        (only a checksum of checksums): None."""
         part_size = max(app_settings.S3_COPY_PART_SIZE, -(-size // MAX_PARTS), MIN_PART_SIZE)
         ranges = [(start, min(start + part_size, size) - 1) for start in range(0, size, part_size)]
         key = self._key(destination)
