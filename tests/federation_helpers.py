@@ -159,3 +159,11 @@ class FakeRemote:
         for key in [self.key] if sign_with is None else sign_with:
             body = sign_json(body, self.server_name, key)
         return body
+
+
+def undelegated(server_name: str) -> Any:
+    """``discovery.resolve`` for a made-up name that publishes no delegation (no
+    well-known, no SRV): its host on port 8448, as the spec's last step says; no DNS."""
+    from msc3870.federation.discovery import Destination
+
+    return Destination(server_name, 8448, server_name, 8448, server_name)

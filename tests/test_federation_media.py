@@ -28,13 +28,13 @@ from msc3870 import moderation
 from msc3870.asgi import MediaASGIHandler
 from msc3870.auth import token_cache
 from msc3870.conf import app_settings
-from msc3870.federation import keyring
+from msc3870.federation import discovery, keyring
 from msc3870.federation.xmatrix import sign_request
 from msc3870.models import Media, MediaState
 
 from .asgi_driver import call, parked, request, run, until
 from .conftest import MatrixClient, make_token, media_of, msc3870_settings, mxc_path, png_bytes
-from .federation_helpers import FakeRemote
+from .federation_helpers import FakeRemote, undelegated
 from .test_s3_store import BUCKET, s3_storages
 
 DOWNLOAD = "/_matrix/federation/v1/media/download/"
@@ -55,7 +55,9 @@ class KeyServers:
         self.published[f"https://{remote.server_name}:8448/_matrix/key/v2/server"] = remote
         return remote
 
-    def __call__(self, method: str, url: str, body: Any | None = None) -> Any:
+    def __call__(
+        self, method: str, url: str, body: Any | None = None, *, host: str | None = None
+    ) -> Any:
         remote = self.published.get(url)
         if remote is None:
             raise keyring.KeyLookupError(f"{url} answered 404")
@@ -66,6 +68,8 @@ class KeyServers:
 def key_servers(monkeypatch: pytest.MonkeyPatch) -> KeyServers:
     fake = KeyServers()
     monkeypatch.setattr(keyring, "_get_json", fake)
+    # These made-up names publish no delegation: port 8448, without asking DNS.
+    monkeypatch.setattr(discovery, "resolve", undelegated)
     return fake
 
 

@@ -18,11 +18,11 @@ from signedjson.key import encode_verify_key_base64, generate_signing_key, get_v
 from signedjson.sign import sign_json
 
 from msc3870.errors import Unauthorized
-from msc3870.federation import keyring, keys, outbound, xmatrix
+from msc3870.federation import discovery, keyring, keys, outbound, xmatrix
 from msc3870.federation.xmatrix import MalformedAuthorization, authenticate, sign_request
 
 from .conftest import msc3870_settings
-from .federation_helpers import FakeRemote, local_server, self_signed_tls, send
+from .federation_helpers import FakeRemote, local_server, self_signed_tls, send, undelegated
 
 OURS = "media.example.org"
 URI = "/_matrix/federation/v1/media/download/abcDEF?timeout_ms=2000"
@@ -51,7 +51,9 @@ class KeyServers:
         self.answers: dict[str, Any] = {}
         self.requests: list[tuple[str, str, Any]] = []
 
-    def __call__(self, method: str, url: str, body: Any | None = None) -> Any:
+    def __call__(
+        self, method: str, url: str, body: Any | None = None, *, host: str | None = None
+    ) -> Any:
         self.requests.append((method, url, body))
         answer = self.answers.get(url)
         if answer is None:
@@ -66,6 +68,8 @@ class KeyServers:
 def key_servers(monkeypatch: pytest.MonkeyPatch) -> KeyServers:
     fake = KeyServers()
     monkeypatch.setattr(keyring, "_get_json", fake)
+    # These made-up names publish no delegation: port 8448, without asking DNS.
+    monkeypatch.setattr(discovery, "resolve", undelegated)
     return fake
 
 
@@ -176,6 +180,27 @@ def test_the_origin_keys_are_fetched_once_then_cached(
         assert authenticate("GET", URI, [signed_header(published)]) == published.server_name
     assert key_servers.requests == [
         ("GET", "https://remote.example.com:8448/_matrix/key/v2/server", None)
+    ]
+
+
+def test_keys_are_fetched_where_the_origin_delegates(
+    remote: FakeRemote, key_servers: KeyServers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that delegates (well-known or SRV) publishes its keys there, as every
+    other federation request finds it: the key fetch goes through discovery too."""
+    from msc3870.federation.discovery import Destination
+
+    monkeypatch.setattr(
+        discovery,
+        "resolve",
+        lambda name: Destination("keys.example.org", 443, "keys.example.org", 443, name),
+    )
+    key_servers.answers["https://keys.example.org:443/_matrix/key/v2/server"] = remote.key_response(
+        now_ms() + DAY_MS
+    )
+    assert authenticate("GET", URI, [signed_header(remote)]) == remote.server_name
+    assert [url for _, url, _ in key_servers.requests] == [
+        "https://keys.example.org:443/_matrix/key/v2/server"
     ]
 
 

@@ -38,8 +38,8 @@ from signedjson.sign import SignatureVerifyException, verify_signed_json
 from signedjson.types import VerifyKey
 
 from ..conf import app_settings
-from . import keys, outbound
-from .server_names import InvalidServerName, server_base_url
+from . import discovery, keys, outbound
+from .server_names import InvalidServerName
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,10 @@ def check_server_keys(response: Any, server_name: str, now: int) -> dict[str, Se
     return found
 
 
-def _get_json(method: str, url: str, body: Any | None = None) -> Any:
+def _get_json(method: str, url: str, body: Any | None = None, *, host: str | None = None) -> Any:
     headers = {"Accept": "application/json"}
+    if host:
+        headers["Host"] = host
     data = None
     if body is not None:
         headers["Content-Type"] = "application/json"
@@ -143,13 +145,20 @@ def _get_json(method: str, url: str, body: Any | None = None) -> Any:
         raise KeyLookupError(f"{method} {url} did not answer JSON") from exc
 
 
+def _ask(server_name: str, method: str, path: str, body: Any | None = None) -> Any:
+    """A key request to ``server_name``, found as the spec says (well-known, SRV, 8448:
+    msc3870.federation.discovery), like every other federation request."""
+    try:
+        destination = discovery.resolve(server_name)
+    except (discovery.DiscoveryError, InvalidServerName) as exc:
+        raise KeyLookupError(f"Cannot resolve {server_name}: {exc}") from exc
+    with outbound.connect_to(destination.overrides()):
+        return _get_json(method, destination.base_url + path, body, host=destination.host_header)
+
+
 def fetch_direct(server_name: str, now: int) -> dict[str, ServerKey]:
     """The keys a server publishes itself."""
-    try:
-        url = server_base_url(server_name) + "/_matrix/key/v2/server"
-    except InvalidServerName as exc:
-        raise KeyLookupError(str(exc)) from exc
-    return check_server_keys(_get_json("GET", url), server_name, now)
+    return check_server_keys(_ask(server_name, "GET", "/_matrix/key/v2/server"), server_name, now)
 
 
 def _notary_verify_keys(notary: dict[str, Any]) -> dict[str, VerifyKey]:
@@ -166,12 +175,10 @@ def fetch_from_notary(
     """A server's keys as a notary saw them (``POST /_matrix/key/v2/query``): each answer
     must be signed by one of the notary's configured keys and by the server itself."""
     notary_name = notary["server_name"]
-    try:
-        url = server_base_url(notary_name) + "/_matrix/key/v2/query"
-    except InvalidServerName as exc:
-        raise KeyLookupError(str(exc)) from exc
     criteria = {key_id: {"minimum_valid_until_ts": now} for key_id in key_ids}
-    answer = _get_json("POST", url, {"server_keys": {server_name: criteria}})
+    answer = _ask(
+        notary_name, "POST", "/_matrix/key/v2/query", {"server_keys": {server_name: criteria}}
+    )
     entries = answer.get("server_keys") if isinstance(answer, dict) else None
     if not isinstance(entries, list):
         raise KeyLookupError(f"Notary {notary_name} answered no server_keys list")
