@@ -122,13 +122,29 @@ def transition_many(
     return moved
 
 
-def update_if_state(media: Media, state: str, **fields: Any) -> bool:
-    """Write fields only while the row is still in ``state`` (no transition)."""
-    if all(sql.is_plain(v) for v in fields.values()):
+def update_if_state(
+    media: Media, state: str, *, extra_where: Q | None = None, **fields: Any
+) -> bool:
+    """Write fields only while the row is still in ``state`` (no transition), and matches
+    ``extra_where`` if given."""
+    if extra_where is None and all(sql.is_plain(v) for v in fields.values()):
         won = sql.update_media(media.pk, fields, states=[state]) == 1
     else:
-        won = Media.objects.filter(pk=media.pk, state=state).update(**fields) == 1
+        query = Media.objects.filter(pk=media.pk, state=state)
+        if extra_where is not None:
+            query = query.filter(extra_where)
+        won = query.update(**fields) == 1
     if won:
         for name, value in fields.items():
             setattr(media, name, value)
     return won
+
+
+def same_claim(media: Media) -> Q:
+    """The claim ``media`` holds in memory, as a condition for the row.
+
+    After the stuck sweep resets an abandoned upload, the id can be claimed again; the
+    first claimant, finishing late, must then change nothing. A claim is told apart by the
+    ``processing_started_at`` it wrote (the reset clears it, every claim sets a new one).
+    """
+    return Q(processing_started_at=media.processing_started_at)

@@ -206,11 +206,15 @@ def _receive(media: Media, body: Readable, content_length: int | None) -> None:
     if not lifecycle.update_if_state(
         media,
         S.PROCESSING,
+        extra_where=lifecycle.same_claim(media),
         storage_key=media.served_key,
         size=written.size,
         sha256=written.sha256,
     ):
-        # The stuck sweep (or a moderator) gave up on this upload while it streamed.
+        # The stuck sweep (or a moderator) gave up on this upload while it streamed, and
+        # the id may have been claimed again since: the row's claim is not ours. The bytes
+        # are deleted even so: they were written over the same key, and no bytes are safer
+        # than bytes that disagree with the size and hash a newer claim records.
         store.delete(media.served_key)
         raise UploadAbandoned()
 
@@ -250,9 +254,15 @@ def upload_to_media(
     try:
         _receive(media, body, content_length)
     except BaseException:
-        # Nothing was kept: the id may be uploaded to again.
+        # Nothing was kept: the id may be uploaded to again. Only while the claim is still
+        # ours: after a stuck-upload reset a newer PUT may hold the row.
         lifecycle.transition(
-            media, [S.PROCESSING], S.PENDING, upload_method="", processing_started_at=None
+            media,
+            [S.PROCESSING],
+            S.PENDING,
+            extra_where=lifecycle.same_claim(media),
+            upload_method="",
+            processing_started_at=None,
         )
         raise
     return _screen_and_wait(media)
