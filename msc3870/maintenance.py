@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
+from django.core.cache import cache
 from django.db.models import Q
 from django.utils import timezone
 
@@ -28,6 +29,10 @@ DEFAULT_MAX_BATCHES = 20
 # A body still streaming through this server (PUT, one-shot POST) is given this long
 # before the sweep decides its process died: slow clients on big files take minutes.
 IN_FLIGHT_UPLOAD_TIMEOUT = timedelta(hours=1)
+# Where the orphan sweep stopped (the last key it looked at). Lost with the cache, the
+# walk starts again from the beginning: nothing is missed, some keys are looked at twice.
+ORPHAN_SWEEP_CURSOR = "msc3870:orphan-sweep:cursor"
+ORPHAN_SWEEP_CURSOR_SECONDS = 7 * 86400
 
 
 @dataclass
@@ -126,13 +131,20 @@ def redispatch_stuck(
 
 
 def delete_orphaned_uploads(*, limit: int = 10_000) -> int:
-    """Delete objects under ``incoming/`` whose media no longer waits for them.
+    """Delete objects under ``incoming/`` whose media no longer waits for them, and the
+    partial files of uploads whose process died (local disk only).
 
     A client can PUT to its URL again after /complete (S3 cannot refuse it); those bytes
-    are never served, and this removes them.
+    are never served, and this removes them. Each run looks at ``limit`` keys at most and
+    the next one resumes after the last key it looked at, so keys of media still waiting
+    cannot hide later orphans however many they are.
     """
     store = get_store()
     deleted = 0
+    sweep_partials = getattr(store, "delete_stale_partials", None)
+    if sweep_partials is not None:
+        # Same patience as for a PUT still streaming: older partial files have no writer.
+        deleted += sweep_partials(IN_FLIGHT_UPLOAD_TIMEOUT)
     batch: list[str] = []
 
     def flush() -> int:
@@ -147,12 +159,26 @@ def delete_orphaned_uploads(*, limit: int = 10_000) -> int:
         batch.clear()
         return len(orphans)
 
-    for index, key in enumerate(store.list_keys("incoming/")):
-        if index >= limit:
+    # Stores list keys in ascending order (S3 by UTF-8 bytes, the disk sorted; media ids
+    # are ASCII), so "after the cursor" is a string comparison. The keys before it are
+    # still listed (list_keys takes no start key) but cost no query and no deletion.
+    cursor: str = cache.get(ORPHAN_SWEEP_CURSOR) or ""
+    looked_at = 0
+    last = ""
+    for key in store.list_keys("incoming/"):
+        if key <= cursor:
+            continue
+        if looked_at >= limit:
+            cache.set(ORPHAN_SWEEP_CURSOR, last, ORPHAN_SWEEP_CURSOR_SECONDS)
             break
         batch.append(key)
+        looked_at += 1
+        last = key
         if len(batch) >= 200:
             deleted += flush()
+    else:
+        # The walk reached the end: the next run starts from the beginning.
+        cache.delete(ORPHAN_SWEEP_CURSOR)
     if batch:
         deleted += flush()
     return deleted

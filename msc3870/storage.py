@@ -279,6 +279,27 @@ class LocalMediaStore(MediaStore):
             if path.is_file() and not path.name.endswith(".part"):
                 yield path.relative_to(root).as_posix()
 
+    def delete_stale_partials(self, older_than: timedelta) -> int:
+        """Delete the ``.part`` files of ``write_stream`` not written to for ``older_than``.
+
+        A process killed (SIGKILL, OOM, power loss) while writing never reaches the
+        ``except`` that removes its partial file; nothing else would. A live upload writes
+        every chunk, so its file's modification time stays recent. Returns how many went.
+        """
+        root = Path(self.storage.location)
+        if not root.exists():
+            return 0
+        cutoff = (datetime.now() - older_than).timestamp()
+        deleted = 0
+        for path in root.rglob(".*.part"):
+            try:
+                if path.is_file() and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    deleted += 1
+            except FileNotFoundError:
+                continue  # renamed into place or removed by its writer meanwhile
+        return deleted
+
 
 def get_store(alias: str | None = None) -> MediaStore:
     storage: Storage = storages[alias or app_settings.STORAGE_ALIAS]
