@@ -9,7 +9,7 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
-from msc3870 import moderation
+from msc3870 import moderation, waiting
 from msc3870.api.headers import CONTENT_SECURITY_POLICY
 from msc3870.models import Media
 
@@ -30,14 +30,37 @@ def body(response: object) -> bytes:
     return b"".join(response.streaming_content)  # type: ignore[attr-defined]
 
 
-def test_pending_download_waits_then_504(alice: MatrixClient) -> None:
+@pytest.fixture
+def waits(monkeypatch: pytest.MonkeyPatch) -> list[waiting.MediaWait[object]]:
+    """Every wait a request parks on (a MediaWait raised by the service)."""
+    parked: list[waiting.MediaWait[object]] = []
+    real_init = waiting.MediaWait.__init__
+
+    def init(self: waiting.MediaWait[object], *args: object, **kwargs: object) -> None:
+        real_init(self, *args, **kwargs)  # type: ignore[arg-type]
+        parked.append(self)
+
+    monkeypatch.setattr(waiting.MediaWait, "__init__", init)
+    return parked
+
+
+def test_pending_download_waits_then_504(
+    alice: MatrixClient, waits: list[waiting.MediaWait[object]]
+) -> None:
     created = alice.create()
-    started = time.monotonic()
+    asked = time.monotonic()
     response = alice.get(V1 + mxc_path(created["content_uri"]) + "?timeout_ms=300")
-    elapsed = time.monotonic() - started
+    answered = time.monotonic()
     assert response.status_code == 504
     assert response.json()["errcode"] == "M_NOT_YET_UPLOADED"
-    assert 0.25 <= elapsed < 3
+    # It parked on the pending row with the deadline it asked for, and answered 504 only
+    # once that deadline had passed (outcomes, not a measured duration).
+    assert waits, "the download did not wait"
+    media = media_of(created["content_uri"])
+    assert {w.pk for w in waits} == {media.pk}
+    deadline = waits[0].deadline
+    assert asked + 0.3 <= deadline.at <= answered + 0.3
+    assert all(w.deadline.passed for w in waits)
 
 
 def test_pending_download_on_v3_with_unstable_timeout_param(db: None, alice: MatrixClient) -> None:
@@ -58,15 +81,16 @@ def test_timeout_is_capped(alice: MatrixClient, monkeypatch: pytest.MonkeyPatch)
     assert response.json()["errcode"] == "M_INVALID_PARAM"
 
 
-def test_unknown_expired_rejected_quarantined_are_404_at_once(alice: MatrixClient) -> None:
+def test_unknown_expired_rejected_quarantined_are_404_at_once(
+    alice: MatrixClient, waits: list[waiting.MediaWait[object]]
+) -> None:
     assert alice.get(V1 + "localhost/nothingHere").status_code == 404
     expired = alice.create()
     Media.objects.update(unused_expires_at=timezone.now() - timedelta(seconds=1))
-    started = time.monotonic()
     response = alice.get(V1 + mxc_path(expired["content_uri"]) + "?timeout_ms=5000")
     assert response.status_code == 404
     assert response.json()["errcode"] == "M_NOT_FOUND"
-    assert time.monotonic() - started < 1
+    assert waits == []  # answered at once: it never parked
     quarantined = uploaded(alice, b"hello", "text/plain")
     moderation.quarantine(media_of("mxc://" + quarantined), by="mod")
     assert alice.get(V1 + quarantined).status_code == 404
