@@ -135,3 +135,9 @@ def test_oversized_json_body_is_413(alice: MatrixClient) -> None:
     assert response.status_code == 413
     assert response.json()["errcode"] == "M_TOO_LARGE"
     assert not Media.objects.exists()
+
+
+def test_a_malformed_content_length_is_the_clients_error(alice: MatrixClient) -> None:
+    response = alice.post("/_matrix/media/v1/create", b"{}", headers={"Content-Length": "abc"})
+    assert response.status_code == 400
+    assert response.json()["errcode"] == "M_INVALID_PARAM"

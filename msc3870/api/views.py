@@ -149,6 +149,9 @@ def _json_body(request: Request) -> dict[str, Any]:
     content_type = (request.content_type or "").split(";")[0].strip().lower()
     if content_type and not content_type.endswith("json"):
         return {}
+    # A malformed Content-Length is the client's error (Django's body reader would
+    # raise ValueError on it under WSGI).
+    _content_length(request)
     return parse_json_object(request._request.body)
 
 
