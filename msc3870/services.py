@@ -341,6 +341,10 @@ def complete_url_upload(
         else:
             incoming = None
         if incoming is None:
+            if _state_of(media) != S.PENDING:
+                # Another /complete claimed the id (and moved the bytes) since this one
+                # read the row: look again, and answer as it does.
+                continue
             raise NothingUploaded()
         now = timezone.now()
         if lifecycle.transition(
@@ -357,6 +361,12 @@ def complete_url_upload(
             return _screen_after_answer(media, incoming, prefix)
         # Lost a race (another /complete, a PUT, expiry): look again.
     raise CannotOverwrite()
+
+
+def _state_of(media: Media) -> str | None:
+    """The row's state now (it may have moved since ``media`` was read)."""
+    fresh = sql.media_by_mxc(media.server_name, media.media_id)
+    return fresh.state if fresh is not None else None
 
 
 def receive_url_upload(

@@ -164,13 +164,6 @@ def test_a_complete_that_read_a_stale_row_does_not_claim_it_again(
     assert media_of(created["content_uri"]).state == S.COMPLETE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Bug (services.complete_url_upload, not fixed here): a /complete that read the "
-    "row PENDING before another's claim and looks for the bytes after the winner moved "
-    "them raises NothingUploaded (400 M_NOT_YET_UPLOADED) instead of looking at the row "
-    "again and answering as the winner did.",
-)
 def test_a_complete_that_looks_for_the_bytes_after_the_winner_moved_them_answers_200(
     alice: MatrixClient, monkeypatch: pytest.MonkeyPatch, screenings: list[int]
 ) -> None:
