@@ -1292,7 +1292,7 @@ def compare_report(results: dict[str, Any], names: list[str], sizes: list[int]) 
         runs = [r for r in results["runs"] if r["size_mib"] == size_mib]
         bare = _median([r["bare_put_s"] for r in runs])
         rows.append(
-            [f"{size_mib} MiB", "bare presigned PUT", f"{bare:.2f}", "1.00", "", "", "", "", ""]
+            [f"{size_mib} MiB", "bare presigned PUT", f"{bare:.2f}", "1.00", "", "", "", "", "", ""]
         )
         synapse_cpu = None
         if "Synapse" in names:
@@ -1303,12 +1303,20 @@ def compare_report(results: dict[str, Any], names: list[str], sizes: list[int]) 
             m = {k: _median([r[name][k] for r in runs]) for k in runs[0][name] if k.endswith("_s")}
             raw_per_gib = m["cpu_s"] / (size_mib / 1024)
             per_gib = _median([busy_cpu(results, name, r) for r in runs]) / (size_mib / 1024)
+            # What this server adds to the store's PUT: /create, and /complete (0 for
+            # Synapse, whose PUT carries the bytes itself).
+            added = _median([r[name]["create_s"] for r in runs]) + _median(
+                [r[name]["answered_s"] - r[name]["put_done_s"] for r in runs]
+            )
             rows.append(
                 [
                     f"{size_mib} MiB",
                     name,
                     f"{m['answered_s']:.2f}",
                     f"{bare / m['answered_s']:.2f}",
+                    f"{1000 * added:.0f} ms, {bare / (bare + added):.2f}"
+                    if name != "Synapse"
+                    else "",
                     f"{m['decided_s']:.2f}",
                     f"{m['first_byte_s']:.2f}",
                     f"{per_gib:.2f} ({raw_per_gib:.2f})",
@@ -1323,6 +1331,7 @@ def compare_report(results: dict[str, Any], names: list[str], sizes: list[int]) 
                 "path",
                 "answered s",
                 "vs bare",
+                "added by /create + /complete, bare / (bare + added)",
                 "decided s",
                 "first byte s",
                 "CPU s per GiB, idle subtracted (raw)",
@@ -1381,7 +1390,16 @@ def main() -> None:
         "--idle-seconds", type=float, default=5, help="--compare: idle CPU measured this long"
     )
     parser.add_argument("--no-synapse", dest="synapse", action="store_false")
+    parser.add_argument(
+        "--report-from", type=Path, help="--compare: print the report of a saved --json"
+    )
     args = parser.parse_args()
+    if args.compare and args.report_from:
+        saved = json.loads(args.report_from.read_text())
+        names = [k for k, v in saved["runs"][0].items() if isinstance(v, dict)]
+        sizes = list(dict.fromkeys(run["size_mib"] for run in saved["runs"]))
+        print(compare_report(saved, names, sizes))
+        return
     if args.compare:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
         compare_main(args)
