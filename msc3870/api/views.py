@@ -305,24 +305,29 @@ class DownloadView(MatrixView):
     def get(
         self, request: Request, server_name: str, media_id: str, file_name: str | None = None
     ) -> HttpResponseBase:
-        timeout_ms = self.timeout_ms(request)
-        frozen_after = self.frozen_after()
-        fetch_remote = self.fetch_remote(request)
         serving = self.serving(request)
         # The name a link asks the browser to save as obeys the upload's rules (no RLO).
         file_name = services.clean_filename(file_name) or None
         return answer(
             request,
-            lambda: services.media_for_download(
-                server_name,
-                media_id,
-                timeout_ms=timeout_ms,
-                frozen_after=frozen_after,
-                fetch_remote=fetch_remote,
-            ),
+            self.finding(request, server_name, media_id),
             lambda media: serving(Servable.of_media(media, file_name)),
             kind=self.wait_kind,
             share_key=("download", file_name, *self.serving_key(request)),
+        )
+
+    def finding(self, request: Request, server_name: str, media_id: str) -> Callable[[], Media]:
+        """How this request finds its media (waiting, freeze and fetching as the view
+        says); holds the values, not the request."""
+        timeout_ms = self.timeout_ms(request)
+        frozen_after = self.frozen_after()
+        fetch_remote = self.fetch_remote(request)
+        return lambda: services.media_for_download(
+            server_name,
+            media_id,
+            timeout_ms=timeout_ms,
+            frozen_after=frozen_after,
+            fetch_remote=fetch_remote,
         )
 
     def serving_key(self, request: Request) -> tuple[Any, ...]:
@@ -398,9 +403,6 @@ class ThumbnailView(DownloadView):
             params.get("width"), params.get("height"), params.get("method")
         )
         animated = params.get("animated", "").lower() == "true"
-        timeout_ms = self.timeout_ms(request)
-        frozen_after = self.frozen_after()
-        fetch_remote = self.fetch_remote(request)
         serving = self.serving(request)
 
         def render(media: Media) -> HttpResponseBase:
@@ -412,13 +414,7 @@ class ThumbnailView(DownloadView):
 
         return answer(
             request,
-            lambda: services.media_for_download(
-                server_name,
-                media_id,
-                timeout_ms=timeout_ms,
-                frozen_after=frozen_after,
-                fetch_remote=fetch_remote,
-            ),
+            self.finding(request, server_name, media_id),
             render,
             kind=self.wait_kind,
             share_key=("thumbnail", width, height, method, animated, *self.serving_key(request)),
