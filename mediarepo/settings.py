@@ -131,6 +131,9 @@ DATABASES = {
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Django's SQLite backend, with the threads of a process writing one at a time
+    # (mediarepo/sqlite/base.py says why).
+    DATABASES["default"]["ENGINE"] = "mediarepo.sqlite"
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = False  # a file: nothing to lose
     DATABASES["default"]["OPTIONS"] = {
         # Take the write lock at BEGIN: per-user limits stay exact and writers queue

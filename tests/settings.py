@@ -41,7 +41,7 @@ MSC3870 = {**MSC3870, "COMPLETE_WAIT_SECONDS": 5, "CREATE_RATE": None, "FETCH_RE
 MEDIA_DIR = DATA_DIR / "media"
 
 # A file, not :memory:, so the live server's threads each get their own connection.
-if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":  # noqa: F405
+if DATABASES["default"]["ENGINE"] in ("django.db.backends.sqlite3", "mediarepo.sqlite"):  # noqa: F405
     DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test.sqlite3")}  # noqa: F405
 
 MIDDLEWARE = [m for m in MIDDLEWARE if "whitenoise" not in m]  # noqa: F405

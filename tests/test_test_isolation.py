@@ -53,7 +53,7 @@ def test_unit_tests_ignore_real_data_and_services() -> None:
     seen = settings_seen_with()
     assert seen["data_dir"] != REAL["MEDIAREPO_DATA_DIR"]
     assert Path(seen["data_dir"]).name.startswith("mediarepo-test-")
-    assert seen["engine"] == "django.db.backends.sqlite3"
+    assert seen["engine"] == "mediarepo.sqlite"  # SQLite (mediarepo/sqlite: one writer per process)
     assert seen["broker"] is None
     assert seen["cache"].endswith("LocMemCache")
     assert seen["storage"].endswith("FileSystemStorage")
