@@ -6,6 +6,7 @@ import hashlib
 import io
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from django.conf import settings
 from django.utils import timezone
@@ -208,3 +209,49 @@ def test_denied_type_is_rejected_and_deleted(alice: MatrixClient) -> None:
     # after /complete answered), never the bytes.
     assert download.status_code == 403
     assert download.json()["errcode"] == "M_FORBIDDEN"
+
+
+def test_rejected_bytes_are_gone_before_the_rejection_is_recorded(
+    alice: MatrixClient, monkeypatch: Any
+) -> None:
+    """By the time anyone can read REJECTED (the uploader's answer, a waiting recipient),
+    the bytes are deleted: the transition sees an empty media directory."""
+    from msc3870 import lifecycle
+
+    seen_at_rejection: list[list[str]] = []
+    real_transition = lifecycle.transition
+
+    def watching(media: Any, from_states: Any, to_state: str, **kwargs: Any) -> bool:
+        if to_state == MediaState.REJECTED:
+            seen_at_rejection.append(files_under(Path(settings.MEDIA_DIR)))
+        return real_transition(media, from_states, to_state, **kwargs)
+
+    monkeypatch.setattr(lifecycle, "transition", watching)
+    created = alice.create()
+    with msc3870_settings(DENIED_CONTENT_TYPES=["text/html"]):
+        response = alice.put(
+            put_path(created["content_uri"]), b"<!DOCTYPE html><html></html>", "text/html"
+        )
+    assert response.status_code == 403
+    assert seen_at_rejection == [[]]
+
+
+def test_a_rejection_is_not_recorded_while_its_bytes_cannot_be_deleted(
+    alice: MatrixClient, monkeypatch: Any
+) -> None:
+    """The store fails to delete: the row stays PROCESSING (never served, retried by the
+    sweep), not REJECTED with its bytes still stored."""
+    from msc3870.errors import StorageUnavailable
+    from msc3870.storage import LocalMediaStore
+
+    def failing(self: Any, keys: list[str]) -> None:
+        raise StorageUnavailable("disk gone")
+
+    monkeypatch.setattr(LocalMediaStore, "delete_many", failing)
+    created = alice.create()
+    with msc3870_settings(DENIED_CONTENT_TYPES=["text/html"]):
+        alice.put(put_path(created["content_uri"]), b"<!DOCTYPE html><html></html>", "text/html")
+    media = media_of(created["content_uri"])
+    assert media.state == MediaState.PROCESSING
+    assert media.last_error  # the failure is on the row
+    assert files_under(Path(settings.MEDIA_DIR)) != []
