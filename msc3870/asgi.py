@@ -208,9 +208,9 @@ class MediaASGIHandler:
         if refusal is not None:
             await self._send(Outgoing.error(refusal), send)
             return
-        body, error = await self._read_body(scope, receive, is_matrix)
-        if error is not None:
-            await self._send(Outgoing(error, error.content), send)
+        body = await self._read_body(scope, receive, is_matrix)
+        if isinstance(body, Outgoing):  # refused
+            await self._send(body, send)
             return
         chain = self.matrix_chain if is_matrix else self.full_chain
         outgoing = await self._run(self._respond, chain, scope, body)
@@ -224,19 +224,17 @@ class MediaASGIHandler:
 
     async def _read_body(
         self, scope: Scope, receive: Receive, is_matrix: bool
-    ) -> tuple[IO[bytes], HttpResponseBase | None]:
+    ) -> IO[bytes] | Outgoing:
+        """The body, spooled (closed with the request by ``_respond``), or its refusal."""
         limit = _body_limit(scope, is_matrix)
         declared = _declared_length(scope)
-        # Closed with the request (``_respond``), or here on any refusal.
-        spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES, mode="w+b")  # noqa: SIM115
         if declared == -1:
-            return spool, self._body_error(InvalidParam("Invalid Content-Length"), close=True)
+            return _refusal(InvalidParam("Invalid Content-Length"), close=True)
         if declared is not None and declared > limit:
             # Refused before a byte is read. A modest excess is drained by the server
             # after the answer (the client reads the 413, not a reset); a gross one closes.
-            return spool, self._body_error(
-                _too_large(limit), close=declared > DRAIN_FACTOR * max(limit, 1)
-            )
+            return _refusal(_too_large(limit), close=declared > DRAIN_FACTOR * max(limit, 1))
+        spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES, mode="w+b")  # noqa: SIM115
         size = 0
         while True:
             message = await receive()
@@ -247,7 +245,7 @@ class MediaASGIHandler:
             size += len(chunk)
             if size > limit:
                 spool.close()
-                return spool, self._body_error(_too_large(limit), close=False)
+                return _refusal(_too_large(limit), close=False)
             if chunk:
                 spool.write(chunk)
             if not message.get("more_body", False):
@@ -256,18 +254,11 @@ class MediaASGIHandler:
         if declared is None:
             # A chunked body, now of known length: views see it like any other.
             scope["headers"] = [*scope["headers"], (b"content-length", str(size).encode())]
-        return spool, None
-
-    @staticmethod
-    def _body_error(error: MatrixError, *, close: bool) -> HttpResponseBase:
-        response = json_error(error)
-        if close:
-            response["Connection"] = "close"
-        return response
+        return spool
 
     # ------------------------------------------------------------------ sync work
 
-    def _respond(self, chain: _Chain, scope: Scope, body: IO[bytes]) -> HttpResponseBase:
+    def _respond(self, chain: _Chain, scope: Scope, body: IO[bytes]) -> Outgoing | DeferredResponse:
         """One request through Django, on a pool thread."""
         set_script_prefix(get_script_prefix(scope))
         signals.request_started.send(sender=self.__class__, scope=scope)
@@ -284,7 +275,7 @@ class MediaASGIHandler:
             response.close()
             body.close()
             response.note_added_headers()
-            return response  # type: ignore[return-value]
+            return response
         response._resource_closers.append(body.close)
         return _finish(response)
 
@@ -498,6 +489,13 @@ async def _disconnected(receive: Receive) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def _refusal(error: MatrixError, *, close: bool) -> Outgoing:
+    outgoing = Outgoing.error(error)
+    if close:
+        outgoing.response["Connection"] = "close"
+    return outgoing
 
 
 def _too_large(limit: int) -> TooLarge:

@@ -30,6 +30,7 @@ from concurrent.futures import Executor
 from typing import Any
 
 from .conf import app_settings
+from .waiting import fetch_row
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +111,6 @@ def _fetch_states(pks: list[int]) -> dict[int, str]:
     return states
 
 
-def _fetch_row(pk: int) -> Any:
-    from .models import Media
-
-    return Media.objects.filter(pk=pk).first()
-
-
 class _Waiter:
     __slots__ = ("future", "states")
 
@@ -131,7 +126,7 @@ class WakeupHub:
         executor: Executor,
         *,
         fetch_states: Callable[[list[int]], dict[int, str]] = _fetch_states,
-        fetch_row: Callable[[int], Any] = _fetch_row,
+        fetch_row: Callable[[int], Any] = fetch_row,
     ) -> None:
         self.loop = loop
         self.executor = executor

@@ -39,19 +39,13 @@ class DeferredResponse(JsonResponse):
         self.added_headers: list[tuple[bytes, bytes]] = []
 
     def note_added_headers(self) -> None:
-        """Called once the response has passed the middleware (on the pool thread, while
-        parking), so the wake-up has nothing left to compute."""
+        """Once the response has passed the middleware (on the pool thread, while
+        parking): keep, encoded, the headers the middleware and DRF put on it (CORS,
+        security), which the final answer carries too, so the wake-up has nothing left to
+        compute. Not those that describe this placeholder's own body or status (its
+        Content-Length above all)."""
         self.added_headers = [
             (name.lower().encode("latin1"), value.encode("latin1"))
-            for name, value in self.headers_added_by_middleware()
-        ]
-
-    def headers_added_by_middleware(self) -> list[tuple[str, str]]:
-        """Headers the middleware and DRF put on this response on its way out (CORS,
-        security), which the final answer carries too. Not those that describe this
-        placeholder's own body or status (its Content-Length above all)."""
-        return [
-            (name, value)
             for name, value in self.headers.items()
             if name.lower() not in self._own_headers
             and not name.lower().startswith("content-")
