@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -92,7 +93,16 @@ def test_download_waits_for_an_upload_in_progress(server: str, token: str) -> No
     assert response.content == b"worth the wait"
 
 
-def test_racing_completes_screen_once_and_agree(server: str, token: str) -> None:
+@pytest.mark.parametrize("waits", [True, False], ids=["waits-for-verdict", "answers-early"])
+def test_racing_completes_screen_once_and_agree(server: str, token: str, waits: bool) -> None:
+    """Six racing /complete calls all answer 200 with the same id and the checks run once.
+    By default /complete answers before the full-object checks finish, so the row may still
+    be processing when the answers arrive: the test then waits (bounded) for the verdict."""
+    with msc3870_settings(COMPLETE_WAITS_FOR_CHECKS=waits):
+        _race_completes(server, token, settle=not waits)
+
+
+def _race_completes(server: str, token: str, settle: bool) -> None:
     http = requests.Session()
     created = http.post(f"{server}/_matrix/media/v1/create", headers=auth(token)).json()
     path = mxc_path(created["content_uri"])
@@ -110,6 +120,10 @@ def test_racing_completes_screen_once_and_agree(server: str, token: str) -> None
     assert [r.status_code for r in responses] == [200] * 6
     assert {r.json()["content_uri"] for r in responses} == {created["content_uri"]}
     media = media_of(created["content_uri"])
+    deadline = time.monotonic() + 30
+    while settle and media.state == MediaState.PROCESSING and time.monotonic() < deadline:
+        time.sleep(0.02)
+        media = media_of(created["content_uri"])
     assert media.state == MediaState.COMPLETE
     assert media.attempts == 1
 
