@@ -69,8 +69,12 @@ def transition(
     pk = media.pk if isinstance(media, Media) else media
     now = timezone.now()
     values = {"state": to_state, "state_changed_at": now, **fields}
-    if extra_where is None and all(sql.is_plain(v) for v in values.values()):
-        won = sql.update_media(pk, values, states=sources, unexpired_at=unexpired_at) == 1
+    where = sql.equalities(extra_where)
+    if where is not None and sql.writable(values):
+        won = (
+            sql.update_media(pk, values, states=sources, unexpired_at=unexpired_at, where=where)
+            == 1
+        )
     else:
         query = Media.objects.filter(pk=pk, state__in=sources)
         if extra_where is not None:
@@ -127,8 +131,9 @@ def update_if_state(
 ) -> bool:
     """Write fields only while the row is still in ``state`` (no transition), and matches
     ``extra_where`` if given."""
-    if extra_where is None and all(sql.is_plain(v) for v in fields.values()):
-        won = sql.update_media(media.pk, fields, states=[state]) == 1
+    where = sql.equalities(extra_where)
+    if where is not None and sql.writable(fields):
+        won = sql.update_media(media.pk, fields, states=[state], where=where) == 1
     else:
         query = Media.objects.filter(pk=media.pk, state=state)
         if extra_where is not None:
@@ -136,7 +141,8 @@ def update_if_state(
         won = query.update(**fields) == 1
     if won:
         for name, value in fields.items():
-            setattr(media, name, value)
+            if sql.is_plain(value):  # F(...) is written, not mirrored
+                setattr(media, name, value)
     return won
 
 

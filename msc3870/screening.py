@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import puremagic
 from django.db import models
 
 from .conf import app_settings
+from .sniffing import sniff
 
 if TYPE_CHECKING:
     from .models import Media
@@ -152,21 +152,6 @@ class ScreeningContext:
 
 def base_type(content_type: str) -> str:
     return content_type.split(";", 1)[0].strip().lower()
-
-
-def sniff(data: bytes) -> list[str]:
-    """Candidate types for ``data``, most likely first; empty if unrecognised."""
-    if not data:
-        return []
-    try:
-        matches = puremagic.magic_string(data)
-    except (puremagic.PureError, ValueError):
-        return []
-    seen: list[str] = []
-    for match in matches:
-        if match.mime_type and match.mime_type not in seen:
-            seen.append(match.mime_type.lower())
-    return seen
 
 
 # Generic containers the sniffer reports for many specific formats: a declaration of one

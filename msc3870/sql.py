@@ -15,6 +15,8 @@ from datetime import datetime
 from typing import Any
 
 from django.db import connections, router
+from django.db.models import F, Q, Value
+from django.db.models.expressions import CombinedExpression
 
 from .models import Media, MediaState
 
@@ -31,26 +33,75 @@ def is_plain(value: Any) -> bool:
     return not hasattr(value, "resolve_expression")
 
 
+def _increment(name: str, value: Any) -> int | None:
+    """``n`` if ``value`` is ``F(name) + n`` (a counter bumped in the same UPDATE)."""
+    if (
+        isinstance(value, CombinedExpression)
+        and value.connector == "+"
+        and isinstance(value.lhs, F)
+        and value.lhs.name == name
+        and isinstance(value.rhs, Value)
+        and type(value.rhs.value) is int
+    ):
+        return value.rhs.value
+    return None
+
+
+def writable(fields: dict[str, Any]) -> bool:
+    """Whether ``update_media`` can write these: plain values, or ``F(name) + n``."""
+    return all(is_plain(v) or _increment(k, v) is not None for k, v in fields.items())
+
+
+def equalities(condition: Q | None) -> dict[str, Any] | None:
+    """``condition`` as ``{field: value}`` if it is only ANDed exact matches of plain
+    values (``Q(a=1, b=None)``), else None (the ORM compiles it)."""
+    if condition is None:
+        return {}
+    if condition.negated or condition.connector != Q.AND:
+        return None
+    found: dict[str, Any] = {}
+    for child in condition.children:
+        if not isinstance(child, tuple) or "__" in child[0] or not is_plain(child[1]):
+            return None
+        found[child[0]] = child[1]
+    return found
+
+
 def update_media(
     pk: int,
     fields: dict[str, Any],
     *,
     states: Iterable[str] | None = None,
     unexpired_at: datetime | None = None,
+    where: dict[str, Any] | None = None,
 ) -> int:
     """``UPDATE media SET <fields> WHERE id = pk [AND state IN states] [AND
-    unused_expires_at > unexpired_at]``: rows changed.
+    unused_expires_at > unexpired_at] [AND field = value ...]``: rows changed.
 
-    The compare-and-set of every transition. ``fields`` must be plain values."""
+    The compare-and-set of every transition. ``fields`` must be ``writable``; ``where``
+    values are plain (None: IS NULL)."""
     connection = _connection(write=True)
     quote = connection.ops.quote_name
     assignments, params = [], []
     for name, value in fields.items():
         field = Media._meta.get_field(name)
-        assignments.append(f"{quote(field.column)} = %s")
-        params.append(field.get_db_prep_save(value, connection))
+        column = quote(field.column)
+        step = None if is_plain(value) else _increment(name, value)
+        if step is not None:
+            assignments.append(f"{column} = {column} + %s")
+            params.append(step)
+        else:
+            assignments.append(f"{column} = %s")
+            params.append(field.get_db_prep_save(value, connection))
     sql = f"UPDATE {quote(_TABLE)} SET {', '.join(assignments)} WHERE {quote('id')} = %s"
     params.append(pk)
+    for name, value in (where or {}).items():
+        field = Media._meta.get_field(name)
+        if value is None:
+            sql += f" AND {quote(field.column)} IS NULL"
+        else:
+            sql += f" AND {quote(field.column)} = %s"
+            params.append(field.get_db_prep_value(value, connection))
     if states is not None:
         sources = list(states)
         sql += f" AND {quote('state')} IN ({', '.join(['%s'] * len(sources))})"

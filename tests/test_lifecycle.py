@@ -3,9 +3,12 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from django.db import connection
+from django.db.models import F, Q
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from msc3870 import lifecycle
+from msc3870 import lifecycle, sql
 from msc3870.models import Media, MediaState
 
 S = MediaState
@@ -56,3 +59,50 @@ def test_illegal_transitions_raise(db: None, source: str, target: str) -> None:
 def test_every_state_can_be_purged_except_deleted() -> None:
     for state in S.values:
         assert (S.DELETED in lifecycle.ALLOWED_TRANSITIONS[state]) is (state != S.DELETED)
+
+
+def test_claims_and_counters_are_written_directly_and_still_compare(db: None) -> None:
+    """A claim condition (``same_claim``) and an ``F(...) + 1`` counter take the direct
+    statement, not the ORM's compiler, and still decide and count as the ORM would."""
+    media = new_media()
+    assert lifecycle.transition(media, [S.PENDING], S.PROCESSING, processing_started_at=None)
+    stale_claim = lifecycle.same_claim(media)  # processing_started_at IS NULL
+    started = timezone.now()
+    assert lifecycle.update_if_state(media, S.PROCESSING, processing_started_at=started)
+    with CaptureQueriesContext(connection) as captured:
+        lost = lifecycle.update_if_state(media, S.PROCESSING, extra_where=stale_claim, size=1)
+        won = lifecycle.transition(
+            media,
+            [S.PROCESSING],
+            S.COMPLETE,
+            extra_where=lifecycle.same_claim(media),
+            attempts=F("attempts") + 1,
+            size=7,
+        )
+    assert (lost, won) == (False, True)
+    row = Media.objects.get()
+    assert (row.state, row.size, row.attempts, row.processing_started_at) == (
+        S.COMPLETE,
+        7,
+        1,
+        started,
+    )
+    assert media.attempts == 0  # an expression is written, not mirrored
+    statements = [q["sql"] for q in captured.captured_queries]
+    # The direct statement's shape (the ORM writes ("msc3870_media"."attempts" + 1) and
+    # compares the claim through its lookup compiler).
+    assert len(statements) == 2
+    assert '"processing_started_at" IS NULL' in statements[0]
+    assert '"attempts" = "attempts" + 1' in statements[1]
+
+
+def test_only_plain_equalities_are_taken_directly() -> None:
+    assert sql.equalities(None) == {}
+    assert sql.equalities(Q(a=1, b=None)) == {"a": 1, "b": None}
+    assert sql.equalities(Q(a__gt=1)) is None
+    assert sql.equalities(~Q(a=1)) is None
+    assert sql.equalities(Q(a=1) | Q(b=2)) is None
+    assert sql.equalities(Q(a=F("b"))) is None
+    assert sql.writable({"attempts": F("attempts") + 1, "size": 3})
+    assert not sql.writable({"attempts": F("size") + 1})
+    assert not sql.writable({"attempts": F("attempts") * 2})
