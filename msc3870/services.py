@@ -163,12 +163,13 @@ def create_media(user: MatrixUser) -> CreatedMedia:
             )
             retry_after = (oldest - now).total_seconds() * 1000
             raise LimitExceeded("Too many pending uploads", retry_after_ms=int(retry_after))
-        media = Media.objects.create(
+        media = Media(
             server_name=app_settings.SERVER_NAME,
             media_id=new_media_id(),
             user_id=user.user_id,
             unused_expires_at=expires,
         )
+        sql.insert_media(media)
     return CreatedMedia(media, store.upload_target(media))
 
 

@@ -5,6 +5,7 @@ from datetime import timedelta
 import pytest
 from django.db import connection
 from django.db.models import F, Q
+from django.db.models.signals import post_save
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -106,3 +107,53 @@ def test_only_plain_equalities_are_taken_directly() -> None:
     assert sql.writable({"attempts": F("attempts") + 1, "size": 3})
     assert not sql.writable({"attempts": F("size") + 1})
     assert not sql.writable({"attempts": F("attempts") * 2})
+
+
+def _row(pk: int) -> dict[str, object]:
+    return {k: v for k, v in Media.objects.filter(pk=pk).values().get().items() if k != "id"}
+
+
+def test_direct_insert_writes_what_save_writes(db: None) -> None:
+    when = timezone.now() + timedelta(hours=1)
+
+    def fresh(media_id: str) -> Media:
+        return Media(
+            server_name="localhost",
+            media_id=media_id,
+            user_id="@a:localhost",
+            unused_expires_at=when,
+            created_at=when,
+            state_changed_at=when,
+        )
+
+    direct, saved = fresh("direct"), fresh("saved")
+    sql.insert_media(direct)
+    saved.save(force_insert=True)
+    assert direct.pk is not None and direct.pk != saved.pk
+    assert not direct._state.adding
+    assert {**_row(direct.pk), "media_id": "saved"} == _row(saved.pk)
+    loaded, by_orm = sql.media_by_mxc("localhost", "direct"), Media.objects.get(pk=direct.pk)
+    fields = [field.attname for field in Media._meta.concrete_fields]
+    assert [getattr(loaded, f) for f in fields] == [getattr(by_orm, f) for f in fields]
+    assert loaded.unused_expires_at == when and loaded.unused_expires_at.tzinfo is not None
+    assert sql.media_by_mxc("localhost", "nothing") is None
+
+
+def test_direct_insert_leaves_save_signals_to_save(db: None) -> None:
+    heard: list[str] = []
+
+    def listener(sender: type, instance: Media, **kwargs: object) -> None:
+        heard.append(instance.media_id)
+
+    post_save.connect(listener, sender=Media)
+    try:
+        media = Media(
+            server_name="localhost",
+            media_id="heard",
+            user_id="@a:localhost",
+            unused_expires_at=timezone.now(),
+        )
+        sql.insert_media(media)
+    finally:
+        post_save.disconnect(listener, sender=Media)
+    assert heard == ["heard"] and Media.objects.filter(pk=media.pk).exists()
