@@ -130,6 +130,10 @@ DATABASES = {
         conn_health_checks=True,
     )
 }
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # Django's PostgreSQL backend, health-checking a connection at most once a second
+    # instead of once per request (mediarepo/postgresql/base.py says why).
+    DATABASES["default"]["ENGINE"] = "mediarepo.postgresql"
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Django's SQLite backend, with the threads of a process writing one at a time
     # (mediarepo/sqlite/base.py says why).
