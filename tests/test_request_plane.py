@@ -181,6 +181,23 @@ def test_a_lost_notification_is_recovered_by_the_safety_poll(
         hub = wakeup.current_hub()
         assert hub is not None
         hub.listening = True  # as if LISTEN were connected: only the safety poll runs
+        # Lose every notification but the poll's own (on PostgreSQL the real LISTEN would
+        # hear the change).
+        polling, real_notify, real_poll = [False], hub.notify, hub.poll_once
+
+        async def poll_once() -> None:
+            polling[0] = True
+            try:
+                await real_poll()
+            finally:
+                polling[0] = False
+
+        def notify(pk: int, state: str) -> None:
+            if polling[0]:
+                real_notify(pk, state)
+
+        hub.poll_once = poll_once  # type: ignore[method-assign]
+        hub.notify = notify  # type: ignore[method-assign]
         polls_before = hub.polls
         media_id = path.split("/")[1]
         await asyncio.to_thread(
