@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from django.db import connection, connections, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from . import lifecycle
@@ -74,6 +74,29 @@ def screen_in_process(media: Media) -> None:
         record_failure(media.pk, exc)
 
 
+def screens_in_request() -> bool:
+    """Whether screening runs in the requesting thread (no broker)."""
+    from .tasks import screen_media_task
+
+    return bool(screen_media_task.app.conf.task_always_eager)
+
+
+def screen_received(media: Media, received: dict[str, Any], claim: Q) -> str:
+    """Screen the bytes a PUT has just stored, in the request's thread, and record them
+    (``received``: key, size, SHA-256) in the same UPDATE that decides: one write where a
+    record and then a verdict took two. Both are conditioned on the PUT's ``claim``:
+    "skipped" means the row is no longer the PUT's. If screening fails, the bytes are
+    recorded alone, so that the stuck sweep screens them again."""
+    try:
+        return screen_loaded(media, count_attempt=False, claim=claim, received=received)
+    except Exception as exc:
+        log.exception("Screening of %s failed", media.mxc_uri)
+        if not lifecycle.update_if_state(media, S.PROCESSING, extra_where=claim, **received):
+            return "skipped"
+        record_failure(media.pk, exc)
+        return "failed"
+
+
 _background: ThreadPoolExecutor | None = None
 _background_lock = threading.Lock()
 
@@ -129,13 +152,25 @@ def screen_media(pk: int) -> str:
     return screen_loaded(media)
 
 
-def screen_loaded(media: Media, *, count_attempt: bool = True) -> str:
+def screen_loaded(
+    media: Media,
+    *,
+    count_attempt: bool = True,
+    claim: Q | None = None,
+    received: dict[str, Any] | None = None,
+) -> str:
     """``screen_media`` of a row already read. A task counts its attempt first (it may
-    die); in-process screening counts it in the update that decides."""
+    die); in-process screening counts it in the update that decides. ``received``: fields
+    of the bytes not yet on the row (``screen_received``), written by that update too;
+    ``claim``: the update decides only while the row holds this claim."""
     if media.state != S.PROCESSING:
         return "skipped"
     pk = media.pk
-    decided: dict[str, Any] = {}
+    decided: dict[str, Any] = dict(received or {})
+    for name, value in decided.items():
+        setattr(media, name, value)
+    if claim is not None:
+        decided["claim"] = claim
     if count_attempt:
         Media.objects.filter(pk=pk).update(attempts=F("attempts") + 1)
     else:
@@ -199,6 +234,7 @@ def _complete(
     *,
     twins: bool | None = None,
     quota: QuotaClaim | None = None,
+    claim: Q | None = None,
     **fields: Any,
 ) -> str:
     """PROCESSING -> COMPLETE; identical content already served is stored once.
@@ -226,15 +262,15 @@ def _complete(
                 # object), or it ran first and the donor is no longer COMPLETE here.
                 donor = sharing.select_for_update().first()
                 won = _mark_complete(
-                    media, donor.storage_key if donor else own_key, findings, fields
+                    media, donor.storage_key if donor else own_key, findings, fields, claim
                 )
         except Rejection as rejection:
             # Decided under the lock; the row is still PROCESSING (the transaction rolled
             # back), so it is rejected as a failed check would be.
-            return _reject(media, rejection, **fields)
+            return _reject(media, rejection, claim=claim, **fields)
     else:
         # No quota and nothing to share (the common case): no lock, no transaction.
-        won = _mark_complete(media, own_key, findings, fields)
+        won = _mark_complete(media, own_key, findings, fields, claim)
     if not won:
         return "skipped"
     if media.storage_key != own_key:
@@ -244,22 +280,25 @@ def _complete(
 
 
 def _mark_complete(
-    media: Media, storage_key: str, findings: dict[str, object], fields: dict[str, Any]
+    media: Media,
+    storage_key: str,
+    findings: dict[str, object],
+    fields: dict[str, Any],
+    claim: Q | None,
 ) -> bool:
-    return lifecycle.transition(
-        media,
-        [S.PROCESSING],
-        S.COMPLETE,
-        send_signal=False,
-        completed_at=timezone.now(),
-        last_error="",
-        storage_key=storage_key,
-        **findings,
+    values = {
         **fields,
+        **findings,
+        "completed_at": timezone.now(),
+        "last_error": "",
+        "storage_key": storage_key,
+    }
+    return lifecycle.transition(
+        media, [S.PROCESSING], S.COMPLETE, send_signal=False, extra_where=claim, **values
     )
 
 
-def _reject(media: Media, rejection: Rejection, **fields: Any) -> str:
+def _reject(media: Media, rejection: Rejection, *, claim: Q | None = None, **fields: Any) -> str:
     # Delete first, while the row is still PROCESSING (never served): by the time the
     # uploader hears of the rejection, the bytes are gone. These keys are this media's
     # own (sharing happens only on completion). If the storage fails, the task is retried.
@@ -274,6 +313,7 @@ def _reject(media: Media, rejection: Rejection, **fields: Any) -> str:
         media,
         [S.PROCESSING],
         S.REJECTED,
+        extra_where=claim,
         rejection_errcode=rejection.errcode,
         rejection_status=rejection.status,
         rejection_reason=rejection.reason[:1000],

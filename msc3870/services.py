@@ -13,6 +13,7 @@ import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
+from typing import Any, NoReturn
 
 from django.db import connection, transaction
 from django.utils import timezone
@@ -194,30 +195,43 @@ def check_declared_length(content_length: int | None) -> None:
         )
 
 
-def _receive(media: Media, body: Readable, content_length: int | None) -> None:
-    """Stream the body to the key the bytes will be served from; record size and hash."""
-    store = get_store()
-    written = store.write_stream(
+def _store_body(media: Media, body: Readable, content_length: int | None) -> dict[str, Any]:
+    """Stream the body to the key the bytes will be served from; the fields that record
+    them on the row (key, size, hash)."""
+    written = get_store().write_stream(
         media.served_key,
         body,
         max_size=app_settings.MAX_UPLOAD_SIZE,
         expected_size=content_length,
         content_type=media.declared_content_type or None,
     )
-    if not lifecycle.update_if_state(
-        media,
-        S.PROCESSING,
-        extra_where=lifecycle.same_claim(media),
-        storage_key=media.served_key,
-        size=written.size,
-        sha256=written.sha256,
-    ):
-        # The stuck sweep (or a moderator) gave up on this upload while it streamed, and
-        # the id may have been claimed again since: the row's claim is not ours. The bytes
-        # are deleted even so: they were written over the same key, and no bytes are safer
-        # than bytes that disagree with the size and hash a newer claim records.
-        store.delete(media.served_key)
-        raise UploadAbandoned()
+    return {"storage_key": media.served_key, "size": written.size, "sha256": written.sha256}
+
+
+def _record_and_screen(media: Media, received: dict[str, Any]) -> Media:
+    """Record the bytes a request stored and have them checked. Without a broker the
+    checks run here and one UPDATE records the bytes with the verdict; with one, the bytes
+    are recorded, then the task is queued. Either write holds only while the row is still
+    this request's claim."""
+    from .pipeline import screen_received, screens_in_request
+
+    claim = lifecycle.same_claim(media)
+    if screens_in_request():
+        if screen_received(media, received, claim) == "skipped":
+            _abandon(media)
+        return _decision(media, Deadline.after_seconds(app_settings.COMPLETE_WAIT_SECONDS))
+    if not lifecycle.update_if_state(media, S.PROCESSING, extra_where=claim, **received):
+        _abandon(media)
+    return _screen_and_wait(media)
+
+
+def _abandon(media: Media) -> NoReturn:
+    """The stuck sweep (or a moderator) gave up on this upload while it streamed, and the
+    id may have been claimed again since: the row's claim is not ours. The bytes are
+    deleted even so: they were written over the same key, and no bytes are safer than
+    bytes that disagree with the size and hash a newer claim records."""
+    get_store().delete(media.served_key)
+    raise UploadAbandoned()
 
 
 def upload_to_media(
@@ -253,7 +267,7 @@ def upload_to_media(
         _check_can_upload(user, _local_media(server_name, media_id))
         raise CannotOverwrite()
     try:
-        _receive(media, body, content_length)
+        received = _store_body(media, body, content_length)
     except BaseException:
         # Nothing was kept: the id may be uploaded to again. Only while the claim is still
         # ours: after a stuck-upload reset a newer PUT may hold the row.
@@ -266,7 +280,7 @@ def upload_to_media(
             processing_started_at=None,
         )
         raise
-    return _screen_and_wait(media)
+    return _record_and_screen(media, received)
 
 
 def upload_new_media(
@@ -295,7 +309,7 @@ def upload_new_media(
         processing_started_at=now,
     )
     try:
-        _receive(media, body, content_length)
+        received = _store_body(media, body, content_length)
     except BaseException as exc:
         lifecycle.transition(
             media,
@@ -306,7 +320,7 @@ def upload_new_media(
             objects_deleted_at=timezone.now(),
         )
         raise
-    return _screen_and_wait(media)
+    return _record_and_screen(media, received)
 
 
 def complete_url_upload(

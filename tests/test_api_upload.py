@@ -255,3 +255,11 @@ def test_a_rejection_is_not_recorded_while_its_bytes_cannot_be_deleted(
     assert media.state == MediaState.PROCESSING
     assert media.last_error  # the failure is on the row
     assert files_under(Path(settings.MEDIA_DIR)) != []
+    # The bytes are recorded even though the verdict was not (the UPDATE that decides
+    # would have recorded them): the stuck sweep screens them again, never as "receiving".
+    body = b"<!DOCTYPE html><html></html>"
+    assert (media.storage_key, media.size, media.sha256) == (
+        media.served_key,
+        len(body),
+        hashlib.sha256(body).hexdigest(),
+    )

@@ -63,7 +63,7 @@ def test_unit_tests_ignore_real_data_and_services() -> None:
 
 def test_the_services_suite_keeps_its_services_but_not_the_data_dir() -> None:
     seen = settings_seen_with(MEDIAREPO_TEST_SERVICES="1")
-    assert seen["engine"] == "django.db.backends.postgresql"
+    assert seen["engine"] == "mediarepo.postgresql"
     assert seen["broker"] == REAL["CELERY_BROKER_URL"]
     assert seen["storage"] == "storages.backends.s3.S3Storage"
     assert seen["data_dir"] != REAL["MEDIAREPO_DATA_DIR"]
