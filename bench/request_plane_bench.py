@@ -99,6 +99,25 @@ def log(message: str) -> None:
 # --------------------------------------------------------------------------- processes
 
 
+def busy_share(before: Any, after: Any) -> float:
+    """The share of all cores' time that was not idle between two ``psutil.cpu_times()``."""
+    total = sum(after) - sum(before)
+    idle = (after.idle - before.idle) + (
+        getattr(after, "iowait", 0.0) - getattr(before, "iowait", 0.0)
+    )
+    return round(1 - idle / total, 3) if total > 0 else 0.0
+
+
+def postgres_cpu_seconds() -> float:
+    """user+system of the PostgreSQL server's processes on this machine (0 if none)."""
+    total = 0.0
+    for proc in psutil.process_iter(["name", "cpu_times"]):
+        if proc.info["name"] in ("postgres", "postmaster") and proc.info["cpu_times"]:
+            t = proc.info["cpu_times"]
+            total += t.user + t.system
+    return total
+
+
 class ProcessTree:
     """A root process and all its descendants, measured together."""
 
@@ -499,8 +518,11 @@ def round_trip_phase(
     tree = server.tree
     pids0 = {p.pid for p in tree.processes()}
     cpu0, client0 = tree.cpu_seconds(), self_cpu()
+    machine0, postgres0 = psutil.cpu_times(), postgres_cpu_seconds()
     samples, wall = asyncio.run(_clients(server.url, users, args.duration, args.request_timeout))
     cpu = tree.cpu_seconds() - cpu0
+    machine_busy = busy_share(machine0, psutil.cpu_times())
+    postgres_cpu = postgres_cpu_seconds() - postgres0
     if not server.alive():
         raise ServerDied(f"{clients} clients: the server's process tree ended during the phase")
     client_cpu = self_cpu() - client0
@@ -520,6 +542,10 @@ def round_trip_phase(
         "client_cpu_s": round(client_cpu, 3),
         "client_cpu_ms_per_round_trip": round(client_cpu / done * 1000, 3) if done else None,
         "loadavg_after": round(os.getloadavg()[0], 2),
+        # Every core's busy share over the phase (1.0: all cores saturated), and what the
+        # PostgreSQL server spent (outside the project's process tree, so not in its CPU).
+        "machine_busy_share": machine_busy,
+        "postgres_cpu_ms_per_round_trip": round(postgres_cpu / done * 1000, 3) if done else None,
         "server_processes": len(tree.processes()),
         "process_tree_changed": pids0 != {p.pid for p in tree.processes()},
         "_latencies": samples.latencies,
@@ -527,7 +553,9 @@ def round_trip_phase(
     log(
         f"  {clients:>3} clients: {result['round_trips_per_s']} rt/s, p50 {result['p50_ms']} ms, "
         f"p99 {result['p99_ms']} ms, server {result['server_cpu_ms_per_round_trip']} ms CPU/rt, "
-        f"client {result['client_cpu_ms_per_round_trip']} ms/rt, errors {dict(samples.errors)}"
+        f"client {result['client_cpu_ms_per_round_trip']} ms/rt, "
+        f"PostgreSQL {result['postgres_cpu_ms_per_round_trip']} ms/rt, "
+        f"machine busy {machine_busy:.0%}, errors {dict(samples.errors)}"
     )
     return result
 
