@@ -46,7 +46,7 @@ def dispatch_screening(media: Media, *, background: bool = False) -> None:
     """
     from .tasks import screen_media_task
 
-    if screen_media_task.app.conf.task_always_eager:
+    if screens_in_request():
         if background:
             transaction.on_commit(lambda: _screen_in_background(media))
         else:
@@ -63,38 +63,35 @@ def dispatch_screening(media: Media, *, background: bool = False) -> None:
     transaction.on_commit(send)
 
 
-def screen_in_process(media: Media) -> None:
+def screen_in_process(
+    media: Media, *, received: dict[str, Any] | None = None, claim: Q | None = None
+) -> str:
     """No broker: screen now, in the request's thread, on the row it already holds (its
     state is then known without another query). A failure is recorded on the row; the
-    stuck sweep screens it again."""
-    try:
-        screen_loaded(media, count_attempt=False)
-    except Exception as exc:
-        log.exception("Screening of %s failed", media.mxc_uri)
-        record_failure(media.pk, exc)
+    stuck sweep screens it again.
 
-
-def screens_in_request() -> bool:
-    """Whether screening runs in the requesting thread (no broker)."""
-    from .tasks import screen_media_task
-
-    return bool(screen_media_task.app.conf.task_always_eager)
-
-
-def screen_received(media: Media, received: dict[str, Any], claim: Q) -> str:
-    """Screen the bytes a PUT has just stored, in the request's thread, and record them
-    (``received``: key, size, SHA-256) in the same UPDATE that decides: one write where a
-    record and then a verdict took two. Both are conditioned on the PUT's ``claim``:
-    "skipped" means the row is no longer the PUT's. If screening fails, the bytes are
-    recorded alone, so that the stuck sweep screens them again."""
+    ``received``: the fields of bytes a PUT has just stored (key, size, SHA-256), not yet
+    on the row; the UPDATE that decides records them too, one write where a record and
+    then a verdict took two. ``claim``: both hold only while the row is still that PUT's
+    ("skipped" otherwise). If screening fails, the bytes are recorded alone, so that the
+    stuck sweep screens them (and never takes them for an upload still arriving)."""
     try:
         return screen_loaded(media, count_attempt=False, claim=claim, received=received)
     except Exception as exc:
         log.exception("Screening of %s failed", media.mxc_uri)
-        if not lifecycle.update_if_state(media, S.PROCESSING, extra_where=claim, **received):
+        if received and not lifecycle.update_if_state(
+            media, S.PROCESSING, extra_where=claim, **received
+        ):
             return "skipped"
         record_failure(media.pk, exc)
         return "failed"
+
+
+def screens_in_request() -> bool:
+    """Whether screening runs in the process that asks for it (no broker)."""
+    from .tasks import screen_media_task
+
+    return bool(screen_media_task.app.conf.task_always_eager)
 
 
 _background: ThreadPoolExecutor | None = None
@@ -161,7 +158,7 @@ def screen_loaded(
 ) -> str:
     """``screen_media`` of a row already read. A task counts its attempt first (it may
     die); in-process screening counts it in the update that decides. ``received``: fields
-    of the bytes not yet on the row (``screen_received``), written by that update too;
+    of the bytes not yet on the row (``screen_in_process``), written by that update too;
     ``claim``: the update decides only while the row holds this claim."""
     if media.state != S.PROCESSING:
         return "skipped"

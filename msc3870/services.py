@@ -213,11 +213,11 @@ def _record_and_screen(media: Media, received: dict[str, Any]) -> Media:
     checks run here and one UPDATE records the bytes with the verdict; with one, the bytes
     are recorded, then the task is queued. Either write holds only while the row is still
     this request's claim."""
-    from .pipeline import screen_received, screens_in_request
+    from .pipeline import screen_in_process, screens_in_request
 
     claim = lifecycle.same_claim(media)
     if screens_in_request():
-        if screen_received(media, received, claim) == "skipped":
+        if screen_in_process(media, received=received, claim=claim) == "skipped":
             _abandon(media)
         return _decision(media, Deadline.after_seconds(app_settings.COMPLETE_WAIT_SECONDS))
     if not lifecycle.update_if_state(media, S.PROCESSING, extra_where=claim, **received):
