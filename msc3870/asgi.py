@@ -26,6 +26,7 @@ async views; measured on this kind of machine, twice the CPU of WSGI per request
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import re
@@ -33,7 +34,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 from django.conf import settings
@@ -214,10 +215,12 @@ class MediaASGIHandler:
             return
         chain = self.matrix_chain if is_matrix else self.full_chain
         outgoing = await self._run(self._respond, chain, scope, body)
-        if isinstance(outgoing, DeferredResponse):
-            outgoing = await self._after_wait(outgoing, receive)
-            if outgoing is None:
+        del body  # closed by _respond or with the response; not held while parked
+        if isinstance(outgoing, Parking):
+            answer = await self._after_wait(outgoing, receive)
+            if answer is None:
                 return  # the client went away while it waited
+            outgoing = answer
         await self._send(outgoing, send)
 
     # ------------------------------------------------------------------ body
@@ -225,7 +228,8 @@ class MediaASGIHandler:
     async def _read_body(
         self, scope: Scope, receive: Receive, is_matrix: bool
     ) -> IO[bytes] | Outgoing:
-        """The body, spooled (closed with the request by ``_respond``), or its refusal."""
+        """The body (closed with the request by ``_respond``), or its refusal: as it came
+        if it came in one message, else spooled."""
         limit = _body_limit(scope, is_matrix)
         declared = _declared_length(scope)
         if declared == -1:
@@ -234,10 +238,20 @@ class MediaASGIHandler:
             # Refused before a byte is read. A modest excess is drained by the server
             # after the answer (the client reads the 413, not a reset); a gross one closes.
             return _refusal(_too_large(limit), close=declared > DRAIN_FACTOR * max(limit, 1))
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone()
+        if not message.get("more_body", False):
+            # The whole body in one message (every GET, most JSON): already in memory.
+            chunk = message.get("body", b"")
+            if len(chunk) > limit:
+                return _refusal(_too_large(limit), close=False)
+            if declared is None:
+                scope["headers"] = [*scope["headers"], (b"content-length", b"%d" % len(chunk))]
+            return io.BytesIO(chunk)
         spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES, mode="w+b")  # noqa: SIM115
         size = 0
         while True:
-            message = await receive()
             if message["type"] == "http.disconnect":
                 spool.close()
                 raise _ClientGone()
@@ -250,6 +264,7 @@ class MediaASGIHandler:
                 spool.write(chunk)
             if not message.get("more_body", False):
                 break
+            message = await receive()
         spool.seek(0)
         if declared is None:
             # A chunked body, now of known length: views see it like any other.
@@ -258,7 +273,7 @@ class MediaASGIHandler:
 
     # ------------------------------------------------------------------ sync work
 
-    def _respond(self, chain: _Chain, scope: Scope, body: IO[bytes]) -> Outgoing | DeferredResponse:
+    def _respond(self, chain: _Chain, scope: Scope, body: IO[bytes]) -> Outgoing | Parking:
         """One request through Django, on a pool thread."""
         set_script_prefix(get_script_prefix(scope))
         signals.request_started.send(sender=self.__class__, scope=scope)
@@ -272,10 +287,10 @@ class MediaASGIHandler:
             request.META[CAN_DEFER] = True
             response = chain.get_response(request)
         if isinstance(response, DeferredResponse):
+            # Parked with only what the answer needs: the response and request go now.
             response.close()
             body.close()
-            response.note_added_headers()
-            return response
+            return Parking(response.wait, response.added_headers_encoded())
         response._resource_closers.append(body.close)
         return _finish(response)
 
@@ -322,37 +337,47 @@ class MediaASGIHandler:
 
     # ------------------------------------------------------------------ waiting
 
-    async def _after_wait(self, deferred: DeferredResponse, receive: Receive) -> Outgoing | None:
+    async def _after_wait(self, parking: Parking, receive: Receive) -> Outgoing | None:
         hub = wakeup.install_hub(asyncio.get_running_loop(), self.executor)
-        wait = deferred.wait
+        wait = parking.wait
+        current: list[wakeup.Parked] = []  # what a hang-up stops waiting for
+
+        def on_gone(_watch: asyncio.Future[None]) -> None:
+            for parked in current:
+                hub.unpark(parked)
+
         gone = asyncio.ensure_future(_disconnected(receive))
+        gone.add_done_callback(on_gone)
         try:
             while True:
                 refusal = self.caps.admit(wait)
                 if refusal is not None:
                     answer: Outgoing | MediaWait[Any] = Outgoing.error(refusal)
                     break
+                parked = hub.park(wait.pk, wait.states, wait.deadline.remaining)
+                current[:] = [parked]
                 try:
-                    waiting = asyncio.ensure_future(
-                        hub.wait_for_change(wait.pk, wait.states, wait.deadline.remaining)
-                    )
-                    await asyncio.wait([waiting, gone], return_when=asyncio.FIRST_COMPLETED)
+                    row = await parked.future
+                except asyncio.CancelledError:
+                    if gone.done():
+                        return None  # the client went away while it waited
+                    raise
                 finally:
+                    current.clear()
+                    hub.unpark(parked)
                     self.caps.release(wait)
-                if not waiting.done():
-                    waiting.cancel()
-                    return None
-                answer = await self._resumes.submit((wait, waiting.result()))
+                answer = await self._resumes.submit((wait, row))
                 if isinstance(answer, MediaWait):
                     wait = answer
                     continue
                 break
         finally:
+            gone.remove_done_callback(on_gone)
             gone.cancel()
         assert isinstance(answer, Outgoing)
-        if deferred.added_headers:
+        if parking.added_headers:
             # The answer may be shared with other requests: add to a copy of its head.
-            answer = Outgoing(answer.response, answer.body, answer.head(deferred.added_headers))
+            answer = Outgoing(answer.response, answer.body, answer.head(parking.added_headers))
         return answer
 
     # ------------------------------------------------------------------ sending
@@ -393,6 +418,15 @@ class MediaASGIHandler:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
+@dataclass(slots=True)
+class Parking:
+    """A request parked until its media changes: the wait, and the headers the middleware
+    put on the placeholder response (CORS, security) that its answer carries too."""
+
+    wait: MediaWait[HttpResponseBase]
+    added_headers: list[tuple[bytes, bytes]]
+
+
 @dataclass
 class Outgoing:
     """A response ready to send: its body already in hand (``body``), or a stream."""
@@ -401,6 +435,10 @@ class Outgoing:
     body: bytes | None
     #: The encoded head, made once (shared answers are sent many times).
     headers: list[tuple[bytes, bytes]] | None = None
+    #: The head with each set of extra headers asked for, made once each.
+    extended: dict[tuple[tuple[bytes, bytes], ...], list[tuple[bytes, bytes]]] = field(
+        default_factory=dict
+    )
 
     def head(self, extra: list[tuple[bytes, bytes]] = ()) -> list[tuple[bytes, bytes]]:  # type: ignore[assignment]
         """The response's headers for ASGI, plus ``extra`` ones it does not have."""
@@ -419,8 +457,13 @@ class Outgoing:
             self.headers = headers
         if not extra:
             return self.headers
-        present = {name.lower() for name, _ in self.headers}
-        return [*self.headers, *(item for item in extra if item[0].lower() not in present)]
+        key = tuple(extra)
+        head = self.extended.get(key)
+        if head is None:
+            present = {name.lower() for name, _ in self.headers}
+            head = [*self.headers, *(item for item in extra if item[0].lower() not in present)]
+            self.extended[key] = head
+        return head
 
     @classmethod
     def error(cls, error: MatrixError) -> Outgoing:

@@ -14,7 +14,7 @@ thread and no database connection. The hub learns of state changes from:
   net behind LISTEN (``WAKEUP_SAFETY_POLL_SECONDS``) so that a lost notification, or a
   listener that reconnects, never strands a waiter.
 
-Waiters woken by one change share one fetch of the row.
+Requests woken by one change share one fetch of the row.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import contextlib
 import logging
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor
+from functools import partial
 from typing import Any
 
 from .conf import app_settings
@@ -111,12 +111,21 @@ def _fetch_states(pks: list[int]) -> dict[int, str]:
     return states
 
 
-class _Waiter:
-    __slots__ = ("future", "states")
+class Parked:
+    """One parked request. ``future`` resolves to a fresh copy of row ``pk`` (None if the
+    row is gone) once the row is in none of ``states``, or once the timeout has passed;
+    it is cancelled if the request stops waiting (``WakeupHub.unpark``).
 
-    def __init__(self, states: frozenset[str], future: asyncio.Future[None]) -> None:
-        self.states = states  # woken when the row is in none of these
+    A plain future and a timer, not a task: thousands are parked at once, and every
+    object each of them holds is one more for the garbage collector to scan."""
+
+    __slots__ = ("future", "pk", "states", "timer")
+
+    def __init__(self, pk: int, states: frozenset[str], future: asyncio.Future[Any]) -> None:
+        self.pk = pk
+        self.states = states
         self.future = future
+        self.timer: asyncio.TimerHandle | None = None
 
 
 class WakeupHub:
@@ -132,9 +141,11 @@ class WakeupHub:
         self.executor = executor
         self._fetch_states = fetch_states
         self._fetch_row = fetch_row
-        self._waiters: dict[int, list[_Waiter]] = defaultdict(list)
+        # Per row, its parked requests in arrival order (a dict: removal is O(1)).
+        self._waiters: dict[int, dict[Parked, None]] = {}
         self._recent: dict[int, tuple[str, float]] = {}
-        self._fetches: dict[int, asyncio.Future[Any]] = {}
+        # Per row, the woken requests that the running fetch of it will answer.
+        self._deliveries: dict[int, list[Parked]] = {}
         self._poke = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.listening = False  # a push source (LISTEN) is connected
@@ -146,51 +157,80 @@ class WakeupHub:
     def waiting(self) -> int:
         return sum(len(waiters) for waiters in self._waiters.values())
 
-    async def wait_for_change(self, pk: int, states: str | frozenset[str], timeout: float) -> Any:
-        """Wait until row ``pk`` is in none of ``states`` (or ``timeout`` seconds); return a
-        fresh copy of the row (None if it is gone)."""
+    def park(self, pk: int, states: str | frozenset[str], timeout: float) -> Parked:
+        """Park a request until row ``pk`` is in none of ``states`` (or ``timeout``
+        seconds): await ``.future`` for the fresh row; ``unpark`` when no longer waiting."""
         self._start()
         states = frozenset([states]) if isinstance(states, str) else states
+        parked = Parked(pk, states, self.loop.create_future())
         recent = self._recent.get(pk)
-        if recent is None or recent[0] in states:
-            waiter = _Waiter(states, self.loop.create_future())
-            self._waiters[pk].append(waiter)
-            self._poke.set()  # a poll source with nothing to do sleeps until poked
-            try:
-                await asyncio.wait_for(waiter.future, timeout)
-            except TimeoutError:
-                pass
-            finally:
-                self._forget(pk, waiter)
-        return await self.fetch(pk)
+        if recent is not None and recent[0] not in states:
+            self._deliver(parked)  # it changed between the read and this park
+            return parked
+        self._waiters.setdefault(pk, {})[parked] = None
+        parked.timer = self.loop.call_later(max(timeout, 0.0), self._wake, parked)
+        self._poke.set()  # a poll source with nothing to do sleeps until poked
+        return parked
 
-    def _forget(self, pk: int, waiter: _Waiter) -> None:
-        waiters = self._waiters.get(pk)
-        if waiters is None:
-            return
-        with contextlib.suppress(ValueError):
-            waiters.remove(waiter)
-        if not waiters:
-            del self._waiters[pk]
+    def unpark(self, parked: Parked) -> None:
+        """The request no longer waits (its client went away): forget it. Idempotent."""
+        self._forget(parked)
+        if not parked.future.done():
+            parked.future.cancel()
 
-    async def fetch(self, pk: int) -> Any:
-        """The row, read once for every waiter asking at the same time."""
-        pending = self._fetches.get(pk)
-        if pending is None:
-            pending = self.loop.run_in_executor(self.executor, self._fetch_row, pk)
-            self._fetches[pk] = pending
-            pending.add_done_callback(lambda _f: self._fetches.pop(pk, None))
-        return await asyncio.shield(pending)
+    async def wait_for_change(self, pk: int, states: str | frozenset[str], timeout: float) -> Any:
+        """``park``, then the fresh row (None if it is gone)."""
+        parked = self.park(pk, states, timeout)
+        try:
+            return await parked.future
+        finally:
+            self.unpark(parked)
+
+    def _forget(self, parked: Parked) -> None:
+        if parked.timer is not None:
+            parked.timer.cancel()
+            parked.timer = None
+        waiters = self._waiters.get(parked.pk)
+        if waiters is not None and parked in waiters:
+            del waiters[parked]
+            if not waiters:
+                del self._waiters[parked.pk]
+
+    def _wake(self, parked: Parked) -> None:
+        self._forget(parked)
+        self._deliver(parked)
+
+    def _deliver(self, parked: Parked) -> None:
+        """Answer with the row, read once for every request woken while the read runs."""
+        batch = self._deliveries.get(parked.pk)
+        if batch is None:
+            batch = self._deliveries[parked.pk] = []
+            fetch = self.loop.run_in_executor(self.executor, self._fetch_row, parked.pk)
+            fetch.add_done_callback(partial(self._delivered, parked.pk))
+        batch.append(parked)
+
+    def _delivered(self, pk: int, fetch: asyncio.Future[Any]) -> None:
+        batch = self._deliveries.pop(pk, [])
+        error = None if fetch.cancelled() else fetch.exception()
+        for parked in batch:
+            if parked.future.done():
+                continue
+            if fetch.cancelled():
+                parked.future.cancel()
+            elif error is not None:
+                parked.future.set_exception(error)
+            else:
+                parked.future.set_result(fetch.result())
 
     # ------------------------------------------------------------------ changes
 
     def notify(self, pk: int, state: str) -> None:
         """Row ``pk`` is now in ``state``: wake those waiting for it to leave theirs."""
-        now = time.monotonic()
-        self._recent[pk] = (state, now)
-        for waiter in self._waiters.get(pk, ()):
-            if state not in waiter.states and not waiter.future.done():
-                waiter.future.set_result(None)
+        self._recent[pk] = (state, time.monotonic())
+        waiters = self._waiters.get(pk)
+        if waiters:
+            for parked in [p for p in waiters if state not in p.states]:
+                self._wake(parked)
 
     def notify_threadsafe(self, pk: int, state: str) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
@@ -227,9 +267,8 @@ class WakeupHub:
         for pk in pks:
             state = states.get(pk)
             if state is None:  # the row is gone: wake its waiters to say so
-                for waiter in self._waiters.get(pk, ()):
-                    if not waiter.future.done():
-                        waiter.future.set_result(None)
+                for parked in list(self._waiters.get(pk, ())):
+                    self._wake(parked)
             else:
                 self.notify(pk, state)
 

@@ -35,16 +35,14 @@ class DeferredResponse(JsonResponse):
         super().__init__(NotYetUploaded().as_dict(), status=202)
         self.wait = wait
         self._own_headers = {name.lower() for name in self.headers}
-        #: What the middleware added, encoded for the final answer (note_added_headers).
-        self.added_headers: list[tuple[bytes, bytes]] = []
 
-    def note_added_headers(self) -> None:
+    def added_headers_encoded(self) -> list[tuple[bytes, bytes]]:
         """Once the response has passed the middleware (on the pool thread, while
-        parking): keep, encoded, the headers the middleware and DRF put on it (CORS,
-        security), which the final answer carries too, so the wake-up has nothing left to
-        compute. Not those that describe this placeholder's own body or status (its
+        parking): the headers the middleware and DRF put on it (CORS, security), encoded,
+        which the final answer carries too, so the wake-up has nothing left to compute.
+        Not those that describe this placeholder's own body or status (its
         Content-Length above all)."""
-        self.added_headers = [
+        return [
             (name.lower().encode("latin1"), value.encode("latin1"))
             for name, value in self.headers.items()
             if name.lower() not in self._own_headers
