@@ -1,7 +1,10 @@
-"""mediarepo.sqlite: one writer at a time among a process's threads, never a lock left held."""
+"""mediarepo.sqlite: one writer at a time among a process's threads and across processes,
+never a lock left held."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
 
 import pytest
@@ -22,11 +25,25 @@ def writer_lock_is_free() -> bool:
     return False
 
 
+def file_lock_is_free() -> bool:
+    """What another process would find: a descriptor of its own on the lock file."""
+    descriptor = os.open(f"{connection.settings_dict['NAME']}.writer-lock", os.O_RDWR)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(descriptor)  # releases it if taken
+    return True
+
+
 def test_a_transaction_holds_the_lock_until_it_ends(transactional_db: None) -> None:
     with transaction.atomic():
         Uploader.objects.create(user_id="@a:localhost")
         assert not writer_lock_is_free()
+        assert not file_lock_is_free()
     assert writer_lock_is_free()
+    assert file_lock_is_free()
 
 
 def test_a_failed_transaction_releases_the_lock(transactional_db: None) -> None:
@@ -34,6 +51,7 @@ def test_a_failed_transaction_releases_the_lock(transactional_db: None) -> None:
         Uploader.objects.create(user_id="@b:localhost")
         raise RuntimeError("boom")
     assert writer_lock_is_free()
+    assert file_lock_is_free()
     assert not Uploader.objects.filter(user_id="@b:localhost").exists()
 
 
@@ -70,3 +88,28 @@ def test_threads_writing_at_once_all_write(transactional_db: None) -> None:
     assert errors == []
     assert Uploader.objects.filter(user_id__startswith="@t").count() == 160
     assert writer_lock_is_free()
+
+
+def test_another_process_writing_waits_for_the_file_lock(transactional_db: None) -> None:
+    """A writer in another process queues on the file lock while a transaction here holds
+    it, and writes once it ends."""
+    read_end, write_end = os.pipe()
+    with transaction.atomic():
+        Uploader.objects.create(user_id="@held:localhost")
+        pid = os.fork()
+        if pid == 0:  # the other process: take the lock as its writers would
+            try:
+                descriptor = os.open(f"{connection.settings_dict['NAME']}.writer-lock", os.O_RDWR)
+                fcntl.flock(descriptor, fcntl.LOCK_EX)  # blocks until the parent commits
+                os.write(write_end, b"locked")
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        os.set_blocking(read_end, False)
+        threading.Event().wait(0.3)
+        with pytest.raises(BlockingIOError):
+            os.read(read_end, 16)  # still waiting while the transaction is open
+    os.set_blocking(read_end, True)
+    assert os.read(read_end, 16) == b"locked"
+    os.waitpid(pid, 0)
+    os.close(read_end)
