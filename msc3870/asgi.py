@@ -145,8 +145,15 @@ class _Chain(base.BaseHandler):
             settings.MIDDLEWARE = configured
 
 
+#: Threads per process for sync work. Enough for the few calls that block on the network
+#: (S3, a homeserver's whoami), few enough not to queue for the GIL: with 16 clients on
+#: two processes, 8 threads gave 456 round trips/s and a p99 of 81 ms, 4 gave 590 and
+#: 61 ms (docs/benchmarks.md).
+DEFAULT_THREADS = 4
+
+
 def default_threads() -> int:
-    return int(os.environ.get("WEB_THREADS") or 8)
+    return int(os.environ.get("WEB_THREADS") or DEFAULT_THREADS)
 
 
 class MediaASGIHandler:
@@ -157,6 +164,9 @@ class MediaASGIHandler:
         )
         self.threads = threads or default_threads()
         self.executor = ThreadPoolExecutor(self.threads, thread_name_prefix="msc3870-web")
+        # Requests with large bodies (uploads spooled to disk) take seconds, not
+        # milliseconds: their own threads, so that they never hold up the small ones.
+        self.bulk_executor = ThreadPoolExecutor(self.threads, thread_name_prefix="msc3870-bulk")
         self.caps = WaitCaps()
         self._resumes = _Batches(self)
 
@@ -203,6 +213,9 @@ class MediaASGIHandler:
     def _run(self, function: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         return asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
 
+    def _run_bulk(self, function: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().run_in_executor(self.bulk_executor, function, *args)
+
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         is_matrix = scope["path"].startswith(MATRIX_PREFIX)
         refusal = _request_head_error(scope)
@@ -214,7 +227,8 @@ class MediaASGIHandler:
             await self._send(body, send)
             return
         chain = self.matrix_chain if is_matrix else self.full_chain
-        outgoing = await self._run(self._respond, chain, scope, body)
+        run = self._run_bulk if _is_large(body) else self._run
+        outgoing = await run(self._respond, chain, scope, body)
         del body  # closed by _respond or with the response; not held while parked
         if isinstance(outgoing, Parking):
             answer = await self._after_wait(outgoing, receive)
@@ -532,6 +546,13 @@ async def _disconnected(receive: Receive) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def _is_large(body: IO[bytes]) -> bool:
+    """Whether a body is past what is spooled in memory (a large upload)."""
+    size = body.seek(0, io.SEEK_END)
+    body.seek(0)
+    return size > SPOOL_MEMORY_BYTES
 
 
 def _refusal(error: MatrixError, *, close: bool) -> Outgoing:

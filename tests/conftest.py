@@ -156,4 +156,5 @@ def app(transactional_db: None) -> Iterator[Any]:
     handler = MediaASGIHandler(threads=2)
     yield handler
     handler.executor.shutdown(wait=True)
+    handler.bulk_executor.shutdown(wait=True)
     wakeup._hub = None

@@ -377,6 +377,54 @@ def test_a_body_streaming_past_the_limit_is_refused(app: MediaASGIHandler, token
         run(scenario)
 
 
+def test_large_uploads_do_not_hold_up_small_requests(
+    app: MediaASGIHandler, token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bodies past the in-memory spool run on their own threads: with every one of them
+    busy storing a large upload, a small request is still answered."""
+    import threading
+
+    from msc3870.storage import LocalMediaStore
+
+    release = threading.Event()
+    storing = threading.Semaphore(0)
+    write_stream = LocalMediaStore.write_stream
+
+    def slow_write_stream(self: Any, *args: Any, **kwargs: Any) -> Any:
+        storing.release()
+        release.wait(30)
+        return write_stream(self, *args, **kwargs)
+
+    monkeypatch.setattr(LocalMediaStore, "write_stream", slow_write_stream)
+    large = os.urandom(1024 * 1024 + 1)
+
+    async def scenario() -> None:
+        paths = [await created_path(app, token) for _ in range(app.threads)]
+        uploads = [
+            request(
+                app,
+                "PUT",
+                f"/_matrix/media/v3/upload/{path}",
+                chunks=[large[:65536], large[65536:]],
+                headers=bearer(token),
+            )
+            for path in paths
+        ]
+        for _ in paths:  # every bulk thread is now busy
+            await asyncio.to_thread(storing.acquire, True, 30)
+        small = await call(app, "POST", "/_matrix/media/v1/create", headers=bearer(token))
+        assert small.status == 200, small.body
+        release.set()
+        for upload in uploads:
+            assert (await upload.reply()).status == 200
+
+    try:
+        with msc3870_settings(MAX_UPLOAD_SIZE=4 * 1024 * 1024):
+            run(scenario)
+    finally:
+        release.set()
+
+
 def test_a_chunked_body_is_uploaded_whole(app: MediaASGIHandler, token: str) -> None:
     async def scenario() -> bytes:
         path = await created_path(app, token)
