@@ -12,7 +12,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from django.db import connection, connections, transaction
+from django.db import close_old_connections, connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -20,6 +20,7 @@ from . import lifecycle
 from .conf import app_settings
 from .models import Media, MediaState, UploadMethod
 from .screening import (
+    SNIFF_BYTES,
     UNKNOWN_TYPE,
     QuotaClaim,
     Rejection,
@@ -114,10 +115,13 @@ def _screen_in_background(media: Media) -> None:
             _background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="screening")
 
     def run() -> None:
+        # The thread keeps its connection between screenings, as a request thread does
+        # (CONN_MAX_AGE); one that is broken or too old is replaced.
+        close_old_connections()
         try:
             screen_in_process(media)
         finally:
-            connections.close_all()  # this thread's connections only
+            close_old_connections()
 
     _background.submit(run)
 
@@ -203,13 +207,21 @@ def screen_loaded(
         # (else: an earlier attempt moved the bytes and died before recording it)
         if not lifecycle.update_if_state(media, S.PROCESSING, storage_key=media.served_key):
             return "skipped"
-    info = store.head(media.storage_key)
-    if info is None:
+    # Its size and first bytes (for the type) in one request where the store can (S3:
+    # one ranged GET, not a HEAD and then a GET).
+    found = store.head_with_prefix(media.storage_key, SNIFF_BYTES)
+    if found is None:
         return _reject(
             media, Rejection("The stored object is missing", errcode="M_UNKNOWN"), **decided
         )
+    info, prefix = found
     ctx = ScreeningContext(
-        media=media, store=store, key=media.storage_key, info=info, store_sha256=store_sha256
+        media=media,
+        store=store,
+        key=media.storage_key,
+        info=info,
+        store_sha256=store_sha256,
+        _prefix=prefix,
     )
     try:
         findings = run_checks(ctx)
