@@ -59,6 +59,11 @@ def sniff(data: bytes) -> list[str]:
     """Candidate types for ``data``, most likely first; empty if unrecognised."""
     if not data or not matches_a_signature(data):
         return []
+    return puremagic_types(data)
+
+
+def puremagic_types(data: bytes) -> list[str]:
+    """What puremagic's full scan says of ``data`` (``sniff`` without the index)."""
     try:
         matches = puremagic.magic_string(data)
     except (puremagic.PureError, ValueError):

@@ -6,7 +6,7 @@ import puremagic
 import pytest
 
 from msc3870.screening import sniff, types_agree
-from msc3870.sniffing import matches_a_signature
+from msc3870.sniffing import matches_a_signature, puremagic_types
 
 from .conftest import png_bytes
 
@@ -33,19 +33,6 @@ def test_types_agree(declared: str, data: bytes, agree: bool) -> None:
     assert types_agree(declared, sniff(data)) is agree
 
 
-def _puremagic_types(data: bytes) -> list[str]:
-    """What puremagic alone says (the sniffer's index must never change it)."""
-    try:
-        matches = puremagic.magic_string(data)
-    except (puremagic.PureError, ValueError):
-        return []
-    seen: list[str] = []
-    for match in matches:
-        if match.mime_type and match.mime_type.lower() not in seen:
-            seen.append(match.mime_type.lower())
-    return seen
-
-
 def _signature_samples() -> list[bytes]:
     """Every header and footer signature puremagic knows, planted in random bytes, and
     near misses of each (its last byte changed), plus plain random bytes."""
@@ -67,7 +54,7 @@ def test_sniff_answers_what_puremagic_answers() -> None:
     assert len(samples) > 2 * len(puremagic.magic_header_array)
     recognised = 0
     for data in samples:
-        expected = _puremagic_types(data)
+        expected = puremagic_types(data)
         assert sniff(data) == expected, data[:64]
         assert matches_a_signature(data) or not expected
         recognised += bool(expected)
