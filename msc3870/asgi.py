@@ -210,11 +210,11 @@ class MediaASGIHandler:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    def _run(self, function: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-        return asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
-
-    def _run_bulk(self, function: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-        return asyncio.get_running_loop().run_in_executor(self.bulk_executor, function, *args)
+    def _run(
+        self, function: Callable[..., Any], *args: Any, bulk: bool = False
+    ) -> asyncio.Future[Any]:
+        executor = self.bulk_executor if bulk else self.executor
+        return asyncio.get_running_loop().run_in_executor(executor, function, *args)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         is_matrix = scope["path"].startswith(MATRIX_PREFIX)
@@ -227,8 +227,7 @@ class MediaASGIHandler:
             await self._send(body, send)
             return
         chain = self.matrix_chain if is_matrix else self.full_chain
-        run = self._run_bulk if _is_large(body) else self._run
-        outgoing = await run(self._respond, chain, scope, body)
+        outgoing = await self._run(self._respond, chain, scope, body, bulk=_is_large(body))
         del body  # closed by _respond or with the response; not held while parked
         if isinstance(outgoing, Parking):
             answer = await self._after_wait(outgoing, receive)
@@ -354,11 +353,11 @@ class MediaASGIHandler:
     async def _after_wait(self, parking: Parking, receive: Receive) -> Outgoing | None:
         hub = wakeup.install_hub(asyncio.get_running_loop(), self.executor)
         wait = parking.wait
-        current: list[wakeup.Parked] = []  # what a hang-up stops waiting for
+        parked: wakeup.Parked | None = None  # what a hang-up stops waiting for
 
         def on_gone(_watch: asyncio.Future[None]) -> None:
-            for parked in current:
-                hub.unpark(parked)
+            if parked is not None:
+                hub.unpark(parked)  # idempotent: a finished wait is left as it is
 
         gone = asyncio.ensure_future(_disconnected(receive))
         gone.add_done_callback(on_gone)
@@ -369,7 +368,6 @@ class MediaASGIHandler:
                     answer: Outgoing | MediaWait[Any] = Outgoing.error(refusal)
                     break
                 parked = hub.park(wait.pk, wait.states, wait.deadline.remaining)
-                current[:] = [parked]
                 try:
                     row = await parked.future
                 except asyncio.CancelledError:
@@ -377,7 +375,6 @@ class MediaASGIHandler:
                         return None  # the client went away while it waited
                     raise
                 finally:
-                    current.clear()
                     hub.unpark(parked)
                     self.caps.release(wait)
                 answer = await self._resumes.submit((wait, row))

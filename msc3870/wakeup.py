@@ -210,17 +210,14 @@ class WakeupHub:
         batch.append(parked)
 
     def _delivered(self, pk: int, fetch: asyncio.Future[Any]) -> None:
-        batch = self._deliveries.pop(pk, [])
-        error = None if fetch.cancelled() else fetch.exception()
-        for parked in batch:
-            if parked.future.done():
-                continue
+        waiting = [p.future for p in self._deliveries.pop(pk, []) if not p.future.done()]
+        for future in waiting:
             if fetch.cancelled():
-                parked.future.cancel()
-            elif error is not None:
-                parked.future.set_exception(error)
+                future.cancel()
+            elif (error := fetch.exception()) is not None:
+                future.set_exception(error)
             else:
-                parked.future.set_result(fetch.result())
+                future.set_result(fetch.result())
 
     # ------------------------------------------------------------------ changes
 
