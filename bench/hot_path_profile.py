@@ -91,7 +91,7 @@ async def round_trips(app: Any, token: str, count: int) -> None:
 _POOL_THREAD_CONTEXT = contextvars.Context()
 
 
-def run_inline(function: Any, *args: Any) -> asyncio.Future[Any]:
+def run_inline(function: Any, *args: Any, bulk: bool = False) -> asyncio.Future[Any]:
     """The handler's ``_run``, on the calling thread, in one context as on a pool thread
     (Django's connections are context-local: each request task would open its own)."""
     future = asyncio.get_running_loop().create_future()
@@ -100,6 +100,23 @@ def run_inline(function: Any, *args: Any) -> asyncio.Future[Any]:
     except Exception as exc:
         future.set_exception(exc)
     return future
+
+
+def show_sql(app: Any, token: str) -> None:
+    """Every statement of one round trip, in order, with the transaction commands the
+    backend sends (BEGIN is implicit on PostgreSQL: a statement outside autocommit)."""
+    from django.db.backends.signals import connection_created
+
+    def log(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        print(f"  {' '.join(sql.split())[:160]}")
+        return execute(sql, params, many, context)
+
+    # The statements of one thread, in order, on a connection opened for them.
+    app._run = run_inline
+    connection_created.connect(
+        lambda connection, **_: connection.execute_wrappers.append(log), weak=False
+    )
+    asyncio.run(round_trips(app, token, 1))
 
 
 def callgrind(enabled: bool, state: str) -> None:
@@ -126,6 +143,9 @@ def main() -> None:
         action="store_true",
         help="run Django's work on the loop's thread (cProfile sees only that thread)",
     )
+    parser.add_argument(
+        "--show-sql", action="store_true", help="print the statements of one round trip, then stop"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="hot-path-") as data_dir:
         app = setup(Path(data_dir), args.database_url)
@@ -136,7 +156,11 @@ def main() -> None:
         if args.inline or args.profile or args.top:
             app._run = run_inline
         asyncio.run(round_trips(app, token, args.warmup))
-        profiler = cProfile.Profile() if args.profile or args.top else None
+        if args.show_sql:
+            show_sql(app, token)
+            return
+        # CPU time, not wall: time spent waiting on a database server is not ours.
+        profiler = cProfile.Profile(time.process_time) if args.profile or args.top else None
         callgrind(args.callgrind, "on")
         started, wall = time.process_time(), time.perf_counter()
         if profiler is not None:

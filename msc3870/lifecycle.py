@@ -56,6 +56,7 @@ def transition(
     extra_where: Q | None = None,
     unexpired_at: datetime | None = None,
     send_signal: bool = True,
+    durable: bool = True,
     **fields: Any,
 ) -> bool:
     """Move one row to ``to_state`` if it is in one of ``from_states``; True if this call won.
@@ -63,7 +64,9 @@ def transition(
     ``fields`` are written in the same UPDATE. ``unexpired_at``: only if the id has not
     expired by then (``unused_expires_at`` later). On success a ``Media`` instance passed
     in is updated in memory too, and the state's signal is sent (unless the caller is
-    inside a transaction and sends it after the commit itself).
+    inside a transaction and sends it after the commit itself). ``durable=False``: a move
+    that a database crash may undo without harm, such as a claim that the next step
+    confirms (``sql.update_media``).
     """
     sources = check_transition(from_states, to_state)
     pk = media.pk if isinstance(media, Media) else media
@@ -72,7 +75,9 @@ def transition(
     where = sql.equalities(extra_where)
     if where is not None and sql.writable(values):
         won = (
-            sql.update_media(pk, values, states=sources, unexpired_at=unexpired_at, where=where)
+            sql.update_media(
+                pk, values, states=sources, unexpired_at=unexpired_at, where=where, durable=durable
+            )
             == 1
         )
     else:

@@ -129,8 +129,16 @@ def _lock_uploader(user_id: str) -> None:
     if connection.vendor == "sqlite":
         return
     if connection.vendor == "postgresql":
+        # The same statement relaxes the reservation's commit: a database crash may
+        # forget an id reserved in its last fraction of a second, for which no byte was
+        # accepted (the upload then answers M_NOT_FOUND and the client creates anew).
+        relax = (
+            f", {sql.RELAXED_COMMIT}"
+            if sql.relaxes_commits(connection, own_atomic_blocks=1)
+            else ""
+        )
         with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [user_id])
+            cursor.execute(f"SELECT pg_advisory_xact_lock(hashtext(%s)){relax}", [user_id])
         return
     Uploader.objects.get_or_create(user_id=user_id)
     Uploader.objects.select_for_update().filter(pk=user_id).first()
@@ -252,10 +260,13 @@ def upload_to_media(
     declared = clean_content_type(content_type)
     name = clean_filename(filename)
     now = timezone.now()
+    # The claim need not survive a database crash: the PUT it belongs to would fail with
+    # it, and the verdict's commit makes it durable anyway.
     claimed = lifecycle.transition(
         media,
         [S.PENDING],
         S.PROCESSING,
+        durable=False,
         unexpired_at=now,
         upload_method=UploadMethod.PUT,
         declared_content_type=declared,

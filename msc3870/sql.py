@@ -68,6 +68,25 @@ def equalities(condition: Q | None) -> dict[str, Any] | None:
     return found
 
 
+#: PostgreSQL: let the current transaction commit without waiting for its WAL to reach
+#: the disk (``synchronous_commit`` off for that transaction only). Its changes are
+#: visible to every session at once; a database crash within a fraction of a second may
+#: forget them, and any later synchronous commit (a verdict) makes them durable too, WAL
+#: being written in order.
+RELAXED_COMMIT = "set_config('synchronous_commit', 'off', true)"
+
+
+def relaxes_commits(connection: Any, *, own_atomic_blocks: int = 0) -> bool:
+    """Whether a statement may relax the commit of the transaction it runs in: only on
+    PostgreSQL, and only a transaction of our own (the statement's own in autocommit, or
+    ``own_atomic_blocks`` opened by the caller and nothing around them)."""
+    if connection.vendor != "postgresql":
+        return False
+    if own_atomic_blocks == 0:
+        return connection.get_autocommit()
+    return len(connection.atomic_blocks) == own_atomic_blocks
+
+
 def update_media(
     pk: int,
     fields: dict[str, Any],
@@ -75,12 +94,14 @@ def update_media(
     states: Iterable[str] | None = None,
     unexpired_at: datetime | None = None,
     where: dict[str, Any] | None = None,
+    durable: bool = True,
 ) -> int:
     """``UPDATE media SET <fields> WHERE id = pk [AND state IN states] [AND
     unused_expires_at > unexpired_at] [AND field = value ...]``: rows changed.
 
     The compare-and-set of every transition. ``fields`` must be ``writable``; ``where``
-    values are plain (None: IS NULL)."""
+    values are plain (None: IS NULL). ``durable=False``: a change that a database crash
+    may forget without harm (``RELAXED_COMMIT``), where it commits on its own."""
     connection = _connection(write=True)
     quote = connection.ops.quote_name
     assignments, params = [], []
@@ -111,6 +132,9 @@ def update_media(
         expires = Media._meta.get_field("unused_expires_at")
         sql += f" AND {quote(expires.column)} > %s"
         params.append(expires.get_db_prep_value(unexpired_at, connection))
+    if not durable and relaxes_commits(connection):
+        # A condition without a column: evaluated for the one row the key finds.
+        sql += f" AND {RELAXED_COMMIT} = 'off'"
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         return cursor.rowcount

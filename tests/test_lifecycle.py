@@ -157,3 +157,16 @@ def test_direct_insert_leaves_save_signals_to_save(db: None) -> None:
     finally:
         post_save.disconnect(listener, sender=Media)
     assert heard == ["heard"] and Media.objects.filter(pk=media.pk).exists()
+
+
+def test_a_claim_that_may_be_forgotten_is_a_plain_compare_and_set_off_postgresql(
+    db: None,
+) -> None:
+    """``durable=False`` relaxes the commit on PostgreSQL only (tests/services/
+    test_relaxed_commits.py); elsewhere the statement is the same compare-and-set."""
+    media = new_media()
+    with CaptureQueriesContext(connection) as queries:
+        assert lifecycle.transition(media.pk, [S.PENDING], S.PROCESSING, durable=False)
+        assert not lifecycle.transition(media.pk, [S.PENDING], S.PROCESSING, durable=False)
+    assert all(sql.RELAXED_COMMIT not in query["sql"] for query in queries.captured_queries)
+    assert Media.objects.get().state == S.PROCESSING
