@@ -160,8 +160,14 @@ def create_media(user: MatrixUser) -> CreatedMedia:
     )
     with transaction.atomic():
         _lock_uploader(user.user_id)
+        media = Media(
+            server_name=app_settings.SERVER_NAME,
+            media_id=new_media_id(),
+            user_id=user.user_id,
+            unused_expires_at=expires,
+        )
         limit = app_settings.MAX_PENDING_UPLOADS
-        if limit > 0 and sql.count_pending(user.user_id, now) >= limit:
+        if not sql.insert_media(media, pending_limit=(now, limit) if limit > 0 else None):
             # Synapse's answer: retry once the oldest pending id has expired.
             oldest = (
                 Media.objects.filter(
@@ -172,13 +178,6 @@ def create_media(user: MatrixUser) -> CreatedMedia:
             )
             retry_after = (oldest - now).total_seconds() * 1000
             raise LimitExceeded("Too many pending uploads", retry_after_ms=int(retry_after))
-        media = Media(
-            server_name=app_settings.SERVER_NAME,
-            media_id=new_media_id(),
-            user_id=user.user_id,
-            unused_expires_at=expires,
-        )
-        sql.insert_media(media)
     return CreatedMedia(media, store.upload_target(media))
 
 

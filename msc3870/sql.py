@@ -181,32 +181,52 @@ def _converters(connection: Any) -> list[list[tuple[Any, Any]]]:
     return _CONVERTERS[key]
 
 
-def insert_media(media: Media) -> None:
+def insert_media(media: Media, *, pending_limit: tuple[datetime, int] | None = None) -> bool:
     """``INSERT`` a new row for ``media`` and set its primary key, as ``save()`` would
-    (defaults and ``auto_now_add`` included). Where something listens to the model's save
-    signals, or the database cannot return the new key, ``save()`` itself runs."""
+    (defaults and ``auto_now_add`` included); True if inserted.
+
+    ``pending_limit=(now, limit)``: only while the media's user has fewer than ``limit``
+    ids pending at ``now`` (``count_pending``), decided in the same statement; exact where
+    the caller serialises the user's creates. Where something listens to the model's save
+    signals, or the database cannot return the new key, ``save()`` itself runs (after a
+    count of its own)."""
     connection = _connection(write=True)
     if (
         not connection.features.can_return_columns_from_insert
         or signals.pre_save.has_listeners(Media)
         or signals.post_save.has_listeners(Media)
     ):
+        if (
+            pending_limit is not None
+            and count_pending(media.user_id, pending_limit[0]) >= (pending_limit[1])
+        ):
+            return False
         media.save(force_insert=True, using=connection.alias)
-        return
+        return True
     quote = connection.ops.quote_name
     fields = [field for field in Media._meta.concrete_fields if field is not Media._meta.pk]
     params = [field.get_db_prep_save(field.pre_save(media, True), connection) for field in fields]
     columns = ", ".join(quote(field.column) for field in fields)
     placeholders = ", ".join(["%s"] * len(fields))
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"INSERT INTO {quote(_TABLE)} ({columns}) VALUES ({placeholders})"
-            f" RETURNING {quote(Media._meta.pk.column)}",
-            params,
+    if pending_limit is None:
+        statement = f"INSERT INTO {quote(_TABLE)} ({columns}) VALUES ({placeholders})"
+    else:
+        now, limit = pending_limit
+        pending_sql, pending_params = _pending_count_sql(connection, media.user_id, now)
+        statement = (
+            f"INSERT INTO {quote(_TABLE)} ({columns}) SELECT {placeholders}"
+            f" WHERE ({pending_sql}) < %s"
         )
-        media.pk = cursor.fetchone()[0]
+        params += [*pending_params, limit]
+    with connection.cursor() as cursor:
+        cursor.execute(f"{statement} RETURNING {quote(Media._meta.pk.column)}", params)
+        row = cursor.fetchone()
+    if row is None:
+        return False
+    media.pk = row[0]
     media._state.adding = False
     media._state.db = connection.alias
+    return True
 
 
 def has_twin(sha256: str, pk: int) -> bool:
@@ -222,15 +242,20 @@ def has_twin(sha256: str, pk: int) -> bool:
         return cursor.fetchone() is not None
 
 
+def _pending_count_sql(connection: Any, user_id: str, now: datetime) -> tuple[str, list[Any]]:
+    quote = connection.ops.quote_name
+    expires = Media._meta.get_field("unused_expires_at")
+    return (
+        f"SELECT COUNT(*) FROM {quote(_TABLE)} WHERE {quote('user_id')} = %s"
+        f" AND {quote('state')} = %s AND {quote(expires.column)} > %s",
+        [user_id, MediaState.PENDING, expires.get_db_prep_value(now, connection)],
+    )
+
+
 def count_pending(user_id: str, now: datetime) -> int:
     """Media ids of ``user_id`` still waiting for their upload."""
     connection = _connection(write=False)
-    quote = connection.ops.quote_name
-    expires = Media._meta.get_field("unused_expires_at")
+    statement, params = _pending_count_sql(connection, user_id, now)
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT COUNT(*) FROM {quote(_TABLE)} WHERE {quote('user_id')} = %s"
-            f" AND {quote('state')} = %s AND {quote(expires.column)} > %s",
-            [user_id, MediaState.PENDING, expires.get_db_prep_value(now, connection)],
-        )
+        cursor.execute(statement, params)
         return int(cursor.fetchone()[0])
