@@ -101,6 +101,48 @@ def transition(
     return won
 
 
+def claim(
+    server_name: str,
+    media_id: str,
+    from_states: Iterable[str],
+    to_state: str,
+    *,
+    user_id: str,
+    unexpired_at: datetime | None = None,
+    durable: bool = True,
+    **fields: Any,
+) -> Media | None:
+    """``transition`` of ``mxc://server_name/media_id`` if ``user_id`` owns it: the row as
+    this call left it, or None if the row is missing, another's, expired or in another
+    state. Where the database returns updated rows this is one statement, the read and
+    the compare-and-set together; elsewhere a read, then ``transition``."""
+    sources = check_transition(from_states, to_state)
+    now = timezone.now()
+    values = {"state": to_state, "state_changed_at": now, **fields}
+    if not (sql.returns_updated_rows() and sql.writable(values)):
+        media = sql.media_by_mxc(server_name, media_id)
+        if media is None or media.user_id != user_id:
+            return None
+        won = transition(
+            media, sources, to_state, unexpired_at=unexpired_at, durable=durable, **fields
+        )
+        return media if won else None
+    media = sql.claim_media(
+        server_name,
+        media_id,
+        values,
+        where={"user_id": user_id},
+        states=sources,
+        unexpired_at=unexpired_at,
+        durable=durable,
+    )
+    if media is not None:
+        pk = media.pk
+        transaction.on_commit(lambda: wakeup.announce(pk, to_state))
+        send_state_signal(to_state, [pk])
+    return media
+
+
 def transition_many(
     pks: list[int],
     from_states: Iterable[str],

@@ -27,6 +27,7 @@ from .errors import (
     GuestAccessForbidden,
     InvalidParam,
     LimitExceeded,
+    MatrixError,
     NotFound,
     NothingUploaded,
     NotYetUploaded,
@@ -108,10 +109,14 @@ def _require_member(user: MatrixUser) -> None:
         raise GuestAccessForbidden()
 
 
-def _local_media(server_name: str, media_id: str) -> Media:
+def _check_local(server_name: str, media_id: str) -> None:
     validate_mxc(server_name, media_id)
     if server_name != app_settings.SERVER_NAME:
         raise NotFound("This server only holds media of " + app_settings.SERVER_NAME)
+
+
+def _local_media(server_name: str, media_id: str) -> Media:
+    _check_local(server_name, media_id)
     media = sql.media_by_mxc(server_name, media_id)
     if media is None:
         raise NotFound()
@@ -253,27 +258,34 @@ def upload_to_media(
 ) -> Media:
     """MSC2246 ``PUT /upload/{serverName}/{mediaId}``: fill a pending id."""
     _require_member(user)
-    media = _local_media(server_name, media_id)
-    _check_can_upload(user, media)
-    check_declared_length(content_length)
-    declared = clean_content_type(content_type)
-    name = clean_filename(filename)
+    _check_local(server_name, media_id)
+    try:
+        check_declared_length(content_length)
+        declared = clean_content_type(content_type)
+        name = clean_filename(filename)
+    except MatrixError:
+        # What is wrong with the id is said first (Synapse's order).
+        _check_can_upload(user, _local_media(server_name, media_id))
+        raise
     now = timezone.now()
-    # The claim need not survive a database crash: the PUT it belongs to would fail with
-    # it, and the verdict's commit makes it durable anyway.
-    claimed = lifecycle.transition(
-        media,
+    # Read and claimed in one statement; the claim need not survive a database crash:
+    # the PUT it belongs to would fail with it, and the verdict's commit makes it
+    # durable anyway.
+    media = lifecycle.claim(
+        server_name,
+        media_id,
         [S.PENDING],
         S.PROCESSING,
-        durable=False,
+        user_id=user.user_id,
         unexpired_at=now,
+        durable=False,
         upload_method=UploadMethod.PUT,
         declared_content_type=declared,
         filename=name,
         processing_started_at=now,
     )
-    if not claimed:
-        # Someone else changed the row between the checks and the claim: say what it is now.
+    if media is None:
+        # Missing, another's, expired or already uploaded to: say which.
         _check_can_upload(user, _local_media(server_name, media_id))
         raise CannotOverwrite()
     try:

@@ -103,6 +103,67 @@ def update_media(
     values are plain (None: IS NULL). ``durable=False``: a change that a database crash
     may forget without harm (``RELAXED_COMMIT``), where it commits on its own."""
     connection = _connection(write=True)
+    statement, params = _update_sql(
+        connection,
+        fields,
+        {"id": pk, **(where or {})},
+        states=states,
+        unexpired_at=unexpired_at,
+        durable=durable,
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(statement, params)
+        return cursor.rowcount
+
+
+def returns_updated_rows() -> bool:
+    """Whether ``claim_media`` can read and change a row in one statement (PostgreSQL, and
+    SQLite from 3.35: ``UPDATE ... RETURNING``)."""
+    connection = _connection(write=True)
+    if connection.vendor == "postgresql":
+        return True
+    return connection.vendor == "sqlite" and connection.Database.sqlite_version_info >= (3, 35)
+
+
+def claim_media(
+    server_name: str,
+    media_id: str,
+    fields: dict[str, Any],
+    *,
+    where: dict[str, Any],
+    states: Iterable[str],
+    unexpired_at: datetime | None = None,
+    durable: bool = True,
+) -> Media | None:
+    """``update_media`` of ``mxc://server_name/media_id``, returning the row as it is after
+    the change (None if the conditions did not hold): the read and the compare-and-set of
+    an upload's claim in one statement. Only where ``returns_updated_rows()``."""
+    connection = _connection(write=True)
+    statement, params = _update_sql(
+        connection,
+        fields,
+        {"server_name": server_name, "media_id": media_id, **where},
+        states=states,
+        unexpired_at=unexpired_at,
+        durable=durable,
+    )
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(field.column) for field in Media._meta.concrete_fields)
+    with connection.cursor() as cursor:
+        cursor.execute(f"{statement} RETURNING {columns}", params)
+        row = cursor.fetchone()
+    return None if row is None else _media_from_row(connection, row)
+
+
+def _update_sql(
+    connection: Any,
+    fields: dict[str, Any],
+    where: dict[str, Any],
+    *,
+    states: Iterable[str] | None,
+    unexpired_at: datetime | None,
+    durable: bool,
+) -> tuple[str, list[Any]]:
     quote = connection.ops.quote_name
     assignments, params = [], []
     for name, value in fields.items():
@@ -115,29 +176,29 @@ def update_media(
         else:
             assignments.append(f"{column} = %s")
             params.append(field.get_db_prep_save(value, connection))
-    sql = f"UPDATE {quote(_TABLE)} SET {', '.join(assignments)} WHERE {quote('id')} = %s"
-    params.append(pk)
-    for name, value in (where or {}).items():
+    conditions = []
+    for name, value in where.items():
         field = Media._meta.get_field(name)
         if value is None:
-            sql += f" AND {quote(field.column)} IS NULL"
+            conditions.append(f"{quote(field.column)} IS NULL")
         else:
-            sql += f" AND {quote(field.column)} = %s"
+            conditions.append(f"{quote(field.column)} = %s")
             params.append(field.get_db_prep_value(value, connection))
     if states is not None:
         sources = list(states)
-        sql += f" AND {quote('state')} IN ({', '.join(['%s'] * len(sources))})"
+        conditions.append(f"{quote('state')} IN ({', '.join(['%s'] * len(sources))})")
         params.extend(sources)
     if unexpired_at is not None:
         expires = Media._meta.get_field("unused_expires_at")
-        sql += f" AND {quote(expires.column)} > %s"
+        conditions.append(f"{quote(expires.column)} > %s")
         params.append(expires.get_db_prep_value(unexpired_at, connection))
     if not durable and relaxes_commits(connection):
         # A condition without a column: evaluated for the one row the key finds.
-        sql += f" AND {RELAXED_COMMIT} = 'off'"
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        return cursor.rowcount
+        conditions.append(f"{RELAXED_COMMIT} = 'off'")
+    statement = (
+        f"UPDATE {quote(_TABLE)} SET {', '.join(assignments)} WHERE {' AND '.join(conditions)}"
+    )
+    return statement, params
 
 
 def media_by_mxc(server_name: str, media_id: str) -> Media | None:
@@ -153,13 +214,17 @@ def media_by_mxc(server_name: str, media_id: str) -> Media | None:
             [server_name, media_id],
         )
         row = cursor.fetchone()
-    if row is None:
-        return None
+    return None if row is None else _media_from_row(connection, row)
+
+
+def _media_from_row(connection: Any, row: Any) -> Media:
+    """A row of every concrete column, in order, converted as the ORM converts it."""
     values = []
     for value, field_converters in zip(row, _converters(connection), strict=True):
         for converter, expression in field_converters:
             value = converter(value, expression, connection)
         values.append(value)
+    fields = Media._meta.concrete_fields
     return Media.from_db(connection.alias, [field.attname for field in fields], values)
 
 

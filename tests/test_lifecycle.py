@@ -170,3 +170,52 @@ def test_a_claim_that_may_be_forgotten_is_a_plain_compare_and_set_off_postgresql
         assert not lifecycle.transition(media.pk, [S.PENDING], S.PROCESSING, durable=False)
     assert all(sql.RELAXED_COMMIT not in query["sql"] for query in queries.captured_queries)
     assert Media.objects.get().state == S.PROCESSING
+
+
+@pytest.fixture(params=["returning", "read-then-update"])
+def claim_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``lifecycle.claim`` both ways: one UPDATE ... RETURNING, and the read then the
+    compare-and-set of databases without it."""
+    if request.param == "read-then-update":
+        monkeypatch.setattr(sql, "returns_updated_rows", lambda: False)
+    return str(request.param)
+
+
+def test_a_claim_returns_the_row_as_it_left_it(db: None, claim_path: str) -> None:
+    media = new_media()
+    now = timezone.now()
+    claimed = lifecycle.claim(
+        "localhost",
+        media.media_id,
+        [S.PENDING],
+        S.PROCESSING,
+        user_id="@a:localhost",
+        unexpired_at=now,
+        filename="a.txt",
+        processing_started_at=now,
+    )
+    assert claimed is not None and claimed.pk == media.pk
+    stored = Media.objects.get(pk=media.pk)
+    fields = [field.attname for field in Media._meta.concrete_fields]
+    assert [getattr(claimed, f) for f in fields] == [getattr(stored, f) for f in fields]
+    assert stored.state == S.PROCESSING and stored.filename == "a.txt"
+    assert not claimed._state.adding
+
+
+def test_a_claim_wins_only_for_the_owner_of_an_unexpired_id_in_state(
+    db: None, claim_path: str
+) -> None:
+    media = new_media()
+    now = timezone.now()
+
+    def attempt(media_id: str = media.media_id, **overrides: object) -> Media | None:
+        arguments: dict[str, object] = {"user_id": "@a:localhost", "unexpired_at": now}
+        arguments.update(overrides)
+        return lifecycle.claim("localhost", media_id, [S.PENDING], S.PROCESSING, **arguments)  # type: ignore[arg-type]
+
+    assert attempt("missing") is None
+    assert attempt(user_id="@b:localhost") is None
+    assert attempt(unexpired_at=now + timedelta(hours=2)) is None
+    assert Media.objects.get(pk=media.pk).state == S.PENDING  # none of those changed it
+    assert attempt() is not None
+    assert attempt() is None  # claimed already: the compare-and-set lost
