@@ -6,7 +6,8 @@ Synapse.
 
 Each ``--variant`` is ``LABEL:NAME=VALUE,...``: environment variables for that server.
 ``DB=mediarepo_bench_x`` runs it on a fresh PostgreSQL database of that name (default: the
-embedded SQLite). Rounds alternate the order of the variants.
+embedded SQLite). ``DIR=/path`` runs that variant from another checkout (two commits side
+by side). Rounds alternate the order of the variants.
 
     .venv/bin/python bench/variants_bench.py --rounds 4 \\
         --variant t4:WEB_THREADS=4 --variant t8:WEB_THREADS=8
@@ -42,10 +43,11 @@ def start(label: str, env: dict[str, str], args: argparse.Namespace) -> bench.Pr
         recreate_database(env["DB"])
         database_url = f"postgres://postgres@127.0.0.1:5432/{env['DB']}"
     saved = dict(os.environ)
-    os.environ.update({k: v for k, v in env.items() if k != "DB"})
+    os.environ.update({k: v for k, v in env.items() if k not in ("DB", "DIR")})
     try:
         data_dir = Path(tempfile.mkdtemp(prefix=f"variant-{label}-"))
-        server = bench.ProjectServer(args.project_dir, data_dir, database_url)
+        project_dir = Path(env["DIR"]) if env.get("DIR") else args.project_dir
+        server = bench.ProjectServer(project_dir, data_dir, database_url)
         server.start(env.get("WEB_CONCURRENCY"))
     finally:
         os.environ.clear()

@@ -53,49 +53,48 @@ def matrix_error_bytes(status: int, message: str) -> bytes:
 
 
 class CoalescingTransport:
-    """A transport whose small writes of one turn of the event loop leave in one send.
+    """A transport that sends a small write together with the one after it.
 
     uvicorn writes a response's head and its body separately: two system calls, two TCP
     segments and two wake-ups of the client for every small answer. Sending holds the
     GIL, and those calls were a tenth of a busy worker's GIL time (py-spy --gil, 16
-    clients). Writes are kept until the end of the loop's turn, up to ``MAX_PENDING``
-    bytes: past that they are sent at once, so a streamed download keeps uvicorn's flow
-    control (which watches the real transport's buffer). Everything else is the wrapped
+    clients). So a write of up to ``MAX_PENDING`` bytes is held until the next write,
+    which takes it along at once, or until the end of the event loop's turn. Nothing is
+    held longer, nor more than that: a streamed download keeps uvicorn's flow control
+    (which watches the real transport's buffer). Everything else is the wrapped
     transport's.
     """
 
-    MAX_PENDING = 64 * 1024
+    MAX_PENDING = 16 * 1024  # a head, a JSON body: not the 64 KiB chunks of a download
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
+        self._pending: bytes | None = None
 
     def write(self, data: bytes) -> None:
-        if self._pending_bytes + len(data) > self.MAX_PENDING:
-            self.flush()
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            if len(data) <= self.MAX_PENDING:
+                self._transport.write(pending + data)
+                return
+            self._transport.write(pending)
+        if len(data) > self.MAX_PENDING:
             self._transport.write(data)
             return
-        if not self._pending:
-            asyncio.get_running_loop().call_soon(self.flush)
-        self._pending.append(data)
-        self._pending_bytes += len(data)
+        self._pending = bytes(data)
+        asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
-        if self._pending:
-            data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
-            self._pending.clear()
-            self._pending_bytes = 0
-            if not self._transport.is_closing():
-                self._transport.write(data)
+        pending, self._pending = self._pending, None
+        if pending is not None and not self._transport.is_closing():
+            self._transport.write(pending)
 
     def close(self) -> None:
         self.flush()
         self._transport.close()
 
     def abort(self) -> None:
-        self._pending.clear()
-        self._pending_bytes = 0
+        self._pending = None
         self._transport.abort()
 
     def __getattr__(self, name: str) -> Any:

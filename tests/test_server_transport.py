@@ -1,6 +1,7 @@
-"""mediarepo.server.CoalescingTransport: the writes of one turn of the event loop leave in one
-send, and nothing is held that flow control or a close should see. (tests/test_server.py
-runs it for real, behind gunicorn: every answer there goes through it.)"""
+"""mediarepo.server.CoalescingTransport: a small write leaves with the next one, at once, or
+at the end of the event loop's turn; nothing is held that flow control or a close should
+see. (tests/test_server.py runs it for real, behind gunicorn: every answer goes through
+it.)"""
 
 from __future__ import annotations
 
@@ -37,17 +38,33 @@ def run(scenario: Any) -> Any:
     return asyncio.run(scenario())
 
 
-def test_head_and_body_written_in_one_turn_leave_in_one_send() -> None:
+def test_head_and_body_leave_in_one_send_as_soon_as_the_body_is_written() -> None:
     async def scenario() -> list[bytes]:
         raw = RecordingTransport()
         transport = CoalescingTransport(raw)  # type: ignore[arg-type]
         transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+        assert raw.sent == []  # the head waits for its body
         transport.write(b"{}")
-        assert raw.sent == []  # not yet: the turn is not over
+        # Sent with the body, not at the end of the turn: thousands of answers in one
+        # turn (parked downloads woken together) would otherwise each wait for all.
+        assert raw.sent == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
         await asyncio.sleep(0)
         return raw.sent
 
     assert run(scenario) == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
+
+
+def test_a_lone_head_leaves_at_the_end_of_the_turn() -> None:
+    """A streamed answer's head, whose body comes from a thread later, is not held."""
+
+    async def scenario() -> list[bytes]:
+        raw = RecordingTransport()
+        transport = CoalescingTransport(raw)  # type: ignore[arg-type]
+        transport.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        await asyncio.sleep(0)
+        return raw.sent
+
+    assert run(scenario) == [b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"]
 
 
 def test_a_large_write_goes_at_once_after_what_was_pending() -> None:
@@ -58,13 +75,13 @@ def test_a_large_write_goes_at_once_after_what_was_pending() -> None:
         raw = RecordingTransport()
         transport = CoalescingTransport(raw)  # type: ignore[arg-type]
         transport.write(b"head")
-        chunk = b"x" * CoalescingTransport.MAX_PENDING
+        chunk = b"x" * (CoalescingTransport.MAX_PENDING + 1)
         transport.write(chunk)
         assert raw.sent == [b"head", chunk]
         await asyncio.sleep(0)
         return raw.sent
 
-    assert run(scenario) == [b"head", b"x" * CoalescingTransport.MAX_PENDING]
+    assert run(scenario) == [b"head", b"x" * (CoalescingTransport.MAX_PENDING + 1)]
 
 
 def test_close_sends_what_is_pending_first() -> None:
