@@ -246,6 +246,16 @@ def _converters(connection: Any) -> list[list[tuple[Any, Any]]]:
     return _CONVERTERS[key]
 
 
+def inserts_in_one_statement() -> bool:
+    """Whether ``insert_media`` is one statement (else ``save()``: the database cannot
+    return the new key, or something listens to the model's save signals)."""
+    return bool(
+        _connection(write=True).features.can_return_columns_from_insert
+        and not signals.pre_save.has_listeners(Media)
+        and not signals.post_save.has_listeners(Media)
+    )
+
+
 def insert_media(media: Media, *, pending_limit: tuple[datetime, int] | None = None) -> bool:
     """``INSERT`` a new row for ``media`` and set its primary key, as ``save()`` would
     (defaults and ``auto_now_add`` included); True if inserted.
@@ -256,11 +266,7 @@ def insert_media(media: Media, *, pending_limit: tuple[datetime, int] | None = N
     signals, or the database cannot return the new key, ``save()`` itself runs (after a
     count of its own)."""
     connection = _connection(write=True)
-    if (
-        not connection.features.can_return_columns_from_insert
-        or signals.pre_save.has_listeners(Media)
-        or signals.post_save.has_listeners(Media)
-    ):
+    if not inserts_in_one_statement():
         if (
             pending_limit is not None
             and count_pending(media.user_id, pending_limit[0]) >= (pending_limit[1])

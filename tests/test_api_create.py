@@ -141,3 +141,51 @@ def test_a_malformed_content_length_is_the_clients_error(alice: MatrixClient) ->
     response = alice.post("/_matrix/media/v1/create", b"{}", headers={"Content-Length": "abc"})
     assert response.status_code == 400
     assert response.json()["errcode"] == "M_INVALID_PARAM"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_racing_creates_never_pass_the_pending_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ten creates of one user at once, each on its own thread and connection, all let
+    through to their INSERT together (on SQLite, where the count is that one statement
+    and nothing else serialises them): exactly the limit of 5 get an id."""
+    import threading
+
+    from django.db import connection
+
+    from msc3870 import services, sql
+    from msc3870.auth import MatrixUser
+    from msc3870.errors import LimitExceeded
+
+    user = MatrixUser("@racer:localhost")
+    at_the_insert = threading.Barrier(10, timeout=60)
+    real_insert = sql.insert_media
+
+    def insert_together(*args: object, **kwargs: object) -> bool:
+        if connection.vendor == "sqlite":  # (elsewhere the user's lock is held here)
+            at_the_insert.wait()
+        return real_insert(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sql, "insert_media", insert_together)
+    outcomes: list[str] = []
+    errors: list[BaseException] = []
+
+    def create() -> None:
+        try:
+            services.create_media(user)
+            outcomes.append("created")
+        except LimitExceeded:
+            outcomes.append("refused")
+        except BaseException as exc:  # reported by the test thread
+            errors.append(exc)
+            at_the_insert.abort()
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=create) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    assert sorted(outcomes) == ["created"] * 5 + ["refused"] * 5
+    assert Media.objects.filter(user_id=user.user_id, state=MediaState.PENDING).count() == 5

@@ -135,3 +135,17 @@ def test_an_upload_claims_relaxed_and_records_its_verdict_durably() -> None:
     media = Media.objects.get(pk=created.media.pk)
     assert media.state in (MediaState.COMPLETE, MediaState.PROCESSING)
     assert session_synchronous_commit() == "on"
+
+
+def test_the_quota_lock_never_relaxes_the_transaction_that_completes_an_upload() -> None:
+    """The user's lock is also taken by the transaction that decides a quota at
+    completion (``screening.enforce_user_quota``): that commit is an answer's, and waits."""
+    from msc3870.screening import QuotaClaim, enforce_user_quota
+
+    media = pending_media()
+    claim = QuotaClaim(user_id=media.user_id, size=1, quota=10**9)
+    with transaction.atomic(), statements() as seen:
+        enforce_user_quota(claim, exclude_pk=media.pk)
+        assert session_synchronous_commit() == "on"
+    lock = next(text for text in seen if "pg_advisory_xact_lock" in text)
+    assert sql.RELAXED_COMMIT not in lock
