@@ -65,7 +65,11 @@ def dispatch_screening(media: Media, *, background: bool = False) -> None:
 
 
 def screen_in_process(
-    media: Media, *, received: dict[str, Any] | None = None, claim: Q | None = None
+    media: Media,
+    *,
+    received: dict[str, Any] | None = None,
+    claim: Q | None = None,
+    first_bytes: bytes | None = None,
 ) -> str:
     """No broker: screen now, in the request's thread, on the row it already holds (its
     state is then known without another query). A failure is recorded on the row; the
@@ -74,10 +78,14 @@ def screen_in_process(
     ``received``: the fields of bytes a PUT has just stored (key, size, SHA-256), not yet
     on the row; the UPDATE that decides records them too, one write where a record and
     then a verdict took two. ``claim``: both hold only while the row is still that PUT's
-    ("skipped" otherwise). If screening fails, the bytes are recorded alone, so that the
-    stuck sweep screens them (and never takes them for an upload still arriving)."""
+    ("skipped" otherwise). ``first_bytes``: those bytes' first ``SNIFF_BYTES``, kept as the
+    PUT stored them (the object is not read back). If screening fails, the bytes are
+    recorded alone, so that the stuck sweep screens them (and never takes them for an
+    upload still arriving)."""
     try:
-        return screen_loaded(media, count_attempt=False, claim=claim, received=received)
+        return screen_loaded(
+            media, count_attempt=False, claim=claim, received=received, first_bytes=first_bytes
+        )
     except Exception as exc:
         log.exception("Screening of %s failed", media.mxc_uri)
         if received and not lifecycle.update_if_state(
@@ -159,10 +167,12 @@ def screen_loaded(
     count_attempt: bool = True,
     claim: Q | None = None,
     received: dict[str, Any] | None = None,
+    first_bytes: bytes | None = None,
 ) -> str:
     """``screen_media`` of a row already read. A task counts its attempt first (it may
     die); in-process screening counts it in the update that decides. ``received``: fields
-    of the bytes not yet on the row (``screen_in_process``), written by that update too;
+    of the bytes not yet on the row (``screen_in_process``), written by that update too,
+    and ``first_bytes`` their start as the request stored them (not read back);
     ``claim``: the update decides only while the row holds this claim."""
     if media.state != S.PROCESSING:
         return "skipped"
@@ -207,9 +217,16 @@ def screen_loaded(
         # (else: an earlier attempt moved the bytes and died before recording it)
         if not lifecycle.update_if_state(media, S.PROCESSING, storage_key=media.served_key):
             return "skipped"
-    # Its size and first bytes (for the type) in one request where the store can (S3:
-    # one ranged GET, not a HEAD and then a GET).
-    found = store.head_with_prefix(media.storage_key, SNIFF_BYTES)
+    if received and first_bytes is not None:
+        # Stored by this request: its size and first bytes were seen as they passed.
+        found: tuple[ObjectInfo, bytes] | None = (
+            ObjectInfo(size=received["size"], content_type=media.declared_content_type or None),
+            first_bytes,
+        )
+    else:
+        # Its size and first bytes (for the type) in one request where the store can (S3:
+        # one ranged GET, not a HEAD and then a GET).
+        found = store.head_with_prefix(media.storage_key, SNIFF_BYTES)
     if found is None:
         return _reject(
             media, Rejection("The stored object is missing", errcode="M_UNKNOWN"), **decided

@@ -236,8 +236,9 @@ class S3MediaStore(MediaStore):
         max_size: int,
         expected_size: int | None = None,
         content_type: str | None = None,
+        keep_first: int = 0,
     ) -> WrittenObject:
-        metered = MeteredReader(reader, max_size, expected_size)
+        metered = MeteredReader(reader, max_size, expected_size, keep_first=keep_first)
         extra = {"ContentType": content_type} if content_type else {}
         try:
             # Multipart past the threshold; a failed multipart upload is aborted by boto3,

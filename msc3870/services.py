@@ -227,29 +227,35 @@ def check_declared_length(content_length: int | None) -> None:
         )
 
 
-def _store_body(media: Media, body: Readable, content_length: int | None) -> dict[str, Any]:
+def _store_body(
+    media: Media, body: Readable, content_length: int | None
+) -> tuple[dict[str, Any], bytes]:
     """Stream the body to the key the bytes will be served from; the fields that record
-    them on the row (key, size, hash)."""
+    them on the row (key, size, hash), and their first bytes as they passed (what
+    screening sniffs, not read back from the store)."""
     written = get_store().write_stream(
         media.served_key,
         body,
         max_size=app_settings.MAX_UPLOAD_SIZE,
         expected_size=content_length,
         content_type=media.declared_content_type or None,
+        keep_first=SNIFF_BYTES,
     )
-    return {"storage_key": media.served_key, "size": written.size, "sha256": written.sha256}
+    fields = {"storage_key": media.served_key, "size": written.size, "sha256": written.sha256}
+    return fields, written.first_bytes
 
 
-def _record_and_screen(media: Media, received: dict[str, Any]) -> Media:
+def _record_and_screen(media: Media, received: dict[str, Any], first_bytes: bytes) -> Media:
     """Record the bytes a request stored and have them checked. Without a broker the
-    checks run here and one UPDATE records the bytes with the verdict; with one, the bytes
-    are recorded, then the task is queued. Either write holds only while the row is still
-    this request's claim."""
+    checks run here, on the first bytes as they passed, and one UPDATE records the bytes
+    with the verdict; with one, the bytes are recorded, then the task is queued. Either
+    write holds only while the row is still this request's claim."""
     from .pipeline import screen_in_process, screens_in_request
 
     claim = lifecycle.same_claim(media)
     if screens_in_request():
-        if screen_in_process(media, received=received, claim=claim) == "skipped":
+        screened = screen_in_process(media, received=received, claim=claim, first_bytes=first_bytes)
+        if screened == "skipped":
             _abandon(media)
         return _decision(media, Deadline.after_seconds(app_settings.COMPLETE_WAIT_SECONDS))
     if not lifecycle.update_if_state(media, S.PROCESSING, extra_where=claim, **received):
@@ -309,7 +315,7 @@ def upload_to_media(
         _check_can_upload(user, _local_media(server_name, media_id))
         raise CannotOverwrite()
     try:
-        received = _store_body(media, body, content_length)
+        received, first_bytes = _store_body(media, body, content_length)
     except BaseException:
         # Nothing was kept: the id may be uploaded to again. Only while the claim is still
         # ours: after a stuck-upload reset a newer PUT may hold the row.
@@ -322,7 +328,7 @@ def upload_to_media(
             processing_started_at=None,
         )
         raise
-    return _record_and_screen(media, received)
+    return _record_and_screen(media, received, first_bytes)
 
 
 def upload_new_media(
@@ -351,7 +357,7 @@ def upload_new_media(
         processing_started_at=now,
     )
     try:
-        received = _store_body(media, body, content_length)
+        received, first_bytes = _store_body(media, body, content_length)
     except BaseException as exc:
         lifecycle.transition(
             media,
@@ -362,7 +368,7 @@ def upload_new_media(
             objects_deleted_at=timezone.now(),
         )
         raise
-    return _record_and_screen(media, received)
+    return _record_and_screen(media, received, first_bytes)
 
 
 def complete_url_upload(

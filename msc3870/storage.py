@@ -59,17 +59,28 @@ class ObjectInfo:
 class WrittenObject:
     size: int
     sha256: str
+    #: The first bytes written, up to the ``keep_first`` asked of ``write_stream``.
+    first_bytes: bytes = b""
 
 
 class MeteredReader:
     """Wraps a request body: counts and hashes what passes, stops past ``max_size``."""
 
-    def __init__(self, reader: Readable, max_size: int, expected_size: int | None = None) -> None:
+    def __init__(
+        self,
+        reader: Readable,
+        max_size: int,
+        expected_size: int | None = None,
+        *,
+        keep_first: int = 0,
+    ) -> None:
         self._reader = reader
         self.max_size = max_size
         self.expected_size = expected_size
         self.size = 0
         self._digest = hashlib.sha256()
+        self._keep_first = keep_first
+        self._first = bytearray()
 
     def read(self, size: int = CHUNK_SIZE, /) -> bytes:
         try:
@@ -85,6 +96,8 @@ class MeteredReader:
                 f"Body ended after {self.size} of the {self.expected_size} bytes announced"
             )
         self._digest.update(chunk)
+        if len(self._first) < self._keep_first:
+            self._first += chunk[: self._keep_first - len(self._first)]
         return chunk
 
     @property
@@ -92,7 +105,7 @@ class MeteredReader:
         return self._digest.hexdigest()
 
     def result(self) -> WrittenObject:
-        return WrittenObject(self.size, self.sha256)
+        return WrittenObject(self.size, self.sha256, bytes(self._first))
 
 
 class MediaStore(ABC):
@@ -141,11 +154,13 @@ class MediaStore(ABC):
         max_size: int,
         expected_size: int | None = None,
         content_type: str | None = None,
+        keep_first: int = 0,
     ) -> WrittenObject:
         """Store what ``reader`` yields at ``key``; raise ``TooLarge`` past ``max_size`` and
         ``InvalidParam`` if it ends before ``expected_size``.
 
-        A failed write leaves nothing at ``key``. Returns the size and SHA-256 written.
+        A failed write leaves nothing at ``key``. Returns the size and SHA-256 written, and
+        the first ``keep_first`` bytes as they passed (no read back to sniff them).
         """
 
     @abstractmethod
@@ -235,12 +250,13 @@ class LocalMediaStore(MediaStore):
         max_size: int,
         expected_size: int | None = None,
         content_type: str | None = None,
+        keep_first: int = 0,
     ) -> WrittenObject:
         final = self._path(key)
         final.parent.mkdir(parents=True, exist_ok=True)
         # Write beside the target and rename: readers never see a partial object.
         partial = final.with_name(f".{final.name}.{secrets.token_hex(8)}.part")
-        metered = MeteredReader(reader, max_size, expected_size)
+        metered = MeteredReader(reader, max_size, expected_size, keep_first=keep_first)
         try:
             with open(partial, "wb") as handle:
                 while chunk := metered.read(CHUNK_SIZE):

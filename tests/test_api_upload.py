@@ -8,6 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from django.conf import settings
 from django.utils import timezone
 
@@ -263,3 +264,47 @@ def test_a_rejection_is_not_recorded_while_its_bytes_cannot_be_deleted(
         len(body),
         hashlib.sha256(body).hexdigest(),
     )
+
+
+def test_a_put_screened_in_its_request_sniffs_the_bytes_as_they_passed(
+    alice: MatrixClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The object a PUT has just stored is not read back for its first bytes: they were
+    kept as they streamed to the store (one store request fewer per upload)."""
+    from msc3870 import storage
+
+    def no_read_back(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the stored object was read back")
+
+    for store_class in (storage.LocalMediaStore, storage.MediaStore):
+        monkeypatch.setattr(store_class, "head_with_prefix", no_read_back, raising=False)
+        monkeypatch.setattr(store_class, "read_prefix", no_read_back, raising=False)
+    created = alice.create()
+    data = png_bytes()
+    response = alice.put(put_path(created["content_uri"]), data, "application/octet-stream")
+    assert response.status_code == 200, response.content
+    media = media_of(created["content_uri"])
+    assert media.state == MediaState.COMPLETE
+    assert media.sniffed_content_type == "image/png"  # from the kept bytes, not the header
+    assert media.size == len(data) and media.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_the_metered_reader_keeps_exactly_the_first_bytes_asked() -> None:
+    from msc3870.storage import MeteredReader
+
+    body = bytes(range(256)) * 100  # 25,600 bytes, read in uneven chunks
+    reader = MeteredReader(io.BytesIO(body), max_size=len(body), keep_first=8192)
+    while reader.read(1000):
+        pass
+    written = reader.result()
+    assert written.first_bytes == body[:8192]
+    assert written.size == len(body)
+
+    short = MeteredReader(io.BytesIO(b"tiny"), max_size=100, keep_first=8192)
+    while short.read(3):
+        pass
+    assert short.result().first_bytes == b"tiny"
+    unasked = MeteredReader(io.BytesIO(body), max_size=len(body))
+    while unasked.read():
+        pass
+    assert unasked.result().first_bytes == b""
