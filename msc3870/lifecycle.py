@@ -94,11 +94,16 @@ def transition(
             if not hasattr(value, "resolve_expression"):  # F(...) is written, not mirrored
                 setattr(media, name, value)
     if won:
-        # Requests of this process waiting on the row wake once the change is visible.
-        transaction.on_commit(lambda: wakeup.announce(pk, to_state))
-        if send_signal:
-            send_state_signal(to_state, [pk])
+        _moved(pk, to_state, send_signal=send_signal)
     return won
+
+
+def _moved(pk: int, to_state: str, *, send_signal: bool = True) -> None:
+    """What follows a won transition: requests of this process waiting on the row wake
+    once the change is visible, and the state's signal is sent."""
+    transaction.on_commit(lambda: wakeup.announce(pk, to_state))
+    if send_signal:
+        send_state_signal(to_state, [pk])
 
 
 def claim(
@@ -137,9 +142,7 @@ def claim(
         durable=durable,
     )
     if media is not None:
-        pk = media.pk
-        transaction.on_commit(lambda: wakeup.announce(pk, to_state))
-        send_state_signal(to_state, [pk])
+        _moved(media.pk, to_state)
     return media
 
 

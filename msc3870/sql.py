@@ -267,11 +267,10 @@ def insert_media(media: Media, *, pending_limit: tuple[datetime, int] | None = N
     count of its own)."""
     connection = _connection(write=True)
     if not inserts_in_one_statement():
-        if (
-            pending_limit is not None
-            and count_pending(media.user_id, pending_limit[0]) >= (pending_limit[1])
-        ):
-            return False
+        if pending_limit is not None:
+            now, limit = pending_limit
+            if count_pending(media.user_id, now) >= limit:
+                return False
         media.save(force_insert=True, using=connection.alias)
         return True
     quote = connection.ops.quote_name
