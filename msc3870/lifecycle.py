@@ -21,7 +21,9 @@ from .signals import send_state_signal
 S = MediaState
 
 ALLOWED_TRANSITIONS: dict[str, frozenset[str]] = {
-    S.PENDING: frozenset({S.PROCESSING, S.EXPIRED, S.DELETED}),
+    # PENDING -> COMPLETE or REJECTED: a PUT screened in its own request stores its bytes
+    # unclaimed and records them with their verdict in one write (services.upload_to_media).
+    S.PENDING: frozenset({S.PROCESSING, S.COMPLETE, S.REJECTED, S.EXPIRED, S.DELETED}),
     # PROCESSING -> PENDING: an upload PUT failed before any byte was kept (too big,
     # client went away), so the id may be used again.
     S.PROCESSING: frozenset({S.COMPLETE, S.REJECTED, S.PENDING, S.DELETED}),

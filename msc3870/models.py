@@ -7,6 +7,7 @@ updates the row with a compare-and-set on ``state``.
 from __future__ import annotations
 
 import hashlib
+import secrets
 from typing import Any
 
 from django.db import models
@@ -122,6 +123,12 @@ class Media(models.Model):
         if self.is_remote:
             return f"remote/{_key_safe(self.server_name)}/{self.media_id[:2]}/{self.media_id}"
         return f"media/{self.media_id[:2]}/{self.media_id}"
+
+    def upload_key(self) -> str:
+        """A new key for the bytes of one upload request: the served key and a random
+        suffix. Requests racing for one id never write the same object; the row records
+        the key of the one that wins, and the others delete theirs."""
+        return f"{self.served_key}.{secrets.token_hex(6)}"
 
     @property
     def thumbnail_prefix(self) -> str:

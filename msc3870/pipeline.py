@@ -70,6 +70,7 @@ def screen_in_process(
     received: dict[str, Any] | None = None,
     claim: Q | None = None,
     first_bytes: bytes | None = None,
+    source: str = S.PROCESSING,
 ) -> str:
     """No broker: screen now, in the request's thread, on the row it already holds (its
     state is then known without another query). A failure is recorded on the row; the
@@ -79,17 +80,26 @@ def screen_in_process(
     on the row; the UPDATE that decides records them too, one write where a record and
     then a verdict took two. ``claim``: both hold only while the row is still that PUT's
     ("skipped" otherwise). ``first_bytes``: those bytes' first ``SNIFF_BYTES``, kept as the
-    PUT stored them (the object is not read back). If screening fails, the bytes are
-    recorded alone, so that the stuck sweep screens them (and never takes them for an
-    upload still arriving)."""
+    PUT stored them (the object is not read back). ``source``: the state the row is held
+    in, PROCESSING, or PENDING for a PUT that stored its bytes unclaimed and is decided
+    by this one write. If screening fails, the bytes are recorded alone (a PENDING row
+    moves to PROCESSING), so that the stuck sweep screens them (and never takes them for
+    an upload still arriving)."""
     try:
         return screen_loaded(
-            media, count_attempt=False, claim=claim, received=received, first_bytes=first_bytes
+            media,
+            count_attempt=False,
+            claim=claim,
+            received=received,
+            first_bytes=first_bytes,
+            source=source,
         )
     except Exception as exc:
         log.exception("Screening of %s failed", media.mxc_uri)
-        if received and not lifecycle.update_if_state(
-            media, S.PROCESSING, extra_where=claim, **received
+        if received and not (
+            lifecycle.transition(media, [source], S.PROCESSING, extra_where=claim, **received)
+            if source != S.PROCESSING
+            else lifecycle.update_if_state(media, S.PROCESSING, extra_where=claim, **received)
         ):
             return "skipped"
         record_failure(media.pk, exc)
@@ -168,13 +178,15 @@ def screen_loaded(
     claim: Q | None = None,
     received: dict[str, Any] | None = None,
     first_bytes: bytes | None = None,
+    source: str = S.PROCESSING,
 ) -> str:
     """``screen_media`` of a row already read. A task counts its attempt first (it may
     die); in-process screening counts it in the update that decides. ``received``: fields
     of the bytes not yet on the row (``screen_in_process``), written by that update too,
     and ``first_bytes`` their start as the request stored them (not read back);
-    ``claim``: the update decides only while the row holds this claim."""
-    if media.state != S.PROCESSING:
+    ``claim``: the update decides only while the row holds this claim, in state
+    ``source`` (PENDING: a PUT's bytes, stored unclaimed, see ``screen_in_process``)."""
+    if media.state != source:
         return "skipped"
     pk = media.pk
     decided: dict[str, Any] = dict(received or {})
@@ -182,6 +194,8 @@ def screen_loaded(
         setattr(media, name, value)
     if claim is not None:
         decided["claim"] = claim
+    if source != S.PROCESSING:
+        decided["source"] = source
     if count_attempt:
         Media.objects.filter(pk=pk).update(attempts=F("attempts") + 1)
     else:
@@ -261,6 +275,7 @@ def _complete(
     twins: bool | None = None,
     quota: QuotaClaim | None = None,
     claim: Q | None = None,
+    source: str = S.PROCESSING,
     **fields: Any,
 ) -> str:
     """PROCESSING -> COMPLETE; identical content already served is stored once.
@@ -288,15 +303,15 @@ def _complete(
                 # object), or it ran first and the donor is no longer COMPLETE here.
                 donor = sharing.select_for_update().first()
                 won = _mark_complete(
-                    media, donor.storage_key if donor else own_key, findings, fields, claim
+                    media, donor.storage_key if donor else own_key, findings, fields, claim, source
                 )
         except Rejection as rejection:
             # Decided under the lock; the row is still PROCESSING (the transaction rolled
             # back), so it is rejected as a failed check would be.
-            return _reject(media, rejection, claim=claim, **fields)
+            return _reject(media, rejection, claim=claim, source=source, **fields)
     else:
         # No quota and nothing to share (the common case): no lock, no transaction.
-        won = _mark_complete(media, own_key, findings, fields, claim)
+        won = _mark_complete(media, own_key, findings, fields, claim, source)
     if not won:
         return "skipped"
     if media.storage_key != own_key:
@@ -311,6 +326,7 @@ def _mark_complete(
     findings: dict[str, object],
     fields: dict[str, Any],
     claim: Q | None,
+    source: str,
 ) -> bool:
     values = {
         **fields,
@@ -320,33 +336,58 @@ def _mark_complete(
         "storage_key": storage_key,
     }
     return lifecycle.transition(
-        media, [S.PROCESSING], S.COMPLETE, send_signal=False, extra_where=claim, **values
+        media, [source], S.COMPLETE, send_signal=False, extra_where=claim, **values
     )
 
 
-def _reject(media: Media, rejection: Rejection, *, claim: Q | None = None, **fields: Any) -> str:
-    # Delete first, while the row is still PROCESSING (never served): by the time the
-    # uploader hears of the rejection, the bytes are gone. These keys are this media's
-    # own (sharing happens only on completion). If the storage fails, the task is retried.
-    get_store().delete_many(
-        sorted(
-            object_keys(
-                media.media_id, media.storage_key, media.upload_method, None, media.server_name
+def _reject(
+    media: Media,
+    rejection: Rejection,
+    *,
+    claim: Q | None = None,
+    source: str = S.PROCESSING,
+    **fields: Any,
+) -> str:
+    """``source`` -> REJECTED, the bytes deleted before the uploader hears of it."""
+    reason = {
+        "rejection_errcode": rejection.errcode,
+        "rejection_status": rejection.status,
+        "rejection_reason": rejection.reason[:1000],
+    }
+    if source == S.PENDING:
+        # The request's own bytes go first; the id's other keys only once the row is
+        # ours to reject (until then a concurrent /complete may be moving its bytes).
+        get_store().delete(media.storage_key)
+        if not lifecycle.transition(
+            media, [source], S.REJECTED, extra_where=claim, **reason, **fields
+        ):
+            return "skipped"
+        try:
+            delete_objects(media.pk)
+        except Exception as exc:  # the verdict stands; the cleanup sweep deletes them later
+            log.warning("Could not delete the objects of rejected %s: %s", media.mxc_uri, exc)
+    else:
+        # Delete first, while the row is still PROCESSING (never served): by the time the
+        # uploader hears of the rejection, the bytes are gone. These keys are this media's
+        # own (sharing happens only on completion). If the storage fails, the task is
+        # retried.
+        get_store().delete_many(
+            sorted(
+                object_keys(
+                    media.media_id, media.storage_key, media.upload_method, None, media.server_name
+                )
             )
         )
-    )
-    if not lifecycle.transition(
-        media,
-        [S.PROCESSING],
-        S.REJECTED,
-        extra_where=claim,
-        rejection_errcode=rejection.errcode,
-        rejection_status=rejection.status,
-        rejection_reason=rejection.reason[:1000],
-        objects_deleted_at=timezone.now(),
-        **fields,
-    ):
-        return "skipped"
+        if not lifecycle.transition(
+            media,
+            [source],
+            S.REJECTED,
+            extra_where=claim,
+            objects_deleted_at=timezone.now(),
+            **reason,
+            **fields,
+        ):
+            return "skipped"
     log.info("Rejected %s: %s", media.mxc_uri, rejection.reason)
     return "rejected"
 

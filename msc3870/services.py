@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 from django.db import connection, transaction
 from django.utils import timezone
 
-from . import lifecycle, sql
+from . import lifecycle, pipeline, sql
 from .auth import MatrixUser
 from .conf import app_settings
 from .errors import (
@@ -230,18 +230,19 @@ def check_declared_length(content_length: int | None) -> None:
 def _store_body(
     media: Media, body: Readable, content_length: int | None
 ) -> tuple[dict[str, Any], bytes]:
-    """Stream the body to the key the bytes will be served from; the fields that record
-    them on the row (key, size, hash), and their first bytes as they passed (what
-    screening sniffs, not read back from the store)."""
+    """Stream the body to a key of this request's own (``Media.upload_key``); the fields
+    that record them on the row (key, size, hash), and their first bytes as they passed
+    (what screening sniffs, not read back from the store)."""
+    key = media.upload_key()
     written = get_store().write_stream(
-        media.served_key,
+        key,
         body,
         max_size=app_settings.MAX_UPLOAD_SIZE,
         expected_size=content_length,
         content_type=media.declared_content_type or None,
         keep_first=SNIFF_BYTES,
     )
-    fields = {"storage_key": media.served_key, "size": written.size, "sha256": written.sha256}
+    fields = {"storage_key": key, "size": written.size, "sha256": written.sha256}
     return fields, written.first_bytes
 
 
@@ -250,25 +251,24 @@ def _record_and_screen(media: Media, received: dict[str, Any], first_bytes: byte
     checks run here, on the first bytes as they passed, and one UPDATE records the bytes
     with the verdict; with one, the bytes are recorded, then the task is queued. Either
     write holds only while the row is still this request's claim."""
-    from .pipeline import screen_in_process, screens_in_request
-
     claim = lifecycle.same_claim(media)
-    if screens_in_request():
-        screened = screen_in_process(media, received=received, claim=claim, first_bytes=first_bytes)
+    if pipeline.screens_in_request():
+        screened = pipeline.screen_in_process(
+            media, received=received, claim=claim, first_bytes=first_bytes
+        )
         if screened == "skipped":
-            _abandon(media)
+            _abandon(received["storage_key"])
         return _decision(media, Deadline.after_seconds(app_settings.COMPLETE_WAIT_SECONDS))
     if not lifecycle.update_if_state(media, S.PROCESSING, extra_where=claim, **received):
-        _abandon(media)
+        _abandon(received["storage_key"])
     return _screen_and_wait(media)
 
 
-def _abandon(media: Media) -> NoReturn:
+def _abandon(key: str) -> NoReturn:
     """The stuck sweep (or a moderator) gave up on this upload while it streamed, and the
-    id may have been claimed again since: the row's claim is not ours. The bytes are
-    deleted even so: they were written over the same key, and no bytes are safer than
-    bytes that disagree with the size and hash a newer claim records."""
-    get_store().delete(media.served_key)
+    id may have been claimed again since: the row's claim is not ours. The bytes this
+    request stored (under a key of its own) are deleted."""
+    get_store().delete(key)
     raise UploadAbandoned()
 
 
@@ -293,6 +293,10 @@ def upload_to_media(
         # What is wrong with the id is said first (Synapse's order).
         _check_can_upload(user, _local_media(server_name, media_id))
         raise
+    if pipeline.screens_in_request():
+        return _upload_decided_in_one_write(
+            user, _local_media(server_name, media_id), body, content_length, declared, name
+        )
     now = timezone.now()
     # Read and claimed in one statement; the claim need not survive a database crash:
     # the PUT it belongs to would fail with it, and the verdict's commit makes it
@@ -329,6 +333,42 @@ def upload_to_media(
         )
         raise
     return _record_and_screen(media, received, first_bytes)
+
+
+def _upload_decided_in_one_write(
+    user: MatrixUser,
+    media: Media,
+    body: Readable,
+    content_length: int | None,
+    declared: str,
+    name: str,
+) -> Media:
+    """The PUT without a broker: the checks run in this request, so the id is not claimed
+    first. The bytes go to a key of this request's own, are screened as they passed, and
+    one compare-and-set on the row, still PENDING, records them with their verdict: one
+    write where a claim and then a verdict took two (the hot path, issue 7; on SQLite
+    every write waits for the one writer). Requests racing for the id each store their
+    bytes; one wins the write, the others delete theirs and answer as a PUT to an id
+    already uploaded to. Downloads wait through PENDING as through PROCESSING."""
+    _check_can_upload(user, media)
+    received: dict[str, Any] = {
+        "upload_method": UploadMethod.PUT,
+        "declared_content_type": declared,
+        "filename": name,
+        "processing_started_at": timezone.now(),
+    }
+    for field, value in received.items():
+        setattr(media, field, value)
+    stored, first_bytes = _store_body(media, body, content_length)
+    received.update(stored)
+    screened = pipeline.screen_in_process(
+        media, received=received, first_bytes=first_bytes, source=S.PENDING
+    )
+    if screened == "skipped":
+        get_store().delete(stored["storage_key"])
+        _check_can_upload(user, _local_media(media.server_name, media.media_id))
+        raise CannotOverwrite()
+    return _decision(media, Deadline.after_seconds(app_settings.COMPLETE_WAIT_SECONDS))
 
 
 def upload_new_media(
@@ -464,18 +504,16 @@ def receive_url_upload(
 def _screen_after_answer(media: Media, incoming: ObjectInfo, prefix: bytes | None) -> Media:
     """Decide what metadata and a ranged read can (an oversized object is refused from its
     HEAD and never copied), then answer while the rest of the screening runs."""
-    from .pipeline import dispatch_screening, reject_before_answer
 
-    if reject_before_answer(media, incoming, prefix):
+    if pipeline.reject_before_answer(media, incoming, prefix):
         return _outcome(media)  # raises the rejection
-    dispatch_screening(media, background=True)
+    pipeline.dispatch_screening(media, background=True)
     return media
 
 
 def _screen_and_wait(media: Media) -> Media:
-    from .pipeline import dispatch_screening
 
-    dispatch_screening(media)
+    pipeline.dispatch_screening(media)
     return _decision(media, Deadline.after_seconds(app_settings.COMPLETE_WAIT_SECONDS))
 
 

@@ -84,6 +84,16 @@ class MatrixClient:
 
 
 @pytest.fixture
+def puts_claim_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PUT as it runs with a broker: the id is claimed (PROCESSING) before the body is
+    read, and the bytes are recorded before the checks are queued. (Without one, the
+    default here, a PUT is decided in one write: ``services._upload_decided_in_one_write``.)"""
+    from msc3870 import pipeline
+
+    monkeypatch.setattr(pipeline, "screens_in_request", lambda: False)
+
+
+@pytest.fixture
 def matrix_client(db: None) -> Callable[[str], MatrixClient]:
     def factory(user_id: str = "@alice:localhost") -> MatrixClient:
         return MatrixClient(Client(), make_token(user_id), user_id)

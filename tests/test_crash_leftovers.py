@@ -39,6 +39,7 @@ def _reset_and_reclaim(media: Media) -> object:
     return newer
 
 
+@pytest.mark.usefixtures("puts_claim_first")
 def test_late_finisher_does_not_write_over_a_newer_claim(alice: MatrixClient) -> None:
     created = alice.create()
     media = media_of(created["content_uri"])
@@ -69,6 +70,7 @@ def test_late_finisher_does_not_write_over_a_newer_claim(alice: MatrixClient) ->
     assert row.size is None or row.size != 10
 
 
+@pytest.mark.usefixtures("puts_claim_first")
 def test_late_failure_does_not_roll_back_a_newer_claim(alice: MatrixClient) -> None:
     created = alice.create()
     media = media_of(created["content_uri"])
@@ -95,6 +97,7 @@ def test_late_failure_does_not_roll_back_a_newer_claim(alice: MatrixClient) -> N
     assert row.upload_method == UploadMethod.PUT
 
 
+@pytest.mark.usefixtures("puts_claim_first")
 def test_own_failure_still_releases_the_id(alice: MatrixClient) -> None:
     """The claim condition must not stop the ordinary rollback of this PUT's own claim."""
     created = alice.create()

@@ -48,7 +48,8 @@ def test_transition_updates_the_instance_only_when_it_wins(db: None) -> None:
         (S.DELETED, S.COMPLETE),
         (S.EXPIRED, S.PROCESSING),
         (S.REJECTED, S.COMPLETE),
-        (S.PENDING, S.COMPLETE),
+        (S.EXPIRED, S.COMPLETE),
+        (S.PENDING, S.QUARANTINED),
     ],
 )
 def test_illegal_transitions_raise(db: None, source: str, target: str) -> None:

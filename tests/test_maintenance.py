@@ -125,6 +125,7 @@ def test_stuck_put_without_bytes_returns_to_pending(alice: MatrixClient) -> None
     assert media_of(created["content_uri"]).state == S.PENDING
 
 
+@pytest.mark.usefixtures("puts_claim_first")
 def test_upload_abandoned_by_the_sweep_while_streaming(alice: MatrixClient) -> None:
     """The sweep gave up on a PUT whose body was still arriving: the client is told, and
     the bytes it sent are not left behind."""
