@@ -7,6 +7,8 @@ requests that wait for media on its event loop. See mediarepo/server.py.
 
 import os
 
+from mediarepo import balance
+
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8008')}"
 workers = int(os.environ.get("WEB_CONCURRENCY") or os.cpu_count() or 1)
 worker_class = "mediarepo.server.MediaUvicornWorker"
@@ -31,6 +33,18 @@ control_socket_disable = len(control_socket.encode()) > 100
 # user only; mediarepo.settings sets the same umask in each worker.
 umask = 0o077
 os.umask(umask)
+
+# The workers' open connections, counted in memory they share, so that keep-alive
+# connections spread evenly over them (mediarepo/balance.py).
+balance.install()
+
+
+def post_fork(server: object, worker: object) -> None:
+    balance.worker_started(worker)
+
+
+def child_exit(server: object, worker: object) -> None:
+    balance.worker_exited(worker)
 
 
 def post_worker_init(worker: object) -> None:

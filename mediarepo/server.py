@@ -1,7 +1,7 @@
 """The HTTP server of the deployable project: gunicorn managing uvicorn workers.
 
 gunicorn forks one worker per core and restarts any that dies; each worker is uvicorn
-(httptools parser, uvloop) running ``mediarepo.asgi``. Three adjustments:
+(httptools parser, uvloop) running ``mediarepo.asgi``. Four adjustments:
 - the worker raises its open-files limit to the hard limit: thousands of parked
   downloads are thousands of sockets;
 - once the application is loaded, the worker tunes the garbage collector so that full
@@ -9,7 +9,9 @@ gunicorn forks one worker per core and restarts any that dies; each worker is uv
   (``tune_garbage_collector``);
 - the HTTP protocol answers requests it cannot parse or that pass its size limits in
   Matrix JSON (414 for an overlong request line, 431 for overlong headers, 400 for the
-  rest), where uvicorn would answer in plain text; and it bounds what it buffers.
+  rest), where uvicorn would answer in plain text; and it bounds what it buffers;
+- a worker holding more than its share of the keep-alive connections closes one after
+  its next answer, so that they spread over the workers (mediarepo/balance.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn_worker import UvicornWorker
 
-from . import redaction
+from . import balance, redaction
 
 # Above the application's own limits (msc3870.asgi), which answer first where they can.
 MAX_URL_BYTES = 16 * 1024
@@ -110,6 +112,21 @@ class MatrixHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport))  # type: ignore[arg-type]
+        if balance.table is not None:
+            balance.table.opened()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if balance.table is not None:
+            balance.table.closed()
+
+    def on_headers_complete(self) -> None:
+        previous = self.cycle
+        super().on_headers_complete()
+        if self.cycle is not previous and balance.table is not None and balance.table.over_share():
+            # This answer is the connection's last: its client reconnects, to a less
+            # busy worker as a rule.
+            self.cycle.keep_alive = False  # type: ignore[union-attr]
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

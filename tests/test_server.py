@@ -572,6 +572,67 @@ def test_a_wait_that_times_out_is_a_whole_504(server: Server) -> None:
 # ---------------------------------------------------------------------------- workers
 
 
+# ---------------------------------------------------------------------------- every core
+
+
+def connections_per_worker(server: Server) -> list[int]:
+    import psutil
+
+    return [
+        sum(
+            1
+            for c in worker.net_connections(kind="tcp")
+            if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == server.port
+        )
+        for worker in psutil.Process(server.process.pid).children()
+    ]
+
+
+def test_keep_alive_connections_crowded_on_one_worker_spread_over_both(server: Server) -> None:
+    """Twelve keep-alive connections all accepted by one worker (the other is stopped
+    while they connect): the crowded worker closes connections after answers
+    (``Connection: close``) until each worker holds at most the mean + 1."""
+    import http.client
+
+    import psutil
+
+    workers = psutil.Process(server.process.pid).children()
+    assert len(workers) == 2
+    stopped = workers[0]
+    stopped.suspend()
+    try:
+        clients = [
+            http.client.HTTPConnection("127.0.0.1", server.port, timeout=10) for _ in range(12)
+        ]
+        for client in clients:
+            client.connect()
+        wait_until(lambda: sorted(connections_per_worker(server)) == [0, 12], 10, "one worker")
+    finally:
+        stopped.resume()
+    closes = 0
+    try:
+        for _ in range(100):
+            closed = 0
+            for client in clients:
+                client.request("GET", "/_matrix/client/versions")
+                response = client.getresponse()
+                response.read()
+                assert response.status == 200
+                if (response.getheader("connection") or "").lower() == "close":
+                    client.close()
+                    client.connect()
+                    closed += 1
+            closes += closed
+            if closes and not closed:
+                break
+        held = connections_per_worker(server)
+        assert sum(held) == 12 and max(held) <= 7, (held, closes)
+        assert closes >= 5, closes
+    finally:
+        for client in clients:
+            client.close()
+
+
 def test_exactly_one_worker_runs_the_periodic_sweeps(server: Server) -> None:
     wait_until(lambda: PERIODIC_LINE in server.log_text(), 20, "a worker to take the lock")
     log = server.log_text()
