@@ -46,7 +46,11 @@ def download(stack: Stack, content_uri: str, query: str = "") -> requests.Respon
 
 
 def keys_of(s3_client: Any, media: Media) -> list[str]:
-    return [k for k in bucket_keys(s3_client) if k.endswith(media.media_id)]
+    """The media's objects: its incoming and served keys, and the keys of its upload
+    requests (``Media.upload_key``: the served key, a dot and a suffix)."""
+    return [
+        k for k in bucket_keys(s3_client) if k.rsplit("/", 1)[-1].split(".", 1)[0] == media.media_id
+    ]
 
 
 def upload_through_url(
