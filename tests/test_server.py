@@ -471,6 +471,39 @@ def test_200_waiters_on_two_workers_all_get_the_bytes(server: Server) -> None:
     assert all(body == data for _, body, _ in answers)
 
 
+def test_racing_puts_on_two_workers_one_wins_and_its_bytes_are_served(server: Server) -> None:
+    """Twelve PUTs of different bytes to one id at once, spread over both workers: each
+    stores its bytes unclaimed and one write decides (issue 7), so exactly one is
+    answered 200 and the others 409 M_CANNOT_OVERWRITE_MEDIA; the winner's bytes are
+    served, and only its object is left on disk."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    created = create(server)
+    path = mxc_path(created["content_uri"])
+    media_id = path.split("/")[1]
+    bodies = [os.urandom(64 * 1024) for _ in range(12)]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda body: upload(server, path, body), bodies))
+    statuses = sorted(answer.status_code for answer in answers)
+    assert statuses == [200] + [409] * 11, [answer.text for answer in answers]
+    assert all(
+        answer.json()["errcode"] == "M_CANNOT_OVERWRITE_MEDIA"
+        for answer in answers
+        if answer.status_code == 409
+    )
+    winner = bodies[[answer.status_code for answer in answers].index(200)]
+    served = requests.get(
+        f"{server.base_url}/_matrix/client/v1/media/download/{path}",
+        headers=server.auth(),
+        timeout=30,
+    )
+    assert served.status_code == 200
+    assert hashlib.sha256(served.content).digest() == hashlib.sha256(winner).digest()
+    left = [p.name for p in (server.data_dir / "media").rglob(f"{media_id}*") if p.is_file()]
+    assert len(left) == 1, left
+
+
 def test_the_waiter_past_the_per_media_cap_is_refused_at_once(capped_server: Server) -> None:
     server = capped_server
     created = create(server)
