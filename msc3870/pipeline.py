@@ -278,7 +278,8 @@ def _complete(
     source: str = S.PROCESSING,
     **fields: Any,
 ) -> str:
-    """PROCESSING -> COMPLETE; identical content already served is stored once.
+    """``source`` (PROCESSING, or PENDING for a PUT decided in one write) -> COMPLETE;
+    identical content already served is stored once.
     ``twins=False``: the checks found no other media with this content. ``quota``: the
     user's quota, decided in the same transaction as the transition (else racing
     completes of one user would each pass against the same total)."""
@@ -306,8 +307,8 @@ def _complete(
                     media, donor.storage_key if donor else own_key, findings, fields, claim, source
                 )
         except Rejection as rejection:
-            # Decided under the lock; the row is still PROCESSING (the transaction rolled
-            # back), so it is rejected as a failed check would be.
+            # Decided under the lock; the row is still in ``source`` (the transaction
+            # rolled back), so it is rejected as a failed check would be.
             return _reject(media, rejection, claim=claim, source=source, **fields)
     else:
         # No quota and nothing to share (the common case): no lock, no transaction.
