@@ -30,26 +30,30 @@ from .screening import (
     run_checks,
 )
 from .signals import send_state_signal
-from .storage import ObjectInfo, get_store
+from .storage import ObjectInfo, SourceChanged, get_store
 from .thumbnails import thumbnail_keys
 
 log = logging.getLogger(__name__)
 S = MediaState
 
 
-def dispatch_screening(media: Media, *, background: bool = False) -> None:
+def dispatch_screening(
+    media: Media, *, background: bool = False, incoming: ObjectInfo | None = None
+) -> None:
     """Queue the screening task once the transaction that claimed the row has committed.
 
     If the broker refuses, the reason is kept on the row: media left in PROCESSING is
     queued again by the stuck sweep, so an outage delays screening but loses nothing.
     Without a broker, screening runs in this thread, or with ``background`` (the caller
-    answers before the verdict) on a small pool of this process's threads.
+    answers before the verdict) on a small pool of this process's threads; ``incoming``:
+    the upload URL's object as /complete read it, which spares the screening a look at it
+    (``screen_loaded``).
     """
     from .tasks import screen_media_task
 
     if screens_in_request():
         if background:
-            transaction.on_commit(lambda: _screen_in_background(media))
+            transaction.on_commit(lambda: _screen_in_background(media, incoming))
         else:
             transaction.on_commit(lambda: screen_in_process(media))
         return
@@ -71,6 +75,7 @@ def screen_in_process(
     claim: Q | None = None,
     first_bytes: bytes | None = None,
     source: str = S.PROCESSING,
+    incoming: ObjectInfo | None = None,
 ) -> str:
     """No broker: screen now, in the request's thread, on the row it already holds (its
     state is then known without another query). A failure is recorded on the row; the
@@ -93,6 +98,7 @@ def screen_in_process(
             received=received,
             first_bytes=first_bytes,
             source=source,
+            incoming=incoming,
         )
     except Exception as exc:
         log.exception("Screening of %s failed", media.mxc_uri)
@@ -117,14 +123,14 @@ _background: ThreadPoolExecutor | None = None
 _background_lock = threading.Lock()
 
 
-def _screen_in_background(media: Media) -> None:
+def _screen_in_background(media: Media, incoming: ObjectInfo | None = None) -> None:
     """Screen on a background thread of this process (no broker, and the request answers
     before the verdict). Inside an atomic block (a caller's transaction, or a test's) a
     thread's own connection could not see the row: screen here instead. A process that
     dies mid-screening leaves the row PROCESSING: the stuck sweep screens it again."""
     global _background
     if connection.in_atomic_block:
-        screen_in_process(media)
+        screen_in_process(media, incoming=incoming)
         return
     with _background_lock:
         if _background is None:
@@ -137,7 +143,7 @@ def _screen_in_background(media: Media) -> None:
         # (CONN_MAX_AGE); one that is broken or too old is replaced.
         close_old_connections()
         try:
-            screen_in_process(media)
+            screen_in_process(media, incoming=incoming)
         finally:
             close_old_connections()
 
@@ -179,13 +185,15 @@ def screen_loaded(
     received: dict[str, Any] | None = None,
     first_bytes: bytes | None = None,
     source: str = S.PROCESSING,
+    incoming: ObjectInfo | None = None,
 ) -> str:
     """``screen_media`` of a row already read. A task counts its attempt first (it may
     die); in-process screening counts it in the update that decides. ``received``: fields
     of the bytes not yet on the row (``screen_in_process``), written by that update too,
     and ``first_bytes`` their start as the request stored them (not read back);
     ``claim``: the update decides only while the row holds this claim, in state
-    ``source`` (PENDING: a PUT's bytes, stored unclaimed, see ``screen_in_process``)."""
+    ``source`` (PENDING: a PUT's bytes, stored unclaimed, see ``screen_in_process``).
+    ``incoming``: the upload URL's object as /complete read it (``dispatch_screening``)."""
     if media.state != source:
         return "skipped"
     pk = media.pk
@@ -205,9 +213,14 @@ def screen_loaded(
     if not media.storage_key:
         if media.upload_method != UploadMethod.URL:
             return "receiving"  # a PUT is still streaming its body
-        # Move the bytes out of the upload URL's reach before looking at them.
-        incoming = store.head(media.incoming_key)
-        if incoming is not None:
+        # Move the bytes out of the upload URL's reach before looking at them. The object
+        # as /complete read it spares a HEAD: only that version is copied (``if_match``),
+        # and one written over since is looked at again.
+        for looked_again in (False, True):
+            if incoming is None or looked_again:
+                incoming = store.head(media.incoming_key)
+            if incoming is None:
+                break
             if incoming.content_type and not media.declared_content_type:
                 # S3 keeps the Content-Type of the client's PUT with the object.
                 lifecycle.update_if_state(
@@ -216,15 +229,21 @@ def screen_loaded(
             if incoming.size > app_settings.MAX_UPLOAD_SIZE:
                 # Refused from its HEAD: an oversized object is never copied.
                 return _reject(media, _too_large(incoming.size), **decided)
-            # Served with our type only (never the uploader's metadata); downloads and
-            # redirects set the decided type themselves.
-            store_sha256 = store.move(
-                media.incoming_key,
-                media.served_key,
-                size=incoming.size,
-                content_type=UNKNOWN_TYPE,
-            )
-        elif store.head(media.served_key) is None:
+            try:
+                # Served with our type only (never the uploader's metadata); downloads and
+                # redirects set the decided type themselves.
+                store_sha256 = store.move(
+                    media.incoming_key,
+                    media.served_key,
+                    size=incoming.size,
+                    content_type=UNKNOWN_TYPE,
+                    if_match=incoming.etag,
+                )
+                break
+            except SourceChanged:
+                if looked_again:
+                    raise  # written over twice while looked at: screened again later
+        if incoming is None and store.head(media.served_key) is None:
             return _reject(
                 media, Rejection("Nothing was uploaded", errcode="M_NOT_YET_UPLOADED"), **decided
             )

@@ -31,6 +31,7 @@ from .storage import (
     MeteredReader,
     ObjectInfo,
     Readable,
+    SourceChanged,
     UploadTarget,
     WrittenObject,
 )
@@ -67,6 +68,8 @@ SIGV4 = Config(signature_version="s3v4")
 # default is 10; past it a connection is dropped after use, not waited for).
 POOL_CONNECTIONS = 64
 NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
+#: A conditional copy's source is no longer the version asked for.
+PRECONDITION_FAILED_CODES = {"412", "PreconditionFailed"}
 
 
 log = logging.getLogger(__name__)
@@ -155,7 +158,11 @@ class S3MediaStore(MediaStore):
             raise _unavailable(exc) from exc
         except BotoCoreError as exc:
             raise _unavailable(exc) from exc
-        return ObjectInfo(size=int(head["ContentLength"]), content_type=head.get("ContentType"))
+        return ObjectInfo(
+            size=int(head["ContentLength"]),
+            content_type=head.get("ContentType"),
+            etag=head.get("ETag"),
+        )
 
     def read_prefix(self, key: str, length: int) -> bytes:
         try:
@@ -189,7 +196,10 @@ class S3MediaStore(MediaStore):
             raise _unavailable(exc) from exc
         total = str(response.get("ContentRange", "")).rpartition("/")[2]
         size = int(total) if total.isdigit() else int(response["ContentLength"])
-        return ObjectInfo(size=size, content_type=response.get("ContentType")), prefix
+        info = ObjectInfo(
+            size=size, content_type=response.get("ContentType"), etag=response.get("ETag")
+        )
+        return info, prefix
 
     def iter_bytes(
         self, key: str, start: int = 0, end: int | None = None, chunk_size: int = CHUNK_SIZE
@@ -257,6 +267,7 @@ class S3MediaStore(MediaStore):
         *,
         size: int | None = None,
         content_type: str | None = None,
+        if_match: str | None = None,
     ) -> str | None:
         if size is None:
             info = self.head(source)
@@ -269,12 +280,17 @@ class S3MediaStore(MediaStore):
             "MetadataDirective": "REPLACE",
             "ContentType": content_type or "application/octet-stream",
         }
+        condition = {"CopySourceIfMatch": if_match} if if_match else {}
         try:
             if size > app_settings.S3_COPY_PART_THRESHOLD:
-                sha256 = self._copy_in_parts(source, destination, size, metadata)
+                sha256 = self._copy_in_parts(source, destination, size, metadata, condition)
             else:
-                sha256 = self._copy_object(source, destination, metadata)
-        except (ClientError, BotoCoreError) as exc:
+                sha256 = self._copy_object(source, destination, metadata, condition)
+        except ClientError as exc:
+            if if_match and _code(exc) in PRECONDITION_FAILED_CODES:
+                raise SourceChanged(source) from exc
+            raise _unavailable(exc) from exc
+        except BotoCoreError as exc:
             raise _unavailable(exc) from exc
         self.delete(source)
         return sha256
@@ -283,12 +299,15 @@ class S3MediaStore(MediaStore):
     #: process stops asking.
     copy_checksum_refused = False
 
-    def _copy_object(self, source: str, destination: str, metadata: dict[str, str]) -> str | None:
+    def _copy_object(
+        self, source: str, destination: str, metadata: dict[str, str], condition: dict[str, str]
+    ) -> str | None:
         params: dict[str, Any] = {
             "Bucket": self.bucket,
             "Key": self._key(destination),
             "CopySource": {"Bucket": self.bucket, "Key": self._key(source)},
             **metadata,
+            **condition,
         }
         if app_settings.S3_COPY_CHECKSUM and not S3MediaStore.copy_checksum_refused:
             try:
@@ -302,7 +321,12 @@ class S3MediaStore(MediaStore):
         return None
 
     def _copy_in_parts(
-        self, source: str, destination: str, size: int, metadata: dict[str, str]
+        self,
+        source: str,
+        destination: str,
+        size: int,
+        metadata: dict[str, str],
+        condition: dict[str, str],
     ) -> None:
         """Multipart copy (UploadPartCopy), parts copied in parallel: above 5 GiB S3 has no
         other way (on the bench SeaweedFS, 4 parallel parts of 256 MiB were no faster than
@@ -329,6 +353,7 @@ class S3MediaStore(MediaStore):
                 PartNumber=number,
                 CopySource=copy_source,
                 CopySourceRange=f"bytes={first}-{last}",
+                **condition,
             )
             return {"PartNumber": number, "ETag": result["CopyPartResult"]["ETag"]}
 

@@ -507,7 +507,7 @@ def _screen_after_answer(media: Media, incoming: ObjectInfo, prefix: bytes | Non
 
     if pipeline.reject_before_answer(media, incoming, prefix):
         return _outcome(media)  # raises the rejection
-    pipeline.dispatch_screening(media, background=True)
+    pipeline.dispatch_screening(media, background=True, incoming=incoming)
     return media
 
 

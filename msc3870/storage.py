@@ -53,6 +53,13 @@ class UploadTarget:
 class ObjectInfo:
     size: int
     content_type: str | None
+    #: The store's version tag of the object (S3's ETag, quotes kept), where it has one.
+    etag: str | None = None
+
+
+class SourceChanged(Exception):
+    """A move asked for one version of its source (``if_match``) and the source is no
+    longer that version: it was written over since it was looked at."""
 
 
 @dataclass(frozen=True)
@@ -171,10 +178,13 @@ class MediaStore(ABC):
         *,
         size: int | None = None,
         content_type: str | None = None,
+        if_match: str | None = None,
     ) -> str | None:
         """Server-side move: afterwards ``source`` is gone and ``destination`` has the bytes,
         with ``content_type`` and none of the metadata the uploader sent with them.
-        ``size``: the source's, if the caller already knows it. Returns the SHA-256 (hex)
+        ``size``: the source's, if the caller already knows it. ``if_match``: move only
+        the version of the source with this ``ObjectInfo.etag``, else raise
+        ``SourceChanged`` (stores without versions ignore it). Returns the SHA-256 (hex)
         of the bytes where the store computed it during the move, else None."""
 
     @abstractmethod
@@ -275,8 +285,9 @@ class LocalMediaStore(MediaStore):
         *,
         size: int | None = None,
         content_type: str | None = None,
+        if_match: str | None = None,
     ) -> str | None:
-        # Files keep no metadata: the row says what is served.
+        # Files keep no metadata (the row says what is served) and no versions.
         target = self._path(destination)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self._path(source), target)

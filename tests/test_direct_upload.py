@@ -22,7 +22,7 @@ from msc3870 import pipeline
 from msc3870.models import Media, MediaState
 from msc3870.s3 import S3MediaStore, sha256_of_copy
 from msc3870.screening import Rejection, ScreeningContext
-from msc3870.storage import get_store
+from msc3870.storage import ObjectInfo, get_store
 
 from .conftest import MatrixClient, media_of, msc3870_settings, mxc_path, png_bytes
 from .test_pipeline import FakeClamd
@@ -44,8 +44,22 @@ def s3() -> Iterator[Any]:
 def deferred(monkeypatch: pytest.MonkeyPatch) -> list[Media]:
     """Screening that /complete leaves for after its answer is held here, not run."""
     held: list[Media] = []
-    monkeypatch.setattr(pipeline, "_screen_in_background", held.append)
+
+    def hold(media: Media, incoming: ObjectInfo | None = None) -> None:
+        held.append(media)
+        held_incoming.append(incoming)
+
+    monkeypatch.setattr(pipeline, "_screen_in_background", hold)
     return held
+
+
+#: What /complete read of the incoming object, beside each screening ``deferred`` holds.
+held_incoming: list[ObjectInfo | None] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_held_incoming() -> None:
+    held_incoming.clear()
 
 
 def reject_everything(ctx: ScreeningContext) -> None:
@@ -76,6 +90,68 @@ def test_complete_answers_before_the_full_object_checks(
     assert media.state == S.COMPLETE
     assert media.sha256 == hashlib.sha256(data).hexdigest()
     assert keys(s3) == [media.served_key]
+
+
+def test_the_object_complete_read_spares_the_screening_a_head(
+    s3: Any, alice: MatrixClient, deferred: list[Media], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/complete's ranged read gave the incoming object's size, type and ETag: the
+    screening after the answer copies that version (``CopySourceIfMatch``) without a HEAD
+    of its own."""
+    created = alice.create()
+    data = png_bytes(16, 16)
+    client_put(s3, created, data, "image/png")
+    assert complete(alice, created["content_uri"]).status_code == 200
+    (incoming,) = held_incoming
+    assert incoming is not None and incoming.size == len(data) and incoming.etag
+    heads: list[str] = []
+    copies: list[dict[str, Any]] = []
+    real_head, real_copy = S3MediaStore.head, S3MediaStore._copy_object
+
+    def head(self: Any, key: str) -> Any:
+        heads.append(key)
+        return real_head(self, key)
+
+    monkeypatch.setattr(S3MediaStore, "head", head)
+
+    def copy(self: Any, source: str, destination: str, metadata: Any, condition: Any) -> Any:
+        copies.append(condition)
+        return real_copy(self, source, destination, metadata, condition)
+
+    monkeypatch.setattr(S3MediaStore, "_copy_object", copy)
+    pipeline.screen_in_process(deferred[0], incoming=incoming)
+    media = media_of(created["content_uri"])
+    assert media.state == S.COMPLETE
+    assert media.incoming_key not in heads
+    assert copies == [{"CopySourceIfMatch": incoming.etag}]
+
+
+def test_an_incoming_object_written_over_after_complete_is_looked_at_again(
+    s3: Any, alice: MatrixClient, deferred: list[Media], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store refuses the conditional copy (412: the client wrote over the object since
+    /complete read it): the screening looks at the object again and decides on what is
+    there now."""
+    created = alice.create()
+    client_put(s3, created, png_bytes(16, 16), "image/png")
+    assert complete(alice, created["content_uri"]).status_code == 200
+    (incoming,) = held_incoming
+    bigger = png_bytes(32, 32)
+    client_put(s3, created, bigger, "image/png")  # moto ignores CopySourceIfMatch: say 412
+    real_copy = S3MediaStore._copy_object
+    refused: list[str] = []
+
+    def copy(self: Any, source: str, destination: str, metadata: Any, condition: Any) -> Any:
+        if condition.get("CopySourceIfMatch") == incoming.etag:
+            refused.append(source)
+            raise ClientError({"Error": {"Code": "PreconditionFailed"}}, "CopyObject")
+        return real_copy(self, source, destination, metadata, condition)
+
+    monkeypatch.setattr(S3MediaStore, "_copy_object", copy)
+    pipeline.screen_in_process(deferred[0], incoming=incoming)
+    media = media_of(created["content_uri"])
+    assert refused and media.state == S.COMPLETE
+    assert (media.size, media.sha256) == (len(bigger), hashlib.sha256(bigger).hexdigest())
 
 
 def test_setting_makes_complete_wait_for_the_verdict(
@@ -215,9 +291,15 @@ def test_store_sha256_of_the_copy_spares_the_read(
     assert (media.state, media.sha256) == (S.COMPLETE, digest)
 
 
-def _copy_returning(digest: str, store: S3MediaStore, source: str, dest: str, meta: Any) -> str:
+def _copy_returning(
+    digest: str, store: S3MediaStore, source: str, dest: str, meta: Any, condition: Any
+) -> str:
     store.client.copy_object(
-        Bucket=store.bucket, Key=dest, CopySource={"Bucket": store.bucket, "Key": source}, **meta
+        Bucket=store.bucket,
+        Key=dest,
+        CopySource={"Bucket": store.bucket, "Key": source},
+        **meta,
+        **condition,
     )
     return digest
 
@@ -408,9 +490,9 @@ def test_without_a_broker_screening_runs_on_a_background_thread(
     seen: list[str] = []
     real = pipeline.screen_in_process
 
-    def screen(media: Media) -> None:
+    def screen(media: Media, **options: Any) -> None:
         seen.append(threading.current_thread().name)
-        real(media)
+        real(media, **options)
 
     monkeypatch.setattr(pipeline, "screen_in_process", screen)
     assert complete(alice, created["content_uri"]).status_code == 200

@@ -460,6 +460,32 @@ def test_seaweedfs_computes_no_sha256_on_copy_so_screening_reads_once(s3_client:
     get_store().delete("media/pr/probe")
 
 
+def test_seaweedfs_copies_only_the_version_asked_for(s3_client: Any) -> None:
+    """The conditional move the screening makes with what /complete read
+    (``CopySourceIfMatch`` on its ETag): the version read is moved; an object written
+    over since is refused (``SourceChanged``) and left where it is."""
+    from msc3870.storage import SourceChanged
+
+    bucket = os.environ["AWS_STORAGE_BUCKET_NAME"]
+    store = get_store()
+    s3_client.put_object(Bucket=bucket, Key="incoming/ifmatch", Body=b"first version")
+    found = store.head_with_prefix("incoming/ifmatch", 8192)
+    assert found is not None
+    read, _ = found
+    assert read.etag and read.etag == store.head("incoming/ifmatch").etag  # type: ignore[union-attr]
+    s3_client.put_object(Bucket=bucket, Key="incoming/ifmatch", Body=b"second version!")
+    with pytest.raises(SourceChanged):
+        store.move("incoming/ifmatch", "media/if/ifmatch", size=read.size, if_match=read.etag)
+    assert bucket_keys(s3_client, "media/if/ifmatch") == []
+    now = store.head("incoming/ifmatch")
+    assert now is not None and now.etag != read.etag
+    store.move("incoming/ifmatch", "media/if/ifmatch", size=now.size, if_match=now.etag)
+    moved = s3_client.get_object(Bucket=bucket, Key="media/if/ifmatch")["Body"].read()
+    assert moved == b"second version!"
+    assert bucket_keys(s3_client, "incoming/ifmatch") == []
+    store.delete("media/if/ifmatch")
+
+
 def test_ensure_media_bucket_installs_the_lifecycle_rule_on_seaweedfs(s3_client: Any) -> None:
     from io import StringIO
 
