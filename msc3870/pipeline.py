@@ -60,7 +60,7 @@ def dispatch_screening(
 
     def send() -> None:
         try:
-            screen_media_task.delay(media.pk)
+            screen_media_task.delay(media.pk, incoming=incoming.as_dict() if incoming else None)
         except Exception as exc:  # broker down, connection refused, ...
             log.warning("Could not queue screening of %s: %s", media.mxc_uri, exc)
             Media.objects.filter(pk=media.pk).update(last_error=f"queueing failed: {exc}"[:1000])
@@ -169,12 +169,13 @@ def reject_before_answer(media: Media, info: ObjectInfo, prefix: bytes | None = 
     return False
 
 
-def screen_media(pk: int) -> str:
-    """Screen one media row in PROCESSING; returns what happened (for logs and tests)."""
+def screen_media(pk: int, incoming: ObjectInfo | None = None) -> str:
+    """Screen one media row in PROCESSING; returns what happened (for logs and tests).
+    ``incoming``: see ``dispatch_screening``."""
     media = Media.objects.filter(pk=pk).first()
     if media is None:
         return "skipped"
-    return screen_loaded(media)
+    return screen_loaded(media, incoming=incoming)
 
 
 def screen_loaded(
@@ -215,7 +216,10 @@ def screen_loaded(
             return "receiving"  # a PUT is still streaming its body
         # Move the bytes out of the upload URL's reach before looking at them. The object
         # as /complete read it spares a HEAD: only that version is copied (``if_match``),
-        # and one written over since is looked at again.
+        # and one written over (or moved by an earlier attempt) since is looked at again.
+        # A store without versions is looked at anyway (a stat, on the local disk).
+        if incoming is not None and not incoming.etag:
+            incoming = None
         for looked_again in (False, True):
             if incoming is None or looked_again:
                 incoming = store.head(media.incoming_key)

@@ -68,7 +68,7 @@ SIGV4 = Config(signature_version="s3v4")
 # default is 10; past it a connection is dropped after use, not waited for).
 POOL_CONNECTIONS = 64
 NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
-#: A conditional copy's source is no longer the version asked for.
+#: A conditional copy's source is no longer the version asked for (or is gone).
 PRECONDITION_FAILED_CODES = {"412", "PreconditionFailed"}
 
 
@@ -287,7 +287,7 @@ class S3MediaStore(MediaStore):
             else:
                 sha256 = self._copy_object(source, destination, metadata, condition)
         except ClientError as exc:
-            if if_match and _code(exc) in PRECONDITION_FAILED_CODES:
+            if if_match and _code(exc) in PRECONDITION_FAILED_CODES | NOT_FOUND_CODES:
                 raise SourceChanged(source) from exc
             raise _unavailable(exc) from exc
         except BotoCoreError as exc:

@@ -154,6 +154,58 @@ def test_an_incoming_object_written_over_after_complete_is_looked_at_again(
     assert (media.size, media.sha256) == (len(bigger), hashlib.sha256(bigger).hexdigest())
 
 
+def test_a_retry_after_the_move_finds_the_bytes_moved(
+    s3: Any, alice: MatrixClient, deferred: list[Media]
+) -> None:
+    """A screening that moved the bytes and died before recording it is retried with
+    the same /complete read (a task's arguments): the conditional copy finds no source,
+    the object is looked at again, and the moved bytes are screened."""
+    created = alice.create()
+    data = png_bytes(16, 16)
+    client_put(s3, created, data, "image/png")
+    assert complete(alice, created["content_uri"]).status_code == 200
+    (incoming,) = held_incoming
+    media = deferred[0]
+    get_store().move(media.incoming_key, media.served_key, size=len(data))  # the first attempt
+    pipeline.screen_in_process(media, incoming=incoming)
+    media = media_of(created["content_uri"])
+    assert (media.state, media.sha256) == (S.COMPLETE, hashlib.sha256(data).hexdigest())
+    assert keys(s3) == [media.served_key]
+
+
+def test_with_a_broker_the_task_is_given_what_complete_read(
+    s3: Any, alice: MatrixClient, puts_claim_first: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The screening task's arguments carry /complete's read of the incoming object (JSON:
+    size, type, ETag), and the task copies that version without a HEAD."""
+    from msc3870 import tasks
+
+    queued: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(
+        tasks.screen_media_task, "delay", lambda *args, **kwargs: queued.append((args, kwargs))
+    )
+    created = alice.create()
+    data = png_bytes(16, 16)
+    client_put(s3, created, data, "image/png")
+    assert complete(alice, created["content_uri"]).status_code == 200
+    ((args, kwargs),) = queued
+    media = media_of(created["content_uri"])
+    assert args == (media.pk,)
+    assert set(kwargs["incoming"]) == {"size", "content_type", "etag"}
+    assert kwargs["incoming"]["size"] == len(data) and kwargs["incoming"]["etag"]
+    heads: list[str] = []
+    real_head = S3MediaStore.head
+
+    def head(self: Any, key: str) -> Any:
+        heads.append(key)
+        return real_head(self, key)
+
+    monkeypatch.setattr(S3MediaStore, "head", head)
+    assert tasks.screen_media_task(media.pk, incoming=kwargs["incoming"]) == "complete"
+    assert media.incoming_key not in heads
+    assert media_of(created["content_uri"]).state == S.COMPLETE
+
+
 def test_setting_makes_complete_wait_for_the_verdict(
     s3: Any, alice: MatrixClient, deferred: list[Media]
 ) -> None:
