@@ -3,8 +3,8 @@
 gunicorn's workers share one listening socket, and a uvicorn worker accepts every
 connection waiting when it wakes. A burst of new keep-alive connections (a benchmark's
 clients, a reverse proxy's upstream pool) can so land on one worker and stay there while
-the others idle: seen here, 15 of 16 clients on one of two workers, and rounds at two
-thirds of the throughput of evenly spread ones.
+the others idle: seen here, 15 of 16 clients on one of two workers, and the same code 40 %
+faster in some benchmark rounds than in others.
 
 So each worker counts its open connections in a table in memory shared by all of them
 (made by gunicorn's master before it forks them). A worker holding more than its share
