@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from typing import Any
 
 from django.db import close_old_connections, connection, transaction
@@ -60,7 +61,7 @@ def dispatch_screening(
 
     def send() -> None:
         try:
-            screen_media_task.delay(media.pk, incoming=incoming.as_dict() if incoming else None)
+            screen_media_task.delay(media.pk, incoming=asdict(incoming) if incoming else None)
         except Exception as exc:  # broker down, connection refused, ...
             log.warning("Could not queue screening of %s: %s", media.mxc_uri, exc)
             Media.objects.filter(pk=media.pk).update(last_error=f"queueing failed: {exc}"[:1000])

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from django.core.exceptions import ImproperlyConfigured
 from django.core.files.storage import FileSystemStorage, Storage, storages
@@ -55,10 +55,6 @@ class ObjectInfo:
     content_type: str | None
     #: The store's version tag of the object (S3's ETag, quotes kept), where it has one.
     etag: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        """For a task's arguments (``ObjectInfo(**info.as_dict())`` reads it back)."""
-        return {"size": self.size, "content_type": self.content_type, "etag": self.etag}
 
 
 class SourceChanged(Exception):

@@ -34,8 +34,9 @@ def _retry(task: Any, pk: int, exc: Exception) -> Any:
 
 @shared_task(bind=True, max_retries=8, name="msc3870.screen_media", **TASK_OPTIONS)
 def screen_media_task(self: Any, pk: int, incoming: dict[str, Any] | None = None) -> str:
-    """``incoming``: the upload URL's object as /complete read it (``ObjectInfo.as_dict``);
-    a retry gets it again and finds it stale at worst (then the object is looked at)."""
+    """``incoming``: the upload URL's object as /complete read it (an ``ObjectInfo``'s
+    fields); a retry gets it again and finds it stale at worst (then the object is looked
+    at)."""
     try:
         return pipeline.screen_media(pk, ObjectInfo(**incoming) if incoming else None)
     except Exception as exc:
