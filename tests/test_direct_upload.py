@@ -53,6 +53,19 @@ def deferred(monkeypatch: pytest.MonkeyPatch) -> list[Media]:
     return held
 
 
+def keys_passed_to(monkeypatch: pytest.MonkeyPatch, method: str) -> list[str]:
+    """The keys ``S3MediaStore.<method>(key)`` is called with from now on (it still runs)."""
+    keys: list[str] = []
+    real = getattr(S3MediaStore, method)
+
+    def spy(self: S3MediaStore, key: str) -> Any:
+        keys.append(key)
+        return real(self, key)
+
+    monkeypatch.setattr(S3MediaStore, method, spy)
+    return keys
+
+
 #: What /complete read of the incoming object, beside each screening ``deferred`` holds.
 held_incoming: list[ObjectInfo | None] = []
 
@@ -104,15 +117,9 @@ def test_the_object_complete_read_spares_the_screening_a_head(
     assert complete(alice, created["content_uri"]).status_code == 200
     (incoming,) = held_incoming
     assert incoming is not None and incoming.size == len(data) and incoming.etag
-    heads: list[str] = []
+    heads = keys_passed_to(monkeypatch, "head")
     copies: list[dict[str, Any]] = []
-    real_head, real_copy = S3MediaStore.head, S3MediaStore._copy_object
-
-    def head(self: Any, key: str) -> Any:
-        heads.append(key)
-        return real_head(self, key)
-
-    monkeypatch.setattr(S3MediaStore, "head", head)
+    real_copy = S3MediaStore._copy_object
 
     def copy(self: Any, source: str, destination: str, metadata: Any, condition: Any) -> Any:
         copies.append(condition)
@@ -193,14 +200,7 @@ def test_with_a_broker_the_task_is_given_what_complete_read(
     assert args == (media.pk,)
     assert set(kwargs["incoming"]) == {"size", "content_type", "etag"}
     assert kwargs["incoming"]["size"] == len(data) and kwargs["incoming"]["etag"]
-    heads: list[str] = []
-    real_head = S3MediaStore.head
-
-    def head(self: Any, key: str) -> Any:
-        heads.append(key)
-        return real_head(self, key)
-
-    monkeypatch.setattr(S3MediaStore, "head", head)
+    heads = keys_passed_to(monkeypatch, "head")
     assert tasks.screen_media_task(media.pk, incoming=kwargs["incoming"]) == "complete"
     assert media.incoming_key not in heads
     assert media_of(created["content_uri"]).state == S.COMPLETE
@@ -432,14 +432,7 @@ def test_hash_and_scan_share_one_read(
     s3: Any, alice: MatrixClient, deferred: list[Media], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clamd = FakeClamd()
-    reads: list[str] = []
-    real_whole = S3MediaStore.read_whole
-
-    def whole(self: S3MediaStore, key: str) -> Any:
-        reads.append(key)
-        return real_whole(self, key)
-
-    monkeypatch.setattr(S3MediaStore, "read_whole", whole)
+    reads = keys_passed_to(monkeypatch, "read_whole")
     monkeypatch.setattr(S3MediaStore, "iter_bytes", lambda *a, **kw: pytest.fail("2nd read"))
     monkeypatch.setattr(S3MediaStore, "copy_checksum_refused", True)  # as SeaweedFS: no hash
     data = os.urandom(3 * MiB)

@@ -13,6 +13,7 @@ import hashlib
 import io
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.conf import settings
@@ -137,14 +138,19 @@ def test_a_put_to_an_id_that_expires_while_streaming_is_not_found(alice: MatrixC
     assert stored_files() == []
 
 
-def test_a_rejected_put_is_rejected_from_pending_and_leaves_no_bytes(alice: MatrixClient) -> None:
-    created = alice.create()
+def put_denied_html(client: MatrixClient, created: dict[str, str]) -> Any:
+    """A PUT of HTML where the checks deny HTML."""
     with msc3870_settings(DENIED_CONTENT_TYPES=["text/html"]):
-        response = alice.put(
+        return client.put(
             f"/_matrix/media/v3/upload/{mxc_path(created['content_uri'])}",
             b"<!DOCTYPE html><html></html>",
             "text/html",
         )
+
+
+def test_a_rejected_put_is_rejected_from_pending_and_leaves_no_bytes(alice: MatrixClient) -> None:
+    created = alice.create()
+    response = put_denied_html(alice, created)
     assert response.status_code == 403, response.content
     assert response.json()["errcode"] == "M_FORBIDDEN"
     media = media_of(created["content_uri"])
@@ -165,12 +171,7 @@ def test_a_rejection_stands_when_only_the_ids_other_keys_cannot_be_deleted(
 
     monkeypatch.setattr(LocalMediaStore, "delete_many", failing)
     created = alice.create()
-    with msc3870_settings(DENIED_CONTENT_TYPES=["text/html"]):
-        response = alice.put(
-            f"/_matrix/media/v3/upload/{mxc_path(created['content_uri'])}",
-            b"<!DOCTYPE html><html></html>",
-            "text/html",
-        )
+    response = put_denied_html(alice, created)
     assert response.status_code == 403, response.content
     media = media_of(created["content_uri"])
     assert (media.state, media.objects_deleted_at) == (S.REJECTED, None)
