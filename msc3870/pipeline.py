@@ -103,12 +103,17 @@ def screen_in_process(
         )
     except Exception as exc:
         log.exception("Screening of %s failed", media.mxc_uri)
-        if received and not (
-            lifecycle.transition(media, [source], S.PROCESSING, extra_where=claim, **received)
-            if source != S.PROCESSING
-            else lifecycle.update_if_state(media, S.PROCESSING, extra_where=claim, **received)
-        ):
-            return "skipped"
+        if received:
+            if source == S.PROCESSING:
+                recorded = lifecycle.update_if_state(
+                    media, S.PROCESSING, extra_where=claim, **received
+                )
+            else:  # a PUT decided in one write: its row moves to PROCESSING with the bytes
+                recorded = lifecycle.transition(
+                    media, [source], S.PROCESSING, extra_where=claim, **received
+                )
+            if not recorded:
+                return "skipped"
         record_failure(media.pk, exc)
         return "failed"
 

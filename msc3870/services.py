@@ -504,7 +504,6 @@ def receive_url_upload(
 def _screen_after_answer(media: Media, incoming: ObjectInfo, prefix: bytes | None) -> Media:
     """Decide what metadata and a ranged read can (an oversized object is refused from its
     HEAD and never copied), then answer while the rest of the screening runs."""
-
     if pipeline.reject_before_answer(media, incoming, prefix):
         return _outcome(media)  # raises the rejection
     pipeline.dispatch_screening(media, background=True, incoming=incoming)
@@ -512,7 +511,6 @@ def _screen_after_answer(media: Media, incoming: ObjectInfo, prefix: bytes | Non
 
 
 def _screen_and_wait(media: Media) -> Media:
-
     pipeline.dispatch_screening(media)
     return _decision(media, Deadline.after_seconds(app_settings.COMPLETE_WAIT_SECONDS))
 
