@@ -11,17 +11,19 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import http.client
 import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from functools import cached_property, partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, IncompleteReadError
 from django.utils import timezone
+from urllib3.response import HTTPResponse as Urllib3Response
 
 from .conf import app_settings
 from .errors import StorageUnavailable
@@ -52,8 +54,7 @@ UPLOAD_TRANSFER = TransferConfig(
 )
 # An s3transfer setting that boto3's TransferConfig does not take as an argument.
 UPLOAD_TRANSFER.max_in_memory_upload_chunks = 2
-# Whole-object reads fill this buffer again and again (1 MiB: larger ones cost more CPU
-# per byte in urllib3's readinto, measured).
+# Whole-object reads fill this buffer again and again.
 WHOLE_READ_BUFFER = MiB
 # S3's multipart limits: at most 10,000 parts, each at least 5 MiB (but the last).
 MAX_PARTS = 10_000
@@ -73,6 +74,7 @@ PRECONDITION_FAILED_CODES = {"412", "PreconditionFailed"}
 
 
 log = logging.getLogger(__name__)
+Chunk = TypeVar("Chunk", bytes, memoryview)
 
 
 def _unavailable(exc: Exception) -> StorageUnavailable:
@@ -87,6 +89,43 @@ def _logged(detail: str) -> StorageUnavailable:
     # str() keeps the detail for logs, retries and the row's last_error (record_failure).
     error.args = (f"Media storage failed: {detail}",)
     return error
+
+
+def _readable(body: Any) -> Any:
+    """What to read a GetObject body from (``read(n)``, ``readinto(buffer)``). urllib3
+    reads each chunk into a new bytes object and copies it again (``readinto``) or queues
+    it (``read``); the http.client response beneath it reads straight into the buffer:
+    0.22 against 0.89 CPU-s per GiB read from SeaweedFS with a 1 MiB buffer
+    (``bench/read_path.py``). That one only while urllib3 has read nothing
+    (``tell() == 0``): botocore asks urllib3 for the raw bytes (``decode_content=False``)
+    and checks the length itself, which ``_exactly`` does in its place. Any other body
+    (moto's, a future urllib3's) is read through botocore."""
+    raw = getattr(body, "_raw_stream", None)
+    under = getattr(raw, "_fp", None)
+    if (
+        isinstance(raw, Urllib3Response)
+        and isinstance(under, http.client.HTTPResponse)
+        and raw.tell() == 0
+    ):
+        return under
+    return body
+
+
+def _exactly(response: dict[str, Any], chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+    """Pass on the chunks read from ``response``'s body, closing it at the end; a body
+    that ends before or after its ``ContentLength`` is a storage failure, never short
+    bytes."""
+    expected, total = response.get("ContentLength"), 0
+    try:
+        for chunk in chunks:
+            total += len(chunk)
+            yield chunk
+        if expected is not None and total != expected:
+            raise IncompleteReadError(actual_bytes=total, expected_bytes=expected)
+    except (BotoCoreError, http.client.HTTPException, OSError) as exc:
+        raise _unavailable(exc) from exc
+    finally:
+        response["Body"].close()
 
 
 class S3MediaStore(MediaStore):
@@ -215,28 +254,19 @@ class S3MediaStore(MediaStore):
             raise _unavailable(exc) from exc
         except BotoCoreError as exc:
             raise _unavailable(exc) from exc
-        body = response["Body"]
-        try:
-            yield from body.iter_chunks(chunk_size)
-        finally:
-            body.close()
+        read = partial(_readable(response["Body"]).read, chunk_size)
+        yield from _exactly(response, iter(read, b""))
 
     def read_whole(self, key: str) -> Iterator[bytes | memoryview]:
-        # readinto one reused buffer: no new bytes object per chunk (measured on SeaweedFS:
-        # read + SHA-256 of 256 MiB took 0.22 CPU-s this way, 0.28 through iter_chunks).
+        # readinto one reused buffer: no new bytes object per chunk.
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
         except (ClientError, BotoCoreError) as exc:
             raise _unavailable(exc) from exc
         buffer = bytearray(WHOLE_READ_BUFFER)
         view = memoryview(buffer)
-        try:
-            while read := body.readinto(buffer):
-                yield view[:read]
-        except BotoCoreError as exc:
-            raise _unavailable(exc) from exc
-        finally:
-            body.close()
+        fill = partial(_readable(response["Body"]).readinto, buffer)
+        yield from _exactly(response, (view[:read] for read in iter(fill, 0)))
 
     def write_stream(
         self,

@@ -460,6 +460,32 @@ def test_seaweedfs_computes_no_sha256_on_copy_so_screening_reads_once(s3_client:
     get_store().delete("media/pr/probe")
 
 
+def test_seaweedfs_whole_read_goes_beneath_urllib3_and_is_exact(
+    s3_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The screening's SHA-256 read of a real store's object: every byte, read straight
+    into the buffer (not through urllib3's copying readinto)."""
+    from msc3870 import s3
+
+    bucket = os.environ["AWS_STORAGE_BUCKET_NAME"]
+    data = os.urandom(5 * 1024 * 1024 + 7)
+    s3_client.put_object(Bucket=bucket, Key="media/wr/whole", Body=data)
+    readables: list[Any] = []
+    real = s3._readable
+
+    def spy(body: Any) -> Any:
+        readables.append(real(body))
+        return readables[-1]
+
+    monkeypatch.setattr(s3, "_readable", spy)
+    digest = hashlib.sha256()
+    for chunk in get_store().read_whole("media/wr/whole"):
+        digest.update(chunk)
+    assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert [type(r).__module__ for r in readables] == ["http.client"]
+    get_store().delete("media/wr/whole")
+
+
 def test_seaweedfs_copies_only_the_version_asked_for(s3_client: Any) -> None:
     """The conditional move the screening makes with what /complete read
     (``CopySourceIfMatch`` on its ETag): the version read is moved; an object written
