@@ -67,6 +67,8 @@ class S3Server:
             "S3_PORT": str(S3_PORT),
             "S3_SERVER_DIR": str(S3_SERVER_DIR),
             "S3_BUCKET": S3_BUCKET,
+            # Room for a 2 GiB upload twice over (incoming and served) and a few more.
+            "S3_VOLUME_MAX": "100",
         }
 
     def _run(self, *args: str) -> None:

@@ -1,6 +1,8 @@
 """The fixed server CPU of one upload-to-URL (issue 9): N small uploads, the same way
 ``upload_bench.py --compare`` makes them (``make_run_stack``: gunicorn, one web process,
-PostgreSQL, the bench SeaweedFS, tasks in-process), after 5 unmeasured ones.
+PostgreSQL, the bench SeaweedFS, tasks in-process), after ``--warmup`` (5) unmeasured
+ones. Each upload stores its size twice (incoming and served) in a store of 100 volumes
+of 64 MiB: for large sizes keep ``(warmup + uploads) * 2 * size`` under 6 GiB.
 
 Each upload is /create, a PUT of ``--size-kib`` to the presigned URL, /complete, the wait
 for the decision, and one download (as ``one_upload`` does); the figure is the server
@@ -32,6 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--uploads", type=int, default=30)
     parser.add_argument("--size-kib", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=5, help="unmeasured uploads first")
     parser.add_argument("--policy", default="metadata-only", choices=sorted(bench.POLICY_ENV))
     parser.add_argument("--py-spy", type=Path, help="record the web process into this file")
     args = parser.parse_args()
@@ -46,6 +49,7 @@ def main() -> None:
         "DJANGO_SECRET_KEY": "bench-" + os.urandom(16).hex(),
         "MSC3870_MAX_PENDING_UPLOADS": "1000",
         "MSC3870_CREATE_RATE": "10000/min",
+        "MSC3870_MAX_UPLOAD_SIZE": str(args.size_kib * 1024 + 1024 * 1024),
         "PYTHONUNBUFFERED": "1",
     }
     for name in ("REDIS_URL", "CELERY_BROKER_URL"):
@@ -71,7 +75,7 @@ def main() -> None:
                 "url", stack.base_url, token, size, roots, database_url, recipient_waits=False
             )
 
-        for _ in range(5):
+        for _ in range(args.warmup):
             upload()
         spy = None
         if args.py_spy:
@@ -95,11 +99,11 @@ def main() -> None:
                 stderr=subprocess.DEVNULL,
             )
             time.sleep(1.5)
-        cpu0 = sum(bench.tree_cpu(pid) for pid in roots)
+        cpu0 = bench.CpuMark.of(roots)
         started = time.monotonic()
         for _ in range(args.uploads):
             upload()
-        cpu = sum(bench.tree_cpu(pid) for pid in roots) - cpu0
+        cpu = bench.CpuMark.of(roots).since(cpu0)
         wall = time.monotonic() - started
         if spy is not None:
             spy.send_signal(signal.SIGINT)
