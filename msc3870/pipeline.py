@@ -31,7 +31,7 @@ from .screening import (
     run_checks,
 )
 from .signals import send_state_signal
-from .storage import ObjectInfo, SourceChanged, get_store
+from .storage import MediaStore, ObjectInfo, SourceChanged, get_store
 from .thumbnails import thumbnail_keys
 
 log = logging.getLogger(__name__)
@@ -233,9 +233,8 @@ def screen_loaded(
                 break
             if incoming.content_type and not media.declared_content_type:
                 # S3 keeps the Content-Type of the client's PUT with the object.
-                lifecycle.update_if_state(
-                    media, S.PROCESSING, declared_content_type=incoming.content_type[:255]
-                )
+                media.declared_content_type = incoming.content_type[:255]
+                decided["declared_content_type"] = media.declared_content_type
             if incoming.size > app_settings.MAX_UPLOAD_SIZE:
                 # Refused from its HEAD: an oversized object is never copied.
                 return _reject(media, _too_large(incoming.size), **decided)
@@ -257,9 +256,33 @@ def screen_loaded(
             return _reject(
                 media, Rejection("Nothing was uploaded", errcode="M_NOT_YET_UPLOADED"), **decided
             )
-        # (else: an earlier attempt moved the bytes and died before recording it)
-        if not lifecycle.update_if_state(media, S.PROCESSING, storage_key=media.served_key):
-            return "skipped"
+        # (else: an earlier attempt moved the bytes and died before deciding). The key is
+        # recorded with the verdict: the id's keys are known without it (``object_keys``).
+        media.storage_key = decided["storage_key"] = media.served_key
+    try:
+        return _screen_stored(media, store, decided, received, first_bytes, store_sha256)
+    except Exception:
+        # No verdict: what the move learnt is kept for the attempt that screens these bytes
+        # again (the incoming object, and the type its PUT declared, are gone).
+        if learnt := {k: decided[k] for k in MOVE_FIELDS if k in decided}:
+            lifecycle.update_if_state(media, S.PROCESSING, **learnt)
+        raise
+
+
+#: What moving a URL upload's bytes learns, recorded with the verdict.
+MOVE_FIELDS = ("declared_content_type", "storage_key")
+
+
+def _screen_stored(
+    media: Media,
+    store: MediaStore,
+    decided: dict[str, Any],
+    received: dict[str, Any] | None,
+    first_bytes: bytes | None,
+    store_sha256: str | None,
+) -> str:
+    """Run the checks on the bytes at ``media.storage_key``; one write decides, with
+    ``decided``'s fields."""
     if received and first_bytes is not None:
         # Stored by this request: its size and first bytes were seen as they passed.
         found: tuple[ObjectInfo, bytes] | None = (

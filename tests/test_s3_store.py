@@ -137,6 +137,60 @@ def test_complete_moves_checks_and_serves(s3: Any, alice: MatrixClient) -> None:
     assert b"".join(download.streaming_content) == data
 
 
+def test_complete_and_its_screening_write_the_row_twice(s3: Any, alice: MatrixClient) -> None:
+    """/complete's claim, then one UPDATE that records the verdict with everything the
+    screening learnt (the type the PUT declared, the served key, size, hash)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from .test_request_plane import data_queries
+
+    created = alice.create()
+    client_put(s3, created, png_bytes(), "image/png")
+    with CaptureQueriesContext(connection) as captured:
+        assert complete(alice, created["content_uri"]).status_code == 200
+    writes = [q for q in data_queries(captured) if not q.startswith("SELECT")]
+    assert [q.split()[0] for q in writes] == ["UPDATE", "UPDATE"], writes
+    assert len(data_queries(captured)) <= 4, data_queries(captured)
+    media = media_of(created["content_uri"])
+    assert media.state == MediaState.COMPLETE
+    assert media.declared_content_type == "image/png"
+    assert media.storage_key == media.served_key
+
+
+def test_screening_that_fails_after_the_move_keeps_what_the_move_learnt(
+    s3: Any, alice: MatrixClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The move deletes the incoming object (and with it the type the PUT declared): a
+    screening that fails after it records the served key and that type, so the attempt
+    that screens the bytes again decides as the first would have."""
+    from msc3870.errors import StorageUnavailable
+    from msc3870.pipeline import screen_media
+
+    looked_at = S3MediaStore.head_with_prefix
+
+    def unavailable_once_moved(store: S3MediaStore, key: str, *args: Any) -> Any:
+        if key.startswith("incoming/"):
+            return looked_at(store, key, *args)  # /complete's look, before the move
+        raise StorageUnavailable()
+
+    created = alice.create()
+    data = png_bytes()
+    client_put(s3, created, data, "image/png")
+    with monkeypatch.context() as patched:
+        patched.setattr(S3MediaStore, "head_with_prefix", unavailable_once_moved)
+        complete(alice, created["content_uri"])
+    media = media_of(created["content_uri"])
+    assert media.state == MediaState.PROCESSING
+    assert keys(s3) == [media.served_key]  # moved: the incoming object is gone
+    assert media.storage_key == media.served_key
+    assert media.declared_content_type == "image/png"
+    assert screen_media(media.pk) == "complete"
+    media.refresh_from_db()
+    assert media.content_type == "image/png"
+    assert media.sha256 == hashlib.sha256(data).hexdigest()
+
+
 def test_sniffing_reads_a_range_not_the_object(
     s3: Any, alice: MatrixClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
