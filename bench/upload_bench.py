@@ -1230,14 +1230,6 @@ def compare_main(args: argparse.Namespace) -> None:
             assert synapse.process is not None
             subjects.append(("Synapse", "synapse", synapse.url, [synapse.process.pid]))
             synapse_token = synapse.register("bench")
-        # What each server spends doing nothing (wake-up polls, timers), per second: the
-        # report subtracts it over each upload's window.
-        results["idle_cpu_per_s"] = {}
-        for name, _, _, roots in subjects:
-            before = CpuMark.of(roots)
-            time.sleep(args.idle_seconds)
-            idle = CpuMark.of(roots).since(before) / args.idle_seconds
-            results["idle_cpu_per_s"][name] = idle
         # Warm-up: imports, connection pools, first queries (not the upload's cost).
         for _, kind, url, roots in subjects:
             one_upload(
@@ -1249,6 +1241,18 @@ def compare_main(args: argparse.Namespace) -> None:
                 database_url,
                 recipient_waits=True,
             )
+        # What each server spends doing nothing (wake-up polls, timers, its periodic
+        # sweeps), per second: the report subtracts it over each upload's window. All
+        # servers at once, after the warm-up (and the sweeps' first runs), over long
+        # enough for this server's sweeps of every minute and every two minutes to run:
+        # a few seconds would miss them, and an upload's window of half a minute would
+        # then count them as the upload's.
+        results["idle_cpu_per_s"] = {}
+        marks = {name: CpuMark.of(roots) for name, _, _, roots in subjects}
+        time.sleep(args.idle_seconds)
+        for name, _, _, roots in subjects:
+            idle = CpuMark.of(roots).since(marks[name]) / args.idle_seconds
+            results["idle_cpu_per_s"][name] = idle
         for size_mib in sizes:
             size = size_mib * MiB
             for repeat in range(args.repeat):
@@ -1291,6 +1295,8 @@ def compare_main(args: argparse.Namespace) -> None:
     results["loadavg"].append(load_average())
     text = compare_report(results, [s[0] for s in subjects], sizes)
     print(text)
+    if args.plot:
+        compare_plot(results, [s[0] for s in subjects], args.plot)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     failed = [
@@ -1387,6 +1393,48 @@ def compare_report(results: dict[str, Any], names: list[str], sizes: list[int]) 
     return "\n".join(out)
 
 
+def compare_plot(results: dict[str, Any], names: list[str], path: Path) -> None:
+    """Left: each upload's busy CPU against its size, with the least-squares lines of
+    ``cpu_split``. Right: from the start of the upload, when the uploader was answered and
+    when a waiting recipient got the first byte, beside the bare presigned PUT."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    sizes = sorted({r["size_mib"] for r in runs})
+    fig, (cpu_ax, time_ax) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for name in names:
+        xs = [r["size_mib"] for r in runs]
+        (points,) = cpu_ax.plot(
+            xs, [busy_cpu(results, name, r) for r in runs], "o", alpha=0.6, label=name
+        )
+        fixed, per_gib = cpu_split(results, name)
+        cpu_ax.plot(
+            sizes, [fixed + per_gib * x / 1024 for x in sizes], "-", color=points.get_color()
+        )
+        answered = [
+            _median([r[name]["answered_s"] for r in runs if r["size_mib"] == x]) for x in sizes
+        ]
+        first = [
+            _median([r[name]["first_byte_s"] for r in runs if r["size_mib"] == x]) for x in sizes
+        ]
+        time_ax.plot(sizes, answered, "o-", color=points.get_color(), label=f"{name}: answered")
+        time_ax.plot(sizes, first, "s--", color=points.get_color(), label=f"{name}: first byte")
+    bare = [_median([r["bare_put_s"] for r in runs if r["size_mib"] == x]) for x in sizes]
+    time_ax.plot(sizes, bare, "k:", label="bare presigned PUT")
+    cpu_ax.set(xlabel="upload size (MiB)", ylabel="server CPU s, idle subtracted")
+    cpu_ax.set_title("CPU per upload (lines: least squares)")
+    time_ax.set(xlabel="upload size (MiB)", ylabel="seconds from the start of the upload")
+    time_ax.set_title("Answered, and first byte to a waiting recipient")
+    cpu_ax.legend(fontsize=8)
+    time_ax.legend(fontsize=7)
+    fig.suptitle(f"{results['machine']['date']}, git {results['machine']['git_head']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def cpu_split(results: dict[str, Any], name: str) -> tuple[float, float]:
     """(seconds per upload, seconds per GiB): the least-squares line through every
     upload's busy CPU against its size. What an upload costs whatever its size, and what
@@ -1464,18 +1512,21 @@ def main() -> None:
     )
     parser.add_argument("--celery", action="store_true", help="--compare: a celery worker")
     parser.add_argument(
-        "--idle-seconds", type=float, default=5, help="--compare: idle CPU measured this long"
+        "--idle-seconds", type=float, default=130, help="--compare: idle CPU measured this long"
     )
     parser.add_argument("--no-synapse", dest="synapse", action="store_false")
     parser.add_argument(
         "--report-from", type=Path, help="--compare: print the report of a saved --json"
     )
+    parser.add_argument("--plot", type=Path, help="--compare: draw CPU and times into this PNG")
     args = parser.parse_args()
     if args.compare and args.report_from:
         saved = json.loads(args.report_from.read_text())
         names = [k for k, v in saved["runs"][0].items() if isinstance(v, dict)]
         sizes = list(dict.fromkeys(run["size_mib"] for run in saved["runs"]))
         print(compare_report(saved, names, sizes))
+        if args.plot:
+            compare_plot(saved, names, args.plot)
         return
     if args.compare:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
