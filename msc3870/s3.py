@@ -15,6 +15,8 @@ import http.client
 import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from email.utils import parsedate_to_datetime
 from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -22,6 +24,7 @@ import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, IncompleteReadError
+from botocore.utils import parse_timestamp
 from django.utils import timezone
 from urllib3.response import HTTPResponse as Urllib3Response
 
@@ -128,6 +131,23 @@ def _exactly(response: dict[str, Any], chunks: Iterator[Chunk]) -> Iterator[Chun
         response["Body"].close()
 
 
+def parse_s3_timestamp(value: Any) -> datetime:
+    """The two forms S3 answers in, read by the standard library: HTTP dates in headers
+    (``Last-Modified``) and ISO 8601 in XML bodies. botocore's own parser goes through
+    dateutil, which cost 0.5 ms of a 3 ms ranged GET here (A/B, 6 rounds of 300); it still
+    reads anything else."""
+    if isinstance(value, str):
+        try:
+            if "," in value:
+                return parsedate_to_datetime(value)
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            if parsed.tzinfo is not None:
+                return parsed
+        except (TypeError, ValueError):
+            pass
+    return parse_timestamp(value)
+
+
 class S3MediaStore(MediaStore):
     can_redirect = True
     max_upload_url_lifetime = MAX_PRESIGN_SECONDS
@@ -146,7 +166,12 @@ class S3MediaStore(MediaStore):
         screening threads on its first upload. boto3 clients are thread-safe; the pool
         holds a connection for each thread that may use it at once."""
         storage = self.storage
-        return storage._create_session().client(
+        session = storage._create_session()
+        with contextlib.suppress(AttributeError):  # the botocore session beneath boto3's
+            session._session.get_component("response_parser_factory").set_parser_defaults(
+                timestamp_parser=parse_s3_timestamp
+            )
+        return session.client(
             "s3",
             region_name=storage.region_name,
             use_ssl=storage.use_ssl,

@@ -89,6 +89,53 @@ def test_every_thread_shares_one_client_with_a_pool_for_them(s3: Any) -> None:
     assert keys(s3) == ["k"]
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Fri, 27 Nov 2026 23:43:04 GMT",
+        "2026-11-27T23:43:04.000Z",
+        "2026-11-27T23:43:04Z",
+        "2026-11-27T23:43:04+01:00",
+        "1795822984",
+        1795822984,
+        "2026-11-27 23:43:04",
+    ],
+)
+def test_s3_timestamps_read_as_botocore_reads_them(value: Any) -> None:
+    from botocore.utils import parse_timestamp
+
+    from msc3870.s3 import parse_s3_timestamp
+
+    parsed, expected = parse_s3_timestamp(value), parse_timestamp(value)
+    assert parsed == expected
+    assert (parsed.tzinfo is None) == (expected.tzinfo is None)  # naive only if botocore's is
+
+
+def test_the_store_client_reads_timestamps_with_the_standard_library(
+    s3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from msc3870 import s3 as s3_module
+
+    parsed: list[Any] = []
+    real = s3_module.parse_s3_timestamp
+
+    def spy(value: Any) -> Any:
+        parsed.append(value)
+        return real(value)
+
+    monkeypatch.setattr(s3_module, "parse_s3_timestamp", spy)
+    s3.put_object(Bucket=BUCKET, Key="stamped", Body=b"x")
+    shared = get_store()
+    assert isinstance(shared, S3MediaStore)
+    store = S3MediaStore(shared.storage)  # a client made now, with the spy
+    ours = store.client.head_object(Bucket=BUCKET, Key="stamped")["LastModified"]
+    listed = store.client.list_objects_v2(Bucket=BUCKET)["Contents"][0]["LastModified"]
+    assert ours == s3.head_object(Bucket=BUCKET, Key="stamped")["LastModified"]
+    assert listed == s3.list_objects_v2(Bucket=BUCKET)["Contents"][0]["LastModified"]
+    assert ours.tzinfo is not None and listed.tzinfo is not None
+    assert len(parsed) == 2  # the header's HTTP date, the listing's ISO 8601
+
+
 def test_upload_url_is_a_sigv4_presigned_put_for_this_id_only(s3: Any, alice: MatrixClient) -> None:
     created = alice.create()
     url = urlsplit(created["upload_url"])
