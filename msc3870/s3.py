@@ -139,12 +139,13 @@ def parse_s3_timestamp(value: Any) -> datetime:
     if isinstance(value, str):
         try:
             if "," in value:
-                return parsedate_to_datetime(value)
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-            if parsed.tzinfo is not None:
-                return parsed
+                parsed = parsedate_to_datetime(value)
+            else:
+                parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except (TypeError, ValueError):
-            pass
+            parsed = None
+        if parsed is not None and parsed.tzinfo is not None:  # "-0000" dates come naive
+            return parsed
     return parse_timestamp(value)
 
 

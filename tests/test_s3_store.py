@@ -93,6 +93,7 @@ def test_every_thread_shares_one_client_with_a_pool_for_them(s3: Any) -> None:
     "value",
     [
         "Fri, 27 Nov 2026 23:43:04 GMT",
+        "Fri, 27 Nov 2026 23:43:04 -0000",
         "2026-11-27T23:43:04.000Z",
         "2026-11-27T23:43:04Z",
         "2026-11-27T23:43:04+01:00",
@@ -109,6 +110,13 @@ def test_s3_timestamps_read_as_botocore_reads_them(value: Any) -> None:
     parsed, expected = parse_s3_timestamp(value), parse_timestamp(value)
     assert parsed == expected
     assert (parsed.tzinfo is None) == (expected.tzinfo is None)  # naive only if botocore's is
+
+
+def test_an_s3_timestamp_neither_form_reads_is_botocore_s_error() -> None:
+    from msc3870.s3 import parse_s3_timestamp
+
+    with pytest.raises(ValueError):
+        parse_s3_timestamp("Fri, 27 Nov 2026 25:43:04 GMT")
 
 
 def test_the_store_client_reads_timestamps_with_the_standard_library(
