@@ -1197,6 +1197,7 @@ def compare_main(args: argparse.Namespace) -> None:
     base_env.pop("REDIS_URL", None)
     results: dict[str, Any] = {"machine": info, "loadavg": [], "runs": []}
     synapse = BenchSynapse(logs / "synapse", max(sizes) * MiB + MiB) if args.synapse else None
+    stacks: list[Stack] = []
     try:
         s3.start()
         subprocess.run(
@@ -1218,7 +1219,6 @@ def compare_main(args: argparse.Namespace) -> None:
             .splitlines()[-1]
         )
         subjects: list[tuple[str, str, str, list[int]]] = []
-        stacks: list[Stack] = []
         for policy in policies:
             flush_broker()
             stack, _, roots = make_run_stack(base_env, policy, logs / policy, args.celery)
@@ -1283,9 +1283,9 @@ def compare_main(args: argparse.Namespace) -> None:
                     run[name]["verified"] = run[name]["verified"] and waited["verified"]
                 results["runs"].append(run)
                 print(f"{size_mib} MiB #{repeat}: " + json.dumps(run), file=sys.stderr, flush=True)
-        for stack in stacks:
-            stack.stop()
     finally:
+        for stack in stacks:  # also when an upload failed: no gunicorn left running
+            stack.stop()
         if synapse is not None:
             synapse.stop()
         s3.stop()

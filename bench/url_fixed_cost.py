@@ -40,6 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     logs = Path(tempfile.mkdtemp(prefix="url-fixed-cost-"))
     s3 = S3Server(manage=True)
+    stack = None
     database_url = recreate_database(bench.DB_NAME)
     env = {
         **os.environ,
@@ -108,13 +109,14 @@ def main() -> None:
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(30)
-        stack.stop()
         print(
             f"{args.uploads} uploads of {args.size_kib} KiB ({args.policy}): "
             f"{cpu / args.uploads * 1000:.1f} ms of server CPU per upload "
             f"({wall / args.uploads:.2f} s each, idle included)"
         )
     finally:
+        if stack is not None:  # an upload that failed must not leave gunicorn running
+            stack.stop()
         s3.stop()
         drop_database(bench.DB_NAME)
         shutil.rmtree(logs, ignore_errors=True)
