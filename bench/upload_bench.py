@@ -817,6 +817,10 @@ def tree_cpu(root_pid: int) -> float:
     return total / 1e9
 
 
+#: Seconds by which the ticks may exceed the nanosecond count before they are believed.
+ENDED_THREAD_SLACK = 0.05
+
+
 @dataclass
 class CpuMark:
     precise: float
@@ -831,10 +835,11 @@ class CpuMark:
 
     def since(self, start: CpuMark) -> float:
         """CPU seconds between two marks: the precise count, unless the ticks show more
-        by over two ticks per process tree (a thread ended in between and took its time
-        with it): then the ticks."""
+        by over ``ENDED_THREAD_SLACK`` (a thread ended in between and took its time with
+        it; less is the ticks' own rounding, a tick per process at each end): then the
+        ticks."""
         precise, ticks = self.precise - start.precise, self.ticks - start.ticks
-        return ticks if ticks - precise > 0.05 else precise
+        return ticks if ticks - precise > ENDED_THREAD_SLACK else precise
 
 
 def tree_pids(root_pid: int) -> list[int]:
