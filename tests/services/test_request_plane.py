@@ -14,7 +14,6 @@ import concurrent.futures
 import os
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -315,12 +314,28 @@ def test_a_thousand_waiters_do_not_stop_versions(
     assert_all_got(results(parked), data)
 
 
+def past_the_cap(
+    waiters: Waiters, url: str, headers: dict[str, str], admitted: int
+) -> tuple[Answer, list[concurrent.futures.Future[Answer]]]:
+    """``admitted + 1`` requests at once, of which the server may admit ``admitted``:
+    the refusal (whichever request it falls on; the server admits them in the order its
+    threads finish, not the order sent) and the futures still waiting. A refusal comes
+    only once the cap is full, so the others are then admitted, not in flight."""
+    futures = waiters.get(url, headers, admitted + 1)
+    done, waiting = concurrent.futures.wait(
+        futures, CLIENT_TIMEOUT + 10, return_when=concurrent.futures.FIRST_COMPLETED
+    )
+    assert done, f"none of {len(futures)} requests was refused"
+    assert len(done) == 1, [f.result()[:2] for f in done]
+    return done.pop().result(), [f for f in futures if f in waiting]
+
+
 def test_caps_answer_at_once(
-    make_stack: Any, waiters: Waiters, user_token: tuple[str, str], tmp_path: Path
+    make_stack: Any, waiters: Waiters, user_token: tuple[str, str]
 ) -> None:
     """One worker with small caps: 3 waiters per media, 2 unauthenticated, 6 in all. Past
-    each cap the answer is an immediate 429 with retry_after_ms and Retry-After, while
-    the admitted waiters keep waiting; then they all get their bytes."""
+    each cap the answer is an immediate 429 with retry_after_ms and Retry-After, naming
+    the cap, while the admitted waiters keep waiting; then they all get their bytes."""
     _, token = user_token
     capped = make_stack(
         CELERY_BROKER_URL="",
@@ -331,31 +346,32 @@ def test_caps_answer_at_once(
     capped.start_server(workers=1)
     a, b, c = (create(capped, token)["content_uri"] for _ in range(3))
     headers = auth(token)
-    parked = {
-        a: park(waiters, capped, download_url(capped, a), headers, 3, spread=False),
-    }
-
-    def refused(url: str, headers: dict[str, str]) -> Answer:
-        # Bounded well below the admitted waiters' wait: a queued request fails here.
-        answer = results(waiters.get(url, headers))[0]
-        assert not any(f.done() for futures in parked.values() for f in futures)
-        return answer
-
-    refusals = {"per media": refused(download_url(capped, a), headers)}
-    parked[b] = park(waiters, capped, download_url(capped, b, legacy=True), {}, 2, spread=False)
-    # 5 parked: two are unauthenticated, so a third unauthenticated one is refused.
-    wait_until(lambda: sum(connections_per_worker(capped).values()) >= 5, 20, "5 waiters")
-    refusals["legacy"] = refused(download_url(capped, b, legacy=True), {})
-    parked[c] = park(waiters, capped, download_url(capped, c), headers, 1, spread=False)
-    refusals["total"] = refused(download_url(capped, c), headers)
+    refusals: dict[str, Answer] = {}
+    parked: dict[str, list[concurrent.futures.Future[Answer]]] = {}
+    # a: 3 admitted, the 4th refused per media (3 wait in all).
+    refusals["Too many requests wait for this media"], parked[a] = past_the_cap(
+        waiters, download_url(capped, a), headers, 3
+    )
+    # b: 2 unauthenticated admitted, the 3rd refused (5 wait in all).
+    refusals["Too many unauthenticated requests are waiting"], parked[b] = past_the_cap(
+        waiters, download_url(capped, b, legacy=True), {}, 2
+    )
+    # c: 1 admitted (6 in all), the next refused by the total.
+    refusals["Too many requests are waiting"], parked[c] = past_the_cap(
+        waiters, download_url(capped, c), headers, 1
+    )
 
     problems = []
     for cap, (status, body, answer_headers) in refusals.items():
         if status != 429 or b"M_LIMIT_EXCEEDED" not in body or b"retry_after_ms" not in body:
             problems.append(f"{cap}: {status} {body[:200]!r}")
+        elif cap.encode() not in body:
+            problems.append(f"{cap}: refused by another cap: {body[:200]!r}")
         elif "Retry-After" not in answer_headers:
             problems.append(f"BUG {cap}: 429 without a Retry-After header")
     assert not problems, problems
+    assert [len(futures) for futures in parked.values()] == [3, 2, 1]
+    assert not any(f.done() for futures in parked.values() for f in futures)
 
     data = {uri: os.urandom(500) for uri in (b, a, c)}  # b first: its waits are the shortest
     for uri, payload in data.items():
