@@ -217,6 +217,7 @@ MSC3870 = {
     "S3_COPY_CHECKSUM": env("MSC3870_S3_COPY_CHECKSUM") != "0",
     "STUCK_AFTER_SECONDS": env_int("MSC3870_STUCK_AFTER_SECONDS", 300),
     "CLAMAV_URL": env("MSC3870_CLAMAV_URL"),
+    "SHA256_WHEN": env("MSC3870_SHA256_WHEN", "needed"),
     "USER_QUOTA_BYTES": int(env("MSC3870_USER_QUOTA_BYTES") or 0) or None,
 }
 # Waiting requests (msc3870.asgi, msc3870.wakeup): caps and wake-up sources, when set.

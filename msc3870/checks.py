@@ -20,7 +20,13 @@ from django.core.checks import CheckMessage, Error, Warning
 from django.core.exceptions import ImproperlyConfigured
 from django.core.files.storage import FileSystemStorage, InvalidStorageError, storages
 
-from .conf import DEFAULTS, TYPE_MISMATCH_POLICIES, app_settings, parse_freeze_time
+from .conf import (
+    DEFAULTS,
+    SHA256_WHEN_CHOICES,
+    TYPE_MISMATCH_POLICIES,
+    app_settings,
+    parse_freeze_time,
+)
 
 # S3 signs upload URLs for at most 7 days.
 S3_MAX_PRESIGN_SECONDS = 7 * 24 * 3600
@@ -151,6 +157,7 @@ SETTING_TYPES: dict[str, SettingType] = {
     "ALLOWED_CONTENT_TYPES": _t(STR_LIST, security=True),
     "DENIED_CONTENT_TYPES": _t(STR_LIST, security=True),
     "TYPE_MISMATCH": _t(STR, security=True),
+    "SHA256_WHEN": _t(STR, security=True),
     "REDIRECT_DOWNLOADS": _t(BOOL),
     "DOWNLOAD_URL_LIFETIME": _t(INT, security=True),
     "STUCK_AFTER_SECONDS": _t(INT),
@@ -292,6 +299,13 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         errors.append(
             Error(
                 f"MSC3870['TYPE_MISMATCH'] must be one of {', '.join(TYPE_MISMATCH_POLICIES)}.",
+                id="msc3870.E007",
+            )
+        )
+    if typed("SHA256_WHEN") and app_settings.SHA256_WHEN not in SHA256_WHEN_CHOICES:
+        errors.append(
+            Error(
+                f"MSC3870['SHA256_WHEN'] must be one of {', '.join(SHA256_WHEN_CHOICES)}.",
                 id="msc3870.E007",
             )
         )

@@ -81,6 +81,10 @@ DEFAULTS: dict[str, Any] = {
         "msc3870.screening.check_user_quota",
         "msc3870.screening.check_clamav",
     ],
+    # Which uploads check_sha256 hashes: "needed" (only content other media could share:
+    # the same size and first 8 KiB; deduplication and the block list still find every
+    # twin, since identical bytes share both) or "always".
+    "SHA256_WHEN": "needed",
     # Bytes of live media a user may hold (None = no quota).
     "USER_QUOTA_BYTES": None,
     # clamd to scan uploads with: "tcp://host:3310" or "unix:///run/clamav/clamd.ctl".
@@ -153,6 +157,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 TYPE_MISMATCH_POLICIES = ("sniffed", "reject", "declared")
+SHA256_WHEN_CHOICES = ("needed", "always")
 
 
 class MSC3870Settings:
@@ -289,6 +294,10 @@ class MSC3870Settings:
     @property
     def TYPE_MISMATCH(self) -> str:
         return str(self._get("TYPE_MISMATCH"))
+
+    @property
+    def SHA256_WHEN(self) -> str:
+        return str(self._get("SHA256_WHEN"))
 
     @property
     def REDIRECT_DOWNLOADS(self) -> bool:

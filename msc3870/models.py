@@ -31,6 +31,17 @@ class UploadMethod(models.TextChoices):
     REMOTE = "remote", "Fetched from another server"
 
 
+class MediaQuerySet(models.QuerySet["Media"]):
+    def possible_twins(self, size: int, prefix_sha256: str) -> MediaQuerySet:
+        """Media that may hold the same bytes as content of ``size`` bytes whose first
+        bytes hash to ``prefix_sha256``: the same size and first bytes, or first bytes not
+        recorded but a SHA-256 that is (hashed before first bytes were recorded)."""
+        return self.filter(size=size).filter(
+            models.Q(prefix_sha256=prefix_sha256)
+            | (models.Q(prefix_sha256="") & ~models.Q(sha256=""))
+        )
+
+
 class Media(models.Model):
     """One mxc:// id and what is known about its bytes."""
 
@@ -51,7 +62,17 @@ class Media(models.Model):
     )
     filename = models.CharField(max_length=255, blank=True)
     size = models.BigIntegerField(null=True, blank=True)
-    sha256 = models.CharField(max_length=64, blank=True)
+    sha256 = models.CharField(
+        max_length=64,
+        blank=True,
+        help_text="SHA-256 of the bytes; blank where nothing else could share them "
+        "(MSC3870['SHA256_WHEN'] = 'needed').",
+    )
+    prefix_sha256 = models.CharField(
+        max_length=64,
+        blank=True,
+        help_text="SHA-256 of the first 8 KiB: with the size, what identical bytes share.",
+    )
     storage_key = models.CharField(
         max_length=512,
         blank=True,
@@ -71,6 +92,8 @@ class Media(models.Model):
     )
     moderated_by = models.CharField(max_length=255, blank=True)
 
+    objects = MediaQuerySet.as_manager()
+
     class Meta:
         verbose_name_plural = "media"
         # Checked by every moderation action; view/change alone only let staff look.
@@ -84,6 +107,8 @@ class Media(models.Model):
             models.Index(fields=["state", "unused_expires_at"], name="msc3870_state_expiry"),
             models.Index(fields=["user_id", "state"], name="msc3870_user_state"),
             models.Index(fields=["sha256"], name="msc3870_sha256"),
+            # Screening asks whether anything else could hold the same bytes.
+            models.Index(fields=["size", "prefix_sha256"], name="msc3870_size_prefix"),
             # Cleanup asks which live media still serve a key (identical content is shared).
             models.Index(
                 fields=["storage_key"],

@@ -29,6 +29,7 @@ from .screening import (
     enforce_user_quota,
     metadata_checks,
     run_checks,
+    sha256_of,
 )
 from .signals import send_state_signal
 from .storage import MediaStore, ObjectInfo, SourceChanged, get_store
@@ -469,6 +470,27 @@ def delete_objects(pk: int) -> bool:
     return delete_objects_of([pk]) == 1
 
 
+def hash_blocked_content(pks: list[int]) -> None:
+    """Content a moderator rejected stays blocked by its SHA-256 (``check_not_blocked``)
+    once its bytes are gone: hash, before they go, what was never hashed
+    (``SHA256_WHEN`` "needed" hashes only content that other media may share)."""
+    keys = (
+        Media.objects.filter(pk__in=pks, state=S.REJECTED, sha256="")
+        .exclude(moderated_by="")
+        .exclude(storage_key="")
+        .values_list("storage_key", flat=True)
+        .distinct()
+    )
+    store = get_store()
+    for key in keys:
+        try:
+            sha256 = sha256_of(store.read_whole(key))
+        except FileNotFoundError:
+            log.warning("Rejected content at %s is gone before it was hashed", key)
+            continue
+        Media.objects.filter(storage_key=key, sha256="").update(sha256=sha256)
+
+
 def object_keys(
     media_id: str,
     storage_key: str,
@@ -505,6 +527,7 @@ def delete_objects_of(pks: list[int]) -> int:
     )
     if not rows:
         return 0
+    hash_blocked_content([row[0] for row in rows])
     keys: set[str] = set()
     for _, *history in rows:
         keys |= object_keys(*history)

@@ -287,7 +287,11 @@ class S3MediaStore(MediaStore):
         # readinto one reused buffer: no new bytes object per chunk.
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-        except (ClientError, BotoCoreError) as exc:
+        except ClientError as exc:
+            if _code(exc) in NOT_FOUND_CODES:
+                raise FileNotFoundError(key) from exc  # as the local store says it
+            raise _unavailable(exc) from exc
+        except BotoCoreError as exc:
             raise _unavailable(exc) from exc
         buffer = bytearray(WHOLE_READ_BUFFER)
         view = memoryview(buffer)

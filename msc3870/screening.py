@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -124,6 +124,41 @@ class ScreeningContext:
             self.scanned = True
         self.whole_sha256 = digest.hexdigest()
 
+    def prefix_sha256(self) -> str:
+        """The SHA-256 of the first ``SNIFF_BYTES`` (all of a shorter object); blank if
+        the prefix at hand is not exactly those bytes."""
+        prefix = self.prefix()[:SNIFF_BYTES]
+        if len(prefix) != min(self.info.size, SNIFF_BYTES):
+            return ""
+        return hashlib.sha256(prefix).hexdigest()
+
+    def may_have_twins(self) -> bool:
+        """Whether other media may hold these bytes: the same size and first bytes. Those
+        of them not hashed yet are hashed now, so that ``has_twins`` can tell; each is
+        hashed once, its SHA-256 recorded on every row serving its key."""
+        from .models import Media
+
+        prefix_sha256 = self.prefix_sha256()
+        if not prefix_sha256:
+            return True  # cannot tell: hash
+        possible = Media.objects.possible_twins(self.info.size, prefix_sha256).exclude(
+            pk=self.media.pk
+        )
+        unhashed = (
+            possible.filter(sha256="", objects_deleted_at__isnull=True)
+            .exclude(storage_key="")
+            .exclude(storage_key=self.key)
+            .values_list("storage_key", flat=True)
+            .distinct()
+        )
+        for key in unhashed:
+            try:
+                sha256 = sha256_of(self.store.read_whole(key))
+            except FileNotFoundError:
+                continue  # deleted since: nothing to share or to match
+            Media.objects.filter(storage_key=key, sha256="").update(sha256=sha256)
+        return possible.exists()
+
     #: The quota to decide again at completion, under the user's lock (check_user_quota).
     quota_claim: QuotaClaim | None = None
 
@@ -207,14 +242,29 @@ def check_content_type(ctx: ScreeningContext) -> None:
     ctx.findings["content_type"] = served
 
 
+def sha256_of(chunks: Iterable[bytes | memoryview]) -> str:
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
 def check_sha256(ctx: ScreeningContext) -> None:
-    """Hash the stored bytes, unless this server hashed them while receiving them or the
-    store computed the hash while copying them (CopyObject with ChecksumAlgorithm)."""
+    """The SHA-256 that deduplication and the block list match on. Known already if this
+    server hashed the bytes while receiving them, or the store while copying them
+    (CopyObject with ChecksumAlgorithm). Else, with ``SHA256_WHEN`` "needed", only bytes
+    that other media may hold (the same size and first bytes) are read and hashed:
+    identical bytes always share both, so no twin is missed, and unique content (most
+    of it) is never read whole."""
+    ctx.findings["prefix_sha256"] = ctx.prefix_sha256()
     if ctx.media.sha256:
         ctx.findings["sha256"] = ctx.media.sha256
         return
     if ctx.store_sha256:
         ctx.findings["sha256"] = ctx.store_sha256
+        return
+    if app_settings.SHA256_WHEN == "needed" and not ctx.may_have_twins():
+        ctx.twins = False
         return
     ctx.read_whole()
     ctx.findings["sha256"] = ctx.whole_sha256
@@ -291,7 +341,10 @@ def check_clamav(ctx: ScreeningContext) -> None:
     url = app_settings.CLAMAV_URL
     if not url:
         return
-    if ctx.scanned:  # scanned in the same read as the SHA-256
+    if not ctx.scanned and ctx.whole_sha256 is None:
+        ctx.read_whole()  # scans, and hashes in the same pass
+        ctx.findings.setdefault("sha256", ctx.whole_sha256)
+    if ctx.scanned:
         verdict = ctx.scan_verdict
     else:
         from .clamav import scan_stream

@@ -149,7 +149,8 @@ class MediaStore(ABC):
 
     def read_whole(self, key: str) -> Iterator[bytes | memoryview]:
         """The whole object, in large chunks, for hashing and scanning. A chunk may be a
-        view of a buffer reused for the next one: use it before asking for the next."""
+        view of a buffer reused for the next one: use it before asking for the next.
+        Raises FileNotFoundError if there is no object."""
         yield from self.iter_bytes(key, chunk_size=WHOLE_READ_CHUNK)
 
     @abstractmethod

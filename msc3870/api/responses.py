@@ -48,7 +48,8 @@ class Servable:
             size=media.size or 0,
             content_type=content_type,
             disposition=content_disposition(content_type, filename or media.filename or None),
-            etag=f'"{media.sha256}"' if media.sha256 else None,
+            # An id's bytes never change: its id names them where no SHA-256 was needed.
+            etag=f'"{media.sha256 or media.media_id}"',
         )
 
     @classmethod

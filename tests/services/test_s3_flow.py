@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -55,7 +56,9 @@ def test_full_flow_presigned_put_complete_download(
     assert done.json() == {"content_uri": created["content_uri"]}
     media = decided(created["content_uri"])
     assert media.state == MediaState.COMPLETE
-    assert media.sha256 == hashlib.sha256(data).hexdigest()
+    # Nothing else has these bytes' size and first 8 KiB: not read whole (SHA256_WHEN).
+    assert media.prefix_sha256 == hashlib.sha256(data[:8192]).hexdigest()
+    assert media.sha256 == ""
     assert media.declared_content_type == "video/mp4"
     # Only the server-owned copy is left; the incoming object was deleted after the copy.
     assert keys_of(s3_client, media) == [media.storage_key]
@@ -320,7 +323,7 @@ def test_complete_answers_before_the_full_checks_and_downloads_wait(
 ) -> None:
     _, token = user_token
     gate_dir = tmp_path / "gate"
-    stack = _gated_stack(live, make_stack, gate_dir)
+    stack = _gated_stack(live, make_stack, gate_dir, MSC3870_SHA256_WHEN="always")
     data = os.urandom(3 * 1024 * 1024)
     content_uri, done = _put_and_complete(stack, token, data)
     assert done.status_code == 200, done.text
@@ -528,40 +531,58 @@ def test_ensure_media_bucket_installs_the_lifecycle_rule_on_seaweedfs(s3_client:
     ]
 
 
+class SeededBody:
+    """``size`` pseudo-random bytes from ``seed``, made as they are sent (the same bytes
+    however they are read), with a length: a presigned PUT is not chunked, S3 wants
+    Content-Length."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.left = size
+        self.source = random.Random(seed)
+        self.pending = b""
+        self.digest = hashlib.sha256()
+
+    def __len__(self) -> int:
+        return self.left
+
+    def read(self, amount: int = -1) -> bytes:
+        amount = min(self.left, amount if amount > 0 else 1024 * 1024)
+        while len(self.pending) < amount:
+            self.pending += self.source.randbytes(1024 * 1024)
+        chunk, self.pending = self.pending[:amount], self.pending[amount:]
+        self.digest.update(chunk)
+        self.left -= len(chunk)
+        return chunk
+
+
 def test_large_upload_through_the_url_path(
     live: Stack, user_token: tuple[str, str], s3_client: Any
 ) -> None:
-    """The URL path at a size that fits CI (the bytes never pass through this server
-    before the copy; the screening reads them once, streamed)."""
+    """The URL path at a size that fits CI, twice with the same bytes: the bytes never
+    pass through this server before the copy. The first upload is unique, and not read
+    whole; the second may share its bytes (same size and first 8 KiB), so both are read
+    once, streamed, hashed, and the second is served from the first's object."""
     _, token = user_token
     size = 48 * 1024 * 1024 + 7  # under the default MAX_UPLOAD_SIZE (50 MiB)
-    digest = hashlib.sha256()
-
-    class Body:
-        """Random bytes made as they are sent, with a length (a presigned PUT is not
-        chunked: S3 wants Content-Length)."""
-
-        def __init__(self) -> None:
-            self.left = size
-
-        def __len__(self) -> int:
-            return self.left
-
-        def read(self, amount: int = -1) -> bytes:
-            chunk = os.urandom(min(self.left, amount if amount > 0 else 1024 * 1024))
-            digest.update(chunk)
-            self.left -= len(chunk)
-            return chunk
-
-    created = create(live, token)
-    put = requests.put(created["upload_url"], data=Body(), timeout=300)
-    assert put.status_code == 200, put.text
-    assert complete(live, token, created["content_uri"]).status_code == 200
-    media = decided(created["content_uri"])
-    assert (media.state, media.size) == (MediaState.COMPLETE, size)
-    assert media.sha256 == digest.hexdigest()
+    seed = int.from_bytes(os.urandom(8), "big")
+    uploads = []
+    for _ in range(2):
+        body = SeededBody(size, seed)
+        created = create(live, token)
+        put = requests.put(created["upload_url"], data=body, timeout=300)
+        assert put.status_code == 200, put.text
+        assert complete(live, token, created["content_uri"]).status_code == 200
+        media = decided(created["content_uri"])
+        assert (media.state, media.size) == (MediaState.COMPLETE, size)
+        uploads.append(media)
+    digest = body.digest.hexdigest()
+    first, second = uploads
+    assert first.sha256 == ""  # when it was decided
+    first.refresh_from_db()
+    assert (first.sha256, second.sha256) == (digest, digest)
+    assert second.storage_key == first.storage_key
     got = requests.get(
-        f"{live.base_url}/_matrix/client/v1/media/download/{mxc_path(media.mxc_uri)}",
+        f"{live.base_url}/_matrix/client/v1/media/download/{mxc_path(second.mxc_uri)}",
         headers=auth(token),
         stream=True,
         timeout=300,
@@ -569,5 +590,6 @@ def test_large_upload_through_the_url_path(
     downloaded = hashlib.sha256()
     for chunk in got.iter_content(1024 * 1024):
         downloaded.update(chunk)
-    assert downloaded.hexdigest() == media.sha256
-    assert keys_of(s3_client, media) == [media.storage_key]
+    assert downloaded.hexdigest() == digest
+    assert keys_of(s3_client, first) == [first.storage_key]
+    assert keys_of(s3_client, second) == []  # its copy deleted: it serves the first's
