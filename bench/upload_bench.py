@@ -39,6 +39,7 @@ import hashlib
 import http.client
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -325,27 +326,30 @@ def request(
 
 
 class RandomBody:
-    """A body of ``size`` random bytes, made and hashed chunk by chunk as it is read."""
+    """A body of ``size`` random bytes, made and hashed chunk by chunk as it is read; with
+    ``seed``, the same bytes for the same seed and size (read in the same chunks)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, seed: int | None = None) -> None:
         self.remaining = size
         self.digest = hashlib.sha256()
+        self.make = os.urandom if seed is None else random.Random(seed).randbytes
 
     def read(self, size: int = MiB) -> bytes:
-        chunk = os.urandom(min(size if size > 0 else MiB, self.remaining, MiB))
+        chunk = self.make(min(size if size > 0 else MiB, self.remaining, MiB))
         self.remaining -= len(chunk)
         self.digest.update(chunk)
         return chunk
 
 
 def stream_put(
-    url: str, size: int, headers: dict[str, str]
+    url: str, size: int, headers: dict[str, str], seed: int | None = None
 ) -> tuple[http.client.HTTPConnection, int, bytes, str]:
-    """PUT ``size`` random bytes to ``url``; the connection is left open (its socket's
-    counters are read before it closes). Returns it, the status, the answer, the SHA-256."""
+    """PUT ``size`` random bytes (``RandomBody``) to ``url``; the connection is left open
+    (its socket's counters are read before it closes). Returns it, the status, the
+    answer, the SHA-256."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=600, blocksize=MiB)
-    body = RandomBody(size)
+    body = RandomBody(size, seed)
     conn.request(
         "PUT",
         parts.path + (f"?{parts.query}" if parts.query else ""),
@@ -774,7 +778,13 @@ POLICY_ENV: dict[str, dict[str, str]] = {
     },
     # /complete waits for the verdict (the behaviour before issue 9).
     "wait": {"MSC3870_COMPLETE_WAITS_FOR_CHECKS": "1"},
+    # Every upload read whole and hashed (the default before SHA256_WHEN "needed").
+    "hash-always": {"MSC3870_SHA256_WHEN": "always"},
+    # The default, and each measured upload the twin of one made just before it (same
+    # size and bytes) and never hashed: the screening reads both (the worst case).
+    "twin": {},
 }
+TWIN_POLICY = "twin"
 
 
 def tree_cpu_ticks(root_pid: int) -> float:
@@ -1097,6 +1107,7 @@ def one_upload(
     database_url: str,
     *,
     recipient_waits: bool,
+    seed: int | None = None,
 ) -> dict[str, Any]:
     """create -> (recipient waiting) -> PUT -> /complete (url) for ``kind`` "url" (this
     server) or "synapse" (MSC2246 PUT through Synapse). Wall times from the start of the
@@ -1122,7 +1133,7 @@ def one_upload(
         recipient.start()
     t_create = time.monotonic() - t0
     if kind == "url":
-        conn, status, raw, sha256 = stream_put(created["upload_url"], size, {})
+        conn, status, raw, sha256 = stream_put(created["upload_url"], size, {}, seed)
     else:
         target = f"{base_url}/_matrix/media/v3/upload/{server_name}/{media_id}?filename=b.bin"
         conn, status, raw, sha256 = stream_put(target, size, auth)
@@ -1143,6 +1154,7 @@ def one_upload(
         if status != 200:
             raise RuntimeError(f"/complete: {status} {raw[:200]!r}")
     decided = t_done
+    row: dict[str, Any] = {}
     if kind == "url":
         row = decided_row(database_url, media_id)
         decided = time.monotonic() - t0
@@ -1169,7 +1181,44 @@ def one_upload(
         "cpu_s": cpu,
         "verified": recipient.status == 200 and recipient.sha256 == sha256,
         "recipient_error": recipient.error,
+        # This server: whether the screening hashed the bytes, and the object it serves.
+        "hashed": bool(row.get("sha256")),
+        "storage_key": row.get("storage_key", ""),
     }
+
+
+def measured_upload(
+    kind: str,
+    base_url: str,
+    token: str,
+    size: int,
+    cpu_roots: list[int],
+    database_url: str,
+    *,
+    recipient_waits: bool,
+    emptied: S3Server | None,
+) -> dict[str, Any]:
+    """``one_upload`` into a store ``emptied`` first (when given); for ``TWIN_POLICY``,
+    of the bytes of an upload made just before it, not measured, never hashed."""
+    if emptied is not None:
+        fresh_store(emptied)
+    if kind != TWIN_POLICY:
+        return one_upload(
+            kind, base_url, token, size, cpu_roots, database_url,
+            recipient_waits=recipient_waits,
+        )  # fmt: skip
+    seed = random.getrandbits(64)
+    partner = one_upload(
+        "url", base_url, token, size, cpu_roots, database_url,
+        recipient_waits=False, seed=seed,
+    )  # fmt: skip
+    twin = one_upload(
+        "url", base_url, token, size, cpu_roots, database_url,
+        recipient_waits=recipient_waits, seed=seed,
+    )  # fmt: skip
+    if partner["hashed"] or not twin["hashed"] or twin["storage_key"] != partner["storage_key"]:
+        raise RuntimeError(f"not a twin of an unhashed upload: {partner} {twin}")
+    return twin
 
 
 def _median(values: list[float]) -> float:
@@ -1228,7 +1277,8 @@ def compare_main(args: argparse.Namespace) -> None:
             flush_broker()
             stack, _, roots = make_run_stack(base_env, policy, logs / policy, args.celery)
             stacks.append(stack)
-            subjects.append((f"this server ({policy})", "url", stack.base_url, roots))
+            kind = TWIN_POLICY if policy == TWIN_POLICY else "url"
+            subjects.append((f"this server ({policy})", kind, stack.base_url, roots))
         if synapse is not None:
             synapse.start()
             results["synapse_version"] = synapse.version()
@@ -1238,7 +1288,7 @@ def compare_main(args: argparse.Namespace) -> None:
         # Warm-up: imports, connection pools, first queries (not the upload's cost).
         for _, kind, url, roots in subjects:
             one_upload(
-                kind,
+                "url" if kind == TWIN_POLICY else kind,
                 url,
                 synapse_token if kind == "synapse" else token,
                 4 * MiB,
@@ -1270,19 +1320,19 @@ def compare_main(args: argparse.Namespace) -> None:
                     fresh_store(s3)
                 run = {"size_mib": size_mib, "repeat": repeat, "bare_put_s": bare_put(size)}
                 for name, kind, url, roots in subjects:
-                    if fresh and kind == "url":
-                        fresh_store(s3)
-                    tok = synapse_token if kind == "synapse" else token
+                    subject = (
+                        kind,
+                        url,
+                        synapse_token if kind == "synapse" else token,
+                        size,
+                        roots,
+                        database_url,
+                    )
+                    emptied = s3 if fresh and kind != "synapse" else None
                     # CPU and answer times without a recipient (its download would count);
                     # then the time to the first byte with one waiting since /create.
-                    run[name] = one_upload(
-                        kind, url, tok, size, roots, database_url, recipient_waits=False
-                    )
-                    if fresh and kind == "url":
-                        fresh_store(s3)
-                    waited = one_upload(
-                        kind, url, tok, size, roots, database_url, recipient_waits=True
-                    )
+                    run[name] = measured_upload(*subject, recipient_waits=False, emptied=emptied)
+                    waited = measured_upload(*subject, recipient_waits=True, emptied=emptied)
                     run[name]["first_byte_s"] = waited["first_byte_s"]
                     run[name]["decided_with_recipient_s"] = waited["decided_s"]
                     run[name]["verified"] = run[name]["verified"] and waited["verified"]
