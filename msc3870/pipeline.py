@@ -28,8 +28,8 @@ from .screening import (
     ScreeningContext,
     enforce_user_quota,
     metadata_checks,
+    record_sha256,
     run_checks,
-    sha256_of,
 )
 from .signals import send_state_signal
 from .storage import MediaStore, ObjectInfo, SourceChanged, get_store
@@ -483,12 +483,8 @@ def hash_blocked_content(pks: list[int]) -> None:
     )
     store = get_store()
     for key in keys:
-        try:
-            sha256 = sha256_of(store.read_whole(key))
-        except FileNotFoundError:
+        if record_sha256(store, key) is None:
             log.warning("Rejected content at %s is gone before it was hashed", key)
-            continue
-        Media.objects.filter(storage_key=key, sha256="").update(sha256=sha256)
 
 
 def object_keys(

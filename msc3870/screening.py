@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -152,11 +152,7 @@ class ScreeningContext:
             .distinct()
         )
         for key in unhashed:
-            try:
-                sha256 = sha256_of(self.store.read_whole(key))
-            except FileNotFoundError:
-                continue  # deleted since: nothing to share or to match
-            Media.objects.filter(storage_key=key, sha256="").update(sha256=sha256)
+            record_sha256(self.store, key)  # None: deleted since, nothing to share or match
         return possible.exists()
 
     #: The quota to decide again at completion, under the user's lock (check_user_quota).
@@ -242,11 +238,20 @@ def check_content_type(ctx: ScreeningContext) -> None:
     ctx.findings["content_type"] = served
 
 
-def sha256_of(chunks: Iterable[bytes | memoryview]) -> str:
+def record_sha256(store: MediaStore, key: str) -> str | None:
+    """Hash the object at ``key`` and record the SHA-256 on every row serving it that
+    has none; None if there is no object."""
+    from .models import Media
+
     digest = hashlib.sha256()
-    for chunk in chunks:
-        digest.update(chunk)
-    return digest.hexdigest()
+    try:
+        for chunk in store.read_whole(key):
+            digest.update(chunk)
+    except FileNotFoundError:
+        return None
+    sha256 = digest.hexdigest()
+    Media.objects.filter(storage_key=key, sha256="").update(sha256=sha256)
+    return sha256
 
 
 def check_sha256(ctx: ScreeningContext) -> None:
