@@ -1203,22 +1203,49 @@ def measured_upload(
     if emptied is not None:
         fresh_store(emptied)
     if kind != TWIN_POLICY:
+        quiet = wait_quiet()
         return one_upload(
             kind, base_url, token, size, cpu_roots, database_url,
             recipient_waits=recipient_waits,
-        )  # fmt: skip
+        ) | {"quiet_wait_s": quiet}  # fmt: skip
     seed = random.getrandbits(64)
     partner = one_upload(
         "url", base_url, token, size, cpu_roots, database_url,
         recipient_waits=False, seed=seed,
     )  # fmt: skip
+    quiet = wait_quiet()
     twin = one_upload(
         "url", base_url, token, size, cpu_roots, database_url,
         recipient_waits=recipient_waits, seed=seed,
     )  # fmt: skip
     if partner["hashed"] or not twin["hashed"] or twin["storage_key"] != partner["storage_key"]:
         raise RuntimeError(f"not a twin of an unhashed upload: {partner} {twin}")
-    return twin
+    return twin | {"quiet_wait_s": quiet}
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine since boot (/proc/stat)."""
+    with open("/proc/stat") as handle:
+        fields = [int(v) for v in handle.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def wait_quiet(busy_below: float = 0.15, interval: float = 0.5, limit: float = 20.0) -> float:
+    """Flush dirty pages, then wait until the machine is under ``busy_below`` busy over
+    ``interval`` (at most ``limit`` s): each measured upload starts on a quiet machine,
+    not in the store's or the kernel's work after the last one (seen: Synapse's CPU per
+    upload four times higher when it followed four of this server's policies). Returns
+    the seconds waited."""
+    started = time.monotonic()
+    os.sync()
+    while time.monotonic() - started < limit:
+        busy0, total0 = _cpu_jiffies()
+        time.sleep(interval)
+        busy1, total1 = _cpu_jiffies()
+        if total1 > total0 and (busy1 - busy0) / (total1 - total0) < busy_below:
+            break
+    return time.monotonic() - started
 
 
 def _median(values: list[float]) -> float:
@@ -1319,7 +1346,10 @@ def compare_main(args: argparse.Namespace) -> None:
                 if fresh or repeat == 0:
                     fresh_store(s3)
                 run = {"size_mib": size_mib, "repeat": repeat, "bare_put_s": bare_put(size)}
-                for name, kind, url, roots in subjects:
+                # A different subject first in each repeat: none always follows the
+                # others' uploads (the store's and the kernel's work after them).
+                shift = repeat % len(subjects)
+                for name, kind, url, roots in subjects[shift:] + subjects[:shift]:
                     subject = (
                         kind,
                         url,
