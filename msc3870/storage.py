@@ -145,7 +145,10 @@ class MediaStore(ABC):
         info = self.head(key)
         if info is None:
             return None
-        return info, self.read_prefix(key, length) if info.size else b""
+        try:
+            return info, self.read_prefix(key, length) if info.size else b""
+        except FileNotFoundError:
+            return None  # deleted or moved away since the HEAD
 
     def read_whole(self, key: str) -> Iterator[bytes | memoryview]:
         """The whole object, in large chunks, for hashing and scanning. A chunk may be a
@@ -238,6 +241,16 @@ class LocalMediaStore(MediaStore):
     def read_prefix(self, key: str, length: int) -> bytes:
         with open(self._path(key), "rb") as handle:
             return handle.read(length)
+
+    def head_with_prefix(self, key: str, length: int) -> tuple[ObjectInfo, bytes] | None:
+        # One open file gives both: a racing /complete may move the object away between a
+        # stat and an open of the path, never from under an open file.
+        try:
+            with open(self._path(key), "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                return ObjectInfo(size=size, content_type=None), handle.read(length)
+        except FileNotFoundError:
+            return None
 
     def iter_bytes(
         self, key: str, start: int = 0, end: int | None = None, chunk_size: int = CHUNK_SIZE
