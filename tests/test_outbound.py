@@ -128,10 +128,48 @@ def server() -> Iterator[LocalServer]:
         "2001:db8::1",
         "2002:7f00:1::",  # 6to4 of 127.0.0.1
         "64:ff9b::a00:1",  # NAT64 of 10.0.0.1
+        "::7f00:1",  # IPv4-compatible 127.0.0.1
+        "::a00:1",  # IPv4-compatible 10.0.0.1
+        "::808:808",  # IPv4-compatible, even of a public address: deprecated
+        "::ffff:0:7f00:1",  # IPv4-translated 127.0.0.1
+        "::ffff:0:808:808",  # IPv4-translated, even of a public address
+        "64:ff9b:1::7f00:1",  # local-use NAT64 of 127.0.0.1
+        "64:ff9b:1:2::808:808",  # local-use NAT64: the operator's translator
+        "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # Teredo
+        "2001::1",  # Teredo
     ],
 )
 def test_default_policy_refuses_internal_addresses(address: str) -> None:
     assert not IPPolicy.from_settings().allows(address)
+
+
+@pytest.mark.parametrize(
+    "address", ["::7f00:1", "::ffff:0:7f00:1", "64:ff9b:1::7f00:1", "::ffff:127.0.0.1"]
+)
+def test_the_allowlist_wins_for_an_allowed_ipv4_in_any_embedding_form(address: str) -> None:
+    with LOOPBACK_OPEN:
+        assert IPPolicy.from_settings().allows(address)
+        # Only that IPv4 address: its neighbour in the same form stays refused.
+        assert not IPPolicy.from_settings().allows(address[:-1] + "2")
+
+
+@pytest.mark.parametrize(
+    "address", ["::7f00:1", "::ffff:0:7f00:1", "64:ff9b:1::7f00:1", "64:ff9b::7f00:1"]
+)
+def test_embedded_ipv4_is_judged_by_a_configured_denylist(address: str) -> None:
+    # A denylist that names only IPv4 ranges still catches the IPv6 forms that carry them.
+    with msc3870_settings(FEDERATION_IP_RANGE_DENYLIST=["127.0.0.0/8"]):
+        policy = IPPolicy.from_settings()
+        assert not policy.allows(address)
+        assert policy.allows(address.replace("7f00:1", "808:808"))
+
+
+def test_allowing_ipv4_ranges_never_opens_ipv6_loopback_or_unspecified() -> None:
+    # ::1 and :: lie in ::/96 but are not IPv4-compatible addresses of 0.0.0.1 and 0.0.0.0.
+    with msc3870_settings(FEDERATION_IP_RANGE_ALLOWLIST=["0.0.0.0/8"]):
+        policy = IPPolicy.from_settings()
+        assert not policy.allows("::1")
+        assert not policy.allows("::")
 
 
 @pytest.mark.parametrize(
@@ -255,6 +293,32 @@ def test_mixed_public_and_private_answers_are_refused(monkeypatch: pytest.Monkey
     monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
     with pytest.raises(AddressNotAllowed, match=r"127\.0\.0\.1"):
         outbound.request("GET", "http://mixed.example/")
+
+
+@pytest.mark.parametrize(
+    "address", ["::7f00:1", "::ffff:0:7f00:1", "64:ff9b:1::7f00:1", "2001:0:4136:e378::1"]
+)
+def test_a_name_resolving_to_an_ipv4_embedding_form_is_refused_before_connecting(
+    address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    connects: list[Any] = []
+
+    def fake_getaddrinfo(host: str, port: int, *args: Any) -> list[Any]:
+        assert host == "embedded.example"
+        return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", (address, port, 0, 0))]
+
+    def recording_connect(self: socket.socket, sockaddr: Any) -> None:
+        connects.append(sockaddr)
+        raise ConnectionRefusedError("test: no network")
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+    monkeypatch.setattr(socket.socket, "connect", recording_connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", recording_connect)
+    with pytest.raises(AddressNotAllowed, match=r"embedded\.example resolves to"):
+        outbound.guarded_connect("embedded.example", 8448, timeout=5)
+    with pytest.raises(AddressNotAllowed):
+        outbound.request("GET", "https://embedded.example:8448/", timeout=5)
+    assert connects == []
 
 
 def test_the_connection_goes_to_the_address_that_was_checked(

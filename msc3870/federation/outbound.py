@@ -9,11 +9,15 @@ Every request this server makes on behalf of someone else (keys, remote media, a
   to the very addresses they checked. There is no resolve-then-connect window for DNS
   rebinding, and every redirect hop opens its connection through the same classes.
 - Denied by default: private, loopback, link-local, multicast, reserved, documentation and
-  unspecified ranges of IPv4 and IPv6. IPv6 addresses that carry an IPv4 address
-  (IPv4-mapped ``::ffff:a.b.c.d``, 6to4 ``2002::/16``, NAT64 ``64:ff9b::/96``) are judged
-  by that IPv4 address too. ``MSC3870["FEDERATION_IP_RANGE_DENYLIST"]`` replaces the
-  default list, ``["FEDERATION_IP_RANGE_ALLOWLIST"]`` exempts ranges from it (the
-  allowlist wins); ``0.0.0.0`` and ``::`` are always denied.
+  unspecified ranges of IPv4 and IPv6, and the IPv6 forms that carry or reach an IPv4
+  address (IPv4-compatible ``::/96``, IPv4-translated ``::ffff:0:0:0/96``, local-use NAT64
+  ``64:ff9b:1::/48``, Teredo ``2001::/32``). IPv6 addresses that carry an IPv4 address
+  (IPv4-mapped ``::ffff:a.b.c.d``, IPv4-compatible ``::a.b.c.d``, IPv4-translated
+  ``::ffff:0:a.b.c.d``, 6to4 ``2002::/16``, NAT64 ``64:ff9b::/96`` and ``64:ff9b:1::/48``
+  with the IPv4 address in the last 32 bits) are judged by that IPv4 address too.
+  ``MSC3870["FEDERATION_IP_RANGE_DENYLIST"]`` replaces the default list,
+  ``["FEDERATION_IP_RANGE_ALLOWLIST"]`` exempts ranges from it (the allowlist wins, on
+  any form of the address); ``0.0.0.0`` and ``::`` are always denied.
 - No proxy from the environment (a proxy would make the checked address the proxy's),
   no ``.netrc``.
 - Bodies are streamed with a byte limit (``Content-Length`` first, then while reading)
@@ -82,11 +86,24 @@ DEFAULT_IP_RANGE_DENYLIST: tuple[str, ...] = (
     "fe80::/10",  # link-local
     "fec0::/10",  # site-local (deprecated)
     "ff00::/8",  # multicast
+    # IPv6 forms that carry an IPv4 address, or reach one through a gateway or relay:
+    "::/96",  # IPv4-compatible (deprecated): ::a.b.c.d
+    "::ffff:0:0:0/96",  # IPv4-translated (RFC 2765): ::ffff:0:a.b.c.d
+    "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215): the operator's own translator
+    "2001::/32",  # Teredo: tunnelled to an IPv4 host through a relay
 )
 # Whatever the operator configures: these mean "this host" to connect().
 ALWAYS_DENIED: tuple[str, ...] = ("0.0.0.0/32", "::/128")
 
-_NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
+# IPv6 ranges whose last 32 bits are an IPv4 address (IPv4-compatible, IPv4-translated,
+# and NAT64: the well-known prefix, and the local-use one in its common /96 layout).
+_IPV4_IN_LAST_32_BITS = tuple(
+    ipaddress.IPv6Network(net)
+    for net in ("::/96", "::ffff:0:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48")
+)
+# The unspecified and loopback addresses are not IPv4-compatible ones (RFC 4291): an
+# allowlist naming 0.0.0.0/8 must not open ::1.
+_NOT_IPV4_COMPATIBLE = (ipaddress.IPv6Address("::"), ipaddress.IPv6Address("::1"))
 
 DEFAULT_MAX_BYTES = 1024 * 1024
 DEFAULT_TIMEOUT_SECONDS = 10.0
@@ -120,11 +137,12 @@ def _networks(ranges: tuple[str, ...]) -> tuple[IPNetwork, ...]:
 
 def _embedded_ipv4(ip: IPAddress) -> list[ipaddress.IPv4Address]:
     """IPv4 addresses an IPv6 address leads to: connect() to ``::ffff:127.0.0.1`` reaches
-    127.0.0.1, and a 6to4 or NAT64 gateway forwards to the IPv4 address inside."""
+    127.0.0.1, a 6to4 or NAT64 gateway forwards to the IPv4 address inside, and the
+    IPv4-compatible and IPv4-translated forms name one too."""
     if not isinstance(ip, ipaddress.IPv6Address):
         return []
     found = [v4 for v4 in (ip.ipv4_mapped, ip.sixtofour) if v4 is not None]
-    if ip in _NAT64_PREFIX:
+    if ip not in _NOT_IPV4_COMPATIBLE and any(ip in net for net in _IPV4_IN_LAST_32_BITS):
         found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
     return found
 
