@@ -1,13 +1,18 @@
 """The SSRF guard of outbound requests, against a real HTTP server on 127.0.0.1: refused by
 default, allowed when the allowlist opens 127.0.0.1, refused again when it closes, on
-every redirect hop, at connect time, with size limits and TLS verification."""
+every redirect hop, at connect time, with size limits and TLS verification; and the one
+deadline from the first DNS query to the last body byte, against local peers that stall
+at each phase (DNS is always a patched ``getaddrinfo``: no test makes a real lookup)."""
 
 from __future__ import annotations
 
 import gzip
+import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
@@ -21,6 +26,8 @@ from .conftest import msc3870_settings
 from .federation_helpers import LocalServer, local_server, self_signed_tls, send
 
 LOOPBACK_OPEN = msc3870_settings(FEDERATION_IP_RANGE_ALLOWLIST=["127.0.0.1/32"])
+# How far past its deadline a call may end (thread wake-ups on a busy machine).
+SLACK_SECONDS = 1.0
 
 
 def _ok(handler: BaseHTTPRequestHandler) -> None:
@@ -418,3 +425,267 @@ def test_tls_verification_can_be_turned_off_for_tests(tls_server: LocalServer) -
         assert response.content == b"hello"
     with msc3870_settings(FEDERATION_VERIFY_TLS=False), pytest.raises(AddressNotAllowed):
         outbound.request("GET", f"{tls_server.url}/ok", timeout=5)  # still guarded
+
+
+# --- one deadline, from the first DNS query to the last body byte ---------------------
+
+
+@contextmanager
+def silent_server() -> Iterator[int]:
+    """A TCP server on 127.0.0.1 that accepts connections and never says a byte (nor
+    completes a TLS handshake); yields its port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+        for conn in held:
+            conn.close()
+
+
+def _trickled_head(at_once: bytes, trickled: bytes) -> Any:
+    """A response head sent as ``at_once``, then ``trickled`` a byte every 0.1 s: each read
+    gets a byte well within any per-read timeout."""
+
+    def route(handler: BaseHTTPRequestHandler) -> None:
+        try:
+            handler.wfile.write(at_once)
+            handler.wfile.flush()
+            for byte in trickled:
+                handler.wfile.write(bytes([byte]))
+                handler.wfile.flush()
+                time.sleep(0.1)
+        except OSError:
+            pass  # the client gave up, as it should
+        handler.close_connection = True
+
+    return route
+
+
+def _slow_redirect(handler: BaseHTTPRequestHandler) -> None:
+    time.sleep(0.8)
+    send(handler, 302, b"", {"Location": "/slow-redirect"})
+
+
+def _endless_body(handler: BaseHTTPRequestHandler) -> None:
+    handler.send_response(200)
+    handler.send_header("Content-Length", "1000")
+    handler.end_headers()
+    try:
+        for _ in range(1000):
+            handler.wfile.write(b"e")
+            handler.wfile.flush()
+            time.sleep(0.05)
+    except OSError:
+        pass
+
+
+@pytest.fixture
+def slow_server() -> Iterator[LocalServer]:
+    routes = {
+        "/ok": _ok,
+        # The status line itself, then the headers, a byte at a time: about 20 s in all.
+        "/slow-status-line": _trickled_head(b"", b"HTTP/1.1 200 OK\r\n" + b"X-Slow: " + b"s" * 200),
+        "/slow-headers": _trickled_head(b"HTTP/1.1 200 OK\r\n", b"X-Slow: " + b"s" * 200),
+        "/slow-redirect": _slow_redirect,
+        "/endless-body": _endless_body,
+    }
+    with local_server(routes) as running:
+        yield running
+
+
+def _assert_ends_in_time(started: float, seconds: float) -> None:
+    elapsed = time.monotonic() - started
+    assert elapsed < seconds + SLACK_SECONDS, f"took {elapsed:.1f} s, deadline {seconds} s"
+
+
+@pytest.mark.timeout(15)
+@pytest.mark.parametrize("path", ["/slow-status-line", "/slow-headers"])
+def test_a_peer_trickling_its_response_head_is_cut_at_the_deadline(
+    path: str, slow_server: LocalServer
+) -> None:
+    # A byte every 0.1 s: the per-read timeout (2 s) never fires, and the head would take
+    # 20 s. Only the total deadline can end it.
+    started = time.monotonic()
+    with (
+        LOOPBACK_OPEN,
+        pytest.raises(outbound.OutboundTimeout),
+        outbound.stream("GET", f"{slow_server.url}{path}", timeout=2, total_timeout=1.5),
+    ):
+        pass
+    _assert_ends_in_time(started, 1.5)
+
+
+@pytest.fixture
+def tls_context(tmp_path: Path) -> Any:
+    pytest.importorskip("cryptography")
+    return self_signed_tls(tmp_path)
+
+
+@pytest.mark.timeout(15)
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_peer_that_never_speaks_is_cut_at_the_deadline(scheme: str) -> None:
+    # The connection is accepted, then nothing: no response (http), no TLS handshake
+    # (https). The per-operation timeout (30 s) would wait it out; the deadline does not.
+    with silent_server() as port, LOOPBACK_OPEN:
+        started = time.monotonic()
+        with pytest.raises(outbound.OutboundTimeout):
+            outbound.request("GET", f"{scheme}://127.0.0.1:{port}/", timeout=30, total_timeout=1.5)
+        _assert_ends_in_time(started, 1.5)
+
+
+@pytest.fixture
+def blocking_dns(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """``getaddrinfo`` that hangs for names (as a resolver whose server never answers),
+    until the test ends; yields the names asked for."""
+    real_getaddrinfo = socket.getaddrinfo
+    release = threading.Event()
+    asked: list[str] = []
+
+    def hanging_getaddrinfo(host: str, port: int, *args: Any) -> list[Any]:
+        try:
+            return real_getaddrinfo(host, port, *args, flags=socket.AI_NUMERICHOST)
+        except socket.gaierror:
+            pass  # a name, not a literal: hang
+        asked.append(host)
+        release.wait(30)
+        raise socket.gaierror(socket.EAI_AGAIN, "test: the resolver never answered")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging_getaddrinfo)
+    yield asked
+    release.set()
+    # The lookups the test left hanging end now: let them free their places.
+    for _ in range(500):
+        if outbound._dns_in_flight == 0:
+            break
+        time.sleep(0.01)
+
+
+@pytest.mark.timeout(15)
+def test_a_dns_lookup_that_never_answers_is_cut_at_the_deadline(blocking_dns: list[str]) -> None:
+    started = time.monotonic()
+    with pytest.raises(outbound.OutboundTimeout, match=r"slow-dns\.example"):
+        outbound.request("GET", "https://slow-dns.example/", timeout=30, total_timeout=1.5)
+    _assert_ends_in_time(started, 1.5)
+    assert blocking_dns == ["slow-dns.example"]
+    # ...and by the per-operation timeout when that is the shorter.
+    started = time.monotonic()
+    with pytest.raises(outbound.OutboundTimeout):
+        outbound.guarded_connect("slow-dns.example", 443, timeout=1)
+    _assert_ends_in_time(started, 1)
+
+
+@pytest.mark.timeout(15)
+def test_dns_lookups_in_flight_are_capped_and_the_next_fails_at_once(
+    blocking_dns: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(outbound, "MAX_DNS_LOOKUPS_IN_FLIGHT", 2)
+    failures: list[BaseException] = []
+
+    def lookup(name: str) -> None:
+        try:
+            outbound.guarded_connect(name, 443, timeout=3)
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=lookup, args=(f"hung{i}.example",)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for _ in range(500):
+        if len(blocking_dns) == 2:
+            break
+        time.sleep(0.01)
+    assert len(blocking_dns) == 2
+    started = time.monotonic()
+    with pytest.raises(outbound.OutboundError, match="Too many DNS lookups"):
+        outbound.guarded_connect("third.example", 443, timeout=3)
+    assert time.monotonic() - started < 0.5  # not queued behind the hung ones
+    assert "third.example" not in blocking_dns
+    for thread in threads:
+        thread.join(10)
+    assert [type(exc) for exc in failures] == [outbound.OutboundTimeout] * 2
+
+
+@pytest.mark.timeout(15)
+def test_every_redirect_hop_is_within_the_same_deadline(slow_server: LocalServer) -> None:
+    # Each hop answers in 0.8 s, well within the per-operation timeout; six of them would
+    # take 4.8 s.
+    started = time.monotonic()
+    with LOOPBACK_OPEN, pytest.raises(outbound.OutboundTimeout):
+        outbound.request("GET", f"{slow_server.url}/slow-redirect", timeout=5, total_timeout=2)
+    _assert_ends_in_time(started, 2)
+
+
+def test_deadline_blocks_nest_and_the_earlier_wins() -> None:
+    assert outbound.remaining() is None
+    with outbound.deadline(5):
+        assert 4 < (outbound.remaining() or 0) <= 5
+        with outbound.deadline(1):
+            assert 0 < (outbound.remaining() or 0) <= 1
+        with outbound.deadline(60):
+            assert (outbound.remaining() or 0) <= 5
+        assert (outbound.remaining() or 0) > 4
+    assert outbound.remaining() is None
+
+
+@pytest.mark.timeout(15)
+def test_an_outer_deadline_covers_several_requests(slow_server: LocalServer) -> None:
+    started = time.monotonic()
+    with LOOPBACK_OPEN, outbound.deadline(2):
+        assert outbound.request("GET", f"{slow_server.url}/ok").content == b"hello"
+        time.sleep(0.5)
+        # Its own limits (10 s per read, 60 s in all) would let it run 50 s: the block's
+        # deadline cuts it, on time.
+        with pytest.raises(outbound.OutboundTimeout):
+            outbound.request("GET", f"{slow_server.url}/endless-body")
+        _assert_ends_in_time(started, 2)
+        # Once the deadline passed, a request fails at once, without connecting.
+        with pytest.raises(outbound.OutboundTimeout):
+            outbound.request("GET", f"{slow_server.url}/ok")
+        with pytest.raises(outbound.OutboundTimeout):
+            outbound.guarded_connect("127.0.0.1", slow_server.port, timeout=5)
+    assert slow_server.hits == ["/ok", "/endless-body"]
+
+
+@pytest.mark.timeout(15)
+def test_an_outer_deadline_bounds_dns_lookups(blocking_dns: list[str]) -> None:
+    started = time.monotonic()
+    with outbound.deadline(1), pytest.raises(outbound.OutboundTimeout):
+        outbound.guarded_connect("slow-dns.example", 443, timeout=30)
+    _assert_ends_in_time(started, 1)
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_the_watchdog_lets_go_of_every_socket_when_requests_end(
+    server: LocalServer,
+) -> None:
+    with LOOPBACK_OPEN:
+        outbound.request("GET", f"{server.url}/ok")  # warm up (imports, the watchdog)
+        before = _open_descriptors()
+        for _ in range(20):
+            outbound.request("GET", f"{server.url}/ok")
+            outbound.request("GET", f"{server.url}/to-ok")
+            with pytest.raises(outbound.OutboundTimeout):
+                outbound.request("GET", f"{server.url}/trickle", timeout=2, total_timeout=0.2)
+    assert _open_descriptors() <= before + 2

@@ -1,4 +1,5 @@
-"""Outbound HTTP to other servers, safe against server-side request forgery.
+"""Outbound HTTP to other servers, safe against server-side request forgery and against
+peers that never finish answering.
 
 Every request this server makes on behalf of someone else (keys, remote media, a
 ``Location`` a remote server hands us) goes through here:
@@ -20,20 +21,52 @@ Every request this server makes on behalf of someone else (keys, remote media, a
   any form of the address); ``0.0.0.0`` and ``::`` are always denied.
 - No proxy from the environment (a proxy would make the checked address the proxy's),
   no ``.netrc``.
-- Bodies are streamed with a byte limit (``Content-Length`` first, then while reading)
-  and an overall deadline; TLS certificates are verified unless
-  ``MSC3870["FEDERATION_VERIFY_TLS"]`` is off.
+- Bodies are streamed with a byte limit (``Content-Length`` first, then while reading);
+  TLS certificates are verified unless ``MSC3870["FEDERATION_VERIFY_TLS"]`` is off.
 
-This is synchronous (requests and urllib3); async callers run it in a thread.
+**One deadline, from the first DNS query to the last body byte.** ``stream()`` and
+``request()`` end by their total deadline (``total_timeout``, or the enclosing
+``deadline()`` block's if that is earlier), whatever the peer does, at every phase:
+
+- DNS: ``getaddrinfo`` runs on a daemon thread and is waited for at most
+  min(``timeout``, time left). It cannot be interrupted, so a lookup that outlives its
+  caller keeps its thread until the resolver gives up; at most
+  ``MAX_DNS_LOOKUPS_IN_FLIGHT`` run at once per process, and a lookup that finds them all
+  taken fails at once instead of queueing behind a hung resolver. (Daemon threads rather
+  than a ``ThreadPoolExecutor``: its workers are joined at interpreter exit, so a hung
+  lookup would hold up a worker's shutdown.)
+- connect and the TLS handshake: the socket timeout is min(``timeout``, time left), set
+  before connect and again after it (CPython bounds a whole handshake by the socket
+  timeout).
+- the status line, the headers and every body read, on every redirect hop: one
+  watchdog thread keeps a heap of request deadlines and shuts down (``SHUT_RDWR``) the
+  sockets of a request whose deadline passed, so a blocked read returns at once however
+  slowly the peer trickles bytes. It holds a duplicate of each socket (``dup()``: TLS
+  wrapping detaches the original object, and our own descriptor can never be reused by
+  another connection), and a request's entry is cancelled under the watchdog's lock
+  before the request's connections close, so it never touches a socket after its
+  request ended. A request cut this way raises ``OutboundTimeout``. (A watchdog rather
+  than checks between reads: ``http.client`` reads the head line by line with the
+  per-read timeout restarting on each byte, out of our reach.)
+
+``deadline(seconds)`` sets an outer deadline for a block of several requests and
+lookups (blocks nest; the earlier deadline wins) and ``remaining()`` tells the time left
+in it; server discovery honours it for its DNS queries too.
+
+This is synchronous (requests and urllib3); async callers run it in a thread
+(``asyncio.to_thread`` carries the ``deadline()`` block along).
 """
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
+import os
 import socket
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -107,6 +140,8 @@ _NOT_IPV4_COMPATIBLE = (ipaddress.IPv6Address("::"), ipaddress.IPv6Address("::1"
 
 DEFAULT_MAX_BYTES = 1024 * 1024
 DEFAULT_TIMEOUT_SECONDS = 10.0
+# getaddrinfo calls running at once in this process; see the module docstring.
+MAX_DNS_LOOKUPS_IN_FLIGHT = 32
 MAX_REDIRECTS = 5
 _CHUNK = 64 * 1024
 
@@ -182,6 +217,183 @@ def _sockaddr_ip(sockaddr: tuple[Any, ...]) -> IPAddress:
     return ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
 
 
+# --- deadlines ------------------------------------------------------------------------
+
+# The monotonic time by which the requests and lookups of the current block must end.
+_deadline_at: ContextVar[float | None] = ContextVar("msc3870_outbound_deadline", default=None)
+
+
+@contextmanager
+def _until(at: float) -> Iterator[None]:
+    current = _deadline_at.get()
+    token = _deadline_at.set(at if current is None else min(at, current))
+    try:
+        yield
+    finally:
+        _deadline_at.reset(token)
+
+
+@contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Within the block, every request and DNS lookup made here ends within ``seconds``
+    from now (each also keeps its own limits). Blocks nest: the earlier deadline wins."""
+    with _until(time.monotonic() + max(seconds, 0.0)):
+        yield
+
+
+def remaining() -> float | None:
+    """Seconds left before the enclosing ``deadline()`` block's end (0 once it passed),
+    or None outside any block."""
+    at = _deadline_at.get()
+    return None if at is None else max(0.0, at - time.monotonic())
+
+
+def _bounded(timeout: float | None) -> float | None:
+    """``timeout`` cut to the time left; OutboundTimeout at once if none is left."""
+    left = remaining()
+    if left is None:
+        return timeout
+    if left <= 0:
+        raise OutboundTimeout("The deadline passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _Watch:
+    """The sockets of one request (duplicates owned by the watchdog) and its deadline."""
+
+    __slots__ = ("at", "ended", "fired", "sockets")
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+        self.sockets: list[socket.socket] = []
+        self.fired = False  # the deadline passed and the sockets were shut down
+        self.ended = False  # the request ended: the watchdog no longer touches it
+
+    def __lt__(self, other: _Watch) -> bool:
+        return self.at < other.at
+
+
+class _Watchdog:
+    """One thread that shuts down the sockets of requests whose deadline passed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._heap: list[_Watch] = []
+        self._compact_at = 1024
+        self._thread: threading.Thread | None = None
+
+    def watch(self, at: float) -> _Watch:
+        watch = _Watch(at)
+        with self._lock:
+            if len(self._heap) >= self._compact_at:
+                # Ended requests leave their entries until they reach the top: drop them
+                # now and then, so a burst of long deadlines cannot grow the heap for good.
+                self._heap = [w for w in self._heap if not w.ended]
+                heapq.heapify(self._heap)
+                self._compact_at = max(1024, 2 * len(self._heap))
+            heapq.heappush(self._heap, watch)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="msc3870-outbound-watchdog", daemon=True
+                )
+                self._thread.start()
+            self._lock.notify()
+        return watch
+
+    def add(self, watch: _Watch, sock: socket.socket) -> None:
+        """Watch ``sock`` too; OutboundTimeout if the request's deadline already passed."""
+        duplicate = sock.dup()
+        with self._lock:
+            if not watch.fired and not watch.ended:
+                watch.sockets.append(duplicate)
+                return
+        duplicate.close()
+        raise OutboundTimeout("The deadline passed")
+
+    def end(self, watch: _Watch) -> bool:
+        """The request ends: forget its sockets. Whether the watchdog had cut it."""
+        with self._lock:
+            watch.ended = True
+            sockets, watch.sockets = watch.sockets, []
+        for duplicate in sockets:
+            duplicate.close()
+        return watch.fired
+
+    def _run(self) -> None:
+        with self._lock:
+            while True:
+                now = time.monotonic()
+                while self._heap and (self._heap[0].ended or self._heap[0].at <= now):
+                    watch = heapq.heappop(self._heap)
+                    if not watch.ended:
+                        watch.fired = True
+                        for duplicate in watch.sockets:
+                            # Not connected yet, or already closed by the peer: nothing to cut.
+                            with suppress(OSError):
+                                duplicate.shutdown(socket.SHUT_RDWR)
+                self._lock.wait(self._heap[0].at - now if self._heap else None)
+
+
+_watchdog = _Watchdog()
+# The socket a new connection gets is watched for the request that makes it.
+_current_watch: ContextVar[_Watch | None] = ContextVar("msc3870_outbound_watch", default=None)
+
+_dns_lock = threading.Lock()
+_dns_in_flight = 0
+
+
+def _reset_after_fork() -> None:
+    # A forked child (a prefork worker) has none of the parent's threads, and may have
+    # inherited their locks held.
+    global _watchdog, _dns_lock, _dns_in_flight
+    _watchdog = _Watchdog()
+    _dns_lock = threading.Lock()
+    _dns_in_flight = 0
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _getaddrinfo(host: str, port: int, timeout: float | None) -> list[Any]:
+    """``socket.getaddrinfo`` for a TCP connection, waited for at most ``timeout`` and
+    never past the deadline. Raises OutboundTimeout, OutboundError (too many lookups in
+    flight) or socket.gaierror."""
+    family = allowed_gai_family()
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:  # a literal: nothing to look up, nothing to wait for
+        return socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+    wait = _bounded(timeout)
+    global _dns_in_flight
+    with _dns_lock:
+        if _dns_in_flight >= MAX_DNS_LOOKUPS_IN_FLIGHT:
+            raise OutboundError(f"Too many DNS lookups in flight to resolve {host}")
+        _dns_in_flight += 1
+    answer: list[list[Any]] = []
+    failure: list[BaseException] = []
+    done = threading.Event()
+
+    def lookup() -> None:
+        global _dns_in_flight
+        try:
+            answer.append(socket.getaddrinfo(host, port, family, socket.SOCK_STREAM))
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            with _dns_lock:
+                _dns_in_flight -= 1
+            done.set()
+
+    threading.Thread(target=lookup, name="msc3870-dns", daemon=True).start()
+    if not done.wait(wait):
+        raise OutboundTimeout(f"Resolving {host} took more than {wait:.1f} s")
+    if failure:
+        raise failure[0]
+    return answer[0]
+
+
 def guarded_connect(
     host: str,
     port: int,
@@ -193,10 +405,13 @@ def guarded_connect(
 ) -> socket.socket:
     """Resolve ``host`` once, refuse it if any address is denied, connect to a checked one.
 
-    Raises AddressNotAllowed, or OSError (socket.gaierror for names that do not resolve)."""
+    ``timeout`` bounds the lookup and each connect attempt, and is cut to what is left of
+    the deadline; the socket leaves with the timeout that is left, for the TLS handshake.
+    Raises AddressNotAllowed, OutboundTimeout, OutboundError, or OSError
+    (socket.gaierror for names that do not resolve)."""
     policy = policy or IPPolicy.from_settings()
     host = host.strip("[]")
-    infos = socket.getaddrinfo(host, port, allowed_gai_family(), socket.SOCK_STREAM)
+    infos = _getaddrinfo(host, port, timeout)
     if not infos:
         raise OSError(f"{host} resolved to no address")
     addresses = [_sockaddr_ip(info[4]) for info in infos]
@@ -205,20 +420,27 @@ def guarded_connect(
         raise AddressNotAllowed(
             f"{host} resolves to {', '.join(denied)}, which outbound requests may not reach"
         )
+    watch = _current_watch.get()
     error: OSError | None = None
     for family, socktype, proto, _canonname, sockaddr in infos:
         sock = socket.socket(family, socktype, proto)
         try:
+            if watch is not None:
+                _watchdog.add(watch, sock)
             for option in socket_options or ():
                 sock.setsockopt(*option)
-            sock.settimeout(timeout)
+            sock.settimeout(_bounded(timeout))
             if source_address:
                 sock.bind(source_address)
             sock.connect(sockaddr)
+            sock.settimeout(_bounded(timeout))
             return sock
         except OSError as exc:
             error = exc
             sock.close()
+        except BaseException:
+            sock.close()
+            raise
     assert error is not None
     raise error
 
@@ -271,7 +493,7 @@ class _GuardedConnectionMixin:
                 source_address=self.source_address,
                 socket_options=self.socket_options,
             )
-        except AddressNotAllowed:
+        except OutboundError:
             raise  # not an OSError: urllib3 passes it up untouched, requests too
         except socket.gaierror as exc:
             raise NameResolutionError(self.host, self, exc) from exc  # type: ignore[arg-type]
@@ -342,14 +564,15 @@ class StreamedResponse:
     max_bytes: int
     _response: requests.Response = field(repr=False)
     _deadline: float = field(repr=False)
+    _watch: _Watch = field(repr=False)
     _read: int = field(default=0, repr=False)
 
     def iter_bytes(self, chunk_size: int = _CHUNK) -> Iterator[bytes]:
         """The body (content-decoded), in chunks; raises ResponseTooLarge past the limit
         (a gzip bomb counts by what it expands to) and OutboundTimeout past the deadline.
 
-        Each chunk is one read from the socket (``read1``), so a peer trickling a byte at
-        a time is stopped at the deadline, not after a full buffer's worth of reads."""
+        Each chunk is one read from the socket (``read1``); a read blocked at the deadline
+        is cut by the watchdog."""
         raw = self._response.raw
         while True:
             try:
@@ -357,8 +580,14 @@ class StreamedResponse:
             except ReadTimeoutError as exc:
                 raise OutboundTimeout(f"Reading from {self.url} timed out") from exc
             except (HTTPError, OSError) as exc:
+                if self._watch.fired:
+                    raise OutboundTimeout(f"Response from {self.url} took too long") from exc
                 raise OutboundError(f"Reading the response from {self.url} failed: {exc}") from exc
             if not chunk:
+                # A body that ends with the connection looks complete once the watchdog
+                # shut the socket down: it is not.
+                if self._watch.fired:
+                    raise OutboundTimeout(f"Response from {self.url} took too long")
                 return
             self._read += len(chunk)
             if self._read > self.max_bytes:
@@ -385,34 +614,60 @@ def stream(
 ) -> Iterator[StreamedResponse]:
     """Send a request and yield its response with the body unread.
 
-    ``timeout`` bounds connecting and each read; ``total_timeout`` (default: six times
-    ``timeout``) the whole exchange, so a peer trickling bytes cannot hold a thread. Every
-    redirect hop (at most five) connects through the address guard. Raises
-    AddressNotAllowed, ResponseTooLarge (``Content-Length`` over the limit: nothing is
-    read), OutboundTimeout or OutboundError."""
-    deadline = time.monotonic() + (total_timeout or timeout * 6)
+    ``timeout`` bounds the DNS lookup, connecting, and each read; ``total_timeout``
+    (default: six times ``timeout``) the whole exchange from the first DNS query to the
+    last body byte, redirects included, and so does an enclosing ``deadline()`` block if
+    it ends earlier: a peer trickling bytes cannot hold a thread. Every redirect hop (at
+    most five) connects through the address guard. Raises AddressNotAllowed,
+    ResponseTooLarge (``Content-Length`` over the limit: nothing is read), OutboundTimeout
+    or OutboundError."""
+    at = time.monotonic() + (total_timeout or timeout * 6)
+    outer = _deadline_at.get()
+    if outer is not None:
+        at = min(at, outer)
+    if at <= time.monotonic():
+        raise OutboundTimeout(f"{method} {url}: the deadline passed before it started")
+    watch = _watchdog.watch(at)
     session = new_session()
+    response: requests.Response | None = None
     try:
-        response = _send_following_redirects(
-            session, method, url, dict(headers or {}), data, timeout, allow_redirects
-        )
+        watch_token = _current_watch.set(watch)
         try:
-            length = response.headers.get("Content-Length")
-            if length is not None and length.strip().isdigit() and int(length) > max_bytes:
-                raise ResponseTooLarge(
-                    f"{method} {url}: Content-Length {length} exceeds {max_bytes} bytes"
+            with _until(at):
+                response = _send_following_redirects(
+                    session, method, url, dict(headers or {}), data, timeout, allow_redirects
                 )
-            yield StreamedResponse(
-                status=response.status_code,
-                headers=response.headers,
-                url=response.url,
-                max_bytes=max_bytes,
-                _response=response,
-                _deadline=deadline,
-            )
+        except OutboundError as exc:
+            # Cut by the watchdog, or by a socket timeout that was the time left (a TLS
+            # handshake that never completes fails as an SSL error): a timeout either way.
+            late = watch.fired or time.monotonic() >= at
+            if late and not isinstance(exc, (OutboundTimeout, AddressNotAllowed)):
+                raise OutboundTimeout(f"{method} {url} took too long") from exc
+            raise
         finally:
-            response.close()
+            _current_watch.reset(watch_token)
+        # Cut while reading the head, a response can look whole with headers missing.
+        if watch.fired:
+            raise OutboundTimeout(f"{method} {url} took too long")
+        length = response.headers.get("Content-Length")
+        if length is not None and length.strip().isdigit() and int(length) > max_bytes:
+            raise ResponseTooLarge(
+                f"{method} {url}: Content-Length {length} exceeds {max_bytes} bytes"
+            )
+        yield StreamedResponse(
+            status=response.status_code,
+            headers=response.headers,
+            url=response.url,
+            max_bytes=max_bytes,
+            _response=response,
+            _deadline=at,
+            _watch=watch,
+        )
     finally:
+        # The watchdog lets go of the sockets before they close, never after.
+        _watchdog.end(watch)
+        if response is not None:
+            response.close()
         session.close()
 
 
@@ -436,7 +691,7 @@ def _send_following_redirects(
                 headers=headers,
                 data=data,
                 stream=True,
-                timeout=timeout,
+                timeout=_bounded(timeout),
                 allow_redirects=False,
                 verify=app_settings.FEDERATION_VERIFY_TLS,
             )
@@ -482,9 +737,10 @@ def request(
     data: bytes | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     timeout: float = DEFAULT_TIMEOUT_SECONDS,
+    total_timeout: float | None = None,
     allow_redirects: bool = True,
 ) -> Response:
-    """``stream`` with the body read (at most ``max_bytes``)."""
+    """``stream`` with the body read (at most ``max_bytes``), within the same deadline."""
     with stream(
         method,
         url,
@@ -492,6 +748,7 @@ def request(
         data=data,
         max_bytes=max_bytes,
         timeout=timeout,
+        total_timeout=total_timeout,
         allow_redirects=allow_redirects,
     ) as response:
         content = response.read()
