@@ -4,7 +4,11 @@ override that SRV needs, against a real server on 127.0.0.1."""
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,7 +20,8 @@ from msc3870.federation import discovery, outbound
 from msc3870.federation.discovery import Destination
 
 from .conftest import msc3870_settings
-from .federation_helpers import local_server, send
+from .federation_helpers import local_server, self_signed_tls, send
+from .test_outbound import SLACK_SECONDS, silent_server
 
 
 class World:
@@ -139,3 +144,93 @@ def test_connect_to_sends_the_connection_elsewhere_through_the_guard(db: None) -
         # The guard still judges the address connected to.
         with outbound.connect_to(route), pytest.raises(outbound.AddressNotAllowed):
             outbound.request("GET", url)
+
+
+# --- under an outer deadline ----------------------------------------------------------
+
+
+class SlowDNS:
+    """SRV lookups against a DNS server that never answers: each waits out the lifetime it
+    is given, as dnspython does, then times out. Records the lifetimes."""
+
+    def __init__(self) -> None:
+        self.lifetimes: list[float] = []
+
+    def resolve(self, name: str, rdtype: str, *, lifetime: float, **kwargs: Any) -> Any:
+        self.lifetimes.append(lifetime)
+        time.sleep(lifetime)
+        raise dns.resolver.LifetimeTimeout(timeout=lifetime, errors={})
+
+
+@pytest.fixture
+def slow_dns(monkeypatch: pytest.MonkeyPatch) -> Iterator[SlowDNS]:
+    from django.core.cache import cache
+
+    cache.clear()
+    state = SlowDNS()
+    monkeypatch.setattr(dns.resolver, "resolve", state.resolve)
+    real_getaddrinfo = socket.getaddrinfo
+
+    def literals_only(host: str, port: int, *args: Any) -> Any:
+        # The well-known fetch must never look a name up for real.
+        return real_getaddrinfo(host, port, *args, flags=socket.AI_NUMERICHOST)
+
+    monkeypatch.setattr(socket, "getaddrinfo", literals_only)
+    yield state
+    cache.clear()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
+@pytest.mark.parametrize("well_known", ["never answers", "answers 404"])
+def test_discovery_ends_by_an_outer_deadline(
+    well_known: str, slow_dns: SlowDNS, tmp_path: Path
+) -> None:
+    """The well-known server accepts the connection and never completes TLS (or answers
+    404 at once), and both SRV lookups would wait DNS_TIMEOUT_SECONDS: discovery ends by
+    the block's deadline with a DiscoveryError, and caches nothing."""
+    from django.core.cache import cache
+
+    def not_found(handler: Any) -> None:
+        send(handler, 404, b"{}")
+
+    with ExitStack() as stack:
+        if well_known == "never answers":
+            port = stack.enter_context(silent_server())
+        else:
+            routes = {"/.well-known/matrix/server": not_found}
+            port = stack.enter_context(local_server(routes, tls=self_signed_tls(tmp_path))).port
+        stack.enter_context(
+            msc3870_settings(
+                FEDERATION_IP_RANGE_ALLOWLIST=["127.0.0.1/32"], FEDERATION_VERIFY_TLS=False
+            )
+        )
+        stack.enter_context(outbound.connect_to({("example.org", 443): ("127.0.0.1", port)}))
+        started = time.monotonic()
+        with outbound.deadline(2), pytest.raises(discovery.DiscoveryError, match="time"):
+            discovery.resolve("example.org")
+        elapsed = time.monotonic() - started
+    assert elapsed < 2 + SLACK_SECONDS, f"took {elapsed:.1f} s"
+    assert all(lifetime <= 2 for lifetime in slow_dns.lifetimes)
+    assert cache.get("msc3870:discovery:example.org") is None
+
+
+def test_a_lookup_after_the_deadline_passed_fails_at_once(slow_dns: SlowDNS) -> None:
+    with outbound.deadline(0), pytest.raises(discovery.DiscoveryError):
+        discovery.resolve("example.org")
+    assert slow_dns.lifetimes == []
+
+
+def test_srv_lookups_outside_a_deadline_keep_their_own_lifetime(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lifetimes: list[float] = []
+    resolve = world.resolve
+
+    def recording(name: str, rdtype: str, **kwargs: Any) -> Any:
+        lifetimes.append(kwargs["lifetime"])
+        return resolve(name, rdtype, **kwargs)
+
+    monkeypatch.setattr(dns.resolver, "resolve", recording)
+    assert discovery.resolve("example.org").port == 8448
+    assert lifetimes == [discovery.DNS_TIMEOUT_SECONDS] * 2

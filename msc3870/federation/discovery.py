@@ -18,6 +18,11 @@ Results are kept in Django's cache (every process shares them when the cache doe
 hour when the server said something (well-known or SRV), ten minutes when it said nothing,
 so a server that starts publishing is found soon. Every address is still checked at
 connect time by ``outbound``: discovery only names hosts.
+
+Inside an ``outbound.deadline()`` block, discovery ends by the block's deadline: the
+well-known fetch is an outbound request (bounded by it), and each SRV lookup gets
+min(``DNS_TIMEOUT_SECONDS``, time left) as its lifetime. Running out of time is a
+DiscoveryError, never cached: a step cut short said nothing about the server.
 """
 
 from __future__ import annotations
@@ -130,14 +135,25 @@ def _by_srv(host: str) -> Destination:
     return Destination(host, DEFAULT_FEDERATION_PORT, host, DEFAULT_FEDERATION_PORT, host)
 
 
+def _out_of_time() -> bool:
+    left = outbound.remaining()
+    return left is not None and left <= 0
+
+
 def _srv(name: str) -> tuple[str, int] | None:
     """The SRV target to use (lowest priority, then by weight, as RFC 2782), or None when
     there is no record or the record says the service is not offered (target ".")."""
+    left = outbound.remaining()
+    if left is not None and left <= 0:
+        raise DiscoveryError(f"No time left to look up {name}")
+    lifetime = DNS_TIMEOUT_SECONDS if left is None else min(DNS_TIMEOUT_SECONDS, left)
     try:
-        answer = dns.resolver.resolve(name, "SRV", lifetime=DNS_TIMEOUT_SECONDS)
+        answer = dns.resolver.resolve(name, "SRV", lifetime=lifetime)
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.NoNameservers):
         return None
     except dns.exception.DNSException as exc:
+        if _out_of_time():
+            raise DiscoveryError(f"SRV lookup of {name} ran out of time") from exc
         # A timeout is not "no record", but the spec's next step is still the best guess.
         log.info("SRV lookup of %s failed: %s", name, exc)
         return None
@@ -162,6 +178,8 @@ def _well_known(host: str) -> str | None:
             "GET", url, max_bytes=WELL_KNOWN_MAX_BYTES, timeout=WELL_KNOWN_TIMEOUT_SECONDS
         )
     except outbound.OutboundError as exc:
+        if _out_of_time():
+            raise DiscoveryError(f"The well-known fetch of {host} ran out of time") from exc
         log.info("No well-known for %s: %s", host, exc)
         return None
     if response.status != 200:
