@@ -1,9 +1,10 @@
 """Server names (spec appendix "Server Name") and where a server is reached.
 
 ``server_name = hostname [ ":" port ]`` where hostname is an IPv4 literal, a bracketed IPv6
-literal or a DNS name. Server discovery (``.well-known``, SRV) is not done yet: a server is
-reached at its own host and port, 8448 by default, which is what discovery ends with when a
-server publishes neither.
+literal or a DNS name. Where a server is really reached (``.well-known`` delegation, SRV
+records) is ``msc3870.federation.discovery``'s job; ``server_base_url`` here is only what
+discovery ends with when a server publishes neither: its own host and port, 8448 by
+default.
 """
 
 from __future__ import annotations
