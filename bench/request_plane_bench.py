@@ -227,6 +227,8 @@ class ProjectServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir / "make-run.log"
         self.web_concurrency: str | None = None
+        #: Settings of the bench's own, on top of the cleaned environment.
+        self.extra_env: dict[str, str] = {}
 
     def env(self) -> dict[str, str]:
         env = {
@@ -244,6 +246,7 @@ class ProjectServer:
             env["DATABASE_URL"] = self.database_url
         if self.web_concurrency:
             env["WEB_CONCURRENCY"] = self.web_concurrency
+        env.update(self.extra_env)
         return env
 
     def start(self, web_concurrency: str | None = None, limit: float = 600) -> None:

@@ -225,6 +225,7 @@ for _key in (
     "WAIT_MAX_WAITERS",
     "WAIT_MAX_WAITERS_PER_MEDIA",
     "LEGACY_WAIT_MAX_WAITERS",
+    "WAIT_MAX_WAITERS_PER_REQUESTER",
     "LEGACY_DOWNLOAD_TIMEOUT_MS_MAX",
 ):
     if env(f"MSC3870_{_key}"):
@@ -260,6 +261,16 @@ MSC3870["FEDERATION_VERIFY_TLS"] = env("MSC3870_FEDERATION_VERIFY_TLS") != "0"
 # Federation media requests per origin server ("600/min"); "0" turns the limit off.
 if _rate := env("MSC3870_FEDERATION_MEDIA_RATE"):
     MSC3870["FEDERATION_MEDIA_RATE"] = None if _rate == "0" else _rate
+# Fetches of other servers' keys: in flight per process, and seconds one may take in all.
+if env("MSC3870_FEDERATION_KEY_FETCHES"):
+    MSC3870["FEDERATION_KEY_FETCHES"] = env_int("MSC3870_FEDERATION_KEY_FETCHES", 4)
+if env("MSC3870_FEDERATION_KEY_FETCH_TIMEOUT_SECONDS"):
+    MSC3870["FEDERATION_KEY_FETCH_TIMEOUT_SECONDS"] = float(
+        env("MSC3870_FEDERATION_KEY_FETCH_TIMEOUT_SECONDS") or 20
+    )
+# Failed X-Matrix authentications per client address ("30/min"); "0" turns it off.
+if _rate := env("MSC3870_FEDERATION_AUTH_FAILURE_RATE"):
+    MSC3870["FEDERATION_AUTH_FAILURE_RATE"] = None if _rate == "0" else _rate
 # Other servers' media: fetched on request ("0": only what is held is served), how long a
 # failed fetch is remembered, how long one fetch may take.
 MSC3870["FETCH_REMOTE_MEDIA"] = env("MSC3870_FETCH_REMOTE_MEDIA") != "0"

@@ -26,6 +26,7 @@ async views; measured on this kind of machine, twice the CPU of WSGI per request
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import os
@@ -33,7 +34,7 @@ import re
 import tempfile
 from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -46,11 +47,11 @@ from django.http import HttpResponseBase
 from django.urls import set_script_prefix
 
 from . import wakeup
-from .api.deferred import CAN_DEFER, DeferredResponse
+from .api.deferred import CAN_DEFER, RETRIED, DeferredResponse
 from .api.errors import json_error, to_matrix_error
 from .conf import app_settings
 from .errors import InvalidParam, LimitExceeded, MatrixError, TooLarge
-from .waiting import LEGACY, MediaWait
+from .waiting import LEGACY, MediaWait, RetryWhenDone
 
 log = logging.getLogger(__name__)
 
@@ -101,33 +102,45 @@ class _ClientGone(Exception):
 
 
 class WaitCaps:
-    """How many requests wait, in total, per media and unauthenticated."""
+    """How many requests wait: in total, unauthenticated, per media and per requester."""
 
     def __init__(self) -> None:
         self.total = 0
         self.legacy = 0
         self.per_media: Counter[int] = Counter()
+        self.per_requester: Counter[str] = Counter()
 
-    def admit(self, wait: MediaWait[Any]) -> MatrixError | None:
+    def admit(self, wait: MediaWait[Any] | RetryWhenDone) -> MatrixError | None:
+        pk = wait.pk if isinstance(wait, MediaWait) else None
         if self.total >= app_settings.WAIT_MAX_WAITERS:
             return LimitExceeded("Too many requests are waiting", retry_after_ms=1000)
         if wait.kind == LEGACY and self.legacy >= app_settings.LEGACY_WAIT_MAX_WAITERS:
             return LimitExceeded(
                 "Too many unauthenticated requests are waiting", retry_after_ms=1000
             )
-        if self.per_media[wait.pk] >= app_settings.WAIT_MAX_WAITERS_PER_MEDIA:
+        if pk is not None and self.per_media[pk] >= app_settings.WAIT_MAX_WAITERS_PER_MEDIA:
             return LimitExceeded("Too many requests wait for this media", retry_after_ms=1000)
+        if self.per_requester[wait.requester] >= app_settings.WAIT_MAX_WAITERS_PER_REQUESTER:
+            return LimitExceeded("You have too many requests waiting", retry_after_ms=1000)
         self.total += 1
         self.legacy += wait.kind == LEGACY
-        self.per_media[wait.pk] += 1
+        if pk is not None:
+            self.per_media[pk] += 1
+        self.per_requester[wait.requester] += 1
         return None
 
-    def release(self, wait: MediaWait[Any]) -> None:
+    def release(self, wait: MediaWait[Any] | RetryWhenDone) -> None:
         self.total -= 1
         self.legacy -= wait.kind == LEGACY
-        self.per_media[wait.pk] -= 1
-        if self.per_media[wait.pk] <= 0:
-            del self.per_media[wait.pk]
+        if isinstance(wait, MediaWait):
+            _decrement(self.per_media, wait.pk)
+        _decrement(self.per_requester, wait.requester)
+
+
+def _decrement(counter: Counter[Any], key: Any) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
 
 
 class _Chain(base.BaseHandler):
@@ -229,6 +242,11 @@ class MediaASGIHandler:
         chain = self.matrix_chain if is_matrix else self.full_chain
         outgoing = await self._run(self._respond, chain, scope, body, bulk=_is_large(body))
         del body  # closed by _respond or with the response; not held while parked
+        if isinstance(outgoing, Parking) and isinstance(outgoing.wait, RetryWhenDone):
+            again = await self._retry_when_done(outgoing, chain, scope, receive)
+            if again is None:
+                return  # the client went away while it waited
+            outgoing = again
         if isinstance(outgoing, Parking):
             answer = await self._after_wait(outgoing, receive)
             if answer is None:
@@ -286,8 +304,11 @@ class MediaASGIHandler:
 
     # ------------------------------------------------------------------ sync work
 
-    def _respond(self, chain: _Chain, scope: Scope, body: IO[bytes]) -> Outgoing | Parking:
-        """One request through Django, on a pool thread."""
+    def _respond(
+        self, chain: _Chain, scope: Scope, body: IO[bytes], retried: bool = False
+    ) -> Outgoing | Parking:
+        """One request through Django, on a pool thread (``retried``: again, after a
+        ``RetryWhenDone``)."""
         set_script_prefix(get_script_prefix(scope))
         signals.request_started.send(sender=self.__class__, scope=scope)
         try:
@@ -298,12 +319,17 @@ class MediaASGIHandler:
             response = json_error(TooLarge("Request body is too large"))
         else:
             request.META[CAN_DEFER] = True
+            request.META[RETRIED] = retried
             response = chain.get_response(request)
         if isinstance(response, DeferredResponse):
             # Parked with only what the answer needs: the response and request go now.
-            response.close()
+            # A request to run again keeps its body, which is small: only bodiless
+            # federation requests wait that way.
+            again = isinstance(response.wait, RetryWhenDone) and isinstance(body, io.BytesIO)
+            kept = body.getvalue() if again else b""  # type: ignore[attr-defined]
+            response.close()  # closes the request, and its body
             body.close()
-            return Parking(response.wait, response.added_headers_encoded())
+            return Parking(response.wait, response.added_headers_encoded(), kept)
         response._resource_closers.append(body.close)
         return _finish(response)
 
@@ -350,9 +376,34 @@ class MediaASGIHandler:
 
     # ------------------------------------------------------------------ waiting
 
+    async def _retry_when_done(
+        self, parking: Parking, chain: _Chain, scope: Scope, receive: Receive
+    ) -> Outgoing | Parking | None:
+        """Park a request until its ``RetryWhenDone`` future is done (or its deadline),
+        holding no thread, then run it again from the start."""
+        wait = parking.wait
+        assert isinstance(wait, RetryWhenDone)
+        refusal = self.caps.admit(wait)
+        if refusal is not None:
+            return Outgoing.error(refusal)
+        done = _on_loop(wait.future)
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait(
+                {done, gone}, timeout=wait.deadline.remaining, return_when=asyncio.FIRST_COMPLETED
+            )
+            if gone.done():
+                return None
+        finally:
+            self.caps.release(wait)
+            gone.cancel()
+            done.cancel()  # only the loop's copy: the work goes on for others
+        return await self._run(self._respond, chain, scope, io.BytesIO(parking.body), True)
+
     async def _after_wait(self, parking: Parking, receive: Receive) -> Outgoing | None:
         hub = wakeup.install_hub(asyncio.get_running_loop(), self.executor)
         wait = parking.wait
+        assert isinstance(wait, MediaWait)
         parked: wakeup.Parked | None = None  # what a hang-up stops waiting for
 
         def on_gone(_watch: asyncio.Future[None]) -> None:
@@ -431,11 +482,14 @@ class MediaASGIHandler:
 
 @dataclass(slots=True)
 class Parking:
-    """A request parked until its media changes: the wait, and the headers the middleware
-    put on the placeholder response (CORS, security) that its answer carries too."""
+    """A request parked until its media changes (or, ``RetryWhenDone``, until work off
+    the request threads is done): the wait, and the headers the middleware put on the
+    placeholder response (CORS, security) that its answer carries too."""
 
-    wait: MediaWait[HttpResponseBase]
+    wait: MediaWait[HttpResponseBase] | RetryWhenDone
     added_headers: list[tuple[bytes, bytes]]
+    #: The body of a request parked to run again.
+    body: bytes = b""
 
 
 @dataclass
@@ -535,6 +589,21 @@ class _Batches:
         for (_, future), result in zip(jobs, results, strict=True):
             if not future.done():
                 future.set_result(result)
+
+
+def _on_loop(work: Future[Any]) -> asyncio.Future[None]:
+    """A loop future done when ``work`` (a thread's future) is; cancelling it leaves
+    ``work`` alone (``asyncio.wrap_future`` would cancel a shared job that has not
+    started)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(_work: Future[Any]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+    work.add_done_callback(settle)
+    return done
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -62,6 +62,9 @@ DEFAULTS: dict[str, Any] = {
     "WAIT_MAX_WAITERS": 10_000,
     "WAIT_MAX_WAITERS_PER_MEDIA": 5_000,
     "LEGACY_WAIT_MAX_WAITERS": 500,
+    # Requests one requester (a Matrix user, or the address of an unauthenticated client
+    # or of a server whose keys are being fetched) may have waiting per process.
+    "WAIT_MAX_WAITERS_PER_REQUESTER": 200,
     # Wake-up hub (msc3870/wakeup.py): the batched poll's interval where it is the only
     # source (SQLite), the safety poll's behind PostgreSQL LISTEN, and whether to LISTEN.
     "WAKEUP_POLL_SECONDS": 0.05,
@@ -148,6 +151,14 @@ DEFAULTS: dict[str, Any] = {
     # Rate of federation media requests (download and thumbnail together) per origin
     # server, DRF syntax, as a leaky bucket (bursts of N); None = off.
     "FEDERATION_MEDIA_RATE": "600/min",
+    # Failed X-Matrix authentications per client address, DRF syntax, as a leaky bucket;
+    # past it the address's federation requests are refused (429) before any work.
+    "FEDERATION_AUTH_FAILURE_RATE": "30/min",
+    # Fetches of other servers' keys in flight per process (one per origin at most; past
+    # it, a request needing another origin's keys is refused with 401), and the time one
+    # fetch may take in all: discovery, notaries, the origin's own key server.
+    "FEDERATION_KEY_FETCHES": 4,
+    "FEDERATION_KEY_FETCH_TIMEOUT_SECONDS": 20,
     # Other servers' media, fetched when a client asks for it (needs SIGNING_KEY_PATH): a
     # failed fetch (unreachable, unknown, too large) is answered from the row this long,
     # then tried again; one fetch may take this long in all (discovery, redirects, bytes).
@@ -246,6 +257,10 @@ class MSC3870Settings:
     @property
     def LEGACY_WAIT_MAX_WAITERS(self) -> int:
         return int(self._get("LEGACY_WAIT_MAX_WAITERS"))
+
+    @property
+    def WAIT_MAX_WAITERS_PER_REQUESTER(self) -> int:
+        return int(self._get("WAIT_MAX_WAITERS_PER_REQUESTER"))
 
     @property
     def WAKEUP_POLL_SECONDS(self) -> float:
@@ -422,6 +437,18 @@ class MSC3870Settings:
     @property
     def FEDERATION_MEDIA_RATE(self) -> str | None:
         return self._get("FEDERATION_MEDIA_RATE")
+
+    @property
+    def FEDERATION_AUTH_FAILURE_RATE(self) -> str | None:
+        return self._get("FEDERATION_AUTH_FAILURE_RATE")
+
+    @property
+    def FEDERATION_KEY_FETCHES(self) -> int:
+        return max(1, int(self._get("FEDERATION_KEY_FETCHES")))
+
+    @property
+    def FEDERATION_KEY_FETCH_TIMEOUT_SECONDS(self) -> float:
+        return max(1.0, float(self._get("FEDERATION_KEY_FETCH_TIMEOUT_SECONDS")))
 
     @property
     def FETCH_REMOTE_MEDIA(self) -> bool:

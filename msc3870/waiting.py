@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Hashable, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -71,12 +72,19 @@ class MediaWait(Exception, Generic[T]):
         self.deadline = deadline
         self.resume = resume
         self.kind = AUTHENTICATED
+        #: Who waits (a Matrix user, or an address): capped per requester.
+        self.requester = ""
         #: Waits with equal keys woken by the same change get the same successful answer,
         #: rendered once (a view sets it from everything its rendering depends on).
         self.share_key: Hashable | None = None
 
     def then(
-        self, render: Callable[[T], Any], *, kind: str | None = None, share_key: Hashable = None
+        self,
+        render: Callable[[T], Any],
+        *,
+        kind: str | None = None,
+        share_key: Hashable = None,
+        requester: str | None = None,
     ) -> MediaWait[Any]:
         """The same wait, with ``render`` applied to its answer (views add the HTTP part)."""
 
@@ -84,17 +92,36 @@ class MediaWait(Exception, Generic[T]):
         # the request) that raised it, for as long as the request waits.
         inner = self.resume
         kind = kind or self.kind
+        requester = self.requester if requester is None else requester
 
         def resume(row: Any) -> Any:
             try:
                 return render(inner(row))
             except MediaWait as again:
-                raise again.then(render, kind=kind, share_key=share_key) from None
+                raise again.then(
+                    render, kind=kind, share_key=share_key, requester=requester
+                ) from None
 
         wait: MediaWait[Any] = MediaWait(self.pk, self.states, self.deadline, resume)
         wait.kind = kind
         wait.share_key = share_key
+        wait.requester = requester
         return wait
+
+
+class RetryWhenDone(Exception):
+    """The request cannot be decided until ``future`` (work running off the request
+    threads, such as fetching another server's keys) is done. The server parks it until
+    then or until ``deadline``, holding no thread, and runs it again from the start."""
+
+    def __init__(
+        self, future: Future[Any], deadline: Deadline, *, requester: str, kind: str = LEGACY
+    ) -> None:
+        super().__init__("waiting for work off the request threads")
+        self.future = future
+        self.deadline = deadline
+        self.requester = requester
+        self.kind = kind
 
 
 def fetch_row(pk: int) -> Any:

@@ -568,3 +568,25 @@ def test_a_failure_outside_the_view_is_still_a_matrix_error(
     reply = run(scenario)
     assert reply.status == 500
     assert reply.json()["errcode"] == "M_UNKNOWN"
+
+
+def test_one_requester_cannot_take_every_waiting_slot(app: MediaASGIHandler, token: str) -> None:
+    other = make_token("@bob:localhost")
+
+    async def scenario() -> None:
+        path = await created_path(app, token)
+        url = f"/_matrix/client/v1/media/download/{path}?timeout_ms=30000"
+        mine = [request(app, "GET", url, headers=bearer(token)) for _ in range(2)]
+        await until(lambda: parked() == 2, "2 parked waiters")
+        refused = await call(app, "GET", url, headers=bearer(token))
+        assert refused.status == 429
+        assert refused.json()["errcode"] == "M_LIMIT_EXCEEDED"
+        theirs = request(app, "GET", url, headers=bearer(other))
+        await until(lambda: parked() == 3, "another user's waiter parked")
+        for waiter in [*mine, theirs]:
+            waiter.hang_up.set()
+        await until(lambda: parked() == 0, "all released")
+        assert app.caps.total == 0 and not app.caps.per_requester
+
+    with msc3870_settings(WAIT_MAX_WAITERS_PER_REQUESTER=2):
+        run(scenario)

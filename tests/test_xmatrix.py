@@ -208,14 +208,17 @@ def test_keys_are_cached_for_at_most_half_their_remaining_validity(
     published: FakeRemote, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     timeouts: list[float] = []
-    real_set = cache.set
+    # The class, not the cache object: the fetch runs on a thread of its own, whose cache
+    # connection is another object.
+    cache_class = type(cache._connections[cache._alias])  # type: ignore[attr-defined]
+    real_set = cache_class.set
 
-    def recording_set(key: str, value: Any, timeout: Any = None, **kwargs: Any) -> None:
+    def recording_set(self: Any, key: str, value: Any, timeout: Any = None, **kwargs: Any) -> None:
         if ":key:" in key:
             timeouts.append(timeout)
-        real_set(key, value, timeout, **kwargs)
+        real_set(self, key, value, timeout, **kwargs)
 
-    monkeypatch.setattr(keyring.cache, "set", recording_set)
+    monkeypatch.setattr(cache_class, "set", recording_set)
     authenticate("GET", URI, [signed_header(published)])
     assert len(timeouts) == 1
     assert DAY_MS / 2 / 1000 - 5 <= timeouts[0] <= DAY_MS / 2 / 1000

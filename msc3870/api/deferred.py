@@ -15,12 +15,15 @@ from typing import Any, TypeVar
 from django.http import HttpResponseBase, JsonResponse
 
 from ..errors import NotYetUploaded
-from ..waiting import AUTHENTICATED, MediaWait, block_until_answered
+from ..waiting import AUTHENTICATED, MediaWait, RetryWhenDone, block_until_answered
 
 T = TypeVar("T")
 
 #: request.META key set by the handler that can park requests.
 CAN_DEFER = "msc3870.can_defer"
+#: request.META key set by that handler on a request it runs again after a
+#: ``RetryWhenDone``: the request may not park that way a second time.
+RETRIED = "msc3870.retried"
 # Headers that belong to one response's body or status, never carried to another.
 REPRESENTATION_HEADERS = frozenset(
     {"etag", "last-modified", "allow", "location", "retry-after", "cache-control", "expires"}
@@ -31,7 +34,7 @@ class DeferredResponse(JsonResponse):
     """The handler's cue to wait, never sent. (202, so that Django does not log it as a
     server error on its way through the middleware.)"""
 
-    def __init__(self, wait: MediaWait[HttpResponseBase]) -> None:
+    def __init__(self, wait: MediaWait[HttpResponseBase] | RetryWhenDone) -> None:
         super().__init__(NotYetUploaded().as_dict(), status=202)
         self.wait = wait
         self._own_headers = {name.lower() for name in self.headers}
@@ -51,6 +54,21 @@ class DeferredResponse(JsonResponse):
         ]
 
 
+def can_park(request: Any) -> bool:
+    """Whether the server running ``request`` (a Django request) can park it on a
+    ``RetryWhenDone``: only the handler that marks it, and only once."""
+    return bool(request.META.get(CAN_DEFER)) and not request.META.get(RETRIED)
+
+
+def requester_of(request: Any) -> str:
+    """Who a request waits for, as waiting caps count: its authenticated user (a Matrix
+    user, or another server), else its client address."""
+    user = getattr(request, "user", None)
+    if user is not None and getattr(user, "is_authenticated", False):
+        return str(user)
+    return "address:" + str(request.META.get("REMOTE_ADDR") or "")
+
+
 def answer(
     request: Any,
     produce: Callable[[], T],
@@ -67,7 +85,9 @@ def answer(
         value = produce()
     except MediaWait as wait:
         # A new wait: no traceback holding this request.
-        rendered = wait.then(render, kind=kind, share_key=share_key)
+        rendered = wait.then(
+            render, kind=kind, share_key=share_key, requester=requester_of(request)
+        )
         if request.META.get(CAN_DEFER):
             return DeferredResponse(rendered)
         return block_until_answered(rendered)

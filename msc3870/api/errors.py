@@ -26,6 +26,8 @@ from ..errors import (
     UnknownToken,
     Unrecognized,
 )
+from ..waiting import RetryWhenDone
+from .deferred import DeferredResponse
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +64,13 @@ def to_matrix_error(exc: BaseException) -> MatrixError | None:
     return None
 
 
-def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
-    """DRF exception handler: Matrix errors for everything DRF or the services raise."""
+def exception_handler(
+    exc: Exception, context: dict[str, Any]
+) -> Response | DeferredResponse | None:
+    """DRF exception handler: Matrix errors for everything DRF or the services raise; a
+    request that must wait for work off the request threads is handed to the server."""
+    if isinstance(exc, RetryWhenDone):
+        return DeferredResponse(exc)
     error = to_matrix_error(exc)
     if error is None:
         return None  # a bug: the middleware turns it into M_UNKNOWN 500 and it is logged

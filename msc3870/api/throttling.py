@@ -14,9 +14,10 @@ from rest_framework.request import Request
 from rest_framework.throttling import BaseThrottle, SimpleRateThrottle
 
 
-def leaky_bucket(key: str, rate: str, setting: str) -> float | None:
+def leaky_bucket(key: str, rate: str, setting: str, *, count: bool = True) -> float | None:
     """Count one request against the bucket at ``key`` (``rate`` is "N/period", DRF's
-    syntax); None if it fits, else the seconds until it would."""
+    syntax); None if it fits, else the seconds until it would. ``count=False`` only asks
+    whether one more would fit."""
     try:
         capacity, period = SimpleRateThrottle.parse_rate(None, rate)  # type: ignore[arg-type]
     except (KeyError, ValueError, IndexError) as exc:
@@ -30,7 +31,8 @@ def leaky_bucket(key: str, rate: str, setting: str) -> float | None:
     level = max(0.0, level - (now - at) * capacity / period)
     if level + 1 > capacity:
         return (level + 1 - capacity) * period / capacity
-    cache.set(key, (level + 1, now), period)
+    if count:
+        cache.set(key, (level + 1, now), period)
     return None
 
 

@@ -16,6 +16,15 @@ Keys are cached (Django cache) for at most half of their remaining validity. Onl
 A server is asked again for a key it did not have at most once a minute, so requests naming
 made-up key ids cannot turn this server into a traffic amplifier; a failed fetch is
 remembered as long.
+
+Fetching never holds the request plane (``KeyFetches``): each process runs at most one
+fetch per server at a time, on a small pool of its own (``FEDERATION_KEY_FETCHES``
+threads, no queue: a request that needs another server's keys while the pool is full is
+refused), all of it (discovery, notaries, the server's own key server) within
+``FEDERATION_KEY_FETCH_TIMEOUT_SECONDS``. A request that needs a fetch in flight either
+waits for it in its thread (``get_verify_key(wait=True)``, for servers without the
+request plane) or gets ``KeyFetchPending`` to hand to the server, which parks it
+holding no thread and runs it again once the fetch is done.
 """
 
 from __future__ import annotations
@@ -23,7 +32,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +65,16 @@ BANNED_VERIFY_KEYS = frozenset({"l/O9hxMVKB6Lg+3Hqf0FQQZhVESQcMzbPN1Cz2nM3og="})
 
 class KeyLookupError(Exception):
     """No usable key: the server could not be asked, or its answer did not check out."""
+
+
+class KeyFetchPending(Exception):
+    """The server's keys are being fetched: ask again once ``future`` is done (at the
+    latest at ``deadline``, a ``time.monotonic()`` value)."""
+
+    def __init__(self, future: Future[None], deadline: float) -> None:
+        super().__init__("key fetch in flight")
+        self.future = future
+        self.deadline = deadline
 
 
 @dataclass(frozen=True)
@@ -230,8 +252,11 @@ def _cached(server_name: str, key_id: str, now: int) -> VerifyKey | None:
     return decode_verify_key_base64(algorithm, version, key_base64)
 
 
-def get_verify_key(server_name: str, key_id: str, now: int | None = None) -> VerifyKey:
-    """The key ``key_id`` of ``server_name``, valid now. Raises KeyLookupError."""
+def get_verify_key(
+    server_name: str, key_id: str, now: int | None = None, *, wait: bool = True
+) -> VerifyKey:
+    """The key ``key_id`` of ``server_name``, valid now. Raises KeyLookupError, or with
+    ``wait=False`` KeyFetchPending while the server's keys are being fetched."""
     now = now_ms() if now is None else now
     if not is_signing_algorithm_supported(key_id):
         raise KeyLookupError(f"Unsupported key algorithm in {key_id!r}")
@@ -243,18 +268,88 @@ def get_verify_key(server_name: str, key_id: str, now: int | None = None) -> Ver
         return local
     if (key := _cached(server_name, key_id, now)) is not None:
         return key
-    fetched = _cache_key("fetched", server_name)
-    if cache.get(fetched):
+    if cache.get(_cache_key("fetched", server_name)):
         raise KeyLookupError(
             f"Key {key_id} of {server_name} unknown (its keys were fetched in the last minute)"
         )
+    future, deadline = fetches.start(server_name, key_id)
+    if not wait:
+        raise KeyFetchPending(future, deadline)
     try:
-        found = _fetch(server_name, key_id, now)
-    finally:
-        cache.set(fetched, True, timeout=REFETCH_AFTER_SECONDS)
-    if key_id not in found:
-        raise KeyLookupError(f"{server_name} has no key {key_id}")
-    return found[key_id].verify_key
+        future.result(timeout=max(0.0, deadline - time.monotonic()))
+    except FutureTimeout as exc:
+        raise KeyLookupError(f"The key fetch of {server_name} took too long") from exc
+    if (key := _cached(server_name, key_id, now_ms())) is not None:
+        return key
+    raise KeyLookupError(f"{server_name} has no key {key_id}")
+
+
+class KeyFetches:
+    """The key fetches of this process: at most one per server, on a pool of
+    ``FEDERATION_KEY_FETCHES`` threads that never queues. Requests for other key ids of
+    a server share the fetch started for the first (the server's own answer lists all its
+    keys; a key it lacks is asked for again a minute later at the earliest)."""
+
+    #: What a waiter allows beyond the fetch's own deadline before giving up on it.
+    SLACK_SECONDS = 1.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[str, tuple[Future[None], float]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._idle = threading.Condition(self._lock)
+
+    def start(self, server_name: str, key_id: str) -> tuple[Future[None], float]:
+        """The fetch of ``server_name``'s keys in flight, started if none is, and the
+        time by which it ends. Raises KeyLookupError when the pool is full."""
+        with self._lock:
+            running = self._running.get(server_name)
+            if running is not None:
+                return running
+            size = app_settings.FEDERATION_KEY_FETCHES
+            if len(self._running) >= size:
+                raise KeyLookupError(
+                    f"Not fetching the keys of {server_name}: {size} key fetches in flight"
+                )
+            if self._pool is None or self._pool._max_workers < size:
+                self._pool = ThreadPoolExecutor(size, thread_name_prefix="msc3870-keys")
+            timeout = app_settings.FEDERATION_KEY_FETCH_TIMEOUT_SECONDS
+            deadline = time.monotonic() + timeout + self.SLACK_SECONDS
+            future = self._pool.submit(self._run, server_name, key_id, timeout)
+            self._running[server_name] = (future, deadline)
+        future.add_done_callback(lambda _done: self._forget(server_name))
+        return future, deadline
+
+    def _forget(self, server_name: str) -> None:
+        with self._lock:
+            self._running.pop(server_name, None)
+            self._idle.notify_all()
+
+    @staticmethod
+    def _run(server_name: str, key_id: str, timeout: float) -> None:
+        """Everything the keys take, within one deadline; what checks out is cached, and
+        the attempt is remembered either way (``REFETCH_AFTER_SECONDS``)."""
+        try:
+            with outbound.deadline(timeout):
+                _fetch(server_name, key_id, now_ms())
+        except KeyLookupError as exc:
+            log.info("Key fetch of %s failed: %s", server_name, exc)
+        except Exception:
+            log.exception("Key fetch of %s failed", server_name)
+        finally:
+            cache.set(_cache_key("fetched", server_name), True, timeout=REFETCH_AFTER_SECONDS)
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._running)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Until no fetch is in flight (tests, shutdown); whether that happened in time."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._running, timeout)
+
+
+fetches = KeyFetches()
 
 
 def _fetch(server_name: str, key_id: str, now: int) -> dict[str, ServerKey]:

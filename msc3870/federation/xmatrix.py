@@ -154,12 +154,14 @@ def authenticate(
     content: Any | None = None,
     *,
     now: int | None = None,
+    wait: bool = True,
 ) -> str:
     """The origin server of a request, if one of its X-Matrix credentials verifies.
 
     ``uri`` is the raw path and query (``raw_request_uri``), ``authorization`` every
     ``Authorization`` value, ``content`` the parsed JSON body or None when there is none.
-    Raises Unauthorized (401 ``M_UNAUTHORIZED``) otherwise."""
+    Raises Unauthorized (401 ``M_UNAUTHORIZED``) otherwise; with ``wait=False``,
+    ``keyring.KeyFetchPending`` while the origin's keys are being fetched."""
     try:
         credentials = parse_x_matrix(authorization)
     except MalformedAuthorization as exc:
@@ -181,7 +183,7 @@ def authenticate(
         signed = request_json(method, uri, origin, server_name, content)
         signed["signatures"] = {origin: {credential.key: credential.sig}}
         try:
-            verify_key = keyring.get_verify_key(origin, credential.key, now)
+            verify_key = keyring.get_verify_key(origin, credential.key, now, wait=wait)
         except keyring.KeyLookupError as exc:
             # The details (addresses, remote errors) go to the log, not to the requester.
             log.info("X-Matrix from %s: key %s: %s", origin, credential.key, exc)
@@ -272,8 +274,12 @@ def authorization_headers(request: Any) -> list[str]:
     return [value] if value else []
 
 
-def authenticate_request(request: Any, content: Any | None = None) -> str:
+def authenticate_request(request: Any, content: Any | None = None, *, wait: bool = True) -> str:
     """``authenticate`` for a Django request (ASGI or WSGI): the origin, or Unauthorized."""
     return authenticate(
-        request.method, raw_request_uri(request), authorization_headers(request), content
+        request.method,
+        raw_request_uri(request),
+        authorization_headers(request),
+        content,
+        wait=wait,
     )
