@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
+import multiprocessing
 import socket
 import sys
 import tempfile
@@ -42,6 +44,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -97,29 +100,57 @@ class SilentPeer:
         conn.close()
 
 
-@dataclass
-class Probes:
-    """``/versions`` latencies, one request at a time at a fixed rate."""
-
-    latencies: list[float] = field(default_factory=list)
-    failures: Counter[str] = field(default_factory=Counter)
-
-    async def run(
-        self, session: aiohttp.ClientSession, url: str, hz: float, stop: asyncio.Event
-    ) -> None:
-        period = 1 / hz
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                async with session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
-                    await resp.read()
-                    if resp.status != 200:
-                        self.failures[str(resp.status)] += 1
-            except Exception as exc:
-                self.failures[type(exc).__name__] += 1
+def probe_loop(url: str, hz: float, stop: Any, out: Any) -> None:
+    """``GET url`` one at a time at ``hz`` over one keep-alive connection until ``stop``;
+    puts (latencies, failures) on ``out``. Runs in a process of its own, so that the
+    hostile client's work never delays a probe."""
+    parts = urlsplit(url)
+    conn: http.client.HTTPConnection | None = None
+    latencies: list[float] = []
+    failures: Counter[str] = Counter()
+    period = 1 / hz
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            if conn is None:
+                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+            conn.request("GET", parts.path)
+            response = conn.getresponse()
+            response.read()
+            if response.status == 200:
+                latencies.append(time.monotonic() - started)
             else:
-                self.latencies.append(time.monotonic() - started)
-            await asyncio.sleep(max(0.0, period - (time.monotonic() - started)))
+                failures[str(response.status)] += 1
+        except Exception as exc:
+            failures[type(exc).__name__] += 1
+            if conn is not None:
+                conn.close()
+            conn = None
+        time.sleep(max(0.0, period - (time.monotonic() - started)))
+    out.put((latencies, dict(failures)))
+
+
+class Probes:
+    """``/versions`` latencies, one request at a time at a fixed rate, from a process of
+    their own."""
+
+    def __init__(self, url: str, hz: float) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.stop_event = context.Event()
+        self.out: Any = context.Queue()
+        self.process = context.Process(
+            target=probe_loop, args=(url, hz, self.stop_event, self.out), daemon=True
+        )
+        self.latencies: list[float] = []
+        self.failures: dict[str, int] = {}
+
+    def start(self) -> None:
+        self.process.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.latencies, self.failures = self.out.get(timeout=30)
+        self.process.join(10)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -127,7 +158,7 @@ class Probes:
             "p50_ms": _ms(percentile(self.latencies, 50)),
             "p99_ms": _ms(percentile(self.latencies, 99)),
             "max_ms": _ms(max(self.latencies) if self.latencies else None),
-            "failures": dict(self.failures),
+            "failures": self.failures,
         }
 
 
@@ -205,31 +236,29 @@ async def phase(
 ) -> dict[str, Any]:
     """Probes (and ``load``, a coroutine function taking the session) for ``seconds``,
     or until ``load`` is done if it takes longer."""
-    probes, samples = Probes(), Samples()
+    probes, samples = Probes(server.url + "/_matrix/client/versions", hz), Samples()
     stop = asyncio.Event()
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
-    async with aiohttp.ClientSession(connector=connector) as probe_session:
-        tasks = [
-            asyncio.ensure_future(
-                probes.run(probe_session, server.url + "/_matrix/client/versions", hz, stop)
-            ),
-            asyncio.ensure_future(sample(server, samples, stop)),
-        ]
-        started = time.monotonic()
-        result: dict[str, Any] = {}
-        if load is not None:
-            hostile_connector = aiohttp.TCPConnector(limit=0, force_close=True)
-            async with aiohttp.ClientSession(connector=hostile_connector) as session:
-                result = await load(session)
-        remaining = seconds - (time.monotonic() - started)
-        if remaining > 0:
-            await asyncio.sleep(remaining)
-        stop.set()
-        await asyncio.gather(*tasks)
+    probes.start()
+    sampling = asyncio.ensure_future(sample(server, samples, stop))
+    started = time.monotonic()
+    cpu_before = server.tree.cpu_seconds()
+    result: dict[str, Any] = {}
+    if load is not None:
+        connector = aiohttp.TCPConnector(limit=0, force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            result = await load(session)
+    remaining = seconds - (time.monotonic() - started)
+    if remaining > 0:
+        await asyncio.sleep(remaining)
+    stop.set()
+    await sampling
+    cpu = server.tree.cpu_seconds() - cpu_before
+    await asyncio.get_running_loop().run_in_executor(None, probes.stop)
     print(f"  {name}: {time.monotonic() - started:.1f} s", flush=True)
     return {
         "name": name,
         "seconds": round(time.monotonic() - started, 1),
+        "server_cpu_s": round(cpu, 3),
         "versions": probes.summary(),
         **samples.summary(),
         **result,
@@ -340,6 +369,7 @@ def summary(report: dict[str, Any]) -> str:
                 h.get("sent", 0),
                 ", ".join(f"{k}: {n}" for k, n in sorted(h.get("statuses", {}).items())) or "-",
                 h.get("answer_max_ms", "-"),
+                p["server_cpu_s"],
                 f"{p['rss_mib_start']} / {p['rss_mib_peak']} / {p['rss_mib_end']}",
                 f"{p['threads_start']} / {p['threads_peak']} / {p['threads_end']}",
             ]
@@ -355,6 +385,7 @@ def summary(report: dict[str, Any]) -> str:
             "hostile sent",
             "hostile answers",
             "slowest hostile answer ms",
+            "server CPU s",
             "RSS MiB start / peak / end",
             "threads start / peak / end",
         ],

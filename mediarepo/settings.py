@@ -261,6 +261,11 @@ MSC3870["FEDERATION_VERIFY_TLS"] = env("MSC3870_FEDERATION_VERIFY_TLS") != "0"
 # Federation media requests per origin server ("600/min"); "0" turns the limit off.
 if _rate := env("MSC3870_FEDERATION_MEDIA_RATE"):
     MSC3870["FEDERATION_MEDIA_RATE"] = None if _rate == "0" else _rate
+# Federation requests in flight per client address per web process.
+if env("MSC3870_FEDERATION_REQUESTS_PER_ADDRESS"):
+    MSC3870["FEDERATION_REQUESTS_PER_ADDRESS"] = env_int(
+        "MSC3870_FEDERATION_REQUESTS_PER_ADDRESS", 50
+    )
 # Fetches of other servers' keys: in flight per process, and seconds one may take in all.
 if env("MSC3870_FEDERATION_KEY_FETCHES"):
     MSC3870["FEDERATION_KEY_FETCHES"] = env_int("MSC3870_FEDERATION_KEY_FETCHES", 4)

@@ -60,6 +60,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 MATRIX_PREFIX = "/_matrix/"
+FEDERATION_PREFIX = "/_matrix/federation/"
 # Middleware only the admin needs: not run for /_matrix requests.
 ADMIN_ONLY_MIDDLEWARE = frozenset(
     {
@@ -143,6 +144,28 @@ def _decrement(counter: Counter[Any], key: Any) -> None:
         del counter[key]
 
 
+class InFlight:
+    """Requests in flight per key (a client address), at most ``cap()`` each."""
+
+    def __init__(self, cap: Callable[[], int]) -> None:
+        self.cap = cap
+        self.counts: Counter[str] = Counter()
+
+    def admit(self, key: str) -> bool:
+        if self.counts[key] >= self.cap():
+            return False
+        self.counts[key] += 1
+        return True
+
+    def release(self, key: str) -> None:
+        _decrement(self.counts, key)
+
+
+_BUSY_ADDRESS = LimitExceeded(
+    "Too many federation requests in flight from this address", retry_after_ms=1000
+)
+
+
 class _Chain(base.BaseHandler):
     """One middleware chain, run synchronously."""
 
@@ -181,6 +204,7 @@ class MediaASGIHandler:
         # milliseconds: their own threads, so that they never hold up the small ones.
         self.bulk_executor = ThreadPoolExecutor(self.threads, thread_name_prefix="msc3870-bulk")
         self.caps = WaitCaps()
+        self.federation_in_flight = InFlight(lambda: app_settings.FEDERATION_REQUESTS_PER_ADDRESS)
         self._resumes = _Batches(self)
 
     # ------------------------------------------------------------------ ASGI
@@ -198,6 +222,13 @@ class MediaASGIHandler:
             started = True
             await send(message)
 
+        address = scope["client"][0] if scope.get("client") else ""
+        federation = scope["path"].startswith(FEDERATION_PREFIX)
+        if federation and not self.federation_in_flight.admit(address):
+            # Refused on the loop, before any thread: anyone can send these, and a burst
+            # of them must not queue ahead of other requests for the request threads.
+            await self._send(Outgoing.error(_BUSY_ADDRESS), send)
+            return
         try:
             await self._handle(scope, receive, tracking_send)
         except _ClientGone:
@@ -210,6 +241,9 @@ class MediaASGIHandler:
             if started:
                 raise
             await self._send(Outgoing.error(MatrixError("Internal error")), send)
+        finally:
+            if federation:
+                self.federation_in_flight.release(address)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

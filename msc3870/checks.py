@@ -176,6 +176,7 @@ SETTING_TYPES: dict[str, SettingType] = {
     "FEDERATION_VERIFY_TLS": _t(BOOL, security=True),
     "FEDERATION_MEDIA_RATE": _t(STR, null=True, security=True),
     "FEDERATION_AUTH_FAILURE_RATE": _t(STR, null=True, security=True),
+    "FEDERATION_REQUESTS_PER_ADDRESS": _t(INT, security=True),
     "FEDERATION_KEY_FETCHES": _t(INT, security=True),
     "FEDERATION_KEY_FETCH_TIMEOUT_SECONDS": _t(NUMBER, security=True),
     "FETCH_REMOTE_MEDIA": _t(BOOL),

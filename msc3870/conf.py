@@ -154,6 +154,9 @@ DEFAULTS: dict[str, Any] = {
     # Failed X-Matrix authentications per client address, DRF syntax, as a leaky bucket;
     # past it the address's federation requests are refused (429) before any work.
     "FEDERATION_AUTH_FAILURE_RATE": "30/min",
+    # Federation requests in flight (waiting included) per client address per process;
+    # past it, an immediate 429 from the event loop, before any thread is involved.
+    "FEDERATION_REQUESTS_PER_ADDRESS": 50,
     # Fetches of other servers' keys in flight per process (one per origin at most; past
     # it, a request needing another origin's keys is refused with 401), and the time one
     # fetch may take in all: discovery, notaries, the origin's own key server.
@@ -441,6 +444,10 @@ class MSC3870Settings:
     @property
     def FEDERATION_AUTH_FAILURE_RATE(self) -> str | None:
         return self._get("FEDERATION_AUTH_FAILURE_RATE")
+
+    @property
+    def FEDERATION_REQUESTS_PER_ADDRESS(self) -> int:
+        return int(self._get("FEDERATION_REQUESTS_PER_ADDRESS"))
 
     @property
     def FEDERATION_KEY_FETCHES(self) -> int:

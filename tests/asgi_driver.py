@@ -43,8 +43,10 @@ def request(
     headers: dict[str, str] | None = None,
     chunks: list[bytes] | None = None,
     content_length: bool = True,
+    client: str = "127.0.0.1",
 ) -> Exchange:
-    """Start a request on the running loop. ``chunks`` sends the body in pieces."""
+    """Start a request on the running loop. ``chunks`` sends the body in pieces;
+    ``client`` is the address it comes from."""
     hang_up = asyncio.Event()
     pieces = list(chunks) if chunks is not None else [body]
     sent: list[dict[str, Any]] = []
@@ -64,7 +66,7 @@ def request(
         "query_string": query.encode(),
         "root_path": "",
         "headers": [(b"host", b"127.0.0.1:8008"), *header_list],
-        "client": ("127.0.0.1", 40000),
+        "client": (client, 40000),
         "server": ("127.0.0.1", 8008),
     }
 

@@ -133,6 +133,39 @@ def test_past_the_fetch_pool_requests_are_refused_at_once(app: Any, silent_peers
     assert len(second.accepted) == 0
 
 
+@pytest.mark.usefixtures("key_fetches")
+def test_federation_requests_in_flight_are_capped_per_address_on_the_loop(
+    app: Any, silent_peers: Any
+) -> None:
+    """Past the cap, refused before any thread runs the request (so a burst from one
+    address cannot queue ahead of everyone else); other addresses are not affected."""
+    peer = silent_peers()
+    headers = hostile_headers(peer.server_name)
+
+    async def scenario() -> None:
+        waiting = [request(app, "GET", DOWNLOAD, headers=headers) for _ in range(3)]
+        await until(lambda: app.caps.total == 3, "three parked requests")
+        ran: list[Any] = []
+        real_run = app._run
+        app._run = lambda *args, **kwargs: ran.append(args) or real_run(*args, **kwargs)
+        try:
+            refused = await call(app, "GET", DOWNLOAD, headers=headers)
+        finally:
+            app._run = real_run
+        assert refused.status == 429
+        assert refused.json()["errcode"] == "M_LIMIT_EXCEEDED"
+        assert refused.headers["retry-after"] == "1"
+        assert ran == [], "refused without a thread"
+        elsewhere = request(app, "GET", DOWNLOAD, headers=headers, client="127.0.0.9")
+        await until(lambda: app.caps.total == 4, "another address's request parked")
+        for exchange in [*waiting, elsewhere]:
+            assert (await exchange.reply(timeout=10)).status == 401
+        assert not app.federation_in_flight.counts
+
+    with msc3870_settings(**FAST_FAILING, FEDERATION_REQUESTS_PER_ADDRESS=3):
+        run(scenario)
+
+
 def test_without_the_asgi_handler_a_fetch_in_flight_is_shared(db: None, silent_peers: Any) -> None:
     """Django's test client (and any WSGI server) waits in its thread, but still for the
     one fetch of that origin."""
