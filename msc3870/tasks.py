@@ -52,12 +52,13 @@ def delete_objects_task(self: Any, pk: int) -> bool | str:
 
 
 @shared_task(name="msc3870.fetch_remote_media", **TASK_OPTIONS)
-def fetch_remote_media_task(pk: int) -> str:
+def fetch_remote_media_task(pk: int, requester: str | None = None) -> str:
     """Not retried by Celery: a fetch that fails marks its row, which requests answer from
-    and fetch again after ``REMOTE_MEDIA_FAILURE_SECONDS``."""
+    and fetch again after ``REMOTE_MEDIA_FAILURE_SECONDS``. ``requester``: the user whose
+    request started the fetch, charged the bytes read."""
     from .federation import remote_media
 
-    return remote_media.fetch_remote_media(pk)
+    return remote_media.fetch_remote_media(pk, requester)
 
 
 @shared_task(name="msc3870.expire_pending", **TASK_OPTIONS)
