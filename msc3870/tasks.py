@@ -81,6 +81,11 @@ def delete_orphaned_uploads_task() -> int:
     return maintenance.delete_orphaned_uploads()
 
 
+@shared_task(name="msc3870.evict_remote_media", **TASK_OPTIONS)
+def evict_remote_media_task() -> dict[str, int]:
+    return vars(maintenance.evict_remote_media())
+
+
 @shared_task(name="msc3870.delete_old_tombstones", **TASK_OPTIONS)
 def delete_old_tombstones_task() -> int:
     return maintenance.delete_old_tombstones()
