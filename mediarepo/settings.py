@@ -281,6 +281,15 @@ if _rate := env("MSC3870_FEDERATION_AUTH_FAILURE_RATE"):
 MSC3870["FETCH_REMOTE_MEDIA"] = env("MSC3870_FETCH_REMOTE_MEDIA") != "0"
 MSC3870["REMOTE_MEDIA_FAILURE_SECONDS"] = env_int("MSC3870_REMOTE_MEDIA_FAILURE_SECONDS", 60)
 MSC3870["REMOTE_MEDIA_TIMEOUT_SECONDS"] = env_int("MSC3870_REMOTE_MEDIA_TIMEOUT_SECONDS", 120)
+# What fetching may cost: bytes per second and burst per user ("0" per second: no limit),
+# fetches in flight, bytes of other servers' media kept ("0": no bound). Unset: the app's.
+if _per_second := env("MSC3870_REMOTE_MEDIA_DOWNLOAD_PER_SECOND"):
+    MSC3870["REMOTE_MEDIA_DOWNLOAD_PER_SECOND"] = int(_per_second) or None
+if _cache_bytes := env("MSC3870_REMOTE_MEDIA_CACHE_MAX_BYTES"):
+    MSC3870["REMOTE_MEDIA_CACHE_MAX_BYTES"] = int(_cache_bytes) or None
+for _key in ("REMOTE_MEDIA_DOWNLOAD_BURST_COUNT", "REMOTE_MEDIA_MAX_FETCHES"):
+    if env(f"MSC3870_{_key}"):
+        MSC3870[_key] = env_int(f"MSC3870_{_key}", 0)
 if env("MATRIX_HOMESERVER_URL"):
     MSC3870["HOMESERVER_URL"] = env("MATRIX_HOMESERVER_URL")
     MSC3870["TOKEN_RESOLVER"] = "msc3870.auth.HomeserverTokenResolver"

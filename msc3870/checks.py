@@ -182,6 +182,10 @@ SETTING_TYPES: dict[str, SettingType] = {
     "FETCH_REMOTE_MEDIA": _t(BOOL),
     "REMOTE_MEDIA_FAILURE_SECONDS": _t(INT),
     "REMOTE_MEDIA_TIMEOUT_SECONDS": _t(NUMBER),
+    "REMOTE_MEDIA_DOWNLOAD_PER_SECOND": _t(INT, null=True, security=True),
+    "REMOTE_MEDIA_DOWNLOAD_BURST_COUNT": _t(INT, security=True),
+    "REMOTE_MEDIA_MAX_FETCHES": _t(INT, security=True),
+    "REMOTE_MEDIA_CACHE_MAX_BYTES": _t(INT, null=True, security=True),
 }
 
 
@@ -288,13 +292,29 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             getattr(app_settings, name)
         except ImproperlyConfigured as exc:
             errors.append(Error(str(exc), id="msc3870.E005"))
-    positive = ("MAX_UPLOAD_SIZE", "UNUSED_EXPIRATION", "COMPLETE_WAIT_SECONDS")
-    non_negative = ("MAX_PENDING_UPLOADS", "DOWNLOAD_TIMEOUT_MS", "DOWNLOAD_TIMEOUT_MS_MAX")
+    positive = (
+        "MAX_UPLOAD_SIZE",
+        "UNUSED_EXPIRATION",
+        "COMPLETE_WAIT_SECONDS",
+        "REMOTE_MEDIA_DOWNLOAD_PER_SECOND",
+        "REMOTE_MEDIA_DOWNLOAD_BURST_COUNT",
+        "REMOTE_MEDIA_MAX_FETCHES",
+    )
+    non_negative = (
+        "MAX_PENDING_UPLOADS",
+        "DOWNLOAD_TIMEOUT_MS",
+        "DOWNLOAD_TIMEOUT_MS_MAX",
+        "REMOTE_MEDIA_CACHE_MAX_BYTES",
+    )
     for name in (*positive, *non_negative):
         if not typed(name):
             continue
+        # The raw value: the typed properties clamp some of these into range.
+        raw = user.get(name, DEFAULTS[name])
+        if raw is None and SETTING_TYPES[name].nullable:
+            continue  # None: off, or no bound
         try:
-            value = float(getattr(app_settings, name))
+            value = float(raw)
         except (TypeError, ValueError):
             value = -1
         if value < 0 or (name in positive and value == 0):

@@ -168,6 +168,19 @@ DEFAULTS: dict[str, Any] = {
     "FETCH_REMOTE_MEDIA": True,
     "REMOTE_MEDIA_FAILURE_SECONDS": 60,
     "REMOTE_MEDIA_TIMEOUT_SECONDS": 120,
+    # Bytes of other servers' media each user may have fetched, as Synapse's
+    # remote_media_download_per_second and _burst_count: a leaky bucket of BURST_COUNT
+    # bytes drained at PER_SECOND. A user whose bucket is full gets 429 before a new fetch
+    # starts; a fetch's bytes are counted once they have arrived. Media already held costs
+    # nothing, nor does waiting for a fetch another user started. PER_SECOND None: off.
+    "REMOTE_MEDIA_DOWNLOAD_PER_SECOND": 87 * 1024,
+    "REMOTE_MEDIA_DOWNLOAD_BURST_COUNT": 500 * MiB,
+    # Fetches of other servers' media in flight across the deployment; a request that
+    # would start one more gets 429 M_LIMIT_EXCEEDED with a retry time, never a queue.
+    "REMOTE_MEDIA_MAX_FETCHES": 64,
+    # Bytes of other servers' media kept; past it the least recently served are deleted
+    # (the next request fetches them again) down to 90 % of it. None: no bound.
+    "REMOTE_MEDIA_CACHE_MAX_BYTES": 10 * 1024 * MiB,
 }
 
 TYPE_MISMATCH_POLICIES = ("sniffed", "reject", "declared")
@@ -468,6 +481,24 @@ class MSC3870Settings:
     @property
     def REMOTE_MEDIA_TIMEOUT_SECONDS(self) -> float:
         return max(1.0, float(self._get("REMOTE_MEDIA_TIMEOUT_SECONDS")))
+
+    @property
+    def REMOTE_MEDIA_DOWNLOAD_PER_SECOND(self) -> int | None:
+        value = self._get("REMOTE_MEDIA_DOWNLOAD_PER_SECOND")
+        return None if value is None else max(1, int(value))
+
+    @property
+    def REMOTE_MEDIA_DOWNLOAD_BURST_COUNT(self) -> int:
+        return max(1, int(self._get("REMOTE_MEDIA_DOWNLOAD_BURST_COUNT")))
+
+    @property
+    def REMOTE_MEDIA_MAX_FETCHES(self) -> int:
+        return max(1, int(self._get("REMOTE_MEDIA_MAX_FETCHES")))
+
+    @property
+    def REMOTE_MEDIA_CACHE_MAX_BYTES(self) -> int | None:
+        value = self._get("REMOTE_MEDIA_CACHE_MAX_BYTES")
+        return None if value is None else max(0, int(value))
 
 
 def _str_list(name: str, value: Any) -> list[str]:

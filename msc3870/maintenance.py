@@ -1,4 +1,5 @@
-"""Periodic sweeps: expiry, deletion of dead objects, stuck screening, orphaned uploads.
+"""Periodic sweeps: expiry, deletion of dead objects, stuck screening, orphaned uploads,
+the remote media cache.
 
 Each sweep works in bounded batches, moves rows with compare-and-set updates and treats a
 missing object as deleted, so it can run twice, or on two hosts at once, without harm.
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.core.cache import cache
-from django.db.models import Q
+from django.db.models import Q, Sum
 from django.utils import timezone
 
 from . import lifecycle
@@ -33,6 +34,9 @@ IN_FLIGHT_UPLOAD_TIMEOUT = timedelta(hours=1)
 # walk starts again from the beginning: nothing is missed, some keys are looked at twice.
 ORPHAN_SWEEP_CURSOR = "msc3870:orphan-sweep:cursor"
 ORPHAN_SWEEP_CURSOR_SECONDS = 7 * 86400
+# An over-full remote media cache is evicted down to this fraction of its bound, so that
+# the sweep does not run again for every few new fetches.
+REMOTE_CACHE_LOW_WATER = 0.9
 
 
 @dataclass
@@ -40,6 +44,7 @@ class SweepResult:
     moved: int = 0
     objects_deleted: int = 0
     storage_error: str = ""
+    rows_deleted: int = 0
 
 
 def expire_pending(
@@ -77,8 +82,9 @@ def expire_pending(
 def delete_dead_objects(
     *, batch_size: int = DEFAULT_BATCH, max_batches: int = DEFAULT_MAX_BATCHES
 ) -> SweepResult:
-    """Delete objects of rejected, expired and deleted media not yet cleaned up."""
-    result = SweepResult()
+    """Delete objects of rejected, expired and deleted media not yet cleaned up, and the
+    rows of failed fetches of other servers' media."""
+    result = SweepResult(rows_deleted=delete_failed_fetches(batch_size=batch_size))
     for _ in range(max_batches):
         pks = list(
             Media.objects.filter(objects_deleted_at__isnull=True)
@@ -201,3 +207,114 @@ def delete_old_tombstones(*, batch_size: int = DEFAULT_BATCH) -> int:
         return 0
     deleted, _ = Media.objects.filter(pk__in=pks).delete()
     return deleted
+
+
+# ---------------------------------------------------------------------------- remote media
+
+
+def _remote() -> Q:
+    # The condition of the remote media index (msc3870_remote_state_access), written the
+    # same way so that every query below can use it.
+    return Q(upload_method=UploadMethod.REMOTE)
+
+
+def delete_failed_fetches(*, batch_size: int = DEFAULT_BATCH) -> int:
+    """Delete the rows of failed fetches (no bytes, not a moderator's) once
+    ``REMOTE_MEDIA_FAILURE_SECONDS`` have passed: a request would delete such a row and
+    fetch again anyway, and nothing else needs it (not a 30-day tombstone)."""
+    cutoff = timezone.now() - timedelta(seconds=app_settings.REMOTE_MEDIA_FAILURE_SECONDS)
+    failed = Media.objects.filter(
+        _remote(),
+        state=S.REJECTED,
+        storage_key="",
+        moderated_by="",
+        objects_deleted_at__isnull=False,
+        state_changed_at__lte=cutoff,
+    )
+    pks = list(failed.values_list("pk", flat=True)[:batch_size])
+    if not pks:
+        return 0
+    # The conditions again: a row a moderator acted on meanwhile stays.
+    deleted, _ = failed.filter(pk__in=pks).delete()
+    return deleted
+
+
+def remote_cache_bytes() -> int:
+    """Bytes of other servers' media held: the size of every remote row with bytes, once
+    per row (content shared with other media is counted for each)."""
+    total = (
+        Media.objects.filter(_remote(), state__in=lifecycle.LIVE_STATES)
+        .exclude(storage_key="")
+        .aggregate(total=Sum("size"))["total"]
+    )
+    return int(total or 0)
+
+
+def evict_remote_media(
+    *, batch_size: int = DEFAULT_BATCH, max_batches: int = DEFAULT_MAX_BATCHES
+) -> SweepResult:
+    """Keep other servers' media under ``REMOTE_MEDIA_CACHE_MAX_BYTES``: past it, delete
+    the least recently served (``last_accessed_at``) until the total is under
+    ``REMOTE_CACHE_LOW_WATER`` of it. Only complete media no moderator acted on goes
+    (quarantined, approved or otherwise moderated media stays).
+
+    Each evicted row moves to DELETED (compare-and-set), its objects and thumbnails are
+    deleted unless live media serves the same key (``pipeline.delete_objects_of``, as for
+    all dead media), then the row itself goes, so that a later request fetches the media
+    again. A sweep that stops half-way (storage down, process killed) leaves DELETED rows
+    that the next one finishes first; a missing object counts as deleted."""
+    result = SweepResult()
+    try:
+        _finish_evictions(result, batch_size=batch_size)
+        bound = app_settings.REMOTE_MEDIA_CACHE_MAX_BYTES
+        if bound is None:
+            return result
+        total = remote_cache_bytes()
+        if total <= bound:
+            return result
+        target = int(bound * REMOTE_CACHE_LOW_WATER)
+        for _ in range(max_batches):
+            if total <= target:
+                break
+            candidates = (
+                Media.objects.filter(_remote(), state=S.COMPLETE, moderated_by="")
+                .order_by("last_accessed_at", "pk")
+                .values_list("pk", "size")[:batch_size]
+            )
+            chosen: dict[int, int] = {}
+            for pk, size in candidates:
+                if total - sum(chosen.values()) <= target:
+                    break
+                chosen[pk] = size or 0
+            if not chosen:
+                break
+            moved = lifecycle.transition_many(
+                list(chosen),
+                [S.COMPLETE],
+                S.DELETED,
+                extra_where=_remote() & Q(moderated_by=""),
+            )
+            result.moved += len(moved)
+            total -= sum(chosen[pk] for pk in moved)
+            _finish_evictions(result, batch_size=batch_size, pks=moved)
+    except StorageUnavailable as exc:
+        log.warning("Eviction of remote media stops until the storage is back: %s", exc)
+        result.storage_error = exc.message
+    if result.moved:
+        log.info("Evicted %s remote media from the cache", result.moved)
+    return result
+
+
+def _finish_evictions(
+    result: SweepResult, *, batch_size: int, pks: list[int] | None = None
+) -> None:
+    """Delete the objects, then the rows, of evicted media (``pks``, or any a stopped
+    sweep left: remote, DELETED and no moderator's, which a purge always names)."""
+    evicted = Media.objects.filter(_remote(), state=S.DELETED, moderated_by="")
+    if pks is None:
+        pks = list(evicted.values_list("pk", flat=True)[:batch_size])
+    if not pks:
+        return
+    result.objects_deleted += delete_objects_of(pks)
+    deleted, _ = evicted.filter(pk__in=pks, objects_deleted_at__isnull=False).delete()
+    result.rows_deleted += deleted

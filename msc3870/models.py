@@ -91,6 +91,12 @@ class Media(models.Model):
         null=True, blank=True, help_text="When storage objects of dead media were deleted."
     )
     moderated_by = models.CharField(max_length=255, blank=True)
+    last_accessed_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="Another server's media: when it was last served (to the hour), for "
+        "evicting the least recently used from the cache.",
+    )
 
     objects = MediaQuerySet.as_manager()
 
@@ -120,6 +126,14 @@ class Media(models.Model):
                 fields=["state"],
                 condition=models.Q(objects_deleted_at__isnull=True),
                 name="msc3870_uncleaned",
+            ),
+            # Other servers' media by state: the fetches in flight (counted before a new
+            # one starts), the cache in least recently served order (eviction) and failed
+            # fetches (deleted by the cleanup sweep).
+            models.Index(
+                fields=["state", "last_accessed_at"],
+                condition=models.Q(upload_method="remote"),
+                name="msc3870_remote_state_access",
             ),
         ]
 

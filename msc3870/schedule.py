@@ -15,6 +15,7 @@ DEFAULT_SCHEDULE: dict[str, tuple[str, float]] = {
     "msc3870: delete objects of dead media": ("msc3870.delete_dead_objects", 300.0),
     "msc3870: re-queue stuck screening": ("msc3870.redispatch_stuck", 120.0),
     "msc3870: delete orphaned uploads": ("msc3870.delete_orphaned_uploads", 3600.0),
+    "msc3870: evict remote media": ("msc3870.evict_remote_media", 600.0),
     "msc3870: delete old tombstones": ("msc3870.delete_old_tombstones", 86400.0),
 }
 

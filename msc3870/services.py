@@ -578,14 +578,15 @@ def media_for_download(
     *,
     timeout_ms: int,
     frozen_after: datetime | None = None,
-    fetch_remote: bool = False,
+    fetch_for: str | None = None,
 ) -> Media:
     """The complete media behind an mxc:// id; ``MediaWait`` (up to ``timeout_ms``) while
     it is being uploaded or checked. Media created after ``frozen_after`` is not found (the
     legacy unauthenticated endpoints' freeze, MSC3916), before and after any wait.
 
-    Another server's media is served if held; with ``fetch_remote`` it is fetched first
-    (``msc3870.federation.remote_media``), and waited for as an upload is."""
+    Another server's media is served if held; with ``fetch_for`` (the Matrix user asking,
+    charged what is fetched) it is fetched first (``msc3870.federation.remote_media``),
+    and waited for as an upload is."""
     validate_mxc(server_name, media_id)
     if server_name != app_settings.SERVER_NAME:
         from .federation import remote_media
@@ -595,7 +596,7 @@ def media_for_download(
             media_id,
             deadline=Deadline.after_ms(timeout_ms),
             frozen_after=frozen_after,
-            fetch=fetch_remote,
+            fetch_for=fetch_for,
         )
     return _downloadable(
         _local_media(server_name, media_id),

@@ -52,12 +52,13 @@ def delete_objects_task(self: Any, pk: int) -> bool | str:
 
 
 @shared_task(name="msc3870.fetch_remote_media", **TASK_OPTIONS)
-def fetch_remote_media_task(pk: int) -> str:
+def fetch_remote_media_task(pk: int, requester: str | None = None) -> str:
     """Not retried by Celery: a fetch that fails marks its row, which requests answer from
-    and fetch again after ``REMOTE_MEDIA_FAILURE_SECONDS``."""
+    and fetch again after ``REMOTE_MEDIA_FAILURE_SECONDS``. ``requester``: the user whose
+    request started the fetch, charged the bytes read."""
     from .federation import remote_media
 
-    return remote_media.fetch_remote_media(pk)
+    return remote_media.fetch_remote_media(pk, requester)
 
 
 @shared_task(name="msc3870.expire_pending", **TASK_OPTIONS)
@@ -78,6 +79,11 @@ def redispatch_stuck_task() -> int:
 @shared_task(name="msc3870.delete_orphaned_uploads", **TASK_OPTIONS)
 def delete_orphaned_uploads_task() -> int:
     return maintenance.delete_orphaned_uploads()
+
+
+@shared_task(name="msc3870.evict_remote_media", **TASK_OPTIONS)
+def evict_remote_media_task() -> dict[str, int]:
+    return vars(maintenance.evict_remote_media())
 
 
 @shared_task(name="msc3870.delete_old_tombstones", **TASK_OPTIONS)

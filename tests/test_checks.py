@@ -68,6 +68,15 @@ def test_e005_import_strings(overrides: dict[str, Any]) -> None:
 def test_e006_limits() -> None:
     assert "msc3870.E006" in ids(MAX_UPLOAD_SIZE=0)
     assert "msc3870.E006" in ids(MAX_PENDING_UPLOADS=-1)
+    # Remote media limits: a fetch bound or a rate of 0 would refuse every fetch, a
+    # negative cache bound evict everything; None turns the rate and the bound off.
+    assert "msc3870.E006" in ids(REMOTE_MEDIA_MAX_FETCHES=0)
+    assert "msc3870.E006" in ids(REMOTE_MEDIA_DOWNLOAD_PER_SECOND=0)
+    assert "msc3870.E006" in ids(REMOTE_MEDIA_DOWNLOAD_BURST_COUNT=0)
+    assert "msc3870.E006" in ids(REMOTE_MEDIA_CACHE_MAX_BYTES=-1)
+    assert "msc3870.E006" not in ids(
+        REMOTE_MEDIA_DOWNLOAD_PER_SECOND=None, REMOTE_MEDIA_CACHE_MAX_BYTES=None
+    )
 
 
 def test_e007_type_mismatch_policy() -> None:

@@ -67,3 +67,34 @@ def test_postgresql_prepares_its_statements_unless_told_not_to(
     pooled = project_settings(monkeypatch, DATABASE_URL=url, DATABASE_PREPARED_STATEMENTS="0")
     options = pooled["DATABASES"]["default"].get("OPTIONS", {})
     assert "server_side_binding" not in options and "prepare_threshold" not in options
+
+
+def test_remote_media_limits_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (
+        "DOWNLOAD_PER_SECOND",
+        "DOWNLOAD_BURST_COUNT",
+        "MAX_FETCHES",
+        "CACHE_MAX_BYTES",
+    ):
+        monkeypatch.delenv(f"MSC3870_REMOTE_MEDIA_{name}", raising=False)
+    unset = project_settings(monkeypatch)["MSC3870"]
+    assert not any(key.startswith("REMOTE_MEDIA_D") for key in unset)
+    assert "REMOTE_MEDIA_MAX_FETCHES" not in unset and "REMOTE_MEDIA_CACHE_MAX_BYTES" not in unset
+    read = project_settings(
+        monkeypatch,
+        MSC3870_REMOTE_MEDIA_DOWNLOAD_PER_SECOND="1000",
+        MSC3870_REMOTE_MEDIA_DOWNLOAD_BURST_COUNT="5000000",
+        MSC3870_REMOTE_MEDIA_MAX_FETCHES="8",
+        MSC3870_REMOTE_MEDIA_CACHE_MAX_BYTES="1073741824",
+    )["MSC3870"]
+    assert read["REMOTE_MEDIA_DOWNLOAD_PER_SECOND"] == 1000
+    assert read["REMOTE_MEDIA_DOWNLOAD_BURST_COUNT"] == 5_000_000
+    assert read["REMOTE_MEDIA_MAX_FETCHES"] == 8
+    assert read["REMOTE_MEDIA_CACHE_MAX_BYTES"] == 1 << 30
+    off = project_settings(
+        monkeypatch,
+        MSC3870_REMOTE_MEDIA_DOWNLOAD_PER_SECOND="0",
+        MSC3870_REMOTE_MEDIA_CACHE_MAX_BYTES="0",
+    )["MSC3870"]
+    assert off["REMOTE_MEDIA_DOWNLOAD_PER_SECOND"] is None
+    assert off["REMOTE_MEDIA_CACHE_MAX_BYTES"] is None

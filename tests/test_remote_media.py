@@ -196,15 +196,26 @@ def test_falls_back_to_legacy_download_on_unrecognized(alice: MatrixClient, remo
     assert verified(path, authorization, remote.name)
 
 
-def test_legacy_allow_remote_false_never_fetches(db: None, remote: Remote) -> None:
-    remote.files["x"] = (b"bytes", "text/plain")
+def test_legacy_endpoints_never_fetch(alice: MatrixClient, remote: Remote) -> None:
+    """Unauthenticated requests serve other servers' media only if held, whatever
+    allow_remote says (a token sent to them changes nothing)."""
+    remote.files["x"] = (png_bytes(40, 40), "image/png")
     client = Client()
-    assert client.get(LEGACY + f"{remote.name}/x?allow_remote=false").status_code == 404
+    for query in ("", "?allow_remote=true", "?allow_remote=false"):
+        response = client.get(LEGACY + f"{remote.name}/x{query}")
+        assert response.status_code == 404
+        assert response.json()["errcode"] == "M_NOT_FOUND"
+    thumb = f"/_matrix/media/v3/thumbnail/{remote.name}/x?width=32&height=32"
+    assert client.get(thumb).status_code == 404
+    assert alice.get(LEGACY + f"{remote.name}/x").status_code == 404
     assert remote.fed_hits() == 0
-    response = client.get(LEGACY + f"{remote.name}/x")
-    assert response.status_code == 200
-    # Held now: allow_remote=false serves what is held.
-    assert client.get(LEGACY + f"{remote.name}/x?allow_remote=false").status_code == 200
+    assert not Media.objects.filter(server_name=remote.name).exists()
+
+    # An authenticated request fetches it; held now, the legacy endpoints serve it.
+    assert alice.get(V1 + f"{remote.name}/x").status_code == 200
+    for query in ("", "?allow_remote=false"):
+        assert client.get(LEGACY + f"{remote.name}/x{query}").status_code == 200
+    assert client.get(thumb).status_code == 200
     assert remote.fed_hits() == 1
 
 
@@ -246,9 +257,12 @@ def test_location_to_a_private_address_is_refused(alice: MatrixClient, remote: R
     _location_route(remote, "http://169.254.169.254/latest/meta-data/")
     response = alice.get(V1 + f"{remote.name}/meta")
     assert response.status_code == 502
+    assert response.json() == {"errcode": "M_UNKNOWN", "error": "Could not fetch remote media"}
     media = row(remote.name, "meta")
     assert media.state == MediaState.REJECTED
-    assert "may not reach" in media.rejection_reason
+    # The detail is for moderators (the admin shows last_error), never for clients.
+    assert "may not reach" in media.last_error and "169.254" in media.last_error
+    assert "169.254" not in media.rejection_reason
 
 
 def test_remote_server_on_a_denied_address_is_refused(alice: MatrixClient, remote: Remote) -> None:
@@ -280,7 +294,7 @@ def test_too_large_from_content_length(alice: MatrixClient, remote: Remote) -> N
     with msc3870_settings(MAX_UPLOAD_SIZE=1000):
         response = alice.get(V1 + f"{remote.name}/big")
     assert response.status_code == 502
-    assert response.json()["errcode"] == "M_TOO_LARGE"
+    assert response.json() == {"errcode": "M_TOO_LARGE", "error": "Remote media is too large"}
 
 
 def test_too_large_while_streaming(alice: MatrixClient, remote: Remote) -> None:
@@ -312,7 +326,7 @@ def test_too_large_while_streaming(alice: MatrixClient, remote: Remote) -> None:
 def test_failure_is_remembered_then_retried(alice: MatrixClient, remote: Remote) -> None:
     first = alice.get(V1 + f"{remote.name}/later")
     assert first.status_code == 404
-    assert first.json()["errcode"] == "M_NOT_FOUND"
+    assert first.json() == {"errcode": "M_NOT_FOUND", "error": "Remote media not found"}
     assert alice.get(V1 + f"{remote.name}/later").status_code == 404
     assert remote.fed_hits() == 1  # answered from the row
 

@@ -1,39 +1,21 @@
-"""Rate limits as leaky buckets (Synapse's rate limiter): bursts of up to N, refilled at N
-per period. One small cache entry per key, whatever the rate (DRF's SimpleRateThrottle
-keeps a timestamp per request), in the shared cache, so all web processes count together
-when ``REDIS_URL`` is set."""
+"""Request rates as DRF throttles over ``msc3870.ratelimit.LeakyBucket``: bursts of up to
+N, refilled at N per period. One small cache entry per key, whatever the rate (DRF's
+SimpleRateThrottle keeps a timestamp per request)."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from django.core.cache import cache
-from django.core.exceptions import ImproperlyConfigured
 from rest_framework.request import Request
-from rest_framework.throttling import BaseThrottle, SimpleRateThrottle
+from rest_framework.throttling import BaseThrottle
+
+from ..ratelimit import LeakyBucket
 
 
-def leaky_bucket(key: str, rate: str, setting: str, *, count: bool = True) -> float | None:
+def leaky_bucket(key: str, rate: str, setting: str) -> float | None:
     """Count one request against the bucket at ``key`` (``rate`` is "N/period", DRF's
-    syntax); None if it fits, else the seconds until it would. ``count=False`` only asks
-    whether one more would fit."""
-    try:
-        capacity, period = SimpleRateThrottle.parse_rate(None, rate)  # type: ignore[arg-type]
-    except (KeyError, ValueError, IndexError) as exc:
-        raise ImproperlyConfigured(
-            f"MSC3870[{setting!r}] must look like '600/min' (N per s, min, hour or day)"
-        ) from exc
-    if not capacity or not period:
-        raise ImproperlyConfigured(f"MSC3870[{setting!r}] must allow at least one request")
-    now = time.time()
-    level, at = cache.get(key) or (0.0, now)
-    level = max(0.0, level - (now - at) * capacity / period)
-    if level + 1 > capacity:
-        return (level + 1 - capacity) * period / capacity
-    if count:
-        cache.set(key, (level + 1, now), period)
-    return None
+    syntax); None if it fits, else the seconds until it would."""
+    return LeakyBucket.from_rate(rate, setting).take(key)
 
 
 class LeakyBucketThrottle(BaseThrottle):

@@ -299,7 +299,8 @@ class DownloadView(MatrixView):
         return None
 
     def fetch_remote(self, request: Request) -> bool:
-        """Whether other servers' media not held yet is fetched for this request."""
+        """Whether other servers' media not held yet is fetched for this request (on
+        behalf of its user, who is charged the bytes)."""
         return True
 
     def get(
@@ -321,13 +322,13 @@ class DownloadView(MatrixView):
         says); holds the values, not the request."""
         timeout_ms = self.timeout_ms(request)
         frozen_after = self.frozen_after()
-        fetch_remote = self.fetch_remote(request)
+        fetch_for = str(request.user) if self.fetch_remote(request) else None
         return lambda: services.media_for_download(
             server_name,
             media_id,
             timeout_ms=timeout_ms,
             frozen_after=frozen_after,
-            fetch_remote=fetch_remote,
+            fetch_for=fetch_for,
         )
 
     def serving_key(self, request: Request) -> tuple[Any, ...]:
@@ -362,8 +363,9 @@ class DownloadView(MatrixView):
 class LegacyMediaMixin:
     """The deprecated ``/_matrix/media/v3`` reads: unauthenticated, cacheable by shared
     caches for minutes (``responses.LEGACY_CACHE_SECONDS``), redirected only when the
-    client opts in with ``allow_redirect=true``, and blind to media created after
-    ``LEGACY_MEDIA_FREEZE_AFTER`` (MSC3916's freeze)."""
+    client opts in with ``allow_redirect=true``, blind to media created after
+    ``LEGACY_MEDIA_FREEZE_AFTER`` (MSC3916's freeze), and serving other servers' media
+    only if already held."""
 
     authentication_classes: list[Any] = []
     permission_classes = [AllowAny]
@@ -384,8 +386,10 @@ class LegacyMediaMixin:
         return app_settings.LEGACY_MEDIA_FREEZE_AFTER
 
     def fetch_remote(self, request: Request) -> bool:
-        # The spec's allow_remote (default true): false stops servers fetching in loops.
-        return request.query_params.get("allow_remote", "").lower() != "false"
+        # Never, whatever allow_remote says (as Synapse with authenticated media on): a
+        # request without a token would make this server fetch and keep media for nobody
+        # it could charge.
+        return False
 
 
 class LegacyDownloadView(LegacyMediaMixin, DownloadView):

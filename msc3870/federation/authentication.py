@@ -21,9 +21,10 @@ from rest_framework.authentication import BaseAuthentication
 from rest_framework.request import Request
 
 from ..api.deferred import can_park, requester_of
-from ..api.throttling import LeakyBucketThrottle, leaky_bucket
+from ..api.throttling import LeakyBucketThrottle
 from ..conf import app_settings
 from ..errors import LimitExceeded, Unauthorized
+from ..ratelimit import LeakyBucket
 from ..waiting import Deadline, RetryWhenDone
 from . import keyring
 from .server_names import DEFAULT_FEDERATION_PORT, InvalidServerName, parse_server_name
@@ -54,7 +55,7 @@ class AuthFailures:
         rate = app_settings.FEDERATION_AUTH_FAILURE_RATE
         if not rate:
             return
-        wait = leaky_bucket(self.bucket, rate, "FEDERATION_AUTH_FAILURE_RATE", count=False)
+        wait = LeakyBucket.from_rate(rate, "FEDERATION_AUTH_FAILURE_RATE").wait(self.bucket)
         if wait is not None:
             raise LimitExceeded(
                 "Too many failed authentications from this address",
@@ -63,7 +64,7 @@ class AuthFailures:
 
     def record(self) -> None:
         if rate := app_settings.FEDERATION_AUTH_FAILURE_RATE:
-            leaky_bucket(self.bucket, rate, "FEDERATION_AUTH_FAILURE_RATE")
+            LeakyBucket.from_rate(rate, "FEDERATION_AUTH_FAILURE_RATE").take(self.bucket)
 
 
 class XMatrixAuthentication(BaseAuthentication):

@@ -20,11 +20,25 @@ Route of one ``mxc://other.server/id``, top to bottom:
    (``pipeline.screen_loaded``: type checks, block list, dedup, clamav), which ends in
    COMPLETE or REJECTED and wakes the waiters.
 3. A failed fetch (unreachable, unknown there, too large, refused address) moves the row to
-   REJECTED with the reason and the status to answer (404 for media the server does not
-   have, else 502), and no storage key. For ``REMOTE_MEDIA_FAILURE_SECONDS`` every request
-   gets that answer from the row at once; after that the next request deletes the dead row
-   (compare-and-set on its state and time: one request wins) and fetches again. Media
-   rejected by screening or by a moderator is never fetched again: its row stays.
+   REJECTED with the status to answer (404 for media the server does not have, else 502)
+   and no storage key. Clients hear one of three fixed messages (``CLIENT_MESSAGES``):
+   the detail (addresses, ports, URLs, urllib3's words) is an oracle for our network, so
+   it goes to the log and the row's ``last_error`` only. For
+   ``REMOTE_MEDIA_FAILURE_SECONDS`` every request gets that answer from the row at once;
+   after that the next request deletes the dead row (compare-and-set on its state and
+   time: one request wins) and fetches again, and the cleanup sweep deletes rows no
+   request came back for. Media rejected by screening or by a moderator is never fetched
+   again: its row stays.
+
+What a fetch may cost is decided before its row is inserted (``_admit_fetch``): the
+requester's byte bucket (``REMOTE_MEDIA_DOWNLOAD_PER_SECOND`` / ``_BURST_COUNT``, charged
+with the bytes a fetch read once it ends, to the requester whose request started it), the
+fetches in flight across the deployment (``REMOTE_MEDIA_MAX_FETCHES``) and, without a
+broker, this process's fetch threads. Past any of them the answer is 429 at once. Only
+requests on behalf of a user fetch (the legacy unauthenticated endpoints serve what is
+held); media already held, and waiting for a fetch another request started, cost nothing.
+Serving held media records when (``last_accessed_at``, at most once an hour per media),
+which the cache's eviction sweep (``maintenance.evict_remote_media``) orders by.
 
 Thumbnails of remote media are made here from the fetched original, as for local media.
 """
@@ -33,8 +47,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -44,14 +59,16 @@ from typing import Any
 from urllib.parse import quote
 
 from django.db import IntegrityError, connection, connections, transaction
+from django.db.models import Q
 from django.utils import timezone
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from .. import lifecycle, sql
 from ..conf import app_settings
-from ..errors import MatrixError, NotFound, NotYetUploaded, TooLarge
+from ..errors import LimitExceeded, MatrixError, NotFound, NotYetUploaded, TooLarge
 from ..models import Media, MediaState, UploadMethod
+from ..ratelimit import LeakyBucket
 from ..storage import get_store
 from ..waiting import Deadline, MediaWait
 from . import discovery, outbound
@@ -68,6 +85,23 @@ REQUEST_TIMEOUT_SECONDS = 30.0
 # A fetch still PROCESSING without bytes this long after the fetch deadline was abandoned
 # (its process died): the next request fails it and fetches again.
 ABANDONED_AFTER_EXTRA_SECONDS = 60
+# Serving held media records the time at most this often per media: the cache is evicted
+# in least recently served order, and an hour apart is recent enough to tell.
+ACCESS_GRANULARITY = timedelta(hours=1)
+# When a request refused because too many fetches are in flight may try again: most
+# fetches take a second or two.
+FETCHES_BUSY_RETRY_MS = 2000
+# Without a broker a process fetches on FETCH_THREADS threads and admits FETCH_SLOTS
+# fetches at once (running or waiting for a thread): past that, 429 rather than a queue.
+FETCH_THREADS = 4
+FETCH_SLOTS = 16
+
+GENERIC_MESSAGE = "Could not fetch remote media"
+#: What clients hear of a failed fetch, by errcode (anything else: ``GENERIC_MESSAGE``).
+CLIENT_MESSAGES = {
+    "M_NOT_FOUND": "Remote media not found",
+    "M_TOO_LARGE": "Remote media is too large",
+}
 
 
 class RemoteMediaError(MatrixError):
@@ -101,18 +135,18 @@ def media_for_download(
     *,
     deadline: Deadline,
     frozen_after: datetime | None = None,
-    fetch: bool = True,
+    fetch_for: str | None = None,
 ) -> Media:
-    """The complete media ``mxc://server_name/media_id`` of another server, fetched if
-    ``fetch`` and not held yet; ``MediaWait`` while it is fetched or screened. Without
-    ``fetch`` (``allow_remote=false``) only what is already held is served."""
+    """The complete media ``mxc://server_name/media_id`` of another server; ``MediaWait``
+    while it is fetched or screened. ``fetch_for``: the Matrix user on whose behalf it is
+    fetched if not held yet (charged the bytes); None: only what is held is served."""
     media = sql.media_by_mxc(server_name, media_id)
     if frozen_after is not None and timezone.now() > frozen_after:
         # Anything fetched now would be created after the freeze, and not served to this
         # request anyway.
-        fetch = False
-    if fetch and fetching_enabled():
-        media = _row_to_serve(media, server_name, media_id)
+        fetch_for = None
+    if fetch_for is not None and fetching_enabled():
+        media = _row_to_serve(media, server_name, media_id, fetch_for)
     return _remote_downloadable(media, deadline=deadline, frozen_after=frozen_after)
 
 
@@ -127,10 +161,12 @@ def is_fetch_failure(media: Media) -> bool:
     )
 
 
-def _row_to_serve(media: Media | None, server_name: str, media_id: str) -> Media | None:
+def _row_to_serve(
+    media: Media | None, server_name: str, media_id: str, requester: str
+) -> Media | None:
     for _attempt in range(3):
         if media is None:
-            media = _claim(server_name, media_id)
+            media = _claim(server_name, media_id, requester)
             if media is not None:
                 return media
         elif _abandoned(media):
@@ -138,14 +174,18 @@ def _row_to_serve(media: Media | None, server_name: str, media_id: str) -> Media
             media = _forget_failure(media)
         elif is_fetch_failure(media) and _failure_forgotten(media):
             media = _forget_failure(media)
+        elif _evicted(media):
+            # Evicted from the cache by a sweep that stopped before deleting the row.
+            media = _forget(media, S.DELETED)
         else:
             return media
     return media
 
 
-def _claim(server_name: str, media_id: str) -> Media | None:
+def _claim(server_name: str, media_id: str, requester: str) -> Media | None:
     """Insert the row that stands for the fetch; the winner starts it. A loser gets the
-    winner's row (None if it vanished meanwhile)."""
+    winner's row (None if it vanished meanwhile). LimitExceeded if no fetch may start."""
+    slot = _admit_fetch(requester)
     now = timezone.now()
     try:
         with transaction.atomic():
@@ -157,11 +197,78 @@ def _claim(server_name: str, media_id: str) -> Media | None:
                 unused_expires_at=now,
                 upload_method=UploadMethod.REMOTE,
                 processing_started_at=now,
+                last_accessed_at=now,
             )
     except IntegrityError:
+        if slot:
+            _pool.release()
         return sql.media_by_mxc(server_name, media_id)
-    dispatch_fetch(media)
+    except BaseException:
+        if slot:
+            _pool.release()
+        raise
+    dispatch_fetch(media, requester)
     return media
+
+
+def download_bucket() -> LeakyBucket | None:
+    """Each user's bucket of fetched bytes (None: not limited)."""
+    per_second = app_settings.REMOTE_MEDIA_DOWNLOAD_PER_SECOND
+    if per_second is None:
+        return None
+    return LeakyBucket(
+        capacity=app_settings.REMOTE_MEDIA_DOWNLOAD_BURST_COUNT, per_second=per_second
+    )
+
+
+def bucket_key(requester: str) -> str:
+    return f"msc3870:throttle:remote-media:{requester}"
+
+
+def _admit_fetch(requester: str) -> bool:
+    """Whether a new fetch may start for ``requester``: LimitExceeded if its bucket is
+    full, if ``REMOTE_MEDIA_MAX_FETCHES`` fetches are in flight, or (no broker) if this
+    process's fetch slots are taken. True if a slot of this process was reserved (the
+    fetch releases it)."""
+    bucket = download_bucket()
+    if bucket is not None:
+        wait = bucket.wait(bucket_key(requester))
+        if wait is not None:
+            raise LimitExceeded(
+                "Too much remote media fetched; try again later",
+                retry_after_ms=math.ceil(wait * 1000),
+            )
+    if fetches_in_flight() >= app_settings.REMOTE_MEDIA_MAX_FETCHES:
+        raise LimitExceeded(
+            "Too many remote media fetches in flight", retry_after_ms=FETCHES_BUSY_RETRY_MS
+        )
+    if not _fetches_in_process():
+        return False
+    if not _pool.reserve():
+        raise LimitExceeded(
+            "Too many remote media fetches in flight", retry_after_ms=FETCHES_BUSY_RETRY_MS
+        )
+    return True
+
+
+def fetches_in_flight() -> int:
+    """Fetches started and not done (rows of other servers' media in PROCESSING without
+    bytes), counted up to ``REMOTE_MEDIA_MAX_FETCHES`` from the remote media index. Those
+    abandoned (their process died) are not."""
+    limit = app_settings.REMOTE_MEDIA_MAX_FETCHES
+    started_after = timezone.now() - timedelta(
+        seconds=app_settings.REMOTE_MEDIA_TIMEOUT_SECONDS + ABANDONED_AFTER_EXTRA_SECONDS
+    )
+    return (
+        Media.objects.filter(
+            upload_method=UploadMethod.REMOTE,
+            state=S.PROCESSING,
+            storage_key="",
+            processing_started_at__gt=started_after,
+        )
+        .values("pk")[:limit]
+        .count()
+    )
 
 
 def _failure_forgotten(media: Media) -> bool:
@@ -177,12 +284,25 @@ def _abandoned(media: Media) -> bool:
     return timezone.now() - started > timedelta(seconds=limit)
 
 
+def _evicted(media: Media) -> bool:
+    """Evicted from the cache, objects deleted, row not yet (a purge names a moderator)."""
+    return (
+        media.is_remote
+        and media.state == S.DELETED
+        and not media.moderated_by
+        and media.objects_deleted_at is not None
+    )
+
+
 def _forget_failure(media: Media) -> Media | None:
-    """Delete a failed fetch's row so that the id can be fetched again. Compare-and-set
-    on its state and time: of racing requests one deletes, the others see the new row."""
-    Media.objects.filter(
-        pk=media.pk, state=S.REJECTED, state_changed_at=media.state_changed_at
-    ).delete()
+    return _forget(media, S.REJECTED)
+
+
+def _forget(media: Media, state: str) -> Media | None:
+    """Delete a failed fetch's (or an evicted media's) row so that the id can be fetched
+    again. Compare-and-set on its state and time: of racing requests one deletes, the
+    others see the new row."""
+    Media.objects.filter(pk=media.pk, state=state, state_changed_at=media.state_changed_at).delete()
     return sql.media_by_mxc(media.server_name, media.media_id)
 
 
@@ -194,10 +314,9 @@ def _remote_downloadable(
     if media is None:
         raise NotFound()
     if is_fetch_failure(media):
+        errcode = media.rejection_errcode or "M_UNKNOWN"
         raise RemoteMediaError(
-            media.rejection_reason or "Could not fetch the remote media",
-            errcode=media.rejection_errcode or "M_UNKNOWN",
-            status=media.rejection_status or 502,
+            client_message(errcode), errcode=errcode, status=media.rejection_status or 502
         )
     if media.state == S.PROCESSING:
         if frozen_after is not None and media.created_at > frozen_after:
@@ -210,30 +329,98 @@ def _remote_downloadable(
             deadline,
             partial(_remote_downloadable, deadline=deadline, frozen_after=frozen_after),
         )
-    return _downloadable(media, deadline, frozen_after=frozen_after)
+    served = _downloadable(media, deadline, frozen_after=frozen_after)
+    _note_access(served)
+    return served
+
+
+def client_message(errcode: str) -> str:
+    return CLIENT_MESSAGES.get(errcode, GENERIC_MESSAGE)
+
+
+def _note_access(media: Media) -> None:
+    """Record that held media is served, decided from the row already read: one UPDATE
+    per media and ``ACCESS_GRANULARITY`` at most, none on most downloads."""
+    now = timezone.now()
+    if media.last_accessed_at is not None and now - media.last_accessed_at < ACCESS_GRANULARITY:
+        return
+    Media.objects.filter(pk=media.pk).update(last_accessed_at=now)
+    media.last_accessed_at = now
 
 
 # ----------------------------------------------------------------------- dispatch
 
 
-_threads: ThreadPoolExecutor | None = None
-_threads_lock = threading.Lock()
+class _FetchPool:
+    """The fetches of a process without a broker: ``FETCH_THREADS`` threads, and at most
+    ``FETCH_SLOTS`` fetches admitted at once (running or waiting for a thread). A slot is
+    reserved before the fetch's row is inserted and released when the fetch ends."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._admitted = 0
+        self._executor: ThreadPoolExecutor | None = None
+
+    def reserve(self) -> bool:
+        with self._lock:
+            if self._admitted >= FETCH_SLOTS:
+                return False
+            self._admitted += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._admitted = max(0, self._admitted - 1)
+
+    @property
+    def admitted(self) -> int:
+        return self._admitted
+
+    def submit(self, run: Callable[[], None]) -> None:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    max_workers=FETCH_THREADS, thread_name_prefix="remote-media"
+                )
+            executor = self._executor
+
+        def released() -> None:
+            try:
+                run()
+            finally:
+                self.release()
+
+        try:
+            executor.submit(released)
+        except RuntimeError:  # the interpreter is shutting down
+            self.release()
+            raise
 
 
-def dispatch_fetch(media: Media) -> None:
-    """Queue the fetch once the row is committed: to Celery, or without a broker on a
-    thread of this process (the request that claimed the row waits on the hub like the
-    others). A broker that refuses fails the fetch at once: the waiters hear 502 instead
-    of waiting for nothing."""
+_pool = _FetchPool()
+
+
+def _fetches_in_process() -> bool:
     from ..tasks import fetch_remote_media_task
 
-    if fetch_remote_media_task.app.conf.task_always_eager:
-        transaction.on_commit(lambda: _fetch_in_background(media.pk))
+    return bool(fetch_remote_media_task.app.conf.task_always_eager)
+
+
+def dispatch_fetch(media: Media, requester: str | None = None) -> None:
+    """Queue the fetch once the row is committed: to Celery, or without a broker on a
+    thread of this process (in the slot ``_admit_fetch`` reserved; the request that
+    claimed the row waits on the hub like the others). A broker that refuses fails the
+    fetch at once: the waiters hear 502 instead of waiting for nothing. ``requester`` is
+    charged the bytes."""
+    from ..tasks import fetch_remote_media_task
+
+    if _fetches_in_process():
+        transaction.on_commit(lambda: _fetch_in_background(media.pk, requester))
         return
 
     def send() -> None:
         try:
-            fetch_remote_media_task.delay(media.pk)
+            fetch_remote_media_task.delay(media.pk, requester)
         except Exception as exc:  # broker down
             log.warning("Could not queue the fetch of %s: %s", media.mxc_uri, exc)
             _fail(media, FetchFailed("The fetch could not be queued"))
@@ -241,25 +428,24 @@ def dispatch_fetch(media: Media) -> None:
     transaction.on_commit(send)
 
 
-def _fetch_in_background(pk: int) -> None:
-    global _threads
+def _fetch_in_background(pk: int, requester: str | None) -> None:
     if connection.in_atomic_block:
         # A thread's own connection could not see the row of an open transaction.
-        fetch_remote_media(pk)
+        try:
+            fetch_remote_media(pk, requester)
+        finally:
+            _pool.release()
         return
-    with _threads_lock:
-        if _threads is None:
-            _threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="remote-media")
 
     def run() -> None:
         try:
-            fetch_remote_media(pk)
+            fetch_remote_media(pk, requester)
         except Exception:
             log.exception("Fetching remote media %s failed", pk)
         finally:
             connections.close_all()  # this thread's connections only
 
-    _threads.submit(run)
+    _pool.submit(run)
 
 
 # ----------------------------------------------------------------------- the fetch
@@ -273,22 +459,50 @@ class Fetched:
     filename: str
 
 
-def fetch_remote_media(pk: int) -> str:
+class Meter:
+    """Counts the bytes read from other servers for one fetch (bodies, error bodies and
+    followed ``Location`` parts alike)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def count(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            self.bytes += len(chunk)
+            yield chunk
+
+
+def _body(response: outbound.StreamedResponse, meter: Meter) -> Iterator[bytes]:
+    return meter.count(response.iter_bytes())
+
+
+def fetch_remote_media(pk: int, requester: str | None = None) -> str:
     """The task's body: fetch, store and screen one claimed row. Starts from the row's
-    state, so a redelivered task does nothing twice."""
+    state, so a redelivered task does nothing twice. The bytes read are charged to
+    ``requester``'s bucket (the user whose request started the fetch), whatever the
+    outcome."""
     from ..pipeline import record_failure, screen_loaded
 
     media = Media.objects.filter(pk=pk).first()
     if media is None or not media.is_remote or media.state != S.PROCESSING:
         return "skipped"
     if not media.storage_key:
+        # The fetch starts now, perhaps after waiting for a thread or a worker: it counts
+        # as abandoned only that long after this.
+        if not lifecycle.update_if_state(
+            media, S.PROCESSING, extra_where=Q(storage_key=""), processing_started_at=timezone.now()
+        ):
+            return "skipped"
+        meter = Meter()
         try:
-            fetched = download(media)
+            fetched = download(media, meter)
         except FetchFailed as failure:
             return _fail(media, failure)
         except Exception as exc:
             log.exception("Fetching %s failed", media.mxc_uri)
-            return _fail(media, FetchFailed(f"Fetching failed: {type(exc).__name__}"))
+            return _fail(media, FetchFailed(f"Fetching failed: {type(exc).__name__}: {exc}"))
+        finally:
+            _charge(requester, meter.bytes)
         if not lifecycle.update_if_state(
             media,
             S.PROCESSING,
@@ -309,7 +523,19 @@ def fetch_remote_media(pk: int) -> str:
         return "failed"
 
 
+def _charge(requester: str | None, fetched_bytes: int) -> None:
+    bucket = download_bucket()
+    if bucket is None or requester is None or not fetched_bytes:
+        return
+    try:
+        bucket.charge(bucket_key(requester), fetched_bytes)
+    except Exception:  # a cache outage must not fail the fetch it measured
+        log.exception("Could not charge %s bytes to %s", fetched_bytes, requester)
+
+
 def _fail(media: Media, failure: FetchFailed) -> str:
+    """The row of a failed fetch: REJECTED, no bytes, the client's words in
+    ``rejection_reason`` and the detail in ``last_error`` (for moderators) and the log."""
     get_store().delete(media.served_key)
     if not lifecycle.transition(
         media,
@@ -318,7 +544,7 @@ def _fail(media: Media, failure: FetchFailed) -> str:
         storage_key="",
         rejection_errcode=failure.errcode,
         rejection_status=failure.status,
-        rejection_reason=failure.reason[:1000],
+        rejection_reason=client_message(failure.errcode),
         last_error=f"remote fetch: {failure.reason}"[:1000],
         objects_deleted_at=timezone.now(),
     ):
@@ -327,8 +553,11 @@ def _fail(media: Media, failure: FetchFailed) -> str:
     return "failed"
 
 
-def download(media: Media) -> Fetched:
-    """Fetch the bytes of ``media`` into its served key. Raises FetchFailed."""
+def download(media: Media, meter: Meter | None = None) -> Fetched:
+    """Fetch the bytes of ``media`` into its served key, counting what is read in
+    ``meter``. Raises FetchFailed (its reason is for the log and moderators: it may name
+    addresses, ports and URLs)."""
+    meter = meter or Meter()
     deadline = Deadline.after_seconds(app_settings.REMOTE_MEDIA_TIMEOUT_SECONDS)
     try:
         destination = discovery.resolve(media.server_name)
@@ -336,9 +565,9 @@ def download(media: Media) -> Fetched:
         raise FetchFailed(f"Cannot resolve {media.server_name}: {exc}") from exc
     try:
         with outbound.connect_to(destination.overrides()):
-            fetched = _federation_download(media, destination, deadline)
+            fetched = _federation_download(media, destination, deadline, meter)
             if fetched is None:
-                fetched = _legacy_download(media, destination, deadline)
+                fetched = _legacy_download(media, destination, deadline, meter)
             return fetched
     except (outbound.ResponseTooLarge, TooLarge) as exc:
         raise FetchFailed(
@@ -357,7 +586,7 @@ def _timeouts(deadline: Deadline) -> dict[str, float]:
 
 
 def _federation_download(
-    media: Media, destination: discovery.Destination, deadline: Deadline
+    media: Media, destination: discovery.Destination, deadline: Deadline, meter: Meter
 ) -> Fetched | None:
     """The federation endpoint (spec v1.11); None if the server does not know it."""
     uri = f"/_matrix/federation/v1/media/download/{quote(media.media_id, safe='')}"
@@ -376,15 +605,15 @@ def _federation_download(
         **_timeouts(deadline),
     ) as response:
         if response.status == 200:
-            return _store_multipart(media, response, deadline)
-        errcode = _errcode(response)
+            return _store_multipart(media, response, deadline, meter)
+        errcode = _errcode(response, meter)
         if response.status in (400, 404) and errcode == "M_UNRECOGNIZED":
             return None
         raise _failure(media, response.status, errcode)
 
 
 def _legacy_download(
-    media: Media, destination: discovery.Destination, deadline: Deadline
+    media: Media, destination: discovery.Destination, deadline: Deadline, meter: Meter
 ) -> Fetched:
     """The deprecated unauthenticated endpoint, for servers older than v1.11. Signed all
     the same (as Synapse does); redirects followed through the address guard, without our
@@ -405,13 +634,13 @@ def _legacy_download(
         **_timeouts(deadline),
     ) as response:
         if response.status != 200:
-            raise _failure(media, response.status, _errcode(response))
-        return _store_plain(media, response)
+            raise _failure(media, response.status, _errcode(response, meter))
+        return _store_plain(media, response, meter)
 
 
-def _errcode(response: outbound.StreamedResponse) -> str | None:
+def _errcode(response: outbound.StreamedResponse, meter: Meter) -> str | None:
     try:
-        body = json.loads(b"".join(_limited(response.iter_bytes(), MAX_ERROR_BODY_BYTES)))
+        body = json.loads(b"".join(_limited(_body(response, meter), MAX_ERROR_BODY_BYTES)))
     except (ValueError, outbound.OutboundError):
         return None
     errcode = body.get("errcode") if isinstance(body, dict) else None
@@ -435,11 +664,11 @@ def _failure(media: Media, status: int, errcode: str | None) -> FetchFailed:
     return FetchFailed(f"{media.server_name} answered {status} {errcode or ''}".strip())
 
 
-def _store_plain(media: Media, response: outbound.StreamedResponse) -> Fetched:
+def _store_plain(media: Media, response: outbound.StreamedResponse, meter: Meter) -> Fetched:
     """A body that is the file itself (legacy endpoint, or a ``Location`` followed)."""
     written = get_store().write_stream(
         media.served_key,
-        _ChunkReader(response.iter_bytes()),
+        _ChunkReader(_body(response, meter)),
         max_size=app_settings.MAX_UPLOAD_SIZE,
     )
     return Fetched(
@@ -451,13 +680,13 @@ def _store_plain(media: Media, response: outbound.StreamedResponse) -> Fetched:
 
 
 def _store_multipart(
-    media: Media, response: outbound.StreamedResponse, deadline: Deadline
+    media: Media, response: outbound.StreamedResponse, deadline: Deadline, meter: Meter
 ) -> Fetched:
     kind, params = parse_options_header(response.headers.get("Content-Type", ""))
     boundary = params.get(b"boundary")
     if kind != b"multipart/mixed" or not boundary:
         raise FetchFailed(f"{media.server_name} answered a download that is not multipart/mixed")
-    reader = _MediaPartReader(response.iter_bytes(), boundary)
+    reader = _MediaPartReader(_body(response, meter), boundary)
     headers = reader.media_headers()
     location = headers.get("location")
     if location:
@@ -469,7 +698,7 @@ def _store_multipart(
         ) as followed:
             if followed.status != 200:
                 raise FetchFailed(f"The Location of {media.mxc_uri} answered {followed.status}")
-            return _store_plain(media, followed)
+            return _store_plain(media, followed, meter)
     written = get_store().write_stream(
         media.served_key, reader, max_size=app_settings.MAX_UPLOAD_SIZE
     )
