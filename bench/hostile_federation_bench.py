@@ -9,13 +9,16 @@ for its hello until its own deadline). Then:
 
 1. **baseline**: ``GET /_matrix/client/versions`` probes (``--probe-hz``) for
    ``--baseline`` seconds, nothing else;
-2. **wave**: ``--wave`` requests (1,000) to ``/_matrix/federation/v1/media/download/x``
-   sent at once, each on its own connection, with ``Authorization: X-Matrix
-   origin="127.0.0.1:<peer>"`` and a made-up signature; the probes go on, and go on after
-   the wave until every hostile request has its answer;
+2. **waves** (``--waves``, each naming a new origin, a new silent peer): ``--wave``
+   requests (1,000) to ``/_matrix/federation/v1/media/download/x`` sent at once, each on
+   its own connection, with ``Authorization: X-Matrix origin="127.0.0.1:<peer>"`` and a
+   made-up signature; the probes go on, and go on after the wave until every hostile
+   request has its answer (``--no-failure-limit`` turns the per-address failure limit
+   off, so that every wave reaches the key fetch);
 3. **sustained**: ``--rate`` hostile requests a second for ``--sustained`` seconds (the
    origin's failed fetch is remembered; the client address's failures are limited), the
-   probes going on.
+   probes going on;
+4. **after**: probes alone again.
 
 Reported per phase: ``/versions`` p50/p99/max (ms) and failures; the hostile requests'
 statuses and answer times; the server's RSS (whole process tree) and thread count, sampled
@@ -302,52 +305,53 @@ def _hostile_summary(statuses: Counter[str], times: list[float]) -> dict[str, An
 
 
 async def measure(
-    args: argparse.Namespace, server: ProjectServer, peer: SilentPeer
+    args: argparse.Namespace, server: ProjectServer, peers: list[SilentPeer]
 ) -> list[dict[str, Any]]:
     url = server.url + HOSTILE_PATH
-    origin = peer.server_name
     phases = [await phase("baseline", server, args.baseline, args.probe_hz)]
-    phases.append(
-        await phase("wave", server, args.baseline, args.probe_hz, wave_load(url, origin, args.wave))
-    )
-    phases.append(
-        await phase(
-            "sustained",
-            server,
-            args.sustained,
-            args.probe_hz,
-            sustained_load(url, origin, args.rate, args.sustained),
-        )
-    )
+    for number in range(1, args.waves + 1):
+        # Each wave names a new origin (a new silent peer): its keys were never fetched.
+        peer = SilentPeer()
+        peer.start()
+        peers.append(peer)
+        load = wave_load(url, peer.server_name, args.wave)
+        phases.append(await phase(f"wave {number}", server, args.baseline, args.probe_hz, load))
+    sustained = sustained_load(url, peers[-1].server_name, args.rate, args.sustained)
+    phases.append(await phase("sustained", server, args.sustained, args.probe_hz, sustained))
+    phases.append(await phase("after", server, args.baseline, args.probe_hz))
     return phases
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     raise_nofile()
-    peer = SilentPeer()
-    peer.start()
+    peers: list[SilentPeer] = []
     data_dir = Path(tempfile.mkdtemp(prefix="hostile-fed-"))
     server = ProjectServer(args.project_dir, data_dir, args.database_url)
-    # Outbound requests may reach the peer (127.0.0.1) and nothing else.
+    # Outbound requests may reach the peers (127.0.0.1) and nothing else.
     server.extra_env = {
         "MSC3870_FEDERATION_IP_RANGE_ALLOWLIST": "127.0.0.1/32",
         "MSC3870_FEDERATION_KEY_FETCH_TIMEOUT_SECONDS": str(KEY_FETCH_TIMEOUT_SECONDS),
     }
+    if args.no_failure_limit:
+        server.extra_env["MSC3870_FEDERATION_AUTH_FAILURE_RATE"] = "0"
     print(f"starting make run in {args.project_dir}", flush=True)
     server.start()
     try:
-        phases = asyncio.run(measure(args, server, peer))
+        phases = asyncio.run(measure(args, server, peers))
     finally:
         server.stop()
-        peer.sock.close()
+        for peer in peers:
+            peer.sock.close()
+    held = [seconds for peer in peers for seconds in peer.held]
     return {
         "machine": machine_info(),
         "project_dir": str(args.project_dir),
         "key_fetch_timeout_s": KEY_FETCH_TIMEOUT_SECONDS,
+        "failure_limit": not args.no_failure_limit,
         "peer": {
-            "connections": peer.accepted,
-            "held_max_s": round(max(peer.held), 2) if peer.held else None,
-            "still_open": peer.open_now,
+            "connections": sum(peer.accepted for peer in peers),
+            "held_max_s": round(max(held), 2) if held else None,
+            "still_open": sum(peer.open_now for peer in peers),
         },
         "phases": phases,
     }
@@ -393,7 +397,7 @@ def summary(report: dict[str, Any]) -> str:
     )
     peer = report["peer"]
     return (
-        f"{table}\n\npeer: {peer['connections']} connection(s) accepted, held at most "
+        f"{table}\n\npeers: {peer['connections']} connection(s) accepted, held at most "
         f"{peer['held_max_s']} s (key fetch deadline {report['key_fetch_timeout_s']} s), "
         f"{peer['still_open']} still open at the end"
     )
@@ -406,7 +410,13 @@ def main() -> None:
     parser.add_argument("--project-dir", type=Path, default=ROOT)
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--baseline", type=float, default=20.0, help="seconds of each probe phase")
-    parser.add_argument("--wave", type=int, default=1000)
+    parser.add_argument("--wave", type=int, default=1000, help="hostile requests per wave")
+    parser.add_argument("--waves", type=int, default=3, help="waves, each naming a new origin")
+    parser.add_argument(
+        "--no-failure-limit",
+        action="store_true",
+        help="run with FEDERATION_AUTH_FAILURE_RATE off, so every wave reaches the key fetch",
+    )
     parser.add_argument("--sustained", type=float, default=20.0)
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--probe-hz", type=float, default=20.0)
