@@ -240,7 +240,8 @@ class Findings:
 
     def new(self) -> list[str]:
         with self._lock:
-            found, self.here[:] = list(self.here), []
+            # Taken one by one: a thread may record while this runs.
+            found = [self.here.pop(0) for _ in range(len(self.here))]
             try:
                 with open(self.log_path, "rb") as log:
                     log.seek(self._offset)
