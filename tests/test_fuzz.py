@@ -24,8 +24,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from msc3870.api.headers import SECURITY_HEADERS
+from msc3870.federation import discovery
 
 from .conftest import MatrixClient, media_of, mxc_path, png_bytes
+from .federation_helpers import undelegated
 
 ENDPOINTS = [
     ("POST", "/_matrix/media/v1/create"),
@@ -182,8 +184,10 @@ def test_no_input_is_a_server_error(alice: MatrixClient, monkeypatch: pytest.Mon
     def no_network(*args: object, **kwargs: object) -> None:
         raise socket.gaierror(socket.EAI_NONAME, "the fuzz test resolves no name")
 
-    # Fuzzed X-Matrix headers name origins whose keys would be fetched: stay offline.
+    # Fuzzed X-Matrix headers name origins whose keys would be fetched: stay offline, DNS
+    # included (server discovery's SRV queries go out through dnspython, not getaddrinfo).
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(discovery, "resolve", undelegated)
     media = existing_media(alice)
     by_id = dict(media)
     images = [m for m, _ in media[:2]]  # the PNG and the GIF
