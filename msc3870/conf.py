@@ -42,8 +42,9 @@ DEFAULTS: dict[str, Any] = {
     "COMPLETE_WAIT_SECONDS": 20,
     # False: /complete (MSC3870) answers once what needs only metadata or a ranged read is
     # decided (the object exists, its size, its sniffed type); the full-object checks
-    # (SHA-256, block list, virus scan) go on after the answer while downloads wait, and a
-    # later rejection is what downloads answer. True: /complete waits for the verdict.
+    # (SHA-256, block list, virus scan) go on after the answer while downloads wait; a
+    # later rejection makes them 404 (the uploader's retried /complete says why). True:
+    # /complete waits for the verdict.
     "COMPLETE_WAITS_FOR_CHECKS": False,
     # Download wait for media that is not uploaded yet (ms): default and cap.
     "DOWNLOAD_TIMEOUT_MS": 20_000,

@@ -243,8 +243,20 @@ class AppendOnlyError(RuntimeError):
 
 
 class ModerationRecordQuerySet(models.QuerySet["ModerationRecord"]):
+    """Records cannot be changed or deleted through the default manager; the database
+    refuses changes too (migration ``0009``), for anything that reaches the table
+    another way. Deleting a media row still sets its records' ``media`` to NULL: Django's
+    deletion collector does that through the base manager, a plain queryset, and the
+    database allows that one change."""
+
     def delete(self) -> tuple[int, dict[str, int]]:
         raise AppendOnlyError("Moderation records are append-only: they cannot be deleted")
+
+    def update(self, **kwargs: Any) -> int:
+        raise AppendOnlyError("Moderation records are append-only: they cannot be changed")
+
+    def bulk_update(self, objs: Any, fields: Any, batch_size: int | None = None) -> int:
+        raise AppendOnlyError("Moderation records are append-only: they cannot be changed")
 
 
 class ModerationRecord(models.Model):

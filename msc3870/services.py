@@ -617,11 +617,10 @@ def _downloadable(
         raise NotFound()
     if media.state == S.COMPLETE and media.storage_key:
         return media
-    if media.state == S.REJECTED and media.rejection_errcode and not media.moderated_by:
-        # Rejected by the checks, possibly after /complete answered (recipients may have
-        # the id already): say why, as the uploader was told. A moderator's removal is 404.
-        _outcome(media)
     if not _awaiting_upload(media):
+        # Rejected (by the checks or a moderator), quarantined, expired, purged: not found,
+        # as the contract says. Only the uploader hears why (``_outcome``, at /complete and
+        # the upload answers): a recipient learns nothing of what the checks found.
         raise NotFound()
     if deadline.passed:
         raise NotYetUploaded()

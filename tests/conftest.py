@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import atexit
 import io
+import os
 import secrets
 import shutil
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +19,57 @@ from django.test import Client
 from PIL import Image
 
 from msc3870.models import AccessToken, Media, digest_token
+
+from . import network_guard as _network_guard_module
+
+# ---------------------------------------------------------------- tests never leave the machine
+
+#: The guard (tests/network_guard.py): the copy ``sitecustomize`` installed when this
+#: session was itself started by a test, else this package's.
+network_guard: Any = sys.modules.get("_msc3870_network_guard", _network_guard_module)
+
+
+def _guard_log() -> Path:
+    """Where guarded processes started by this session record findings: the parent
+    session's file when there is one."""
+    inherited = os.environ.get(network_guard.LOG_ENV)
+    if inherited:
+        return Path(inherited)
+    directory = tempfile.mkdtemp(prefix="network-guard-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return Path(directory) / "findings.log"
+
+
+GUARD_FINDINGS = network_guard.Findings(_guard_log())
+network_guard.install(GUARD_FINDINGS.record)
+# Every process the tests start (gunicorn, celery, manage.py, python -c) inherits it.
+os.environ.update(network_guard.subprocess_environment(GUARD_FINDINGS.log_path))
+
+
+def _guard_report(findings: list[str]) -> str:
+    return "A test reached for another machine (refused):\n\n" + "\n".join(findings)
+
+
+@pytest.fixture(autouse=True)
+def _tests_never_leave_the_machine() -> Iterator[None]:
+    """Fails the test if the guard refused anything meanwhile, even an error the code
+    under test swallowed. Set up first, torn down last: the other fixtures' teardown
+    counts too."""
+    yield
+    findings = GUARD_FINDINGS.new()
+    if findings:
+        pytest.fail(_guard_report(findings), pytrace=False)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """What was refused after the last test's teardown (module and session fixtures)."""
+    findings = GUARD_FINDINGS.new()
+    if findings:
+        print("\n" + _guard_report(findings), file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# ------------------------------------------------------------------------------ helpers
 
 
 def png_bytes(width: int = 8, height: int = 8) -> bytes:

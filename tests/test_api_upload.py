@@ -26,7 +26,8 @@ def test_put_then_download_round_trip(alice: MatrixClient) -> None:
     data = png_bytes()
     response = alice.put(put_path(created["content_uri"]) + "?filename=red.png", data, "image/png")
     assert response.status_code == 200
-    assert response.json() == {}
+    # The spec's {} plus content_uri, which mautrix-python reads (test_mautrix_client.py).
+    assert response.json() == {"content_uri": created["content_uri"]}
     media = media_of(created["content_uri"])
     assert media.state == MediaState.COMPLETE
     assert media.size == len(data)
@@ -206,10 +207,9 @@ def test_denied_type_is_rejected_and_deleted(alice: MatrixClient) -> None:
     assert media.objects_deleted_at is not None
     assert files_under(Path(settings.MEDIA_DIR)) == []
     download = alice.get(f"/_matrix/client/v1/media/download/{mxc_path(created['content_uri'])}")
-    # Recipients hear the rejection as the uploader did (issue 9: a rejection may come
-    # after /complete answered), never the bytes.
-    assert download.status_code == 403
-    assert download.json()["errcode"] == "M_FORBIDDEN"
+    # Rejected media is not found; only the uploader hears why.
+    assert download.status_code == 404
+    assert download.json()["errcode"] == "M_NOT_FOUND"
 
 
 def test_rejected_bytes_are_gone_before_the_rejection_is_recorded(

@@ -92,3 +92,24 @@ def test_create_mxc_and_errors_reach_the_client(server: str, transactional_db: N
     assert error is not None
     # mautrix downloads with aiohttp's raise_for_status: the status is what it sees.
     assert error.status == 504
+
+
+def test_upload_into_a_created_mxc_with_the_msc2246_put(
+    server: str, transactional_db: None
+) -> None:
+    """``upload_media(mxc=...)`` PUTs to ``/_matrix/media/v3/upload/{server}/{id}`` and
+    reads ``content_uri`` from the answer (``MatrixResponseError`` without it)."""
+    token = make_token("@alice:localhost")
+
+    async def scenario(client: ClientAPI) -> tuple[str, str, bytes]:
+        created = await client.create_mxc()
+        mxc = await client.upload_media(
+            b"into a reserved id", mime_type="text/plain", mxc=created.content_uri
+        )
+        return created.content_uri, mxc, await client.download_media(mxc)
+
+    reserved, returned, downloaded = run_client(server, token, scenario)
+    assert returned == reserved
+    assert downloaded == b"into a reserved id"
+    media = media_of(reserved)
+    assert (media.state, media.upload_method) == (MediaState.COMPLETE, "put")

@@ -30,6 +30,18 @@ def cache_control(public_cache: bool) -> str:
     return f"private, max-age={CACHE_SECONDS}"
 
 
+def media_etag(media: Media) -> str:
+    """The ETag of a media's bytes: its id, whose bytes never change once complete.
+
+    Never the SHA-256: with ``SHA256_WHEN = "needed"`` only media that other media may
+    share is hashed, so a hash where an id was expected would tell anyone who downloads
+    that some other upload, perhaps another user's private file, has the same size and
+    first bytes. The id tells nothing its URL does not, and needs no secret (an HMAC of
+    the storage key would also give twins one tag, and change if the key were rotated).
+    """
+    return f'"{media.media_id}"'
+
+
 @dataclass(frozen=True)
 class Servable:
     """Bytes in storage and the headers they are served with."""
@@ -48,8 +60,7 @@ class Servable:
             size=media.size or 0,
             content_type=content_type,
             disposition=content_disposition(content_type, filename or media.filename or None),
-            # An id's bytes never change: its id names them where no SHA-256 was needed.
-            etag=f'"{media.sha256 or media.media_id}"',
+            etag=media_etag(media),
         )
 
     @classmethod

@@ -231,7 +231,9 @@ class UploadToMediaView(MatrixView):
                 content_type=request.content_type or None,
                 filename=_filename(request),
             ),
-            lambda media: _json_response({}),
+            # The spec answers {}; mautrix-python's upload_media(mxc=...) reads content_uri
+            # from it (and fails without), as from every other upload answer.
+            lambda media: _json_response({"content_uri": media.mxc_uri}),
         )
 
 

@@ -346,7 +346,8 @@ def test_complete_answers_before_the_full_checks_and_downloads_wait(
     media.refresh_from_db()
     assert (media.state, media.sha256) == (MediaState.COMPLETE, hashlib.sha256(data).hexdigest())
 
-    # Rejected after /complete answered: whoever asks hears the rejection's errcode.
+    # Rejected after /complete answered: a download that waits for the verdict is 404, as
+    # for any rejected media; only the uploader hears why, from /complete.
     content_uri, done = _put_and_complete(stack, token, b"fine until the gate says no")
     assert done.status_code == 200, done.text
     rejected = media_of(content_uri)
@@ -357,8 +358,10 @@ def test_complete_answers_before_the_full_checks_and_downloads_wait(
         headers=auth(token),
         timeout=90,
     )
-    assert got.status_code == 403
-    assert got.json() == {"errcode": "M_FORBIDDEN", "error": "Refused at the gate"}
+    assert (got.status_code, got.json()["errcode"]) == (404, "M_NOT_FOUND"), got.text
+    again = complete(stack, token, content_uri)
+    assert again.status_code == 403
+    assert again.json() == {"errcode": "M_FORBIDDEN", "error": "Refused at the gate"}
     assert keys_of(s3_client, rejected) == []
 
 

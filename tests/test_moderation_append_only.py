@@ -1,0 +1,93 @@
+"""The moderators' audit trail is append-only in the ORM and in the database: the default
+manager refuses ``update()`` and ``bulk_update()``, and a trigger (migration 0010) refuses
+any UPDATE of the table but the ``media -> NULL`` that deleting a media row makes. Here on
+SQLite; the same checks run on PostgreSQL in ``tests/services/test_moderation_records.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+from django.core.management import call_command
+from django.db import DatabaseError, connection, transaction
+
+from msc3870 import moderation
+from msc3870.models import AppendOnlyError, Media, ModerationRecord
+
+from .conftest import MatrixClient
+from .test_moderation import upload
+
+TABLE = ModerationRecord._meta.db_table
+
+
+def raw_update(assignments: str) -> None:
+    """An UPDATE of every record, as any client of the database could send it."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(f"UPDATE {TABLE} SET {assignments}")
+
+
+def record_of(media: Media) -> ModerationRecord:
+    assert moderation.purge(media, by="mod", reason="original")
+    return ModerationRecord.objects.get(media=media)
+
+
+def assert_the_database_refuses_changes(record: ModerationRecord) -> None:
+    """Each kind of change fails, and the record is as it was."""
+    other = Media.objects.exclude(pk=record.media_id).values_list("pk", flat=True).first()
+    for assignments in (
+        "reason = 'rewritten'",
+        "actor = 'someone else'",
+        "media_id = NULL, reason = 'rewritten'",  # the allowed change, with another
+        f"media_id = {other}",  # pointed at other media
+    ):
+        with pytest.raises(DatabaseError, match="append-only"):
+            raw_update(assignments)
+    with pytest.raises(DatabaseError, match="append-only"), transaction.atomic():
+        ModerationRecord._base_manager.filter(pk=record.pk).update(reason="rewritten")
+    assert ModerationRecord.objects.get(pk=record.pk).reason == "original"
+    assert ModerationRecord.objects.get(pk=record.pk).media_id == record.media_id
+
+
+def assert_deleting_the_media_keeps_the_record(record: ModerationRecord) -> None:
+    media_pk = record.media_id
+    Media.objects.filter(pk=media_pk).delete()  # what the old-tombstone sweep does
+    kept = ModerationRecord.objects.get(pk=record.pk)
+    assert kept.media_id is None
+    assert (kept.mxc_uri, kept.actor, kept.reason, kept.at) == (
+        record.mxc_uri,
+        record.actor,
+        record.reason,
+        record.at,
+    )
+
+
+def test_the_default_manager_refuses_update_and_bulk_update(alice: MatrixClient) -> None:
+    record = record_of(upload(alice))
+    with pytest.raises(AppendOnlyError):
+        ModerationRecord.objects.filter(pk=record.pk).update(reason="rewritten")
+    record.reason = "rewritten"
+    with pytest.raises(AppendOnlyError):
+        ModerationRecord.objects.bulk_update([record], ["reason"])
+    assert ModerationRecord.objects.get().reason == "original"
+
+
+def test_the_database_refuses_changes_but_not_a_media_deletion(
+    alice: MatrixClient,
+) -> None:
+    assert connection.vendor == "sqlite"
+    upload(alice)  # other media, for a record pointed elsewhere
+    record = record_of(upload(alice))
+    assert_the_database_refuses_changes(record)
+    assert_deleting_the_media_keeps_the_record(record)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_migration_is_reversible(alice: MatrixClient) -> None:
+    record = record_of(upload(alice))
+    call_command("migrate", "msc3870", "0008", verbosity=0)
+    try:
+        raw_update("reason = 'rewritten'")  # no trigger: allowed
+        assert ModerationRecord.objects.get(pk=record.pk).reason == "rewritten"
+    finally:
+        call_command("migrate", "msc3870", verbosity=0)
+    with pytest.raises(DatabaseError, match="append-only"):
+        raw_update("reason = 'original'")
