@@ -161,9 +161,18 @@ def _sendmsg(self: socket.socket, buffers: Any, *rest: Any) -> Any:
     return REAL["sendmsg"](self, buffers, *rest)
 
 
+def _numeric_only(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """A ``getaddrinfo`` told never to look a name up (``AI_NUMERICHOST``): it answers
+    from the string alone, or fails, without a query."""
+    if name != "getaddrinfo":
+        return False
+    flags = kwargs.get("flags", args[4] if len(args) > 4 else 0)
+    return bool(flags & socket.AI_NUMERICHOST)
+
+
 def _resolver(name: str) -> Callable[..., Any]:
     def resolve(host: Any, *args: Any, **kwargs: Any) -> Any:
-        if not resolves_locally(host):
+        if not resolves_locally(host) and not _numeric_only(name, args, kwargs):
             raise _refuse(name, host)
         return REAL[name](host, *args, **kwargs)
 
