@@ -14,6 +14,7 @@ import math
 import re
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
@@ -335,13 +336,17 @@ def get_resolver() -> TokenResolver:
     return app_settings.TOKEN_RESOLVER()
 
 
-def token_from_request(request: Request) -> str | None:
-    header = request.META.get("HTTP_AUTHORIZATION", "")
-    scheme, _, credentials = header.partition(" ")
+def token_from(authorization: str, query: Mapping[str, str]) -> str | None:
+    """The access token of a request: ``Authorization: Bearer``, else the ``access_token``
+    query parameter (deprecated by the spec, but still accepted, never required)."""
+    scheme, _, credentials = authorization.partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
         return credentials.strip()
-    # Deprecated by the spec, but still accepted, never required.
-    return request.query_params.get("access_token") or None
+    return query.get("access_token") or None
+
+
+def token_from_request(request: Request) -> str | None:
+    return token_from(request.META.get("HTTP_AUTHORIZATION", ""), request.query_params)
 
 
 class MatrixTokenAuthentication(BaseAuthentication):
