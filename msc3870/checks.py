@@ -139,6 +139,11 @@ SETTING_TYPES: dict[str, SettingType] = {
     "WAIT_MAX_WAITERS": _t(INT, security=True),
     "WAIT_MAX_WAITERS_PER_MEDIA": _t(INT, security=True),
     "LEGACY_WAIT_MAX_WAITERS": _t(INT, security=True),
+    "UPLOAD_BODIES_MAX": _t(INT, security=True),
+    "UPLOAD_BODIES_PER_ADDRESS_MAX": _t(INT, security=True),
+    "UPLOAD_MIN_BYTES_PER_SECOND": _t(NUMBER, security=True),
+    "UPLOAD_RATE_GRACE_SECONDS": _t(NUMBER, security=True),
+    "UPLOAD_IDLE_TIMEOUT_SECONDS": _t(NUMBER, security=True),
     "WAKEUP_POLL_SECONDS": _t(NUMBER),
     "WAKEUP_SAFETY_POLL_SECONDS": _t(NUMBER),
     "WAKEUP_LISTEN": _t(BOOL),
@@ -283,8 +288,21 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             getattr(app_settings, name)
         except ImproperlyConfigured as exc:
             errors.append(Error(str(exc), id="msc3870.E005"))
-    positive = ("MAX_UPLOAD_SIZE", "UNUSED_EXPIRATION", "COMPLETE_WAIT_SECONDS")
-    non_negative = ("MAX_PENDING_UPLOADS", "DOWNLOAD_TIMEOUT_MS", "DOWNLOAD_TIMEOUT_MS_MAX")
+    positive = (
+        "MAX_UPLOAD_SIZE",
+        "UNUSED_EXPIRATION",
+        "COMPLETE_WAIT_SECONDS",
+        "UPLOAD_BODIES_MAX",
+        "UPLOAD_BODIES_PER_ADDRESS_MAX",
+        "UPLOAD_IDLE_TIMEOUT_SECONDS",
+    )
+    non_negative = (
+        "MAX_PENDING_UPLOADS",
+        "DOWNLOAD_TIMEOUT_MS",
+        "DOWNLOAD_TIMEOUT_MS_MAX",
+        "UPLOAD_MIN_BYTES_PER_SECOND",
+        "UPLOAD_RATE_GRACE_SECONDS",
+    )
     for name in (*positive, *non_negative):
         if not typed(name):
             continue
