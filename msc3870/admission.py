@@ -4,10 +4,11 @@ An upload body costs the server memory, a temporary file and a place in the proc
 while it arrives; a client that never finishes one holds them for as long as it likes.
 So, before a byte of it is read (``msc3870.asgi`` reads bodies):
 
-- the request's credential is checked (``credential_error``): an upload URL's signed
-  token (signature and expiry, no database), or the access token of the other upload
+- the request's credential is checked: an upload URL's signed token (signature and
+  expiry, no database: ``upload_url_error``), or the access token of the other upload
   endpoints, resolved as the views resolve it (same resolver, same cache: the view's
-  own check is then a cache hit);
+  own check is then a cache hit), on the event loop when this process holds the answer
+  (``cached_verdict``), else on a pool thread (``resolved_verdict``);
 - the body takes a place among those being read, per process and per client address
   (``BodyCaps``): past either cap, 429 at once;
 
@@ -19,6 +20,7 @@ dropped with 408.
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 from collections import Counter
 from dataclasses import dataclass
@@ -37,6 +39,14 @@ UPLOAD_URL_ROUTE = "upload-url"
 ACCESS_TOKEN_ROUTES = {"PUT": "upload-to-media", "POST": "upload"}
 # A client past a cap retries after this long (a place frees when an upload ends).
 RETRY_AFTER_MS = 1000
+
+
+class NotCached(enum.Enum):
+    NOT_CACHED = "not cached"
+
+
+#: The verdict on an access token that this process does not hold: resolve it.
+NOT_CACHED = NotCached.NOT_CACHED
 
 
 class BodyTooSlow(MatrixError):
@@ -83,11 +93,20 @@ def upload_url_error(upload: UploadRequest) -> MatrixError | None:
     return None
 
 
-def access_token_error(scope: dict[str, Any]) -> MatrixError | None:
-    """The refusal of an upload without an access token that resolves, as
-    ``msc3870.auth.MatrixTokenAuthentication`` would refuse it. May query the database or
-    the homeserver: call it on a pool thread."""
-    from .auth import get_resolver, token_from  # the models: not before Django is set up
+@dataclass(frozen=True)
+class AccessCredential:
+    """What an upload authenticates with, read from its head as the views read it."""
+
+    token: str
+    masquerade_as: str | None
+    device_id: str | None
+
+
+def access_credential(scope: dict[str, Any]) -> AccessCredential | MatrixError:
+    """The upload's access token (Authorization Bearer, or the deprecated ``access_token``
+    query parameter) and the appservice parameters, or the refusal of an upload without
+    one."""
+    from .auth import token_from  # the models: not before Django is set up
 
     try:
         query = QueryDict(scope.get("query_string", b"").decode())
@@ -100,11 +119,39 @@ def access_token_error(scope: dict[str, Any]) -> MatrixError | None:
     token = token_from(authorization, query)
     if token is None:
         return MissingToken()
+    return AccessCredential(token, query.get("user_id") or None, query.get("device_id") or None)
+
+
+def cached_verdict(credential: AccessCredential) -> MatrixError | NotCached | None:
+    """The resolver's verdict on a credential if this process holds it, with no I/O (on the
+    event loop): None if it resolves, its refusal, or ``NOT_CACHED``."""
+    from .auth import get_resolver
+
+    resolve_cached = getattr(get_resolver(), "resolve_cached", None)
+    if resolve_cached is None:
+        return NOT_CACHED
+    try:
+        user = resolve_cached(
+            credential.token,
+            masquerade_as=credential.masquerade_as,
+            device_id=credential.device_id,
+        )
+    except MatrixError as exc:
+        return exc
+    return NOT_CACHED if user is None else None
+
+
+def resolved_verdict(credential: AccessCredential) -> MatrixError | None:
+    """The resolver's verdict, as ``msc3870.auth.MatrixTokenAuthentication`` would reach
+    it (same resolver, same cache). May query the database or the homeserver: call it on
+    a pool thread."""
+    from .auth import get_resolver
+
     try:
         get_resolver().resolve(
-            token,
-            masquerade_as=query.get("user_id") or None,
-            device_id=query.get("device_id") or None,
+            credential.token,
+            masquerade_as=credential.masquerade_as,
+            device_id=credential.device_id,
         )
     except MatrixError as exc:
         return exc

@@ -275,14 +275,9 @@ class MediaASGIHandler:
         if upload is None:
             return await self._receive_body(scope, receive, limit, declared)
         close = declared is None or declared > REFUSED_BODY_DRAIN_BYTES
-        if upload.route == admission.UPLOAD_URL_ROUTE:
-            error = admission.upload_url_error(upload)
-            if error is not None:
-                return await self._refuse(scope, error, close=close)
-        else:
-            refused = await self._run(self._check_access_token, scope)
-            if refused is not None:
-                return _closing(refused) if close else refused
+        refused = await self._credential_refusal(scope, upload)
+        if refused is not None:
+            return _closing(refused) if close else refused
         address = admission.client_address(scope)
         error = self.bodies.admit(address)
         if error is not None:
@@ -291,6 +286,27 @@ class MediaASGIHandler:
             return await self._receive_body(scope, receive, limit, declared)
         finally:
             self.bodies.release(address)
+
+    async def _credential_refusal(
+        self, scope: Scope, upload: admission.UploadRequest
+    ) -> Outgoing | None:
+        """The refusal of an upload whose credential does not hold, or None. An access
+        token this process has resolved lately is judged on the loop; another one on a
+        pool thread."""
+        if upload.route == admission.UPLOAD_URL_ROUTE:
+            error = admission.upload_url_error(upload)
+        else:
+            credential = admission.access_credential(scope)
+            if isinstance(credential, MatrixError):
+                error = credential
+            else:
+                verdict = admission.cached_verdict(credential)
+                if verdict is admission.NOT_CACHED:
+                    return await self._run(self._check_access_token, scope, credential)
+                error = verdict
+        if error is None:
+            return None
+        return await self._run(self._refused, scope, error)
 
     async def _receive_body(
         self, scope: Scope, receive: Receive, limit: int, declared: int | None
@@ -364,13 +380,15 @@ class MediaASGIHandler:
 
     # ------------------------------------------------------------------ sync work
 
-    def _check_access_token(self, scope: Scope) -> Outgoing | None:
+    def _check_access_token(
+        self, scope: Scope, credential: admission.AccessCredential
+    ) -> Outgoing | None:
         """An upload's access token, resolved before its body is read, on a pool thread
         (the resolver may query the database or the homeserver): None if it resolves,
         else the refusal."""
         signals.request_started.send(sender=self.__class__, scope=scope)
         try:
-            error = admission.access_token_error(scope)
+            error = admission.resolved_verdict(credential)
         except Exception:
             log.exception("Unhandled error checking an upload's access token")
             error = MatrixError("Internal error")

@@ -271,10 +271,57 @@ def test_a_masquerade_outside_the_namespace_is_refused_before_reading(
         await exchange.reply()
         return exchange
 
-    exchange = run(scenario)
-    assert exchange.task.result().status == 403
-    assert exchange.task.result().json()["errcode"] == "M_FORBIDDEN"
-    assert exchange.pulled == []
+    # Twice: the token is then in the process's cache, and the masquerade is judged on
+    # the loop, as it was on a pool thread.
+    for _ in range(2):
+        exchange = run(scenario)
+        assert exchange.task.result().status == 403
+        assert exchange.task.result().json()["errcode"] == "M_FORBIDDEN"
+        assert exchange.pulled == []
+
+
+def test_a_token_this_process_resolved_lately_is_judged_without_a_thread(
+    app: MediaASGIHandler, token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hot path: an upload's access token is resolved once per cache period on a pool
+    thread; the upload after it is admitted on the loop (and the view's check is a hit)."""
+    resolved_on_a_thread: list[str] = []
+    check = MediaASGIHandler._check_access_token
+
+    def counting(self: MediaASGIHandler, scope: Any, credential: Any) -> Any:
+        resolved_on_a_thread.append(credential.token)
+        return check(self, scope, credential)
+
+    monkeypatch.setattr(MediaASGIHandler, "_check_access_token", counting)
+
+    async def upload() -> Reply:
+        exchange = feed(app, "POST", "/_matrix/media/v3/upload", headers=bearer(token), length=3)
+        exchange.send(b"abc", more=False)
+        return await exchange.reply()
+
+    token_cache.clear()
+    assert run(upload).status == 200
+    assert resolved_on_a_thread == [token]
+    assert run(upload).status == 200
+    assert resolved_on_a_thread == [token]  # the second was judged from the cache
+
+
+def test_resolvers_answer_from_the_process_cache_only() -> None:
+    from msc3870.auth import HomeserverTokenResolver, LocalTokenResolver
+    from msc3870.errors import UnknownToken
+
+    assert LocalTokenResolver().resolve_cached("mr_never_seen") is None
+    homeserver = HomeserverTokenResolver()
+    assert homeserver.resolve_cached("syt_never_seen") is None
+    key = homeserver._cache_key("syt_refused", None, None)
+    token_cache.set(key, {"refused": 401, "body": {"errcode": "M_UNKNOWN_TOKEN", "error": "x"}})
+    with pytest.raises(UnknownToken):
+        homeserver.resolve_cached("syt_refused")
+    key = homeserver._cache_key("syt_known", None, "DEV")
+    user = {"user_id": "@a:hs", "device_id": "DEV", "is_appservice": False, "is_guest": False}
+    token_cache.set(key, user)
+    assert homeserver.resolve_cached("syt_known", device_id="DEV").user_id == "@a:hs"  # type: ignore[union-attr]
+    token_cache.clear()
 
 
 def test_refusals_before_the_view_carry_the_middleware_headers(
