@@ -271,13 +271,16 @@ class MediaASGIHandler:
             # Refused before a byte is read. A modest excess is drained by the server
             # after the answer (the client reads the 413, not a reset); a gross one closes.
             return _refusal(_too_large(limit), close=declared > DRAIN_FACTOR * max(limit, 1))
-        upload = admission.upload_request(scope) if _is_media_body(scope, is_matrix) else None
-        if upload is None:
+        if not _is_media_body(scope, is_matrix):
             return await self._receive_body(scope, receive, limit, declared)
         close = declared is None or declared > REFUSED_BODY_DRAIN_BYTES
-        refused = await self._credential_refusal(scope, upload)
-        if refused is not None:
-            return _closing(refused) if close else refused
+        upload = admission.upload_request(scope)
+        # (Not an upload route, or the wrong method: its 404 or 405 comes from the view,
+        # after the body, which is capped like any other of its size.)
+        if upload is not None:
+            refused = await self._credential_refusal(scope, upload)
+            if refused is not None:
+                return _closing(refused) if close else refused
         address = admission.client_address(scope)
         error = self.bodies.admit(address)
         if error is not None:

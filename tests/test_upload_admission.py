@@ -653,3 +653,19 @@ def test_upload_admission_settings_are_checked(name: str, value: Any, check_id: 
     with msc3870_settings(**{name: value}):
         found = {message.id for message in run_checks(include_deployment_checks=True)}
     assert check_id in found
+
+
+def test_a_media_body_to_no_upload_route_takes_a_place_too(
+    app: MediaASGIHandler, token: str
+) -> None:
+    """A PUT where only POST uploads (405 from the view, after the body) still counts."""
+
+    async def scenario() -> None:
+        exchange = feed(app, "PUT", "/_matrix/media/v3/upload", headers=bearer(token), length=20)
+        exchange.send(b"x" * 10)
+        await until(lambda: app.bodies.total == 1, "the body counted")
+        exchange.send(b"x" * 10, more=False)
+        assert (await exchange.reply()).status == 405
+        assert_no_body_in_flight(app)
+
+    run(scenario)
