@@ -99,6 +99,24 @@ def test_uploads_without_a_credential_are_refused_at_once_and_closed(
         assert closed_by_server(sock)
 
 
+def test_a_client_that_expects_100_continue_is_refused_without_sending_its_body(
+    admitting_server: Server,
+) -> None:
+    """No 100 Continue for a refused upload: the final answer is the first thing sent."""
+    with socket.create_connection(("127.0.0.1", admitting_server.port), timeout=10) as sock:
+        sock.sendall(head("POST", "/_matrix/media/v3/upload", 40 * MiB, Expect="100-continue"))
+        status, _, body = read_answer(sock)
+        assert_matrix_error(status, body, 401, "M_MISSING_TOKEN")
+    auth = f"Bearer {admitting_server.token}"
+    with socket.create_connection(("127.0.0.1", admitting_server.port), timeout=10) as sock:
+        sock.sendall(
+            head("POST", "/_matrix/media/v3/upload", 4, Expect="100-continue", Authorization=auth)
+        )
+        assert sock.recv(1024).startswith(b"HTTP/1.1 100 Continue")  # admitted: send it
+        sock.sendall(b"data")
+        assert read_answer(sock)[0] == 200
+
+
 def test_a_stalled_upload_with_a_valid_token_is_dropped_with_408(
     admitting_server: Server,
 ) -> None:
