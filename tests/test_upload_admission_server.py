@@ -16,6 +16,8 @@ from .test_server import Server, assert_matrix_error, create, mxc_path, start_se
 
 MiB = 1024 * 1024
 IDLE_TIMEOUT = 1.5
+KEEP_ALIVE = 3
+BOGUS_URL = "/_matrix/media/unstable/com.beeper.msc3870/upload_url/not-a-token"
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +30,11 @@ def admitting_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve
         MSC3870_MAX_UPLOAD_SIZE=str(50 * MiB),
         MSC3870_UPLOAD_BODIES_PER_ADDRESS_MAX="2",
         MSC3870_UPLOAD_IDLE_TIMEOUT_SECONDS=str(IDLE_TIMEOUT),
+        # 100 bytes/s after 1 s: the 4 KiB of a stalled upload earn 41 s, so the idle
+        # timeout is what drops it; a byte now and then is dropped at about 1 s.
+        MSC3870_UPLOAD_MIN_BYTES_PER_SECOND="100",
+        MSC3870_UPLOAD_RATE_GRACE_SECONDS="1",
+        GUNICORN_CMD_ARGS=f"--keep-alive {KEEP_ALIVE}",
     )
     yield running
     running.stop()
@@ -80,7 +87,7 @@ def stalled_upload(server: Server, target: str, **headers: str) -> socket.socket
 @pytest.mark.parametrize(
     ("target", "status", "errcode"),
     [
-        ("/_matrix/media/unstable/com.beeper.msc3870/upload_url/not-a-token", 403, "M_FORBIDDEN"),
+        (BOGUS_URL, 403, "M_FORBIDDEN"),
         ("/_matrix/media/v3/upload", 401, "M_MISSING_TOKEN"),
         ("/_matrix/media/v3/upload?access_token=mr_nobody", 401, "M_UNKNOWN_TOKEN"),
     ],
@@ -164,3 +171,51 @@ def test_the_per_address_cap_refuses_with_429_and_recovers(admitting_server: Ser
 
 def test_the_server_logged_no_traceback(admitting_server: Server) -> None:
     assert "Traceback" not in admitting_server.log_text()
+
+
+def test_the_rest_of_a_refused_body_must_keep_the_pace(admitting_server: Server) -> None:
+    """A refused body under 1 MiB is drained, the connection kept: a client trickling it
+    a byte at a time is closed at the rate bound (uvicorn alone would hold it as long as
+    bytes come now and then)."""
+    with socket.create_connection(("127.0.0.1", admitting_server.port), timeout=10) as sock:
+        sock.sendall(head("PUT", BOGUS_URL, 512 * 1024))
+        status, headers, body = read_answer(sock)
+        assert_matrix_error(status, body, 403, "M_FORBIDDEN")
+        assert "connection" not in headers  # kept: the body is drained
+        started = time.monotonic()
+        sock.settimeout(0.25)
+        closed = False
+        while not closed and time.monotonic() - started < 10:
+            try:
+                sock.sendall(b"x")
+                closed = sock.recv(1024) == b""
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+        assert closed, "the trickling connection was held"
+        assert time.monotonic() - started < 5
+
+
+def test_a_drained_body_keeps_the_connection_for_the_next_request(
+    admitting_server: Server,
+) -> None:
+    with socket.create_connection(("127.0.0.1", admitting_server.port), timeout=10) as sock:
+        sock.sendall(head("PUT", BOGUS_URL, 64 * 1024))
+        assert read_answer(sock)[0] == 403
+        sock.sendall(b"x" * 64 * 1024)  # the rest of the body, drained
+        sock.sendall(b"GET /_matrix/client/versions HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert read_answer(sock)[0] == 200
+
+
+def test_a_connection_idle_after_a_drained_body_is_closed_at_the_keep_alive_timeout(
+    admitting_server: Server,
+) -> None:
+    """The body's bytes cancelled uvicorn's keep-alive timeout, armed with the answer."""
+    with socket.create_connection(("127.0.0.1", admitting_server.port), timeout=10) as sock:
+        sock.sendall(head("PUT", BOGUS_URL, 64 * 1024))
+        assert read_answer(sock)[0] == 403
+        sock.sendall(b"x" * 64 * 1024)
+        started = time.monotonic()
+        assert closed_by_server(sock)
+        assert time.monotonic() - started < KEEP_ALIVE + 1.5
