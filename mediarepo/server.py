@@ -1,7 +1,7 @@
 """The HTTP server of the deployable project: gunicorn managing uvicorn workers.
 
 gunicorn forks one worker per core and restarts any that dies; each worker is uvicorn
-(httptools parser, uvloop) running ``mediarepo.asgi``. Four adjustments:
+(httptools parser, uvloop) running ``mediarepo.asgi``. Five adjustments:
 - the worker raises its open-files limit to the hard limit: thousands of parked
   downloads are thousands of sockets;
 - once the application is loaded, the worker tunes the garbage collector so that full
