@@ -1,7 +1,7 @@
 """The HTTP server of the deployable project: gunicorn managing uvicorn workers.
 
 gunicorn forks one worker per core and restarts any that dies; each worker is uvicorn
-(httptools parser, uvloop) running ``mediarepo.asgi``. Four adjustments:
+(httptools parser, uvloop) running ``mediarepo.asgi``. Five adjustments:
 - the worker raises its open-files limit to the hard limit: thousands of parked
   downloads are thousands of sockets;
 - once the application is loaded, the worker tunes the garbage collector so that full
@@ -11,7 +11,11 @@ gunicorn forks one worker per core and restarts any that dies; each worker is uv
   Matrix JSON (414 for an overlong request line, 431 for overlong headers, 400 for the
   rest), where uvicorn would answer in plain text; and it bounds what it buffers;
 - a worker holding more than its share of the keep-alive connections closes one after
-  its next answer, so that they spread over the workers (mediarepo/balance.py).
+  its next answer, so that they spread over the workers (mediarepo/balance.py);
+- the rest of a body answered before it was read (a refused upload, drained so that the
+  connection is kept) must arrive at the pace the application asks of bodies
+  (``msc3870.admission.BodyPace``), or the connection is closed: uvicorn would hold it as
+  long as a byte trickles in now and then.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn_worker import UvicornWorker
+
+from msc3870.admission import BodyPace
 
 from . import balance, redaction
 
@@ -109,6 +115,8 @@ class MatrixHttpToolsProtocol(HttpToolsProtocol):
 
     _head_bytes = 0
     _head_error: _HeadTooLarge | None = None
+    _drain: BodyPace | None = None
+    _drain_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport))  # type: ignore[arg-type]
@@ -116,6 +124,7 @@ class MatrixHttpToolsProtocol(HttpToolsProtocol):
             balance.table.opened()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_drain()
         super().connection_lost(exc)
         if balance.table is not None:
             balance.table.closed()
@@ -127,6 +136,49 @@ class MatrixHttpToolsProtocol(HttpToolsProtocol):
             # This answer is the connection's last: its client reconnects, to a less
             # busy worker as a rule.
             self.cycle.keep_alive = False  # type: ignore[union-attr]
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.more_body and not self.transport.is_closing():
+            # Answered before its body ended: uvicorn reads the rest and discards it.
+            self._drain = BodyPace(self.loop.time())
+            self._arm_drain()
+
+    def on_body(self, body: bytes) -> None:
+        if self._drain is not None:
+            self._drain.arrived(len(body), self.loop.time())
+            self._arm_drain()
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        if self._drain is not None:
+            self._stop_drain()
+            # uvicorn armed the keep-alive timeout with the answer, and the body's bytes
+            # cancelled it: arm it again, or the idle connection stays open for good.
+            self._unset_keepalive_if_required()
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+
+    def _arm_drain(self) -> None:
+        assert self._drain is not None
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+        self._drain_timer = self.loop.call_at(self._drain.deadline(), self._drain_too_slow)
+
+    def _stop_drain(self) -> None:
+        self._drain = None
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
+
+    def _drain_too_slow(self) -> None:
+        self._drain_timer = None
+        if self._drain is not None and not self.transport.is_closing():
+            self._drain = None
+            self.transport.close()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

@@ -233,6 +233,18 @@ for _key in (
 for _key in ("WAKEUP_POLL_SECONDS", "WAKEUP_SAFETY_POLL_SECONDS", "TOKEN_CACHE_SECONDS"):
     if env(f"MSC3870_{_key}"):
         MSC3870[_key] = float(env(f"MSC3870_{_key}") or 0)
+# Upload bodies (msc3870.admission): how many at once, per process and per client address,
+# and how slowly they may arrive.
+for _key in ("UPLOAD_BODIES_MAX", "UPLOAD_BODIES_PER_ADDRESS_MAX"):
+    if env(f"MSC3870_{_key}"):
+        MSC3870[_key] = env_int(f"MSC3870_{_key}", 0)
+for _key in (
+    "UPLOAD_MIN_BYTES_PER_SECOND",
+    "UPLOAD_RATE_GRACE_SECONDS",
+    "UPLOAD_IDLE_TIMEOUT_SECONDS",
+):
+    if env(f"MSC3870_{_key}"):
+        MSC3870[_key] = float(env(f"MSC3870_{_key}") or 0)
 # Wake-ups across web processes and workers: PostgreSQL LISTEN where it can, else Redis.
 MSC3870["WAKEUP_REDIS_URL"] = env("REDIS_URL")
 if env("MSC3870_WAKEUP_LISTEN"):

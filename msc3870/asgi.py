@@ -16,7 +16,9 @@ async views; measured on this kind of machine, twice the CPU of WSGI per request
   immediate 429, never a queue;
 - request bodies are read on the loop into a spooled file (memory up to
   ``SPOOL_MEMORY_BYTES``, disk beyond) and refused with 413 from ``Content-Length`` before
-  a byte is read, or as soon as they pass the limit;
+  a byte is read, or as soon as they pass the limit; an upload's credential is checked
+  and its place among the bodies being read taken before a byte is read, and a body that
+  stops arriving or arrives too slowly is dropped (``msc3870.admission``);
 - requests under ``/_matrix/`` skip the middleware only the admin needs (sessions,
   authentication, messages, CSRF, clickjacking, static files);
 - an overlong URI or header block, which a server would refuse in its own words, gets a
@@ -46,7 +48,7 @@ from django.core.handlers.asgi import ASGIRequest, get_script_prefix
 from django.http import HttpResponseBase
 from django.urls import set_script_prefix
 
-from . import wakeup
+from . import admission, wakeup
 from .api.deferred import CAN_DEFER, RETRIED, DeferredResponse
 from .api.errors import json_error, to_matrix_error
 from .conf import app_settings
@@ -88,6 +90,12 @@ SMALL_STREAM_BYTES = 64 * 1024
 # A body declared this many times over the limit is not drained after the 413: the
 # connection is closed instead.
 DRAIN_FACTOR = 4
+# An upload refused before its body is read (credential, caps) is drained after the answer
+# up to this size, so that the client reads the answer on a connection it keeps; a larger
+# one, or one of unknown length, closes the connection instead.
+REFUSED_BODY_DRAIN_BYTES = 1024 * 1024
+# Where the handler's own refusals put the response for the middleware to wrap.
+REFUSAL = "msc3870.refusal"
 
 
 class URITooLong(MatrixError):
@@ -181,6 +189,16 @@ class _Chain(base.BaseHandler):
             settings.MIDDLEWARE = configured
 
 
+class _RefusalChain(_Chain):
+    """The middleware around a refusal the handler made before any view ran (no URL is
+    resolved, no view runs): the answer carries the headers a view's would (CORS, so that
+    a browser client can read a 401 and refresh its token)."""
+
+    def _get_response(self, request: Any) -> HttpResponseBase:
+        response: HttpResponseBase = request.META[REFUSAL]
+        return response
+
+
 #: Threads per process for sync work. Enough for the few calls that block on the network
 #: (S3, a homeserver's whoami), few enough not to queue for the GIL: with 16 clients on
 #: two processes, 8 threads gave 456 round trips/s and a p99 of 81 ms, 4 gave 590 and
@@ -195,9 +213,9 @@ def default_threads() -> int:
 class MediaASGIHandler:
     def __init__(self, threads: int | None = None) -> None:
         self.full_chain = _Chain(list(settings.MIDDLEWARE))
-        self.matrix_chain = _Chain(
-            [m for m in settings.MIDDLEWARE if m not in ADMIN_ONLY_MIDDLEWARE]
-        )
+        matrix_middleware = [m for m in settings.MIDDLEWARE if m not in ADMIN_ONLY_MIDDLEWARE]
+        self.matrix_chain = _Chain(matrix_middleware)
+        self.refusal_chain = _RefusalChain(matrix_middleware)
         self.threads = threads or default_threads()
         self.executor = ThreadPoolExecutor(self.threads, thread_name_prefix="msc3870-web")
         # Requests with large bodies (uploads spooled to disk) take seconds, not
@@ -205,6 +223,7 @@ class MediaASGIHandler:
         self.bulk_executor = ThreadPoolExecutor(self.threads, thread_name_prefix="msc3870-bulk")
         self.caps = WaitCaps()
         self.federation_in_flight = InFlight(lambda: app_settings.FEDERATION_REQUESTS_PER_ADDRESS)
+        self.bodies = admission.BodyCaps()
         self._resumes = _Batches(self)
 
     # ------------------------------------------------------------------ ASGI
@@ -294,7 +313,8 @@ class MediaASGIHandler:
         self, scope: Scope, receive: Receive, is_matrix: bool
     ) -> IO[bytes] | Outgoing:
         """The body (closed with the request by ``_respond``), or its refusal: as it came
-        if it came in one message, else spooled."""
+        if it came in one message, else spooled. An upload's credential is checked, and
+        its place among the bodies being read taken, before a byte of it is read."""
         limit = _body_limit(scope, is_matrix)
         declared = _declared_length(scope)
         if declared == -1:
@@ -303,6 +323,71 @@ class MediaASGIHandler:
             # Refused before a byte is read. A modest excess is drained by the server
             # after the answer (the client reads the 413, not a reset); a gross one closes.
             return _refusal(_too_large(limit), close=declared > DRAIN_FACTOR * max(limit, 1))
+        if not _is_media_body(scope, is_matrix):
+            return await self._receive_body(scope, receive, limit, declared)
+        close = declared is None or declared > REFUSED_BODY_DRAIN_BYTES
+        upload = admission.upload_request(scope)
+        # (Not an upload route, or the wrong method: its 404 or 405 comes from the view,
+        # after the body, which is capped like any other of its size.)
+        if upload is not None:
+            refused = await self._credential_refusal(scope, upload)
+            if refused is not None:
+                return _closing(refused) if close else refused
+        address = admission.client_address(scope)
+        error = self.bodies.admit(address)
+        if error is not None:
+            return await self._refuse(scope, error, close=close)
+        try:
+            return await self._receive_body(scope, receive, limit, declared)
+        finally:
+            self.bodies.release(address)
+
+    async def _credential_refusal(
+        self, scope: Scope, upload: admission.UploadRequest
+    ) -> Outgoing | None:
+        """The refusal of an upload whose credential does not hold, or None. An access
+        token this process has resolved lately is judged on the loop; another one on a
+        pool thread."""
+        if upload.route == admission.UPLOAD_URL_ROUTE:
+            error = admission.upload_url_error(upload)
+        else:
+            credential = admission.access_credential(scope)
+            if isinstance(credential, MatrixError):
+                error = credential
+            else:
+                verdict = admission.cached_verdict(credential)
+                if verdict is admission.NOT_CACHED:
+                    return await self._run(self._check_access_token, scope, credential)
+                error = verdict
+        if error is None:
+            return None
+        return await self._run(self._refused, scope, error)
+
+    async def _receive_body(
+        self, scope: Scope, receive: Receive, limit: int, declared: int | None
+    ) -> IO[bytes] | Outgoing:
+        """The body, read against the clock of ``admission.BodyPace``: a body that stops
+        arriving, or arrives too slowly, is answered 408 and its connection closed."""
+        if not declared and not _has_header(scope, b"transfer-encoding"):
+            # No body (every GET): its one message is there already, no clock needed.
+            return await self._spool_body(scope, receive, limit, declared, None)
+        loop = asyncio.get_running_loop()
+        pace = admission.BodyPace(loop.time())
+        try:
+            async with asyncio.timeout_at(pace.deadline()) as timer:
+                # Only receive() is awaited inside: the timeout cancels nothing else.
+                return await self._spool_body(scope, receive, limit, declared, (pace, timer))
+        except TimeoutError:
+            return await self._refuse(scope, pace.error(loop.time()), close=True)
+
+    async def _spool_body(
+        self,
+        scope: Scope,
+        receive: Receive,
+        limit: int,
+        declared: int | None,
+        clock: tuple[admission.BodyPace, asyncio.Timeout] | None,
+    ) -> IO[bytes] | Outgoing:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise _ClientGone()
@@ -314,29 +399,73 @@ class MediaASGIHandler:
             if declared is None:
                 scope["headers"] = [*scope["headers"], (b"content-length", b"%d" % len(chunk))]
             return io.BytesIO(chunk)
+        loop = asyncio.get_running_loop()
         spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES, mode="w+b")  # noqa: SIM115
         size = 0
-        while True:
-            if message["type"] == "http.disconnect":
-                spool.close()
-                raise _ClientGone()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                spool.close()
-                return _refusal(_too_large(limit), close=False)
-            if chunk:
-                spool.write(chunk)
-            if not message.get("more_body", False):
-                break
-            message = await receive()
+        try:
+            while True:
+                if message["type"] == "http.disconnect":
+                    raise _ClientGone()
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    spool.close()
+                    return _refusal(_too_large(limit), close=False)
+                if chunk:
+                    spool.write(chunk)
+                if not message.get("more_body", False):
+                    break
+                if clock is not None:
+                    pace, timer = clock
+                    pace.arrived(len(chunk), loop.time())
+                    timer.reschedule(pace.deadline())
+                message = await receive()
+        except BaseException:
+            spool.close()  # at once: a dropped body holds neither memory nor a file
+            raise
         spool.seek(0)
         if declared is None:
             # A chunked body, now of known length: views see it like any other.
             scope["headers"] = [*scope["headers"], (b"content-length", str(size).encode())]
         return spool
 
+    async def _refuse(self, scope: Scope, error: MatrixError, *, close: bool) -> Outgoing:
+        outgoing: Outgoing = await self._run(self._refused, scope, error)
+        return _closing(outgoing) if close else outgoing
+
     # ------------------------------------------------------------------ sync work
+
+    def _check_access_token(
+        self, scope: Scope, credential: admission.AccessCredential
+    ) -> Outgoing | None:
+        """An upload's access token, resolved before its body is read, on a pool thread
+        (the resolver may query the database or the homeserver): None if it resolves,
+        else the refusal."""
+        signals.request_started.send(sender=self.__class__, scope=scope)
+        try:
+            error = admission.resolved_verdict(credential)
+        except Exception:
+            log.exception("Unhandled error checking an upload's access token")
+            error = MatrixError("Internal error")
+        if error is None:
+            signals.request_finished.send(sender=self.__class__)
+            return None
+        return self._refusal_response(scope, error)
+
+    def _refused(self, scope: Scope, error: MatrixError) -> Outgoing:
+        """A refusal made before the view, through the middleware, on a pool thread."""
+        signals.request_started.send(sender=self.__class__, scope=scope)
+        return self._refusal_response(scope, error)
+
+    def _refusal_response(self, scope: Scope, error: MatrixError) -> Outgoing:
+        set_script_prefix(get_script_prefix(scope))
+        try:
+            request = ASGIRequest(scope, io.BytesIO())
+        except UnicodeDecodeError:
+            signals.request_finished.send(sender=self.__class__)
+            return Outgoing.error(error)
+        request.META[REFUSAL] = json_error(error)
+        return _finish(self.refusal_chain.get_response(request))
 
     def _respond(
         self, chain: _Chain, scope: Scope, body: IO[bytes], retried: bool = False
@@ -657,8 +786,13 @@ def _is_large(body: IO[bytes]) -> bool:
 
 def _refusal(error: MatrixError, *, close: bool) -> Outgoing:
     outgoing = Outgoing.error(error)
-    if close:
-        outgoing.response["Connection"] = "close"
+    return _closing(outgoing) if close else outgoing
+
+
+def _closing(outgoing: Outgoing) -> Outgoing:
+    """The answer, as the connection's last (its body is not read)."""
+    outgoing.response["Connection"] = "close"
+    outgoing.headers = None  # the head is made again, with the header
     return outgoing
 
 
@@ -678,10 +812,22 @@ def _declared_length(scope: Scope) -> int | None:
     return None
 
 
+def _has_header(scope: Scope, name: bytes) -> bool:
+    return any(key == name for key, _ in scope["headers"])
+
+
+def _is_media_body(scope: Scope, is_matrix: bool) -> bool:
+    return (
+        is_matrix
+        and scope["method"] in ("PUT", "POST")
+        and MEDIA_BODY_PATH.match(scope["path"]) is not None
+    )
+
+
 def _body_limit(scope: Scope, is_matrix: bool) -> int:
     if not is_matrix:
         return OTHER_BODY_LIMIT
-    if scope["method"] in ("PUT", "POST") and MEDIA_BODY_PATH.match(scope["path"]):
+    if _is_media_body(scope, is_matrix):
         return app_settings.MAX_UPLOAD_SIZE
     return JSON_BODY_LIMIT
 

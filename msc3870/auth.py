@@ -14,6 +14,7 @@ import math
 import re
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
@@ -105,6 +106,13 @@ class TokenResolver:
     ) -> MatrixUser:
         raise NotImplementedError
 
+    def resolve_cached(
+        self, token: str, *, masquerade_as: str | None = None, device_id: str | None = None
+    ) -> MatrixUser | None:
+        """``resolve``'s answer if this process holds it (a user, or a refusal raised),
+        with no I/O, so callable on an event loop; None: ask ``resolve``."""
+        return None
+
 
 class ProcessCache:
     """A small per-process cache of resolved tokens (no network, no lock: a dict read is
@@ -172,7 +180,17 @@ class LocalTokenResolver(TokenResolver):
     def resolve(
         self, token: str, *, masquerade_as: str | None = None, device_id: str | None = None
     ) -> MatrixUser:
-        row = self._lookup(token)
+        return self._as_user(self._lookup(token), masquerade_as, device_id)
+
+    def resolve_cached(
+        self, token: str, *, masquerade_as: str | None = None, device_id: str | None = None
+    ) -> MatrixUser | None:
+        row = token_cache.get("local:" + digest_token(token))
+        return None if row is None else self._as_user(row, masquerade_as, device_id)
+
+    def _as_user(
+        self, row: _LocalToken, masquerade_as: str | None, device_id: str | None
+    ) -> MatrixUser:
         if row.expires_at is not None and row.expires_at <= timezone.now():
             raise UnknownToken()
         if masquerade_as and masquerade_as != row.user_id:
@@ -227,12 +245,7 @@ class HomeserverTokenResolver(TokenResolver):
         base = app_settings.HOMESERVER_URL
         if not base:
             raise HomeserverUnavailable("MSC3870['HOMESERVER_URL'] is not set")
-        cache_key = (
-            "msc3870:whoami:"
-            + hashlib.sha256(
-                "\0".join((token, masquerade_as or "", device_id or "")).encode()
-            ).hexdigest()
-        )
+        cache_key = self._cache_key(token, masquerade_as, device_id)
         cached = self._cached(cache_key)
         if cached is not None:
             return cached
@@ -252,9 +265,20 @@ class HomeserverTokenResolver(TokenResolver):
         finally:
             slots.release()
 
-    def _cached(self, cache_key: str) -> MatrixUser | None:
+    def resolve_cached(
+        self, token: str, *, masquerade_as: str | None = None, device_id: str | None = None
+    ) -> MatrixUser | None:
+        # The process's own cache only: the shared one may be over the network (Redis).
+        return self._cached(self._cache_key(token, masquerade_as, device_id), shared=False)
+
+    @staticmethod
+    def _cache_key(token: str, masquerade_as: str | None, device_id: str | None) -> str:
+        joined = "\0".join((token, masquerade_as or "", device_id or ""))
+        return "msc3870:whoami:" + hashlib.sha256(joined.encode()).hexdigest()
+
+    def _cached(self, cache_key: str, *, shared: bool = True) -> MatrixUser | None:
         """The cached answer: the user, or the homeserver's refusal raised again."""
-        cached = token_cache.get(cache_key) or cache.get(cache_key)
+        cached = token_cache.get(cache_key) or (cache.get(cache_key) if shared else None)
         if cached is None:
             return None
         if "refused" in cached:
@@ -335,13 +359,17 @@ def get_resolver() -> TokenResolver:
     return app_settings.TOKEN_RESOLVER()
 
 
-def token_from_request(request: Request) -> str | None:
-    header = request.META.get("HTTP_AUTHORIZATION", "")
-    scheme, _, credentials = header.partition(" ")
+def token_from(authorization: str, query: Mapping[str, str]) -> str | None:
+    """The access token of a request: ``Authorization: Bearer``, else the ``access_token``
+    query parameter (deprecated by the spec, but still accepted, never required)."""
+    scheme, _, credentials = authorization.partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
         return credentials.strip()
-    # Deprecated by the spec, but still accepted, never required.
-    return request.query_params.get("access_token") or None
+    return query.get("access_token") or None
+
+
+def token_from_request(request: Request) -> str | None:
+    return token_from(request.META.get("HTTP_AUTHORIZATION", ""), request.query_params)
 
 
 class MatrixTokenAuthentication(BaseAuthentication):

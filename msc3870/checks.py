@@ -140,6 +140,11 @@ SETTING_TYPES: dict[str, SettingType] = {
     "WAIT_MAX_WAITERS_PER_MEDIA": _t(INT, security=True),
     "LEGACY_WAIT_MAX_WAITERS": _t(INT, security=True),
     "WAIT_MAX_WAITERS_PER_REQUESTER": _t(INT, security=True),
+    "UPLOAD_BODIES_MAX": _t(INT, security=True),
+    "UPLOAD_BODIES_PER_ADDRESS_MAX": _t(INT, security=True),
+    "UPLOAD_MIN_BYTES_PER_SECOND": _t(NUMBER, security=True),
+    "UPLOAD_RATE_GRACE_SECONDS": _t(NUMBER, security=True),
+    "UPLOAD_IDLE_TIMEOUT_SECONDS": _t(NUMBER, security=True),
     "WAKEUP_POLL_SECONDS": _t(NUMBER),
     "WAKEUP_SAFETY_POLL_SECONDS": _t(NUMBER),
     "WAKEUP_LISTEN": _t(BOOL),
@@ -299,12 +304,17 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         "REMOTE_MEDIA_DOWNLOAD_PER_SECOND",
         "REMOTE_MEDIA_DOWNLOAD_BURST_COUNT",
         "REMOTE_MEDIA_MAX_FETCHES",
+        "UPLOAD_BODIES_MAX",
+        "UPLOAD_BODIES_PER_ADDRESS_MAX",
+        "UPLOAD_IDLE_TIMEOUT_SECONDS",
     )
     non_negative = (
         "MAX_PENDING_UPLOADS",
         "DOWNLOAD_TIMEOUT_MS",
         "DOWNLOAD_TIMEOUT_MS_MAX",
         "REMOTE_MEDIA_CACHE_MAX_BYTES",
+        "UPLOAD_MIN_BYTES_PER_SECOND",
+        "UPLOAD_RATE_GRACE_SECONDS",
     )
     for name in (*positive, *non_negative):
         if not typed(name):

@@ -66,6 +66,19 @@ DEFAULTS: dict[str, Any] = {
     # Requests one requester (a Matrix user, or the address of an unauthenticated client
     # or of a server whose keys are being fetched) may have waiting per process.
     "WAIT_MAX_WAITERS_PER_REQUESTER": 200,
+    # Upload bodies being read (msc3870/admission.py), per process and per client address
+    # (an IPv6 client by its /64): past a cap, 429 M_LIMIT_EXCEEDED before a byte is read.
+    # Raise the per-address cap where many clients share one address (carrier NAT).
+    "UPLOAD_BODIES_MAX": 64,
+    "UPLOAD_BODIES_PER_ADDRESS_MAX": 8,
+    # A request body silent for UPLOAD_IDLE_TIMEOUT_SECONDS, or slower on average than
+    # UPLOAD_MIN_BYTES_PER_SECOND once UPLOAD_RATE_GRACE_SECONDS have passed, is dropped
+    # with 408. Low enough for a slow mobile link: GPRS at its worst sends 2 KiB/s, a
+    # radio waking up or a handover stalls for seconds, a tunnel for tens of seconds.
+    # 0 bytes/s turns the rate check off (the idle timeout stays).
+    "UPLOAD_MIN_BYTES_PER_SECOND": 1024,
+    "UPLOAD_RATE_GRACE_SECONDS": 30,
+    "UPLOAD_IDLE_TIMEOUT_SECONDS": 60,
     # Wake-up hub (msc3870/wakeup.py): the batched poll's interval where it is the only
     # source (SQLite), the safety poll's behind PostgreSQL LISTEN, and whether to LISTEN.
     "WAKEUP_POLL_SECONDS": 0.05,
@@ -278,6 +291,26 @@ class MSC3870Settings:
     @property
     def WAIT_MAX_WAITERS_PER_REQUESTER(self) -> int:
         return int(self._get("WAIT_MAX_WAITERS_PER_REQUESTER"))
+
+    @property
+    def UPLOAD_BODIES_MAX(self) -> int:
+        return int(self._get("UPLOAD_BODIES_MAX"))
+
+    @property
+    def UPLOAD_BODIES_PER_ADDRESS_MAX(self) -> int:
+        return int(self._get("UPLOAD_BODIES_PER_ADDRESS_MAX"))
+
+    @property
+    def UPLOAD_MIN_BYTES_PER_SECOND(self) -> float:
+        return float(self._get("UPLOAD_MIN_BYTES_PER_SECOND"))
+
+    @property
+    def UPLOAD_RATE_GRACE_SECONDS(self) -> float:
+        return float(self._get("UPLOAD_RATE_GRACE_SECONDS"))
+
+    @property
+    def UPLOAD_IDLE_TIMEOUT_SECONDS(self) -> float:
+        return float(self._get("UPLOAD_IDLE_TIMEOUT_SECONDS"))
 
     @property
     def WAKEUP_POLL_SECONDS(self) -> float:
