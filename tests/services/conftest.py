@@ -334,9 +334,16 @@ def clamd(tmp_path: Path) -> Iterator[str]:
 def user_token(transactional_db: None) -> tuple[str, str]:
     """A fresh user (limits are per user) and its token, committed for the other processes."""
     user_id = f"@u{secrets.token_hex(4)}:localhost"
+    return user_id, make_user_token(user_id)
+
+
+def make_user_token(user_id: str | None = None) -> str:
+    """A token of ``user_id`` (default: a new user), committed (call it from a test with a
+    transactional database)."""
+    user_id = user_id or f"@u{secrets.token_hex(4)}:localhost"
     token = "mr_" + secrets.token_urlsafe(16)
     AccessToken.objects.create(user_id=user_id, token_digest=digest_token(token))
-    return user_id, token
+    return token
 
 
 @pytest.fixture
