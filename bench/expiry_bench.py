@@ -172,7 +172,7 @@ def setup_rows(
 
 
 def count_incoming() -> int:
-    from msc3870.storage import get_store
+    from msc3870.stores import get_store
 
     return sum(1 for _ in get_store().list_keys("incoming/"))
 
@@ -264,7 +264,7 @@ def child(args: argparse.Namespace) -> None:
 
     from msc3870.maintenance import expire_pending
     from msc3870.models import Media, MediaState
-    from msc3870.storage import get_store
+    from msc3870.stores import get_store
 
     store = get_store()
     s3 = S3Counter()

@@ -61,7 +61,7 @@ def through_botocore(s3: Any, buffer: bytearray, sink: Callable[[memoryview], An
 
 
 def through_store(s3: Any, buffer: bytearray, sink: Callable[[memoryview], Any]) -> int:
-    from msc3870.s3 import _readable
+    from msc3870.stores.s3 import _readable
 
     body = s3.get_object(Bucket=S3_BUCKET, Key=KEY)["Body"]
     fill, view, total = _readable(body).readinto, memoryview(buffer), 0

@@ -68,8 +68,8 @@ def case(kind: str, size: int, chunks: int | None) -> dict[str, Any]:
     import django
 
     django.setup()
-    from msc3870 import s3 as s3_module
-    from msc3870.storage import get_store
+    from msc3870.stores import get_store
+    from msc3870.stores import s3 as s3_module
 
     store = get_store()
     store.head("warm-up")

@@ -86,7 +86,7 @@ def child(args: argparse.Namespace, data_dir: str) -> dict[str, Any]:
         sys.modules[spec.name] = thumbnails
         spec.loader.exec_module(thumbnails)
     from msc3870.models import Media
-    from msc3870.storage import get_store
+    from msc3870.stores import get_store
 
     source = Path(args.source).read_bytes()
     content_type = "image/png" if args.format == "PNG" else "image/jpeg"

@@ -127,6 +127,7 @@ SETTING_TYPES: dict[str, SettingType] = {
     "MAX_PENDING_UPLOADS": _t(INT, security=True),
     "CREATE_RATE": _t(STR, null=True, security=True),
     "STORAGE_ALIAS": _t(STR),
+    "STORE": _t(IMPORT_STRING, null=True),
     "TOKEN_RESOLVER": _t(IMPORT_STRING, security=True),
     "HOMESERVER_URL": _t(STR, null=True, security=True),
     "WHOAMI_CACHE_SECONDS": _t(NUMBER, security=True),

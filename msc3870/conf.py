@@ -32,6 +32,9 @@ DEFAULTS: dict[str, Any] = {
     "CREATE_RATE": "60/min",
     # Alias in Django's STORAGES of the storage media bytes live in.
     "STORAGE_ALIAS": "msc3870",
+    # The MediaStore class over that storage (import string); None: the one made for the
+    # storage's class (msc3870.stores.STORE_FOR_STORAGE: local disk, S3).
+    "STORE": None,
     # Callable (import string) turning an access token into a Matrix user id.
     "TOKEN_RESOLVER": "msc3870.auth.LocalTokenResolver",
     # Homeserver asked by msc3870.auth.HomeserverTokenResolver (/account/whoami).
@@ -246,6 +249,10 @@ class MSC3870Settings:
     @property
     def STORAGE_ALIAS(self) -> str:
         return str(self._get("STORAGE_ALIAS"))
+
+    @property
+    def STORE(self) -> Any:
+        return self._import("STORE") if self._get("STORE") else None
 
     @property
     def TOKEN_RESOLVER(self) -> Callable[..., Any]:

@@ -20,7 +20,7 @@ from .conf import app_settings
 from .errors import StorageUnavailable
 from .models import Media, MediaState, UploadMethod
 from .pipeline import delete_objects_of, dispatch_screening, schedule_object_deletion
-from .storage import get_store
+from .stores import get_store
 
 log = logging.getLogger(__name__)
 S = MediaState

@@ -32,7 +32,7 @@ from .screening import (
     run_checks,
 )
 from .signals import send_state_signal
-from .storage import MediaStore, ObjectInfo, SourceChanged, get_store
+from .stores import MediaStore, ObjectInfo, SourceChanged, get_store
 from .thumbnails import thumbnail_keys
 
 log = logging.getLogger(__name__)

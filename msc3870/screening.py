@@ -23,7 +23,7 @@ from .sniffing import sniff
 
 if TYPE_CHECKING:
     from .models import Media
-    from .storage import MediaStore, ObjectInfo
+    from .stores import MediaStore, ObjectInfo
 
 # puremagic looks at the first and last bytes; 8 KiB covers every signature it knows.
 SNIFF_BYTES = 8192

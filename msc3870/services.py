@@ -39,7 +39,7 @@ from .errors import (
 )
 from .models import Media, MediaState, Uploader, UploadMethod
 from .screening import SNIFF_BYTES
-from .storage import (
+from .stores import (
     ObjectInfo,
     Readable,
     UploadTarget,

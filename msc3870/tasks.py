@@ -12,7 +12,7 @@ from typing import Any
 from celery import shared_task
 
 from . import maintenance, pipeline
-from .storage import ObjectInfo
+from .stores import ObjectInfo
 
 TASK_OPTIONS: dict[str, Any] = {
     "acks_late": True,

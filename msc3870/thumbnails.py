@@ -39,7 +39,7 @@ from .conf import app_settings
 from .errors import InvalidParam, LimitExceeded, MatrixError
 from .models import Media
 from .screening import base_type
-from .storage import get_store
+from .stores import get_store
 
 # (width, height, method): Synapse's default thumbnail_sizes.
 SIZES: list[tuple[int, int, str]] = [

@@ -116,7 +116,7 @@ class LyingBody(io.RawIOBase):
 def test_limit_holds_while_streaming(alice: MatrixClient) -> None:
     """No Content-Length to trust: the bytes are counted as they arrive."""
     from msc3870.errors import TooLarge
-    from msc3870.storage import get_store
+    from msc3870.stores import get_store
 
     store = get_store()
     try:
@@ -133,7 +133,7 @@ def test_truncated_body_is_refused_and_nothing_is_kept(alice: MatrixClient) -> N
     """Announce 100 bytes, send 10: what a client that lost its connection looks like.
     (The same over a real socket is in test_live_server.py.)"""
     from msc3870.errors import InvalidParam
-    from msc3870.storage import get_store
+    from msc3870.stores import get_store
 
     store = get_store()
     try:
@@ -243,7 +243,7 @@ def test_a_rejection_is_not_recorded_while_its_bytes_cannot_be_deleted(
     """The store fails to delete: the row stays PROCESSING (never served, retried by the
     sweep), not REJECTED with its bytes still stored."""
     from msc3870.errors import StorageUnavailable
-    from msc3870.storage import LocalMediaStore
+    from msc3870.stores.local import LocalMediaStore
 
     def failing(self: Any, keys: list[str]) -> None:
         raise StorageUnavailable("disk gone")
@@ -269,12 +269,13 @@ def test_a_put_screened_in_its_request_sniffs_the_bytes_as_they_passed(
 ) -> None:
     """The object a PUT has just stored is not read back for its first bytes: they were
     kept as they streamed to the store (one store request fewer per upload)."""
-    from msc3870 import storage
+    from msc3870.stores import MediaStore
+    from msc3870.stores.local import LocalMediaStore
 
     def no_read_back(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the stored object was read back")
 
-    for store_class in (storage.LocalMediaStore, storage.MediaStore):
+    for store_class in (LocalMediaStore, MediaStore):
         monkeypatch.setattr(store_class, "head_with_prefix", no_read_back, raising=False)
         monkeypatch.setattr(store_class, "read_prefix", no_read_back, raising=False)
     created = alice.create()
@@ -288,7 +289,7 @@ def test_a_put_screened_in_its_request_sniffs_the_bytes_as_they_passed(
 
 
 def test_the_metered_reader_keeps_exactly_the_first_bytes_asked() -> None:
-    from msc3870.storage import MeteredReader
+    from msc3870.stores import MeteredReader
 
     body = bytes(range(256)) * 100  # 25,600 bytes, read in uneven chunks
     reader = MeteredReader(io.BytesIO(body), max_size=len(body), keep_first=8192)

@@ -23,7 +23,7 @@ import pytest
 
 from msc3870 import lifecycle, pipeline, sql
 from msc3870.models import Media, MediaState
-from msc3870.storage import get_store
+from msc3870.stores import get_store
 
 from .conftest import MatrixClient, media_of, msc3870_settings, mxc_path, png_bytes
 

@@ -20,9 +20,9 @@ from moto import mock_aws
 
 from msc3870 import pipeline
 from msc3870.models import Media, MediaState
-from msc3870.s3 import S3MediaStore, sha256_of_copy
 from msc3870.screening import Rejection, ScreeningContext
-from msc3870.storage import ObjectInfo, get_store
+from msc3870.stores import ObjectInfo, get_store
+from msc3870.stores.s3 import S3MediaStore, sha256_of_copy
 
 from .conftest import MatrixClient, media_of, msc3870_settings, mxc_path, png_bytes
 from .test_pipeline import FakeClamd

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from msc3870 import maintenance, services
 from msc3870.models import Media, MediaState
-from msc3870.storage import get_store
+from msc3870.stores import get_store
 
 from .conftest import MatrixClient, media_of, mxc_path
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from msc3870.storage import LocalMediaStore, get_store
+from msc3870.stores import get_store
+from msc3870.stores.local import LocalMediaStore
 
 
 def test_an_object_moved_between_its_size_and_its_first_bytes_is_not_an_error(

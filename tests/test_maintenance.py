@@ -163,7 +163,7 @@ def test_orphaned_incoming_objects_are_deleted(alice: MatrixClient) -> None:
     put_to_url(done["upload_url"], b"done")
     assert complete(alice, done["content_uri"]) == 200
     # Re-create the incoming object of completed media, as a re-PUT to S3 would.
-    from msc3870.storage import get_store
+    from msc3870.stores import get_store
 
     store = get_store()
     done_media = media_of(done["content_uri"])
@@ -179,7 +179,7 @@ def test_expiry_goes_on_when_storage_fails(
     alice: MatrixClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from msc3870.errors import StorageUnavailable
-    from msc3870.storage import get_store
+    from msc3870.stores import get_store
 
     due_pending(30, "s")
     store = get_store()

@@ -23,7 +23,7 @@ from msc3870 import lifecycle, services
 from msc3870.auth import MatrixUser
 from msc3870.errors import CannotOverwrite, NotFound, StorageUnavailable
 from msc3870.models import Media, MediaState, UploadMethod
-from msc3870.storage import LocalMediaStore
+from msc3870.stores.local import LocalMediaStore
 
 from .conftest import MatrixClient, files_under, media_of, msc3870_settings, mxc_path
 

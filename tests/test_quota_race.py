@@ -19,7 +19,7 @@ from django.utils import timezone
 
 from msc3870 import lifecycle, pipeline
 from msc3870.models import Media, MediaState, UploadMethod
-from msc3870.storage import get_store
+from msc3870.stores import get_store
 
 from .conftest import MatrixClient, media_of, msc3870_settings
 

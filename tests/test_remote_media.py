@@ -23,7 +23,7 @@ from msc3870.federation import keys
 from msc3870.federation.multipart import MultipartMedia
 from msc3870.federation.xmatrix import parse_x_matrix, request_json
 from msc3870.models import Media, MediaState, UploadMethod
-from msc3870.storage import get_store
+from msc3870.stores import get_store
 
 from .asgi_driver import parked, request, run, until
 from .conftest import MatrixClient, make_token, msc3870_settings, png_bytes

@@ -14,7 +14,7 @@ from django.utils import timezone
 from msc3870 import maintenance
 from msc3870.models import Media, MediaState
 from msc3870.schedule import DEFAULT_SCHEDULE
-from msc3870.storage import get_store
+from msc3870.stores import get_store
 from msc3870.thumbnails import thumbnail_keys
 
 from .conftest import MatrixClient, msc3870_settings, png_bytes

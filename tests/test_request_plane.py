@@ -387,7 +387,7 @@ def test_large_uploads_do_not_hold_up_small_requests(
     busy storing a large upload, a small request is still answered."""
     import threading
 
-    from msc3870.storage import LocalMediaStore
+    from msc3870.stores.local import LocalMediaStore
 
     release = threading.Event()
     storing = threading.Semaphore(0)
@@ -550,7 +550,7 @@ def test_a_failure_outside_the_view_is_still_a_matrix_error(
     """The bytes of a small download are read after the view (on the pool thread, by the
     handler): if that fails, the client gets M_UNKNOWN 500 in JSON, not the server's
     plain-text page."""
-    from msc3870.storage import LocalMediaStore
+    from msc3870.stores.local import LocalMediaStore
 
     async def scenario() -> Reply:
         path = await created_path(app, token)

@@ -19,7 +19,7 @@ import urllib3
 from botocore.response import StreamingBody
 
 from msc3870.errors import StorageUnavailable
-from msc3870.s3 import S3MediaStore, _readable
+from msc3870.stores.s3 import S3MediaStore, _readable
 
 MiB = 1024 * 1024
 

@@ -20,8 +20,8 @@ from moto import mock_aws
 
 from msc3870.checks import check_settings
 from msc3870.models import MediaState
-from msc3870.s3 import POOL_CONNECTIONS, S3MediaStore
-from msc3870.storage import get_store
+from msc3870.stores import get_store
+from msc3870.stores.s3 import POOL_CONNECTIONS, S3MediaStore
 
 from .conftest import MatrixClient, media_of, msc3870_settings, mxc_path, png_bytes
 
@@ -105,7 +105,7 @@ def test_every_thread_shares_one_client_with_a_pool_for_them(s3: Any) -> None:
 def test_s3_timestamps_read_as_botocore_reads_them(value: Any) -> None:
     from botocore.utils import parse_timestamp
 
-    from msc3870.s3 import parse_s3_timestamp
+    from msc3870.stores.s3 import parse_s3_timestamp
 
     parsed, expected = parse_s3_timestamp(value), parse_timestamp(value)
     assert parsed == expected
@@ -113,7 +113,7 @@ def test_s3_timestamps_read_as_botocore_reads_them(value: Any) -> None:
 
 
 def test_an_s3_timestamp_neither_form_reads_is_botocore_s_error() -> None:
-    from msc3870.s3 import parse_s3_timestamp
+    from msc3870.stores.s3 import parse_s3_timestamp
 
     with pytest.raises(ValueError):
         parse_s3_timestamp("Fri, 27 Nov 2026 25:43:04 GMT")
@@ -122,7 +122,7 @@ def test_an_s3_timestamp_neither_form_reads_is_botocore_s_error() -> None:
 def test_the_store_client_reads_timestamps_with_the_standard_library(
     s3: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from msc3870 import s3 as s3_module
+    from msc3870.stores import s3 as s3_module
 
     parsed: list[Any] = []
     real = s3_module.parse_s3_timestamp

@@ -17,7 +17,7 @@ from django.core.management.base import SystemCheckError
 
 from msc3870 import moderation
 from msc3870.models import Media, MediaState
-from msc3870.storage import LocalMediaStore
+from msc3870.stores.local import LocalMediaStore
 
 from .conftest import MatrixClient, files_under, media_of, msc3870_settings, mxc_path
 from .test_api_complete import complete, put_to_url

@@ -12,7 +12,7 @@ from django.conf import settings
 
 from msc3870 import maintenance
 from msc3870.models import Media, MediaState
-from msc3870.storage import get_store
+from msc3870.stores import get_store
 
 from .conftest import MatrixClient, media_of
 

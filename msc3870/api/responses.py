@@ -10,7 +10,7 @@ from django.http import HttpResponse, HttpResponseBase, StreamingHttpResponse
 from ..conf import app_settings
 from ..errors import RangeNotSatisfiable
 from ..models import Media
-from ..storage import get_store
+from ..stores import get_store
 from ..thumbnails import Thumbnail
 from .errors import json_error
 from .headers import add_security_headers, content_disposition, served_content_type

@@ -22,7 +22,7 @@ from ..auth import MatrixTokenAuthentication
 from ..conf import app_settings
 from ..errors import InvalidParam, MatrixError
 from ..models import Media
-from ..storage import Readable
+from ..stores import Readable
 from ..waiting import AUTHENTICATED, LEGACY
 from .deferred import answer
 from .errors import exception_handler, parse_json_object

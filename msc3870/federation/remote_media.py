@@ -69,7 +69,7 @@ from ..conf import app_settings
 from ..errors import LimitExceeded, MatrixError, NotFound, NotYetUploaded, TooLarge
 from ..models import Media, MediaState, UploadMethod
 from ..ratelimit import LeakyBucket
-from ..storage import get_store
+from ..stores import get_store
 from ..waiting import Deadline, MediaWait
 from . import discovery, outbound
 from .xmatrix import sign_request

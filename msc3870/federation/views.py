@@ -28,7 +28,7 @@ from ..api.responses import CACHE_SECONDS, Servable
 from ..api.views import MatrixView
 from ..conf import app_settings
 from ..models import Media
-from ..storage import get_store
+from ..stores import get_store
 from ..waiting import AUTHENTICATED
 from .authentication import OriginThrottle, XMatrixAuthentication
 from .keys import key_server_response

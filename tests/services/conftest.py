@@ -348,7 +348,7 @@ def make_user_token(user_id: str | None = None) -> str:
 
 @pytest.fixture
 def s3_client() -> Any:
-    from msc3870.storage import get_store
+    from msc3870.stores import get_store
 
     return get_store().client  # type: ignore[attr-defined]
 

@@ -18,7 +18,7 @@ import requests
 from django.utils import timezone
 
 from msc3870.models import Media, MediaState
-from msc3870.storage import get_store
+from msc3870.stores import get_store
 
 from .conftest import Stack, bucket_keys, wait_until
 from .helpers import auth, complete, create, keys_of, media_of, mxc_path
@@ -471,7 +471,7 @@ def test_seaweedfs_whole_read_goes_beneath_urllib3_and_is_exact(
 ) -> None:
     """The screening's SHA-256 read of a real store's object: every byte, read straight
     into the buffer (not through urllib3's copying readinto)."""
-    from msc3870 import s3
+    from msc3870.stores import s3
 
     bucket = os.environ["AWS_STORAGE_BUCKET_NAME"]
     data = os.urandom(5 * 1024 * 1024 + 7)
@@ -496,7 +496,7 @@ def test_seaweedfs_copies_only_the_version_asked_for(s3_client: Any) -> None:
     """The conditional move the screening makes with what /complete read
     (``CopySourceIfMatch`` on its ETag): the version read is moved; an object written
     over since is refused (``SourceChanged``) and left where it is."""
-    from msc3870.storage import SourceChanged
+    from msc3870.stores import SourceChanged
 
     bucket = os.environ["AWS_STORAGE_BUCKET_NAME"]
     store = get_store()

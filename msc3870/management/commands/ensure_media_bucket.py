@@ -12,7 +12,7 @@ from typing import Any
 from django.core.management.base import BaseCommand
 
 from ...conf import app_settings
-from ...storage import get_store
+from ...stores import get_store
 
 
 class Command(BaseCommand):

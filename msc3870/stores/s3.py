@@ -28,9 +28,9 @@ from botocore.utils import parse_timestamp
 from django.utils import timezone
 from urllib3.response import HTTPResponse as Urllib3Response
 
-from .conf import app_settings
-from .errors import StorageUnavailable
-from .storage import (
+from ..conf import app_settings
+from ..errors import StorageUnavailable
+from .base import (
     CHUNK_SIZE,
     MediaStore,
     MeteredReader,
@@ -44,7 +44,7 @@ from .storage import (
 if TYPE_CHECKING:
     from storages.backends.s3 import S3Storage
 
-    from .models import Media
+    from ..models import Media
 
 # S3 refuses presigned URLs that live longer than 7 days.
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600
