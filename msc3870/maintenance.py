@@ -15,7 +15,7 @@ from django.core.cache import cache
 from django.db.models import Q, Sum
 from django.utils import timezone
 
-from . import lifecycle
+from . import lifecycle, storage_keys
 from .conf import app_settings
 from .errors import StorageUnavailable
 from .models import Media, MediaState, UploadMethod
@@ -154,7 +154,7 @@ def delete_orphaned_uploads(*, limit: int = 10_000) -> int:
     batch: list[str] = []
 
     def flush() -> int:
-        ids = {key.rsplit("/", 1)[-1]: key for key in batch}
+        ids = {storage_keys.media_id_of(key): key for key in batch}
         waiting = set(
             Media.objects.filter(media_id__in=ids, state__in=[S.PENDING, S.PROCESSING]).values_list(
                 "media_id", flat=True
@@ -171,7 +171,7 @@ def delete_orphaned_uploads(*, limit: int = 10_000) -> int:
     cursor: str = cache.get(ORPHAN_SWEEP_CURSOR) or ""
     looked_at = 0
     last = ""
-    for key in store.list_keys("incoming/"):
+    for key in store.list_keys(storage_keys.INCOMING_PREFIX):
         if key <= cursor:
             continue
         if looked_at >= limit:

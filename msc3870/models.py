@@ -7,11 +7,12 @@ updates the row with a compare-and-set on ``state``.
 from __future__ import annotations
 
 import hashlib
-import secrets
 from typing import Any
 
 from django.db import models
 from django.utils import timezone
+
+from . import storage_keys
 
 
 class MediaState(models.TextChoices):
@@ -147,7 +148,7 @@ class Media(models.Model):
     @property
     def incoming_key(self) -> str:
         """Where an upload URL writes. Only this media id's URL can write it."""
-        return f"incoming/{self.media_id}"
+        return storage_keys.incoming(self.media_id)
 
     @property
     def is_remote(self) -> bool:
@@ -155,32 +156,19 @@ class Media(models.Model):
 
     @property
     def served_key(self) -> str:
-        """Where the bytes are moved before they are checked; no URL can write it.
-
-        Another server's media lives under its server name: its ids are chosen by that
-        server and may equal ours (a hostile server could otherwise overwrite our bytes)."""
-        if self.is_remote:
-            return f"remote/{_key_safe(self.server_name)}/{self.media_id[:2]}/{self.media_id}"
-        return f"media/{self.media_id[:2]}/{self.media_id}"
+        """Where the bytes are moved before they are checked; no URL can write it."""
+        return storage_keys.served(self.server_name, self.media_id, remote=self.is_remote)
 
     def upload_key(self) -> str:
-        """A new key for the bytes of one upload request: the served key and a random
-        suffix. Requests racing for one id never write the same object; the row records
-        the key of the one that wins, and the others delete theirs."""
-        return f"{self.served_key}.{secrets.token_hex(6)}"
+        """A new key for the bytes of one upload request. Requests racing for one id never
+        write the same object; the row records the key of the one that wins, and the
+        others delete theirs."""
+        return storage_keys.upload(self.served_key)
 
     @property
     def thumbnail_prefix(self) -> str:
-        """The thumbnails of this media are stored under this prefix (same reason)."""
-        if self.is_remote:
-            return f"remote-thumbnails/{_key_safe(self.server_name)}/{self.media_id}"
-        return f"thumbnails/{self.media_id}"
-
-
-def _key_safe(server_name: str) -> str:
-    # Server names hold [A-Za-z0-9.-], brackets and colons; "_" is in none of them, so this
-    # is one-to-one, and no name is "." or ".." (a name starts with a letter, digit or "[").
-    return server_name.replace(":", "_")
+        """The thumbnails of this media are stored under this prefix."""
+        return storage_keys.thumbnail_prefix(self.server_name, self.media_id, remote=self.is_remote)
 
 
 def digest_token(token: str) -> str:

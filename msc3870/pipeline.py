@@ -19,10 +19,9 @@ from django.utils import timezone
 
 from . import lifecycle
 from .conf import app_settings
+from .content_types import UNKNOWN_TYPE
 from .models import Media, MediaState, UploadMethod
 from .screening import (
-    SNIFF_BYTES,
-    UNKNOWN_TYPE,
     QuotaClaim,
     Rejection,
     ScreeningContext,
@@ -32,6 +31,7 @@ from .screening import (
     run_checks,
 )
 from .signals import send_state_signal
+from .sniffing import SNIFF_BYTES
 from .stores import MediaStore, ObjectInfo, SourceChanged, get_store
 from .thumbnails import thumbnail_keys
 

@@ -38,7 +38,7 @@ from .errors import (
     UploadRejected,
 )
 from .models import Media, MediaState, Uploader, UploadMethod
-from .screening import SNIFF_BYTES
+from .sniffing import SNIFF_BYTES
 from .stores import (
     ObjectInfo,
     Readable,

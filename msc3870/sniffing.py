@@ -15,6 +15,9 @@ from functools import cache
 import puremagic
 from puremagic.main import PureMagic
 
+# puremagic looks at the first and last bytes; 8 KiB covers every signature it knows.
+SNIFF_BYTES = 8192
+
 
 @cache
 def _header_index() -> dict[int, dict[int, list[PureMagic]]]:

@@ -35,10 +35,11 @@ from dataclasses import dataclass
 
 from PIL import ExifTags, Image, ImageMode, UnidentifiedImageError
 
+from . import storage_keys
 from .conf import app_settings
+from .content_types import base_type
 from .errors import InvalidParam, LimitExceeded, MatrixError
 from .models import Media
-from .screening import base_type
 from .stores import get_store
 
 # (width, height, method): Synapse's default thumbnail_sizes.
@@ -149,7 +150,7 @@ def thumbnail(media: Media, width: int, height: int, method: str) -> Thumbnail:
         raise CannotThumbnail()
     w, h, method = choose_size(width, height, method)
     output_type = "image/jpeg" if source_type == "image/jpeg" else "image/png"
-    key = f"{media.thumbnail_prefix}/{w}x{h}-{method}"
+    key = storage_keys.thumbnail(media.thumbnail_prefix, w, h, method)
     store = get_store()
     existing = store.head(key)
     if existing is not None:
@@ -382,4 +383,4 @@ def _convert(strip: Image.Image, work_mode: str) -> Image.Image:
 
 def thumbnail_keys(media: Media) -> list[str]:
     """Every key a thumbnail of this media can have (for deletion)."""
-    return [f"{media.thumbnail_prefix}/{w}x{h}-{m}" for w, h, m in SIZES]
+    return [storage_keys.thumbnail(media.thumbnail_prefix, w, h, m) for w, h, m in SIZES]

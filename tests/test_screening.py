@@ -5,8 +5,8 @@ import random
 import puremagic
 import pytest
 
-from msc3870.screening import sniff, types_agree
-from msc3870.sniffing import matches_a_signature, puremagic_types
+from msc3870.content_types import types_agree
+from msc3870.sniffing import matches_a_signature, puremagic_types, sniff
 
 from .conftest import png_bytes
 

@@ -6,7 +6,7 @@ from urllib.parse import quote
 
 from django.http import HttpResponseBase
 
-from ..screening import base_type
+from ..content_types import base_type
 
 # Types a browser may render in place (spec v1.12). Everything else is an attachment.
 INLINE_CONTENT_TYPES = frozenset(

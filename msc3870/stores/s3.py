@@ -28,6 +28,7 @@ from botocore.utils import parse_timestamp
 from django.utils import timezone
 from urllib3.response import HTTPResponse as Urllib3Response
 
+from .. import storage_keys
 from ..conf import app_settings
 from ..errors import StorageUnavailable
 from .base import (
@@ -502,7 +503,7 @@ class S3MediaStore(MediaStore):
         aborts multipart uploads left there), keeping the bucket's other rules. The sweeps
         delete abandoned uploads; this catches what they miss (a sweep that never ran, a
         row deleted by hand). False if the store does not support lifecycle rules."""
-        prefix = self._key("incoming/")
+        prefix = self._key(storage_keys.INCOMING_PREFIX)
         rule: dict[str, Any] = {
             "ID": INCOMING_RULE_ID,
             "Filter": {"Prefix": prefix},
