@@ -11,7 +11,7 @@ class MSC3870Config(AppConfig):
         from django.core.checks import Tags, register
         from django.db.models.signals import post_migrate
 
-        from . import checks
+        from . import checks, tasks  # noqa: F401 - tasks registers them, by name (msc3870.queue)
 
         register(checks.check_settings, Tags.compatibility)
         register(checks.check_setting_types, Tags.compatibility)

@@ -8,16 +8,14 @@ redelivered or re-dispatched task does no harm.
 from __future__ import annotations
 
 import logging
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from django.db import close_old_connections, connection, transaction
+from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from . import lifecycle
+from . import lifecycle, queue
 from .conf import app_settings
 from .content_types import UNKNOWN_TYPE
 from .models import Media, MediaState, UploadMethod
@@ -47,27 +45,34 @@ def dispatch_screening(
     If the broker refuses, the reason is kept on the row: media left in PROCESSING is
     queued again by the stuck sweep, so an outage delays screening but loses nothing.
     Without a broker, screening runs in this thread, or with ``background`` (the caller
-    answers before the verdict) on a small pool of this process's threads; ``incoming``:
-    the upload URL's object as /complete read it, which spares the screening a look at it
+    answers before the verdict) on the process's background pool; ``incoming``: the
+    upload URL's object as /complete read it, which spares the screening a look at it
     (``screen_loaded``).
     """
-    from .tasks import screen_media_task
 
-    if screens_in_request():
-        if background:
-            transaction.on_commit(lambda: _screen_in_background(media, incoming))
-        else:
-            transaction.on_commit(lambda: screen_in_process(media))
-        return
+    def refused(exc: Exception) -> None:
+        Media.objects.filter(pk=media.pk).update(last_error=f"queueing failed: {exc}"[:1000])
 
-    def send() -> None:
-        try:
-            screen_media_task.delay(media.pk, incoming=asdict(incoming) if incoming else None)
-        except Exception as exc:  # broker down, connection refused, ...
-            log.warning("Could not queue screening of %s: %s", media.mxc_uri, exc)
-            Media.objects.filter(pk=media.pk).update(last_error=f"queueing failed: {exc}"[:1000])
+    queue.send(
+        "msc3870.screen_media",
+        media.pk,
+        kwargs={"incoming": asdict(incoming) if incoming else None},
+        here=InProcessScreening(media, incoming) if screens_in_request() else None,
+        background=background,
+        refused=refused,
+    )
 
-    transaction.on_commit(send)
+
+@dataclass(frozen=True)
+class InProcessScreening:
+    """The screening of a row at hand, run in this process (no broker): no query to read
+    the row again."""
+
+    media: Media
+    incoming: ObjectInfo | None = None
+
+    def __call__(self) -> None:
+        screen_in_process(self.media, incoming=self.incoming)
 
 
 def screen_in_process(
@@ -121,40 +126,7 @@ def screen_in_process(
 
 def screens_in_request() -> bool:
     """Whether screening runs in the process that asks for it (no broker)."""
-    from .tasks import screen_media_task
-
-    return bool(screen_media_task.app.conf.task_always_eager)
-
-
-_background: ThreadPoolExecutor | None = None
-_background_lock = threading.Lock()
-
-
-def _screen_in_background(media: Media, incoming: ObjectInfo | None = None) -> None:
-    """Screen on a background thread of this process (no broker, and the request answers
-    before the verdict). Inside an atomic block (a caller's transaction, or a test's) a
-    thread's own connection could not see the row: screen here instead. A process that
-    dies mid-screening leaves the row PROCESSING: the stuck sweep screens it again."""
-    global _background
-    if connection.in_atomic_block:
-        screen_in_process(media, incoming=incoming)
-        return
-    with _background_lock:
-        if _background is None:
-            # Screening is mostly waiting on storage; two threads leave a process's CPU to
-            # its requests.
-            _background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="screening")
-
-    def run() -> None:
-        # The thread keeps its connection between screenings, as a request thread does
-        # (CONN_MAX_AGE); one that is broken or too old is replaced.
-        close_old_connections()
-        try:
-            screen_in_process(media, incoming=incoming)
-        finally:
-            close_old_connections()
-
-    _background.submit(run)
+    return not queue.has_broker()
 
 
 def reject_before_answer(media: Media, info: ObjectInfo, prefix: bytes | None = None) -> bool:
@@ -449,15 +421,7 @@ def _reject(
 def schedule_object_deletion(pk: int) -> None:
     """Delete a dead media's objects in the background once this transaction commits. If
     that cannot be queued, the cleanup sweep deletes them later."""
-    from .tasks import delete_objects_task
-
-    def send() -> None:
-        try:
-            delete_objects_task.delay(pk)
-        except Exception as exc:
-            log.warning("Could not queue deletion of media %s: %s", pk, exc)
-
-    transaction.on_commit(send)
+    queue.send("msc3870.delete_objects", pk)
 
 
 def record_failure(pk: int, exc: BaseException) -> None:

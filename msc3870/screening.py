@@ -262,9 +262,9 @@ def enforce_user_quota(claim: QuotaClaim, *, exclude_pk: int) -> None:
     of one user are decided one after the other, each counting every upload completed
     before it (media still being checked is counted once it is decided, under this lock).
     Raises ``Rejection``."""
-    from .services import _lock_uploader
+    from .sql import lock_uploader
 
-    _lock_uploader(claim.user_id)
+    lock_uploader(claim.user_id)
     _refuse_over_quota(claim, exclude_pk=exclude_pk)
 
 

@@ -37,7 +37,7 @@ from .errors import (
     UploadAbandoned,
     UploadRejected,
 )
-from .models import Media, MediaState, Uploader, UploadMethod
+from .models import Media, MediaState, UploadMethod
 from .sniffing import SNIFF_BYTES
 from .stores import (
     ObjectInfo,
@@ -128,30 +128,6 @@ def _local_media(server_name: str, media_id: str) -> Media:
 # ---------------------------------------------------------------------------- create
 
 
-def _lock_uploader(user_id: str, *, relax_commit: bool = False) -> None:
-    """Serialise the user's creates, or completes, until the transaction ends. SQLite's
-    write lock (BEGIN IMMEDIATE) already does; PostgreSQL takes an advisory lock on the
-    user (one query, no row needed); other databases lock the user's ``Uploader`` row.
-
-    ``relax_commit`` (a create's own transaction only): on PostgreSQL the same statement
-    lets the transaction commit without waiting for its WAL flush. A database crash may
-    then forget an id reserved in its last fraction of a second, for which no byte was
-    accepted (the upload answers M_NOT_FOUND and the client creates anew)."""
-    if connection.vendor == "sqlite":
-        return
-    if connection.vendor == "postgresql":
-        relax = (
-            f", {sql.RELAXED_COMMIT}"
-            if relax_commit and sql.relaxes_commits(connection, own_atomic_blocks=1)
-            else ""
-        )
-        with connection.cursor() as cursor:
-            cursor.execute(f"SELECT pg_advisory_xact_lock(hashtext(%s)){relax}", [user_id])
-        return
-    Uploader.objects.get_or_create(user_id=user_id)
-    Uploader.objects.select_for_update().filter(pk=user_id).first()
-
-
 @contextmanager
 def _one_create_at_a_time(user_id: str) -> Iterator[None]:
     """What makes a create's pending count exact.
@@ -166,7 +142,7 @@ def _one_create_at_a_time(user_id: str) -> Iterator[None]:
         yield
         return
     with transaction.atomic():
-        _lock_uploader(user_id, relax_commit=True)
+        sql.lock_uploader(user_id, relax_commit=True)
         yield
 
 

@@ -149,6 +149,24 @@ def puts_claim_first(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
+def broker_sends(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple[Any, ...], Any]]:
+    """As with a broker: tasks sent by name (``msc3870.queue``) are recorded here, as
+    (name, args, kwargs), and not run."""
+    from celery import current_app
+
+    from msc3870 import queue
+
+    sent: list[tuple[str, tuple[Any, ...], Any]] = []
+    monkeypatch.setattr(queue, "has_broker", lambda: True)
+    monkeypatch.setattr(
+        current_app,
+        "send_task",
+        lambda name, args=(), kwargs=None, **_options: sent.append((name, tuple(args), kwargs)),
+    )
+    return sent
+
+
+@pytest.fixture
 def matrix_client(db: None) -> Callable[[str], MatrixClient]:
     def factory(user_id: str = "@alice:localhost") -> MatrixClient:
         return MatrixClient(Client(), make_token(user_id), user_id)

@@ -18,7 +18,7 @@ from django.core.management import call_command
 from django.test import override_settings
 from moto import mock_aws
 
-from msc3870 import pipeline
+from msc3870 import pipeline, queue
 from msc3870.models import Media, MediaState
 from msc3870.screening import Rejection, ScreeningContext
 from msc3870.stores import ObjectInfo, get_store
@@ -45,11 +45,11 @@ def deferred(monkeypatch: pytest.MonkeyPatch) -> list[Media]:
     """Screening that /complete leaves for after its answer is held here, not run."""
     held: list[Media] = []
 
-    def hold(media: Media, incoming: ObjectInfo | None = None) -> None:
-        held.append(media)
-        held_incoming.append(incoming)
+    def hold(work: pipeline.InProcessScreening) -> None:
+        held.append(work.media)
+        held_incoming.append(work.incoming)
 
-    monkeypatch.setattr(pipeline, "_screen_in_background", hold)
+    monkeypatch.setattr(queue, "run_in_background", hold)
     return held
 
 
@@ -182,23 +182,22 @@ def test_a_retry_after_the_move_finds_the_bytes_moved(
 
 
 def test_with_a_broker_the_task_is_given_what_complete_read(
-    s3: Any, alice: MatrixClient, puts_claim_first: None, monkeypatch: pytest.MonkeyPatch
+    s3: Any,
+    alice: MatrixClient,
+    broker_sends: list[tuple[str, tuple[Any, ...], Any]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The screening task's arguments carry /complete's read of the incoming object (JSON:
     size, type, ETag), and the task copies that version without a HEAD."""
     from msc3870 import tasks
 
-    queued: list[tuple[Any, ...]] = []
-    monkeypatch.setattr(
-        tasks.screen_media_task, "delay", lambda *args, **kwargs: queued.append((args, kwargs))
-    )
     created = alice.create()
     data = png_bytes(16, 16)
     client_put(s3, created, data, "image/png")
     assert complete(alice, created["content_uri"]).status_code == 200
-    ((args, kwargs),) = queued
+    ((name, args, kwargs),) = broker_sends
     media = media_of(created["content_uri"])
-    assert args == (media.pk,)
+    assert (name, args) == ("msc3870.screen_media", (media.pk,))
     assert set(kwargs["incoming"]) == {"size", "content_type", "etag"}
     assert kwargs["incoming"]["size"] == len(data) and kwargs["incoming"]["etag"]
     heads = keys_passed_to(monkeypatch, "head")
@@ -550,4 +549,4 @@ def test_without_a_broker_screening_runs_on_a_background_thread(
         time.sleep(0.02)
     media = media_of(created["content_uri"])
     assert (media.state, media.sha256) == (S.COMPLETE, hashlib.sha256(data).hexdigest())
-    assert len(seen) == 1 and seen[0].startswith("screening")
+    assert len(seen) == 1 and seen[0].startswith("msc3870-bg")

@@ -49,8 +49,7 @@ import json
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.message import Message
@@ -58,13 +57,13 @@ from functools import partial
 from typing import Any
 from urllib.parse import quote
 
-from django.db import IntegrityError, connection, connections, transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from .. import lifecycle, sql
+from .. import lifecycle, queue, sql
 from ..conf import app_settings
 from ..errors import LimitExceeded, MatrixError, NotFound, NotYetUploaded, TooLarge
 from ..models import Media, MediaState, UploadMethod
@@ -91,9 +90,8 @@ ACCESS_GRANULARITY = timedelta(hours=1)
 # When a request refused because too many fetches are in flight may try again: most
 # fetches take a second or two.
 FETCHES_BUSY_RETRY_MS = 2000
-# Without a broker a process fetches on FETCH_THREADS threads and admits FETCH_SLOTS
-# fetches at once (running or waiting for a thread): past that, 429 rather than a queue.
-FETCH_THREADS = 4
+# Without a broker a process admits FETCH_SLOTS fetches at once (running or waiting for a
+# thread): past that, 429 rather than a queue.
 FETCH_SLOTS = 16
 
 GENERIC_MESSAGE = "Could not fetch remote media"
@@ -242,7 +240,7 @@ def _admit_fetch(requester: str) -> bool:
         raise LimitExceeded(
             "Too many remote media fetches in flight", retry_after_ms=FETCHES_BUSY_RETRY_MS
         )
-    if not _fetches_in_process():
+    if queue.has_broker():
         return False
     if not _pool.reserve():
         raise LimitExceeded(
@@ -352,14 +350,13 @@ def _note_access(media: Media) -> None:
 
 
 class _FetchPool:
-    """The fetches of a process without a broker: ``FETCH_THREADS`` threads, and at most
-    ``FETCH_SLOTS`` fetches admitted at once (running or waiting for a thread). A slot is
-    reserved before the fetch's row is inserted and released when the fetch ends."""
+    """The fetches a process without a broker admits: at most ``FETCH_SLOTS`` at once
+    (running on the background pool of ``msc3870.queue``, or waiting for a thread). A slot
+    is reserved before the fetch's row is inserted and released when the fetch ends."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._admitted = 0
-        self._executor: ThreadPoolExecutor | None = None
 
     def reserve(self) -> bool:
         with self._lock:
@@ -376,76 +373,31 @@ class _FetchPool:
     def admitted(self) -> int:
         return self._admitted
 
-    def submit(self, run: Callable[[], None]) -> None:
-        with self._lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(
-                    max_workers=FETCH_THREADS, thread_name_prefix="remote-media"
-                )
-            executor = self._executor
-
-        def released() -> None:
-            try:
-                run()
-            finally:
-                self.release()
-
-        try:
-            executor.submit(released)
-        except RuntimeError:  # the interpreter is shutting down
-            self.release()
-            raise
-
 
 _pool = _FetchPool()
 
 
-def _fetches_in_process() -> bool:
-    from ..tasks import fetch_remote_media_task
-
-    return bool(fetch_remote_media_task.app.conf.task_always_eager)
-
-
 def dispatch_fetch(media: Media, requester: str | None = None) -> None:
-    """Queue the fetch once the row is committed: to Celery, or without a broker on a
-    thread of this process (in the slot ``_admit_fetch`` reserved; the request that
+    """Queue the fetch once the row is committed: to Celery, or without a broker on the
+    process's background pool (in the slot ``_admit_fetch`` reserved; the request that
     claimed the row waits on the hub like the others). A broker that refuses fails the
     fetch at once: the waiters hear 502 instead of waiting for nothing. ``requester`` is
     charged the bytes."""
-    from ..tasks import fetch_remote_media_task
 
-    if _fetches_in_process():
-        transaction.on_commit(lambda: _fetch_in_background(media.pk, requester))
-        return
-
-    def send() -> None:
+    def here() -> None:
         try:
-            fetch_remote_media_task.delay(media.pk, requester)
-        except Exception as exc:  # broker down
-            log.warning("Could not queue the fetch of %s: %s", media.mxc_uri, exc)
-            _fail(media, FetchFailed("The fetch could not be queued"))
-
-    transaction.on_commit(send)
-
-
-def _fetch_in_background(pk: int, requester: str | None) -> None:
-    if connection.in_atomic_block:
-        # A thread's own connection could not see the row of an open transaction.
-        try:
-            fetch_remote_media(pk, requester)
+            fetch_remote_media(media.pk, requester)
         finally:
             _pool.release()
-        return
 
-    def run() -> None:
-        try:
-            fetch_remote_media(pk, requester)
-        except Exception:
-            log.exception("Fetching remote media %s failed", pk)
-        finally:
-            connections.close_all()  # this thread's connections only
-
-    _pool.submit(run)
+    queue.send(
+        "msc3870.fetch_remote_media",
+        media.pk,
+        requester,
+        here=here,
+        background=True,
+        refused=lambda exc: _fail(media, FetchFailed("The fetch could not be queued")),
+    )
 
 
 # ----------------------------------------------------------------------- the fetch
