@@ -19,6 +19,7 @@ from django.utils import timezone
 
 from . import lifecycle
 from .conf import app_settings
+from .errors import Codes
 from .models import Media, MediaState, UploadMethod
 from .screening import (
     SNIFF_BYTES,
@@ -255,7 +256,7 @@ def screen_loaded(
                     raise  # written over twice while looked at: screened again later
         if incoming is None and store.head(media.served_key) is None:
             return _reject(
-                media, Rejection("Nothing was uploaded", errcode="M_NOT_YET_UPLOADED"), **decided
+                media, Rejection("Nothing was uploaded", errcode=Codes.NOT_YET_UPLOADED), **decided
             )
         # (else: an earlier attempt moved the bytes and died before deciding). The key is
         # recorded with the verdict: the id's keys are known without it (``object_keys``).
@@ -296,7 +297,7 @@ def _screen_stored(
         found = store.head_with_prefix(media.storage_key, SNIFF_BYTES)
     if found is None:
         return _reject(
-            media, Rejection("The stored object is missing", errcode="M_UNKNOWN"), **decided
+            media, Rejection("The stored object is missing", errcode=Codes.UNKNOWN), **decided
         )
     info, prefix = found
     ctx = ScreeningContext(
@@ -317,7 +318,7 @@ def _screen_stored(
 def _too_large(size: int) -> Rejection:
     limit = app_settings.MAX_UPLOAD_SIZE
     return Rejection(
-        f"Upload is {size} bytes, over the limit of {limit}", errcode="M_TOO_LARGE", status=413
+        f"Upload is {size} bytes, over the limit of {limit}", errcode=Codes.TOO_LARGE, status=413
     )
 
 
@@ -404,7 +405,7 @@ def _reject(
 ) -> str:
     """``source`` -> REJECTED, the bytes deleted before the uploader hears of it."""
     reason = {
-        "rejection_errcode": rejection.errcode,
+        "rejection_errcode": str(rejection.errcode),
         "rejection_status": rejection.status,
         "rejection_reason": rejection.reason[:1000],
     }

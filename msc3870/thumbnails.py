@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from PIL import ExifTags, Image, ImageMode, UnidentifiedImageError
 
 from .conf import app_settings
-from .errors import InvalidParam, LimitExceeded, MatrixError
+from .errors import Codes, InvalidParam, LimitExceeded, MatrixError
 from .models import Media
 from .screening import base_type
 from .storage import get_store
@@ -83,7 +83,7 @@ TRANSPOSE = {
 class CannotThumbnail(MatrixError):
     status, errcode, default_message = (
         400,
-        "M_UNKNOWN",
+        Codes.UNKNOWN,
         "Cannot generate a thumbnail for this media",
     )
 
