@@ -30,6 +30,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn_worker import UvicornWorker
 
 from msc3870.admission import BodyPace
+from msc3870.errors import HeadersTooLarge, InvalidHttpRequest, MatrixError, URITooLong
 
 from . import balance, redaction
 
@@ -41,19 +42,16 @@ MAX_HEADERS = 200
 _STATUS_TEXT = {400: b"Bad Request", 414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
 
 
-class _HeadTooLarge(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def matrix_error_bytes(status: int, message: str) -> bytes:
-    body = json.dumps({"errcode": "M_UNKNOWN", "error": message}).encode()
+def matrix_error_bytes(error: MatrixError) -> bytes:
+    """A whole answer, written before any application sees the request: the error's body
+    and headers as the application's own errors have them, then the connection closes."""
+    body = json.dumps(error.as_dict()).encode()
     return b"".join(
         [
-            b"HTTP/1.1 %d %s\r\n" % (status, _STATUS_TEXT[status]),
+            b"HTTP/1.1 %d %s\r\n" % (error.status, _STATUS_TEXT[error.status]),
             b"content-type: application/json\r\n",
             b"content-length: %d\r\n" % len(body),
+            *(b"%s: %s\r\n" % (k.lower().encode(), v.encode()) for k, v in error.headers().items()),
             b"connection: close\r\n\r\n",
             body,
         ]
@@ -114,7 +112,7 @@ class MatrixHttpToolsProtocol(HttpToolsProtocol):
     head and body of a small answer sent together (``CoalescingTransport``)."""
 
     _head_bytes = 0
-    _head_error: _HeadTooLarge | None = None
+    _head_error: MatrixError | None = None
     _drain: BodyPace | None = None
     _drain_timer: asyncio.TimerHandle | None = None
 
@@ -188,22 +186,18 @@ class MatrixHttpToolsProtocol(HttpToolsProtocol):
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
         if len(self.url) > MAX_URL_BYTES:
-            self._head_error = _HeadTooLarge(414, "Request URI is too long")
+            self._head_error = URITooLong()
             raise self._head_error
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > MAX_HEADER_BYTES or len(self.headers) >= MAX_HEADERS:
-            self._head_error = _HeadTooLarge(431, "Request headers are too large")
+            self._head_error = HeadersTooLarge()
             raise self._head_error
         super().on_header(name, value)
 
     def send_400_response(self, msg: str) -> None:
-        error = self._head_error
-        if error is not None:
-            self.transport.write(matrix_error_bytes(error.status, str(error)))
-        else:
-            self.transport.write(matrix_error_bytes(400, "Invalid HTTP request"))
+        self.transport.write(matrix_error_bytes(self._head_error or InvalidHttpRequest()))
         self.transport.close()
 
 

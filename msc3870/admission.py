@@ -30,7 +30,7 @@ from django.http import QueryDict
 from django.urls import Resolver404, resolve
 
 from .conf import app_settings
-from .errors import Forbidden, InvalidParam, LimitExceeded, MatrixError, MissingToken
+from .errors import Codes, Forbidden, InvalidParam, LimitExceeded, MatrixError, MissingToken
 from .upload_tokens import read_upload_token
 
 # Routes (``msc3870.api.urls``) whose bodies are uploads, by method: the upload URL's
@@ -52,7 +52,7 @@ NOT_CACHED = NotCached.NOT_CACHED
 class BodyTooSlow(MatrixError):
     """A body that stopped arriving, or arrives too slowly to be waited for."""
 
-    status, errcode, default_message = 408, "M_UNKNOWN", "The request body arrived too slowly"
+    status, errcode, default_message = 408, Codes.UNKNOWN, "The request body arrived too slowly"
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,14 @@ from . import admission, wakeup
 from .api.deferred import CAN_DEFER, RETRIED, DeferredResponse
 from .api.errors import json_error, to_matrix_error
 from .conf import app_settings
-from .errors import InvalidParam, LimitExceeded, MatrixError, TooLarge
+from .errors import (
+    HeadersTooLarge,
+    InvalidParam,
+    LimitExceeded,
+    MatrixError,
+    TooLarge,
+    URITooLong,
+)
 from .waiting import LEGACY, MediaWait, RetryWhenDone
 
 log = logging.getLogger(__name__)
@@ -96,14 +103,6 @@ DRAIN_FACTOR = 4
 REFUSED_BODY_DRAIN_BYTES = 1024 * 1024
 # Where the handler's own refusals put the response for the middleware to wrap.
 REFUSAL = "msc3870.refusal"
-
-
-class URITooLong(MatrixError):
-    status, errcode, default_message = 414, "M_UNKNOWN", "Request URI is too long"
-
-
-class HeadersTooLarge(MatrixError):
-    status, errcode, default_message = 431, "M_UNKNOWN", "Request headers are too large"
 
 
 class _ClientGone(Exception):

@@ -27,6 +27,7 @@ from rest_framework.request import Request
 
 from .conf import app_settings
 from .errors import (
+    Codes,
     Forbidden,
     HomeserverUnavailable,
     InvalidParam,
@@ -341,7 +342,7 @@ def _homeserver_refusal(status: int, body: dict[str, Any]) -> MatrixError:
         return LimitExceeded(message, retry_after_ms=body.get("retry_after_ms", 1000))
     if status in (401, 403):
         error: MatrixError = (UnknownToken if status == 401 else Forbidden)(message, **extra)
-        if isinstance(errcode, str) and errcode.startswith("M_"):
+        if Codes.in_spec_namespace(errcode):
             error.errcode = errcode
         return error
     return HomeserverUnavailable(f"Homeserver answered {status} to whoami")

@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from . import lifecycle, storage_keys
 from .conf import app_settings
-from .errors import StorageUnavailable
+from .errors import Codes, StorageUnavailable
 from .models import Media, MediaState, UploadMethod
 from .pipeline import delete_objects_of, dispatch_screening, schedule_object_deletion
 from .stores import get_store
@@ -128,7 +128,7 @@ def redispatch_stuck(
             media,
             [S.PROCESSING],
             S.REJECTED,
-            rejection_errcode="M_UNKNOWN",
+            rejection_errcode=Codes.UNKNOWN.value,
             rejection_reason="Upload was interrupted",
         ):
             schedule_object_deletion(media.pk)

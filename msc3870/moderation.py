@@ -17,6 +17,7 @@ from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import transaction
 
 from . import lifecycle
+from .errors import Codes
 from .models import Media, MediaState, ModerationAction, ModerationRecord
 from .pipeline import schedule_object_deletion
 from .signals import send_state_signal
@@ -60,7 +61,7 @@ def reject(media: Media, *, by: Actor, reason: str = "") -> bool:
         S.REJECTED,
         by=by,
         reason=reason,
-        rejection_errcode="M_FORBIDDEN",
+        rejection_errcode=Codes.FORBIDDEN.value,
         rejection_reason=PUBLIC_REJECTION_REASON,
     )
     if won:

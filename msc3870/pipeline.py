@@ -18,6 +18,7 @@ from django.utils import timezone
 from . import lifecycle, queue
 from .conf import app_settings
 from .content_types import UNKNOWN_TYPE
+from .errors import Codes
 from .models import Media, MediaState, UploadMethod
 from .screening import (
     QuotaClaim,
@@ -227,7 +228,7 @@ def screen_loaded(
                     raise  # written over twice while looked at: screened again later
         if incoming is None and store.head(media.served_key) is None:
             return _reject(
-                media, Rejection("Nothing was uploaded", errcode="M_NOT_YET_UPLOADED"), **decided
+                media, Rejection("Nothing was uploaded", errcode=Codes.NOT_YET_UPLOADED), **decided
             )
         # (else: an earlier attempt moved the bytes and died before deciding). The key is
         # recorded with the verdict: the id's keys are known without it (``object_keys``).
@@ -268,7 +269,7 @@ def _screen_stored(
         found = store.head_with_prefix(media.storage_key, SNIFF_BYTES)
     if found is None:
         return _reject(
-            media, Rejection("The stored object is missing", errcode="M_UNKNOWN"), **decided
+            media, Rejection("The stored object is missing", errcode=Codes.UNKNOWN), **decided
         )
     info, prefix = found
     ctx = ScreeningContext(
@@ -289,7 +290,7 @@ def _screen_stored(
 def _too_large(size: int) -> Rejection:
     limit = app_settings.MAX_UPLOAD_SIZE
     return Rejection(
-        f"Upload is {size} bytes, over the limit of {limit}", errcode="M_TOO_LARGE", status=413
+        f"Upload is {size} bytes, over the limit of {limit}", errcode=Codes.TOO_LARGE, status=413
     )
 
 
@@ -376,7 +377,7 @@ def _reject(
 ) -> str:
     """``source`` -> REJECTED, the bytes deleted before the uploader hears of it."""
     reason = {
-        "rejection_errcode": rejection.errcode,
+        "rejection_errcode": str(rejection.errcode),
         "rejection_status": rejection.status,
         "rejection_reason": rejection.reason[:1000],
     }

@@ -2,10 +2,12 @@
 
 A check is a callable ``check(ctx: ScreeningContext) -> None`` named by import string in
 ``MSC3870["CHECKS"]``. It passes by returning, refuses the upload by raising ``Rejection``
-(with a reason the uploader is told), and fails by raising anything else: failures are
-retried and recorded, never treated as a pass. Checks read the object at ``ctx.key``,
-which no upload URL can write, and record what they learn in ``ctx.findings``; the
-findings are written to the row in the same update that completes it.
+(``msc3870.errors.Rejection``, importable from here: the uploader is told its reason,
+errcode, a ``msc3870.errors.Codes``, and status), and fails by raising anything else:
+failures are retried and recorded, never treated as a pass. Checks read the object at
+``ctx.key``, which no upload URL can write, and record what they learn in
+``ctx.findings``; the findings are written to the row in the same update that completes
+it.
 """
 
 from __future__ import annotations
@@ -20,21 +22,12 @@ from django.db import models
 
 from .conf import app_settings
 from .content_types import UNDECLARED_TYPES, UNKNOWN_TYPE, base_type, types_agree
+from .errors import Codes, Rejection
 from .sniffing import SNIFF_BYTES, sniff
 
 if TYPE_CHECKING:
     from .models import Media
     from .stores import MediaStore, ObjectInfo
-
-
-class Rejection(Exception):
-    """A check refuses the upload. ``errcode``/``status`` are what the uploader sees."""
-
-    def __init__(self, reason: str, *, errcode: str = "M_FORBIDDEN", status: int = 403) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.errcode = errcode
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -150,7 +143,7 @@ def check_size(ctx: ScreeningContext) -> None:
     if ctx.info.size > limit:
         raise Rejection(
             f"Upload is {ctx.info.size} bytes, over the limit of {limit}",
-            errcode="M_TOO_LARGE",
+            errcode=Codes.TOO_LARGE,
             status=413,
         )
     ctx.findings["size"] = ctx.info.size
@@ -171,7 +164,7 @@ def check_content_type(ctx: ScreeningContext) -> None:
         if policy == "reject":
             raise Rejection(
                 f"Declared type {declared_base} does not match the content ({sniffed})",
-                errcode="M_INVALID_PARAM",
+                errcode=Codes.INVALID_PARAM,
                 status=400,
             )
         served = declared if policy == "declared" else sniffed
@@ -282,7 +275,7 @@ def _refuse_over_quota(claim: QuotaClaim, *, exclude_pk: int) -> None:
     if used + claim.size > claim.quota:
         raise Rejection(
             f"Storage quota exceeded: {used} of {claim.quota} bytes used, upload is {claim.size}",
-            errcode="M_TOO_LARGE",
+            errcode=Codes.TOO_LARGE,
             status=413,
         )
 

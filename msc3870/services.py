@@ -25,6 +25,7 @@ from .auth import MatrixUser
 from .conf import app_settings
 from .errors import (
     CannotOverwrite,
+    Codes,
     Forbidden,
     GuestAccessForbidden,
     InvalidParam,
@@ -33,9 +34,9 @@ from .errors import (
     NotFound,
     NothingUploaded,
     NotYetUploaded,
+    Rejection,
     TooLarge,
     UploadAbandoned,
-    UploadRejected,
 )
 from .models import Media, MediaState, UploadMethod
 from .sniffing import SNIFF_BYTES
@@ -379,7 +380,7 @@ def upload_new_media(
             media,
             [S.PROCESSING],
             S.REJECTED,
-            rejection_errcode=getattr(exc, "errcode", "M_UNKNOWN"),
+            rejection_errcode=str(getattr(exc, "errcode", Codes.UNKNOWN)),
             rejection_reason=f"Upload failed: {exc}"[:1000],
             objects_deleted_at=timezone.now(),
         )
@@ -502,34 +503,14 @@ def _decision(media: Media | None, deadline: Deadline) -> Media:
 
 def _outcome(media: Media) -> Media:
     if media.state == S.REJECTED:
-        raise UploadRejected(
-            media.rejection_reason or "Upload rejected",
-            errcode=media.rejection_errcode or "M_FORBIDDEN",
-            status=_status_for(media),
+        raise Rejection.for_uploader(
+            media.rejection_reason, media.rejection_errcode, media.rejection_status
         )
     if media.state in (S.EXPIRED, S.DELETED):
         raise NotFound()
     # COMPLETE, or still PROCESSING after the wait: the bytes are ours and will be decided;
     # downloads wait for them meanwhile (MSC2246 semantics).
     return media
-
-
-_STATUS_BY_ERRCODE = {
-    "M_TOO_LARGE": 413,
-    "M_INVALID_PARAM": 400,
-    "M_NOT_YET_UPLOADED": 400,
-    "M_FORBIDDEN": 403,
-}
-
-
-def _status_for(media: Media) -> int:
-    """The status the rejection was decided with (a check's ``Rejection.status``), if it
-    is a client error; else the usual one of its errcode. A 2xx, 3xx or 5xx would tell
-    the uploader the upload worked, moved or may be retried, none of which is true."""
-    status = media.rejection_status
-    if status is not None and 400 <= status <= 499:
-        return status
-    return _STATUS_BY_ERRCODE.get(media.rejection_errcode, 403)
 
 
 # ---------------------------------------------------------------------------- download

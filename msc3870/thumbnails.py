@@ -38,7 +38,7 @@ from PIL import ExifTags, Image, ImageMode, UnidentifiedImageError
 from . import storage_keys
 from .conf import app_settings
 from .content_types import base_type
-from .errors import InvalidParam, LimitExceeded, MatrixError
+from .errors import Codes, InvalidParam, LimitExceeded, MatrixError
 from .models import Media
 from .stores import get_store
 
@@ -84,7 +84,7 @@ TRANSPOSE = {
 class CannotThumbnail(MatrixError):
     status, errcode, default_message = (
         400,
-        "M_UNKNOWN",
+        Codes.UNKNOWN,
         "Cannot generate a thumbnail for this media",
     )
 

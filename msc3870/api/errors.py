@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +15,7 @@ from rest_framework.response import Response
 
 from ..errors import (
     BadJson,
+    Codes,
     Forbidden,
     InvalidParam,
     LimitExceeded,
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 class MethodNotAllowed(MatrixError):
-    status, errcode, default_message = 405, "M_UNRECOGNIZED", "Method not allowed"
+    status, errcode, default_message = 405, Codes.UNRECOGNIZED, "Method not allowed"
 
 
 def to_matrix_error(exc: BaseException) -> MatrixError | None:
@@ -74,36 +74,11 @@ def exception_handler(
     error = to_matrix_error(exc)
     if error is None:
         return None  # a bug: the middleware turns it into M_UNKNOWN 500 and it is logged
-    return Response(error.as_dict(), status=error.status, headers=error_headers(error))
-
-
-# RFC 9110 (11.6.1): a 401 must carry a challenge. Clients authenticate with a bearer
-# token (RFC 6750 names the error of a token that was sent and refused); other servers
-# with X-Matrix signatures. The Matrix spec defines no challenge of its own, and clients
-# read the errcode, so these only make the answer well-formed HTTP.
-BEARER_CHALLENGE = 'Bearer realm="matrix"'
-_CHALLENGES = {
-    "M_MISSING_TOKEN": BEARER_CHALLENGE,
-    "M_UNAUTHORIZED": 'X-Matrix realm="matrix"',
-}
-
-
-def error_headers(error: MatrixError) -> dict[str, str]:
-    """HTTP's own words for what the body says: when to retry a 429, how to authenticate
-    after a 401 (RFC 9110)."""
-    headers: dict[str, str] = {}
-    if error.status == 401:
-        headers["WWW-Authenticate"] = _CHALLENGES.get(
-            error.errcode, BEARER_CHALLENGE + ', error="invalid_token"'
-        )
-    retry_after_ms = error.extra.get("retry_after_ms")
-    if retry_after_ms is not None:
-        headers["Retry-After"] = str(max(1, math.ceil(int(retry_after_ms) / 1000)))
-    return headers
+    return Response(error.as_dict(), status=error.status, headers=error.headers())
 
 
 def json_error(error: MatrixError) -> JsonResponse:
-    return JsonResponse(error.as_dict(), status=error.status, headers=error_headers(error))
+    return JsonResponse(error.as_dict(), status=error.status, headers=error.headers())
 
 
 class MatrixErrorMiddleware:

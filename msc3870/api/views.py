@@ -20,7 +20,7 @@ from rest_framework.views import APIView
 from .. import services, thumbnails
 from ..auth import MatrixTokenAuthentication
 from ..conf import app_settings
-from ..errors import InvalidParam, MatrixError
+from ..errors import Codes, InvalidParam, MatrixError
 from ..models import Media
 from ..stores import Readable
 from ..waiting import AUTHENTICATED, LEGACY
@@ -169,7 +169,7 @@ def _content_length(request: Request) -> int | None:
 
 
 class _LengthRequired(MatrixError):
-    status, errcode, default_message = 411, "M_UNKNOWN", "Content-Length is required"
+    status, errcode, default_message = 411, Codes.UNKNOWN, "Content-Length is required"
 
 
 def request_body(request: Request) -> tuple[Readable, int | None]:

@@ -65,7 +65,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from .. import lifecycle, queue, sql
 from ..conf import app_settings
-from ..errors import LimitExceeded, MatrixError, NotFound, NotYetUploaded, TooLarge
+from ..errors import Codes, LimitExceeded, NotFound, NotYetUploaded, Rejection, TooLarge
 from ..models import Media, MediaState, UploadMethod
 from ..ratelimit import LeakyBucket
 from ..stores import get_store
@@ -96,27 +96,23 @@ FETCH_SLOTS = 16
 
 GENERIC_MESSAGE = "Could not fetch remote media"
 #: What clients hear of a failed fetch, by errcode (anything else: ``GENERIC_MESSAGE``).
-CLIENT_MESSAGES = {
-    "M_NOT_FOUND": "Remote media not found",
-    "M_TOO_LARGE": "Remote media is too large",
+CLIENT_MESSAGES: dict[str, str] = {
+    Codes.NOT_FOUND: "Remote media not found",
+    Codes.TOO_LARGE: "Remote media is too large",
 }
 
 
-class RemoteMediaError(MatrixError):
-    """What a client hears when another server's media could not be fetched."""
+class FetchFailed(Rejection):
+    """A fetch of another server's media failed. ``reason`` is for the log and moderators
+    (it may name addresses, ports and URLs); clients hear ``client_message`` only."""
 
-    def __init__(self, message: str, *, errcode: str = "M_UNKNOWN", status: int = 502) -> None:
-        self.errcode = errcode
-        self.status = status
-        super().__init__(message)
+    status, errcode = 502, Codes.UNKNOWN
 
-
-class FetchFailed(Exception):
-    def __init__(self, reason: str, *, errcode: str = "M_UNKNOWN", status: int = 502) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.errcode = errcode
-        self.status = status
+    def __init__(
+        self, reason: str, *, errcode: str | None = None, status: int | None = None
+    ) -> None:
+        super().__init__(reason, errcode=errcode, status=status)
+        self.message = client_message(self.errcode)
 
 
 # ----------------------------------------------------------------------- the request side
@@ -312,9 +308,10 @@ def _remote_downloadable(
     if media is None:
         raise NotFound()
     if is_fetch_failure(media):
-        errcode = media.rejection_errcode or "M_UNKNOWN"
-        raise RemoteMediaError(
-            client_message(errcode), errcode=errcode, status=media.rejection_status or 502
+        raise FetchFailed(
+            media.rejection_reason,
+            errcode=media.rejection_errcode or None,
+            status=media.rejection_status or None,
         )
     if media.state == S.PROCESSING:
         if frozen_after is not None and media.created_at > frozen_after:
@@ -494,9 +491,9 @@ def _fail(media: Media, failure: FetchFailed) -> str:
         [S.PROCESSING],
         S.REJECTED,
         storage_key="",
-        rejection_errcode=failure.errcode,
+        rejection_errcode=str(failure.errcode),
         rejection_status=failure.status,
-        rejection_reason=client_message(failure.errcode),
+        rejection_reason=failure.message,
         last_error=f"remote fetch: {failure.reason}"[:1000],
         objects_deleted_at=timezone.now(),
     ):
@@ -524,7 +521,7 @@ def download(media: Media, meter: Meter | None = None) -> Fetched:
     except (outbound.ResponseTooLarge, TooLarge) as exc:
         raise FetchFailed(
             f"The remote media is larger than {app_settings.MAX_UPLOAD_SIZE} bytes",
-            errcode="M_TOO_LARGE",
+            errcode=Codes.TOO_LARGE,
         ) from exc
     except outbound.AddressNotAllowed as exc:
         raise FetchFailed(f"Refused to connect: {exc}") from exc
@@ -559,7 +556,7 @@ def _federation_download(
         if response.status == 200:
             return _store_multipart(media, response, deadline, meter)
         errcode = _errcode(response, meter)
-        if response.status in (400, 404) and errcode == "M_UNRECOGNIZED":
+        if response.status in (400, 404) and errcode == Codes.UNRECOGNIZED:
             return None
         raise _failure(media, response.status, errcode)
 
@@ -611,7 +608,7 @@ def _limited(chunks: Iterator[bytes], limit: int) -> Iterator[bytes]:
 def _failure(media: Media, status: int, errcode: str | None) -> FetchFailed:
     if status == 404:
         return FetchFailed(
-            f"{media.server_name} does not have this media", errcode="M_NOT_FOUND", status=404
+            f"{media.server_name} does not have this media", errcode=Codes.NOT_FOUND, status=404
         )
     return FetchFailed(f"{media.server_name} answered {status} {errcode or ''}".strip())
 
