@@ -34,9 +34,6 @@ ALLOWED_TRANSITIONS: dict[str, frozenset[str]] = {
     S.DELETED: frozenset(),
 }
 
-# States whose bytes may be needed again; anything else has objects to delete.
-LIVE_STATES = frozenset({S.PENDING, S.PROCESSING, S.COMPLETE, S.QUARANTINED})
-
 
 class IllegalTransition(ValueError):
     pass

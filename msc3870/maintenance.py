@@ -18,7 +18,7 @@ from django.utils import timezone
 from . import lifecycle, storage_keys
 from .conf import app_settings
 from .errors import Codes, StorageUnavailable
-from .models import Media, MediaState, UploadMethod
+from .models import TOMBSTONE_STATES, Media, MediaState, UploadMethod
 from .pipeline import delete_objects_of, dispatch_screening, schedule_object_deletion
 from .stores import get_store
 
@@ -86,11 +86,7 @@ def delete_dead_objects(
     rows of failed fetches of other servers' media."""
     result = SweepResult(rows_deleted=delete_failed_fetches(batch_size=batch_size))
     for _ in range(max_batches):
-        pks = list(
-            Media.objects.filter(objects_deleted_at__isnull=True)
-            .exclude(state__in=lifecycle.LIVE_STATES)
-            .values_list("pk", flat=True)[:batch_size]
-        )
+        pks = list(Media.objects.dead_uncleaned().values_list("pk", flat=True)[:batch_size])
         if not pks:
             break
         deleted = delete_objects_of(pks)
@@ -156,9 +152,9 @@ def delete_orphaned_uploads(*, limit: int = 10_000) -> int:
     def flush() -> int:
         ids = {storage_keys.media_id_of(key): key for key in batch}
         waiting = set(
-            Media.objects.filter(media_id__in=ids, state__in=[S.PENDING, S.PROCESSING]).values_list(
-                "media_id", flat=True
-            )
+            Media.objects.awaiting_upload()
+            .filter(media_id__in=ids)
+            .values_list("media_id", flat=True)
         )
         orphans = [key for media_id, key in ids.items() if media_id not in waiting]
         store.delete_many(orphans)
@@ -198,7 +194,7 @@ def delete_old_tombstones(*, batch_size: int = DEFAULT_BATCH) -> int:
         return 0
     cutoff = timezone.now() - timedelta(days=days)
     old = Media.objects.filter(
-        state__in=[S.EXPIRED, S.DELETED, S.REJECTED],
+        state__in=TOMBSTONE_STATES,
         objects_deleted_at__lte=cutoff,
         state_changed_at__lte=cutoff,
     ).exclude(state=S.REJECTED, moderated_by__gt="")
@@ -223,8 +219,7 @@ def delete_failed_fetches(*, batch_size: int = DEFAULT_BATCH) -> int:
     ``REMOTE_MEDIA_FAILURE_SECONDS`` have passed: a request would delete such a row and
     fetch again anyway, and nothing else needs it (not a 30-day tombstone)."""
     cutoff = timezone.now() - timedelta(seconds=app_settings.REMOTE_MEDIA_FAILURE_SECONDS)
-    failed = Media.objects.filter(
-        _remote(),
+    failed = Media.objects.remote().filter(
         state=S.REJECTED,
         storage_key="",
         moderated_by="",
@@ -243,9 +238,7 @@ def remote_cache_bytes() -> int:
     """Bytes of other servers' media held: the size of every remote row with bytes, once
     per row (content shared with other media is counted for each)."""
     total = (
-        Media.objects.filter(_remote(), state__in=lifecycle.LIVE_STATES)
-        .exclude(storage_key="")
-        .aggregate(total=Sum("size"))["total"]
+        Media.objects.remote().live().exclude(storage_key="").aggregate(total=Sum("size"))["total"]
     )
     return int(total or 0)
 
@@ -277,7 +270,8 @@ def evict_remote_media(
             if total <= target:
                 break
             candidates = (
-                Media.objects.filter(_remote(), state=S.COMPLETE, moderated_by="")
+                Media.objects.remote()
+                .filter(state=S.COMPLETE, moderated_by="")
                 .order_by("last_accessed_at", "pk")
                 .values_list("pk", "size")[:batch_size]
             )
@@ -310,7 +304,7 @@ def _finish_evictions(
 ) -> None:
     """Delete the objects, then the rows, of evicted media (``pks``, or any a stopped
     sweep left: remote, DELETED and no moderator's, which a purge always names)."""
-    evicted = Media.objects.filter(_remote(), state=S.DELETED, moderated_by="")
+    evicted = Media.objects.remote().filter(state=S.DELETED, moderated_by="")
     if pks is None:
         pks = list(evicted.values_list("pk", flat=True)[:batch_size])
     if not pks:

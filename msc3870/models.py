@@ -25,6 +25,18 @@ class MediaState(models.TextChoices):
     DELETED = "deleted", "Deleted (tombstone)"
 
 
+S = MediaState
+
+#: States whose bytes may be needed again; any other state has objects to delete.
+LIVE_STATES = frozenset({S.PENDING, S.PROCESSING, S.COMPLETE, S.QUARANTINED})
+#: The states a download waits through (an id that expires unused stops waiting at once).
+AWAITING_UPLOAD_STATES = frozenset({S.PENDING, S.PROCESSING})
+#: The states whose bytes count against their uploader's quota.
+QUOTA_STATES = frozenset({S.COMPLETE, S.QUARANTINED})
+#: Tombstones: rows kept after their objects went, so that an id is never reused.
+TOMBSTONE_STATES = frozenset({S.EXPIRED, S.DELETED, S.REJECTED})
+
+
 class UploadMethod(models.TextChoices):
     URL = "url", "Upload URL + /complete"
     PUT = "put", "PUT to the media server"
@@ -33,6 +45,25 @@ class UploadMethod(models.TextChoices):
 
 
 class MediaQuerySet(models.QuerySet["Media"]):
+    """The filters the app applies in more than one place, each written once."""
+
+    def live(self) -> MediaQuerySet:
+        return self.filter(state__in=LIVE_STATES)
+
+    def dead_uncleaned(self) -> MediaQuerySet:
+        """Media that will never be served again whose objects are not deleted yet."""
+        return self.filter(objects_deleted_at__isnull=True).exclude(state__in=LIVE_STATES)
+
+    def awaiting_upload(self) -> MediaQuerySet:
+        return self.filter(state__in=AWAITING_UPLOAD_STATES)
+
+    def counted_for_quota(self, user_id: str) -> MediaQuerySet:
+        return self.filter(user_id=user_id, state__in=QUOTA_STATES)
+
+    def remote(self) -> MediaQuerySet:
+        """Other servers' media (fetched here)."""
+        return self.filter(upload_method=UploadMethod.REMOTE)
+
     def possible_twins(self, size: int, prefix_sha256: str) -> MediaQuerySet:
         """Media that may hold the same bytes as content of ``size`` bytes whose first
         bytes hash to ``prefix_sha256``: the same size and first bytes, or first bytes not

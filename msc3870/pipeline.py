@@ -480,8 +480,8 @@ def delete_objects_of(pks: list[int]) -> int:
     counts as deleted. Returns how many rows this call marked as cleaned.
     """
     rows = list(
-        Media.objects.filter(pk__in=pks, objects_deleted_at__isnull=True)
-        .exclude(state__in=lifecycle.LIVE_STATES)
+        Media.objects.dead_uncleaned()
+        .filter(pk__in=pks)
         .values_list(
             "pk", "media_id", "storage_key", "upload_method", "completed_at", "server_name"
         )
@@ -496,13 +496,14 @@ def delete_objects_of(pks: list[int]) -> int:
     # (The blank-key exclusion repeats the partial index's condition, so PostgreSQL uses
     # the index for a long IN list too.)
     keys -= set(
-        Media.objects.filter(storage_key__in=keys, state__in=lifecycle.LIVE_STATES)
+        Media.objects.live()
+        .filter(storage_key__in=keys)
         .exclude(storage_key="")
         .values_list("storage_key", flat=True)
     )
     get_store().delete_many(sorted(keys))
     return (
-        Media.objects.filter(pk__in=[row[0] for row in rows], objects_deleted_at__isnull=True)
-        .exclude(state__in=lifecycle.LIVE_STATES)
+        Media.objects.dead_uncleaned()
+        .filter(pk__in=[row[0] for row in rows])
         .update(objects_deleted_at=timezone.now())
     )

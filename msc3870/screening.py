@@ -262,12 +262,10 @@ def enforce_user_quota(claim: QuotaClaim, *, exclude_pk: int) -> None:
 
 
 def _refuse_over_quota(claim: QuotaClaim, *, exclude_pk: int) -> None:
-    from .models import Media, MediaState
+    from .models import Media
 
     used = (
-        Media.objects.filter(
-            user_id=claim.user_id, state__in=[MediaState.COMPLETE, MediaState.QUARANTINED]
-        )
+        Media.objects.counted_for_quota(claim.user_id)
         .exclude(pk=exclude_pk)
         .aggregate(total=models.Sum("size"))["total"]
         or 0

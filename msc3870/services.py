@@ -38,7 +38,7 @@ from .errors import (
     TooLarge,
     UploadAbandoned,
 )
-from .models import Media, MediaState, UploadMethod
+from .models import AWAITING_UPLOAD_STATES, Media, MediaState, UploadMethod
 from .sniffing import SNIFF_BYTES
 from .stores import (
     ObjectInfo,
@@ -588,14 +588,10 @@ def _downloadable(
         wait_until = Deadline(min(deadline.at, Deadline.after_seconds(until_expiry).at))
     raise MediaWait(
         media.pk,
-        AWAITING_UPLOAD,
+        AWAITING_UPLOAD_STATES,
         wait_until,
         partial(_downloadable, deadline=deadline, frozen_after=frozen_after),
     )
-
-
-#: The states a download waits through.
-AWAITING_UPLOAD = frozenset({S.PENDING, S.PROCESSING})
 
 
 def _awaiting_upload(media: Media) -> bool:
