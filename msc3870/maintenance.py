@@ -15,11 +15,11 @@ from django.core.cache import cache
 from django.db.models import Q, Sum
 from django.utils import timezone
 
-from . import lifecycle, storage_keys
+from . import lifecycle, storage_keys, verdicts
+from .cleanup import delete_objects_of, schedule_object_deletion
 from .conf import app_settings
 from .errors import Codes, StorageUnavailable
 from .models import TOMBSTONE_STATES, Media, MediaState, UploadMethod
-from .pipeline import delete_objects_of, dispatch_screening, schedule_object_deletion
 from .stores import get_store
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def redispatch_stuck(
     ).order_by("processing_started_at")[:batch_size]
     for media in stuck:
         if media.storage_key or media.upload_method == UploadMethod.URL:
-            dispatch_screening(media)
+            verdicts.dispatch(media)
             count += 1
         elif media.processing_started_at > now - max(older_than, IN_FLIGHT_UPLOAD_TIMEOUT):
             continue  # its body may still be arriving
@@ -252,7 +252,7 @@ def evict_remote_media(
     (quarantined, approved or otherwise moderated media stays).
 
     Each evicted row moves to DELETED (compare-and-set), its objects and thumbnails are
-    deleted unless live media serves the same key (``pipeline.delete_objects_of``, as for
+    deleted unless live media serves the same key (``cleanup.delete_objects_of``, as for
     all dead media), then the row itself goes, so that a later request fetches the media
     again. A sweep that stops half-way (storage down, process killed) leaves DELETED rows
     that the next one finishes first; a missing object counts as deleted."""

@@ -17,9 +17,9 @@ from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import transaction
 
 from . import lifecycle
+from .cleanup import schedule_object_deletion
 from .errors import Codes
 from .models import Media, MediaState, ModerationAction, ModerationRecord
-from .pipeline import schedule_object_deletion
 from .signals import send_state_signal
 
 S = MediaState

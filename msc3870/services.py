@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 from django.db import connection, transaction
 from django.utils import timezone
 
-from . import lifecycle, pipeline, sql
+from . import lifecycle, sql, verdicts
 from .auth import MatrixUser
 from .conf import app_settings
 from .errors import (
@@ -229,11 +229,11 @@ def _record_and_screen(media: Media, received: dict[str, Any], first_bytes: byte
     with the verdict; with one, the bytes are recorded, then the task is queued. Either
     write holds only while the row is still this request's claim."""
     claim = lifecycle.same_claim(media)
-    if pipeline.screens_in_request():
-        screened = pipeline.screen_in_process(
-            media, received=received, claim=claim, first_bytes=first_bytes
+    if verdicts.screens_in_request():
+        screened = verdicts.screen_here(
+            media, verdicts.Held(claim=claim), stored=verdicts.StoredBytes(received, first_bytes)
         )
-        if screened == "skipped":
+        if screened == verdicts.Outcome.SKIPPED:
             _abandon(received["storage_key"])
         return _decision(media, Deadline.after_seconds(app_settings.COMPLETE_WAIT_SECONDS))
     if not lifecycle.update_if_state(media, S.PROCESSING, extra_where=claim, **received):
@@ -270,7 +270,7 @@ def upload_to_media(
         # What is wrong with the id is said first (Synapse's order).
         _check_can_upload(user, _local_media(server_name, media_id))
         raise
-    if pipeline.screens_in_request():
+    if verdicts.screens_in_request():
         return _upload_decided_in_one_write(
             user, _local_media(server_name, media_id), body, content_length, declared, name
         )
@@ -338,10 +338,10 @@ def _upload_decided_in_one_write(
         setattr(media, field, value)
     stored, first_bytes = _store_body(media, body, content_length)
     received.update(stored)
-    screened = pipeline.screen_in_process(
-        media, received=received, first_bytes=first_bytes, source=S.PENDING
+    screened = verdicts.screen_here(
+        media, verdicts.Held(source=S.PENDING), stored=verdicts.StoredBytes(received, first_bytes)
     )
-    if screened == "skipped":
+    if screened == verdicts.Outcome.SKIPPED:
         get_store().delete(stored["storage_key"])
         _check_can_upload(user, _local_media(media.server_name, media.media_id))
         raise CannotOverwrite()
@@ -481,14 +481,14 @@ def receive_url_upload(
 def _screen_after_answer(media: Media, incoming: ObjectInfo, prefix: bytes | None) -> Media:
     """Decide what metadata and a ranged read can (an oversized object is refused from its
     HEAD and never copied), then answer while the rest of the screening runs."""
-    if pipeline.reject_before_answer(media, incoming, prefix):
+    if verdicts.reject_before_answer(media, incoming, prefix):
         return _outcome(media)  # raises the rejection
-    pipeline.dispatch_screening(media, background=True, incoming=incoming)
+    verdicts.dispatch(media, background=True, incoming=incoming)
     return media
 
 
 def _screen_and_wait(media: Media) -> Media:
-    pipeline.dispatch_screening(media)
+    verdicts.dispatch(media)
     return _decision(media, Deadline.after_seconds(app_settings.COMPLETE_WAIT_SECONDS))
 
 

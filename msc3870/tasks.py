@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import shared_task
 
-from . import maintenance, pipeline
+from . import cleanup, maintenance, verdicts
 from .stores import ObjectInfo
 
 TASK_OPTIONS: dict[str, Any] = {
@@ -26,7 +26,7 @@ def _retry(task: Any, pk: int, exc: Exception) -> Any:
     """Record the failure on the row, then retry with exponential backoff (2, 4, 8 ... s,
     at most 5 min). In-process (eager) runs do not retry inline, which would hold the
     request: the periodic sweeps pick the row up again."""
-    pipeline.record_failure(pk, exc)
+    verdicts.record_failure(pk, exc)
     if task.request.is_eager:
         return "failed"
     raise task.retry(exc=exc, countdown=min(2 ** (task.request.retries + 1), 300)) from exc
@@ -38,7 +38,7 @@ def screen_media_task(self: Any, pk: int, incoming: dict[str, Any] | None = None
     fields); a retry gets it again and finds it stale at worst (then the object is looked
     at)."""
     try:
-        return pipeline.screen_media(pk, ObjectInfo(**incoming) if incoming else None)
+        return verdicts.screen(pk, ObjectInfo(**incoming) if incoming else None)
     except Exception as exc:
         return _retry(self, pk, exc)
 
@@ -46,7 +46,7 @@ def screen_media_task(self: Any, pk: int, incoming: dict[str, Any] | None = None
 @shared_task(bind=True, max_retries=8, name="msc3870.delete_objects", **TASK_OPTIONS)
 def delete_objects_task(self: Any, pk: int) -> bool | str:
     try:
-        return pipeline.delete_objects(pk)
+        return cleanup.delete_objects(pk)
     except Exception as exc:
         return _retry(self, pk, exc)
 

@@ -143,9 +143,9 @@ def puts_claim_first(monkeypatch: pytest.MonkeyPatch) -> None:
     """A PUT as it runs with a broker: the id is claimed (PROCESSING) before the body is
     read, and the bytes are recorded before the checks are queued. (Without one, the
     default here, a PUT is decided in one write: ``services._upload_decided_in_one_write``.)"""
-    from msc3870 import pipeline
+    from msc3870 import verdicts
 
-    monkeypatch.setattr(pipeline, "screens_in_request", lambda: False)
+    monkeypatch.setattr(verdicts, "screens_in_request", lambda: False)
 
 
 @pytest.fixture

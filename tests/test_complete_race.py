@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from msc3870 import lifecycle, pipeline, sql
+from msc3870 import lifecycle, sql, verdicts
 from msc3870.models import Media, MediaState
 from msc3870.stores import get_store
 
@@ -71,13 +71,13 @@ class Claims:
 def screenings(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The primary keys handed to screening, one entry per dispatch."""
     dispatched: list[int] = []
-    real = pipeline.dispatch_screening
+    real = verdicts.dispatch
 
     def dispatch(media: Media, **kwargs: Any) -> None:
         dispatched.append(media.pk)
         real(media, **kwargs)
 
-    monkeypatch.setattr(pipeline, "dispatch_screening", dispatch)
+    monkeypatch.setattr(verdicts, "dispatch", dispatch)
     return dispatched
 
 

@@ -18,7 +18,7 @@ from django.core.management import call_command
 from django.test import override_settings
 from moto import mock_aws
 
-from msc3870 import pipeline, queue
+from msc3870 import queue, verdicts
 from msc3870.models import Media, MediaState
 from msc3870.screening import Rejection, ScreeningContext
 from msc3870.stores import ObjectInfo, get_store
@@ -45,7 +45,7 @@ def deferred(monkeypatch: pytest.MonkeyPatch) -> list[Media]:
     """Screening that /complete leaves for after its answer is held here, not run."""
     held: list[Media] = []
 
-    def hold(work: pipeline.InProcessScreening) -> None:
+    def hold(work: verdicts.InProcessScreening) -> None:
         held.append(work.media)
         held_incoming.append(work.incoming)
 
@@ -98,7 +98,7 @@ def test_complete_answers_before_the_full_object_checks(
     assert alice.get(f"/_matrix/client/v1/media/download/{path}?timeout_ms=0").status_code == 504
     # A retried /complete answers at once too.
     assert complete(alice, created["content_uri"]).status_code == 200
-    pipeline.screen_in_process(deferred[0])
+    verdicts.screen_here(deferred[0])
     media.refresh_from_db()
     assert media.state == S.COMPLETE
     assert media.sha256 == hashlib.sha256(data).hexdigest()
@@ -126,7 +126,7 @@ def test_the_object_complete_read_spares_the_screening_a_head(
         return real_copy(self, source, destination, metadata, condition)
 
     monkeypatch.setattr(S3MediaStore, "_copy_object", copy)
-    pipeline.screen_in_process(deferred[0], incoming=incoming)
+    verdicts.screen_here(deferred[0], incoming=incoming)
     media = media_of(created["content_uri"])
     assert media.state == S.COMPLETE
     assert media.incoming_key not in heads
@@ -155,7 +155,7 @@ def test_an_incoming_object_written_over_after_complete_is_looked_at_again(
         return real_copy(self, source, destination, metadata, condition)
 
     monkeypatch.setattr(S3MediaStore, "_copy_object", copy)
-    pipeline.screen_in_process(deferred[0], incoming=incoming)
+    verdicts.screen_here(deferred[0], incoming=incoming)
     media = media_of(created["content_uri"])
     assert refused and media.state == S.COMPLETE
     assert (media.size, media.sha256) == (len(bigger), hashlib.sha256(bigger).hexdigest())
@@ -174,7 +174,7 @@ def test_a_retry_after_the_move_finds_the_bytes_moved(
     (incoming,) = held_incoming
     media = deferred[0]
     get_store().move(media.incoming_key, media.served_key, size=len(data))  # the first attempt
-    pipeline.screen_in_process(media, incoming=incoming)
+    verdicts.screen_here(media, incoming=incoming)
     media = media_of(created["content_uri"])
     # These bytes were screened: under 8 KiB, the hash of their first bytes is theirs.
     assert (media.state, media.prefix_sha256) == (S.COMPLETE, hashlib.sha256(data).hexdigest())
@@ -244,7 +244,7 @@ def test_screening_refuses_an_object_grown_past_the_limit_without_copying(
         assert complete(alice, created["content_uri"]).status_code == 200
         client_put(s3, created, b"y" * 4096, "text/plain")
         monkeypatch.setattr(S3MediaStore, "move", lambda *a, **kw: pytest.fail("copied"))
-        assert pipeline.screen_loaded(deferred[0]) == "rejected"
+        assert verdicts.screen_row(deferred[0]) == "rejected"
     media = media_of(created["content_uri"])
     assert (media.state, media.rejection_errcode) == (S.REJECTED, "M_TOO_LARGE")
     assert keys(s3) == []
@@ -273,7 +273,7 @@ def test_download_of_media_rejected_after_complete_is_not_found(
     with msc3870_settings(
         CHECKS=["msc3870.screening.check_size", "tests.test_direct_upload.reject_everything"]
     ):
-        assert pipeline.screen_loaded(deferred[0]) == "rejected"
+        assert verdicts.screen_row(deferred[0]) == "rejected"
     path = mxc_path(created["content_uri"])
     for url in (
         f"/_matrix/client/v1/media/download/{path}",
@@ -443,7 +443,7 @@ def test_hash_and_scan_share_one_read(
         client_put(s3, created, data, "application/octet-stream")
         with msc3870_settings(CLAMAV_URL=f"tcp://127.0.0.1:{clamd.port}"):
             assert complete(alice, created["content_uri"]).status_code == 200
-            pipeline.screen_in_process(deferred[0])
+            verdicts.screen_here(deferred[0])
     finally:
         clamd.close()
     media = media_of(created["content_uri"])
@@ -507,7 +507,7 @@ def test_complete_asks_the_store_once_before_answering(
     calls.clear()
     assert complete(alice, created["content_uri"]).status_code == 200
     assert calls == ["GetObject"]
-    pipeline.screen_in_process(deferred[0])
+    verdicts.screen_here(deferred[0])
     media = media_of(created["content_uri"])
     assert (media.state, media.size, media.content_type) == (S.COMPLETE, len(data), "image/png")
 
@@ -516,7 +516,7 @@ def test_empty_upload_completes(s3: Any, alice: MatrixClient, deferred: list[Med
     created = alice.create()
     client_put(s3, created, b"", "text/plain")
     assert complete(alice, created["content_uri"]).status_code == 200
-    pipeline.screen_in_process(deferred[0])
+    verdicts.screen_here(deferred[0])
     assert (media_of(created["content_uri"]).state, media_of(created["content_uri"]).size) == (
         S.COMPLETE,
         0,
@@ -535,13 +535,13 @@ def test_without_a_broker_screening_runs_on_a_background_thread(
     data = b"screened elsewhere"
     client_put(s3, created, data, "text/plain")
     seen: list[str] = []
-    real = pipeline.screen_in_process
+    real = verdicts.screen_here
 
     def screen(media: Media, **options: Any) -> None:
         seen.append(threading.current_thread().name)
         real(media, **options)
 
-    monkeypatch.setattr(pipeline, "screen_in_process", screen)
+    monkeypatch.setattr(verdicts, "screen_here", screen)
     assert complete(alice, created["content_uri"]).status_code == 200
     deadline = time.monotonic() + 30
     while media_of(created["content_uri"]).state == S.PROCESSING:

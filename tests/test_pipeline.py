@@ -15,7 +15,7 @@ import pytest
 from django.conf import settings
 from django.utils import timezone
 
-from msc3870 import maintenance, moderation, pipeline, signals
+from msc3870 import maintenance, moderation, signals, verdicts
 from msc3870.models import Media, MediaState
 from msc3870.screening import Rejection, ScreeningContext
 
@@ -230,6 +230,6 @@ def test_old_tombstones_are_deleted_but_moderation_verdicts_stay(alice: MatrixCl
 
 def test_screening_is_idempotent(alice: MatrixClient) -> None:
     media = uploaded(alice, b"done once")
-    assert pipeline.screen_media(media.pk) == "skipped"
-    assert pipeline.screen_media(10**9) == "skipped"
+    assert verdicts.screen(media.pk) == "skipped"
+    assert verdicts.screen(10**9) == "skipped"
     assert Media.objects.get(pk=media.pk).attempts == 1

@@ -17,7 +17,7 @@ from django.db import connection
 from django.db.models import Sum
 from django.utils import timezone
 
-from msc3870 import lifecycle, pipeline
+from msc3870 import lifecycle, verdicts
 from msc3870.models import Media, MediaState, UploadMethod
 from msc3870.stores import get_store
 
@@ -57,16 +57,16 @@ def test_a_complete_decided_after_a_racing_one_counts_it(
     with msc3870_settings(USER_QUOTA_BYTES=100):
         first = processing(alice, b"a" * 60)
         second = processing(alice, b"b" * 60)
-        real_complete = pipeline._complete
+        real_complete = verdicts._complete
         outcomes: list[str] = []
 
-        def complete_the_other_first(media: Media, findings: Any, **kwargs: Any) -> str:
+        def complete_the_other_first(media: Media, findings: Any, *args: Any, **kwargs: Any) -> str:
             if media.pk == first.pk:  # A's checks have passed; B is decided before A
-                outcomes.append(pipeline.screen_media(second.pk))
-            return real_complete(media, findings, **kwargs)
+                outcomes.append(verdicts.screen(second.pk))
+            return real_complete(media, findings, *args, **kwargs)
 
-        monkeypatch.setattr(pipeline, "_complete", complete_the_other_first)
-        outcomes.insert(0, pipeline.screen_media(first.pk))
+        monkeypatch.setattr(verdicts, "_complete", complete_the_other_first)
+        outcomes.insert(0, verdicts.screen(first.pk))
 
     assert outcomes == ["rejected", "complete"]
     loser = Media.objects.get(pk=first.pk)
@@ -87,19 +87,19 @@ def test_five_completes_at_once_store_one(
     with msc3870_settings(USER_QUOTA_BYTES=100):
         uploads = [processing(alice, bytes([65 + i]) * 60) for i in range(5)]
         at_the_door = threading.Barrier(len(uploads), timeout=60)
-        real_complete = pipeline._complete
+        real_complete = verdicts._complete
 
-        def complete_together(media: Media, findings: Any, **kwargs: Any) -> str:
+        def complete_together(media: Media, findings: Any, *args: Any, **kwargs: Any) -> str:
             at_the_door.wait()
-            return real_complete(media, findings, **kwargs)
+            return real_complete(media, findings, *args, **kwargs)
 
-        monkeypatch.setattr(pipeline, "_complete", complete_together)
+        monkeypatch.setattr(verdicts, "_complete", complete_together)
         outcomes: dict[int, str] = {}
         errors: list[BaseException] = []
 
         def screen(pk: int) -> None:
             try:
-                outcomes[pk] = pipeline.screen_media(pk)
+                outcomes[pk] = verdicts.screen(pk)
             except BaseException as exc:  # reported by the test thread
                 errors.append(exc)
                 at_the_door.abort()
@@ -125,11 +125,11 @@ def test_without_a_quota_completion_takes_no_lock(
     """The fast path stays: no quota, no content twin, no transaction."""
     media = processing(alice, b"fresh content, no twin")
     calls: list[Any] = []
-    monkeypatch.setattr(pipeline, "enforce_user_quota", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(verdicts, "enforce_user_quota", lambda *a, **k: calls.append(a))
     opened: list[bool] = []
-    real_atomic = pipeline.transaction.atomic
+    real_atomic = verdicts.transaction.atomic
     monkeypatch.setattr(
-        pipeline.transaction, "atomic", lambda *a, **k: opened.append(True) or real_atomic(*a, **k)
+        verdicts.transaction, "atomic", lambda *a, **k: opened.append(True) or real_atomic(*a, **k)
     )
-    assert pipeline.screen_media(media.pk) == "complete"
+    assert verdicts.screen(media.pk) == "complete"
     assert calls == [] and opened == []

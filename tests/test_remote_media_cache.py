@@ -165,12 +165,12 @@ def test_eviction_finishes_what_a_stopped_sweep_left(alice: MatrixClient, remote
 def test_a_request_fetches_again_media_whose_eviction_stopped_before_the_row_went(
     alice: MatrixClient, remote: Remote
 ) -> None:
-    from msc3870 import lifecycle, pipeline
+    from msc3870 import cleanup, lifecycle
 
     _fetch_all(alice, remote, ["x"], 100)
     media = row(remote.name, "x")
     lifecycle.transition_many([media.pk], [S.COMPLETE], S.DELETED)
-    pipeline.delete_objects_of([media.pk])  # the objects went, the row did not
+    cleanup.delete_objects_of([media.pk])  # the objects went, the row did not
     hits = remote.fed_hits()
     assert alice.get(V1 + f"{remote.name}/x").status_code == 200
     assert remote.fed_hits() == hits + 1

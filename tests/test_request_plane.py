@@ -290,9 +290,9 @@ def test_complete_waits_on_the_loop_for_screening_done_elsewhere(
 ) -> None:
     """With a broker the checks run in a worker: where /complete waits for their verdict
     (COMPLETE_WAITS_FOR_CHECKS), it parks until they decide."""
-    from msc3870 import pipeline
+    from msc3870 import verdicts
 
-    monkeypatch.setattr(pipeline, "dispatch_screening", lambda media, **options: None)
+    monkeypatch.setattr(verdicts, "dispatch", lambda media, **options: None)
 
     async def scenario() -> None:
         created = await call(app, "POST", "/_matrix/media/v1/create", headers=bearer(token))
@@ -305,7 +305,7 @@ def test_complete_waits_on_the_loop_for_screening_done_elsewhere(
         )
         await until(lambda: parked() == 1, "/complete parked")
         media = await asyncio.to_thread(Media.objects.get, media_id=path.split("/")[1])
-        outcome = await asyncio.to_thread(pipeline.screen_media, media.pk)
+        outcome = await asyncio.to_thread(verdicts.screen, media.pk)
         assert outcome == "complete"
         reply = await completing.reply()
         assert reply.status == 200, reply.body

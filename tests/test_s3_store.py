@@ -220,7 +220,7 @@ def test_screening_that_fails_after_the_move_keeps_what_the_move_learnt(
     screening that fails after it records the served key and that type, so the attempt
     that screens the bytes again decides as the first would have."""
     from msc3870.errors import StorageUnavailable
-    from msc3870.pipeline import screen_media
+    from msc3870.verdicts import screen as screen_media
 
     looked_at = S3MediaStore.head_with_prefix
 

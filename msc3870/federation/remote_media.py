@@ -17,7 +17,7 @@ Route of one ``mxc://other.server/id``, top to bottom:
    on every hop, no credentials). ``MAX_UPLOAD_SIZE`` is enforced from ``Content-Length``
    and while streaming. The bytes go to the row's served key (under ``remote/<server>/``,
    never where our own ids live), then through the same screening as local uploads
-   (``pipeline.screen_loaded``: type checks, block list, dedup, clamav), which ends in
+   (``verdicts.screen_row``: type checks, block list, dedup, clamav), which ends in
    COMPLETE or REJECTED and wakes the waiters.
 3. A failed fetch (unreachable, unknown there, too large, refused address) moves the row to
    REJECTED with the status to answer (404 for media the server does not have, else 502)
@@ -430,7 +430,7 @@ def fetch_remote_media(pk: int, requester: str | None = None) -> str:
     state, so a redelivered task does nothing twice. The bytes read are charged to
     ``requester``'s bucket (the user whose request started the fetch), whatever the
     outcome."""
-    from ..pipeline import record_failure, screen_loaded
+    from ..verdicts import record_failure, screen_row
 
     media = Media.objects.filter(pk=pk).first()
     if media is None or not media.is_remote or media.state != S.PROCESSING:
@@ -464,7 +464,7 @@ def fetch_remote_media(pk: int, requester: str | None = None) -> str:
             get_store().delete(media.served_key)
             return "skipped"
     try:
-        return screen_loaded(media, count_attempt=False)
+        return screen_row(media)
     except Exception as exc:
         # As for local uploads: recorded, and the stuck sweep screens it again.
         log.exception("Screening of %s failed", media.mxc_uri)
