@@ -299,3 +299,13 @@ def test_the_msc3870_dict_from_the_environment(
 
 def test_the_msc3870_dict_with_nothing_set(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert typed(msc3870_from(monkeypatch, tmp_path)) == typed(unset_environment(tmp_path))
+
+
+def test_a_variable_that_does_not_parse_names_itself(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Not a bare ValueError from somewhere in the settings module."""
+    from django.core.exceptions import ImproperlyConfigured
+
+    with pytest.raises(ImproperlyConfigured, match="MSC3870_UPLOAD_BODIES_MAX='lots'"):
+        msc3870_from(monkeypatch, tmp_path, MSC3870_UPLOAD_BODIES_MAX="lots")
