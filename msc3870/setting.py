@@ -37,13 +37,6 @@ Reader = Callable[[str, Any], T]
 # ---------------------------------------------------------------------- reading
 
 
-def user_settings() -> dict[str, Any]:
-    user = getattr(settings, "MSC3870", {}) or {}
-    if not isinstance(user, dict):
-        raise ImproperlyConfigured("MSC3870 must be a dict.")
-    return user
-
-
 def str_list(name: str, value: Any) -> list[str]:
     """A list of strings. A bare string would be read as a list of its characters (an
     allowlist of "image/*" allowing everything matching "*"): refused, so screening fails
@@ -358,11 +351,8 @@ class Setting(Generic[T]):
     def __repr__(self) -> str:
         return f"<Setting {getattr(self, 'name', '?')}>"
 
-    def raw(self) -> Any:
-        """The value as given in ``settings.MSC3870``, else the default."""
-        return user_settings().get(self.name, self.default)
-
     def read(self, raw: Any) -> T:
+        """The typed value of ``raw`` (a value given in ``settings.MSC3870``, or the default)."""
         if self.reader is not None:
             value = self.reader(self.name, raw)  # it reads None too: None may mean a default
         elif raw is None and self.nullable:
@@ -382,7 +372,10 @@ class Setting(Generic[T]):
     def __get__(self, instance: object | None, owner: type | None = None) -> Setting[T] | T:
         if instance is None:
             return self
-        return self.read(self.raw())
+        user = getattr(settings, "MSC3870", None) or {}
+        if not isinstance(user, dict):
+            raise ImproperlyConfigured("MSC3870 must be a dict.")
+        return self.read(user.get(self.name, self.default))
 
     def __set__(self, instance: object, value: Never) -> None:
         raise AttributeError(f"{self.name} is read from settings.MSC3870: override that.")
