@@ -7,13 +7,14 @@ With none set, this is the embedded default: SQLite, media on the local disk und
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import dj_database_url
+
+from msc3870.conf import settings_from_environment
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("MEDIAREPO_DATA_DIR", BASE_DIR / "var"))
@@ -40,10 +41,6 @@ def env_int(name: str, default: int) -> int:
     return int(env(name) or default)
 
 
-def _csv(value: str | None) -> list[str]:
-    return [item.strip() for item in (value or "").split(",") if item.strip()]
-
-
 def _secret_key() -> str:
     """DJANGO_SECRET_KEY, else one generated once and kept in the data directory (upload
     URLs are signed with it, so it must survive restarts)."""
@@ -61,8 +58,18 @@ SECRET_KEY = _secret_key()
 DEBUG = env("DJANGO_DEBUG") == "1"
 
 PORT = env_int("PORT", 8008)
-PUBLIC_BASEURL = (env("PUBLIC_BASEURL") or f"http://127.0.0.1:{PORT}").rstrip("/")
-MATRIX_SERVER_NAME = env("MATRIX_SERVER_NAME", "localhost")
+
+# The app's settings: each declares the variable it is read from (msc3870/conf.py, listed
+# in the README), mostly MSC3870_<name>; here only the defaults that depend on this
+# project (its port, its data directory).
+MSC3870 = settings_from_environment(
+    os.environ,
+    defaults={
+        "PUBLIC_BASEURL": f"http://127.0.0.1:{PORT}",
+        "SIGNING_KEY_PATH": str(DATA_DIR / "signing.key"),
+    },
+)
+PUBLIC_BASEURL = MSC3870["PUBLIC_BASEURL"]
 
 ALLOWED_HOSTS = [
     host.strip() for host in (env("DJANGO_ALLOWED_HOSTS") or "").split(",") if host.strip()
@@ -202,111 +209,6 @@ STORAGES = {
 }
 STATIC_URL = "static/"
 STATIC_ROOT = Path(env("DJANGO_STATIC_ROOT") or DATA_DIR / "static")
-
-MSC3870 = {
-    "SERVER_NAME": MATRIX_SERVER_NAME,
-    "PUBLIC_BASEURL": PUBLIC_BASEURL,
-    "MAX_UPLOAD_SIZE": env_int("MSC3870_MAX_UPLOAD_SIZE", 50 * 1024 * 1024),
-    "UNUSED_EXPIRATION": env_int("MSC3870_UNUSED_EXPIRATION", 86400),
-    "MAX_PENDING_UPLOADS": env_int("MSC3870_MAX_PENDING_UPLOADS", 5),
-    "CREATE_RATE": env("MSC3870_CREATE_RATE", "60/min"),
-    "REDIRECT_DOWNLOADS": env("MSC3870_REDIRECT_DOWNLOADS") == "1",
-    "S3_PUBLIC_ENDPOINT_URL": env("MSC3870_S3_PUBLIC_ENDPOINT_URL"),
-    "COMPLETE_WAIT_SECONDS": float(env("MSC3870_COMPLETE_WAIT_SECONDS") or 20),
-    "COMPLETE_WAITS_FOR_CHECKS": env("MSC3870_COMPLETE_WAITS_FOR_CHECKS") == "1",
-    "S3_COPY_CHECKSUM": env("MSC3870_S3_COPY_CHECKSUM") != "0",
-    "STUCK_AFTER_SECONDS": env_int("MSC3870_STUCK_AFTER_SECONDS", 300),
-    "CLAMAV_URL": env("MSC3870_CLAMAV_URL"),
-    "SHA256_WHEN": env("MSC3870_SHA256_WHEN", "needed"),
-    "USER_QUOTA_BYTES": int(env("MSC3870_USER_QUOTA_BYTES") or 0) or None,
-}
-# Waiting requests (msc3870.asgi, msc3870.wakeup): caps and wake-up sources, when set.
-for _key in (
-    "WAIT_MAX_WAITERS",
-    "WAIT_MAX_WAITERS_PER_MEDIA",
-    "LEGACY_WAIT_MAX_WAITERS",
-    "WAIT_MAX_WAITERS_PER_REQUESTER",
-    "LEGACY_DOWNLOAD_TIMEOUT_MS_MAX",
-):
-    if env(f"MSC3870_{_key}"):
-        MSC3870[_key] = env_int(f"MSC3870_{_key}", 0)
-for _key in ("WAKEUP_POLL_SECONDS", "WAKEUP_SAFETY_POLL_SECONDS", "TOKEN_CACHE_SECONDS"):
-    if env(f"MSC3870_{_key}"):
-        MSC3870[_key] = float(env(f"MSC3870_{_key}") or 0)
-# Upload bodies (msc3870.admission): how many at once, per process and per client address,
-# and how slowly they may arrive.
-for _key in ("UPLOAD_BODIES_MAX", "UPLOAD_BODIES_PER_ADDRESS_MAX"):
-    if env(f"MSC3870_{_key}"):
-        MSC3870[_key] = env_int(f"MSC3870_{_key}", 0)
-for _key in (
-    "UPLOAD_MIN_BYTES_PER_SECOND",
-    "UPLOAD_RATE_GRACE_SECONDS",
-    "UPLOAD_IDLE_TIMEOUT_SECONDS",
-):
-    if env(f"MSC3870_{_key}"):
-        MSC3870[_key] = float(env(f"MSC3870_{_key}") or 0)
-# Wake-ups across web processes and workers: PostgreSQL LISTEN where it can, else Redis.
-MSC3870["WAKEUP_REDIS_URL"] = env("REDIS_URL")
-if env("MSC3870_WAKEUP_LISTEN"):
-    MSC3870["WAKEUP_LISTEN"] = env("MSC3870_WAKEUP_LISTEN") != "0"
-if env("MSC3870_CHECKS"):
-    # Comma-separated import strings, replacing the default pipeline (e.g. to add a scan).
-    MSC3870["CHECKS"] = [c.strip() for c in (env("MSC3870_CHECKS") or "").split(",") if c.strip()]
-# Content-type globs, comma-separated ("image/*,video/*"): lists, never a bare string (a
-# string would be read as a list of its characters, and "*" would allow everything).
-for _key in ("ALLOWED_CONTENT_TYPES", "DENIED_CONTENT_TYPES"):
-    if env(f"MSC3870_{_key}") is not None:
-        MSC3870[_key] = _csv(env(f"MSC3870_{_key}"))
-# Media created after this ISO 8601 time (with a time zone: "2025-07-01T00:00:00Z") is not
-# served unauthenticated (/_matrix/media/v3); msc3870.E019 reports a bad value.
-if env("MSC3870_LEGACY_MEDIA_FREEZE_AFTER"):
-    MSC3870["LEGACY_MEDIA_FREEZE_AFTER"] = env("MSC3870_LEGACY_MEDIA_FREEZE_AFTER")
-# Federation: this server's signing key, made on first use if missing (never shipped).
-MSC3870["SIGNING_KEY_PATH"] = env("MSC3870_SIGNING_KEY_PATH") or str(DATA_DIR / "signing.key")
-# Notaries for other servers' keys, as JSON: [{"server_name": .., "verify_keys": {..}}].
-MSC3870["TRUSTED_KEY_SERVERS"] = json.loads(env("MSC3870_TRUSTED_KEY_SERVERS") or "[]")
-# Comma-separated CIDRs; the denylist replaces the built-in one only when set.
-if env("MSC3870_FEDERATION_IP_RANGE_DENYLIST") is not None:
-    MSC3870["FEDERATION_IP_RANGE_DENYLIST"] = _csv(env("MSC3870_FEDERATION_IP_RANGE_DENYLIST"))
-MSC3870["FEDERATION_IP_RANGE_ALLOWLIST"] = _csv(env("MSC3870_FEDERATION_IP_RANGE_ALLOWLIST"))
-MSC3870["FEDERATION_VERIFY_TLS"] = env("MSC3870_FEDERATION_VERIFY_TLS") != "0"
-# Federation media requests per origin server ("600/min"); "0" turns the limit off.
-if _rate := env("MSC3870_FEDERATION_MEDIA_RATE"):
-    MSC3870["FEDERATION_MEDIA_RATE"] = None if _rate == "0" else _rate
-# Federation requests in flight per client address per web process.
-if env("MSC3870_FEDERATION_REQUESTS_PER_ADDRESS"):
-    MSC3870["FEDERATION_REQUESTS_PER_ADDRESS"] = env_int(
-        "MSC3870_FEDERATION_REQUESTS_PER_ADDRESS", 50
-    )
-# Fetches of other servers' keys: in flight per process, and seconds one may take in all.
-if env("MSC3870_FEDERATION_KEY_FETCHES"):
-    MSC3870["FEDERATION_KEY_FETCHES"] = env_int("MSC3870_FEDERATION_KEY_FETCHES", 4)
-if env("MSC3870_FEDERATION_KEY_FETCH_TIMEOUT_SECONDS"):
-    MSC3870["FEDERATION_KEY_FETCH_TIMEOUT_SECONDS"] = float(
-        env("MSC3870_FEDERATION_KEY_FETCH_TIMEOUT_SECONDS") or 20
-    )
-# Failed X-Matrix authentications per client address ("30/min"); "0" turns it off.
-if _rate := env("MSC3870_FEDERATION_AUTH_FAILURE_RATE"):
-    MSC3870["FEDERATION_AUTH_FAILURE_RATE"] = None if _rate == "0" else _rate
-# Other servers' media: fetched on request ("0": only what is held is served), how long a
-# failed fetch is remembered, how long one fetch may take.
-MSC3870["FETCH_REMOTE_MEDIA"] = env("MSC3870_FETCH_REMOTE_MEDIA") != "0"
-MSC3870["REMOTE_MEDIA_FAILURE_SECONDS"] = env_int("MSC3870_REMOTE_MEDIA_FAILURE_SECONDS", 60)
-MSC3870["REMOTE_MEDIA_TIMEOUT_SECONDS"] = env_int("MSC3870_REMOTE_MEDIA_TIMEOUT_SECONDS", 120)
-# What fetching may cost: bytes per second and burst per user ("0" per second: no limit),
-# fetches in flight, bytes of other servers' media kept ("0": no bound). Unset: the app's.
-if _per_second := env("MSC3870_REMOTE_MEDIA_DOWNLOAD_PER_SECOND"):
-    MSC3870["REMOTE_MEDIA_DOWNLOAD_PER_SECOND"] = int(_per_second) or None
-if _cache_bytes := env("MSC3870_REMOTE_MEDIA_CACHE_MAX_BYTES"):
-    MSC3870["REMOTE_MEDIA_CACHE_MAX_BYTES"] = int(_cache_bytes) or None
-for _key in ("REMOTE_MEDIA_DOWNLOAD_BURST_COUNT", "REMOTE_MEDIA_MAX_FETCHES"):
-    if env(f"MSC3870_{_key}"):
-        MSC3870[_key] = env_int(f"MSC3870_{_key}", 0)
-if env("MATRIX_HOMESERVER_URL"):
-    MSC3870["HOMESERVER_URL"] = env("MATRIX_HOMESERVER_URL")
-    MSC3870["TOKEN_RESOLVER"] = "msc3870.auth.HomeserverTokenResolver"
-    # How long a whoami answer is trusted (a logged-out token works this much longer).
-    MSC3870["WHOAMI_CACHE_SECONDS"] = env_int("MSC3870_WHOAMI_CACHE_SECONDS", 15)
 
 # Celery: a broker if one is named; otherwise tasks run in-process (eagerly).
 CELERY_BROKER_URL = env("CELERY_BROKER_URL")

@@ -1,17 +1,13 @@
 """System checks for misconfiguration (``manage.py check``). No network calls here.
 
 Registered in ``MSC3870Config.ready()``: ``check_settings`` (values), and the type of every
-setting in ``DEFAULTS`` (``SETTING_TYPES``), one check id per kind of type, split in two
-functions so that the settings a misread would weaken (what may be uploaded, who may
+setting declared in ``conf.py``, one check id per kind of type (``setting.Kind``), split in
+two functions so that the settings a misread would weaken (what may be uploaded, who may
 act, what is checked, limits) are tagged ``Tags.security``.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -20,13 +16,8 @@ from django.core.checks import CheckMessage, Error, Warning
 from django.core.exceptions import ImproperlyConfigured
 from django.core.files.storage import FileSystemStorage, InvalidStorageError, storages
 
-from .conf import (
-    DEFAULTS,
-    SHA256_WHEN_CHOICES,
-    TYPE_MISMATCH_POLICIES,
-    app_settings,
-    parse_freeze_time,
-)
+from .conf import SETTINGS, app_settings
+from .setting import IMPORT_STRING_LIST, STR_LIST, Setting
 
 # S3 signs upload URLs for at most 7 days.
 S3_MAX_PRESIGN_SECONDS = 7 * 24 * 3600
@@ -34,165 +25,8 @@ S3_MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 
 # ---------------------------------------------------------------------------- types
 
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # True is an int too
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _is_str_list(value: Any) -> bool:
-    # A bare string iterates as its characters: "image/*" would allow "*".
-    return isinstance(value, list | tuple) and all(isinstance(item, str) for item in value)
-
-
-def _is_import_string(value: Any) -> bool:
-    return isinstance(value, str) and "." in value.strip(".")
-
-
-def _is_datetime(value: Any) -> bool:
-    if not isinstance(value, str | datetime):
-        return False
-    try:
-        return parse_freeze_time(value) is not None
-    except ImproperlyConfigured:
-        return False
-
-
-def _is_key_servers(value: Any) -> bool:
-    return isinstance(value, list | tuple) and all(
-        isinstance(s, dict)
-        and isinstance(s.get("server_name"), str)
-        and isinstance(s.get("verify_keys"), dict)
-        and s["verify_keys"]
-        and all(isinstance(k, str) and isinstance(v, str) for k, v in s["verify_keys"].items())
-        for s in value
-    )
-
-
-@dataclass(frozen=True)
-class Kind:
-    """A type a setting can have, and the check id that reports a value of another type."""
-
-    id: str
-    description: str
-    accepts: Callable[[Any], bool]
-
-
-INT = Kind("msc3870.E012", "an integer", _is_int)
-NUMBER = Kind("msc3870.E013", "a number", _is_number)
-BOOL = Kind("msc3870.E014", "True or False", lambda value: isinstance(value, bool))
-STR = Kind("msc3870.E015", "a string", lambda value: isinstance(value, str))
-STR_LIST = Kind("msc3870.E016", "a list of strings", _is_str_list)
-IMPORT_STRING = Kind("msc3870.E017", "an import string ('package.module.name')", _is_import_string)
-IMPORT_STRING_LIST = Kind(
-    "msc3870.E018",
-    "a list of import strings",
-    lambda value: _is_str_list(value) and all(_is_import_string(item) for item in value),
-)
-DATETIME = Kind(
-    "msc3870.E019",
-    "a timezone-aware datetime (or an ISO 8601 string with a time zone)",
-    _is_datetime,
-)
-KEY_SERVERS = Kind(
-    "msc3870.E020",
-    'a list of {"server_name": str, "verify_keys": {key id: base64 key}}',
-    _is_key_servers,
-)
-PATH = Kind(
-    "msc3870.E021", "a file path (str or os.PathLike)", lambda v: isinstance(v, str | os.PathLike)
-)
-
-
-@dataclass(frozen=True)
-class SettingType:
-    kind: Kind
-    nullable: bool = False  # None is allowed (and means "off" or "the default")
-    security: bool = False  # a misread weakens a defence: reported under Tags.security
-
-
-def _t(kind: Kind, *, null: bool = False, security: bool = False) -> SettingType:
-    return SettingType(kind, null, security)
-
-
-# Every key of DEFAULTS (tests/test_checks.py makes sure none is missing).
-SETTING_TYPES: dict[str, SettingType] = {
-    "SERVER_NAME": _t(STR),
-    "PUBLIC_BASEURL": _t(STR),
-    "MAX_UPLOAD_SIZE": _t(INT, security=True),
-    "UNUSED_EXPIRATION": _t(INT, security=True),
-    "MAX_PENDING_UPLOADS": _t(INT, security=True),
-    "CREATE_RATE": _t(STR, null=True, security=True),
-    "STORAGE_ALIAS": _t(STR),
-    "STORE": _t(IMPORT_STRING, null=True),
-    "TOKEN_RESOLVER": _t(IMPORT_STRING, security=True),
-    "HOMESERVER_URL": _t(STR, null=True, security=True),
-    "WHOAMI_CACHE_SECONDS": _t(NUMBER, security=True),
-    "COMPLETE_WAIT_SECONDS": _t(NUMBER),
-    "COMPLETE_WAITS_FOR_CHECKS": _t(BOOL),
-    "DOWNLOAD_TIMEOUT_MS": _t(INT),
-    "DOWNLOAD_TIMEOUT_MS_MAX": _t(INT),
-    "LEGACY_DOWNLOAD_TIMEOUT_MS_MAX": _t(INT),
-    "LEGACY_MEDIA_FREEZE_AFTER": _t(DATETIME, null=True, security=True),
-    "WAIT_MAX_WAITERS": _t(INT, security=True),
-    "WAIT_MAX_WAITERS_PER_MEDIA": _t(INT, security=True),
-    "LEGACY_WAIT_MAX_WAITERS": _t(INT, security=True),
-    "WAIT_MAX_WAITERS_PER_REQUESTER": _t(INT, security=True),
-    "UPLOAD_BODIES_MAX": _t(INT, security=True),
-    "UPLOAD_BODIES_PER_ADDRESS_MAX": _t(INT, security=True),
-    "UPLOAD_MIN_BYTES_PER_SECOND": _t(NUMBER, security=True),
-    "UPLOAD_RATE_GRACE_SECONDS": _t(NUMBER, security=True),
-    "UPLOAD_IDLE_TIMEOUT_SECONDS": _t(NUMBER, security=True),
-    "WAKEUP_POLL_SECONDS": _t(NUMBER),
-    "WAKEUP_SAFETY_POLL_SECONDS": _t(NUMBER),
-    "WAKEUP_LISTEN": _t(BOOL),
-    "WAKEUP_REDIS_URL": _t(STR, null=True),
-    "TOKEN_CACHE_SECONDS": _t(NUMBER, security=True),
-    "CHECKS": _t(IMPORT_STRING_LIST, security=True),
-    "USER_QUOTA_BYTES": _t(INT, null=True, security=True),
-    "CLAMAV_URL": _t(STR, null=True, security=True),
-    "CLAMAV_TIMEOUT_SECONDS": _t(NUMBER),
-    "THUMBNAIL_MAX_SOURCE_BYTES": _t(INT, security=True),
-    "THUMBNAIL_MAX_PIXELS": _t(INT, security=True),
-    "THUMBNAIL_MAX_DECODED_BYTES": _t(INT, security=True),
-    "THUMBNAIL_CONCURRENT_RENDERS": _t(INT, security=True),
-    "THUMBNAIL_RENDER_WAIT_SECONDS": _t(NUMBER),
-    "TOMBSTONE_RETENTION_DAYS": _t(INT, null=True),
-    "ALLOWED_CONTENT_TYPES": _t(STR_LIST, security=True),
-    "DENIED_CONTENT_TYPES": _t(STR_LIST, security=True),
-    "TYPE_MISMATCH": _t(STR, security=True),
-    "SHA256_WHEN": _t(STR, security=True),
-    "REDIRECT_DOWNLOADS": _t(BOOL),
-    "DOWNLOAD_URL_LIFETIME": _t(INT, security=True),
-    "STUCK_AFTER_SECONDS": _t(INT),
-    "S3_PUBLIC_ENDPOINT_URL": _t(STR, null=True),
-    "S3_COPY_CHECKSUM": _t(BOOL),
-    "S3_COPY_PART_THRESHOLD": _t(INT),
-    "S3_COPY_PART_SIZE": _t(INT),
-    "S3_COPY_CONCURRENCY": _t(INT),
-    "S3_INCOMING_EXPIRATION_DAYS": _t(INT, null=True),
-    "SIGNING_KEY_PATH": _t(PATH, null=True, security=True),
-    "SIGNING_KEY_VALIDITY_SECONDS": _t(INT, security=True),
-    "TRUSTED_KEY_SERVERS": _t(KEY_SERVERS, security=True),
-    "FEDERATION_IP_RANGE_DENYLIST": _t(STR_LIST, null=True, security=True),
-    "FEDERATION_IP_RANGE_ALLOWLIST": _t(STR_LIST, security=True),
-    "FEDERATION_VERIFY_TLS": _t(BOOL, security=True),
-    "FEDERATION_MEDIA_RATE": _t(STR, null=True, security=True),
-    "FEDERATION_AUTH_FAILURE_RATE": _t(STR, null=True, security=True),
-    "FEDERATION_REQUESTS_PER_ADDRESS": _t(INT, security=True),
-    "FEDERATION_KEY_FETCHES": _t(INT, security=True),
-    "FEDERATION_KEY_FETCH_TIMEOUT_SECONDS": _t(NUMBER, security=True),
-    "FETCH_REMOTE_MEDIA": _t(BOOL),
-    "REMOTE_MEDIA_FAILURE_SECONDS": _t(INT),
-    "REMOTE_MEDIA_TIMEOUT_SECONDS": _t(NUMBER),
-    "REMOTE_MEDIA_DOWNLOAD_PER_SECOND": _t(INT, null=True, security=True),
-    "REMOTE_MEDIA_DOWNLOAD_BURST_COUNT": _t(INT, security=True),
-    "REMOTE_MEDIA_MAX_FETCHES": _t(INT, security=True),
-    "REMOTE_MEDIA_CACHE_MAX_BYTES": _t(INT, null=True, security=True),
-}
+# Each setting's kind, nullability and security tag, as declared.
+SETTING_TYPES: dict[str, Setting[Any]] = SETTINGS
 
 
 def _user_settings() -> dict[str, Any] | None:
@@ -200,22 +34,16 @@ def _user_settings() -> dict[str, Any] | None:
     return user if isinstance(user, dict) else None
 
 
-def mistyped_settings() -> dict[str, SettingType]:
+def mistyped_settings() -> dict[str, Setting[Any]]:
     """The settings whose value (given, or the default) has the wrong type."""
     user = _user_settings()
     if user is None:
         return {}
-    wrong: dict[str, SettingType] = {}
-    for name, default in DEFAULTS.items():
-        expected = SETTING_TYPES.get(name)
-        if expected is None:
-            continue
-        value = user.get(name, default)
-        if value is None and expected.nullable:
-            continue
-        if not expected.kind.accepts(value):
-            wrong[name] = expected
-    return wrong
+    return {
+        name: setting
+        for name, setting in SETTINGS.items()
+        if not setting.accepts(user.get(name, setting.default))
+    }
 
 
 def _type_errors(*, security: bool) -> list[CheckMessage]:
@@ -224,7 +52,7 @@ def _type_errors(*, security: bool) -> list[CheckMessage]:
     for name, expected in mistyped_settings().items():
         if expected.security != security:
             continue
-        value = user.get(name, DEFAULTS[name])
+        value = user.get(name, expected.default)
         listy = expected.kind in (STR_LIST, IMPORT_STRING_LIST)
         errors.append(
             Error(
@@ -267,11 +95,11 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     errors: list[CheckMessage] = [
         Warning(
             f"MSC3870[{key!r}] is not a known setting.",
-            hint="Known settings: " + ", ".join(sorted(DEFAULTS)),
+            hint="Known settings: " + ", ".join(sorted(SETTINGS)),
             id="msc3870.W001",
         )
         for key in user
-        if key not in DEFAULTS
+        if key not in SETTINGS
     ]
     from .services import SERVER_NAME_RE
 
@@ -298,53 +126,29 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             getattr(app_settings, name)
         except ImproperlyConfigured as exc:
             errors.append(Error(str(exc), id="msc3870.E005"))
-    positive = (
-        "MAX_UPLOAD_SIZE",
-        "UNUSED_EXPIRATION",
-        "COMPLETE_WAIT_SECONDS",
-        "REMOTE_MEDIA_DOWNLOAD_PER_SECOND",
-        "REMOTE_MEDIA_DOWNLOAD_BURST_COUNT",
-        "REMOTE_MEDIA_MAX_FETCHES",
-        "UPLOAD_BODIES_MAX",
-        "UPLOAD_BODIES_PER_ADDRESS_MAX",
-        "UPLOAD_IDLE_TIMEOUT_SECONDS",
-    )
-    non_negative = (
-        "MAX_PENDING_UPLOADS",
-        "DOWNLOAD_TIMEOUT_MS",
-        "DOWNLOAD_TIMEOUT_MS_MAX",
-        "REMOTE_MEDIA_CACHE_MAX_BYTES",
-        "UPLOAD_MIN_BYTES_PER_SECOND",
-        "UPLOAD_RATE_GRACE_SECONDS",
-    )
-    for name in (*positive, *non_negative):
-        if not typed(name):
+    for name, setting in SETTINGS.items():
+        if setting.must_be is None or not typed(name):
             continue
-        # The raw value: the typed properties clamp some of these into range.
-        raw = user.get(name, DEFAULTS[name])
-        if raw is None and SETTING_TYPES[name].nullable:
+        # The raw value: the typed one is clamped into range for some of these.
+        raw = user.get(name, setting.default)
+        if raw is None and setting.nullable:
             continue  # None: off, or no bound
         try:
             value = float(raw)
         except (TypeError, ValueError):
             value = -1
-        if value < 0 or (name in positive and value == 0):
-            kind = "positive" if name in positive else "non-negative"
-            errors.append(Error(f"MSC3870[{name!r}] must be a {kind} number.", id="msc3870.E006"))
-    if typed("TYPE_MISMATCH") and app_settings.TYPE_MISMATCH not in TYPE_MISMATCH_POLICIES:
-        errors.append(
-            Error(
-                f"MSC3870['TYPE_MISMATCH'] must be one of {', '.join(TYPE_MISMATCH_POLICIES)}.",
-                id="msc3870.E007",
+        if value < 0 or (setting.must_be == "positive" and value == 0):
+            errors.append(
+                Error(f"MSC3870[{name!r}] must be a {setting.must_be} number.", id="msc3870.E006")
             )
-        )
-    if typed("SHA256_WHEN") and app_settings.SHA256_WHEN not in SHA256_WHEN_CHOICES:
-        errors.append(
-            Error(
-                f"MSC3870['SHA256_WHEN'] must be one of {', '.join(SHA256_WHEN_CHOICES)}.",
-                id="msc3870.E007",
+    for name, setting in SETTINGS.items():
+        if setting.choices and typed(name) and getattr(app_settings, name) not in setting.choices:
+            errors.append(
+                Error(
+                    f"MSC3870[{name!r}] must be one of {', '.join(setting.choices)}.",
+                    id="msc3870.E007",
+                )
             )
-        )
     if (
         user.get("TOKEN_RESOLVER") == "msc3870.auth.HomeserverTokenResolver"
         and typed("HOMESERVER_URL")

@@ -1,578 +1,397 @@
-"""The app's one settings object.
+"""The app's one settings object: every setting declared once, below, grouped by topic.
 
-Everything is read from the ``MSC3870`` dict in Django settings on every access (so
-``override_settings`` works in tests); defaults live in ``DEFAULTS``. Import strings are
-resolved lazily and errors name the setting.
+Each is a ``Setting`` (``msc3870/setting.py``): its kind, default, whether None is allowed
+(``null``), whether a misread weakens a defence (``security``), the bounds and choices the
+value checks hold it to, and the environment variable the deployable project reads it from
+(``Env``). Everything else is derived from it: the typed value (``app_settings.NAME``, read
+from the ``MSC3870`` dict on every access, so ``override_settings`` works in tests; import
+strings resolved lazily, errors naming the setting), ``DEFAULTS``, the type checks
+(``checks.py``, one id per kind), and the dict ``mediarepo/settings.py`` builds from the
+environment (``settings_from_environment``). The app itself never reads the environment.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured
-from django.utils.module_loading import import_string
+from .setting import (
+    BOOL,
+    DATETIME,
+    IMPORT_STRING,
+    IMPORT_STRING_LIST,
+    INT,
+    KEY_SERVERS,
+    NUMBER,
+    PATH,
+    STR,
+    STR_LIST,
+    Env,
+    Setting,
+    aware_datetime,
+    cidr_list,
+    constant,
+    from_environment,
+    integer,
+    settings_of,
+    text,
+    zero_is_none,
+)
 
 MiB = 1024 * 1024
-
-DEFAULTS: dict[str, Any] = {
-    # The server name in mxc:// ids. Media of other servers is never served from here.
-    "SERVER_NAME": "localhost",
-    # This server's public base URL: absolute upload URLs and Location headers.
-    "PUBLIC_BASEURL": "http://127.0.0.1:8008",
-    # Largest accepted upload, in bytes.
-    "MAX_UPLOAD_SIZE": 50 * MiB,
-    # Seconds a created media id waits for its upload (MSC2246 recommends 24 h).
-    "UNUSED_EXPIRATION": 24 * 60 * 60,
-    # Media ids a user may hold in the pending state at once.
-    "MAX_PENDING_UPLOADS": 5,
-    # Rate of /create per user, DRF syntax ("N/s", "N/min", "N/hour", "N/day"); None = off.
-    "CREATE_RATE": "60/min",
-    # Alias in Django's STORAGES of the storage media bytes live in.
-    "STORAGE_ALIAS": "msc3870",
-    # The MediaStore class over that storage (import string); None: the one made for the
-    # storage's class (msc3870.stores.STORE_FOR_STORAGE: local disk, S3).
-    "STORE": None,
-    # Callable (import string) turning an access token into a Matrix user id.
-    "TOKEN_RESOLVER": "msc3870.auth.LocalTokenResolver",
-    # Homeserver asked by msc3870.auth.HomeserverTokenResolver (/account/whoami).
-    "HOMESERVER_URL": None,
-    # Seconds a successful whoami answer is cached: a logged-out token works this long.
-    "WHOAMI_CACHE_SECONDS": 15,
-    # Seconds /complete and the upload PUT wait for the post-upload checks to decide.
-    "COMPLETE_WAIT_SECONDS": 20,
-    # False: /complete (MSC3870) answers once what needs only metadata or a ranged read is
-    # decided (the object exists, its size, its sniffed type); the full-object checks
-    # (SHA-256, block list, virus scan) go on after the answer while downloads wait; a
-    # later rejection makes them 404 (the uploader's retried /complete says why). True:
-    # /complete waits for the verdict.
-    "COMPLETE_WAITS_FOR_CHECKS": False,
-    # Download wait for media that is not uploaded yet (ms): default and cap.
-    "DOWNLOAD_TIMEOUT_MS": 20_000,
-    "DOWNLOAD_TIMEOUT_MS_MAX": 60_000,
-    # Unauthenticated (legacy /_matrix/media/v3) downloads wait at most this long (ms).
-    "LEGACY_DOWNLOAD_TIMEOUT_MS_MAX": 10_000,
-    # Media created after this time (a timezone-aware datetime, or an ISO 8601 string with
-    # a time zone) is not served by the unauthenticated /_matrix/media/v3 endpoints: 404
-    # M_NOT_FOUND, as Synapse answers for media stored once authenticated media is on
-    # (MSC3916). None: off. Off by default while other servers reach our media only
-    # through those endpoints (there are no federation media endpoints yet).
-    "LEGACY_MEDIA_FREEZE_AFTER": None,
-    # Requests waiting on media (downloads of pending media, /complete and PUTs waiting
-    # for the checks) per process, per media id, and unauthenticated ones per process.
-    # Past a cap the answer is an immediate 429 M_LIMIT_EXCEEDED, never a queue.
-    "WAIT_MAX_WAITERS": 10_000,
-    "WAIT_MAX_WAITERS_PER_MEDIA": 5_000,
-    "LEGACY_WAIT_MAX_WAITERS": 500,
-    # Requests one requester (a Matrix user, or the address of an unauthenticated client
-    # or of a server whose keys are being fetched) may have waiting per process.
-    "WAIT_MAX_WAITERS_PER_REQUESTER": 200,
-    # Upload bodies being read (msc3870/admission.py), per process and per client address
-    # (an IPv6 client by its /64): past a cap, 429 M_LIMIT_EXCEEDED before a byte is read.
-    # Raise the per-address cap where many clients share one address (carrier NAT).
-    "UPLOAD_BODIES_MAX": 64,
-    "UPLOAD_BODIES_PER_ADDRESS_MAX": 8,
-    # A request body silent for UPLOAD_IDLE_TIMEOUT_SECONDS, or slower on average than
-    # UPLOAD_MIN_BYTES_PER_SECOND once UPLOAD_RATE_GRACE_SECONDS have passed, is dropped
-    # with 408. Low enough for a slow mobile link: GPRS at its worst sends 2 KiB/s, a
-    # radio waking up or a handover stalls for seconds, a tunnel for tens of seconds.
-    # 0 bytes/s turns the rate check off (the idle timeout stays).
-    "UPLOAD_MIN_BYTES_PER_SECOND": 1024,
-    "UPLOAD_RATE_GRACE_SECONDS": 30,
-    "UPLOAD_IDLE_TIMEOUT_SECONDS": 60,
-    # Wake-up hub (msc3870/wakeup.py): the batched poll's interval where it is the only
-    # source (SQLite), the safety poll's behind PostgreSQL LISTEN, and whether to LISTEN.
-    "WAKEUP_POLL_SECONDS": 0.05,
-    "WAKEUP_SAFETY_POLL_SECONDS": 2.0,
-    "WAKEUP_LISTEN": True,
-    # Redis URL for wake-ups across processes where the database cannot LISTEN (None: off).
-    "WAKEUP_REDIS_URL": None,
-    # Seconds a resolved access token is trusted per process: a revoked token (or a
-    # logged-out one, with a homeserver) stops working at most this much later.
-    "TOKEN_CACHE_SECONDS": 10,
-    # Post-upload checks, run in order on the bytes that will be served.
-    "CHECKS": [
-        "msc3870.screening.check_size",
-        "msc3870.screening.check_content_type",
-        "msc3870.screening.check_sha256",
-        "msc3870.screening.check_not_blocked",
-        "msc3870.screening.check_user_quota",
-        "msc3870.screening.check_clamav",
-    ],
-    # Which uploads check_sha256 hashes: "needed" (only content other media could share:
-    # the same size and first 8 KiB; deduplication and the block list still find every
-    # twin, since identical bytes share both) or "always".
-    "SHA256_WHEN": "needed",
-    # Bytes of live media a user may hold (None = no quota).
-    "USER_QUOTA_BYTES": None,
-    # clamd to scan uploads with: "tcp://host:3310" or "unix:///run/clamav/clamd.ctl".
-    "CLAMAV_URL": None,
-    "CLAMAV_TIMEOUT_SECONDS": 60,
-    # Thumbnails: largest source (bytes) and image (pixels) that will be decoded.
-    "THUMBNAIL_MAX_SOURCE_BYTES": 20 * MiB,
-    "THUMBNAIL_MAX_PIXELS": 32_000_000,
-    # Memory one render may decode into, from the header before decoding (192 MiB: a 32 Mpx
-    # PNG takes 122 MiB, a 12 Mpx WebP 183 MiB); renders at once per process; seconds a
-    # request waits for its turn before 429 M_LIMIT_EXCEEDED. Peak per process is about
-    # CONCURRENT_RENDERS x (MAX_DECODED_BYTES + MAX_SOURCE_BYTES).
-    "THUMBNAIL_MAX_DECODED_BYTES": 192 * MiB,
-    "THUMBNAIL_CONCURRENT_RENDERS": 2,
-    "THUMBNAIL_RENDER_WAIT_SECONDS": 5.0,
-    # Days tombstones (expired, purged, rejected by checks) are kept; None = forever.
-    "TOMBSTONE_RETENTION_DAYS": 30,
-    # Content types (globs, matched against the type sniffed from the bytes, or the declared
-    # one when the bytes are not recognised) that may be stored, and those refused.
-    "ALLOWED_CONTENT_TYPES": ["*"],
-    "DENIED_CONTENT_TYPES": [],
-    # When the declared type contradicts the bytes: "sniffed" serves the sniffed type,
-    # "reject" refuses the upload, "declared" keeps what the client said.
-    "TYPE_MISMATCH": "sniffed",
-    # Redirect authenticated (v1) downloads to signed storage URLs where the storage can.
-    "REDIRECT_DOWNLOADS": False,
-    # Lifetime in seconds of signed download URLs.
-    "DOWNLOAD_URL_LIFETIME": 300,
-    # Seconds in PROCESSING after which screening is assumed lost and queued again.
-    "STUCK_AFTER_SECONDS": 300,
-    # Separate endpoint for URLs handed to clients (CDN, transfer acceleration); None = same.
-    "S3_PUBLIC_ENDPOINT_URL": None,
-    # Ask S3 for the SHA-256 of the server-side copy (CopyObject ChecksumAlgorithm=SHA256):
-    # where the store returns it (AWS), the bytes are never read back to hash them.
-    "S3_COPY_CHECKSUM": True,
-    # Copies above this many bytes are multipart (parallel UploadPartCopy); S3 copies at
-    # most 5 GiB in one request. Parts of S3_COPY_PART_SIZE, S3_COPY_CONCURRENCY at once.
-    "S3_COPY_PART_THRESHOLD": 5 * 1024 * 1024 * 1024,
-    "S3_COPY_PART_SIZE": 512 * 1024 * 1024,
-    "S3_COPY_CONCURRENCY": 4,
-    # Days after which the bucket's lifecycle rule (ensure_media_bucket) expires objects
-    # under incoming/ (a second line of defence behind the expiry sweeps); None: one day
-    # more than UNUSED_EXPIRATION.
-    "S3_INCOMING_EXPIRATION_DAYS": None,
-    # Federation. This server's Ed25519 signing key file (Synapse's format); made on first
-    # use if missing. None: federation is off until a path is set.
-    "SIGNING_KEY_PATH": None,
-    # valid_until_ts of our /_matrix/key/v2/server answer: how long others may cache it.
-    "SIGNING_KEY_VALIDITY_SECONDS": 24 * 60 * 60,
-    # Notaries asked for other servers' keys before the servers themselves, as Synapse's
-    # trusted_key_servers: [{"server_name": "matrix.org", "verify_keys": {"ed25519:auto":
-    # "<base64>"}}]. Their answers must be signed by one of the listed keys.
-    "TRUSTED_KEY_SERVERS": [],
-    # Outbound requests (keys, remote media) never reach these addresses (CIDRs), unless
-    # FEDERATION_IP_RANGE_ALLOWLIST holds them (as Synapse's ip_range_blacklist/whitelist).
-    # None: the built-in list of private, loopback, link-local, multicast and reserved ranges.
-    "FEDERATION_IP_RANGE_DENYLIST": None,
-    "FEDERATION_IP_RANGE_ALLOWLIST": [],
-    # Verify other servers' TLS certificates (turn off only in tests).
-    "FEDERATION_VERIFY_TLS": True,
-    # Rate of federation media requests (download and thumbnail together) per origin
-    # server, DRF syntax, as a leaky bucket (bursts of N); None = off.
-    "FEDERATION_MEDIA_RATE": "600/min",
-    # Failed X-Matrix authentications per client address, DRF syntax, as a leaky bucket;
-    # past it the address's federation requests are refused (429) before any work.
-    "FEDERATION_AUTH_FAILURE_RATE": "30/min",
-    # Federation requests in flight (waiting included) per client address per process;
-    # past it, an immediate 429 from the event loop, before any thread is involved.
-    "FEDERATION_REQUESTS_PER_ADDRESS": 50,
-    # Fetches of other servers' keys in flight per process (one per origin at most; past
-    # it, a request needing another origin's keys is refused with 401), and the time one
-    # fetch may take in all: discovery, notaries, the origin's own key server.
-    "FEDERATION_KEY_FETCHES": 4,
-    "FEDERATION_KEY_FETCH_TIMEOUT_SECONDS": 20,
-    # Other servers' media, fetched when a client asks for it (needs SIGNING_KEY_PATH): a
-    # failed fetch (unreachable, unknown, too large) is answered from the row this long,
-    # then tried again; one fetch may take this long in all (discovery, redirects, bytes).
-    "FETCH_REMOTE_MEDIA": True,
-    "REMOTE_MEDIA_FAILURE_SECONDS": 60,
-    "REMOTE_MEDIA_TIMEOUT_SECONDS": 120,
-    # Bytes of other servers' media each user may have fetched, as Synapse's
-    # remote_media_download_per_second and _burst_count: a leaky bucket of BURST_COUNT
-    # bytes drained at PER_SECOND. A user whose bucket is full gets 429 before a new fetch
-    # starts; a fetch's bytes are counted once they have arrived. Media already held costs
-    # nothing, nor does waiting for a fetch another user started. PER_SECOND None: off.
-    "REMOTE_MEDIA_DOWNLOAD_PER_SECOND": 87 * 1024,
-    "REMOTE_MEDIA_DOWNLOAD_BURST_COUNT": 500 * MiB,
-    # Fetches of other servers' media in flight across the deployment; a request that
-    # would start one more gets 429 M_LIMIT_EXCEEDED with a retry time, never a queue.
-    "REMOTE_MEDIA_MAX_FETCHES": 64,
-    # Bytes of other servers' media kept; past it the least recently served are deleted
-    # (the next request fetches them again) down to 90 % of it. None: no bound.
-    "REMOTE_MEDIA_CACHE_MAX_BYTES": 10 * 1024 * MiB,
-}
 
 TYPE_MISMATCH_POLICIES = ("sniffed", "reject", "declared")
 SHA256_WHEN_CHOICES = ("needed", "always")
 
 
+def _url(name: str, value: Any) -> str:
+    return str(value).rstrip("/")
+
+
+def _url_or_none(name: str, value: Any) -> str | None:
+    return str(value).rstrip("/") if value else None
+
+
+def _text_or_none(name: str, value: Any) -> str | None:
+    return str(value) if value else None
+
+
+def _whole_seconds(name: str, value: Any) -> int:
+    return int(value)
+
+
+def _cidrs(name: str, value: Any) -> list[str]:
+    return cidr_list(name, value or [])
+
+
+def _cidrs_or_none(name: str, value: Any) -> list[str] | None:
+    return None if value is None else cidr_list(name, value)
+
+
+def _incoming_expiration_days(name: str, value: Any) -> int:
+    if value is None:  # a day more than an unused id can wait, rounded up
+        return -(-app_settings.UNUSED_EXPIRATION // 86400) + 1
+    return max(1, int(value))
+
+
+def _without_trailing_slash(text: str, default: Any) -> str:
+    return text.rstrip("/")
+
+
 class MSC3870Settings:
     """Typed view of ``settings.MSC3870``, read on every access."""
 
-    def _get(self, name: str) -> Any:
-        user = getattr(settings, "MSC3870", {}) or {}
-        if not isinstance(user, dict):
-            raise ImproperlyConfigured("MSC3870 must be a dict.")
-        return user.get(name, DEFAULTS[name])
-
-    def _import(self, name: str) -> Any:
-        path = self._get(name)
-        try:
-            return import_string(path)
-        except ImportError as exc:
-            raise ImproperlyConfigured(
-                f"MSC3870[{name!r}] = {path!r} could not be imported: {exc}"
-            ) from exc
-
-    @property
-    def SERVER_NAME(self) -> str:
-        return str(self._get("SERVER_NAME"))
-
-    @property
-    def PUBLIC_BASEURL(self) -> str:
-        return str(self._get("PUBLIC_BASEURL")).rstrip("/")
-
-    @property
-    def MAX_UPLOAD_SIZE(self) -> int:
-        return int(self._get("MAX_UPLOAD_SIZE"))
-
-    @property
-    def UNUSED_EXPIRATION(self) -> int:
-        return int(self._get("UNUSED_EXPIRATION"))
-
-    @property
-    def MAX_PENDING_UPLOADS(self) -> int:
-        return int(self._get("MAX_PENDING_UPLOADS"))
-
-    @property
-    def CREATE_RATE(self) -> str | None:
-        return self._get("CREATE_RATE")
-
-    @property
-    def STORAGE_ALIAS(self) -> str:
-        return str(self._get("STORAGE_ALIAS"))
-
-    @property
-    def STORE(self) -> Any:
-        return self._import("STORE") if self._get("STORE") else None
-
-    @property
-    def TOKEN_RESOLVER(self) -> Callable[..., Any]:
-        return self._import("TOKEN_RESOLVER")
-
-    @property
-    def HOMESERVER_URL(self) -> str | None:
-        url = self._get("HOMESERVER_URL")
-        return url.rstrip("/") if url else None
-
-    @property
-    def WHOAMI_CACHE_SECONDS(self) -> int:
-        return int(self._get("WHOAMI_CACHE_SECONDS"))
-
-    @property
-    def COMPLETE_WAIT_SECONDS(self) -> float:
-        return float(self._get("COMPLETE_WAIT_SECONDS"))
-
-    @property
-    def DOWNLOAD_TIMEOUT_MS(self) -> int:
-        return int(self._get("DOWNLOAD_TIMEOUT_MS"))
-
-    @property
-    def DOWNLOAD_TIMEOUT_MS_MAX(self) -> int:
-        return int(self._get("DOWNLOAD_TIMEOUT_MS_MAX"))
-
-    @property
-    def LEGACY_DOWNLOAD_TIMEOUT_MS_MAX(self) -> int:
-        return int(self._get("LEGACY_DOWNLOAD_TIMEOUT_MS_MAX"))
-
-    @property
-    def WAIT_MAX_WAITERS(self) -> int:
-        return int(self._get("WAIT_MAX_WAITERS"))
-
-    @property
-    def WAIT_MAX_WAITERS_PER_MEDIA(self) -> int:
-        return int(self._get("WAIT_MAX_WAITERS_PER_MEDIA"))
-
-    @property
-    def LEGACY_WAIT_MAX_WAITERS(self) -> int:
-        return int(self._get("LEGACY_WAIT_MAX_WAITERS"))
-
-    @property
-    def WAIT_MAX_WAITERS_PER_REQUESTER(self) -> int:
-        return int(self._get("WAIT_MAX_WAITERS_PER_REQUESTER"))
-
-    @property
-    def UPLOAD_BODIES_MAX(self) -> int:
-        return int(self._get("UPLOAD_BODIES_MAX"))
-
-    @property
-    def UPLOAD_BODIES_PER_ADDRESS_MAX(self) -> int:
-        return int(self._get("UPLOAD_BODIES_PER_ADDRESS_MAX"))
-
-    @property
-    def UPLOAD_MIN_BYTES_PER_SECOND(self) -> float:
-        return float(self._get("UPLOAD_MIN_BYTES_PER_SECOND"))
-
-    @property
-    def UPLOAD_RATE_GRACE_SECONDS(self) -> float:
-        return float(self._get("UPLOAD_RATE_GRACE_SECONDS"))
-
-    @property
-    def UPLOAD_IDLE_TIMEOUT_SECONDS(self) -> float:
-        return float(self._get("UPLOAD_IDLE_TIMEOUT_SECONDS"))
-
-    @property
-    def WAKEUP_POLL_SECONDS(self) -> float:
-        return float(self._get("WAKEUP_POLL_SECONDS"))
-
-    @property
-    def WAKEUP_SAFETY_POLL_SECONDS(self) -> float:
-        return float(self._get("WAKEUP_SAFETY_POLL_SECONDS"))
-
-    @property
-    def WAKEUP_LISTEN(self) -> bool:
-        return bool(self._get("WAKEUP_LISTEN"))
-
-    @property
-    def WAKEUP_REDIS_URL(self) -> str | None:
-        return self._get("WAKEUP_REDIS_URL") or None
-
-    @property
-    def TOKEN_CACHE_SECONDS(self) -> float:
-        return float(self._get("TOKEN_CACHE_SECONDS"))
-
-    @property
-    def CHECKS(self) -> list[Callable[..., Any]]:
-        checks = []
-        for path in _str_list("CHECKS", self._get("CHECKS")):
-            try:
-                checks.append(import_string(path))
-            except ImportError as exc:
-                raise ImproperlyConfigured(
-                    f"MSC3870['CHECKS'] entry {path!r} could not be imported: {exc}"
-                ) from exc
-        return checks
-
-    @property
-    def ALLOWED_CONTENT_TYPES(self) -> list[str]:
-        return _str_list("ALLOWED_CONTENT_TYPES", self._get("ALLOWED_CONTENT_TYPES"))
-
-    @property
-    def DENIED_CONTENT_TYPES(self) -> list[str]:
-        return _str_list("DENIED_CONTENT_TYPES", self._get("DENIED_CONTENT_TYPES"))
-
-    @property
-    def LEGACY_MEDIA_FREEZE_AFTER(self) -> datetime | None:
-        return parse_freeze_time(self._get("LEGACY_MEDIA_FREEZE_AFTER"))
-
-    @property
-    def TYPE_MISMATCH(self) -> str:
-        return str(self._get("TYPE_MISMATCH"))
-
-    @property
-    def SHA256_WHEN(self) -> str:
-        return str(self._get("SHA256_WHEN"))
-
-    @property
-    def REDIRECT_DOWNLOADS(self) -> bool:
-        return bool(self._get("REDIRECT_DOWNLOADS"))
-
-    @property
-    def DOWNLOAD_URL_LIFETIME(self) -> int:
-        return int(self._get("DOWNLOAD_URL_LIFETIME"))
-
-    @property
-    def USER_QUOTA_BYTES(self) -> int | None:
-        value = self._get("USER_QUOTA_BYTES")
-        return None if value is None else int(value)
-
-    @property
-    def CLAMAV_URL(self) -> str | None:
-        return self._get("CLAMAV_URL") or None
-
-    @property
-    def CLAMAV_TIMEOUT_SECONDS(self) -> float:
-        return float(self._get("CLAMAV_TIMEOUT_SECONDS"))
-
-    @property
-    def THUMBNAIL_MAX_SOURCE_BYTES(self) -> int:
-        return int(self._get("THUMBNAIL_MAX_SOURCE_BYTES"))
-
-    @property
-    def THUMBNAIL_MAX_PIXELS(self) -> int:
-        return int(self._get("THUMBNAIL_MAX_PIXELS"))
-
-    @property
-    def THUMBNAIL_MAX_DECODED_BYTES(self) -> int:
-        return int(self._get("THUMBNAIL_MAX_DECODED_BYTES"))
-
-    @property
-    def THUMBNAIL_CONCURRENT_RENDERS(self) -> int:
-        return max(1, int(self._get("THUMBNAIL_CONCURRENT_RENDERS")))
-
-    @property
-    def THUMBNAIL_RENDER_WAIT_SECONDS(self) -> float:
-        return max(0.0, float(self._get("THUMBNAIL_RENDER_WAIT_SECONDS")))
-
-    @property
-    def TOMBSTONE_RETENTION_DAYS(self) -> int | None:
-        value = self._get("TOMBSTONE_RETENTION_DAYS")
-        return None if value is None else int(value)
-
-    @property
-    def STUCK_AFTER_SECONDS(self) -> int:
-        return int(self._get("STUCK_AFTER_SECONDS"))
-
-    @property
-    def S3_PUBLIC_ENDPOINT_URL(self) -> str | None:
-        return self._get("S3_PUBLIC_ENDPOINT_URL")
-
-    @property
-    def COMPLETE_WAITS_FOR_CHECKS(self) -> bool:
-        return bool(self._get("COMPLETE_WAITS_FOR_CHECKS"))
-
-    @property
-    def S3_COPY_CHECKSUM(self) -> bool:
-        return bool(self._get("S3_COPY_CHECKSUM"))
-
-    @property
-    def S3_COPY_PART_THRESHOLD(self) -> int:
-        return int(self._get("S3_COPY_PART_THRESHOLD"))
-
-    @property
-    def S3_COPY_PART_SIZE(self) -> int:
-        return int(self._get("S3_COPY_PART_SIZE"))
-
-    @property
-    def S3_COPY_CONCURRENCY(self) -> int:
-        return max(1, int(self._get("S3_COPY_CONCURRENCY")))
-
-    @property
-    def S3_INCOMING_EXPIRATION_DAYS(self) -> int:
-        days = self._get("S3_INCOMING_EXPIRATION_DAYS")
-        if days is None:
-            return -(-int(self._get("UNUSED_EXPIRATION")) // 86400) + 1
-        return max(1, int(days))
-
-    @property
-    def SIGNING_KEY_PATH(self) -> str | None:
-        path = self._get("SIGNING_KEY_PATH")
-        return str(path) if path else None
-
-    @property
-    def SIGNING_KEY_VALIDITY_SECONDS(self) -> int:
-        return int(self._get("SIGNING_KEY_VALIDITY_SECONDS"))
-
-    @property
-    def TRUSTED_KEY_SERVERS(self) -> list[dict[str, Any]]:
-        servers = self._get("TRUSTED_KEY_SERVERS") or []
-        if not isinstance(servers, list | tuple) or not all(
-            isinstance(s, dict)
-            and isinstance(s.get("server_name"), str)
-            and isinstance(s.get("verify_keys"), dict)
-            and s["verify_keys"]
-            for s in servers
-        ):
-            raise ImproperlyConfigured(
-                "MSC3870['TRUSTED_KEY_SERVERS'] must be a list of "
-                '{"server_name": str, "verify_keys": {key_id: base64 key}}.'
-            )
-        return list(servers)
-
-    @property
-    def FEDERATION_IP_RANGE_DENYLIST(self) -> list[str] | None:
-        ranges = self._get("FEDERATION_IP_RANGE_DENYLIST")
-        return None if ranges is None else _cidr_list("FEDERATION_IP_RANGE_DENYLIST", ranges)
-
-    @property
-    def FEDERATION_IP_RANGE_ALLOWLIST(self) -> list[str]:
-        ranges = self._get("FEDERATION_IP_RANGE_ALLOWLIST") or []
-        return _cidr_list("FEDERATION_IP_RANGE_ALLOWLIST", ranges)
-
-    @property
-    def FEDERATION_VERIFY_TLS(self) -> bool:
-        return bool(self._get("FEDERATION_VERIFY_TLS"))
-
-    @property
-    def FEDERATION_MEDIA_RATE(self) -> str | None:
-        return self._get("FEDERATION_MEDIA_RATE")
-
-    @property
-    def FEDERATION_AUTH_FAILURE_RATE(self) -> str | None:
-        return self._get("FEDERATION_AUTH_FAILURE_RATE")
-
-    @property
-    def FEDERATION_REQUESTS_PER_ADDRESS(self) -> int:
-        return int(self._get("FEDERATION_REQUESTS_PER_ADDRESS"))
-
-    @property
-    def FEDERATION_KEY_FETCHES(self) -> int:
-        return max(1, int(self._get("FEDERATION_KEY_FETCHES")))
-
-    @property
-    def FEDERATION_KEY_FETCH_TIMEOUT_SECONDS(self) -> float:
-        return max(1.0, float(self._get("FEDERATION_KEY_FETCH_TIMEOUT_SECONDS")))
-
-    @property
-    def FETCH_REMOTE_MEDIA(self) -> bool:
-        return bool(self._get("FETCH_REMOTE_MEDIA"))
-
-    @property
-    def REMOTE_MEDIA_FAILURE_SECONDS(self) -> int:
-        return max(0, int(self._get("REMOTE_MEDIA_FAILURE_SECONDS")))
-
-    @property
-    def REMOTE_MEDIA_TIMEOUT_SECONDS(self) -> float:
-        return max(1.0, float(self._get("REMOTE_MEDIA_TIMEOUT_SECONDS")))
-
-    @property
-    def REMOTE_MEDIA_DOWNLOAD_PER_SECOND(self) -> int | None:
-        value = self._get("REMOTE_MEDIA_DOWNLOAD_PER_SECOND")
-        return None if value is None else max(1, int(value))
-
-    @property
-    def REMOTE_MEDIA_DOWNLOAD_BURST_COUNT(self) -> int:
-        return max(1, int(self._get("REMOTE_MEDIA_DOWNLOAD_BURST_COUNT")))
-
-    @property
-    def REMOTE_MEDIA_MAX_FETCHES(self) -> int:
-        return max(1, int(self._get("REMOTE_MEDIA_MAX_FETCHES")))
-
-    @property
-    def REMOTE_MEDIA_CACHE_MAX_BYTES(self) -> int | None:
-        value = self._get("REMOTE_MEDIA_CACHE_MAX_BYTES")
-        return None if value is None else max(0, int(value))
-
-
-def _str_list(name: str, value: Any) -> list[str]:
-    """A list of strings. A bare string would be read as a list of its characters (an
-    allowlist of "image/*" allowing everything matching "*"): refused, so screening fails
-    (and is retried) rather than passing on a misread policy."""
-    if not isinstance(value, list | tuple) or not all(isinstance(item, str) for item in value):
-        raise ImproperlyConfigured(f"MSC3870[{name!r}] must be a list of strings.")
-    return list(value)
+    # ------------------------------------------------------------- this server
+
+    # The server name in mxc:// ids. Media of other servers is never served from here.
+    SERVER_NAME = Setting(STR, "localhost", env=Env("MATRIX_SERVER_NAME", always=True))
+    # This server's public base URL: absolute upload URLs and Location headers. The
+    # project's default is http://127.0.0.1:$PORT.
+    PUBLIC_BASEURL = Setting(
+        STR,
+        "http://127.0.0.1:8008",
+        read=_url,
+        env=Env("PUBLIC_BASEURL", parse=_without_trailing_slash, always=True),
+    )
+    # Alias in Django's STORAGES of the storage media bytes live in.
+    STORAGE_ALIAS = Setting(STR, "msc3870")
+    # The MediaStore class over that storage (import string); None: the one made for the
+    # storage's class (msc3870.stores.STORE_FOR_STORAGE: local disk, S3).
+    STORE = Setting(IMPORT_STRING, None, null=True)
+
+    # ------------------------------------------------------------ access tokens
+
+    # Callable (import string) turning an access token into a Matrix user id. The project
+    # switches to the homeserver's whoami when MATRIX_HOMESERVER_URL is set.
+    TOKEN_RESOLVER = Setting(
+        IMPORT_STRING,
+        "msc3870.auth.LocalTokenResolver",
+        security=True,
+        env=Env("MATRIX_HOMESERVER_URL", parse=constant("msc3870.auth.HomeserverTokenResolver")),
+    )
+    # Homeserver asked by msc3870.auth.HomeserverTokenResolver (/account/whoami).
+    HOMESERVER_URL = Setting(
+        STR, None, null=True, read=_url_or_none, security=True, env=Env("MATRIX_HOMESERVER_URL")
+    )
+    # Seconds a successful whoami answer is cached: a logged-out token works this long.
+    WHOAMI_CACHE_SECONDS = Setting(
+        NUMBER,
+        15,
+        read=_whole_seconds,
+        security=True,
+        env=Env(parse=integer, always=True, only_with="MATRIX_HOMESERVER_URL"),
+    )
+    # Seconds a resolved access token is trusted per process: a revoked token (or a
+    # logged-out one, with a homeserver) stops working at most this much later.
+    TOKEN_CACHE_SECONDS = Setting(NUMBER, 10, security=True, env=Env())
+
+    # ------------------------------------------------------------------ uploads
+
+    # Largest accepted upload, in bytes.
+    MAX_UPLOAD_SIZE = Setting(
+        INT, 50 * MiB, security=True, must_be="positive", env=Env(always=True)
+    )
+    # Seconds a created media id waits for its upload (MSC2246 recommends 24 h).
+    UNUSED_EXPIRATION = Setting(
+        INT, 24 * 60 * 60, security=True, must_be="positive", env=Env(always=True)
+    )
+    # Media ids a user may hold in the pending state at once.
+    MAX_PENDING_UPLOADS = Setting(
+        INT, 5, security=True, must_be="non-negative", env=Env(always=True)
+    )
+    # Rate of /create per user, DRF syntax ("N/s", "N/min", "N/hour", "N/day"); None = off.
+    CREATE_RATE = Setting(STR, "60/min", null=True, security=True, env=Env(always=True))
+    # Seconds /complete and the upload PUT wait for the post-upload checks to decide.
+    COMPLETE_WAIT_SECONDS = Setting(NUMBER, 20.0, must_be="positive", env=Env(always=True))
+    # False: /complete (MSC3870) answers once what needs only metadata or a ranged read is
+    # decided (the object exists, its size, its sniffed type); the full-object checks
+    # (SHA-256, block list, virus scan) go on after the answer while downloads wait; a
+    # later rejection makes them 404 (the uploader's retried /complete says why). True:
+    # /complete waits for the verdict.
+    COMPLETE_WAITS_FOR_CHECKS = Setting(BOOL, False, env=Env(always=True))
+    # Seconds in PROCESSING after which screening is assumed lost and queued again.
+    STUCK_AFTER_SECONDS = Setting(INT, 300, env=Env(always=True))
+
+    # Upload bodies being read (msc3870/admission.py), per process and per client address
+    # (an IPv6 client by its /64): past a cap, 429 M_LIMIT_EXCEEDED before a byte is read.
+    # Raise the per-address cap where many clients share one address (carrier NAT).
+    UPLOAD_BODIES_MAX = Setting(INT, 64, security=True, must_be="positive", env=Env())
+    UPLOAD_BODIES_PER_ADDRESS_MAX = Setting(INT, 8, security=True, must_be="positive", env=Env())
+    # A request body silent for UPLOAD_IDLE_TIMEOUT_SECONDS, or slower on average than
+    # UPLOAD_MIN_BYTES_PER_SECOND once UPLOAD_RATE_GRACE_SECONDS have passed, is dropped
+    # with 408. Low enough for a slow mobile link: GPRS at its worst sends 2 KiB/s, a
+    # radio waking up or a handover stalls for seconds, a tunnel for tens of seconds.
+    # 0 bytes/s turns the rate check off (the idle timeout stays).
+    UPLOAD_MIN_BYTES_PER_SECOND = Setting(
+        NUMBER, 1024, security=True, must_be="non-negative", env=Env()
+    )
+    UPLOAD_RATE_GRACE_SECONDS = Setting(
+        NUMBER, 30, security=True, must_be="non-negative", env=Env()
+    )
+    UPLOAD_IDLE_TIMEOUT_SECONDS = Setting(NUMBER, 60, security=True, must_be="positive", env=Env())
+
+    # ------------------------------------------------- post-upload checks (screening)
+
+    # Post-upload checks, run in order on the bytes that will be served. The project takes
+    # them comma-separated.
+    CHECKS = Setting(
+        IMPORT_STRING_LIST,
+        [
+            "msc3870.screening.check_size",
+            "msc3870.screening.check_content_type",
+            "msc3870.screening.check_sha256",
+            "msc3870.screening.check_not_blocked",
+            "msc3870.screening.check_user_quota",
+            "msc3870.screening.check_clamav",
+        ],
+        security=True,
+        env=Env(),
+    )
+    # Which uploads check_sha256 hashes: "needed" (only content other media could share:
+    # the same size and first 8 KiB; deduplication and the block list still find every
+    # twin, since identical bytes share both) or "always".
+    SHA256_WHEN = Setting(
+        STR, "needed", security=True, choices=SHA256_WHEN_CHOICES, env=Env(always=True)
+    )
+    # Bytes of live media a user may hold (None = no quota; the project's "0" too).
+    USER_QUOTA_BYTES = Setting(
+        INT, None, null=True, security=True, env=Env(parse=zero_is_none(integer), always=True)
+    )
+    # clamd to scan uploads with: "tcp://host:3310" or "unix:///run/clamav/clamd.ctl".
+    CLAMAV_URL = Setting(
+        STR, None, null=True, read=_text_or_none, security=True, env=Env(always=True)
+    )
+    CLAMAV_TIMEOUT_SECONDS = Setting(NUMBER, 60)
+    # Content types (globs, matched against the type sniffed from the bytes, or the declared
+    # one when the bytes are not recognised) that may be stored, and those refused. The
+    # project takes them comma-separated: never a bare string, which would be read as a
+    # list of its characters (and "*" would allow everything).
+    ALLOWED_CONTENT_TYPES = Setting(STR_LIST, ["*"], security=True, env=Env())
+    DENIED_CONTENT_TYPES = Setting(STR_LIST, [], security=True, env=Env())
+    # When the declared type contradicts the bytes: "sniffed" serves the sniffed type,
+    # "reject" refuses the upload, "declared" keeps what the client said.
+    TYPE_MISMATCH = Setting(STR, "sniffed", security=True, choices=TYPE_MISMATCH_POLICIES)
+
+    # ---------------------------------------------------------------- downloads
+
+    # Download wait for media that is not uploaded yet (ms): default and cap.
+    DOWNLOAD_TIMEOUT_MS = Setting(INT, 20_000, must_be="non-negative")
+    DOWNLOAD_TIMEOUT_MS_MAX = Setting(INT, 60_000, must_be="non-negative")
+    # Unauthenticated (legacy /_matrix/media/v3) downloads wait at most this long (ms).
+    LEGACY_DOWNLOAD_TIMEOUT_MS_MAX = Setting(INT, 10_000, env=Env())
+    # Media created after this time (a timezone-aware datetime, or an ISO 8601 string with
+    # a time zone) is not served by the unauthenticated /_matrix/media/v3 endpoints: 404
+    # M_NOT_FOUND, as Synapse answers for media stored once authenticated media is on
+    # (MSC3916). None: off. Off by default while other servers reach our media only
+    # through those endpoints.
+    LEGACY_MEDIA_FREEZE_AFTER = Setting(DATETIME, None, null=True, security=True, env=Env())
+    # Redirect authenticated (v1) downloads to signed storage URLs where the storage can.
+    REDIRECT_DOWNLOADS = Setting(BOOL, False, env=Env(always=True))
+    # Lifetime in seconds of signed download URLs.
+    DOWNLOAD_URL_LIFETIME = Setting(INT, 300, security=True)
+
+    # Requests waiting on media (downloads of pending media, /complete and PUTs waiting
+    # for the checks) per process, per media id, and unauthenticated ones per process.
+    # Past a cap the answer is an immediate 429 M_LIMIT_EXCEEDED, never a queue.
+    WAIT_MAX_WAITERS = Setting(INT, 10_000, security=True, env=Env())
+    WAIT_MAX_WAITERS_PER_MEDIA = Setting(INT, 5_000, security=True, env=Env())
+    LEGACY_WAIT_MAX_WAITERS = Setting(INT, 500, security=True, env=Env())
+    # Requests one requester (a Matrix user, or the address of an unauthenticated client
+    # or of a server whose keys are being fetched) may have waiting per process.
+    WAIT_MAX_WAITERS_PER_REQUESTER = Setting(INT, 200, security=True, env=Env())
+
+    # Wake-up hub (msc3870/wakeup.py): the batched poll's interval where it is the only
+    # source (SQLite), the safety poll's behind PostgreSQL LISTEN, and whether to LISTEN.
+    WAKEUP_POLL_SECONDS = Setting(NUMBER, 0.05, env=Env())
+    WAKEUP_SAFETY_POLL_SECONDS = Setting(NUMBER, 2.0, env=Env())
+    WAKEUP_LISTEN = Setting(BOOL, True, env=Env())
+    # Redis URL for wake-ups across processes where the database cannot LISTEN (None: off);
+    # the project's shared cache.
+    WAKEUP_REDIS_URL = Setting(
+        STR, None, null=True, read=_text_or_none, env=Env("REDIS_URL", always=True)
+    )
+
+    # --------------------------------------------------------------- thumbnails
+
+    # Largest source (bytes) and image (pixels) that will be decoded.
+    THUMBNAIL_MAX_SOURCE_BYTES = Setting(INT, 20 * MiB, security=True)
+    THUMBNAIL_MAX_PIXELS = Setting(INT, 32_000_000, security=True)
+    # Memory one render may decode into, from the header before decoding (192 MiB: a 32 Mpx
+    # PNG takes 122 MiB, a 12 Mpx WebP 183 MiB); renders at once per process; seconds a
+    # request waits for its turn before 429 M_LIMIT_EXCEEDED. Peak per process is about
+    # CONCURRENT_RENDERS x (MAX_DECODED_BYTES + MAX_SOURCE_BYTES).
+    THUMBNAIL_MAX_DECODED_BYTES = Setting(INT, 192 * MiB, security=True)
+    THUMBNAIL_CONCURRENT_RENDERS = Setting(INT, 2, security=True, floor=1)
+    THUMBNAIL_RENDER_WAIT_SECONDS = Setting(NUMBER, 5.0, floor=0)
+
+    # ---------------------------------------------------------- storage and rows
+
+    # Days tombstones (expired, purged, rejected by checks) are kept; None = forever.
+    TOMBSTONE_RETENTION_DAYS = Setting(INT, 30, null=True)
+    # Separate endpoint for URLs handed to clients (CDN, transfer acceleration); None = same.
+    S3_PUBLIC_ENDPOINT_URL = Setting(STR, None, null=True, env=Env(always=True))
+    # Ask S3 for the SHA-256 of the server-side copy (CopyObject ChecksumAlgorithm=SHA256):
+    # where the store returns it (AWS), the bytes are never read back to hash them.
+    S3_COPY_CHECKSUM = Setting(BOOL, True, env=Env(always=True))
+    # Copies above this many bytes are multipart (parallel UploadPartCopy); S3 copies at
+    # most 5 GiB in one request. Parts of S3_COPY_PART_SIZE, S3_COPY_CONCURRENCY at once.
+    S3_COPY_PART_THRESHOLD = Setting(INT, 5 * 1024 * MiB)
+    S3_COPY_PART_SIZE = Setting(INT, 512 * MiB)
+    S3_COPY_CONCURRENCY = Setting(INT, 4, floor=1)
+    # Days after which the bucket's lifecycle rule (ensure_media_bucket) expires objects
+    # under incoming/ (a second line of defence behind the expiry sweeps); None: one day
+    # more than UNUSED_EXPIRATION.
+    S3_INCOMING_EXPIRATION_DAYS = Setting(INT, None, null=True, read=_incoming_expiration_days)
+
+    # --------------------------------------------------------------- federation
+
+    # This server's Ed25519 signing key file (Synapse's format); made on first use if
+    # missing. None: federation is off until a path is set. The project's default is
+    # signing.key in its data directory.
+    SIGNING_KEY_PATH = Setting(PATH, None, null=True, read=_text_or_none, security=True, env=Env())
+    # valid_until_ts of our /_matrix/key/v2/server answer: how long others may cache it.
+    SIGNING_KEY_VALIDITY_SECONDS = Setting(INT, 24 * 60 * 60, security=True)
+    # Notaries asked for other servers' keys before the servers themselves, as Synapse's
+    # trusted_key_servers: [{"server_name": "matrix.org", "verify_keys": {"ed25519:auto":
+    # "<base64>"}}]. Their answers must be signed by one of the listed keys. The project
+    # takes them as JSON.
+    TRUSTED_KEY_SERVERS = Setting(KEY_SERVERS, [], security=True, env=Env(always=True))
+    # Outbound requests (keys, remote media) never reach these addresses (CIDRs), unless
+    # FEDERATION_IP_RANGE_ALLOWLIST holds them (as Synapse's ip_range_blacklist/whitelist).
+    # None: the built-in list of private, loopback, link-local, multicast and reserved
+    # ranges. The project takes them comma-separated.
+    FEDERATION_IP_RANGE_DENYLIST = Setting(
+        STR_LIST, None, null=True, read=_cidrs_or_none, security=True, env=Env()
+    )
+    FEDERATION_IP_RANGE_ALLOWLIST = Setting(
+        STR_LIST, [], read=_cidrs, security=True, env=Env(always=True)
+    )
+    # Verify other servers' TLS certificates (turn off only in tests).
+    FEDERATION_VERIFY_TLS = Setting(BOOL, True, security=True, env=Env(always=True))
+    # Rate of federation media requests (download and thumbnail together) per origin
+    # server, DRF syntax, as a leaky bucket (bursts of N); None (the project's "0") = off.
+    FEDERATION_MEDIA_RATE = Setting(
+        STR, "600/min", null=True, security=True, env=Env(parse=zero_is_none(text))
+    )
+    # Failed X-Matrix authentications per client address, DRF syntax, as a leaky bucket;
+    # past it the address's federation requests are refused (429) before any work. None
+    # (the project's "0") = off.
+    FEDERATION_AUTH_FAILURE_RATE = Setting(
+        STR, "30/min", null=True, security=True, env=Env(parse=zero_is_none(text))
+    )
+    # Federation requests in flight (waiting included) per client address per process;
+    # past it, an immediate 429 from the event loop, before any thread is involved.
+    FEDERATION_REQUESTS_PER_ADDRESS = Setting(INT, 50, security=True, env=Env())
+    # Fetches of other servers' keys in flight per process (one per origin at most; past
+    # it, a request needing another origin's keys is refused with 401), and the time one
+    # fetch may take in all: discovery, notaries, the origin's own key server.
+    FEDERATION_KEY_FETCHES = Setting(INT, 4, security=True, floor=1, env=Env())
+    FEDERATION_KEY_FETCH_TIMEOUT_SECONDS = Setting(NUMBER, 20, security=True, floor=1, env=Env())
+
+    # ---------------------------------------------------- other servers' media
+
+    # Fetched when a client asks for it (needs SIGNING_KEY_PATH): a failed fetch
+    # (unreachable, unknown, too large) is answered from the row this long, then tried
+    # again; one fetch may take this long in all (discovery, redirects, bytes).
+    FETCH_REMOTE_MEDIA = Setting(BOOL, True, env=Env(always=True))
+    REMOTE_MEDIA_FAILURE_SECONDS = Setting(INT, 60, floor=0, env=Env(always=True))
+    REMOTE_MEDIA_TIMEOUT_SECONDS = Setting(
+        NUMBER, 120, floor=1, env=Env(parse=integer, always=True)
+    )
+    # Bytes of other servers' media each user may have fetched, as Synapse's
+    # remote_media_download_per_second and _burst_count: a leaky bucket of BURST_COUNT
+    # bytes drained at PER_SECOND. A user whose bucket is full gets 429 before a new fetch
+    # starts; a fetch's bytes are counted once they have arrived. Media already held costs
+    # nothing, nor does waiting for a fetch another user started. PER_SECOND None (the
+    # project's "0"): off.
+    REMOTE_MEDIA_DOWNLOAD_PER_SECOND = Setting(
+        INT,
+        87 * 1024,
+        null=True,
+        security=True,
+        floor=1,
+        must_be="positive",
+        env=Env(parse=zero_is_none(integer)),
+    )
+    REMOTE_MEDIA_DOWNLOAD_BURST_COUNT = Setting(
+        INT, 500 * MiB, security=True, floor=1, must_be="positive", env=Env()
+    )
+    # Fetches of other servers' media in flight across the deployment; a request that
+    # would start one more gets 429 M_LIMIT_EXCEEDED with a retry time, never a queue.
+    REMOTE_MEDIA_MAX_FETCHES = Setting(
+        INT, 64, security=True, floor=1, must_be="positive", env=Env()
+    )
+    # Bytes of other servers' media kept; past it the least recently served are deleted
+    # (the next request fetches them again) down to 90 % of it. None (the project's "0"):
+    # no bound.
+    REMOTE_MEDIA_CACHE_MAX_BYTES = Setting(
+        INT,
+        10 * 1024 * MiB,
+        null=True,
+        security=True,
+        floor=0,
+        must_be="non-negative",
+        env=Env(parse=zero_is_none(integer)),
+    )
+
+
+SETTINGS: dict[str, Setting[Any]] = settings_of(MSC3870Settings)
+DEFAULTS: dict[str, Any] = {name: setting.default for name, setting in SETTINGS.items()}
+
+app_settings = MSC3870Settings()
+
+
+def settings_from_environment(
+    environ: Mapping[str, str], defaults: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ``MSC3870`` dict a deployment's environment variables give (each setting's
+    ``Env``): what the deployable project puts in its settings. ``defaults`` are the
+    project's own defaults of some of those settings (then always in the dict)."""
+    return from_environment(SETTINGS.values(), environ, defaults or {})
 
 
 def parse_freeze_time(value: Any) -> datetime | None:
     """``LEGACY_MEDIA_FREEZE_AFTER``: None, an aware datetime or an ISO 8601 string with a
-    time zone. A naive time would be compared in whatever zone the process runs in."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        try:
-            value = datetime.fromisoformat(value)
-        except ValueError:
-            value = None
-    if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
-        raise ImproperlyConfigured(
-            "MSC3870['LEGACY_MEDIA_FREEZE_AFTER'] must be None or a timezone-aware datetime."
-        )
-    return value
-
-
-def _cidr_list(name: str, ranges: Any) -> list[str]:
-    """A list of CIDRs; a bare string would be read as a list of characters."""
-    if isinstance(ranges, str) or not isinstance(ranges, list | tuple):
-        raise ImproperlyConfigured(f"MSC3870[{name!r}] must be a list of CIDR strings.")
-    return [str(r) for r in ranges]
-
-
-app_settings = MSC3870Settings()
+    time zone."""
+    return None if value is None else aware_datetime("LEGACY_MEDIA_FREEZE_AFTER", value)

@@ -98,3 +98,214 @@ def test_remote_media_limits_from_the_environment(monkeypatch: pytest.MonkeyPatc
     )["MSC3870"]
     assert off["REMOTE_MEDIA_DOWNLOAD_PER_SECOND"] is None
     assert off["REMOTE_MEDIA_CACHE_MAX_BYTES"] is None
+
+
+# ------------------------------------------------- the MSC3870 dict from the environment
+
+# Every variable mediarepo/settings.py turns into the app's MSC3870 dict, and the variables
+# of the project that shape it. Each case below pins what one environment gives, so that
+# the way the dict is built can change and its meaning cannot.
+ENVIRONMENT_OF_THE_APP = (
+    "MATRIX_SERVER_NAME",
+    "PUBLIC_BASEURL",
+    "PORT",
+    "REDIS_URL",
+    "MATRIX_HOMESERVER_URL",
+)
+
+
+def msc3870_from(monkeypatch: pytest.MonkeyPatch, data_dir: Path, **env: str) -> dict[str, Any]:
+    """The MSC3870 dict of mediarepo/settings.py, with only ``env`` set of its variables."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("MSC3870_") or name in ENVIRONMENT_OF_THE_APP:
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("MEDIAREPO_DATA_DIR", str(data_dir))
+    return project_settings(monkeypatch, **env)["MSC3870"]
+
+
+def typed(value: Any) -> Any:
+    """``value`` with the type of every scalar in it: 20 and 20.0 differ, so do 1 and True."""
+    if isinstance(value, dict):
+        return {key: typed(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return (type(value).__name__, [typed(item) for item in value])
+    return (type(value).__name__, value)
+
+
+def unset_environment(data_dir: Path) -> dict[str, Any]:
+    return {
+        "SERVER_NAME": "localhost",
+        "PUBLIC_BASEURL": "http://127.0.0.1:8008",
+        "MAX_UPLOAD_SIZE": 50 * 1024 * 1024,
+        "UNUSED_EXPIRATION": 86400,
+        "MAX_PENDING_UPLOADS": 5,
+        "CREATE_RATE": "60/min",
+        "REDIRECT_DOWNLOADS": False,
+        "S3_PUBLIC_ENDPOINT_URL": None,
+        "COMPLETE_WAIT_SECONDS": 20.0,
+        "COMPLETE_WAITS_FOR_CHECKS": False,
+        "S3_COPY_CHECKSUM": True,
+        "STUCK_AFTER_SECONDS": 300,
+        "CLAMAV_URL": None,
+        "SHA256_WHEN": "needed",
+        "USER_QUOTA_BYTES": None,
+        "WAKEUP_REDIS_URL": None,
+        "SIGNING_KEY_PATH": str(data_dir / "signing.key"),
+        "TRUSTED_KEY_SERVERS": [],
+        "FEDERATION_IP_RANGE_ALLOWLIST": [],
+        "FEDERATION_VERIFY_TLS": True,
+        "FETCH_REMOTE_MEDIA": True,
+        "REMOTE_MEDIA_FAILURE_SECONDS": 60,
+        "REMOTE_MEDIA_TIMEOUT_SECONDS": 120,
+    }
+
+
+KEY_SERVERS_JSON = '[{"server_name": "notary.test", "verify_keys": {"ed25519:a": "AAAA"}}]'
+
+# (environment, the keys it changes or adds in the dict)
+ENVIRONMENT_CASES: list[tuple[dict[str, str], dict[str, Any]]] = [
+    ({"MATRIX_SERVER_NAME": "media.test"}, {"SERVER_NAME": "media.test"}),
+    ({"MATRIX_SERVER_NAME": ""}, {}),  # empty is unset, for every variable
+    ({"PUBLIC_BASEURL": "https://media.test/"}, {"PUBLIC_BASEURL": "https://media.test"}),
+    ({"PORT": "9000"}, {"PUBLIC_BASEURL": "http://127.0.0.1:9000"}),
+    ({"MSC3870_MAX_UPLOAD_SIZE": "1000"}, {"MAX_UPLOAD_SIZE": 1000}),
+    ({"MSC3870_MAX_UPLOAD_SIZE": ""}, {}),
+    ({"MSC3870_UNUSED_EXPIRATION": "600"}, {"UNUSED_EXPIRATION": 600}),
+    ({"MSC3870_MAX_PENDING_UPLOADS": "0"}, {"MAX_PENDING_UPLOADS": 0}),
+    ({"MSC3870_CREATE_RATE": "10/s"}, {"CREATE_RATE": "10/s"}),
+    ({"MSC3870_CREATE_RATE": "0"}, {"CREATE_RATE": "0"}),  # not "off": E010 reports it
+    ({"MSC3870_REDIRECT_DOWNLOADS": "1"}, {"REDIRECT_DOWNLOADS": True}),
+    ({"MSC3870_REDIRECT_DOWNLOADS": "yes"}, {}),  # only "1" turns it on
+    (
+        {"MSC3870_S3_PUBLIC_ENDPOINT_URL": "https://cdn.test"},
+        {"S3_PUBLIC_ENDPOINT_URL": "https://cdn.test"},
+    ),
+    ({"MSC3870_COMPLETE_WAIT_SECONDS": "2.5"}, {"COMPLETE_WAIT_SECONDS": 2.5}),
+    ({"MSC3870_COMPLETE_WAIT_SECONDS": "3"}, {"COMPLETE_WAIT_SECONDS": 3.0}),
+    ({"MSC3870_COMPLETE_WAITS_FOR_CHECKS": "1"}, {"COMPLETE_WAITS_FOR_CHECKS": True}),
+    ({"MSC3870_S3_COPY_CHECKSUM": "0"}, {"S3_COPY_CHECKSUM": False}),
+    ({"MSC3870_S3_COPY_CHECKSUM": "no"}, {}),  # only "0" turns it off
+    ({"MSC3870_STUCK_AFTER_SECONDS": "60"}, {"STUCK_AFTER_SECONDS": 60}),
+    ({"MSC3870_CLAMAV_URL": "tcp://127.0.0.1:3310"}, {"CLAMAV_URL": "tcp://127.0.0.1:3310"}),
+    ({"MSC3870_SHA256_WHEN": "always"}, {"SHA256_WHEN": "always"}),
+    ({"MSC3870_USER_QUOTA_BYTES": "1000"}, {"USER_QUOTA_BYTES": 1000}),
+    ({"MSC3870_USER_QUOTA_BYTES": "0"}, {}),  # 0: no quota
+    ({"MSC3870_WAIT_MAX_WAITERS": "7"}, {"WAIT_MAX_WAITERS": 7}),
+    ({"MSC3870_WAIT_MAX_WAITERS_PER_MEDIA": "6"}, {"WAIT_MAX_WAITERS_PER_MEDIA": 6}),
+    ({"MSC3870_LEGACY_WAIT_MAX_WAITERS": "5"}, {"LEGACY_WAIT_MAX_WAITERS": 5}),
+    ({"MSC3870_WAIT_MAX_WAITERS_PER_REQUESTER": "0"}, {"WAIT_MAX_WAITERS_PER_REQUESTER": 0}),
+    ({"MSC3870_LEGACY_DOWNLOAD_TIMEOUT_MS_MAX": "900"}, {"LEGACY_DOWNLOAD_TIMEOUT_MS_MAX": 900}),
+    ({"MSC3870_WAKEUP_POLL_SECONDS": "0.5"}, {"WAKEUP_POLL_SECONDS": 0.5}),
+    ({"MSC3870_WAKEUP_SAFETY_POLL_SECONDS": "4"}, {"WAKEUP_SAFETY_POLL_SECONDS": 4.0}),
+    ({"MSC3870_TOKEN_CACHE_SECONDS": "0"}, {"TOKEN_CACHE_SECONDS": 0.0}),
+    ({"MSC3870_UPLOAD_BODIES_MAX": "3"}, {"UPLOAD_BODIES_MAX": 3}),
+    ({"MSC3870_UPLOAD_BODIES_PER_ADDRESS_MAX": "2"}, {"UPLOAD_BODIES_PER_ADDRESS_MAX": 2}),
+    ({"MSC3870_UPLOAD_MIN_BYTES_PER_SECOND": "0"}, {"UPLOAD_MIN_BYTES_PER_SECOND": 0.0}),
+    ({"MSC3870_UPLOAD_RATE_GRACE_SECONDS": "1.5"}, {"UPLOAD_RATE_GRACE_SECONDS": 1.5}),
+    ({"MSC3870_UPLOAD_IDLE_TIMEOUT_SECONDS": "9"}, {"UPLOAD_IDLE_TIMEOUT_SECONDS": 9.0}),
+    ({"REDIS_URL": "redis://127.0.0.1:6379/3"}, {"WAKEUP_REDIS_URL": "redis://127.0.0.1:6379/3"}),
+    ({"MSC3870_WAKEUP_LISTEN": "0"}, {"WAKEUP_LISTEN": False}),
+    ({"MSC3870_WAKEUP_LISTEN": "yes"}, {"WAKEUP_LISTEN": True}),  # only "0" turns it off
+    ({"MSC3870_CHECKS": " a.b , c.d,"}, {"CHECKS": ["a.b", "c.d"]}),
+    (
+        {"MSC3870_ALLOWED_CONTENT_TYPES": "image/*, video/*"},
+        {"ALLOWED_CONTENT_TYPES": ["image/*", "video/*"]},
+    ),
+    ({"MSC3870_ALLOWED_CONTENT_TYPES": ","}, {"ALLOWED_CONTENT_TYPES": []}),
+    ({"MSC3870_DENIED_CONTENT_TYPES": "text/html"}, {"DENIED_CONTENT_TYPES": ["text/html"]}),
+    (
+        {"MSC3870_LEGACY_MEDIA_FREEZE_AFTER": "2025-07-01T00:00:00Z"},
+        {"LEGACY_MEDIA_FREEZE_AFTER": "2025-07-01T00:00:00Z"},
+    ),
+    ({"MSC3870_SIGNING_KEY_PATH": "/keys/signing.key"}, {"SIGNING_KEY_PATH": "/keys/signing.key"}),
+    (
+        {"MSC3870_TRUSTED_KEY_SERVERS": KEY_SERVERS_JSON},
+        {
+            "TRUSTED_KEY_SERVERS": [
+                {"server_name": "notary.test", "verify_keys": {"ed25519:a": "AAAA"}}
+            ]
+        },
+    ),
+    (
+        {"MSC3870_FEDERATION_IP_RANGE_DENYLIST": "10.0.0.0/8, ::1/128"},
+        {"FEDERATION_IP_RANGE_DENYLIST": ["10.0.0.0/8", "::1/128"]},
+    ),
+    (
+        {"MSC3870_FEDERATION_IP_RANGE_ALLOWLIST": "127.0.0.1/32"},
+        {"FEDERATION_IP_RANGE_ALLOWLIST": ["127.0.0.1/32"]},
+    ),
+    ({"MSC3870_FEDERATION_VERIFY_TLS": "0"}, {"FEDERATION_VERIFY_TLS": False}),
+    ({"MSC3870_FEDERATION_VERIFY_TLS": "false"}, {}),  # only "0" turns it off
+    ({"MSC3870_FEDERATION_MEDIA_RATE": "10/s"}, {"FEDERATION_MEDIA_RATE": "10/s"}),
+    ({"MSC3870_FEDERATION_MEDIA_RATE": "0"}, {"FEDERATION_MEDIA_RATE": None}),
+    ({"MSC3870_FEDERATION_REQUESTS_PER_ADDRESS": "9"}, {"FEDERATION_REQUESTS_PER_ADDRESS": 9}),
+    ({"MSC3870_FEDERATION_KEY_FETCHES": "2"}, {"FEDERATION_KEY_FETCHES": 2}),
+    (
+        {"MSC3870_FEDERATION_KEY_FETCH_TIMEOUT_SECONDS": "2.5"},
+        {"FEDERATION_KEY_FETCH_TIMEOUT_SECONDS": 2.5},
+    ),
+    ({"MSC3870_FEDERATION_AUTH_FAILURE_RATE": "5/min"}, {"FEDERATION_AUTH_FAILURE_RATE": "5/min"}),
+    ({"MSC3870_FEDERATION_AUTH_FAILURE_RATE": "0"}, {"FEDERATION_AUTH_FAILURE_RATE": None}),
+    ({"MSC3870_FETCH_REMOTE_MEDIA": "0"}, {"FETCH_REMOTE_MEDIA": False}),
+    ({"MSC3870_REMOTE_MEDIA_FAILURE_SECONDS": "5"}, {"REMOTE_MEDIA_FAILURE_SECONDS": 5}),
+    ({"MSC3870_REMOTE_MEDIA_TIMEOUT_SECONDS": "30"}, {"REMOTE_MEDIA_TIMEOUT_SECONDS": 30}),
+    (
+        {"MSC3870_REMOTE_MEDIA_DOWNLOAD_PER_SECOND": "1000"},
+        {"REMOTE_MEDIA_DOWNLOAD_PER_SECOND": 1000},
+    ),
+    ({"MSC3870_REMOTE_MEDIA_DOWNLOAD_PER_SECOND": "0"}, {"REMOTE_MEDIA_DOWNLOAD_PER_SECOND": None}),
+    (
+        {"MSC3870_REMOTE_MEDIA_DOWNLOAD_BURST_COUNT": "5000"},
+        {"REMOTE_MEDIA_DOWNLOAD_BURST_COUNT": 5000},
+    ),
+    ({"MSC3870_REMOTE_MEDIA_MAX_FETCHES": "8"}, {"REMOTE_MEDIA_MAX_FETCHES": 8}),
+    ({"MSC3870_REMOTE_MEDIA_CACHE_MAX_BYTES": "4096"}, {"REMOTE_MEDIA_CACHE_MAX_BYTES": 4096}),
+    ({"MSC3870_REMOTE_MEDIA_CACHE_MAX_BYTES": "0"}, {"REMOTE_MEDIA_CACHE_MAX_BYTES": None}),
+    (
+        {"MATRIX_HOMESERVER_URL": "https://hs.test/"},
+        {
+            "HOMESERVER_URL": "https://hs.test/",
+            "TOKEN_RESOLVER": "msc3870.auth.HomeserverTokenResolver",
+            "WHOAMI_CACHE_SECONDS": 15,
+        },
+    ),
+    (
+        {"MATRIX_HOMESERVER_URL": "https://hs.test", "MSC3870_WHOAMI_CACHE_SECONDS": "30"},
+        {
+            "HOMESERVER_URL": "https://hs.test",
+            "TOKEN_RESOLVER": "msc3870.auth.HomeserverTokenResolver",
+            "WHOAMI_CACHE_SECONDS": 30,
+        },
+    ),
+    ({"MSC3870_WHOAMI_CACHE_SECONDS": "30"}, {}),  # read only beside a homeserver
+]
+
+
+@pytest.mark.parametrize(
+    ("env", "changes"),
+    ENVIRONMENT_CASES,
+    ids=[",".join(f"{k}={v}" for k, v in env.items()) for env, _ in ENVIRONMENT_CASES],
+)
+def test_the_msc3870_dict_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env: dict[str, str], changes: dict[str, Any]
+) -> None:
+    """What each variable has always meant: its name, default, parsing, and whether the key
+    is in the dict at all when the variable is unset (then the app's default applies)."""
+    expected = {**unset_environment(tmp_path), **changes}
+    assert typed(msc3870_from(monkeypatch, tmp_path, **env)) == typed(expected)
+
+
+def test_the_msc3870_dict_with_nothing_set(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert typed(msc3870_from(monkeypatch, tmp_path)) == typed(unset_environment(tmp_path))
+
+
+def test_a_variable_that_does_not_parse_names_itself(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Not a bare ValueError from somewhere in the settings module."""
+    from django.core.exceptions import ImproperlyConfigured
+
+    with pytest.raises(ImproperlyConfigured, match="MSC3870_UPLOAD_BODIES_MAX='lots'"):
+        msc3870_from(monkeypatch, tmp_path, MSC3870_UPLOAD_BODIES_MAX="lots")
