@@ -25,6 +25,7 @@ TYPED_DEFAULTS: dict[str, Any] = {
     "SERVER_NAME": "localhost",
     "PUBLIC_BASEURL": "http://127.0.0.1:8008",
     "STORAGE_ALIAS": "msc3870",
+    "STORE": None,
     "TOKEN_RESOLVER": LocalTokenResolver,
     "HOMESERVER_URL": None,
     "WHOAMI_CACHE_SECONDS": 15,
