@@ -460,6 +460,24 @@ def schedule_object_deletion(pk: int) -> None:
     transaction.on_commit(send)
 
 
+def schedule_objects_deletion(pks: list[int]) -> None:
+    """Batch form of ``schedule_object_deletion``: one task for a batch of dead media
+    (bulk moderation), once this transaction commits."""
+    if not pks:
+        return
+    from .tasks import delete_objects_many_task
+
+    batch = list(pks)
+
+    def send() -> None:
+        try:
+            delete_objects_many_task.delay(batch)
+        except Exception as exc:
+            log.warning("Could not queue deletion of %s media: %s", len(batch), exc)
+
+    transaction.on_commit(send)
+
+
 def record_failure(pk: int, exc: BaseException) -> None:
     """Background work failed (retryable): keep the reason on the row, not only in logs."""
     Media.objects.filter(pk=pk).update(last_error=f"{type(exc).__name__}: {exc}"[:1000])
