@@ -104,18 +104,14 @@ def _moderate_each(
     # rely on the changelist having hidden it.
     if not request.user.has_perm(MODERATE_PERMISSION):
         raise PermissionDenied
-    # One transition per row, so each row's record and side effects are written (a bulk
-    # update() would skip them).
-    # The selection is fixed first: on a filtered list the rows acted on leave the filter,
-    # and SQLite gives no isolation between a cursor and updates of the rows it reads.
-    selected = list(queryset.values_list("pk", flat=True))
-    done = 0
-    for start in range(0, len(selected), ACTION_BATCH_SIZE):
-        batch = Media.objects.filter(pk__in=selected[start : start + ACTION_BATCH_SIZE])
-        done += sum(
-            1 for media in batch if operation.perform(media, by=request.user, reason=reason)
-        )
-    skipped = len(selected) - done
+    # One transition and one record per row (a bulk update() would skip them), a batch
+    # of rows at a time, read by primary key: rows leaving a filtered list as they are
+    # acted on are neither skipped nor repeated, and no list of the whole selection is
+    # held.
+    result = moderation.moderate_many(
+        queryset, operation.kind, by=request.user, reason=reason, batch_size=ACTION_BATCH_SIZE
+    )
+    done, skipped = result.done, result.skipped
     modeladmin.message_user(request, f"{operation.verb} {done} media.", messages.SUCCESS)
     if skipped:
         modeladmin.message_user(

@@ -26,6 +26,13 @@ def schedule_object_deletion(pk: int) -> None:
     queue.send("msc3870.delete_objects", pk)
 
 
+def schedule_objects_deletion(pks: list[int]) -> None:
+    """Batch form of ``schedule_object_deletion``: one task for a batch of dead media
+    (bulk moderation), once this transaction commits."""
+    if pks:
+        queue.send("msc3870.delete_objects_many", list(pks))
+
+
 def delete_objects(pk: int) -> bool:
     """Delete the storage objects of media that will never be served again. Idempotent."""
     return delete_objects_of([pk]) == 1

@@ -151,15 +151,20 @@ def transition_many(
     to_state: str,
     *,
     extra_where: Q | None = None,
+    stamp: datetime | None = None,
+    send_signal: bool = True,
     **fields: Any,
 ) -> list[int]:
-    """Bulk form of ``transition`` for sweeps: returns the primary keys this call moved.
+    """Bulk form of ``transition`` for sweeps and bulk moderation: returns the primary
+    keys this call moved.
 
     The rows moved are told apart from those a concurrent sweep moved by the exact
-    ``state_changed_at`` this call wrote.
+    ``state_changed_at`` this call wrote (``stamp``, now if not given: a caller recording
+    the transitions passes its own). ``send_signal=False``: the caller, inside a
+    transaction, sends the state's signal once it commits.
     """
     sources = check_transition(from_states, to_state)
-    stamp = timezone.now()
+    stamp = stamp or timezone.now()
     query = Media.objects.filter(pk__in=pks, state__in=sources)
     if extra_where is not None:
         query = query.filter(extra_where)
@@ -171,7 +176,8 @@ def transition_many(
         )
     )
     transaction.on_commit(lambda: wakeup.announce_many(moved, to_state))
-    send_state_signal(to_state, moved)
+    if send_signal:
+        send_state_signal(to_state, moved)
     return moved
 
 

@@ -299,6 +299,15 @@ def evict_remote_media(
     return result
 
 
+def delete_evicted(pks: list[int]) -> SweepResult:
+    """Finish the eviction of remote media moved to DELETED with no moderator on the row
+    (``evict_remote_media``, ``moderation.purge_remote_cache_before``): delete their
+    objects, then their rows. Raises ``StorageUnavailable``; the sweep finishes them."""
+    result = SweepResult(moved=len(pks))
+    _finish_evictions(result, batch_size=len(pks), pks=pks)
+    return result
+
+
 def _finish_evictions(
     result: SweepResult, *, batch_size: int, pks: list[int] | None = None
 ) -> None:

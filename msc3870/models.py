@@ -126,8 +126,13 @@ class Media(models.Model):
     last_accessed_at = models.DateTimeField(
         null=True,
         blank=True,
-        help_text="Another server's media: when it was last served (to the hour), for "
-        "evicting the least recently used from the cache.",
+        help_text="When it was last served (to the hour; empty: never): the remote cache "
+        "evicts the least recently served, and deletion by date spares what is still read.",
+    )
+    protected = models.BooleanField(
+        default=False,
+        help_text="Safe from quarantine by user or by content and from deletion by date "
+        "(Synapse's safe_from_quarantine); a moderator can still act on it by itself.",
     )
 
     objects = MediaQuerySet.as_manager()
@@ -255,6 +260,11 @@ class ModerationAction(models.TextChoices):
     APPROVE = "approve", "Approve"
     REJECT = "reject", "Reject"
     PURGE = "purge", "Purge"
+    # No state change: the record says the state the media was in.
+    PROTECT = "protect", "Protect"
+    UNPROTECT = "unprotect", "Unprotect"
+    # The checks run again: a pass keeps the state, a refusal quarantines.
+    RESCREEN = "rescreen", "Re-screen"
 
 
 class AppendOnlyError(RuntimeError):
@@ -328,3 +338,56 @@ class ModerationRecord(models.Model):
 
     def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
         raise AppendOnlyError("Moderation records are append-only: they cannot be deleted")
+
+
+class BlockedHashQuerySet(models.QuerySet["BlockedHash"]):
+    def active(self) -> BlockedHashQuerySet:
+        return self.filter(unblocked_at__isnull=True)
+
+
+class BlockedHash(models.Model):
+    """Content a moderator blocked by its SHA-256: uploads and fetches of it are refused
+    (``check_not_blocked``) whether or not any media with it is still stored.
+
+    A block is lifted by setting ``unblocked_*``, never by deleting the row: the rows are
+    the history of blocks. At most one active block per hash (partial unique constraint).
+    ``size`` and ``prefix_sha256`` are those of the blocked bytes where known: with
+    ``SHA256_WHEN = "needed"`` an upload is hashed only if it may share its bytes with
+    something, and these make a blocked hash such a thing.
+    """
+
+    sha256 = models.CharField(max_length=64)
+    size = models.BigIntegerField(null=True, blank=True)
+    prefix_sha256 = models.CharField(max_length=64, blank=True)
+    reason = models.TextField(blank=True)
+    actor = models.CharField(max_length=255, help_text="Who blocked it.")
+    blocked_at = models.DateTimeField(default=timezone.now)
+    unblocked_at = models.DateTimeField(null=True, blank=True)
+    unblocked_by = models.CharField(max_length=255, blank=True)
+    unblock_reason = models.TextField(blank=True)
+
+    objects = BlockedHashQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = "blocked hash"
+        ordering = ("-blocked_at", "-pk")
+        constraints = [
+            models.UniqueConstraint(
+                fields=["sha256"],
+                condition=models.Q(unblocked_at__isnull=True),
+                name="msc3870_blocked_sha256_active",
+            ),
+        ]
+        indexes = [
+            # Screening asks whether an upload's size and first bytes are those of
+            # blocked content (SHA256_WHEN "needed").
+            models.Index(
+                fields=["size", "prefix_sha256"],
+                condition=models.Q(unblocked_at__isnull=True),
+                name="msc3870_blocked_size_prefix",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        state = "blocked" if self.unblocked_at is None else "unblocked"
+        return f"{self.sha256} ({state})"

@@ -1,28 +1,60 @@
-"""What moderators can do to media: quarantine, approve, reject, purge.
+"""What moderators can do to media: the one place every moderation action goes through,
+whoever calls it (the admin, an admin API, a management command, a script).
 
-Each action is one compare-and-set transition; side effects (deleting objects of media
-that will never be served again) follow explicitly. Every transition that wins is
+Single items: ``quarantine``, ``approve``, ``reject``, ``purge``, ``protect``,
+``unprotect``, ``rescreen``. Many items: ``moderate_many`` (a queryset or ids),
+``quarantine_user_media``, ``quarantine_content`` (and ``block_hash``/``unblock_hash``),
+``delete_local_media_before``, ``purge_remote_cache_before``, ``rescreen_many``.
+
+Each state change is a compare-and-set transition; side effects (deleting objects of
+media that will never be served again) follow explicitly. Every change that wins is
 recorded here, in the same transaction, as an append-only ``ModerationRecord`` (who,
 what, why, the state before and after), and as an admin ``LogEntry`` when the actor is a
-Django user: whatever calls moderation (the admin, a command, a future admin API), the
-same trail is written, and a transition that lost a race leaves none.
+Django user: whatever calls moderation, the same trail is written, and a change that lost
+a race leaves none. State signals are sent once that transaction has committed, and
+waiting downloads of this and every other process are woken then (``lifecycle``).
+
+Bulk actions work in batches of ``BATCH_SIZE``: ids are read a batch at a time (by
+primary key, never a list of everything), each batch is one transaction with one
+compare-and-set ``UPDATE`` per source state and one record per row it moved.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import re
+from collections.abc import Callable, Collection, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from itertools import islice
 from typing import Any
 
 from django.apps import apps
 from django.contrib.auth.base_user import AbstractBaseUser
-from django.db import transaction
+from django.db import IntegrityError, transaction
+from django.db.models import Q, QuerySet
+from django.utils import timezone
 
 from . import lifecycle
-from .cleanup import schedule_object_deletion
-from .errors import Codes
-from .models import Media, MediaState, ModerationAction, ModerationRecord
+from .cleanup import schedule_object_deletion, schedule_objects_deletion
+from .errors import Codes, StorageUnavailable
+from .models import (
+    BlockedHash,
+    Media,
+    MediaState,
+    ModerationAction,
+    ModerationRecord,
+    UploadMethod,
+)
+from .screening import Rejection, ScreeningContext, check_user_quota
 from .signals import send_state_signal
+from .sniffing import SNIFF_BYTES
+from .storage import get_store
 
+log = logging.getLogger(__name__)
 S = MediaState
+A = ModerationAction
 
 # Who acted: a Django user (staff in the admin), or a name (a Matrix user id, a process).
 Actor = AbstractBaseUser | str
@@ -31,50 +63,88 @@ Actor = AbstractBaseUser | str
 # the audit record only: it may name reporters or rooms the uploader must not learn of.
 PUBLIC_REJECTION_REASON = "Rejected by a moderator"
 
+# Rows read, moved and recorded per transaction by the bulk actions.
+BATCH_SIZE = 500
+
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
 # The states each action may start from (the admin offers an action on a media's page
 # only in these).
 SOURCE_STATES: dict[ModerationAction, frozenset[str]] = {
-    ModerationAction.QUARANTINE: frozenset({S.COMPLETE}),
-    ModerationAction.APPROVE: frozenset({S.QUARANTINED}),
-    ModerationAction.REJECT: frozenset({S.COMPLETE, S.QUARANTINED}),
-    ModerationAction.PURGE: frozenset(
+    A.QUARANTINE: frozenset({S.COMPLETE}),
+    A.APPROVE: frozenset({S.QUARANTINED}),
+    A.REJECT: frozenset({S.COMPLETE, S.QUARANTINED}),
+    A.PURGE: frozenset(
         state for state in S.values if S.DELETED in lifecycle.ALLOWED_TRANSITIONS[state]
     ),
+    # Flags, not transitions: any media not purged.
+    A.PROTECT: frozenset(state for state in S.values if state != S.DELETED),
+    A.UNPROTECT: frozenset(state for state in S.values if state != S.DELETED),
+    A.RESCREEN: frozenset({S.COMPLETE}),
 }
 
+# The state each transition leads to.
+TARGET_STATES: dict[ModerationAction, str] = {
+    A.QUARANTINE: S.QUARANTINED,
+    A.APPROVE: S.COMPLETE,
+    A.REJECT: S.REJECTED,
+    A.PURGE: S.DELETED,
+}
+_REJECTION_FIELDS = {
+    "rejection_errcode": Codes.FORBIDDEN.value,
+    "rejection_reason": PUBLIC_REJECTION_REASON,
+}
+# Actions after which the bytes are deleted.
+_DESTRUCTIVE = frozenset({A.REJECT, A.PURGE})
 
-def quarantine(media: Media, *, by: Actor, reason: str = "") -> bool:
-    """Stop serving complete media, keeping its bytes for review."""
-    return _moderate(media, ModerationAction.QUARANTINE, S.QUARANTINED, by=by, reason=reason)
+
+# ---------------------------------------------------------------------- one item
+
+
+def quarantine(media: Media, *, by: Actor, reason: str = "", skip_protected: bool = False) -> bool:
+    """Stop serving complete media, keeping its bytes for review. True if this call
+    quarantined it; False if it was not complete (or lost a race), or, with
+    ``skip_protected`` (Synapse's quarantine API skips protected media), if protected."""
+    return _moderate(
+        media, A.QUARANTINE, S.QUARANTINED, by=by, reason=reason, skip_protected=skip_protected
+    )
 
 
 def approve(media: Media, *, by: Actor, reason: str = "") -> bool:
-    """Serve quarantined media again."""
-    return _moderate(media, ModerationAction.APPROVE, S.COMPLETE, by=by, reason=reason)
+    """Serve quarantined media again. True if this call did; False if not quarantined."""
+    return _moderate(media, A.APPROVE, S.COMPLETE, by=by, reason=reason)
 
 
 def reject(media: Media, *, by: Actor, reason: str = "") -> bool:
-    """Stop serving for good and delete the bytes."""
-    won = _moderate(
-        media,
-        ModerationAction.REJECT,
-        S.REJECTED,
-        by=by,
-        reason=reason,
-        rejection_errcode=Codes.FORBIDDEN.value,
-        rejection_reason=PUBLIC_REJECTION_REASON,
-    )
+    """Stop serving complete or quarantined media for good and delete the bytes (after
+    hashing them: a moderator's rejection blocks identical uploads). True if this call
+    rejected it."""
+    won = _moderate(media, A.REJECT, S.REJECTED, by=by, reason=reason, **_REJECTION_FIELDS)
     if won:
         schedule_object_deletion(media.pk)
     return won
 
 
 def purge(media: Media, *, by: Actor, reason: str = "") -> bool:
-    """Delete the media in any state; the row stays as a tombstone so the id is never reused."""
-    won = _moderate(media, ModerationAction.PURGE, S.DELETED, by=by, reason=reason)
+    """Delete the media in any state, protected or not; the row stays as a tombstone so
+    the id is never reused. True if this call purged it."""
+    won = _moderate(media, A.PURGE, S.DELETED, by=by, reason=reason)
     if won:
         schedule_object_deletion(media.pk)
     return won
+
+
+def protect(media: Media, *, by: Actor, reason: str = "") -> bool:
+    """Mark media safe from quarantine by user or by content and from deletion by date
+    (Synapse's ``safe_from_quarantine``). Its state does not change, and a moderator can
+    still quarantine, reject or purge it by itself. True if this call protected it; False
+    if it was already protected or is purged."""
+    return _set_protected(media, True, by=by, reason=reason)
+
+
+def unprotect(media: Media, *, by: Actor, reason: str = "") -> bool:
+    """Undo ``protect``. True if this call did; False if it was not protected."""
+    return _set_protected(media, False, by=by, reason=reason)
 
 
 def actor_name(by: Actor) -> str:
@@ -88,6 +158,7 @@ def _moderate(
     *,
     by: Actor,
     reason: str,
+    skip_protected: bool = False,
     **fields: Any,
 ) -> bool:
     """Move ``media`` to ``to_state`` from any of the action's source states and record
@@ -102,47 +173,666 @@ def _moderate(
     """
     actor = actor_name(by)
     from_states = SOURCE_STATES[action]
+    # Protection is part of the compare-and-set: media protected meanwhile stays.
+    extra_where = Q(protected=False) if skip_protected else None
     for _round in range(len(S.values)):
         with transaction.atomic():
-            state_before = (
+            row = (
                 Media.objects.select_for_update()
                 .filter(pk=media.pk)
-                .values_list("state", flat=True)
+                .values_list("state", "protected")
                 .first()
             )
-            if state_before not in from_states:
+            if row is None:
+                return False
+            state_before, protected = row
+            if state_before not in from_states or (skip_protected and protected):
                 return False
             # The signal is sent once the record is committed with the transition.
             if not lifecycle.transition(
-                media, [state_before], to_state, send_signal=False, moderated_by=actor, **fields
+                media,
+                [state_before],
+                to_state,
+                extra_where=extra_where,
+                send_signal=False,
+                moderated_by=actor,
+                **fields,
             ):
                 continue
-            record = ModerationRecord.objects.create(
-                media=media,
-                mxc_uri=media.mxc_uri,
-                actor=actor,
-                action=action,
-                reason=reason,
-                state_before=state_before,
-                state_after=to_state,
-                at=media.state_changed_at,  # the transition's own timestamp
-            )
-            _log_admin_entry(by, media, record)
+            _record(by, [media], action, reason, state_before, to_state, media.state_changed_at)
             transaction.on_commit(lambda: send_state_signal(to_state, [media.pk]))
             return True
     return False
 
 
-def _log_admin_entry(by: Actor, media: Media, record: ModerationRecord) -> None:
+def _set_protected(media: Media, value: bool, *, by: Actor, reason: str) -> bool:
+    """Set the protection flag if it is not set so already (compare-and-set on the flag
+    and the state just read), and record it with that state."""
+    action = A.PROTECT if value else A.UNPROTECT
+    for _round in range(len(S.values)):
+        with transaction.atomic():
+            row = (
+                Media.objects.select_for_update()
+                .filter(pk=media.pk)
+                .values_list("state", "protected")
+                .first()
+            )
+            if row is None:
+                return False
+            state, protected = row
+            if protected == value or state not in SOURCE_STATES[action]:
+                return False
+            if not lifecycle.update_if_state(
+                media, state, extra_where=Q(protected=not value), protected=value
+            ):
+                continue
+            _record(by, [media], action, reason, state, state, timezone.now())
+            return True
+    return False
+
+
+def _record(
+    by: Actor,
+    items: list[Media],
+    action: ModerationAction,
+    reason: str,
+    state_before: str,
+    state_after: str,
+    at: datetime,
+) -> None:
+    """The audit trail of changes that won, inside their transaction: one record per
+    item (``items``: instances holding at least pk, server name and media id)."""
+    common = {
+        "actor": actor_name(by),
+        "action": action,
+        "reason": reason,
+        "state_before": state_before,
+        "state_after": state_after,
+        "at": at,  # the transition's own timestamp
+    }
+    if len(items) == 1:
+        ModerationRecord.objects.create(media=items[0], mxc_uri=items[0].mxc_uri, **common)
+    else:
+        ModerationRecord.objects.bulk_create(
+            [ModerationRecord(media_id=item.pk, mxc_uri=item.mxc_uri, **common) for item in items]
+        )
+    _log_admin_entries(by, items, action, reason, state_before, state_after)
+
+
+def _log_admin_entries(
+    by: Actor,
+    items: list[Any],
+    action: ModerationAction,
+    reason: str,
+    state_before: str,
+    state_after: str,
+) -> None:
     """Django's admin log (the media's History page) for actors that are Django users;
     the app may be used in a project without the admin."""
-    if not isinstance(by, AbstractBaseUser) or by.pk is None:
+    if not isinstance(by, AbstractBaseUser) or by.pk is None or not items:
         return
     if not apps.is_installed("django.contrib.admin"):
         return
     from django.contrib.admin.models import CHANGE, LogEntry
 
-    message = f"{record.get_action_display()}: {record.state_before} -> {record.state_after}."
-    if record.reason:
-        message += f" Reason: {record.reason}"
-    LogEntry.objects.log_actions(by.pk, [media], CHANGE, change_message=message)
+    label = ModerationAction(action).label
+    if state_before == state_after:
+        message = f"{label} (while {state_before})."
+    else:
+        message = f"{label}: {state_before} -> {state_after}."
+    if reason:
+        message += f" Reason: {reason}"
+    LogEntry.objects.log_actions(by.pk, items, CHANGE, change_message=message)
+
+
+# ---------------------------------------------------------------------- many items
+
+
+@dataclass(frozen=True)
+class BulkResult:
+    """What a bulk action did: ``done`` items changed (transitions won, flags set),
+    ``looked_at`` items of the selection looked at (the rest were in a state, or had a
+    flag, that the action does not apply to, or changed meanwhile)."""
+
+    done: int
+    looked_at: int
+
+    @property
+    def skipped(self) -> int:
+        return self.looked_at - self.done
+
+
+Selection = QuerySet[Media] | Iterable[int]
+
+
+def moderate_many(
+    selection: Selection,
+    action: ModerationAction,
+    *,
+    by: Actor,
+    reason: str = "",
+    skip_protected: bool = False,
+    batch_size: int = BATCH_SIZE,
+) -> BulkResult:
+    """Apply ``action`` (quarantine, approve, reject, purge, protect, unprotect) to each
+    media of ``selection``: an unsliced queryset (read ``batch_size`` primary keys at a
+    time, in key order, so rows that leave its filter as they are acted on are neither
+    skipped nor repeated) or an iterable of primary keys (consumed a batch at a time).
+
+    One compare-and-set per item, as the single-item functions make, and one record per
+    item that changed; media in a state the action does not start from is skipped, and
+    so is protected media with ``skip_protected``. Reject and purge then delete the bytes
+    of what they moved (one task per batch). Re-screening is ``rescreen_many``.
+    """
+    if action in (A.PROTECT, A.UNPROTECT):
+        value = action == A.PROTECT
+        return _each_batch(
+            selection, batch_size, lambda pks: _set_protected_batch(pks, value, by, reason)
+        )
+    if action not in TARGET_STATES:
+        raise ValueError(f"{action} is not a bulk moderation action")
+    fields = _REJECTION_FIELDS if action == A.REJECT else {}
+    extra_where = Q(protected=False) if skip_protected else None
+
+    def act(pks: list[int]) -> int:
+        moved = _transition_batch(
+            pks,
+            action,
+            by=by,
+            reason=reason,
+            extra_where=extra_where,
+            **fields,
+        )
+        if action in _DESTRUCTIVE:
+            schedule_objects_deletion(moved)
+        return len(moved)
+
+    return _each_batch(selection, batch_size, act)
+
+
+def quarantine_user_media(
+    user_id: str, *, by: Actor, reason: str = "", batch_size: int = BATCH_SIZE
+) -> int:
+    """Quarantine every complete media ``user_id`` uploaded to this server, except
+    protected media (Synapse's ``POST /_synapse/admin/v1/user/{user_id}/media/quarantine``);
+    returns how many this call quarantined (``num_quarantined``).
+
+    Skips protected media, media not complete (already quarantined, rejected, purged,
+    and uploads still arriving or being checked when it runs: they complete afterwards),
+    and other users' media with the same bytes (Synapse quarantines those too; here
+    ``quarantine_content`` does, and new uploads of quarantined bytes are refused anyway
+    by ``check_not_blocked``). Batched: any number of items, a batch in memory at a time.
+    """
+    if not user_id:
+        raise ValueError("A user id is required")
+    selection = Media.objects.filter(user_id=user_id, state=S.COMPLETE, protected=False)
+    return moderate_many(
+        selection, A.QUARANTINE, by=by, reason=reason, skip_protected=True, batch_size=batch_size
+    ).done
+
+
+def quarantine_content(
+    sha256: str,
+    *,
+    by: Actor,
+    reason: str = "",
+    block: bool = True,
+    batch_size: int = BATCH_SIZE,
+) -> int:
+    """Quarantine every complete media with these bytes (SHA-256, hex), local and other
+    servers', except protected media; with ``block`` (the default) block the hash first
+    (``block_hash``), so that uploads and fetches of the same bytes are refused from now
+    on, whether or not any of these media is kept. Returns how many this call
+    quarantined.
+
+    Skips protected media and media not complete. Media whose bytes were never hashed is
+    not found by its hash: with ``SHA256_WHEN = "needed"`` only bytes that other media
+    may share are hashed, and identical bytes always may (same size and first bytes), so
+    this misses nothing that has a twin; ``quarantine_content_of`` hashes an item first.
+    An upload screened while this runs, against the list as it was before the block, may
+    still complete; ``rescreen`` finds it.
+    """
+    sha256 = valid_sha256(sha256)
+    if block:
+        block_hash(sha256, by=by, reason=reason)
+    selection = Media.objects.filter(sha256=sha256, state=S.COMPLETE, protected=False)
+    return moderate_many(
+        selection, A.QUARANTINE, by=by, reason=reason, skip_protected=True, batch_size=batch_size
+    ).done
+
+
+def quarantine_content_of(media: Media, *, by: Actor, reason: str = "", block: bool = True) -> int:
+    """``quarantine_content`` of the bytes of ``media`` (hashed now if they never were),
+    this media included unless protected; returns how many this call quarantined.
+    Raises ``ValueError`` if its bytes are gone and were never hashed."""
+    sha256 = content_sha256(media)
+    if sha256 is None:
+        raise ValueError(f"The bytes of {media.mxc_uri} are gone and were never hashed")
+    return quarantine_content(sha256, by=by, reason=reason, block=block)
+
+
+def content_sha256(media: Media) -> str | None:
+    """The SHA-256 of the bytes of ``media``: recorded, else computed from the stored
+    bytes (and recorded on every row serving them); None if there are none."""
+    fresh = Media.objects.filter(pk=media.pk).values_list("sha256", "storage_key").first()
+    if fresh is None:
+        return None
+    sha256, key = fresh
+    if sha256:
+        return sha256
+    if not key:
+        return None
+    from .screening import record_sha256
+
+    return record_sha256(get_store(), key)
+
+
+def valid_sha256(sha256: str) -> str:
+    """A SHA-256 in hex, lower-cased; ``ValueError`` if it is not one."""
+    normal = (sha256 or "").strip().lower()
+    if not SHA256_RE.fullmatch(normal):
+        raise ValueError("Not a SHA-256 in hex")
+    return normal
+
+
+def block_hash(
+    sha256: str,
+    *,
+    by: Actor,
+    reason: str = "",
+    size: int | None = None,
+    prefix_sha256: str = "",
+) -> bool:
+    """Put a SHA-256 on the block list: uploads and fetches of these bytes are refused
+    (``check_not_blocked``) until ``unblock_hash``, whether or not any media with them is
+    kept. True if this call blocked it; False if it was blocked already.
+
+    The size and first-bytes hash of the bytes (what ``SHA256_WHEN = "needed"`` decides
+    by whether to hash an upload) are taken from media with this hash when not given. A
+    hash blocked with neither (bytes this server never held) is matched only on uploads
+    that are hashed anyway: ``SHA256_WHEN = "always"``, or bytes other media may share.
+    """
+    sha256 = valid_sha256(sha256)
+    if size is None:
+        size, prefix_sha256 = _fingerprint(sha256)
+    blocked = BlockedHash(
+        sha256=sha256,
+        size=size,
+        prefix_sha256=prefix_sha256,
+        reason=reason,
+        actor=actor_name(by),
+    )
+    try:
+        with transaction.atomic():
+            blocked.save(force_insert=True)
+            _log_block(by, blocked, added=True)
+    except IntegrityError:
+        return False  # an active block of this hash exists (partial unique constraint)
+    return True
+
+
+def unblock_hash(sha256: str, *, by: Actor, reason: str = "") -> bool:
+    """Lift the block of a SHA-256 (the row stays, as history). True if this call lifted
+    it. Media quarantined with these bytes stays quarantined, and while it is, identical
+    uploads are still refused (``check_not_blocked``): approve or purge it too."""
+    sha256 = valid_sha256(sha256)
+    with transaction.atomic():
+        active = BlockedHash.objects.active().select_for_update().filter(sha256=sha256).first()
+        if active is None:
+            return False
+        lifted = (
+            BlockedHash.objects.active()
+            .filter(pk=active.pk)
+            .update(unblocked_at=timezone.now(), unblocked_by=actor_name(by), unblock_reason=reason)
+        )
+        if lifted:
+            _log_block(by, active, added=False)
+        return bool(lifted)
+
+
+def is_hash_blocked(sha256: str) -> bool:
+    return BlockedHash.objects.active().filter(sha256=valid_sha256(sha256)).exists()
+
+
+def _fingerprint(sha256: str) -> tuple[int | None, str]:
+    """The size and first-bytes hash of the bytes with this SHA-256, from media that
+    recorded them, else read from stored bytes; (None, "") if unknown."""
+    rows = Media.objects.filter(sha256=sha256).exclude(size__isnull=True)
+    recorded = rows.exclude(prefix_sha256="").values_list("size", "prefix_sha256").first()
+    if recorded is not None:
+        return recorded
+    stored = (
+        rows.filter(objects_deleted_at__isnull=True)
+        .exclude(storage_key="")
+        .values_list("size", "storage_key")
+        .first()
+    )
+    if stored is None:
+        return None, ""
+    size, key = stored
+    try:
+        prefix = get_store().read_prefix(key, SNIFF_BYTES)[:SNIFF_BYTES]
+    except FileNotFoundError:
+        return size, ""
+    if len(prefix) != min(size, SNIFF_BYTES):
+        return size, ""
+    return size, hashlib.sha256(prefix).hexdigest()
+
+
+def _log_block(by: Actor, blocked: BlockedHash, *, added: bool) -> None:
+    if not isinstance(by, AbstractBaseUser) or by.pk is None:
+        return
+    if not apps.is_installed("django.contrib.admin"):
+        return
+    from django.contrib.admin.models import ADDITION, CHANGE, LogEntry
+
+    message = "Blocked." if added else "Unblocked."
+    LogEntry.objects.log_actions(
+        by.pk, [blocked], ADDITION if added else CHANGE, change_message=message
+    )
+
+
+def delete_local_media_before(
+    before: datetime,
+    *,
+    by: Actor,
+    reason: str = "",
+    size_gt: int = 0,
+    include_quarantined: bool = False,
+    include_protected: bool = False,
+    keep: Callable[[list[str]], Collection[str]] | None = None,
+    on_deleted: Callable[[list[str]], None] | None = None,
+    batch_size: int = BATCH_SIZE,
+) -> int:
+    """Purge this server's own media last served before ``before`` (an aware datetime),
+    or never served and created before it, and larger than ``size_gt`` bytes (Synapse's
+    ``POST /_synapse/admin/v1/media/delete?before_ts=&size_gt=``); returns how many this
+    call purged. Each is a purge: recorded, bytes deleted, a tombstone row kept.
+
+    As Synapse by default: only media with bytes (complete; quarantined too with
+    ``include_quarantined``), never protected media (unless ``include_protected``),
+    never other servers' media (``purge_remote_cache_before``). "Served" is
+    ``last_accessed_at``, kept to the hour by every download and thumbnail.
+
+    What this server cannot know: which media are profile pictures or room avatars
+    (Synapse's ``keep_profiles``): profiles and room state live on the homeserver. A
+    caller that can tell passes ``keep``: given a batch's ``mxc://`` URIs, it returns
+    those to keep. ``on_deleted`` is given each batch's purged media ids (Synapse
+    answers with the list).
+    """
+    states = [S.COMPLETE, S.QUARANTINED] if include_quarantined else [S.COMPLETE]
+    condition = (
+        ~Q(upload_method=UploadMethod.REMOTE)
+        & Q(state__in=states, size__gt=size_gt)
+        & _unused_since(before)
+    )
+    if not include_protected:
+        condition &= Q(protected=False)
+    selection = Media.objects.filter(condition)
+    purged = 0
+    for pks in _batches(selection, batch_size):
+        if keep is not None:
+            pks = _without_kept(pks, keep)
+        # The conditions again, in the compare-and-set: media served or protected since
+        # it was read stays.
+        moved = _transition_batch(pks, A.PURGE, by=by, reason=reason, extra_where=condition)
+        schedule_objects_deletion(moved)
+        purged += len(moved)
+        if on_deleted is not None and moved:
+            on_deleted(list(Media.objects.filter(pk__in=moved).values_list("media_id", flat=True)))
+    return purged
+
+
+def purge_remote_cache_before(
+    before: datetime, *, by: Actor, reason: str = "", batch_size: int = BATCH_SIZE
+) -> int:
+    """Delete other servers' media last served before ``before`` (an aware datetime)
+    from the cache (Synapse's ``POST /_synapse/admin/v1/purge_media_cache?before_ts=``);
+    returns how many this call deleted (``deleted``).
+
+    Only complete, unprotected media: quarantined media stays, as in Synapse, and so do
+    rejected rows (they keep refusing the bytes). Each is recorded as a purge, then
+    deleted as the eviction sweep deletes (``maintenance.delete_evicted``): objects and
+    thumbnails unless other media shares them, then the row, so that the next request
+    fetches the media again. With the storage down, the rows stay DELETED and the
+    eviction sweep finishes them.
+    """
+    from . import maintenance
+
+    condition = Q(upload_method=UploadMethod.REMOTE, state=S.COMPLETE, protected=False) & (
+        _unused_since(before)
+    )
+    deleted = 0
+    storage_down = False
+    for pks in _batches(Media.objects.filter(condition), batch_size):
+        # No moderator on the row: it is an eviction, which a request may fetch again.
+        moved = _transition_batch(
+            pks, A.PURGE, by=by, reason=reason, extra_where=condition, moderated_by=""
+        )
+        deleted += len(moved)
+        if moved and not storage_down:
+            try:
+                maintenance.delete_evicted(moved)
+            except StorageUnavailable as exc:
+                log.warning("Purged remote media stays for the eviction sweep: %s", exc)
+                storage_down = True
+    return deleted
+
+
+def _unused_since(before: datetime) -> Q:
+    """Last served before ``before``, or never served and created before it."""
+    return Q(last_accessed_at__lt=before) | Q(last_accessed_at__isnull=True, created_at__lt=before)
+
+
+def _without_kept(pks: list[int], keep: Callable[[list[str]], Collection[str]]) -> list[int]:
+    rows = list(Media.objects.filter(pk__in=pks).values_list("pk", "server_name", "media_id"))
+    kept = set(keep([f"mxc://{server}/{media_id}" for _, server, media_id in rows]))
+    return [pk for pk, server, media_id in rows if f"mxc://{server}/{media_id}" not in kept]
+
+
+# ---------------------------------------------------------------------- re-screening
+
+
+def rescreen_checks() -> list[Callable[[ScreeningContext], None]]:
+    """The configured checks, but the quota: it judges the uploader's other media, not
+    these bytes."""
+    from .conf import app_settings
+
+    return [check for check in app_settings.CHECKS if check is not check_user_quota]
+
+
+def rescreen(media: Media, *, by: Actor, reason: str = "") -> str:
+    """Run the checks again on the stored bytes of complete media (after a signature
+    update, say). A refusal quarantines it, recorded with the check's reason ("quarantined");
+    a pass leaves it as it is, recorded too ("passed"). Protection does not spare media
+    from a refusal.
+
+    "skipped": not complete, or it changed while the checks ran (nothing recorded).
+    "missing": its stored object is gone (nothing recorded; the storage needs looking at).
+    A check that fails (clamd down) raises, and nothing is recorded.
+    """
+    fresh = Media.objects.filter(pk=media.pk).first()
+    if fresh is None or fresh.state != S.COMPLETE or not fresh.storage_key:
+        return "skipped"
+    store = get_store()
+    found = store.head_with_prefix(fresh.storage_key, SNIFF_BYTES)
+    if found is None:
+        return "missing"
+    info, prefix = found
+    ctx = ScreeningContext(
+        media=fresh, store=store, key=fresh.storage_key, info=info, _prefix=prefix
+    )
+    try:
+        for check in rescreen_checks():
+            check(ctx)
+    except Rejection as rejection:
+        note = _rescreen_note(f"refused by the checks: {rejection.reason}", reason)
+        won = _moderate(media, A.RESCREEN, S.QUARANTINED, by=by, reason=note)
+        return "quarantined" if won else "skipped"
+    note = _rescreen_note("passed the checks", reason)
+    return "passed" if _record_unchanged(media, A.RESCREEN, S.COMPLETE, by, note) else "skipped"
+
+
+@dataclass
+class RescreenResult:
+    """Counts of ``rescreen``'s answers over a selection; ``failed``: a check failed
+    (logged; the item is left as it is)."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, outcome: str) -> None:
+        self.counts[outcome] = self.counts.get(outcome, 0) + 1
+
+    def __getitem__(self, outcome: str) -> int:
+        return self.counts.get(outcome, 0)
+
+
+def rescreen_many(
+    selection: Selection, *, by: Actor, reason: str = "", batch_size: int = BATCH_SIZE
+) -> RescreenResult:
+    """``rescreen`` each media of ``selection`` (as ``moderate_many`` reads it); the
+    counts of each outcome, and "failed" for items whose checks failed (logged, left as
+    they are, the next items go on)."""
+    result = RescreenResult()
+    for pks in _pk_batches(selection, batch_size):
+        for media in Media.objects.filter(pk__in=pks).order_by("pk"):
+            try:
+                result.add(rescreen(media, by=by, reason=reason))
+            except Exception:
+                log.exception("Re-screening %s failed", media.mxc_uri)
+                result.add("failed")
+    return result
+
+
+def _rescreen_note(outcome: str, reason: str) -> str:
+    return f"Re-screen: {outcome}" + (f" (asked: {reason})" if reason else "")
+
+
+def _record_unchanged(
+    media: Media, action: ModerationAction, state: str, by: Actor, reason: str
+) -> bool:
+    """Record an action that changes nothing, while the media is still in ``state``."""
+    with transaction.atomic():
+        current = (
+            Media.objects.select_for_update()
+            .filter(pk=media.pk)
+            .values_list("state", flat=True)
+            .first()
+        )
+        if current != state:
+            return False
+        _record(by, [media], action, reason, state, state, timezone.now())
+        return True
+
+
+# ---------------------------------------------------------------------- batches
+
+
+def _batches(queryset: QuerySet[Media], batch_size: int) -> Iterator[list[int]]:
+    """Primary keys of ``queryset``, ``batch_size`` at a time, in key order; each batch
+    read after the previous one was acted on."""
+    ordered = queryset.order_by("pk").values_list("pk", flat=True)
+    last: int | None = None
+    while True:
+        page = ordered if last is None else ordered.filter(pk__gt=last)
+        batch = list(page[:batch_size])
+        if not batch:
+            return
+        yield batch
+        last = batch[-1]
+
+
+def _pk_batches(selection: Selection, batch_size: int) -> Iterator[list[int]]:
+    if isinstance(selection, QuerySet):
+        yield from _batches(selection, batch_size)
+        return
+    ids = iter(selection)
+    while batch := list(islice(ids, batch_size)):
+        yield batch
+
+
+def _each_batch(
+    selection: Selection, batch_size: int, act: Callable[[list[int]], int]
+) -> BulkResult:
+    done = looked_at = 0
+    for pks in _pk_batches(selection, batch_size):
+        looked_at += len(pks)
+        done += act(pks)
+    return BulkResult(done=done, looked_at=looked_at)
+
+
+def _transition_batch(
+    pks: list[int],
+    action: ModerationAction,
+    *,
+    by: Actor,
+    reason: str,
+    extra_where: Q | None = None,
+    **fields: Any,
+) -> list[int]:
+    """Move those of ``pks`` in one of the action's source states to its target state,
+    in one transaction: one compare-and-set ``UPDATE`` per source state (so that each
+    record says which state its row left), one record per row moved. The primary keys
+    moved; the state's signal is sent once committed."""
+    to_state = TARGET_STATES[action]
+    actor = actor_name(by)
+    values = {"moderated_by": actor, **fields}
+    moved_all: list[int] = []
+    if not pks:
+        return moved_all
+    with transaction.atomic():
+        remaining = list(pks)
+        # Only the states the batch holds: one UPDATE each, not one per possible state.
+        present = set(
+            Media.objects.filter(pk__in=pks, state__in=SOURCE_STATES[action])
+            .values_list("state", flat=True)
+            .distinct()
+        )
+        for source in sorted(present):
+            if not remaining:
+                break
+            stamp = timezone.now()
+            moved = lifecycle.transition_many(
+                remaining,
+                [source],
+                to_state,
+                extra_where=extra_where,
+                stamp=stamp,
+                send_signal=False,
+                **values,
+            )
+            if not moved:
+                continue
+            items = list(
+                Media.objects.filter(pk__in=moved).only("pk", "server_name", "media_id", "state")
+            )
+            _record(by, items, action, reason, source, to_state, stamp)
+            moved_set = set(moved)
+            remaining = [pk for pk in remaining if pk not in moved_set]
+            moved_all.extend(moved)
+        if moved_all:
+            transaction.on_commit(lambda: send_state_signal(to_state, moved_all))
+    return moved_all
+
+
+def _set_protected_batch(pks: list[int], value: bool, by: Actor, reason: str) -> int:
+    """``_set_protected`` of a batch in one transaction: a compare-and-set per row on the
+    flag and the state read, one record per row changed."""
+    action = A.PROTECT if value else A.UNPROTECT
+    changed: dict[str, list[Media]] = {}
+    with transaction.atomic():
+        rows = (
+            Media.objects.select_for_update()
+            .filter(pk__in=pks, state__in=SOURCE_STATES[action])
+            .exclude(protected=value)
+            .only("pk", "server_name", "media_id", "state")
+        )
+        for row in rows:
+            if Media.objects.filter(pk=row.pk, state=row.state, protected=not value).update(
+                protected=value
+            ):
+                changed.setdefault(row.state, []).append(row)
+        now = timezone.now()
+        for state, items in sorted(changed.items()):
+            _record(by, items, action, reason, state, state, now)
+    return sum(len(items) for items in changed.values())

@@ -93,7 +93,8 @@ class ScreeningContext:
         """Whether other media may hold these bytes: the same size and first bytes. Those
         of them not hashed yet are hashed now, so that ``has_twins`` can tell; each is
         hashed once, its SHA-256 recorded on every row serving its key."""
-        from .models import Media
+        from . import sql
+        from .models import BlockedHash, Media
 
         prefix_sha256 = self.prefix_sha256()
         if not prefix_sha256:
@@ -110,7 +111,12 @@ class ScreeningContext:
         )
         for key in unhashed:
             record_sha256(self.store, key)  # None: deleted since, nothing to share or match
-        return possible.exists()
+        # Blocked content counts as a possible twin: it must be hashed to be matched, and
+        # the block outlives the media it was found in.
+        blocked = BlockedHash.objects.active().filter(
+            size=self.info.size, prefix_sha256=prefix_sha256
+        )
+        return sql.any_exists(possible, blocked)
 
     #: The quota to decide again at completion, under the user's lock (check_user_quota).
     quota_claim: QuotaClaim | None = None
@@ -119,17 +125,36 @@ class ScreeningContext:
     def declared_type(self) -> str:
         return self.media.declared_content_type or self.info.content_type or ""
 
-    def has_twins(self) -> bool:
-        """Whether other media has the same content, asked once: most content is new, and
-        then neither the block list nor deduplication needs another query."""
-        from . import sql
+    #: Whether a moderator blocked this content's SHA-256 (None: not asked yet).
+    hash_blocked: bool | None = None
 
+    def has_twins(self) -> bool:
+        """Whether other media has the same content, asked once (with ``hash_is_blocked``):
+        most content is new, and then neither the twins' states nor deduplication needs
+        another query."""
         sha256 = self.findings.get("sha256")
         if not sha256:
             return False
         if self.twins is None:
-            self.twins = sql.has_twin(sha256, self.media.pk)
-        return self.twins
+            self._look_up_hash(sha256)
+        return bool(self.twins)
+
+    def hash_is_blocked(self) -> bool:
+        """Whether the block list (``BlockedHash``) holds this content's SHA-256."""
+        sha256 = self.findings.get("sha256")
+        if not sha256:
+            return False
+        if self.hash_blocked is None:
+            self._look_up_hash(sha256)
+        return bool(self.hash_blocked)
+
+    def _look_up_hash(self, sha256: str) -> None:
+        from . import sql
+
+        twins, blocked = sql.twin_and_block(sha256, self.media.pk)
+        if self.twins is None:
+            self.twins = twins
+        self.hash_blocked = blocked
 
     def prefix(self) -> bytes:
         """The first bytes of the object, read once with a ranged read."""
@@ -215,11 +240,16 @@ def check_sha256(ctx: ScreeningContext) -> None:
 
 
 def check_not_blocked(ctx: ScreeningContext) -> None:
-    """Refuse content a moderator has quarantined or rejected (matched by SHA-256)."""
+    """Refuse content a moderator has blocked (the block list: ``BlockedHash``), or
+    quarantined or rejected (other media with the same SHA-256 in those states)."""
     from .models import Media, MediaState
 
     sha256 = ctx.findings.get("sha256")
-    if not sha256 or not ctx.has_twins():
+    if not sha256:
+        return
+    if ctx.hash_is_blocked():
+        raise Rejection("This content has been blocked by a moderator")
+    if not ctx.has_twins():
         return
     blocked = (
         Media.objects.filter(sha256=sha256)

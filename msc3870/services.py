@@ -573,6 +573,7 @@ def _downloadable(
         # time never changes, and an unauthenticated request should not hold a waiter.
         raise NotFound()
     if media.state == S.COMPLETE and media.storage_key:
+        note_access(media)
         return media
     if not _awaiting_upload(media):
         # Rejected (by the checks or a moderator), quarantined, expired, purged: not found,
@@ -592,6 +593,22 @@ def _downloadable(
         wait_until,
         partial(_downloadable, deadline=deadline, frozen_after=frozen_after),
     )
+
+
+# Serving media records the time at most this often per media: the remote cache is
+# evicted, and local media deleted by date, in least recently served order, and an hour
+# apart is recent enough to tell.
+ACCESS_GRANULARITY = timedelta(hours=1)
+
+
+def note_access(media: Media) -> None:
+    """Record that ``media`` is served, decided from the row already read: one UPDATE
+    per media and ``ACCESS_GRANULARITY`` at most, none on most downloads."""
+    now = timezone.now()
+    if media.last_accessed_at is not None and now - media.last_accessed_at < ACCESS_GRANULARITY:
+        return
+    sql.update_media(media.pk, {"last_accessed_at": now})
+    media.last_accessed_at = now
 
 
 def _awaiting_upload(media: Media) -> bool:

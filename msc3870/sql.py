@@ -299,17 +299,39 @@ def insert_media(media: Media, *, pending_limit: tuple[datetime, int] | None = N
     return True
 
 
-def has_twin(sha256: str, pk: int) -> bool:
-    """Whether media other than ``pk`` has this SHA-256."""
+def twin_and_block(sha256: str, pk: int) -> tuple[bool, bool]:
+    """Whether media other than ``pk`` has this SHA-256, and whether a moderator blocked
+    it (an active ``BlockedHash``): one statement for both, as screening asks both."""
+    from .models import BlockedHash
+
     connection = _connection(write=False)
     quote = connection.ops.quote_name
+    blocked = quote(BlockedHash._meta.db_table)
+    unblocked_at = quote(BlockedHash._meta.get_field("unblocked_at").column)
     with connection.cursor() as cursor:
         cursor.execute(
-            f"SELECT 1 FROM {quote(_TABLE)} WHERE {quote('sha256')} = %s"
-            f" AND {quote('id')} <> %s LIMIT 1",
-            [sha256, pk],
+            f"SELECT EXISTS (SELECT 1 FROM {quote(_TABLE)} WHERE {quote('sha256')} = %s"
+            f" AND {quote('id')} <> %s), EXISTS (SELECT 1 FROM {blocked}"
+            f" WHERE {quote('sha256')} = %s AND {unblocked_at} IS NULL)",
+            [sha256, pk, sha256],
         )
-        return cursor.fetchone() is not None
+        twin, block = cursor.fetchone()
+    return bool(twin), bool(block)
+
+
+def any_exists(*querysets: Any) -> bool:
+    """Whether any of ``querysets`` (of models in the media's database) has a row: one
+    statement, ``SELECT EXISTS (...) OR EXISTS (...)``."""
+    connection = _connection(write=False)
+    parts, params = [], []
+    for queryset in querysets:
+        query = queryset.values("pk").query
+        statement, query_params = query.get_compiler(connection=connection).as_sql()
+        parts.append(f"EXISTS ({statement})")
+        params.extend(query_params)
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {' OR '.join(parts)}", params)
+        return bool(cursor.fetchone()[0])
 
 
 def _pending_count_sql(connection: Any, user_id: str, now: datetime) -> tuple[str, list[Any]]:

@@ -1,4 +1,4 @@
-"""Celery tasks: thin wrappers that take primary keys and call the pipeline.
+"""Celery tasks: thin wrappers that take primary keys and call the app's functions.
 
 Tasks are acknowledged late and re-queued if the worker dies, so each must be safe to run
 twice: they all start from the row's state (compare-and-set) and treat a missing object
@@ -7,12 +7,15 @@ as already deleted. Failures are recorded on the row before the retry.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import shared_task
 
 from . import cleanup, maintenance, verdicts
 from .stores import ObjectInfo
+
+log = logging.getLogger(__name__)
 
 TASK_OPTIONS: dict[str, Any] = {
     "acks_late": True,
@@ -49,6 +52,19 @@ def delete_objects_task(self: Any, pk: int) -> bool | str:
         return cleanup.delete_objects(pk)
     except Exception as exc:
         return _retry(self, pk, exc)
+
+
+@shared_task(bind=True, max_retries=8, name="msc3870.delete_objects_many", **TASK_OPTIONS)
+def delete_objects_many_task(self: Any, pks: list[int]) -> int | str:
+    """``delete_objects_task`` of a batch (bulk moderation). A failure is retried; rows
+    still not cleaned after that are the cleanup sweep's."""
+    try:
+        return cleanup.delete_objects_of(pks)
+    except Exception as exc:
+        if self.request.is_eager:
+            log.warning("Could not delete the objects of %s media: %s", len(pks), exc)
+            return "failed"
+        raise self.retry(exc=exc, countdown=min(2 ** (self.request.retries + 1), 300)) from exc
 
 
 @shared_task(name="msc3870.fetch_remote_media", **TASK_OPTIONS)

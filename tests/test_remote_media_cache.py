@@ -53,11 +53,16 @@ def test_serving_remote_media_records_the_time_at_most_hourly(
     assert len(updates) == 1
     assert row(remote.name, "a").last_accessed_at > two_hours_ago + timedelta(hours=1)
 
-    # Local media is not touched here.
+    # Local media the same way (deletion by date spares what is still served).
     uploaded = alice.post("/_matrix/media/v3/upload", b"ours", content_type="text/plain")
     local_id = uploaded.json()["content_uri"].rsplit("/", 1)[1]
-    assert alice.get(V1 + f"localhost/{local_id}").status_code == 200
     assert row("localhost", local_id).last_accessed_at is None
+    assert alice.get(V1 + f"localhost/{local_id}").status_code == 200
+    served = row("localhost", local_id).last_accessed_at
+    assert served is not None and timezone.now() - served < timedelta(seconds=30)
+    with CaptureQueriesContext(connection) as queries:
+        assert alice.get(V1 + f"localhost/{local_id}").status_code == 200
+    assert not [q for q in queries.captured_queries if q["sql"].startswith("UPDATE")]
 
 
 def _fetch_all(alice: MatrixClient, remote: Remote, names: list[str], size: int) -> None:

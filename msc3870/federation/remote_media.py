@@ -37,8 +37,9 @@ fetches in flight across the deployment (``REMOTE_MEDIA_MAX_FETCHES``) and, with
 broker, this process's fetch threads. Past any of them the answer is 429 at once. Only
 requests on behalf of a user fetch (the legacy unauthenticated endpoints serve what is
 held); media already held, and waiting for a fetch another request started, cost nothing.
-Serving held media records when (``last_accessed_at``, at most once an hour per media),
-which the cache's eviction sweep (``maintenance.evict_remote_media``) orders by.
+Serving held media records when (``last_accessed_at``, at most once an hour per media,
+``services.note_access``), which the cache's eviction sweep
+(``maintenance.evict_remote_media``) orders by.
 
 Thumbnails of remote media are made here from the fetched original, as for local media.
 """
@@ -84,9 +85,6 @@ REQUEST_TIMEOUT_SECONDS = 30.0
 # A fetch still PROCESSING without bytes this long after the fetch deadline was abandoned
 # (its process died): the next request fails it and fetches again.
 ABANDONED_AFTER_EXTRA_SECONDS = 60
-# Serving held media records the time at most this often per media: the cache is evicted
-# in least recently served order, and an hour apart is recent enough to tell.
-ACCESS_GRANULARITY = timedelta(hours=1)
 # When a request refused because too many fetches are in flight may try again: most
 # fetches take a second or two.
 FETCHES_BUSY_RETRY_MS = 2000
@@ -324,23 +322,12 @@ def _remote_downloadable(
             deadline,
             partial(_remote_downloadable, deadline=deadline, frozen_after=frozen_after),
         )
-    served = _downloadable(media, deadline, frozen_after=frozen_after)
-    _note_access(served)
-    return served
+    # Serving it records the access (``services.note_access``), as for local media.
+    return _downloadable(media, deadline, frozen_after=frozen_after)
 
 
 def client_message(errcode: str) -> str:
     return CLIENT_MESSAGES.get(errcode, GENERIC_MESSAGE)
-
-
-def _note_access(media: Media) -> None:
-    """Record that held media is served, decided from the row already read: one UPDATE
-    per media and ``ACCESS_GRANULARITY`` at most, none on most downloads."""
-    now = timezone.now()
-    if media.last_accessed_at is not None and now - media.last_accessed_at < ACCESS_GRANULARITY:
-        return
-    Media.objects.filter(pk=media.pk).update(last_accessed_at=now)
-    media.last_accessed_at = now
 
 
 # ----------------------------------------------------------------------- dispatch
