@@ -50,7 +50,7 @@ from .models import (
 from .screening import Rejection, ScreeningContext, check_user_quota
 from .signals import send_state_signal
 from .sniffing import SNIFF_BYTES
-from .storage import get_store
+from .stores import get_store
 
 log = logging.getLogger(__name__)
 S = MediaState

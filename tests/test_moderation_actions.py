@@ -18,11 +18,11 @@ from django.core.management import call_command
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
-from msc3870.storage import get_store
 
 from msc3870 import maintenance, moderation
 from msc3870.models import BlockedHash, Media, MediaState, ModerationAction, ModerationRecord
 from msc3870.screening import Rejection, ScreeningContext
+from msc3870.stores import get_store
 
 from .conftest import MatrixClient, files_under, media_of, msc3870_settings, mxc_path
 from .test_api_complete import complete, put_to_url
