@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 
 import dj_database_url
 
+from msc3870.logs import FORMATTERS, formatter_name
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("MEDIAREPO_DATA_DIR", BASE_DIR / "var"))
 
@@ -302,6 +304,18 @@ if _cache_bytes := env("MSC3870_REMOTE_MEDIA_CACHE_MAX_BYTES"):
 for _key in ("REMOTE_MEDIA_DOWNLOAD_BURST_COUNT", "REMOTE_MEDIA_MAX_FETCHES"):
     if env(f"MSC3870_{_key}"):
         MSC3870[_key] = env_int(f"MSC3870_{_key}", 0)
+# Operating: the health check's components and timing, the metrics listener (gunicorn
+# binds it: mediarepo/gunicorn.conf.py; a celery worker serves its own: mediarepo/celery.py)
+# and who may read it.
+if env("MSC3870_HEALTH_COMPONENTS") is not None:
+    MSC3870["HEALTH_COMPONENTS"] = _csv(env("MSC3870_HEALTH_COMPONENTS"))
+for _key in ("HEALTH_CACHE_SECONDS", "HEALTH_TIMEOUT_SECONDS", "HEALTH_BEAT_MAX_AGE_SECONDS"):
+    if env(f"MSC3870_{_key}"):
+        MSC3870[_key] = float(env(f"MSC3870_{_key}") or 0)
+if env("METRICS_PORT"):
+    MSC3870["METRICS_PORT"] = env_int("METRICS_PORT", 0)
+if env("MSC3870_METRICS_ALLOWED_NETWORKS") is not None:
+    MSC3870["METRICS_ALLOWED_NETWORKS"] = _csv(env("MSC3870_METRICS_ALLOWED_NETWORKS"))
 if env("MATRIX_HOMESERVER_URL"):
     MSC3870["HOMESERVER_URL"] = env("MATRIX_HOMESERVER_URL")
     MSC3870["TOKEN_RESOLVER"] = "msc3870.auth.HomeserverTokenResolver"
@@ -322,8 +336,11 @@ CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "inte
 CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_connect_timeout": 2, "socket_timeout": 5}
 # Beat reads its schedule from the database (editable in the admin); msc3870 installs the
 # default sweeps after `migrate` (msc3870/schedule.py).
-CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# It writes beat's tick for the health check (msc3870/beat.py).
+CELERY_BEAT_SCHEDULER = "msc3870.beat.TickingDatabaseScheduler"
 CELERY_TIMEZONE = "UTC"
+# The worker and beat log through LOGGING below (one format, JSON too), not celery's own.
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 CORS_URLS_REGEX = r"^/_matrix/.*$"
 CORS_ALLOW_ALL_ORIGINS = True
@@ -334,13 +351,24 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 
-# Access tokens and upload URLs are credentials: redacted from every record the console
-# prints, and from Django's request warnings (which carry the path) for its own handlers.
+# One line per record on stderr: plain text (time, level, logger, message, then the
+# structured fields as key=value), or with LOG_FORMAT=json one JSON object per line
+# (msc3870/logs.py). Access tokens and upload URLs are credentials: redacted from every
+# record the console prints, and from Django's request warnings (which carry the path)
+# for its own handlers.
+LOG_FORMAT = formatter_name(env("LOG_FORMAT"))
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "filters": {"redact_secrets": {"()": "mediarepo.redaction.RedactSecrets"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "filters": ["redact_secrets"]}},
+    "formatters": FORMATTERS,
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "filters": ["redact_secrets"],
+            "formatter": LOG_FORMAT,
+        }
+    },
     "loggers": {"django.request": {"filters": ["redact_secrets"]}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", "INFO")},
 }

@@ -8,6 +8,7 @@ act, what is checked, limits) are tagged ``Tags.security``.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -191,6 +192,12 @@ SETTING_TYPES: dict[str, SettingType] = {
     "REMOTE_MEDIA_DOWNLOAD_BURST_COUNT": _t(INT, security=True),
     "REMOTE_MEDIA_MAX_FETCHES": _t(INT, security=True),
     "REMOTE_MEDIA_CACHE_MAX_BYTES": _t(INT, null=True, security=True),
+    "HEALTH_COMPONENTS": _t(STR_LIST),
+    "HEALTH_CACHE_SECONDS": _t(NUMBER),
+    "HEALTH_TIMEOUT_SECONDS": _t(NUMBER),
+    "HEALTH_BEAT_MAX_AGE_SECONDS": _t(NUMBER),
+    "METRICS_PORT": _t(INT, null=True, security=True),
+    "METRICS_ALLOWED_NETWORKS": _t(STR_LIST, security=True),
 }
 
 
@@ -307,6 +314,9 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         "UPLOAD_BODIES_MAX",
         "UPLOAD_BODIES_PER_ADDRESS_MAX",
         "UPLOAD_IDLE_TIMEOUT_SECONDS",
+        "HEALTH_TIMEOUT_SECONDS",
+        "HEALTH_BEAT_MAX_AGE_SECONDS",
+        "METRICS_PORT",
     )
     non_negative = (
         "MAX_PENDING_UPLOADS",
@@ -315,6 +325,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         "REMOTE_MEDIA_CACHE_MAX_BYTES",
         "UPLOAD_MIN_BYTES_PER_SECOND",
         "UPLOAD_RATE_GRACE_SECONDS",
+        "HEALTH_CACHE_SECONDS",
     )
     for name in (*positive, *non_negative):
         if not typed(name):
@@ -371,6 +382,37 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             )
     if typed("STORAGE_ALIAS", "UNUSED_EXPIRATION"):
         errors.extend(_check_storage())
+    errors.extend(_check_operating(typed))
+    return errors
+
+
+def _check_operating(typed: Callable[..., bool]) -> list[CheckMessage]:
+    """The health check's components and the networks that may read metrics."""
+    from .health import COMPONENTS
+
+    errors: list[CheckMessage] = []
+    if typed("HEALTH_COMPONENTS"):
+        unknown = [c for c in app_settings.HEALTH_COMPONENTS if c not in COMPONENTS]
+        if unknown:
+            errors.append(
+                Error(
+                    f"MSC3870['HEALTH_COMPONENTS'] names unknown components: {unknown}.",
+                    hint="Known components: " + ", ".join(COMPONENTS),
+                    id="msc3870.E023",
+                )
+            )
+    if typed("METRICS_ALLOWED_NETWORKS"):
+        for network in app_settings.METRICS_ALLOWED_NETWORKS:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                errors.append(
+                    Error(
+                        f"MSC3870['METRICS_ALLOWED_NETWORKS'] entry {network!r} is not an "
+                        "address or network (CIDR).",
+                        id="msc3870.E022",
+                    )
+                )
     return errors
 
 

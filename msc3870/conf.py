@@ -195,6 +195,20 @@ DEFAULTS: dict[str, Any] = {
     # Bytes of other servers' media kept; past it the least recently served are deleted
     # (the next request fetches them again) down to 90 % of it. None: no bound.
     "REMOTE_MEDIA_CACHE_MAX_BYTES": 10 * 1024 * MiB,
+    # Health check (GET /health, msc3870/health.py): the components checked ("broker" only
+    # where one is configured; drop "beat" or "broker" to keep a load balancer from taking
+    # web processes out for them), how long a probe's result is reused, how long an answer
+    # waits for a probe (a probe running longer makes its component down), and how old
+    # the periodic scheduler's last tick may be.
+    "HEALTH_COMPONENTS": ["database", "storage", "broker", "beat"],
+    "HEALTH_CACHE_SECONDS": 2.0,
+    "HEALTH_TIMEOUT_SECONDS": 2.0,
+    "HEALTH_BEAT_MAX_AGE_SECONDS": 60,
+    # Prometheus metrics (GET /metrics, msc3870/metrics.py): the local port they are served
+    # on (a listener of their own, never the public one; None: not served), and the client
+    # networks (CIDRs) that may read them there.
+    "METRICS_PORT": None,
+    "METRICS_ALLOWED_NETWORKS": ["127.0.0.0/8", "::1/128"],
 }
 
 TYPE_MISMATCH_POLICIES = ("sniffed", "reject", "declared")
@@ -533,6 +547,31 @@ class MSC3870Settings:
     def REMOTE_MEDIA_CACHE_MAX_BYTES(self) -> int | None:
         value = self._get("REMOTE_MEDIA_CACHE_MAX_BYTES")
         return None if value is None else max(0, int(value))
+
+    @property
+    def HEALTH_COMPONENTS(self) -> list[str]:
+        return _str_list("HEALTH_COMPONENTS", self._get("HEALTH_COMPONENTS"))
+
+    @property
+    def HEALTH_CACHE_SECONDS(self) -> float:
+        return max(0.0, float(self._get("HEALTH_CACHE_SECONDS")))
+
+    @property
+    def HEALTH_TIMEOUT_SECONDS(self) -> float:
+        return max(0.1, float(self._get("HEALTH_TIMEOUT_SECONDS")))
+
+    @property
+    def HEALTH_BEAT_MAX_AGE_SECONDS(self) -> float:
+        return max(1.0, float(self._get("HEALTH_BEAT_MAX_AGE_SECONDS")))
+
+    @property
+    def METRICS_PORT(self) -> int | None:
+        value = self._get("METRICS_PORT")
+        return None if value is None else int(value)
+
+    @property
+    def METRICS_ALLOWED_NETWORKS(self) -> list[str]:
+        return _cidr_list("METRICS_ALLOWED_NETWORKS", self._get("METRICS_ALLOWED_NETWORKS"))
 
 
 def _str_list(name: str, value: Any) -> list[str]:

@@ -17,7 +17,7 @@ from django.db import close_old_connections, connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from . import lifecycle
+from . import lifecycle, logs, metrics
 from .conf import app_settings
 from .models import Media, MediaState, UploadMethod
 from .screening import (
@@ -185,7 +185,25 @@ def screen_media(pk: int, incoming: ObjectInfo | None = None) -> str:
     return screen_loaded(media, incoming=incoming)
 
 
-def screen_loaded(
+def screen_loaded(media: Media, **options: Any) -> str:
+    """``screen_media`` of a row already read (``_screen_loaded``), timed, counted by
+    outcome and written as one line (media id, user, the state it left the row in)."""
+    fields = {"media_id": media.media_id, "user": media.user_id}
+    if media.is_remote:
+        fields["server_name"] = media.server_name
+    outcome = "failed"
+    step: logs.Step | None = None
+    try:
+        with logs.step("screening", **fields) as step:
+            outcome = _screen_loaded(media, **options)
+            step.fields.update(outcome=outcome, state=media.state)
+            return outcome
+    finally:
+        if step is not None:
+            metrics.screened(outcome, step.seconds)
+
+
+def _screen_loaded(
     media: Media,
     *,
     count_attempt: bool = True,
@@ -368,6 +386,8 @@ def _complete(
         won = _mark_complete(media, own_key, findings, fields, claim, source)
     if not won:
         return "skipped"
+    if not media.is_remote:
+        metrics.uploaded(media.upload_method, media.size or 0)
     if media.storage_key != own_key:
         get_store().delete(own_key)  # a fresh key of this media only: nobody else serves it
     send_state_signal(S.COMPLETE, [media.pk])

@@ -204,6 +204,11 @@ class MediaStore(ABC):
     def list_keys(self, prefix: str) -> Iterator[str]:
         """Keys under ``prefix`` (for cleanup of orphans)."""
 
+    @abstractmethod
+    def probe(self, timeout: float) -> None:
+        """Raise if the store cannot be used now, within about ``timeout`` seconds (the
+        health check; never retried)."""
+
     def download_url(
         self,
         key: str,
@@ -319,6 +324,15 @@ class LocalMediaStore(MediaStore):
         for path in sorted(base.rglob("*")):
             if path.is_file() and not path.name.endswith(".part"):
                 yield path.relative_to(root).as_posix()
+
+    def probe(self, timeout: float) -> None:
+        # Where media goes: its nearest existing directory must be one we can write to
+        # (FileSystemStorage makes the rest on the first upload).
+        path = Path(self.storage.location)
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(f"{path} is not a writable directory")
 
     def delete_stale_partials(self, older_than: timedelta) -> int:
         """Delete the ``.part`` files of ``write_stream`` not written to for ``older_than``.
