@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -372,3 +373,5 @@ LOGGING = {
     "loggers": {"django.request": {"filters": ["redact_secrets"]}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", "INFO")},
 }
+# Python's warnings too, as records (py.warnings) in the same format, not bare stderr text.
+logging.captureWarnings(True)

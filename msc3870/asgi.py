@@ -74,6 +74,7 @@ NOTE = "msc3870.note"
 UNMATCHED = "unmatched"
 # 499: the client went away before an answer (nginx's word for it).
 CLIENT_GONE = 499
+LINE_ORDER = ("user", "media_id", "state")
 # Middleware only the admin needs: not run for /_matrix requests.
 ADMIN_ONLY_MIDDLEWARE = frozenset(
     {
@@ -850,6 +851,12 @@ def _observe(scope: Scope, note: dict[str, Any], status: int, arrived: float) ->
     method = scope["method"]
     metrics.request_done(route, method, status, seconds)
     if logs.requests_log.isEnabledFor(logging.INFO):
+        # The same order on every line: route, user, media id, state, the rest, duration.
+        fields = {"route": route}
+        fields.update((key, note[key]) for key in LINE_ORDER if key in note)
+        fields.update(note)
+        fields["route"] = route
+        fields["duration_ms"] = round(seconds * 1000, 1)
         client = scope.get("client")
         logs.log_request(
             f"{client[0]}:{client[1]}" if client else "-",
@@ -858,7 +865,7 @@ def _observe(scope: Scope, note: dict[str, Any], status: int, arrived: float) ->
             scope.get("query_string") or b"",
             scope.get("http_version", "1.1"),
             status,
-            {**note, "route": route, "duration_ms": round(seconds * 1000, 1)},
+            fields,
         )
 
 

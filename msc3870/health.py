@@ -67,10 +67,11 @@ Probe = Callable[[], Result]
 
 def reason(exc: BaseException) -> str:
     """The fixed words a client is told about a failed probe."""
-    name = type(exc).__name__.lower()
+    name = " ".join(kind.__name__.lower() for kind in type(exc).__mro__)
     if isinstance(exc, TimeoutError) or "timeout" in name:
         return "timed out"
-    if isinstance(exc, ConnectionError) or "connection" in name or isinstance(exc, OSError):
+    # A database driver's OperationalError: the server is not there (or not answering).
+    if isinstance(exc, ConnectionError | OSError) or "connection" in name or "operational" in name:
         return "unreachable"
     return "error"
 

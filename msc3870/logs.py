@@ -204,14 +204,15 @@ class JSONFormatter(logging.Formatter):
     ``process``, ``message``, the record's fields, and ``exception`` if any."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = dict(getattr(record, "fields", None) or {})
-        entry.update(
-            time=datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            level=record.levelname,
-            logger=record.name,
-            process=record.process,
-            message=record.getMessage(),
-        )
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "process": record.process,
+            "message": record.getMessage(),
+        }
+        for key, value in (getattr(record, "fields", None) or {}).items():
+            entry.setdefault(key, value)  # never in place of the record's own
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         if record.stack_info:

@@ -49,11 +49,15 @@ class HealthView(MatrixView):
                 with contextlib.suppress(TimeoutError):  # then reported as timed out
                     pending.result(timeout)
         report = monitor.report()
-        return Response(
+        response = Response(
             report.body(),
             status=200 if report.ok else 503,
             headers={"Cache-Control": "no-store"},
         )
+        # Not one "Service Unavailable" error line per check (a load balancer's every
+        # second): the monitor logs a component's going down and coming back, once each.
+        response._has_been_logged = True  # type: ignore[attr-defined]
+        return response
 
 
 class MetricsView(MatrixView):
