@@ -2,7 +2,8 @@
 in-process, in one web worker per host. Every worker starts a thread that waits for an
 exclusive lock on a file in the data directory; the one holding it runs the sweeps, and
 if its process dies the lock is released and another worker takes over. (The tasks are
-idempotent, so even two runners would do no harm: the lock only saves the work.)"""
+idempotent, so even two runners would do no harm: the lock only saves the work.) It
+writes the scheduler's tick, as celery beat does, for the health check (msc3870.beat)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from django.conf import settings
 from django.db import close_old_connections
 
 import msc3870.tasks  # noqa: F401 - registers the tasks the schedule names
+from msc3870.heartbeat import Ticker
 from msc3870.schedule import DEFAULT_SCHEDULE
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,9 @@ def _loop(schedule: dict[str, tuple[str, float]], lock_path: Path) -> None:
     lock = hold_host_lock(lock_path)  # noqa: F841 - the lock lives while this is open
     log.info("This process runs the periodic sweeps (lock %s)", lock_path)
     next_run: dict[str, float] = {}
+    ticker = Ticker()
     while True:
+        ticker.maybe_tick()
         run_due_tasks(schedule, next_run, time.monotonic())
         close_old_connections()  # this thread's connection, as after a request
         time.sleep(1.0)

@@ -214,6 +214,9 @@ class MediaUvicornWorker(UvicornWorker):
         # Parked downloads answer from the loop; nothing in uvicorn should cap them
         # below the application's own waiting caps.
         "limit_concurrency": None,
+        # The application writes each request's line itself, with its route, user, media
+        # and duration (msc3870.logs): uvicorn's would say the same again.
+        "access_log": False,
     }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -7,6 +7,7 @@ With none set, this is the embedded default: SQLite, media on the local disk und
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -15,6 +16,7 @@ from urllib.parse import urlsplit
 import dj_database_url
 
 from msc3870.conf import settings_from_environment
+from msc3870.logs import FORMATTERS, formatter_name
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("MEDIAREPO_DATA_DIR", BASE_DIR / "var"))
@@ -224,8 +226,11 @@ CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "inte
 CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_connect_timeout": 2, "socket_timeout": 5}
 # Beat reads its schedule from the database (editable in the admin); msc3870 installs the
 # default sweeps after `migrate` (msc3870/schedule.py).
-CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# It writes beat's tick for the health check (msc3870/beat.py).
+CELERY_BEAT_SCHEDULER = "msc3870.beat.TickingDatabaseScheduler"
 CELERY_TIMEZONE = "UTC"
+# The worker and beat log through LOGGING below (one format, JSON too), not celery's own.
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 CORS_URLS_REGEX = r"^/_matrix/.*$"
 CORS_ALLOW_ALL_ORIGINS = True
@@ -236,13 +241,26 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 
-# Access tokens and upload URLs are credentials: redacted from every record the console
-# prints, and from Django's request warnings (which carry the path) for its own handlers.
+# One line per record on stderr: plain text (time, level, logger, message, then the
+# structured fields as key=value), or with LOG_FORMAT=json one JSON object per line
+# (msc3870/logs.py). Access tokens and upload URLs are credentials: redacted from every
+# record the console prints, and from Django's request warnings (which carry the path)
+# for its own handlers.
+LOG_FORMAT = formatter_name(env("LOG_FORMAT"))
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "filters": {"redact_secrets": {"()": "mediarepo.redaction.RedactSecrets"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "filters": ["redact_secrets"]}},
+    "formatters": FORMATTERS,
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "filters": ["redact_secrets"],
+            "formatter": LOG_FORMAT,
+        }
+    },
     "loggers": {"django.request": {"filters": ["redact_secrets"]}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", "INFO")},
 }
+# Python's warnings too, as records (py.warnings) in the same format, not bare stderr text.
+logging.captureWarnings(True)

@@ -19,8 +19,11 @@ async views; measured on this kind of machine, twice the CPU of WSGI per request
   a byte is read, or as soon as they pass the limit; an upload's credential is checked
   and its place among the bodies being read taken before a byte is read, and a body that
   stops arriving or arrives too slowly is dropped (``msc3870.admission``);
-- requests under ``/_matrix/`` skip the middleware only the admin needs (sessions,
-  authentication, messages, CSRF, clickjacking, static files);
+- requests under ``/_matrix/`` (and the health check and metrics) skip the middleware only
+  the admin needs (sessions, authentication, messages, CSRF, clickjacking, static files);
+- every request is counted and timed by route name (``msc3870.metrics``), and written as
+  one line once answered (``msc3870.logs``: the access log's line, then the route, user,
+  media id, the state the request moved the media to, and the duration);
 - an overlong URI or header block, which a server would refuse in its own words, gets a
   Matrix error (``mediarepo.server`` does the same at the protocol level).
 """
@@ -34,6 +37,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,9 +50,9 @@ from django.core.exceptions import RequestDataTooBig
 from django.core.handlers import base
 from django.core.handlers.asgi import ASGIRequest, get_script_prefix
 from django.http import HttpResponseBase
-from django.urls import set_script_prefix
+from django.urls import Resolver404, ResolverMatch, resolve, set_script_prefix
 
-from . import admission, wakeup
+from . import admission, logs, metrics, wakeup
 from .api.deferred import CAN_DEFER, RETRIED, DeferredResponse
 from .api.errors import json_error, to_matrix_error
 from .conf import app_settings
@@ -58,6 +62,7 @@ from .errors import (
     LimitExceeded,
     MatrixError,
     TooLarge,
+    Unrecognized,
     URITooLong,
 )
 from .waiting import LEGACY, MediaWait, RetryWhenDone
@@ -70,6 +75,14 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 MATRIX_PREFIX = "/_matrix/"
 FEDERATION_PREFIX = "/_matrix/federation/"
+# Served like /_matrix requests (no admin middleware): the operators' endpoints.
+OPERATING_PATHS = frozenset({"/health", "/healthz", "/metrics"})
+# Where a request's log fields are gathered (route, user, media id, state).
+NOTE = "msc3870.note"
+UNMATCHED = "unmatched"
+# 499: the client went away before an answer (nginx's word for it).
+CLIENT_GONE = 499
+LINE_ORDER = ("user", "media_id", "state")
 # Middleware only the admin needs: not run for /_matrix requests.
 ADMIN_ONLY_MIDDLEWARE = frozenset(
     {
@@ -233,10 +246,16 @@ class MediaASGIHandler:
             return
         if scope["type"] != "http":
             raise ValueError(f"Only HTTP is served, not {scope['type']}")
+        arrived = time.perf_counter()
         started = False
+        status = CLIENT_GONE
+        note: dict[str, Any] = {}
+        scope[NOTE] = note
 
         async def tracking_send(message: dict[str, Any]) -> None:
-            nonlocal started
+            nonlocal started, status
+            if message["type"] == "http.response.start":
+                status = message["status"]
             started = True
             await send(message)
 
@@ -245,7 +264,8 @@ class MediaASGIHandler:
         if federation and not self.federation_in_flight.admit(address):
             # Refused on the loop, before any thread: anyone can send these, and a burst
             # of them must not queue ahead of other requests for the request threads.
-            await self._send(Outgoing.error(_BUSY_ADDRESS), send)
+            await self._send(Outgoing.error(_BUSY_ADDRESS), tracking_send)
+            _observe(scope, note, status, arrived)
             return
         try:
             await self._handle(scope, receive, tracking_send)
@@ -262,6 +282,7 @@ class MediaASGIHandler:
         finally:
             if federation:
                 self.federation_in_flight.release(address)
+            _observe(scope, note, status, arrived)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -282,8 +303,8 @@ class MediaASGIHandler:
         return asyncio.get_running_loop().run_in_executor(executor, function, *args)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        is_matrix = scope["path"].startswith(MATRIX_PREFIX)
-        refusal = _request_head_error(scope)
+        is_matrix = scope["path"].startswith(MATRIX_PREFIX) or scope["path"] in OPERATING_PATHS
+        refusal = _request_head_error(scope) or _off_the_metrics_listener(scope)
         if refusal is not None:
             await self._send(Outgoing.error(refusal), send)
             return
@@ -470,7 +491,13 @@ class MediaASGIHandler:
         self, chain: _Chain, scope: Scope, body: IO[bytes], retried: bool = False
     ) -> Outgoing | Parking:
         """One request through Django, on a pool thread (``retried``: again, after a
-        ``RetryWhenDone``)."""
+        ``RetryWhenDone``); what its work notes goes on its log line."""
+        with logs.collecting(scope.setdefault(NOTE, {})):
+            return self._respond_noted(chain, scope, body, retried)
+
+    def _respond_noted(
+        self, chain: _Chain, scope: Scope, body: IO[bytes], retried: bool
+    ) -> Outgoing | Parking:
         set_script_prefix(get_script_prefix(scope))
         signals.request_started.send(sender=self.__class__, scope=scope)
         try:
@@ -483,6 +510,7 @@ class MediaASGIHandler:
             request.META[CAN_DEFER] = True
             request.META[RETRIED] = retried
             response = chain.get_response(request)
+            _note_request(scope[NOTE], request)
         if isinstance(response, DeferredResponse):
             # Parked with only what the answer needs: the response and request go now.
             # A request to run again keeps its body, which is small: only bodiless
@@ -547,9 +575,11 @@ class MediaASGIHandler:
         assert isinstance(wait, RetryWhenDone)
         refusal = self.caps.admit(wait)
         if refusal is not None:
+            metrics.wait_refused(wait.kind)
             return Outgoing.error(refusal)
         done = _on_loop(wait.future)
         gone = asyncio.ensure_future(_disconnected(receive))
+        metrics.parked(wait.kind)
         try:
             await asyncio.wait(
                 {done, gone}, timeout=wait.deadline.remaining, return_when=asyncio.FIRST_COMPLETED
@@ -557,6 +587,7 @@ class MediaASGIHandler:
             if gone.done():
                 return None
         finally:
+            metrics.unparked(wait.kind, gone=gone.done())
             self.caps.release(wait)
             gone.cancel()
             done.cancel()  # only the loop's copy: the work goes on for others
@@ -578,9 +609,11 @@ class MediaASGIHandler:
             while True:
                 refusal = self.caps.admit(wait)
                 if refusal is not None:
+                    metrics.wait_refused(wait.kind)
                     answer: Outgoing | MediaWait[Any] = Outgoing.error(refusal)
                     break
                 parked = hub.park(wait.pk, wait.states, wait.deadline.remaining)
+                metrics.parked(wait.kind)
                 try:
                     row = await parked.future
                 except asyncio.CancelledError:
@@ -588,6 +621,7 @@ class MediaASGIHandler:
                         return None  # the client went away while it waited
                     raise
                 finally:
+                    metrics.unparked(wait.kind, gone=gone.done())
                     hub.unpark(parked)
                     self.caps.release(wait)
                 answer = await self._resumes.submit((wait, row))
@@ -776,6 +810,65 @@ async def _disconnected(receive: Receive) -> None:
             return
 
 
+def _route_name(match: ResolverMatch) -> str:
+    """A route's metric label and log field: its URL name (never the path, which holds
+    media ids); every admin page is "admin"."""
+    if match.app_name == "admin" or match.namespace.startswith("admin"):
+        return "admin"
+    return match.url_name or UNMATCHED
+
+
+def _note_request(note: dict[str, Any], request: Any) -> None:
+    """What the request's log line and metrics take from Django's request, once the view
+    has run: its route, its media id, who made it (a Matrix user, or another server)."""
+    match: ResolverMatch | None = getattr(request, "resolver_match", None)
+    if match is None:
+        note.setdefault("route", UNMATCHED)
+        return
+    route = note["route"] = _route_name(match)
+    if route == "admin":
+        return  # its user is a Django account, read from the session only if asked
+    media_id = match.kwargs.get("media_id")
+    if media_id:
+        note.setdefault("media_id", media_id)
+    user = request.__dict__.get("user")  # set by DRF's authentication, if it ran
+    if user is not None and getattr(user, "is_authenticated", False):
+        note.setdefault("user", str(user))
+
+
+def _route_of(path: str) -> str:
+    """The route of a request answered before any view ran (refusals)."""
+    try:
+        return _route_name(resolve(path))
+    except Resolver404:
+        return UNMATCHED
+
+
+def _observe(scope: Scope, note: dict[str, Any], status: int, arrived: float) -> None:
+    """Count, time and log one request, once it is answered (or its client is gone)."""
+    seconds = time.perf_counter() - arrived
+    route = note.get("route") or _route_of(scope["path"])
+    method = scope["method"]
+    metrics.request_done(route, method, status, seconds)
+    if logs.requests_log.isEnabledFor(logging.INFO):
+        # The same order on every line: route, user, media id, state, the rest, duration.
+        fields = {"route": route}
+        fields.update((key, note[key]) for key in LINE_ORDER if key in note)
+        fields.update(note)
+        fields["route"] = route
+        fields["duration_ms"] = round(seconds * 1000, 1)
+        client = scope.get("client")
+        logs.log_request(
+            f"{client[0]}:{client[1]}" if client else "-",
+            method,
+            scope["path"],
+            scope.get("query_string") or b"",
+            scope.get("http_version", "1.1"),
+            status,
+            fields,
+        )
+
+
 def _is_large(body: IO[bytes]) -> bool:
     """Whether a body is past what is spooled in memory (a large upload)."""
     size = body.seek(0, io.SEEK_END)
@@ -829,6 +922,17 @@ def _body_limit(scope: Scope, is_matrix: bool) -> int:
     if _is_media_body(scope, is_matrix):
         return app_settings.MAX_UPLOAD_SIZE
     return JSON_BODY_LIMIT
+
+
+def _off_the_metrics_listener(scope: Scope) -> MatrixError | None:
+    """The metrics listener (``METRICS_PORT``) serves the operators' paths only."""
+    port = app_settings.METRICS_PORT
+    if port is None or scope["path"] in OPERATING_PATHS:
+        return None
+    server = scope.get("server")
+    if server is not None and server[1] == port:
+        return Unrecognized()
+    return None
 
 
 def _request_head_error(scope: Scope) -> MatrixError | None:

@@ -8,6 +8,8 @@ act, what is checked, limits) are tagged ``Tags.security``.
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -176,6 +178,37 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             )
     if typed("STORAGE_ALIAS", "UNUSED_EXPIRATION"):
         errors.extend(_check_storage())
+    errors.extend(_check_operating(typed))
+    return errors
+
+
+def _check_operating(typed: Callable[..., bool]) -> list[CheckMessage]:
+    """The health check's components and the networks that may read metrics."""
+    from .health import COMPONENTS
+
+    errors: list[CheckMessage] = []
+    if typed("HEALTH_COMPONENTS"):
+        unknown = [c for c in app_settings.HEALTH_COMPONENTS if c not in COMPONENTS]
+        if unknown:
+            errors.append(
+                Error(
+                    f"MSC3870['HEALTH_COMPONENTS'] names unknown components: {unknown}.",
+                    hint="Known components: " + ", ".join(COMPONENTS),
+                    id="msc3870.E023",
+                )
+            )
+    if typed("METRICS_ALLOWED_NETWORKS"):
+        for network in app_settings.METRICS_ALLOWED_NETWORKS:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                errors.append(
+                    Error(
+                        f"MSC3870['METRICS_ALLOWED_NETWORKS'] entry {network!r} is not an "
+                        "address or network (CIDR).",
+                        id="msc3870.E022",
+                    )
+                )
     return errors
 
 

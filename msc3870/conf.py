@@ -375,6 +375,25 @@ class MSC3870Settings:
         env=Env(parse=zero_is_none(integer)),
     )
 
+    # ---------------------------------------------------------------- operating
+
+    # Health check (GET /health, msc3870/health.py): the components checked ("broker" only
+    # where one is configured; drop "beat" or "broker" to keep a load balancer from taking
+    # web processes out for them), how long a probe's result is reused, how long an answer
+    # waits for a probe (a probe running longer makes its component down), and how old
+    # the periodic scheduler's last tick may be.
+    HEALTH_COMPONENTS = Setting(STR_LIST, ["database", "storage", "broker", "beat"], env=Env())
+    HEALTH_CACHE_SECONDS = Setting(NUMBER, 2.0, floor=0, must_be="non-negative", env=Env())
+    HEALTH_TIMEOUT_SECONDS = Setting(NUMBER, 2.0, floor=0.1, must_be="positive", env=Env())
+    HEALTH_BEAT_MAX_AGE_SECONDS = Setting(NUMBER, 60, floor=1, must_be="positive", env=Env())
+    # Prometheus metrics (GET /metrics, msc3870/metrics.py): the local port they are served
+    # on (a listener of their own, never the public one; None: not served), and the client
+    # networks (CIDRs) that may read them there.
+    METRICS_PORT = Setting(INT, None, null=True, security=True, env=Env("METRICS_PORT"))
+    METRICS_ALLOWED_NETWORKS = Setting(
+        STR_LIST, ["127.0.0.0/8", "::1/128"], read=_cidrs, security=True, env=Env()
+    )
+
 
 SETTINGS: dict[str, Setting[Any]] = settings_of(MSC3870Settings)
 DEFAULTS: dict[str, Any] = {name: setting.default for name, setting in SETTINGS.items()}

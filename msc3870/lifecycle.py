@@ -14,7 +14,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from . import sql, wakeup
+from . import logs, metrics, sql, wakeup
 from .models import Media, MediaState
 from .signals import send_state_signal
 
@@ -87,6 +87,7 @@ def transition(
             query = query.filter(unused_expires_at__gt=unexpired_at)
         won = query.update(**values) == 1
     if won and isinstance(media, Media):
+        logs.annotate(media_id=media.media_id)
         media.state = to_state
         media.state_changed_at = now
         for name, value in fields.items():
@@ -99,7 +100,10 @@ def transition(
 
 def _moved(pk: int, to_state: str, *, send_signal: bool = True) -> None:
     """What follows a won transition: requests of this process waiting on the row wake
-    once the change is visible, and the state's signal is sent."""
+    once the change is visible, the state's signal is sent, and it is counted and noted
+    on the line of the request or step that made it."""
+    metrics.transitioned(to_state)
+    logs.annotate(state=to_state)
     transaction.on_commit(lambda: wakeup.announce(pk, to_state))
     if send_signal:
         send_state_signal(to_state, [pk])
@@ -141,6 +145,7 @@ def claim(
         durable=durable,
     )
     if media is not None:
+        logs.annotate(media_id=media.media_id)
         _moved(media.pk, to_state)
     return media
 
@@ -176,6 +181,7 @@ def transition_many(
         )
     )
     transaction.on_commit(lambda: wakeup.announce_many(moved, to_state))
+    metrics.transitioned(to_state, len(moved))
     if send_signal:
         send_state_signal(to_state, moved)
     return moved

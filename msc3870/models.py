@@ -391,3 +391,18 @@ class BlockedHash(models.Model):
     def __str__(self) -> str:
         state = "blocked" if self.unblocked_at is None else "unblocked"
         return f"{self.sha256} ({state})"
+
+
+class Heartbeat(models.Model):
+    """Proof of life of a process that must keep running, one row each: the periodic
+    scheduler (celery beat, or the in-process one) writes ``beat`` every few seconds
+    (``msc3870.beat``), and the health check reads it."""
+
+    name = models.CharField(max_length=64, primary_key=True)
+    at = models.DateTimeField()
+
+    class Meta:
+        default_permissions = ()
+
+    def __str__(self) -> str:
+        return f"{self.name} at {self.at:%Y-%m-%d %H:%M:%S}"

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 from django.db import connection, transaction
 from django.utils import timezone
 
-from . import lifecycle, sql, verdicts
+from . import lifecycle, logs, metrics, sql, verdicts
 from .auth import MatrixUser
 from .conf import app_settings
 from .errors import (
@@ -180,6 +180,8 @@ def create_media(user: MatrixUser) -> CreatedMedia:
             )
             retry_after = (oldest - now).total_seconds() * 1000
             raise LimitExceeded("Too many pending uploads", retry_after_ms=int(retry_after))
+    metrics.transitioned(S.PENDING)
+    logs.annotate(media_id=media.media_id, state=S.PENDING)
     return CreatedMedia(media, store.upload_target(media))
 
 
@@ -373,6 +375,8 @@ def upload_new_media(
         filename=name,
         processing_started_at=now,
     )
+    metrics.transitioned(S.PROCESSING)
+    logs.annotate(media_id=media.media_id, state=S.PROCESSING)
     try:
         received, first_bytes = _store_body(media, body, content_length)
     except BaseException as exc:
@@ -460,6 +464,7 @@ def receive_url_upload(
     media = Media.objects.filter(server_name=app_settings.SERVER_NAME, media_id=media_id).first()
     if media is None:
         raise Forbidden("Invalid or expired upload URL")
+    logs.annotate(media_id=media.media_id, user=media.user_id)
     if media.state != S.PENDING:
         if media.state in (S.EXPIRED, S.DELETED):
             raise Forbidden("Invalid or expired upload URL")

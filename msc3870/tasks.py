@@ -8,11 +8,12 @@ as already deleted. Failures are recorded on the row before the retry.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from celery import shared_task
 
-from . import cleanup, maintenance, verdicts
+from . import cleanup, logs, maintenance, metrics, verdicts
 from .stores import ObjectInfo
 
 log = logging.getLogger(__name__)
@@ -77,31 +78,51 @@ def fetch_remote_media_task(pk: int, requester: str | None = None) -> str:
     return remote_media.fetch_remote_media(pk, requester)
 
 
+T = TypeVar("T")
+
+
+def _sweep(name: str, run: Callable[[], T]) -> T:
+    """Run one sweep, timed, and written as one line with what it did."""
+    step: logs.Step | None = None
+    try:
+        with logs.step("sweep", sweep=name) as step:
+            result = run()
+            if isinstance(result, maintenance.SweepResult):
+                step.fields.update(vars(result))
+            else:
+                step.fields["count"] = result
+            step.fields["outcome"] = "done"
+            return result
+    finally:
+        if step is not None:
+            metrics.swept(name, step.seconds)
+
+
 @shared_task(name="msc3870.expire_pending", **TASK_OPTIONS)
 def expire_pending_task() -> dict[str, int]:
-    return vars(maintenance.expire_pending())
+    return vars(_sweep("expire_pending", maintenance.expire_pending))
 
 
 @shared_task(name="msc3870.delete_dead_objects", **TASK_OPTIONS)
 def delete_dead_objects_task() -> dict[str, int]:
-    return vars(maintenance.delete_dead_objects())
+    return vars(_sweep("delete_dead_objects", maintenance.delete_dead_objects))
 
 
 @shared_task(name="msc3870.redispatch_stuck", **TASK_OPTIONS)
 def redispatch_stuck_task() -> int:
-    return maintenance.redispatch_stuck()
+    return _sweep("redispatch_stuck", maintenance.redispatch_stuck)
 
 
 @shared_task(name="msc3870.delete_orphaned_uploads", **TASK_OPTIONS)
 def delete_orphaned_uploads_task() -> int:
-    return maintenance.delete_orphaned_uploads()
+    return _sweep("delete_orphaned_uploads", maintenance.delete_orphaned_uploads)
 
 
 @shared_task(name="msc3870.evict_remote_media", **TASK_OPTIONS)
 def evict_remote_media_task() -> dict[str, int]:
-    return vars(maintenance.evict_remote_media())
+    return vars(_sweep("evict_remote_media", maintenance.evict_remote_media))
 
 
 @shared_task(name="msc3870.delete_old_tombstones", **TASK_OPTIONS)
 def delete_old_tombstones_task() -> int:
-    return maintenance.delete_old_tombstones()
+    return _sweep("delete_old_tombstones", maintenance.delete_old_tombstones)

@@ -28,7 +28,7 @@ from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from . import cleanup, lifecycle, queue
+from . import cleanup, lifecycle, logs, metrics, queue
 from .conf import app_settings
 from .content_types import UNKNOWN_TYPE
 from .errors import Codes
@@ -191,7 +191,26 @@ def screen_row(
     incoming: ObjectInfo | None = None,
 ) -> Outcome:
     """Screen a row already read, held as ``held`` says; ``stored``: bytes this request
-    has just stored; ``incoming``: the upload URL's object as /complete read it."""
+    has just stored; ``incoming``: the upload URL's object as /complete read it. Timed,
+    counted by outcome and written as one line (media id, user, the state it left)."""
+    fields = {"media_id": media.media_id, "user": media.user_id}
+    if media.is_remote:
+        fields["server_name"] = media.server_name
+    outcome = Outcome.FAILED
+    step: logs.Step | None = None
+    try:
+        with logs.step("screening", **fields) as step:
+            outcome = _screen_row(media, held, stored, incoming)
+            step.fields.update(outcome=str(outcome), state=media.state)
+            return outcome
+    finally:
+        if step is not None:
+            metrics.screened(outcome, step.seconds)
+
+
+def _screen_row(
+    media: Media, held: Held, stored: StoredBytes | None, incoming: ObjectInfo | None
+) -> Outcome:
     if media.state != held.source:
         return Outcome.SKIPPED
     if stored is not None:
@@ -386,6 +405,8 @@ def _complete(
         won = _mark_complete(media, own_key, findings, held)
     if not won:
         return Outcome.SKIPPED
+    if not media.is_remote:
+        metrics.uploaded(media.upload_method, media.size or 0)
     if media.storage_key != own_key:
         get_store().delete(own_key)  # a fresh key of this media only: nobody else serves it
     send_state_signal(S.COMPLETE, [media.pk])

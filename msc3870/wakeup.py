@@ -294,7 +294,7 @@ class WakeupHub:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
-                    **_listen_connection_params(), autocommit=True
+                    **connection_params(), autocommit=True
                 ) as connection:
                     await connection.execute(f"LISTEN {CHANNEL}")
                     self.listening = True
@@ -357,7 +357,7 @@ def _database_vendor() -> str:
     return connection.vendor
 
 
-def _listen_connection_params() -> dict[str, Any]:
+def connection_params() -> dict[str, Any]:
     """psycopg connection parameters of the default database, as Django would connect."""
     from django.db import connections
 

@@ -208,6 +208,18 @@ def test_e021_path() -> None:
     assert "msc3870.E021" not in type_ids(SIGNING_KEY_PATH=Path("/tmp/signing.key"))
 
 
+def test_e022_metrics_allowed_networks() -> None:
+    assert "msc3870.E022" in ids(METRICS_ALLOWED_NETWORKS=["10.0.0.0/8", "the office"])
+    assert "msc3870.E022" not in ids(METRICS_ALLOWED_NETWORKS=["10.0.0.0/8", "::1"])
+    assert "msc3870.E016" in type_ids(METRICS_ALLOWED_NETWORKS="127.0.0.1/32")
+
+
+def test_e023_health_components() -> None:
+    assert "msc3870.E023" in ids(HEALTH_COMPONENTS=["database", "cache"])
+    assert "msc3870.E023" not in ids(HEALTH_COMPONENTS=["database", "beat"])
+    assert "msc3870.E006" in ids(HEALTH_TIMEOUT_SECONDS=0)
+
+
 def test_a_mistyped_setting_does_not_crash_the_value_checks() -> None:
     """Value checks skip what the type checks report (they would raise reading it)."""
     found = type_ids(

@@ -159,3 +159,56 @@ def test_the_server_reads_the_made_credentials(service: str) -> None:
     env = _environment(spec)
     assert env.get("MEDIAREPO_ENV_FILE", "").endswith("credentials.env")
     assert "secrets" in (spec.get("depends_on") or {})
+
+
+# ------------------------------------------------------------------------ operating
+
+
+def _metric_families() -> dict[str, set[str]]:
+    """Each metric family the app defines, and the sample names it exposes."""
+    from prometheus_client import REGISTRY
+
+    import msc3870.metrics  # noqa: F401 - defines them
+
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}
+    return {
+        family.name: {family.name + s for s in suffixes.get(family.type, ("",))}
+        for family in REGISTRY.collect()
+        if family.name.startswith("msc3870_")
+    }
+
+
+def test_prometheus_scrapes_the_metrics_listeners_of_web_and_worker() -> None:
+    compose = _compose()
+    services = compose["services"]
+    assert {"prometheus", "grafana"} <= set(services)
+    env = _environment(compose["x-mediarepo"])
+    port = env["METRICS_PORT"]
+    config = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    targets = {
+        target
+        for job in config["scrape_configs"]
+        for static in job["static_configs"]
+        for target in static["targets"]
+    }
+    assert targets == {f"web:{port}", f"worker:{port}"}
+    assert services["web"]["healthcheck"]["test"][-1].endswith("/health', timeout=5)")
+
+
+def test_the_dashboard_reads_only_metrics_the_app_exposes() -> None:
+    dashboard = json.loads((DOCKER / "grafana" / "dashboards" / "mediarepo.json").read_text())
+    datasources = yaml.safe_load(
+        (DOCKER / "grafana" / "provisioning" / "datasources" / "prometheus.yaml").read_text()
+    )
+    uid = datasources["datasources"][0]["uid"]
+    families = _metric_families()
+    known = set().union(*families.values())
+    used = set()
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == uid, panel["title"]
+        for target in panel["targets"]:
+            used |= set(re.findall(r"\bmsc3870_[a-z_]+", target["expr"]))
+    assert used <= known, used - known
+    # Every metric the app defines has a panel.
+    unseen = {name for name, samples in families.items() if not samples & used}
+    assert not unseen, unseen

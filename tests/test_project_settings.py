@@ -264,6 +264,18 @@ ENVIRONMENT_CASES: list[tuple[dict[str, str], dict[str, Any]]] = [
     ({"MSC3870_REMOTE_MEDIA_CACHE_MAX_BYTES": "4096"}, {"REMOTE_MEDIA_CACHE_MAX_BYTES": 4096}),
     ({"MSC3870_REMOTE_MEDIA_CACHE_MAX_BYTES": "0"}, {"REMOTE_MEDIA_CACHE_MAX_BYTES": None}),
     (
+        {"MSC3870_HEALTH_COMPONENTS": "database,storage"},
+        {"HEALTH_COMPONENTS": ["database", "storage"]},
+    ),
+    ({"MSC3870_HEALTH_CACHE_SECONDS": "0.5"}, {"HEALTH_CACHE_SECONDS": 0.5}),
+    ({"MSC3870_HEALTH_TIMEOUT_SECONDS": "3"}, {"HEALTH_TIMEOUT_SECONDS": 3.0}),
+    ({"MSC3870_HEALTH_BEAT_MAX_AGE_SECONDS": "120"}, {"HEALTH_BEAT_MAX_AGE_SECONDS": 120.0}),
+    ({"METRICS_PORT": "9100"}, {"METRICS_PORT": 9100}),
+    (
+        {"MSC3870_METRICS_ALLOWED_NETWORKS": "10.0.0.0/8,::1"},
+        {"METRICS_ALLOWED_NETWORKS": ["10.0.0.0/8", "::1"]},
+    ),
+    (
         {"MATRIX_HOMESERVER_URL": "https://hs.test/"},
         {
             "HOMESERVER_URL": "https://hs.test/",

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from django.http import HttpResponse, HttpResponseBase, StreamingHttpResponse
 
+from .. import metrics
 from ..conf import app_settings
 from ..errors import RangeNotSatisfiable
 from ..models import Media
@@ -51,6 +53,8 @@ class Servable:
     content_type: str
     disposition: str
     etag: str | None
+    #: Another server's media (or its thumbnail): counted apart when served.
+    remote: bool = False
 
     @classmethod
     def of_media(cls, media: Media, filename: str | None) -> Servable:
@@ -61,17 +65,28 @@ class Servable:
             content_type=content_type,
             disposition=content_disposition(content_type, filename or media.filename or None),
             etag=media_etag(media),
+            remote=media.is_remote,
         )
 
     @classmethod
-    def of_thumbnail(cls, thumbnail: Thumbnail) -> Servable:
+    def of_thumbnail(cls, thumbnail: Thumbnail, *, remote: bool = False) -> Servable:
         return cls(
             key=thumbnail.key,
             size=thumbnail.size,
             content_type=thumbnail.content_type,
             disposition="inline",  # thumbnails are always inline
             etag=None,
+            remote=remote,
         )
+
+    @property
+    def source(self) -> str:
+        """The ``msc3870_served_bytes`` label of its bytes when streamed."""
+        return "remote" if self.remote else "local"
+
+    def stream(self, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """Its bytes from storage (``start``..``end`` inclusive), counted as served."""
+        return metrics.counting(self.source, get_store().iter_bytes(self.key, start, end))
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -128,6 +143,7 @@ def serve(
             cache_control=cache_control(public_cache),
         )
         if url:
+            metrics.served("redirect", item.size)
             response = HttpResponse(status=307)
             response["Location"] = url
             # The signed URL expires: caches must not keep the redirect longer.
@@ -143,14 +159,12 @@ def serve(
             response["Content-Range"] = f"bytes */{item.size}"
             return add_security_headers(response)
         if byte_range is None:
-            response = StreamingHttpResponse(
-                store.iter_bytes(item.key), content_type=item.content_type
-            )
+            response = StreamingHttpResponse(item.stream(), content_type=item.content_type)
             response["Content-Length"] = str(item.size)
         else:
             start, end = byte_range
             response = StreamingHttpResponse(
-                store.iter_bytes(item.key, start, end),
+                item.stream(start, end),
                 status=206,
                 content_type=item.content_type,
             )

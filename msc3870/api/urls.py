@@ -7,7 +7,7 @@ from django.urls import re_path
 
 from ..federation import urls as federation_urls
 from ..federation.views import KeyServerView
-from . import views
+from . import operating, views
 
 app_name = "msc3870"
 
@@ -76,4 +76,8 @@ urlpatterns = [
     ),
     # /_matrix/federation/v1/media/...: media of this server for other servers.
     *federation_urls.urlpatterns,
+    # For operators: the health check (/healthz is matrix-media-repo's spelling) and the
+    # metrics (served on the metrics listener only).
+    re_path(r"^healthz?$", view(operating.HealthView), name="health"),
+    re_path(r"^metrics$", view(operating.MetricsView), name="metrics"),
 ]

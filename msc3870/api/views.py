@@ -415,7 +415,9 @@ class ThumbnailView(DownloadView):
             if thumbnails.serves_original(media, animated):
                 return serving(Servable.of_media(media, None))
             return serving(
-                Servable.of_thumbnail(thumbnails.thumbnail(media, width, height, method))
+                Servable.of_thumbnail(
+                    thumbnails.thumbnail(media, width, height, method), remote=media.is_remote
+                )
             )
 
         return answer(

@@ -64,7 +64,7 @@ from django.utils import timezone
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from .. import lifecycle, queue, sql
+from .. import lifecycle, logs, metrics, queue, sql
 from ..conf import app_settings
 from ..errors import Codes, LimitExceeded, NotFound, NotYetUploaded, Rejection, TooLarge
 from ..models import Media, MediaState, UploadMethod
@@ -416,12 +416,27 @@ def fetch_remote_media(pk: int, requester: str | None = None) -> str:
     """The task's body: fetch, store and screen one claimed row. Starts from the row's
     state, so a redelivered task does nothing twice. The bytes read are charged to
     ``requester``'s bucket (the user whose request started the fetch), whatever the
-    outcome."""
+    outcome. Timed, counted by outcome and written as one line."""
+    meter = Meter()
+    outcome = "failed"
+    step: logs.Step | None = None
+    try:
+        with logs.step("fetch", user=requester or "") as step:
+            outcome = _fetch_remote_media(pk, requester, meter)
+            step.fields.update(outcome=outcome, bytes=meter.bytes)
+            return outcome
+    finally:
+        if step is not None:
+            metrics.fetched(outcome, meter.bytes)
+
+
+def _fetch_remote_media(pk: int, requester: str | None, meter: Meter) -> str:
     from ..verdicts import record_failure, screen_row
 
     media = Media.objects.filter(pk=pk).first()
     if media is None or not media.is_remote or media.state != S.PROCESSING:
         return "skipped"
+    logs.annotate(media_id=media.media_id, server_name=media.server_name)
     if not media.storage_key:
         # The fetch starts now, perhaps after waiting for a thread or a worker: it counts
         # as abandoned only that long after this.
@@ -429,7 +444,6 @@ def fetch_remote_media(pk: int, requester: str | None = None) -> str:
             media, S.PROCESSING, extra_where=Q(storage_key=""), processing_started_at=timezone.now()
         ):
             return "skipped"
-        meter = Meter()
         try:
             fetched = download(media, meter)
         except FetchFailed as failure:

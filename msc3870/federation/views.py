@@ -21,7 +21,7 @@ from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from .. import services, thumbnails
+from .. import metrics, services, thumbnails
 from ..api.deferred import answer
 from ..api.headers import add_security_headers
 from ..api.responses import CACHE_SECONDS, Servable
@@ -79,13 +79,12 @@ def multipart_answer(item: Servable, *, allow_redirect: bool) -> HttpResponseBas
             lifetime=app_settings.DOWNLOAD_URL_LIFETIME,
         )
     if url:
+        metrics.served("redirect", item.size)
         response = HttpResponse(framing.location(url), content_type=framing.content_type)
         # The URL expires: no cache may keep the answer longer than a minute.
         response["Cache-Control"] = "private, max-age=60"
     else:
-        body, length = framing.file(
-            item.content_type, item.disposition, store.iter_bytes(item.key), item.size
-        )
+        body, length = framing.file(item.content_type, item.disposition, item.stream(), item.size)
         response = StreamingHttpResponse(body, content_type=framing.content_type)
         response["Content-Length"] = str(length)
         # The answer depends on the requester's signature: private, as client downloads.

@@ -191,6 +191,11 @@ class MediaStore(ABC):
     def list_keys(self, prefix: str) -> Iterator[str]:
         """Keys under ``prefix`` (for cleanup of orphans)."""
 
+    @abstractmethod
+    def probe(self, timeout: float) -> None:
+        """Raise if the store cannot be used now, within about ``timeout`` seconds (the
+        health check; never retried)."""
+
     def download_url(
         self,
         key: str,

@@ -133,6 +133,15 @@ class LocalMediaStore(MediaStore):
             if path.is_file() and not path.name.endswith(".part"):
                 yield path.relative_to(root).as_posix()
 
+    def probe(self, timeout: float) -> None:
+        # Where media goes: its nearest existing directory must be one we can write to
+        # (FileSystemStorage makes the rest on the first upload).
+        path = Path(self.storage.location)
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(f"{path} is not a writable directory")
+
     def delete_stale_partials(self, older_than: timedelta) -> int:
         """Delete the ``.part`` files of ``write_stream`` not written to for ``older_than``.
 

@@ -28,7 +28,7 @@ from botocore.utils import parse_timestamp
 from django.utils import timezone
 from urllib3.response import HTTPResponse as Urllib3Response
 
-from .. import storage_keys
+from .. import metrics, storage_keys
 from ..conf import app_settings
 from ..errors import StorageUnavailable
 from .base import (
@@ -68,6 +68,8 @@ CHECKSUM_REFUSED_CODES = {"NotImplemented", "501", "InvalidArgument", "InvalidRe
 LIFECYCLE_UNSUPPORTED_CODES = {"NotImplemented", "501", "MethodNotAllowed", "405"}
 INCOMING_RULE_ID = "msc3870-expire-incoming"
 SIGV4 = Config(signature_version="s3v4")
+# The health probe's client: it answers within seconds or counts as down.
+PROBE_CONFIG = Config(connect_timeout=1, read_timeout=2, retries={"max_attempts": 1})
 # Connections kept by the process's one client: a web process's view threads, its
 # screening threads and a move's part-copy threads may all use it at once (botocore's
 # default is 10; past it a connection is dropped after use, not waited for).
@@ -84,11 +86,12 @@ Chunk = TypeVar("Chunk", bytes, memoryview)
 def _unavailable(exc: Exception) -> StorageUnavailable:
     """The store's own words (endpoint, bucket, key, request ids, credentials' names) are
     for the operator's log; clients get the fixed message of a 503."""
-    return _logged(f"{type(exc).__name__}: {exc}")
+    return _logged(f"{type(exc).__name__}: {exc}", type(exc).__name__)
 
 
-def _logged(detail: str) -> StorageUnavailable:
+def _logged(detail: str, error: str = "refused") -> StorageUnavailable:
     log.warning("Media storage failed: %s", detail)
+    metrics.store_error(error)
     error = StorageUnavailable()  # its message, the body of the 503, is the fixed one
     # str() keeps the detail for logs, retries and the row's last_error (record_failure).
     error.args = (f"Media storage failed: {detail}",)
@@ -196,6 +199,20 @@ class S3MediaStore(MediaStore):
             aws_secret_access_key=storage.secret_key,
             aws_session_token=storage.security_token,
             config=storage.client_config.merge(SIGV4),
+        )
+
+    @cached_property
+    def probe_client(self) -> Any:
+        """The health check's client: short timeouts, no retries (the main client waits
+        a minute and retries, as a transfer should)."""
+        storage = self.storage
+        return storage._create_session().client(
+            "s3",
+            region_name=storage.region_name,
+            use_ssl=storage.use_ssl,
+            endpoint_url=storage.endpoint_url,
+            config=storage.client_config.merge(PROBE_CONFIG),
+            verify=storage.verify,
         )
 
     def _key(self, key: str) -> str:
@@ -457,6 +474,12 @@ class S3MediaStore(MediaStore):
             errors = [e for e in response.get("Errors", []) if e.get("Code") not in NOT_FOUND_CODES]
             if errors:
                 raise _logged(f"refused deletes: {errors[:3]}")
+
+    def probe(self, timeout: float) -> None:
+        # The bucket answers: the credentials, the endpoint and the bucket all hold.
+        # The client's own timeouts are PROBE_CONFIG's; the health check waits no longer
+        # than ``timeout`` for them anyway.
+        self.probe_client.head_bucket(Bucket=self.bucket)
 
     def list_keys(self, prefix: str) -> Iterator[str]:
         location = self._key("")
