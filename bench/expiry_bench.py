@@ -95,7 +95,7 @@ def setup_rows(
     from django.utils import timezone
 
     from msc3870.models import Media, MediaState
-    from msc3870.services import new_media_id
+    from msc3870.validation import new_media_id
 
     with connection.cursor() as cursor:
         cursor.execute("TRUNCATE msc3870_media RESTART IDENTITY")

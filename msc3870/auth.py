@@ -36,14 +36,13 @@ from .errors import (
     UnknownToken,
 )
 from .models import AccessToken, digest_token
+from .server_names import is_valid_server_name
 
 # Matrix user ids: @localpart:server_name (historical localparts allowed, no whitespace,
-# no colon). The server name is the spec's grammar (a host, then an optional port) and no
-# looser: with a lax server part, ``@x:evil.example:localhost`` would pass for a user of
+# no colon). The server name is the spec's grammar (msc3870.server_names) and no looser:
+# with a lax server part, ``@x:evil.example:localhost`` would pass for a user of
 # ``localhost`` under a namespace like ``@.*:localhost``.
-USER_ID_RE = re.compile(
-    r"@[\x21-\x39\x3b-\x7e]+:(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.\-]{1,255})(?::[0-9]{1,5})?"
-)
+LOCALPART_RE = re.compile(r"[\x21-\x39\x3b-\x7e]+")
 # A server name no pattern can mean on purpose (RFC 6761): a namespace that matches a user
 # of this server also matches the same localpart here only if its server part is a
 # wildcard, and then it does not name other servers.
@@ -67,7 +66,14 @@ class MatrixUser:
 
 
 def validate_user_id(user_id: str) -> str:
-    if len(user_id) > 255 or not USER_ID_RE.fullmatch(user_id):
+    localpart, colon, server_name = user_id[1:].partition(":")
+    if (
+        len(user_id) > 255
+        or not user_id.startswith("@")
+        or not colon
+        or not LOCALPART_RE.fullmatch(localpart)
+        or not is_valid_server_name(server_name)
+    ):
         raise InvalidParam(f"{user_id!r} is not a Matrix user id")
     return user_id
 

@@ -19,6 +19,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.files.storage import FileSystemStorage, InvalidStorageError, storages
 
 from .conf import SETTINGS, app_settings
+from .server_names import is_valid_server_name
 from .setting import IMPORT_STRING_LIST, STR_LIST, Setting
 
 # S3 signs upload URLs for at most 7 days.
@@ -103,9 +104,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         for key in user
         if key not in SETTINGS
     ]
-    from .services import SERVER_NAME_RE
-
-    if typed("SERVER_NAME") and not SERVER_NAME_RE.fullmatch(app_settings.SERVER_NAME):
+    if typed("SERVER_NAME") and not is_valid_server_name(app_settings.SERVER_NAME):
         errors.append(
             Error(
                 f"MSC3870['SERVER_NAME'] = {app_settings.SERVER_NAME!r} is not a server name.",

@@ -22,7 +22,7 @@ S = MediaState
 
 ALLOWED_TRANSITIONS: dict[str, frozenset[str]] = {
     # PENDING -> COMPLETE or REJECTED: a PUT screened in its own request stores its bytes
-    # unclaimed and records them with their verdict in one write (services.upload_to_media).
+    # unclaimed and records them with their verdict in one write (uploads.upload_to_media).
     S.PENDING: frozenset({S.PROCESSING, S.COMPLETE, S.REJECTED, S.EXPIRED, S.DELETED}),
     # PROCESSING -> PENDING: an upload PUT failed before any byte was kept (too big,
     # client went away), so the id may be used again.

@@ -142,7 +142,7 @@ class MatrixClient:
 def puts_claim_first(monkeypatch: pytest.MonkeyPatch) -> None:
     """A PUT as it runs with a broker: the id is claimed (PROCESSING) before the body is
     read, and the bytes are recorded before the checks are queued. (Without one, the
-    default here, a PUT is decided in one write: ``services._upload_decided_in_one_write``.)"""
+    default here, a PUT is decided in one write: ``uploads._upload_decided_in_one_write``.)"""
     from msc3870 import verdicts
 
     monkeypatch.setattr(verdicts, "screens_in_request", lambda: False)

@@ -8,7 +8,7 @@ from django.test import Client
 from django.utils import timezone
 
 from msc3870.models import Media, MediaState
-from msc3870.services import MEDIA_ID_RE
+from msc3870.validation import MEDIA_ID_RE
 
 from .conftest import MatrixClient, media_of, msc3870_settings
 
@@ -152,7 +152,7 @@ def test_racing_creates_never_pass_the_pending_limit(monkeypatch: pytest.MonkeyP
 
     from django.db import connection
 
-    from msc3870 import services, sql
+    from msc3870 import sql, uploads
     from msc3870.auth import MatrixUser
     from msc3870.errors import LimitExceeded
 
@@ -171,7 +171,7 @@ def test_racing_creates_never_pass_the_pending_limit(monkeypatch: pytest.MonkeyP
 
     def create() -> None:
         try:
-            services.create_media(user)
+            uploads.create_media(user)
             outcomes.append("created")
         except LimitExceeded:
             outcomes.append("refused")

@@ -72,10 +72,10 @@ def test_pending_download_on_v3_with_unstable_timeout_param(db: None, alice: Mat
 
 
 def test_timeout_is_capped(alice: MatrixClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    from msc3870 import services
+    from msc3870 import downloads
 
-    assert services.download_timeout_ms("999999999") == 60_000
-    assert services.download_timeout_ms(None) == 20_000
+    assert downloads.download_timeout_ms("999999999") == 60_000
+    assert downloads.download_timeout_ms(None) == 20_000
     response = alice.get(V1 + "localhost/abc?timeout_ms=soon")
     assert response.status_code == 400
     assert response.json()["errcode"] == "M_INVALID_PARAM"

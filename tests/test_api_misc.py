@@ -82,12 +82,12 @@ def test_cors_preflight_for_browser_clients(db: None) -> None:
 def test_unexpected_error_is_a_matrix_500_not_html(
     alice: MatrixClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from msc3870 import services
+    from msc3870 import uploads
 
     def broken(user: object) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(services, "create_media", broken)
+    monkeypatch.setattr(uploads, "create_media", broken)
     client = Client(raise_request_exception=False)
     response = client.post(
         "/_matrix/media/v1/create", headers={"Authorization": f"Bearer {alice.token}"}

@@ -169,11 +169,11 @@ def test_a_complete_that_looks_for_the_bytes_after_the_winner_moved_them_answers
 ) -> None:
     """The second call runs start to finish between the first call's read of the row and
     its look at the incoming object (its checks), so the first finds no bytes."""
-    from msc3870 import services
+    from msc3870 import uploads
 
     created = created_with_bytes(alice, png_bytes())
     path = complete_path(created["content_uri"])
-    real_check = services._check_can_upload
+    real_check = uploads._check_can_upload
     inner: list[Any] = []
 
     def check_then_race(user: Any, media: Media) -> None:
@@ -182,7 +182,7 @@ def test_a_complete_that_looks_for_the_bytes_after_the_winner_moved_them_answers
             inner.append(None)
             inner[0] = alice.post(path, b"{}")
 
-    monkeypatch.setattr(services, "_check_can_upload", check_then_race)
+    monkeypatch.setattr(uploads, "_check_can_upload", check_then_race)
     outer = alice.post(path, b"{}")
     assert inner[0].status_code == 200, inner[0].content
     assert outer.status_code == 200, outer.content

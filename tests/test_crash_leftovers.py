@@ -12,7 +12,7 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
-from msc3870 import lifecycle, maintenance, services
+from msc3870 import lifecycle, maintenance, uploads
 from msc3870.auth import MatrixUser
 from msc3870.errors import InvalidParam
 from msc3870.models import Media, MediaState, UploadMethod
@@ -52,8 +52,8 @@ def test_late_finisher_does_not_write_over_a_newer_claim(alice: MatrixClient) ->
                 state["newer"] = _reset_and_reclaim(media)
             return chunk
 
-    with pytest.raises(services.UploadAbandoned):
-        services.upload_to_media(
+    with pytest.raises(uploads.UploadAbandoned):
+        uploads.upload_to_media(
             MatrixUser(alice.user_id),
             "localhost",
             media.media_id,
@@ -82,7 +82,7 @@ def test_late_failure_does_not_roll_back_a_newer_claim(alice: MatrixClient) -> N
             raise ConnectionResetError("client went away")
 
     with pytest.raises(InvalidParam):  # how an unreadable body reaches the client
-        services.upload_to_media(
+        uploads.upload_to_media(
             MatrixUser(alice.user_id),
             "localhost",
             media.media_id,
@@ -108,7 +108,7 @@ def test_own_failure_still_releases_the_id(alice: MatrixClient) -> None:
             raise ConnectionResetError("client went away")
 
     with pytest.raises(InvalidParam):  # how an unreadable body reaches the client
-        services.upload_to_media(
+        uploads.upload_to_media(
             MatrixUser(alice.user_id),
             "localhost",
             media.media_id,

@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from msc3870 import maintenance, services
+from msc3870 import maintenance, uploads
 from msc3870.models import Media, MediaState
 from msc3870.stores import get_store
 
@@ -33,7 +33,7 @@ def test_complete_does_not_claim_an_id_that_expired_after_its_checks(
     """The expiry instant passes between /complete's checks and its claim of the row: the
     claim (compare-and-set with the expiry condition) must lose, and the answer is 404."""
     media = created_with_bytes(alice)
-    real_check = services._check_can_upload
+    real_check = uploads._check_can_upload
 
     def check_then_expire(user: object, row: Media) -> None:
         real_check(user, row)  # type: ignore[arg-type]
@@ -41,7 +41,7 @@ def test_complete_does_not_claim_an_id_that_expired_after_its_checks(
             unused_expires_at=timezone.now() - timedelta(milliseconds=1)
         )
 
-    monkeypatch.setattr(services, "_check_can_upload", check_then_expire)
+    monkeypatch.setattr(uploads, "_check_can_upload", check_then_expire)
     response = alice.post(f"/_matrix/media/v1/upload/{mxc_path(media.mxc_uri)}/complete")
     assert response.status_code == 404, response.content
     assert response.json()["errcode"] == "M_NOT_FOUND"

@@ -9,7 +9,7 @@ import pytest
 from django.test import override_settings
 
 from msc3870.errors import InvalidParam
-from msc3870.services import clean_filename
+from msc3870.validation import clean_filename
 
 from .conftest import MatrixClient, mxc_path
 from .test_s3_store import complete, s3_storages

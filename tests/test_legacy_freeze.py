@@ -14,7 +14,7 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
-from msc3870 import services
+from msc3870 import downloads
 from msc3870.errors import NotFound
 from msc3870.models import Media, MediaState
 from msc3870.waiting import MediaWait
@@ -74,7 +74,7 @@ def test_pending_media_after_the_freeze_is_not_found_without_waiting(
     assert response.status_code == 404
     assert response.json()["errcode"] == "M_NOT_FOUND"
     with pytest.raises(MediaWait):  # authenticated: waits as before
-        services.media_for_download(server_name, media_id, timeout_ms=1000)
+        downloads.media_for_download(server_name, media_id, timeout_ms=1000)
 
 
 def test_the_freeze_applies_to_the_answer_after_a_wait(alice: MatrixClient) -> None:
@@ -83,7 +83,7 @@ def test_the_freeze_applies_to_the_answer_after_a_wait(alice: MatrixClient) -> N
     server_name, media_id = mxc_path(alice.create()["content_uri"]).split("/")
     freeze = timezone.now() + timedelta(minutes=1)
     with pytest.raises(MediaWait) as waiting:
-        services.media_for_download(server_name, media_id, timeout_ms=10_000, frozen_after=freeze)
+        downloads.media_for_download(server_name, media_id, timeout_ms=10_000, frozen_after=freeze)
     # Meanwhile the row turns out to be newer than the freeze, and completes.
     Media.objects.filter(media_id=media_id).update(
         created_at=freeze + timedelta(seconds=1),

@@ -129,7 +129,7 @@ def test_stuck_put_without_bytes_returns_to_pending(alice: MatrixClient) -> None
 def test_upload_abandoned_by_the_sweep_while_streaming(alice: MatrixClient) -> None:
     """The sweep gave up on a PUT whose body was still arriving: the client is told, and
     the bytes it sent are not left behind."""
-    from msc3870 import services
+    from msc3870 import uploads
     from msc3870.auth import MatrixUser
 
     created = alice.create()
@@ -142,8 +142,8 @@ def test_upload_abandoned_by_the_sweep_while_streaming(alice: MatrixClient) -> N
                 Media.objects.filter(pk=media.pk).update(state=S.PENDING)
             return chunk
 
-    with pytest.raises(services.UploadAbandoned):
-        services.upload_to_media(
+    with pytest.raises(uploads.UploadAbandoned):
+        uploads.upload_to_media(
             MatrixUser(alice.user_id),
             "localhost",
             media.media_id,

@@ -1,5 +1,5 @@
 """Issue 7: without a broker a PUT is decided in one write
-(``services._upload_decided_in_one_write``).
+(``uploads._upload_decided_in_one_write``).
 
 The id is not claimed before the body is read: the bytes go to a key of the request's own,
 and one compare-and-set on the still PENDING row records them with their verdict. What the
@@ -19,7 +19,7 @@ import pytest
 from django.conf import settings
 from django.utils import timezone
 
-from msc3870 import lifecycle, services
+from msc3870 import lifecycle, uploads
 from msc3870.auth import MatrixUser
 from msc3870.errors import CannotOverwrite, NotFound, StorageUnavailable
 from msc3870.models import Media, MediaState, UploadMethod
@@ -46,7 +46,7 @@ class ThenAtTheEnd(io.BytesIO):
 
 
 def put(client: MatrixClient, media: Media, body: io.BytesIO, size: int) -> Media:
-    return services.upload_to_media(
+    return uploads.upload_to_media(
         MatrixUser(client.user_id),
         "localhost",
         media.media_id,

@@ -11,8 +11,8 @@ from . import operating, views
 
 app_name = "msc3870"
 
-# Path components are matched loosely and validated by the services, so a bad id gets
-# M_INVALID_PARAM rather than "unrecognized endpoint".
+# Path components are matched loosely and validated by the uploads and downloads modules,
+# so a bad id gets M_INVALID_PARAM rather than "unrecognized endpoint".
 MXC = r"(?P<server_name>[^/]+)/(?P<media_id>[^/]+)"
 FILE_NAME = r"(?:/(?P<file_name>[^/]+))?"
 

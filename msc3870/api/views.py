@@ -17,7 +17,7 @@ from rest_framework.settings import IMPORT_STRINGS as DRF_IMPORT_STRINGS
 from rest_framework.settings import APISettings
 from rest_framework.views import APIView
 
-from .. import services, thumbnails
+from .. import downloads, thumbnails, uploads, validation
 from ..auth import MatrixTokenAuthentication
 from ..conf import app_settings
 from ..errors import Codes, InvalidParam, MatrixError
@@ -195,7 +195,7 @@ class CreateView(MatrixView):
 
     def post(self, request: Request) -> Response:
         _json_body(request)  # no fields are defined; only its syntax is checked
-        created = services.create_media(request.user)
+        created = uploads.create_media(request.user)
         upload = created.upload
         expires_ms = int(created.media.unused_expires_at.timestamp() * 1000)
         return Response(
@@ -222,7 +222,7 @@ class UploadToMediaView(MatrixView):
         body, length = request_body(request)
         return answer(
             request,
-            lambda: services.upload_to_media(
+            lambda: uploads.upload_to_media(
                 request.user,
                 server_name,
                 media_id,
@@ -242,7 +242,7 @@ class CompleteView(MatrixView):
         _json_body(request)
         return answer(
             request,
-            lambda: services.complete_url_upload(
+            lambda: uploads.complete_url_upload(
                 request.user, server_name, media_id, filename=_filename(request)
             ),
             lambda media: _json_response({"content_uri": media.mxc_uri}),
@@ -254,7 +254,7 @@ class UploadView(MatrixView):
         body, length = request_body(request)
         return answer(
             request,
-            lambda: services.upload_new_media(
+            lambda: uploads.upload_new_media(
                 request.user,
                 body,
                 content_length=length,
@@ -273,7 +273,7 @@ class UploadURLView(MatrixView):
 
     def put(self, request: Request, token: str) -> Response:
         body, length = request_body(request)
-        written = services.receive_url_upload(
+        written = uploads.receive_url_upload(
             token, body, content_length=length, content_type=request.content_type or None
         )
         response = Response({})
@@ -292,7 +292,7 @@ class DownloadView(MatrixView):
 
     def timeout_ms(self, request: Request) -> int:
         params = request.query_params
-        return services.download_timeout_ms(
+        return downloads.download_timeout_ms(
             params.get("timeout_ms", params.get("fi.mau.msc2246.timeout_ms"))
         )
 
@@ -310,7 +310,7 @@ class DownloadView(MatrixView):
     ) -> HttpResponseBase:
         serving = self.serving(request)
         # The name a link asks the browser to save as obeys the upload's rules (no RLO).
-        file_name = services.clean_filename(file_name) or None
+        file_name = validation.clean_filename(file_name) or None
         return answer(
             request,
             self.finding(request, server_name, media_id),
@@ -325,7 +325,7 @@ class DownloadView(MatrixView):
         timeout_ms = self.timeout_ms(request)
         frozen_after = self.frozen_after()
         fetch_for = str(request.user) if self.fetch_remote(request) else None
-        return lambda: services.media_for_download(
+        return lambda: downloads.media_for_download(
             server_name,
             media_id,
             timeout_ms=timeout_ms,
@@ -379,7 +379,7 @@ class LegacyMediaMixin:
 
     def timeout_ms(self, request: Request) -> int:
         params = request.query_params
-        return services.download_timeout_ms(
+        return downloads.download_timeout_ms(
             params.get("timeout_ms", params.get("fi.mau.msc2246.timeout_ms")),
             maximum=app_settings.LEGACY_DOWNLOAD_TIMEOUT_MS_MAX,
         )

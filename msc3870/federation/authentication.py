@@ -25,9 +25,9 @@ from ..api.throttling import LeakyBucketThrottle
 from ..conf import app_settings
 from ..errors import LimitExceeded, Unauthorized
 from ..ratelimit import LeakyBucket
+from ..server_names import DEFAULT_FEDERATION_PORT, InvalidServerName, parse_server_name
 from ..waiting import Deadline, RetryWhenDone
 from . import keyring
-from .server_names import DEFAULT_FEDERATION_PORT, InvalidServerName, parse_server_name
 from .xmatrix import authenticate_request
 
 

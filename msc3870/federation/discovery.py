@@ -38,8 +38,8 @@ import dns.exception
 import dns.resolver
 from django.core.cache import cache
 
+from ..server_names import DEFAULT_FEDERATION_PORT, InvalidServerName, parse_server_name
 from . import outbound
-from .server_names import DEFAULT_FEDERATION_PORT, InvalidServerName, parse_server_name
 
 log = logging.getLogger(__name__)
 

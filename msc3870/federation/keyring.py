@@ -50,8 +50,8 @@ from signedjson.sign import SignatureVerifyException, verify_signed_json
 from signedjson.types import VerifyKey
 
 from ..conf import app_settings
+from ..server_names import InvalidServerName
 from . import discovery, keys, outbound
-from .server_names import InvalidServerName
 
 log = logging.getLogger(__name__)
 

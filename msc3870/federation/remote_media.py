@@ -2,7 +2,7 @@
 
 Route of one ``mxc://other.server/id``, top to bottom:
 
-1. ``media_for_download`` (called by ``services.media_for_download``) looks the row up
+1. ``media_for_download`` (called by ``downloads.media_for_download``) looks the row up
    (``server_name`` = the other server). None: it INSERTs one in PROCESSING with upload
    method ``remote``; the unique constraint on (server_name, media_id) lets exactly one of
    any number of concurrent requests win, and only the winner starts the fetch (the task
@@ -38,7 +38,7 @@ broker, this process's fetch threads. Past any of them the answer is 429 at once
 requests on behalf of a user fetch (the legacy unauthenticated endpoints serve what is
 held); media already held, and waiting for a fetch another request started, cost nothing.
 Serving held media records when (``last_accessed_at``, at most once an hour per media,
-``services.note_access``), which the cache's eviction sweep
+``availability.note_access``), which the cache's eviction sweep
 (``maintenance.evict_remote_media``) orders by.
 
 Thumbnails of remote media are made here from the fetched original, as for local media.
@@ -301,7 +301,7 @@ def _forget(media: Media, state: str) -> Media | None:
 def _remote_downloadable(
     media: Media | None, *, deadline: Deadline, frozen_after: datetime | None
 ) -> Media:
-    from ..services import _downloadable
+    from ..availability import available
 
     if media is None:
         raise NotFound()
@@ -322,8 +322,8 @@ def _remote_downloadable(
             deadline,
             partial(_remote_downloadable, deadline=deadline, frozen_after=frozen_after),
         )
-    # Serving it records the access (``services.note_access``), as for local media.
-    return _downloadable(media, deadline, frozen_after=frozen_after)
+    # Serving it records the access (``availability.note_access``), as for local media.
+    return available(media, deadline, frozen_after=frozen_after)
 
 
 def client_message(errcode: str) -> str:
@@ -774,7 +774,7 @@ def _filename(disposition: str | None) -> str:
     """The file name of a ``Content-Disposition`` (``filename*`` of RFC 6266 first), if it
     passes the upload rules; else none (the bytes are still worth serving)."""
     from ..errors import InvalidParam
-    from ..services import clean_filename
+    from ..validation import clean_filename
 
     if not disposition:
         return ""

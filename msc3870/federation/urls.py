@@ -7,7 +7,7 @@ from django.urls import re_path
 
 from . import views
 
-# The media id is matched loosely and validated by the services (400 M_INVALID_PARAM for a
+# The media id is matched loosely and validated by the downloads module (400 M_INVALID_PARAM for a
 # bad one, not "unrecognized endpoint").
 MEDIA_ID = r"(?P<media_id>[^/]+)"
 

@@ -21,7 +21,7 @@ from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from .. import metrics, services, thumbnails
+from .. import downloads, metrics, thumbnails
 from ..api.deferred import answer
 from ..api.headers import add_security_headers
 from ..api.responses import CACHE_SECONDS, Servable
@@ -99,7 +99,7 @@ class FederationMediaView(FederationView):
 
     def timeout_ms(self, request: Request) -> int:
         # Capped at DOWNLOAD_TIMEOUT_MS_MAX (60 s, Synapse's MAXIMUM_ALLOWED_MAX_TIMEOUT_MS).
-        return services.download_timeout_ms(request.query_params.get("timeout_ms"))
+        return downloads.download_timeout_ms(request.query_params.get("timeout_ms"))
 
     def answer_with(
         self, request: Request, media_id: str, render: Callable[[Media], HttpResponseBase]
@@ -108,7 +108,7 @@ class FederationMediaView(FederationView):
         server_name = app_settings.SERVER_NAME
         return answer(
             request,
-            lambda: services.media_for_download(server_name, media_id, timeout_ms=timeout_ms),
+            lambda: downloads.media_for_download(server_name, media_id, timeout_ms=timeout_ms),
             render,
             kind=AUTHENTICATED,
         )

@@ -31,8 +31,8 @@ from signedjson.types import SigningKey
 
 from ..conf import app_settings
 from ..errors import Unauthorized
+from ..server_names import is_valid_server_name
 from . import keyring, keys
-from .server_names import is_valid_server_name
 
 log = logging.getLogger(__name__)
 

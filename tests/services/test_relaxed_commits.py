@@ -19,7 +19,7 @@ import pytest
 from django.db import connection, transaction
 from django.utils import timezone
 
-from msc3870 import services, sql
+from msc3870 import sql, uploads
 from msc3870.auth import MatrixUser
 from msc3870.models import Media, MediaState
 from msc3870.waiting import MediaWait
@@ -98,7 +98,7 @@ def test_durable_updates_are_not_relaxed() -> None:
 def test_a_reservation_relaxes_its_own_transaction_only() -> None:
     user = MatrixUser("@relaxed-create:localhost")
     with statements() as seen:
-        created = services.create_media(user)
+        created = uploads.create_media(user)
     lock = next(text for text in seen if "pg_advisory_xact_lock" in text)
     assert sql.RELAXED_COMMIT in lock
     assert Media.objects.get(pk=created.media.pk).state == MediaState.PENDING
@@ -106,7 +106,7 @@ def test_a_reservation_relaxes_its_own_transaction_only() -> None:
 
     # Inside a caller's transaction the reservation leaves the commit to the caller.
     with transaction.atomic(), statements() as seen:
-        services.create_media(user)
+        uploads.create_media(user)
     lock = next(text for text in seen if "pg_advisory_xact_lock" in text)
     assert sql.RELAXED_COMMIT not in lock
 
@@ -115,11 +115,11 @@ def test_an_upload_claims_relaxed_and_records_its_verdict_durably() -> None:
     """The PUT's claim is relaxed; the UPDATE that records the bytes and the verdict, the
     one the client's 200 stands on, is not."""
     user = MatrixUser("@relaxed-put:localhost")
-    created = services.create_media(user)
+    created = uploads.create_media(user)
     with statements() as seen, contextlib.suppress(MediaWait):
         # With a broker the bytes are recorded and the checks queued: the request would
         # then wait for their verdict (MediaWait), which is the worker's durable UPDATE.
-        services.upload_to_media(
+        uploads.upload_to_media(
             user,
             created.media.server_name,
             created.media.media_id,

@@ -1,19 +1,33 @@
-"""What clients can do with media: create, upload, complete, download.
+"""Uploads, the route of one upload from top to bottom.
 
-The domain API that views call. Nothing here sees a request: callers pass the Matrix user,
-ids, the body as a readable stream and the few headers that matter.
+1. ``create_media`` reserves an ``mxc://`` id (PENDING) and names where its bytes may be
+   PUT: a presigned URL of the store, or a signed URL of this server
+   (``receive_url_upload``);
+2. the bytes arrive, one of three ways:
+   - to the upload URL, then ``complete_url_upload`` (MSC3870 ``/complete``) claims the
+     id (PENDING -> PROCESSING), refuses what its size and first bytes already tell
+     (``verdicts.reject_before_answer``) and answers while the rest of the checks run;
+   - through this server, ``upload_to_media`` (MSC2246 PUT) or ``upload_new_media``
+     (one-shot POST): the body streams to a key of this request's own
+     (``_store_body``);
+3. ``msc3870.verdicts`` moves the bytes out of any URL's reach, runs the checks and writes
+   the verdict, COMPLETE or REJECTED, in one compare-and-set; without a broker a PUT is
+   decided in its own request (``_upload_decided_in_one_write``), with one the task is
+   queued (``msc3870.queue``);
+4. the answer (``_decision``): the content URI, or the rejection with its reason, which
+   only the uploader hears (downloads of rejected media are 404).
+
+Nothing here sees a request: views pass the Matrix user, ids, the body as a readable
+stream and the few headers that matter.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-import secrets
-import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from functools import partial
 from typing import Any, NoReturn
 
@@ -22,23 +36,22 @@ from django.utils import timezone
 
 from . import lifecycle, logs, metrics, sql, verdicts
 from .auth import MatrixUser
+from .availability import local_media
 from .conf import app_settings
 from .errors import (
     CannotOverwrite,
     Codes,
     Forbidden,
     GuestAccessForbidden,
-    InvalidParam,
     LimitExceeded,
     MatrixError,
     NotFound,
     NothingUploaded,
-    NotYetUploaded,
     Rejection,
     TooLarge,
     UploadAbandoned,
 )
-from .models import AWAITING_UPLOAD_STATES, Media, MediaState, UploadMethod
+from .models import Media, MediaState, UploadMethod
 from .sniffing import SNIFF_BYTES
 from .stores import (
     ObjectInfo,
@@ -49,81 +62,17 @@ from .stores import (
     get_store,
 )
 from .upload_tokens import read_upload_token
+from .validation import check_local, clean_content_type, clean_filename, new_media_id
 from .waiting import Deadline, MediaWait
 
 log = logging.getLogger(__name__)
 S = MediaState
-
-MEDIA_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-# hostname | IPv4 | [IPv6], optional port (spec appendix "Server Name").
-SERVER_NAME_RE = re.compile(
-    r"(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,253}[A-Za-z0-9])?)(?::[0-9]{1,5})?"
-)
-MAX_FILENAME_LENGTH = 255
-
-
-def new_media_id() -> str:
-    """192 random bits in the URL-safe alphabet ``[A-Za-z0-9_-]``."""
-    return secrets.token_urlsafe(24)
-
-
-def validate_mxc(server_name: str, media_id: str) -> None:
-    if not SERVER_NAME_RE.fullmatch(server_name):
-        raise InvalidParam("Invalid server name")
-    if not MEDIA_ID_RE.fullmatch(media_id):
-        raise InvalidParam("Invalid media id")
-
-
-# Format characters that are not needed to spell a name: joiners (emoji sequences, Persian
-# and Indic scripts) and tag characters (subdivision flags) are.
-_ALLOWED_FORMAT_CHARACTERS = frozenset({"\u200c", "\u200d"}) | frozenset(
-    chr(c) for c in range(0xE0020, 0xE0080)
-)
-
-
-def _refused_in_filename(char: str) -> bool:
-    """Control characters, line separators and invisible format characters: a right-to-
-    left override (U+202E) makes "invoice\u202efdp.exe" display as "invoiceexe.pdf", and
-    other bidi controls, zero-width spaces and the like hide what a name says."""
-    category = unicodedata.category(char)
-    if category in ("Cc", "Cs", "Zl", "Zp"):
-        return True
-    return category == "Cf" and char not in _ALLOWED_FORMAT_CHARACTERS
-
-
-def clean_filename(filename: str | None) -> str:
-    if not filename:
-        return ""
-    if len(filename) > MAX_FILENAME_LENGTH or any(_refused_in_filename(c) for c in filename):
-        raise InvalidParam("Invalid filename")
-    return filename
-
-
-def clean_content_type(content_type: str | None) -> str:
-    content_type = (content_type or "").strip()
-    if len(content_type) > 255 or any(ord(c) < 0x20 for c in content_type):
-        raise InvalidParam("Invalid Content-Type")
-    return content_type
 
 
 def _require_member(user: MatrixUser) -> None:
     """Guests may download but not upload (as Synapse decides)."""
     if user.is_guest:
         raise GuestAccessForbidden()
-
-
-def _check_local(server_name: str, media_id: str) -> None:
-    validate_mxc(server_name, media_id)
-    if server_name != app_settings.SERVER_NAME:
-        raise NotFound("This server only holds media of " + app_settings.SERVER_NAME)
-
-
-def _local_media(server_name: str, media_id: str) -> Media:
-    _check_local(server_name, media_id)
-    media = sql.media_by_mxc(server_name, media_id)
-    if media is None:
-        raise NotFound()
-    return media
 
 
 # ---------------------------------------------------------------------------- create
@@ -263,18 +212,18 @@ def upload_to_media(
 ) -> Media:
     """MSC2246 ``PUT /upload/{serverName}/{mediaId}``: fill a pending id."""
     _require_member(user)
-    _check_local(server_name, media_id)
+    check_local(server_name, media_id)
     try:
         check_declared_length(content_length)
         declared = clean_content_type(content_type)
         name = clean_filename(filename)
     except MatrixError:
         # What is wrong with the id is said first (Synapse's order).
-        _check_can_upload(user, _local_media(server_name, media_id))
+        _check_can_upload(user, local_media(server_name, media_id))
         raise
     if verdicts.screens_in_request():
         return _upload_decided_in_one_write(
-            user, _local_media(server_name, media_id), body, content_length, declared, name
+            user, local_media(server_name, media_id), body, content_length, declared, name
         )
     now = timezone.now()
     # Read and claimed in one statement; the claim need not survive a database crash:
@@ -295,7 +244,7 @@ def upload_to_media(
     )
     if media is None:
         # Missing, another's, expired or already uploaded to: say which.
-        _check_can_upload(user, _local_media(server_name, media_id))
+        _check_can_upload(user, local_media(server_name, media_id))
         raise CannotOverwrite()
     try:
         received, first_bytes = _store_body(media, body, content_length)
@@ -345,7 +294,7 @@ def _upload_decided_in_one_write(
     )
     if screened == verdicts.Outcome.SKIPPED:
         get_store().delete(stored["storage_key"])
-        _check_can_upload(user, _local_media(media.server_name, media.media_id))
+        _check_can_upload(user, local_media(media.server_name, media.media_id))
         raise CannotOverwrite()
     return _decision(media, Deadline.after_seconds(app_settings.COMPLETE_WAIT_SECONDS))
 
@@ -408,7 +357,7 @@ def complete_url_upload(
     name = clean_filename(filename)
     waits = app_settings.COMPLETE_WAITS_FOR_CHECKS
     for _ in range(3):
-        media = _local_media(server_name, media_id)
+        media = local_media(server_name, media_id)
         if media.user_id != user.user_id:
             raise Forbidden("You may only complete media you created")
         if media.upload_method == UploadMethod.URL and media.state != S.DELETED:
@@ -516,107 +465,3 @@ def _outcome(media: Media) -> Media:
     # COMPLETE, or still PROCESSING after the wait: the bytes are ours and will be decided;
     # downloads wait for them meanwhile (MSC2246 semantics).
     return media
-
-
-# ---------------------------------------------------------------------------- download
-
-
-def download_timeout_ms(requested: str | None, *, maximum: int | None = None) -> int:
-    cap = app_settings.DOWNLOAD_TIMEOUT_MS_MAX if maximum is None else maximum
-    if requested in (None, ""):
-        return min(app_settings.DOWNLOAD_TIMEOUT_MS, cap)
-    try:
-        value = int(requested)
-    except ValueError as exc:
-        raise InvalidParam("timeout_ms must be an integer") from exc
-    if value < 0:
-        raise InvalidParam("timeout_ms must not be negative")
-    return min(value, cap)
-
-
-def media_for_download(
-    server_name: str,
-    media_id: str,
-    *,
-    timeout_ms: int,
-    frozen_after: datetime | None = None,
-    fetch_for: str | None = None,
-) -> Media:
-    """The complete media behind an mxc:// id; ``MediaWait`` (up to ``timeout_ms``) while
-    it is being uploaded or checked. Media created after ``frozen_after`` is not found (the
-    legacy unauthenticated endpoints' freeze, MSC3916), before and after any wait.
-
-    Another server's media is served if held; with ``fetch_for`` (the Matrix user asking,
-    charged what is fetched) it is fetched first (``msc3870.federation.remote_media``),
-    and waited for as an upload is."""
-    validate_mxc(server_name, media_id)
-    if server_name != app_settings.SERVER_NAME:
-        from .federation import remote_media
-
-        return remote_media.media_for_download(
-            server_name,
-            media_id,
-            deadline=Deadline.after_ms(timeout_ms),
-            frozen_after=frozen_after,
-            fetch_for=fetch_for,
-        )
-    return _downloadable(
-        _local_media(server_name, media_id),
-        Deadline.after_ms(timeout_ms),
-        frozen_after=frozen_after,
-    )
-
-
-def _downloadable(
-    media: Media | None, deadline: Deadline, *, frozen_after: datetime | None = None
-) -> Media:
-    if media is None:
-        raise NotFound()
-    if frozen_after is not None and media.created_at > frozen_after:
-        # As Synapse answers for media stored once authenticated media is on: it exists
-        # only for authenticated requests. Decided now, not after the wait: the creation
-        # time never changes, and an unauthenticated request should not hold a waiter.
-        raise NotFound()
-    if media.state == S.COMPLETE and media.storage_key:
-        note_access(media)
-        return media
-    if not _awaiting_upload(media):
-        # Rejected (by the checks or a moderator), quarantined, expired, purged: not found,
-        # as the contract says. Only the uploader hears why (``_outcome``, at /complete and
-        # the upload answers): a recipient learns nothing of what the checks found.
-        raise NotFound()
-    if deadline.passed:
-        raise NotYetUploaded()
-    wait_until = deadline
-    if media.state == S.PENDING:
-        # An id that expires unused is answered 404 at its expiry, not at the deadline.
-        until_expiry = (media.unused_expires_at - timezone.now()).total_seconds()
-        wait_until = Deadline(min(deadline.at, Deadline.after_seconds(until_expiry).at))
-    raise MediaWait(
-        media.pk,
-        AWAITING_UPLOAD_STATES,
-        wait_until,
-        partial(_downloadable, deadline=deadline, frozen_after=frozen_after),
-    )
-
-
-# Serving media records the time at most this often per media: the remote cache is
-# evicted, and local media deleted by date, in least recently served order, and an hour
-# apart is recent enough to tell.
-ACCESS_GRANULARITY = timedelta(hours=1)
-
-
-def note_access(media: Media) -> None:
-    """Record that ``media`` is served, decided from the row already read: one UPDATE
-    per media and ``ACCESS_GRANULARITY`` at most, none on most downloads."""
-    now = timezone.now()
-    if media.last_accessed_at is not None and now - media.last_accessed_at < ACCESS_GRANULARITY:
-        return
-    sql.update_media(media.pk, {"last_accessed_at": now})
-    media.last_accessed_at = now
-
-
-def _awaiting_upload(media: Media) -> bool:
-    if media.state == S.PROCESSING:
-        return True
-    return media.state == S.PENDING and media.unused_expires_at > timezone.now()

@@ -1,7 +1,9 @@
-"""Server names (spec appendix "Server Name") and where a server is reached.
+"""Server names (spec appendix "Server Name"): the one grammar the app checks them with,
+in mxc:// ids, user ids, federation origins and settings.
 
 ``server_name = hostname [ ":" port ]`` where hostname is an IPv4 literal, a bracketed IPv6
-literal or a DNS name. Where a server is really reached (``.well-known`` delegation, SRV
+literal or a DNS name (letters, digits, dots and hyphens, starting and ending with a
+letter or digit). Where a server is really reached (``.well-known`` delegation, SRV
 records) is ``msc3870.federation.discovery``'s job; ``server_base_url`` here is only what
 discovery ends with when a server publishes neither: its own host and port, 8448 by
 default.
@@ -17,7 +19,7 @@ DEFAULT_FEDERATION_PORT = 8448
 _HOST_PORT_RE = re.compile(r"(\[[^\]]*\]|[^:\[\]]+)(?::([0-9]{1,5}))?")
 _IPV4_RE = re.compile(r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}")
 _IPV6_RE = re.compile(r"\[([0-9A-Fa-f:.]{2,45})\]")
-_DNS_NAME_RE = re.compile(r"[A-Za-z0-9.-]{1,255}")
+_DNS_NAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,253}[A-Za-z0-9])?")
 
 
 class InvalidServerName(ValueError):
