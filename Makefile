@@ -32,6 +32,7 @@ services-test: $(VENV)/.dev-installed
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 check: $(VENV)/.run-installed
 	$(BIN)/python manage.py check --deploy --fail-level ERROR

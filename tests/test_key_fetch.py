@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from django.test import Client
 
+from msc3870.api.federation.authentication import OriginThrottle, ServerOrigin
 from msc3870.federation import keyring
-from msc3870.federation.authentication import OriginThrottle, ServerOrigin
 from msc3870.federation.xmatrix import sign_request
 
 from .asgi_driver import call, request, run, until

@@ -5,9 +5,9 @@ from __future__ import annotations
 from django.db import transaction
 from django.urls import re_path
 
-from ..federation import urls as federation_urls
-from ..federation.views import KeyServerView
 from . import operating, views
+from .federation import urls as federation_urls
+from .federation.views import KeyServerView
 
 app_name = "msc3870"
 

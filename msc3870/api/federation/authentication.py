@@ -20,15 +20,15 @@ from django.http import HttpRequest
 from rest_framework.authentication import BaseAuthentication
 from rest_framework.request import Request
 
-from ..api.deferred import can_park, requester_of
-from ..api.throttling import LeakyBucketThrottle
-from ..conf import app_settings
-from ..errors import LimitExceeded, Unauthorized
-from ..ratelimit import LeakyBucket
-from ..server_names import DEFAULT_FEDERATION_PORT, InvalidServerName, parse_server_name
-from ..waiting import Deadline, RetryWhenDone
-from . import keyring
-from .xmatrix import authenticate_request
+from ...conf import app_settings
+from ...errors import LimitExceeded, Unauthorized
+from ...federation import keyring
+from ...federation.xmatrix import authenticate_request
+from ...ratelimit import LeakyBucket
+from ...server_names import DEFAULT_FEDERATION_PORT, InvalidServerName, parse_server_name
+from ...waiting import Deadline, RetryWhenDone
+from ..deferred import can_park, requester_of
+from ..throttling import LeakyBucketThrottle
 
 
 @dataclass(frozen=True)

@@ -21,18 +21,18 @@ from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from .. import downloads, metrics, thumbnails
-from ..api.deferred import answer
-from ..api.headers import add_security_headers
-from ..api.responses import CACHE_SECONDS, Servable
-from ..api.views import MatrixView
-from ..conf import app_settings
-from ..models import Media
-from ..stores import get_store
-from ..waiting import AUTHENTICATED
+from ... import downloads, metrics, thumbnails
+from ...conf import app_settings
+from ...federation.keys import key_server_response
+from ...federation.multipart import MultipartMedia
+from ...models import Media
+from ...stores import get_store
+from ...waiting import AUTHENTICATED
+from ..deferred import answer
+from ..headers import add_security_headers
+from ..responses import CACHE_SECONDS, Servable
+from ..views import MatrixView
 from .authentication import OriginThrottle, XMatrixAuthentication
-from .keys import key_server_response
-from .multipart import MultipartMedia
 
 
 class KeyServerView(MatrixView):
