@@ -1,10 +1,9 @@
 """Keep-alive connections spread evenly over the web workers.
 
 gunicorn's workers share one listening socket, and a uvicorn worker accepts every
-connection waiting when it wakes. A burst of new keep-alive connections (a benchmark's
-clients, a reverse proxy's upstream pool) can so land on one worker and stay there while
-the others idle: seen here, 15 of 16 clients on one of two workers, and the same code 40 %
-faster in some benchmark rounds than in others.
+connection waiting when it wakes. A burst of new keep-alive connections (a reverse proxy's
+upstream pool, many clients at once) can so land on one worker and stay there while the
+others idle: one worker saturated, the others idle, the whole slower.
 
 So each worker counts its open connections in a table in memory shared by all of them
 (made by gunicorn's master before it forks them). A worker holding more than its share

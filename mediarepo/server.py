@@ -241,10 +241,9 @@ GC_YOUNG_THRESHOLD = 20_000
 def tune_garbage_collector() -> None:
     """Keep full collections out of the way of thousands of parked requests.
 
-    CPython's full collection scans every tracked object, and a worker holding 5,000
-    parked downloads has about half a million (measured: one full collection took
-    0.4 s in the middle of answering them, half of the whole answer's CPU). So, once the
-    application is loaded:
+    CPython's full collection scans every tracked object, and a worker holding thousands of
+    parked downloads has hundreds of thousands: a full collection in the middle of
+    answering them would stall them all. So, once the application is loaded:
     - ``gc.freeze()``: what start-up made (Django, the URLconf and views, about 100,000
       objects) lives as long as the process and is never scanned again;
     - young collections every ``GC_YOUNG_THRESHOLD`` allocations rather than 700: the

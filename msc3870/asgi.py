@@ -3,7 +3,7 @@ waiting on the event loop.
 
 Why not Django's own ``ASGIHandler``: it gives every request a new thread (and so a new
 database connection), and its sync ``request_started`` receivers hold a thread even in
-async views; measured on this kind of machine, twice the CPU of WSGI per request. Here:
+async views: about twice the CPU of WSGI per request. Here:
 
 - sync work (middleware, views, signals) runs on ``threads`` long-lived threads, each
   keeping its database connection (``CONN_MAX_AGE``), so a request costs what it costs
@@ -212,9 +212,8 @@ class _RefusalChain(_Chain):
 
 
 #: Threads per process for sync work. Enough for the few calls that block on the network
-#: (S3, a homeserver's whoami), few enough not to queue for the GIL: with 16 clients on
-#: two processes, 8 threads gave 456 round trips/s and a p99 of 81 ms, 4 gave 590 and
-#: 61 ms (docs/benchmarks.md).
+#: (S3, a homeserver's whoami), few enough not to queue for the GIL (more threads gave
+#: fewer round trips and a longer tail).
 DEFAULT_THREADS = 4
 
 

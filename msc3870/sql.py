@@ -1,8 +1,7 @@
 """The few statements every upload and download runs, written directly.
 
-Building a query with the ORM costs several times executing it (measured on SQLite on
-this project's machines: a compare-and-set UPDATE 207 us through the ORM, 47 us here; the
-row lookup of every request 333 us, 114 us here; docs/benchmarks.md). These helpers keep
+Building a query with the ORM costs several times executing it (a compare-and-set
+UPDATE, the row lookup of every request). These helpers keep
 the ORM's vocabulary (model fields, their column names and value conversions, the
 database router) and skip only its query compiler. Anything unusual (an expression other
 than a counter ``F(name) + n``, a condition other than exact matches, a model with save

@@ -4,8 +4,7 @@ Requests are answered from a fixed set of sizes (as Synapse does), so a client a
 every width cannot fill the storage. Sources larger than ``THUMBNAIL_MAX_SOURCE_BYTES`` or
 ``THUMBNAIL_MAX_PIXELS`` are refused before any decoding (decompression bombs).
 
-Memory (issue 8.1: four parallel requests for a 135 KB, 32 Mpx PNG took a worker from
-75 MB to 1.77 GB):
+Memory (a small file can decode to gigabytes: a 135 KB PNG of 32 Mpx, several at once):
 
 - what a render would decode into is computed from the header, after JPEG's reduced-scale
   decoding (``draft``) is set up and before anything is decoded, and refused past
@@ -65,9 +64,8 @@ REDUCING_GAP = 2.0
 STRIP_BYTES = 4 * 1024 * 1024
 # What a busy process tells clients to wait before asking again.
 RETRY_AFTER_MS = 1000
-# Decoded copies of the image a format's decoder holds at its peak, measured with
-# Pillow 13 (bench/thumbnail_memory.py and a probe of Image.open().load() alone): WebP
-# goes through libwebp's canvas, a bytes object and the image (16 bytes a pixel).
+# Decoded copies of the image a format's decoder holds at its peak (Pillow 13): WebP goes
+# through libwebp's canvas, a bytes object and the image (16 bytes a pixel).
 DECODER_COPIES = {"WEBP": 4}
 # EXIF orientation -> the transpose that makes the image upright (ImageOps.exif_transpose).
 TRANSPOSE = {

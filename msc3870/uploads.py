@@ -225,27 +225,7 @@ def upload_to_media(
         return _upload_decided_in_one_write(
             user, local_media(server_name, media_id), body, content_length, declared, name
         )
-    now = timezone.now()
-    # Read and claimed in one statement; the claim need not survive a database crash:
-    # the PUT it belongs to would fail with it, and the verdict's commit makes it
-    # durable anyway.
-    media = lifecycle.claim(
-        server_name,
-        media_id,
-        [S.PENDING],
-        S.PROCESSING,
-        user_id=user.user_id,
-        unexpired_at=now,
-        durable=False,
-        upload_method=UploadMethod.PUT,
-        declared_content_type=declared,
-        filename=name,
-        processing_started_at=now,
-    )
-    if media is None:
-        # Missing, another's, expired or already uploaded to: say which.
-        _check_can_upload(user, local_media(server_name, media_id))
-        raise CannotOverwrite()
+    media = _claim_for_put(user, server_name, media_id, declared, name)
     try:
         received, first_bytes = _store_body(media, body, content_length)
     except BaseException:
@@ -263,6 +243,33 @@ def upload_to_media(
     return _record_and_screen(media, received, first_bytes)
 
 
+def _claim_for_put(
+    user: MatrixUser, server_name: str, media_id: str, declared: str, name: str
+) -> Media:
+    """PENDING -> PROCESSING for a PUT with a broker (its checks run elsewhere), read and
+    claimed in one statement. The claim need not survive a database crash: the PUT it
+    belongs to would fail with it, and the verdict's commit makes it durable anyway."""
+    now = timezone.now()
+    media = lifecycle.claim(
+        server_name,
+        media_id,
+        [S.PENDING],
+        S.PROCESSING,
+        user_id=user.user_id,
+        unexpired_at=now,
+        durable=False,
+        upload_method=UploadMethod.PUT,
+        declared_content_type=declared,
+        filename=name,
+        processing_started_at=now,
+    )
+    if media is None:
+        # Missing, another's, expired or already uploaded to: say which.
+        _check_can_upload(user, local_media(server_name, media_id))
+        raise CannotOverwrite()
+    return media
+
+
 def _upload_decided_in_one_write(
     user: MatrixUser,
     media: Media,
@@ -274,8 +281,8 @@ def _upload_decided_in_one_write(
     """The PUT without a broker: the checks run in this request, so the id is not claimed
     first. The bytes go to a key of this request's own, are screened as they passed, and
     one compare-and-set on the row, still PENDING, records them with their verdict: one
-    write where a claim and then a verdict took two (the hot path, issue 7; on SQLite
-    every write waits for the one writer). Requests racing for the id each store their
+    write where a claim and then a verdict took two (the hot path; on SQLite every write
+    waits for the one writer). Requests racing for the id each store their
     bytes; one wins the write, the others delete theirs and answer as a PUT to an id
     already uploaded to. Downloads wait through PENDING as through PROCESSING."""
     _check_can_upload(user, media)
@@ -364,15 +371,7 @@ def complete_url_upload(
             wait = app_settings.COMPLETE_WAIT_SECONDS if waits else 0
             return _decision(media, Deadline.after_seconds(wait))
         _check_can_upload(user, media)
-        store = get_store()
-        prefix = None
-        if waits:
-            incoming = store.head(media.incoming_key)
-        elif found := store.head_with_prefix(media.incoming_key, SNIFF_BYTES):
-            # The size and the first bytes decide the answer: one ranged GET gives both.
-            incoming, prefix = found
-        else:
-            incoming = None
+        incoming, prefix = _look_at_incoming(media, with_prefix=not waits)
         if incoming is None:
             if _state_of(media) != S.PENDING:
                 # Another /complete claimed the id (and moved the bytes) since this one
@@ -394,6 +393,16 @@ def complete_url_upload(
             return _screen_after_answer(media, incoming, prefix)
         # Lost a race (another /complete, a PUT, expiry): look again.
     raise CannotOverwrite()
+
+
+def _look_at_incoming(media: Media, *, with_prefix: bool) -> tuple[ObjectInfo | None, bytes | None]:
+    """What the upload URL holds: its object's size and type, and its first bytes when
+    the answer is decided on them (one ranged GET gives both)."""
+    store = get_store()
+    if not with_prefix:
+        return store.head(media.incoming_key), None
+    found = store.head_with_prefix(media.incoming_key, SNIFF_BYTES)
+    return found if found is not None else (None, None)
 
 
 def _state_of(media: Media) -> str | None:

@@ -6,8 +6,7 @@ time (about 0.1 ms here). With several threads and processes writing, those slee
 tail latency of concurrent uploads. Here a writer first takes a lock of its process (the
 process's threads queue on it), then an exclusive ``flock`` on ``<database>.writer-lock``
 (one thread per process queues there): each is handed over the moment it is free, and
-SQLite's own lock is then always free. Measured with 16 clients on two processes: 668
-against 609 round trips/s and a p99 of 49 against 60 ms (docs/benchmarks.md).
+SQLite's own lock is then always free.
 
 The locks are taken for a transaction (``BEGIN``, held until commit or rollback) or for
 one writing statement in autocommit mode, through Django's documented execute wrappers.

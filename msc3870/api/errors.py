@@ -117,7 +117,7 @@ def parse_json_object(raw: bytes, *, max_size: int = 64 * 1024) -> dict[str, Any
 
     Both endpoints define no field, so a body over ``max_size`` is refused unparsed (413),
     which also bounds the parser's work; nesting past the parser's recursion limit
-    (RecursionError, a 500 before) is not JSON this server accepts (400).
+    (RecursionError) is not JSON this server accepts (400).
     """
     if len(raw) > max_size:
         raise TooLarge(f"A JSON body may be at most {max_size} bytes")

@@ -103,7 +103,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None
 
     def number(digits: str) -> int:
-        # int() refuses more than 4300 digits (ValueError, a 500 before); any number past
+        # int() refuses more than 4300 digits (ValueError); any number past
         # the object's size means the same thing, so cap it without converting it all.
         digits = digits.lstrip("0") or "0"
         return int(digits) if len(digits) <= 18 else 10**18
@@ -131,48 +131,61 @@ def serve(
     allow_redirect: bool,
     public_cache: bool,
 ) -> HttpResponseBase:
-    store = get_store()
-    response: HttpResponseBase
-    if allow_redirect and store.can_redirect:
-        url = store.download_url(
-            item.key,
-            content_type=item.content_type,
-            disposition=item.disposition,
-            lifetime=app_settings.DOWNLOAD_URL_LIFETIME,
-            # What the store answers with, whatever the object carries: our caching.
-            cache_control=cache_control(public_cache),
-        )
-        if url:
-            metrics.served("redirect", item.size)
-            response = HttpResponse(status=307)
-            response["Location"] = url
-            # The signed URL expires: caches must not keep the redirect longer.
-            response["Cache-Control"] = "private, max-age=60"
-            return add_security_headers(response)
+    """A download's answer: a redirect to signed storage where allowed and possible, else
+    304, 416, or the bytes (all of them, or one range)."""
+    if allow_redirect and (redirect := _redirect(item, public_cache)) is not None:
+        return redirect
     if item.etag and if_none_match and item.etag in [t.strip() for t in if_none_match.split(",")]:
-        response = HttpResponse(status=304)
+        response: HttpResponseBase = HttpResponse(status=304)
     else:
         try:
-            byte_range = parse_range(range_header, item.size)
+            response = _bytes(item, parse_range(range_header, item.size))
         except RangeNotSatisfiable as exc:
             response = json_error(exc)
             response["Content-Range"] = f"bytes */{item.size}"
             return add_security_headers(response)
-        if byte_range is None:
-            response = StreamingHttpResponse(item.stream(), content_type=item.content_type)
-            response["Content-Length"] = str(item.size)
-        else:
-            start, end = byte_range
-            response = StreamingHttpResponse(
-                item.stream(start, end),
-                status=206,
-                content_type=item.content_type,
-            )
-            response["Content-Length"] = str(end - start + 1)
-            response["Content-Range"] = f"bytes {start}-{end}/{item.size}"
-        response["Content-Disposition"] = item.disposition
     response["Accept-Ranges"] = "bytes"
     response["Cache-Control"] = cache_control(public_cache)
     if item.etag:
         response["ETag"] = item.etag
     return add_security_headers(response)
+
+
+def _redirect(item: Servable, public_cache: bool) -> HttpResponseBase | None:
+    """307 to a signed URL of the store, answering with our headers; None where the store
+    cannot sign one."""
+    store = get_store()
+    if not store.can_redirect:
+        return None
+    url = store.download_url(
+        item.key,
+        content_type=item.content_type,
+        disposition=item.disposition,
+        lifetime=app_settings.DOWNLOAD_URL_LIFETIME,
+        # What the store answers with, whatever the object carries: our caching.
+        cache_control=cache_control(public_cache),
+    )
+    if not url:
+        return None
+    metrics.served("redirect", item.size)
+    response = HttpResponse(status=307)
+    response["Location"] = url
+    # The signed URL expires: caches must not keep the redirect longer.
+    response["Cache-Control"] = "private, max-age=60"
+    return add_security_headers(response)
+
+
+def _bytes(item: Servable, byte_range: tuple[int, int] | None) -> HttpResponseBase:
+    """The bytes, streamed: all of them (200), or ``byte_range`` (206)."""
+    if byte_range is None:
+        response = StreamingHttpResponse(item.stream(), content_type=item.content_type)
+        response["Content-Length"] = str(item.size)
+    else:
+        start, end = byte_range
+        response = StreamingHttpResponse(
+            item.stream(start, end), status=206, content_type=item.content_type
+        )
+        response["Content-Length"] = str(end - start + 1)
+        response["Content-Range"] = f"bytes {start}-{end}/{item.size}"
+    response["Content-Disposition"] = item.disposition
+    return response

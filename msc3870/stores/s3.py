@@ -51,8 +51,8 @@ if TYPE_CHECKING:
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 MiB = 1024 * 1024
 # Streamed uploads go multipart past 8 MiB. s3transfer buffers up to
-# max_in_memory_upload_chunks parts of a non-seekable stream (10 by default: ~100 MiB per
-# upload, measured); two parts read ahead and two in flight keep it near 40 MiB.
+# max_in_memory_upload_chunks parts of a non-seekable stream (10 by default); two parts
+# read ahead and two in flight keep an upload's memory to a few parts.
 UPLOAD_TRANSFER = TransferConfig(
     multipart_threshold=8 * MiB, multipart_chunksize=8 * MiB, max_concurrency=2
 )
@@ -407,9 +407,8 @@ class S3MediaStore(MediaStore):
         condition: dict[str, str],
     ) -> None:
         """Multipart copy (UploadPartCopy), parts copied in parallel: above 5 GiB S3 has no
-        other way (on the bench SeaweedFS, 4 parallel parts of 256 MiB were no faster than
-        one CopyObject). A multipart object has no whole-object SHA-256 from the store
-        (only a checksum of checksums): None."""
+        other way. A multipart object has no whole-object SHA-256 from the store (only a
+        checksum of checksums)."""
         part_size = max(app_settings.S3_COPY_PART_SIZE, -(-size // MAX_PARTS), MIN_PART_SIZE)
         ranges = [(start, min(start + part_size, size) - 1) for start in range(0, size, part_size)]
         key = self._key(destination)
@@ -449,7 +448,6 @@ class S3MediaStore(MediaStore):
             with contextlib.suppress(ClientError, BotoCoreError):
                 client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
             raise
-        return None
 
     def delete(self, key: str) -> None:
         try:
