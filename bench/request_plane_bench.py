@@ -921,6 +921,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "label": args.label,
         "project_dir": str(project_dir),
         "project_head": project_git_head(project_dir),
+        "baseline_head": project_git_head(args.baseline_dir.resolve())
+        if args.baseline_dir
+        else None,
         "argv": sys.argv[1:],
         "machine": machine_info(),
         "rlimit_nofile": nofile,
@@ -950,6 +953,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             url = recreate_database(BENCH_DB) if database == "postgres" else None
             server = ProjectServer(project_dir, scratch / f"project-{database}", url)
             subjects.append(Subject(f"this ({database})", server, "1"))
+            if args.baseline_dir is not None:
+                base_url = recreate_database(BENCH_DB + "_base") if database == "postgres" else None
+                baseline = ProjectServer(
+                    args.baseline_dir.resolve(), scratch / f"baseline-{database}", base_url
+                )
+                subjects.append(Subject(f"baseline ({database})", baseline, "1"))
         try:
             measure(subjects, args)
         finally:
@@ -958,6 +967,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 report["servers"].append({"server": subject.name, **subject.result})
             if "postgres" in databases:
                 drop_database(BENCH_DB)
+                if args.baseline_dir is not None:
+                    drop_database(BENCH_DB + "_base")
     finally:
         if args.keep_logs:
             log(f"logs kept in {scratch}")
@@ -1265,6 +1276,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--answer-deadline", type=float, default=30.0, help="s after the PUT starts"
     )
     parser.add_argument("--no-synapse", action="store_true")
+    parser.add_argument(
+        "--baseline-dir",
+        type=Path,
+        help="another checkout measured in the same run (e.g. the code before a change)",
+    )
     parser.add_argument("--json", type=Path, help="default bench/results/request-plane-LABEL")
     parser.add_argument("--plot", type=Path, nargs="?", const=PLOT, help=f"draw ({PLOT})")
     parser.add_argument("--compare", type=Path, nargs="*", default=[], help="results to plot")
