@@ -194,3 +194,35 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
 
 def mib(value: float) -> str:
     return f"{value / 1024 / 1024:,.1f}"
+
+
+def plot_phases(
+    path: Path,
+    title: str,
+    runs: Sequence[tuple[str, Sequence[dict[str, Any]]]],
+) -> None:
+    """One figure of phased benchmarks: ``/versions`` p50 and p99 (bars, ms) and the
+    server's peak RSS (MiB) per phase, for each labelled run. A phase is a dict with
+    ``name``, ``p50_ms``, ``p99_ms`` and ``rss_mib``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (latency, memory) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(1, len(runs))
+    for index, (label, phases) in enumerate(runs):
+        xs = [i + index * width for i in range(len(phases))]
+        latency.bar(xs, [p["p99_ms"] or 0 for p in phases], width, label=f"{label} p99")
+        latency.scatter(xs, [p["p50_ms"] or 0 for p in phases], marker="_", s=200, c="black")
+        memory.plot(range(len(phases)), [p["rss_mib"] for p in phases], marker="o", label=label)
+    names = [p["name"] for p in runs[0][1]]
+    for axis in (latency, memory):
+        axis.set_xticks(range(len(names)))
+        axis.set_xticklabels(names, rotation=20)
+        axis.legend()
+    latency.set_ylabel("/versions latency, ms (bar p99, tick p50)")
+    memory.set_ylabel("server RSS, MiB (peak in the phase)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

@@ -53,7 +53,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _shared import ROOT, machine_info, markdown_table
+from _shared import ROOT, machine_info, markdown_table, plot_phases
 from request_plane_bench import ProjectServer, percentile, raise_nofile
 
 HOSTILE_PATH = "/_matrix/federation/v1/media/download/someid"
@@ -421,11 +421,23 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--probe-hz", type=float, default=20.0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None, help="draw the phases (PNG)")
     args = parser.parse_args()
     report = run(args)
     print(summary(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        phases = [
+            {
+                "name": p["name"],
+                "p50_ms": p["versions"]["p50_ms"],
+                "p99_ms": p["versions"]["p99_ms"],
+                "rss_mib": p["rss_mib_peak"],
+            }
+            for p in report["phases"]
+        ]
+        plot_phases(args.plot, "1,000 X-Matrix requests at once, key server silent", [("", phases)])
 
 
 if __name__ == "__main__":

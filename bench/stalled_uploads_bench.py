@@ -59,7 +59,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _shared import ROOT, machine_info, markdown_table
+from _shared import ROOT, machine_info, markdown_table, plot_phases
 from request_plane_bench import (
     ProcessTree,
     ProjectServer,
@@ -382,7 +382,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--server-env", action="append", default=[], metavar="NAME=VALUE", help="for make run"
     )
     parser.add_argument("--json", type=Path, help="default bench/results/stalled-uploads-LABEL")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        help="draw this run's phases, beside those of the --compare result files (PNG)",
+    )
+    parser.add_argument("--compare", type=Path, nargs="*", default=[], help="results to plot")
     return parser.parse_args(argv)
+
+
+def plotted(report: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    return report["label"], [
+        {
+            "name": phase["phase"],
+            "p50_ms": phase["versions"]["p50_ms"],
+            "p99_ms": phase["versions"]["p99_ms"],
+            "rss_mib": phase["rss"]["max_mib"],
+        }
+        for phase in report["phases"]
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -393,6 +411,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     path.write_text(json.dumps(report, indent=2) + "\n")
     log(f"results: {path}")
     print(summary(report))
+    if args.plot:
+        others = [json.loads(other.read_text()) for other in args.compare]
+        runs = [plotted(r) for r in [*others, report]]
+        plot_phases(args.plot, "Stalled uploads: /versions meanwhile, and the server's RSS", runs)
 
 
 if __name__ == "__main__":
