@@ -232,7 +232,8 @@ CELERY_TIMEZONE = "UTC"
 # The worker and beat log through LOGGING below (one format, JSON too), not celery's own.
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
-CORS_URLS_REGEX = r"^/_matrix/.*$"
+# Browser clients, and the admin web UIs (synapse-admin, ketesa) on their own origin.
+CORS_URLS_REGEX = r"^/_(?:matrix|synapse/admin)/.*$"
 CORS_ALLOW_ALL_ORIGINS = True
 CORS_EXPOSE_HEADERS = ["Content-Disposition", "Content-Range", "ETag"]
 

@@ -19,8 +19,9 @@ async views: about twice the CPU of WSGI per request. Here:
   a byte is read, or as soon as they pass the limit; an upload's credential is checked
   and its place among the bodies being read taken before a byte is read, and a body that
   stops arriving or arrives too slowly is dropped (``msc3870.admission``);
-- requests under ``/_matrix/`` (and the health check and metrics) skip the middleware only
-  the admin needs (sessions, authentication, messages, CSRF, clickjacking, static files);
+- requests under ``/_matrix/`` and ``/_synapse/admin/`` (and the health check and
+  metrics) skip the middleware only the admin site needs (sessions, authentication,
+  messages, CSRF, clickjacking, static files);
 - every request is counted and timed by route name (``msc3870.metrics``), and written as
   one line once answered (``msc3870.logs``: the access log's line, then the route, user,
   media id, the state the request moved the media to, and the duration);
@@ -54,7 +55,7 @@ from django.urls import Resolver404, ResolverMatch, resolve, set_script_prefix
 
 from . import admission, logs, metrics, wakeup
 from .api.deferred import CAN_DEFER, RETRIED, DeferredResponse
-from .api.errors import json_error, to_matrix_error
+from .api.errors import API_PREFIXES, json_error, to_matrix_error
 from .conf import app_settings
 from .errors import (
     HeadersTooLarge,
@@ -73,7 +74,6 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-MATRIX_PREFIX = "/_matrix/"
 FEDERATION_PREFIX = "/_matrix/federation/"
 # Served like /_matrix requests (no admin middleware): the operators' endpoints.
 OPERATING_PATHS = frozenset({"/health", "/healthz", "/metrics"})
@@ -302,7 +302,7 @@ class MediaASGIHandler:
         return asyncio.get_running_loop().run_in_executor(executor, function, *args)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        is_matrix = scope["path"].startswith(MATRIX_PREFIX) or scope["path"] in OPERATING_PATHS
+        is_matrix = scope["path"].startswith(API_PREFIXES) or scope["path"] in OPERATING_PATHS
         refusal = _request_head_error(scope) or _off_the_metrics_listener(scope)
         if refusal is not None:
             await self._send(Outgoing.error(refusal), send)

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
+from urllib.parse import quote
 
 import requests
 from django.core.cache import cache
@@ -78,6 +79,16 @@ def validate_user_id(user_id: str) -> str:
     return user_id
 
 
+def is_user_id(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        validate_user_id(value)
+    except InvalidParam:
+        return False
+    return True
+
+
 def local_namespace(server_name: str) -> str:
     """The default namespace of an application-service token: this server's users only."""
     return "@[^:]+:" + re.escape(server_name)
@@ -119,6 +130,11 @@ class TokenResolver:
         """``resolve``'s answer if this process holds it (a user, or a refusal raised),
         with no I/O, so callable on an event loop; None: ask ``resolve``."""
         return None
+
+    def is_homeserver_admin(self, token: str, user: MatrixUser) -> bool:
+        """Whether the homeserver counts ``user``, who sent ``token``, as one of its
+        admins. False where there is no homeserver to ask."""
+        return False
 
 
 class ProcessCache:
@@ -337,6 +353,49 @@ class HomeserverTokenResolver(TokenResolver):
             token_cache.set(cache_key, refused, self.NEGATIVE_CACHE_SECONDS)
         raise _homeserver_refusal(response.status_code, body)
 
+    def is_homeserver_admin(self, token: str, user: MatrixUser) -> bool:
+        """Synapse's ``GET /_synapse/admin/v1/users/{user_id}/admin``, asked with the
+        caller's own token: Synapse answers it (``{"admin": true}``) only to its admins,
+        and refuses everyone else (403). A homeserver without that endpoint (404, 400)
+        has no admins here. Answers are cached ``ADMIN_CACHE_SECONDS``; the homeserver's
+        own errors (5xx, 429, unreachable) are not, and no decision is made on them."""
+        base = app_settings.HOMESERVER_URL
+        if not base:
+            return False
+        key = "msc3870:admin:" + hashlib.sha256(f"{token}\0{user.user_id}".encode()).hexdigest()
+        cached = token_cache.get(key) or cache.get(key)
+        if cached is not None:
+            token_cache.set(key, cached, app_settings.ADMIN_CACHE_SECONDS)
+            return bool(cached["admin"])
+        slots = _whoami_slots(self.MAX_CONCURRENT_WHOAMI)
+        if not slots.acquire(timeout=self.WHOAMI_SLOT_WAIT_SECONDS):
+            raise LimitExceeded(
+                "Too many requests are being checked with the homeserver; retry",
+                retry_after_ms=self.BUSY_RETRY_AFTER_MS,
+            )
+        try:
+            response = _http.get(
+                f"{base}/_synapse/admin/v1/users/{quote(user.user_id, safe='@:')}/admin",
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=self.TIMEOUT,
+            )
+        except requests.RequestException as exc:
+            raise HomeserverUnavailable(f"Homeserver unreachable: {type(exc).__name__}") from exc
+        finally:
+            slots.release()
+        if response.status_code == 200:
+            admin = _json_or_empty(response).get("admin") is True
+        elif response.status_code in (400, 401, 403, 404, 405):
+            admin = False
+        else:
+            raise HomeserverUnavailable(
+                f"Homeserver answered {response.status_code} to the admin check"
+            )
+        answer = {"admin": admin}
+        cache.set(key, answer, app_settings.ADMIN_CACHE_SECONDS)
+        token_cache.set(key, answer, app_settings.ADMIN_CACHE_SECONDS)
+        return admin
+
 
 def _homeserver_refusal(status: int, body: dict[str, Any]) -> MatrixError:
     """The homeserver's own refusal, passed on: its errcode (M_USER_LOCKED, ...), and
@@ -364,6 +423,20 @@ def _json_or_empty(response: requests.Response) -> dict[str, Any]:
 
 def get_resolver() -> TokenResolver:
     return app_settings.TOKEN_RESOLVER()
+
+
+def is_admin(user: MatrixUser, token: str | None) -> bool:
+    """Whether ``user`` (who sent ``token``) may use the admin API: listed in ``ADMINS``,
+    or an admin of the homeserver (``HOMESERVER_ADMINS``). Never an application service's
+    identity, masqueraded or its own (a namespace that matched an admin would make the
+    bridge one), nor a guest."""
+    if user.is_appservice or user.is_guest:
+        return False
+    if user.user_id in app_settings.ADMINS:
+        return True
+    if token is None or not app_settings.HOMESERVER_ADMINS:
+        return False
+    return get_resolver().is_homeserver_admin(token, user)
 
 
 def token_from(authorization: str, query: Mapping[str, str]) -> str | None:

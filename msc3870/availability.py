@@ -62,6 +62,17 @@ def available(
     )
 
 
+def quarantined_for_admin(server_name: str, media_id: str) -> Media | None:
+    """Quarantined media with its bytes, for an admin who asked to see it anyway
+    (``admin_unsafely_bypass_quarantine``, as Synapse); None for anything else, which is
+    served, waited for or not found as for anyone."""
+    media = sql.media_by_mxc(server_name, media_id)
+    if media is None or media.state != S.QUARANTINED or not media.storage_key:
+        return None
+    note_access(media)
+    return media
+
+
 # Serving media records the time at most this often per media: the remote cache is
 # evicted, and local media deleted by date, in least recently served order, and an hour
 # apart is recent enough to tell.

@@ -178,7 +178,25 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     if typed("STORAGE_ALIAS", "UNUSED_EXPIRATION"):
         errors.extend(_check_storage())
     errors.extend(_check_operating(typed))
+    if typed("ADMINS"):
+        errors.extend(_check_admins())
     return errors
+
+
+def _check_admins() -> list[CheckMessage]:
+    """The admin API's admins are Matrix user ids: anything else would never match the
+    caller it was meant for."""
+    from .auth import is_user_id
+
+    return [
+        Error(
+            f"MSC3870['ADMINS'] entry {admin!r} is not a Matrix user id.",
+            hint="Write each as @localpart:server.name.",
+            id="msc3870.E024",
+        )
+        for admin in app_settings.ADMINS
+        if not is_user_id(admin)
+    ]
 
 
 def _check_operating(typed: Callable[..., bool]) -> list[CheckMessage]:

@@ -126,6 +126,27 @@ class MSC3870Settings:
     # logged-out one, with a homeserver) stops working at most this much later.
     TOKEN_CACHE_SECONDS = Setting(NUMBER, 10, security=True, env=Env())
 
+    # ---------------------------------------------------------------- admin API
+
+    # Matrix users who may call the admin API (/_synapse/admin/v1: list, quarantine,
+    # protect and delete media) and download quarantined media, as matrix-media-repo's
+    # `admins`. The project takes them comma-separated.
+    ADMINS = Setting(STR_LIST, [], security=True, env=Env())
+    # Also ask the homeserver (HOMESERVER_URL) whether a caller is one of its admins:
+    # Synapse's GET /_synapse/admin/v1/users/{user_id}/admin with the caller's own token,
+    # which it answers only to its admins. False: only ADMINS are.
+    HOMESERVER_ADMINS = Setting(BOOL, True, security=True, env=Env())
+    # Seconds the homeserver's answer is cached: an admin demoted there keeps access here
+    # this long.
+    ADMIN_CACHE_SECONDS = Setting(
+        INT, 30, security=True, floor=0, must_be="non-negative", env=Env()
+    )
+    # The most media one admin API request changes, so that none holds a thread for
+    # minutes: deleting a user's media deletes at most this many of the page asked for;
+    # deleting by date, purging the remote cache and quarantining a user's media do this
+    # many in the request and queue the rest (msc3870/queue.py), as many more at a time.
+    ADMIN_API_ITEMS_PER_REQUEST = Setting(INT, 1000, floor=1, must_be="positive", env=Env())
+
     # ------------------------------------------------------------------ uploads
 
     # Largest accepted upload, in bytes.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from .availability import available, local_media
+from .availability import available, local_media, quarantined_for_admin
 from .conf import app_settings
 from .errors import InvalidParam
 from .federation import remote_media
@@ -38,6 +38,7 @@ def media_for_download(
     timeout_ms: int,
     frozen_after: datetime | None = None,
     fetch_for: str | None = None,
+    bypass_quarantine: bool = False,
 ) -> Media:
     """The complete media behind an mxc:// id; ``MediaWait`` (up to ``timeout_ms``) while
     it is being uploaded or checked. Media created after ``frozen_after`` is not found (the
@@ -45,8 +46,11 @@ def media_for_download(
 
     Another server's media is served if held; with ``fetch_for`` (the Matrix user asking,
     charged what is fetched) it is fetched first (``msc3870.federation.remote_media``),
-    and waited for as an upload is."""
+    and waited for as an upload is. ``bypass_quarantine`` (an admin's request, decided by
+    the caller) serves quarantined media too."""
     validate_mxc(server_name, media_id)
+    if bypass_quarantine and (held := quarantined_for_admin(server_name, media_id)):
+        return held
     if server_name != app_settings.SERVER_NAME:
         return remote_media.media_for_download(
             server_name,

@@ -313,6 +313,8 @@ def moderate_many(
     reason: str = "",
     skip_protected: bool = False,
     batch_size: int = BATCH_SIZE,
+    limit: int | None = None,
+    on_moved: Callable[[list[int]], None] | None = None,
 ) -> BulkResult:
     """Apply ``action`` (quarantine, approve, reject, purge, protect, unprotect) to each
     media of ``selection``: an unsliced queryset (read ``batch_size`` primary keys at a
@@ -323,12 +325,21 @@ def moderate_many(
     item that changed; media in a state the action does not start from is skipped, and
     so is protected media with ``skip_protected``. Reject and purge then delete the bytes
     of what they moved (one task per batch). Re-screening is ``rescreen_many``.
+
+    ``limit``: look at no more than this many items (a caller bounding its work runs it
+    again for the rest; acted on, they have left a queryset's filter). ``on_moved`` is
+    given each batch's primary keys that changed, after the batch's transaction.
     """
     if action in (A.PROTECT, A.UNPROTECT):
         value = action == A.PROTECT
-        return _each_batch(
-            selection, batch_size, lambda pks: _set_protected_batch(pks, value, by, reason)
-        )
+
+        def flag(pks: list[int]) -> int:
+            changed = _set_protected_batch(pks, value, by, reason)
+            if on_moved is not None and changed:
+                on_moved(changed)
+            return len(changed)
+
+        return _each_batch(selection, batch_size, flag, limit)
     if action not in TARGET_STATES:
         raise ValueError(f"{action} is not a bulk moderation action")
     fields = _REJECTION_FIELDS if action == A.REJECT else {}
@@ -345,13 +356,21 @@ def moderate_many(
         )
         if action in _DESTRUCTIVE:
             schedule_objects_deletion(moved)
+        if on_moved is not None and moved:
+            on_moved(moved)
         return len(moved)
 
-    return _each_batch(selection, batch_size, act)
+    return _each_batch(selection, batch_size, act, limit)
 
 
 def quarantine_user_media(
-    user_id: str, *, by: Actor, reason: str = "", batch_size: int = BATCH_SIZE
+    user_id: str,
+    *,
+    by: Actor,
+    reason: str = "",
+    batch_size: int = BATCH_SIZE,
+    limit: int | None = None,
+    on_moved: Callable[[list[int]], None] | None = None,
 ) -> int:
     """Quarantine every complete media ``user_id`` uploaded to this server, except
     protected media (Synapse's ``POST /_synapse/admin/v1/user/{user_id}/media/quarantine``);
@@ -361,13 +380,21 @@ def quarantine_user_media(
     and uploads still arriving or being checked when it runs: they complete afterwards),
     and other users' media with the same bytes (Synapse quarantines those too; here
     ``quarantine_content`` does, and new uploads of quarantined bytes are refused anyway
-    by ``check_not_blocked``). Batched: any number of items, a batch in memory at a time.
+    by ``check_not_blocked``). Batched: any number of items, a batch in memory at a time;
+    ``limit`` and ``on_moved`` as ``moderate_many`` takes them.
     """
     if not user_id:
         raise ValueError("A user id is required")
     selection = Media.objects.filter(user_id=user_id, state=S.COMPLETE, protected=False)
     return moderate_many(
-        selection, A.QUARANTINE, by=by, reason=reason, skip_protected=True, batch_size=batch_size
+        selection,
+        A.QUARANTINE,
+        by=by,
+        reason=reason,
+        skip_protected=True,
+        batch_size=batch_size,
+        limit=limit,
+        on_moved=on_moved,
     ).done
 
 
@@ -543,6 +570,7 @@ def delete_local_media_before(
     keep: Callable[[list[str]], Collection[str]] | None = None,
     on_deleted: Callable[[list[str]], None] | None = None,
     batch_size: int = BATCH_SIZE,
+    limit: int | None = None,
 ) -> int:
     """Purge this server's own media last served before ``before`` (an aware datetime),
     or never served and created before it, and larger than ``size_gt`` bytes (Synapse's
@@ -558,7 +586,8 @@ def delete_local_media_before(
     (Synapse's ``keep_profiles``): profiles and room state live on the homeserver. A
     caller that can tell passes ``keep``: given a batch's ``mxc://`` URIs, it returns
     those to keep. ``on_deleted`` is given each batch's purged media ids (Synapse
-    answers with the list).
+    answers with the list). ``limit``: look at no more than this many items; what is left
+    is found by the next call.
     """
     states = [S.COMPLETE, S.QUARANTINED] if include_quarantined else [S.COMPLETE]
     condition = (
@@ -570,7 +599,7 @@ def delete_local_media_before(
         condition &= Q(protected=False)
     selection = Media.objects.filter(condition)
     purged = 0
-    for pks in _batches(selection, batch_size):
+    for pks in _batches(selection, batch_size, limit):
         if keep is not None:
             pks = _without_kept(pks, keep)
         # The conditions again, in the compare-and-set: media served or protected since
@@ -584,7 +613,12 @@ def delete_local_media_before(
 
 
 def purge_remote_cache_before(
-    before: datetime, *, by: Actor, reason: str = "", batch_size: int = BATCH_SIZE
+    before: datetime,
+    *,
+    by: Actor,
+    reason: str = "",
+    batch_size: int = BATCH_SIZE,
+    limit: int | None = None,
 ) -> int:
     """Delete other servers' media last served before ``before`` (an aware datetime)
     from the cache (Synapse's ``POST /_synapse/admin/v1/purge_media_cache?before_ts=``);
@@ -595,7 +629,7 @@ def purge_remote_cache_before(
     deleted as the eviction sweep deletes (``maintenance.delete_evicted``): objects and
     thumbnails unless other media shares them, then the row, so that the next request
     fetches the media again. With the storage down, the rows stay DELETED and the
-    eviction sweep finishes them.
+    eviction sweep finishes them. ``limit``: look at no more than this many items.
     """
     from . import maintenance
 
@@ -604,7 +638,7 @@ def purge_remote_cache_before(
     )
     deleted = 0
     storage_down = False
-    for pks in _batches(Media.objects.filter(condition), batch_size):
+    for pks in _batches(Media.objects.filter(condition), batch_size, limit):
         # No moderator on the row: it is an eviction, which a request may fetch again.
         moved = _transition_batch(
             pks, A.PURGE, by=by, reason=reason, extra_where=condition, moderated_by=""
@@ -728,34 +762,44 @@ def _record_unchanged(
 # ---------------------------------------------------------------------- batches
 
 
-def _batches(queryset: QuerySet[Media], batch_size: int) -> Iterator[list[int]]:
-    """Primary keys of ``queryset``, ``batch_size`` at a time, in key order; each batch
-    read after the previous one was acted on."""
+def _batches(
+    queryset: QuerySet[Media], batch_size: int, limit: int | None = None
+) -> Iterator[list[int]]:
+    """Primary keys of ``queryset``, ``batch_size`` at a time, in key order, ``limit`` in
+    all at most; each batch read after the previous one was acted on."""
     ordered = queryset.order_by("pk").values_list("pk", flat=True)
     last: int | None = None
-    while True:
+    left = limit
+    while left is None or left > 0:
         page = ordered if last is None else ordered.filter(pk__gt=last)
-        batch = list(page[:batch_size])
+        batch = list(page[: batch_size if left is None else min(batch_size, left)])
         if not batch:
             return
         yield batch
         last = batch[-1]
+        if left is not None:
+            left -= len(batch)
 
 
-def _pk_batches(selection: Selection, batch_size: int) -> Iterator[list[int]]:
+def _pk_batches(
+    selection: Selection, batch_size: int, limit: int | None = None
+) -> Iterator[list[int]]:
     if isinstance(selection, QuerySet):
-        yield from _batches(selection, batch_size)
+        yield from _batches(selection, batch_size, limit)
         return
-    ids = iter(selection)
+    ids = iter(selection) if limit is None else islice(selection, limit)
     while batch := list(islice(ids, batch_size)):
         yield batch
 
 
 def _each_batch(
-    selection: Selection, batch_size: int, act: Callable[[list[int]], int]
+    selection: Selection,
+    batch_size: int,
+    act: Callable[[list[int]], int],
+    limit: int | None = None,
 ) -> BulkResult:
     done = looked_at = 0
-    for pks in _pk_batches(selection, batch_size):
+    for pks in _pk_batches(selection, batch_size, limit):
         looked_at += len(pks)
         done += act(pks)
     return BulkResult(done=done, looked_at=looked_at)
@@ -815,9 +859,9 @@ def _transition_batch(
     return moved_all
 
 
-def _set_protected_batch(pks: list[int], value: bool, by: Actor, reason: str) -> int:
+def _set_protected_batch(pks: list[int], value: bool, by: Actor, reason: str) -> list[int]:
     """``_set_protected`` of a batch in one transaction: a compare-and-set per row on the
-    flag and the state read, one record per row changed."""
+    flag and the state read, one record per row changed; the primary keys changed."""
     action = A.PROTECT if value else A.UNPROTECT
     changed: dict[str, list[Media]] = {}
     with transaction.atomic():
@@ -835,4 +879,4 @@ def _set_protected_batch(pks: list[int], value: bool, by: Actor, reason: str) ->
         now = timezone.now()
         for state, items in sorted(changed.items()):
             _record(by, items, action, reason, state, state, now)
-    return sum(len(items) for items in changed.values())
+    return [item.pk for items in changed.values() for item in items]

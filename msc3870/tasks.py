@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from celery import shared_task
 
-from . import cleanup, logs, maintenance, metrics, verdicts
+from . import cleanup, logs, maintenance, metrics, synapse_admin, verdicts
 from .stores import ObjectInfo
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,14 @@ def fetch_remote_media_task(pk: int, requester: str | None = None) -> str:
     from .federation import remote_media
 
     return remote_media.fetch_remote_media(pk, requester)
+
+
+@shared_task(name="msc3870.admin_bulk", **TASK_OPTIONS)
+def admin_bulk_task(action: str, kwargs: dict[str, Any]) -> None:
+    """The rest of an admin API bulk action (``synapse_admin.BULK_ACTIONS``): a bounded
+    share of it, queueing the next share while there is more. Safe to run twice: what one
+    run did has left the selection the next reads."""
+    synapse_admin.run_bulk(action, kwargs)
 
 
 T = TypeVar("T")

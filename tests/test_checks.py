@@ -220,6 +220,14 @@ def test_e023_health_components() -> None:
     assert "msc3870.E006" in ids(HEALTH_TIMEOUT_SECONDS=0)
 
 
+def test_e024_admins_are_matrix_user_ids() -> None:
+    assert "msc3870.E024" in ids(ADMINS=["@root:example.org", "root"])
+    assert "msc3870.E024" in ids(ADMINS=["@root"])
+    assert "msc3870.E024" not in ids(ADMINS=["@root:example.org", "@ops:localhost:8448"])
+    assert "msc3870.E016" in type_ids(ADMINS="@root:example.org")
+    assert "msc3870.E006" in ids(ADMIN_API_ITEMS_PER_REQUEST=0)
+
+
 def test_a_mistyped_setting_does_not_crash_the_value_checks() -> None:
     """Value checks skip what the type checks report (they would raise reading it)."""
     found = type_ids(

@@ -30,6 +30,10 @@ TYPED_DEFAULTS: dict[str, Any] = {
     "HOMESERVER_URL": None,
     "WHOAMI_CACHE_SECONDS": 15,
     "TOKEN_CACHE_SECONDS": 10.0,
+    "ADMINS": [],
+    "HOMESERVER_ADMINS": True,
+    "ADMIN_CACHE_SECONDS": 30,
+    "ADMIN_API_ITEMS_PER_REQUEST": 1000,
     "MAX_UPLOAD_SIZE": 50 * MiB,
     "UNUSED_EXPIRATION": 86400,
     "MAX_PENDING_UPLOADS": 5,
@@ -170,6 +174,9 @@ READ_CASES: list[tuple[str, Any, Any]] = [
     ("REMOTE_MEDIA_CACHE_MAX_BYTES", None, None),
     ("S3_INCOMING_EXPIRATION_DAYS", 0, 1),
     ("S3_INCOMING_EXPIRATION_DAYS", 9, 9),
+    ("ADMIN_CACHE_SECONDS", -1, 0),
+    ("ADMIN_API_ITEMS_PER_REQUEST", 0, 1),
+    ("ADMINS", ("@root:example.org",), ["@root:example.org"]),
 ]
 
 

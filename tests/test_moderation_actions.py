@@ -223,6 +223,34 @@ def test_a_bare_hash_can_be_blocked_and_is_matched_when_hashed(alice: MatrixClie
 # ---------------------------------------------------------------------- by selection
 
 
+def test_bulk_actions_look_at_no_more_than_a_limit_and_say_what_moved(
+    alice: MatrixClient,
+) -> None:
+    """A caller bounding its work (the admin API's share per request) runs it again for
+    the rest: what was acted on has left the selection."""
+    items = [upload(alice, f"bounded {n}".encode()) for n in range(5)]
+    moved: list[list[int]] = []
+    result = moderation.moderate_many(
+        Media.objects.filter(state=S.COMPLETE),
+        A.QUARANTINE,
+        by=MOD,
+        batch_size=2,
+        limit=3,
+        on_moved=moved.append,
+    )
+    assert (result.done, result.looked_at) == (3, 3)
+    assert moved == [[items[0].pk, items[1].pk], [items[2].pk]]
+    assert moderation.quarantine_user_media(alice.user_id, by=MOD, limit=1) == 1
+    assert moderation.moderate_many([m.pk for m in items], A.APPROVE, by=MOD, limit=2).done == 2
+    flagged: list[list[int]] = []
+    moderation.moderate_many([items[4].pk], A.PROTECT, by=MOD, on_moved=flagged.append)
+    assert flagged == [[items[4].pk]]
+    old = timezone.now() + timedelta(days=1)
+    assert moderation.delete_local_media_before(old, by=MOD, limit=1) == 1
+    assert moderation.delete_local_media_before(old, by=MOD, limit=10) == 1  # the rest
+    assert moderation.purge_remote_cache_before(old, by=MOD, limit=1) == 0
+
+
 def test_moderate_many_takes_ids_or_a_queryset_one_record_each(alice: MatrixClient) -> None:
     items = [upload(alice, f"item {n}".encode()) for n in range(5)]
     user = User.objects.create_superuser("mod", "mod@example.com", "pw")

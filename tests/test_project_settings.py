@@ -292,6 +292,14 @@ ENVIRONMENT_CASES: list[tuple[dict[str, str], dict[str, Any]]] = [
         },
     ),
     ({"MSC3870_WHOAMI_CACHE_SECONDS": "30"}, {}),  # read only beside a homeserver
+    (
+        {"MSC3870_ADMINS": "@root:example.org, @ops:example.org"},
+        {"ADMINS": ["@root:example.org", "@ops:example.org"]},
+    ),
+    ({"MSC3870_HOMESERVER_ADMINS": "0"}, {"HOMESERVER_ADMINS": False}),
+    ({"MSC3870_HOMESERVER_ADMINS": "no"}, {"HOMESERVER_ADMINS": True}),  # only "0" is off
+    ({"MSC3870_ADMIN_CACHE_SECONDS": "5"}, {"ADMIN_CACHE_SECONDS": 5}),
+    ({"MSC3870_ADMIN_API_ITEMS_PER_REQUEST": "200"}, {"ADMIN_API_ITEMS_PER_REQUEST": 200}),
 ]
 
 

@@ -31,6 +31,9 @@ from .deferred import DeferredResponse
 
 log = logging.getLogger(__name__)
 
+# The paths whose clients read Matrix errors: the Matrix APIs and Synapse's admin API.
+API_PREFIXES = ("/_matrix/", "/_synapse/admin/")
+
 
 class MethodNotAllowed(MatrixError):
     status, errcode, default_message = 405, Codes.UNRECOGNIZED, "Method not allowed"
@@ -82,15 +85,15 @@ def json_error(error: MatrixError) -> JsonResponse:
 
 
 class MatrixErrorMiddleware:
-    """Turn Django's own error pages under /_matrix/ (unknown path, 405, 500) into Matrix
-    errors, so clients never parse HTML."""
+    """Turn Django's own error pages under /_matrix/ and /_synapse/admin/ (unknown path,
+    405, 500) into Matrix errors, so clients never parse HTML."""
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         response = self.get_response(request)
-        if not request.path.startswith("/_matrix/") or response.status_code < 400:
+        if not request.path.startswith(API_PREFIXES) or response.status_code < 400:
             return response
         if response.get("Content-Type", "").startswith("application/json"):
             return response
@@ -103,7 +106,7 @@ class MatrixErrorMiddleware:
         return json_error(error)
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
-        if not request.path.startswith("/_matrix/"):
+        if not request.path.startswith(API_PREFIXES):
             return None
         error = to_matrix_error(exception)
         if error is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.db import transaction
 from django.urls import re_path
 
-from . import operating, views
+from . import admin, operating, views
 from .federation import urls as federation_urls
 from .federation.views import KeyServerView
 
@@ -15,6 +15,8 @@ app_name = "msc3870"
 # so a bad id gets M_INVALID_PARAM rather than "unrecognized endpoint".
 MXC = r"(?P<server_name>[^/]+)/(?P<media_id>[^/]+)"
 FILE_NAME = r"(?:/(?P<file_name>[^/]+))?"
+# Synapse's admin API (the media part: rooms stay with the homeserver).
+ADMIN = r"^_synapse/admin/v1/"
 
 
 def view(cls: type[views.MatrixView]) -> object:
@@ -51,7 +53,8 @@ urlpatterns = [
         name="download",
     ),
     re_path(
-        rf"^_matrix/media/(?:v3|r0)/download/{MXC}{FILE_NAME}$",
+        # v1 too, as Synapse serves it (synapse-admin links media there).
+        rf"^_matrix/media/(?:v3|r0|v1)/download/{MXC}{FILE_NAME}$",
         view(views.LegacyDownloadView),
         name="legacy-download",
     ),
@@ -61,7 +64,7 @@ urlpatterns = [
         name="thumbnail",
     ),
     re_path(
-        rf"^_matrix/media/(?:v3|r0)/thumbnail/{MXC}$",
+        rf"^_matrix/media/(?:v3|r0|v1)/thumbnail/{MXC}$",
         view(views.LegacyThumbnailView),
         name="legacy-thumbnail",
     ),
@@ -76,6 +79,43 @@ urlpatterns = [
     ),
     # /_matrix/federation/v1/media/...: media of this server for other servers.
     *federation_urls.urlpatterns,
+    # Synapse's media admin API.
+    re_path(
+        ADMIN + r"users/(?P<user_id>[^/]+)/media$",
+        view(admin.UserMediaView),
+        name="admin-user-media",
+    ),
+    re_path(
+        ADMIN + r"user/(?P<user_id>[^/]+)/media/quarantine$",
+        view(admin.QuarantineUserMediaView),
+        name="admin-quarantine-user-media",
+    ),
+    re_path(
+        ADMIN + rf"media/quarantine/{MXC}$",
+        view(admin.QuarantineMediaView),
+        name="admin-quarantine-media",
+    ),
+    re_path(
+        ADMIN + rf"media/unquarantine/{MXC}$",
+        view(admin.UnquarantineMediaView),
+        name="admin-unquarantine-media",
+    ),
+    re_path(ADMIN + r"media/delete$", view(admin.DeleteMediaBeforeView), name="admin-delete-media"),
+    # media/{server}/{id} (GET, DELETE), media/protect/{id}, media/unprotect/{id} and
+    # media/{server}/delete (POST): one path, told apart by method as Synapse does.
+    re_path(
+        ADMIN + r"media/(?P<first>[^/]+)/(?P<second>[^/]+)$",
+        view(admin.MediaView),
+        name="admin-media",
+    ),
+    re_path(
+        ADMIN + r"purge_media_cache$", view(admin.PurgeMediaCacheView), name="admin-purge-cache"
+    ),
+    re_path(
+        ADMIN + r"statistics/users/media$",
+        view(admin.UserMediaStatisticsView),
+        name="admin-media-statistics",
+    ),
     # For operators: the health check (/healthz is matrix-media-repo's spelling) and the
     # metrics (served on the metrics listener only).
     re_path(r"^healthz?$", view(operating.HealthView), name="health"),

@@ -18,9 +18,9 @@ from rest_framework.settings import APISettings
 from rest_framework.views import APIView
 
 from .. import downloads, thumbnails, uploads, validation
-from ..auth import MatrixTokenAuthentication
+from ..auth import MatrixTokenAuthentication, is_admin
 from ..conf import app_settings
-from ..errors import Codes, InvalidParam, MatrixError
+from ..errors import BadRequest, Codes, InvalidParam, MatrixError
 from ..models import Media
 from ..stores import Readable
 from ..waiting import AUTHENTICATED, LEGACY
@@ -305,21 +305,33 @@ class DownloadView(MatrixView):
         behalf of its user, who is charged the bytes)."""
         return True
 
+    def bypass_quarantine(self, request: Request) -> bool:
+        """``admin_unsafely_bypass_quarantine=true``: quarantined media is served to an
+        admin, as Synapse's client download does; anyone else asking is told 400."""
+        if request.query_params.get("admin_unsafely_bypass_quarantine") != "true":
+            return False
+        if not is_admin(request.user, request.auth):
+            raise BadRequest("Must be a server admin to bypass quarantine")
+        return True
+
     def get(
         self, request: Request, server_name: str, media_id: str, file_name: str | None = None
     ) -> HttpResponseBase:
         serving = self.serving(request)
         # The name a link asks the browser to save as obeys the upload's rules (no RLO).
         file_name = validation.clean_filename(file_name) or None
+        bypass = self.bypass_quarantine(request)
         return answer(
             request,
-            self.finding(request, server_name, media_id),
+            self.finding(request, server_name, media_id, bypass_quarantine=bypass),
             lambda media: serving(Servable.of_media(media, file_name)),
             kind=self.wait_kind,
-            share_key=("download", file_name, *self.serving_key(request)),
+            share_key=("download", file_name, bypass, *self.serving_key(request)),
         )
 
-    def finding(self, request: Request, server_name: str, media_id: str) -> Callable[[], Media]:
+    def finding(
+        self, request: Request, server_name: str, media_id: str, *, bypass_quarantine: bool = False
+    ) -> Callable[[], Media]:
         """How this request finds its media (waiting, freeze and fetching as the view
         says); holds the values, not the request."""
         timeout_ms = self.timeout_ms(request)
@@ -331,6 +343,7 @@ class DownloadView(MatrixView):
             timeout_ms=timeout_ms,
             frozen_after=frozen_after,
             fetch_for=fetch_for,
+            bypass_quarantine=bypass_quarantine,
         )
 
     def serving_key(self, request: Request) -> tuple[Any, ...]:
@@ -386,6 +399,10 @@ class LegacyMediaMixin:
 
     def frozen_after(self) -> datetime | None:
         return app_settings.LEGACY_MEDIA_FREEZE_AFTER
+
+    def bypass_quarantine(self, request: Request) -> bool:
+        # Synapse honours it on the authenticated download only; ignored here, as there.
+        return False
 
     def fetch_remote(self, request: Request) -> bool:
         # Never, whatever allow_remote says (as Synapse with authenticated media on): a

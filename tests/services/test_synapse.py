@@ -25,7 +25,7 @@ import requests
 
 from msc3870.models import MediaState
 
-from .conftest import ROOT, PrivateRedis, Stack, free_port
+from .conftest import ROOT, PrivateRedis, Stack, free_port, wait_until
 from .helpers import auth, complete, create, media_of, mxc_path, upload_through_url
 
 pytestmark = pytest.mark.services
@@ -479,3 +479,43 @@ def test_locked_account_gets_m_user_locked(
     )
     assert error_of(created) == (401, "M_USER_LOCKED")
     assert created.json().get("soft_logout") is True
+
+
+def test_synapse_admins_use_the_media_admin_api(
+    media_server: Stack, synapse: Synapse, admin: Session, alice: Account
+) -> None:
+    """An admin is whom Synapse says is one: its own ``GET /_synapse/admin/v1/users/
+    {user_id}/admin``, asked with the caller's token, which Synapse answers to its admins
+    only."""
+    from urllib.parse import quote
+
+    from msc3870.models import ModerationRecord
+
+    session = synapse.login(alice.localpart, alice.password)
+    content_uri = upload_through_url(media_server, session.access_token, b"held for review")
+    media_id = mxc_path(content_uri).split("/")[1]
+    wait_until(lambda: media_of(content_uri).state == MediaState.COMPLETE, 30, "the checks to pass")
+    admin_api = f"{media_server.base_url}/_synapse/admin/v1"
+    listing = f"{admin_api}/users/{quote(alice.user_id, safe='')}/media"
+
+    listed = requests.get(listing, headers=auth(admin.access_token), timeout=30)
+    assert listed.status_code == 200, listed.text
+    assert [m["media_id"] for m in listed.json()["media"]] == [media_id]
+    assert error_of(requests.get(listing, headers=auth(session.access_token), timeout=30)) == (
+        403,
+        "M_FORBIDDEN",
+    )
+
+    quarantined = requests.post(
+        f"{admin_api}/media/quarantine/{mxc_path(content_uri)}",
+        headers=auth(admin.access_token),
+        timeout=30,
+    )
+    assert (quarantined.status_code, quarantined.json()) == (200, {})
+    assert media_of(content_uri).state == MediaState.QUARANTINED
+    assert ModerationRecord.objects.get(mxc_uri=content_uri).actor == admin.user_id
+    query = "?admin_unsafely_bypass_quarantine=true"
+    shown = authenticated_download(media_server, admin.access_token, content_uri, query)
+    assert (shown.status_code, shown.content) == (200, b"held for review")
+    refused = authenticated_download(media_server, session.access_token, content_uri, query)
+    assert error_of(refused) == (400, "M_UNKNOWN")
