@@ -167,6 +167,8 @@ def client_address(scope: dict[str, Any]) -> str | None:
     if not client:
         return None
     host = str(client[0])
+    if ":" not in host:
+        return host  # IPv4 (or a name): as it is, without parsing
     try:
         address = ipaddress.ip_address(host)
     except ValueError:

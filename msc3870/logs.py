@@ -56,6 +56,8 @@ _HANDED_ON = ("media_id", "user", "state")
 
 
 def redact(text: str) -> str:
+    if "=" not in text and "/upload_url/" not in text:
+        return text  # neither secret can be in it: no pattern to run
     for pattern in _SECRETS:
         text = pattern.sub(lambda m: m.group(1) + REDACTED, text)
     return text
@@ -114,9 +116,10 @@ class Step:
 
 @contextmanager
 def step(event: str, **fields: Any) -> Iterator[Step]:
-    """Time a background step and write its line when it ends (``outcome=error`` if it
-    raised). Media id, user and state it noted are handed on to the request or step
-    around it, if any."""
+    """Time a step and write its line when it ends (``outcome=error`` if it raised). A step
+    inside a request or another step (a PUT screened in its own request, a fetch's
+    screening) writes no line of its own: its duration and outcome go on the line around
+    it (``<event>_ms``, ``<event>_outcome``), with the media id, user and state it noted."""
     outer = _fields.get()
     current = Step(dict(fields))
     token = _fields.set(current.fields)
@@ -131,10 +134,15 @@ def step(event: str, **fields: Any) -> Iterator[Step]:
         line = current.fields
         if raised:
             line.setdefault("outcome", "error")
-        line["duration_ms"] = round(current.seconds * 1000, 1)
-        steps_log.info(event, extra={"fields": line})
-        if outer is not None:
+        duration_ms = round(current.seconds * 1000, 1)
+        if outer is None:
+            line["duration_ms"] = duration_ms
+            steps_log.info(event, extra={"fields": line})
+        else:
             outer.update({key: line[key] for key in _HANDED_ON if line.get(key)})
+            outer[f"{event}_ms"] = duration_ms
+            if "outcome" in line:
+                outer[f"{event}_outcome"] = line["outcome"]
 
 
 def log_request(

@@ -140,8 +140,9 @@ def test_every_line_is_json_and_says_who_did_what(operated: tuple[Server, int, P
     line = wait_until(lines_of_the_put, 10, "the PUT's line")[0]
     assert line["user"] == "@operated:localhost"
     assert line["state"] == "complete"
+    assert line["screening_outcome"] == "complete"  # screened in the request, on its line
     assert line["message"].endswith(f'"PUT /_matrix/media/v3/upload/{path} HTTP/1.1" 200')
     loggers = {entry["logger"] for entry in json_lines(server)}
     # gunicorn's and uvicorn's own lines are JSON too; no access log of uvicorn's.
-    assert {"gunicorn.error", "uvicorn.error", "msc3870.requests", "msc3870.steps"} <= loggers
+    assert {"gunicorn.error", "uvicorn.error", "msc3870.requests"} <= loggers
     assert "uvicorn.access" not in loggers
