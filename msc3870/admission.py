@@ -64,9 +64,14 @@ class UploadRequest:
     token: str | None = None
 
 
+#: Where ``upload_request`` leaves the route it resolved, for the handler to reuse.
+RESOLVER_MATCH = "msc3870.resolver_match"
+
+
 def upload_request(scope: dict[str, Any]) -> UploadRequest | None:
     """The upload this request is, from the URLconf the views are routed by (so a host
-    project's prefix is honoured); None for anything else, left to the views."""
+    project's prefix is honoured); None for anything else, left to the views. The route
+    is left in the scope: the request is not resolved twice."""
     method = scope["method"]
     path = scope["path"]
     root = scope.get("root_path") or ""
@@ -76,6 +81,7 @@ def upload_request(scope: dict[str, Any]) -> UploadRequest | None:
         match = resolve(path)
     except Resolver404:
         return None
+    scope[RESOLVER_MATCH] = match
     if "msc3870" not in match.app_names:
         return None
     if method == "PUT" and match.url_name == UPLOAD_URL_ROUTE:

@@ -200,6 +200,15 @@ class _Chain(base.BaseHandler):
         finally:
             settings.MIDDLEWARE = configured
 
+    def resolve_request(self, request: Any) -> Any:
+        """The URL resolved once per request: an upload's route was already resolved to
+        check its credential before its body (``admission.upload_request``)."""
+        match = request.scope.get(admission.RESOLVER_MATCH) if hasattr(request, "scope") else None
+        if match is None or hasattr(request, "urlconf"):  # a middleware chose another URLconf
+            return super().resolve_request(request)
+        request.resolver_match = match
+        return match
+
 
 class _RefusalChain(_Chain):
     """The middleware around a refusal the handler made before any view ran (no URL is

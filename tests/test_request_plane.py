@@ -590,3 +590,31 @@ def test_one_requester_cannot_take_every_waiting_slot(app: MediaASGIHandler, tok
 
     with msc3870_settings(WAIT_MAX_WAITERS_PER_REQUESTER=2):
         run(scenario)
+
+
+def test_an_upload_resolves_its_route_once(
+    app: MediaASGIHandler, token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its credential is checked from the route before the body is read; the view is
+    found from that same route, not resolved again."""
+    from django.urls.resolvers import URLResolver
+
+    async def scenario() -> None:
+        path = await created_path(app, token)
+        resolved: list[str] = []
+        real = URLResolver.resolve
+
+        def counting(self: URLResolver, path_info: str) -> Any:
+            resolved.append(path_info)
+            return real(self, path_info)
+
+        monkeypatch.setattr(URLResolver, "resolve", counting)
+        put = await call(
+            app, "PUT", f"/_matrix/media/v3/upload/{path}", body=b"x" * 10, headers=bearer(token)
+        )
+        monkeypatch.setattr(URLResolver, "resolve", real)
+        assert put.status == 200, put.body
+        top_level = [p for p in resolved if p.startswith("/_matrix/media/v3/upload/")]
+        assert len(top_level) == 1, resolved
+
+    run(scenario)
