@@ -377,6 +377,7 @@ class BlockedHash(models.Model):
 
     class Meta:
         verbose_name = "blocked hash"
+        verbose_name_plural = "blocked hashes"
         ordering = ("-blocked_at", "-pk")
         constraints = [
             models.UniqueConstraint(

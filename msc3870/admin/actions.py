@@ -107,8 +107,9 @@ def _rescreen(queryset: QuerySet[Media], user: Any, reason: str) -> Messages:
     return [(level, f"Re-screened: {said or 'nothing to re-screen'}.")]
 
 
-def _at_most(limit: int, what: str) -> Callable[[QuerySet[Media]], Scope]:
+def _at_most(what: str) -> Callable[[QuerySet[Media]], Scope]:
     def scope(queryset: QuerySet[Media]) -> Scope:
+        limit = READING_LIMIT
         if queryset.order_by()[: limit + 1].count() > limit:
             return Scope(
                 refusal=f"{what} reads each item's bytes here: select at most {limit} "
@@ -153,7 +154,7 @@ def _quarantine_uploaders(queryset: QuerySet[Media], user: Any, reason: str) -> 
 
 
 def _content_scope(queryset: QuerySet[Media]) -> Scope:
-    limited = _at_most(READING_LIMIT, "Blocking content")(queryset)
+    limited = _at_most("Blocking content")(queryset)
     if limited.refusal:
         return limited
     hashes = sorted(
@@ -265,7 +266,7 @@ RESCREEN = Operation(
     "it (protected or not), a pass is recorded.",
     _in_states(A.RESCREEN),
     _rescreen,
-    _at_most(READING_LIMIT, "Re-screening"),
+    _at_most("Re-screening"),
 )
 QUARANTINE_UPLOADERS = Operation(
     "quarantine_uploaders_media",

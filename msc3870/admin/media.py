@@ -27,6 +27,7 @@ from django.utils.html import format_html
 from django.utils.http import urlencode
 from django.utils.safestring import SafeString
 
+from .. import dashboard, queue
 from ..conf import app_settings
 from ..models import Media, MediaState, UploadMethod
 from . import listing, views
@@ -64,7 +65,7 @@ class MediaAdmin(admin.ModelAdmin):
         "preview",
         "mxc",
         "uploader",
-        "state",
+        "state_badge",
         "content_type",
         "size_display",
         "created_at",
@@ -151,6 +152,17 @@ class MediaAdmin(admin.ModelAdmin):
     @admin.display(description="mxc URI")
     def mxc(self, media: Media) -> str:
         return media.mxc_uri
+
+    @admin.display(description="State")
+    def state_badge(self, media: Media) -> str:
+        protected = " protected" if media.protected else ""
+        return format_html(
+            '<span class="msc3870-state msc3870-state-{}" title="{}">{}</span>{}',
+            media.state,
+            media.get_state_display(),
+            media.state,
+            protected,
+        )
 
     @admin.display(description="Uploader")
     def uploader(self, media: Media) -> str:
@@ -256,6 +268,10 @@ class MediaAdmin(admin.ModelAdmin):
     def dashboard_view(self, request: HttpRequest) -> TemplateResponse:
         if not self.has_view_permission(request):
             raise PermissionDenied
+        if dashboard.snapshot() is None:
+            # Figures before the first periodic rollup: one now (a worker's, with a
+            # broker; else here, once).
+            queue.send("msc3870.rollup_dashboard")
         context = {
             **self.admin_site.each_context(request),
             "title": "Media dashboard",

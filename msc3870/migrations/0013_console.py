@@ -93,6 +93,14 @@ class Migration(migrations.Migration):
             model_name="media",
             index=models.Index(fields=["user_id", "created_at", "id"], name="msc3870_user_created"),
         ),
+        migrations.AlterModelOptions(
+            name="blockedhash",
+            options={
+                "ordering": ("-blocked_at", "-pk"),
+                "verbose_name": "blocked hash",
+                "verbose_name_plural": "blocked hashes",
+            },
+        ),
         migrations.RunPython(trigram_forward, trigram_backward, elidable=False),
         migrations.RunPython(group_forward, group_backward),
     ]
