@@ -24,6 +24,7 @@ from django.urls import reverse
 
 from .. import moderation
 from ..models import Media, MediaState, ModerationAction
+from .listing import preview_cell
 
 S = MediaState
 A = ModerationAction
@@ -341,7 +342,9 @@ def confirm_then_run(
         "operation": operation,
         "scope": scope,
         "form": form,
-        "preview": list(queryset[:CONFIRMATION_PREVIEW_LIMIT]),
+        "preview": [
+            (media, preview_cell(media)) for media in queryset[:CONFIRMATION_PREVIEW_LIMIT]
+        ],
         # The exact number a moderator is about to act on, counted once here.
         "selected_count": queryset.count(),
         "select_across": select_across,

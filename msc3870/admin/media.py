@@ -69,7 +69,6 @@ class MediaAdmin(admin.ModelAdmin):
         "content_type",
         "size_display",
         "created_at",
-        "completed_at",
     )
     list_display_links = ("mxc",)
     list_filter = (

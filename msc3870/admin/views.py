@@ -20,7 +20,7 @@ from ..api.headers import add_security_headers, content_disposition, served_cont
 from ..api.responses import Servable, serve
 from ..content_types import base_type
 from ..errors import MatrixError
-from ..models import Media
+from ..models import Media, MediaState
 from ..schedule import DEFAULT_SCHEDULE
 from ..stores import get_store
 from .listing import LARGE_PREVIEW_SIZE, PREVIEW_SIZE, family, icon_kind, icon_svg
@@ -159,13 +159,15 @@ def dashboard_context() -> dict[str, Any]:
     snapshot = dashboard.snapshot()
     figures = snapshot.figures if snapshot is not None else {}
     states = figures.get("states", {})
+    # In the state machine's order (the stored JSON keeps no order).
     rows = [
         {
             "state": state,
-            "local": origins.get("local", {}),
-            "remote": origins.get("remote", {}),
+            "local": states[state].get("local", {}),
+            "remote": states[state].get("remote", {}),
         }
-        for state, origins in states.items()
+        for state in MediaState.values
+        if state in states
     ]
     return {
         "snapshot": snapshot,
