@@ -172,13 +172,24 @@ class TypeFamilyFilter(admin.SimpleListFilter):
     def queryset(self, request: HttpRequest, queryset: QuerySet[Media]) -> QuerySet[Media]:
         value = self.value()
         if value in FAMILIES:
-            return queryset.filter(content_type__istartswith=f"{value}/")
+            return queryset.filter(of_family(value))
         if value == "other":
             families = Q()
             for name in FAMILIES:
-                families |= Q(content_type__istartswith=f"{name}/")
+                families |= of_family(name)
             return queryset.exclude(families)
         return queryset
+
+
+def of_family(name: str) -> Q:
+    """Types of a family, as stored (a declared type is kept as the client wrote it: in
+    practice lower case, sometimes capitalised). Plain prefixes, not a case-insensitive
+    match: PostgreSQL estimates these from the column's statistics and reads the list's
+    index newest first; an UPPER(...) it has no statistics for makes it scan the table."""
+    condition = Q()
+    for spelling in (name, name.capitalize(), name.upper()):
+        condition |= Q(content_type__startswith=f"{spelling}/")
+    return condition
 
 
 class OriginFilter(admin.SimpleListFilter):

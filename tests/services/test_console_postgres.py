@@ -114,8 +114,18 @@ def page_and_count(cl: Any) -> list[Any]:
         ({"q": "{sha256 of m00000005}"}, "msc3870_sha256"),
         ({"q": "beach"}, "msc3870_filename_trgm"),
         ({"state__exact": "quarantined"}, "msc3870_state_created"),
+        ({"type": "image"}, "msc3870_created"),
     ],
-    ids=["list", "mxc", "uploader-search", "uploader-filter", "sha256", "filename", "state"],
+    ids=[
+        "list",
+        "mxc",
+        "uploader-search",
+        "uploader-filter",
+        "sha256",
+        "filename",
+        "state",
+        "type",
+    ],
 )
 def test_the_list_and_its_searches_read_indexes(
     seeded: None, query: dict[str, str], index: str | tuple[str, ...]
