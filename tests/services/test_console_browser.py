@@ -270,6 +270,7 @@ def test_a_moderator_judges_and_acts_and_a_viewer_cannot(
     assert page.locator("svg.msc3870-icon").count() >= 2  # the text items: icons
     if page.locator("#toggle-nav-sidebar").is_visible():
         page.click("#toggle-nav-sidebar")  # more room for the columns (kept for the session)
+    page.evaluate("window.scrollTo(0, 0)")
     screenshot(page, "list", full_page=False)
 
     # An image's page shows the image itself.
