@@ -85,6 +85,9 @@ if env("DJANGO_BEHIND_PROXY") == "1":
     CSRF_COOKIE_SECURE = True
 
 INSTALLED_APPS = [
+    # Before the admin: its admin/index.html adds the moderation console's links to the
+    # admin's index (extending the admin's own).
+    "msc3870",
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -94,7 +97,6 @@ INSTALLED_APPS = [
     "rest_framework",
     "corsheaders",
     "django_celery_beat",
-    "msc3870",
 ]
 
 MIDDLEWARE = [

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from celery import shared_task
 
-from . import cleanup, logs, maintenance, metrics, synapse_admin, verdicts
+from . import cleanup, dashboard, logs, maintenance, metrics, synapse_admin, verdicts
 from .stores import ObjectInfo
 
 log = logging.getLogger(__name__)
@@ -134,3 +134,10 @@ def evict_remote_media_task() -> dict[str, int]:
 @shared_task(name="msc3870.delete_old_tombstones", **TASK_OPTIONS)
 def delete_old_tombstones_task() -> int:
     return _sweep("delete_old_tombstones", maintenance.delete_old_tombstones)
+
+
+@shared_task(name="msc3870.rollup_dashboard", **TASK_OPTIONS)
+def rollup_dashboard_task() -> int:
+    """The moderation dashboard's whole-table figures (``msc3870.dashboard``); the
+    number of media rows it counted."""
+    return _sweep("rollup_dashboard", lambda: dashboard.rollup().media_count)

@@ -12,7 +12,7 @@ from django.test import Client
 from django.utils import timezone
 from django.utils.http import urlencode
 
-import msc3870.admin
+import msc3870.admin.actions
 from msc3870 import moderation
 from msc3870.models import Media, MediaState, ModerationAction, ModerationRecord
 
@@ -86,6 +86,7 @@ def test_moderators_group_holds_view_and_moderate_permissions_only(db: None) -> 
         ("msc3870", "view_media"),
         ("msc3870", "moderate_media"),
         ("msc3870", "view_moderationrecord"),
+        ("msc3870", "view_blockedhash"),
     }
 
 
@@ -130,17 +131,22 @@ def test_moderator_is_offered_every_action(moderator: Client, alice: MatrixClien
     assert "delete_selected" not in offered  # rows are tombstones, never deleted
 
 
-def test_moderator_approves_without_confirmation(moderator: Client, alice: MatrixClient) -> None:
+def test_moderator_approves_with_a_reason(moderator: Client, alice: MatrixClient) -> None:
     media = upload(alice)
     assert moderation.quarantine(media, by="setup", reason="looked odd")
+    # Every action, approving too, asks for a reason first.
     response = run_action(moderator, "approve_media", [media])
+    assert CONFIRMATION_TEMPLATE in [t.name for t in response.templates]
+    assert Media.objects.get(pk=media.pk).state == S.QUARANTINED
+    response = confirm(moderator, "approve_media", [media], reason="a meme, not abuse")
     assert response.status_code == 302
     assert Media.objects.get(pk=media.pk).state == S.COMPLETE
     record = ModerationRecord.objects.get(media=media, action=ModerationAction.APPROVE)
-    assert (record.actor, record.state_before, record.state_after) == (
+    assert (record.actor, record.state_before, record.state_after, record.reason) == (
         "mod",
         S.QUARANTINED,
         S.COMPLETE,
+        "a meme, not abuse",
     )
 
 
@@ -206,7 +212,7 @@ def test_confirmed_purge_records_who_what_why_and_the_states(
 def test_confirmation_across_all_selected_media(
     moderator: Client, alice: MatrixClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(msc3870.admin, "ACTION_BATCH_SIZE", 2)  # three rows, two batches
+    monkeypatch.setattr(msc3870.admin.actions, "ACTION_BATCH_SIZE", 2)  # three rows, two batches
     media = [upload(alice, bytes([n])) for n in range(4)]
     assert moderation.quarantine(media[3], by="setup")
     # "Select all" on a filtered list: the page posts one checkbox and select_across; the
@@ -243,7 +249,7 @@ def test_uploader_is_not_told_the_moderators_reason(moderator: Client, alice: Ma
 def test_records_are_shown_on_the_media_page(moderator: Client, alice: MatrixClient) -> None:
     media = upload(alice)
     confirm(moderator, "quarantine_media", [media], reason="first look")
-    run_action(moderator, "approve_media", [media])
+    confirm(moderator, "approve_media", [media], reason="second look")
     page = moderator.get(f"{CHANGELIST}{media.pk}/change/")
     assert page.status_code == 200
     text = page.content.decode()
@@ -333,13 +339,29 @@ def test_media_page_offers_the_actions_its_state_allows_to_moderators_only(
     media = upload(alice)
     page = moderator.get(f"{CHANGELIST}{media.pk}/change/")
     offered = {operation.name for operation in page.context["moderation_operations"]}
-    assert offered == {"quarantine_media", "reject_media", "purge_media"}
+    # Acting on the uploader or on the bytes is offered whatever the state.
+    everywhere = {"quarantine_uploaders_media", "quarantine_content"}
+    assert offered == {
+        "quarantine_media",
+        "reject_media",
+        "purge_media",
+        "protect_media",
+        "rescreen_media",
+        *everywhere,
+    }
     assert f'value="{media.pk}"' in page.content.decode()
 
     assert moderation.quarantine(media, by="setup")
+    assert moderation.protect(media, by="setup")
     page = moderator.get(f"{CHANGELIST}{media.pk}/change/")
     offered = {operation.name for operation in page.context["moderation_operations"]}
-    assert offered == {"approve_media", "reject_media", "purge_media"}
+    assert offered == {
+        "approve_media",
+        "reject_media",
+        "purge_media",
+        "unprotect_media",
+        *everywhere,
+    }
 
     page = viewer.get(f"{CHANGELIST}{media.pk}/change/")
     assert page.status_code == 200
