@@ -35,6 +35,7 @@ class Codes(StrEnum):
     LIMIT_EXCEEDED = "M_LIMIT_EXCEEDED"
     NOT_YET_UPLOADED = "M_NOT_YET_UPLOADED"
     INVALID_PARAM = "M_INVALID_PARAM"
+    MISSING_PARAM = "M_MISSING_PARAM"
     BAD_JSON = "M_BAD_JSON"
     NOT_JSON = "M_NOT_JSON"
     # MSC2246's unstable spellings of the two above, which clients in the field may still
@@ -159,6 +160,10 @@ class NothingUploaded(MatrixError):
 
 class InvalidParam(MatrixError):
     status, errcode, default_message = 400, Codes.INVALID_PARAM, "Invalid parameter"
+
+
+class MissingParam(MatrixError):
+    status, errcode, default_message = 400, Codes.MISSING_PARAM, "Missing parameter"
 
 
 class BadJson(MatrixError):

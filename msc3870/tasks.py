@@ -78,6 +78,15 @@ def fetch_remote_media_task(pk: int, requester: str | None = None) -> str:
     return remote_media.fetch_remote_media(pk, requester)
 
 
+@shared_task(name="msc3870.fetch_url_preview", **TASK_OPTIONS)
+def fetch_url_preview_task(pk: int) -> str:
+    """Not retried by Celery: a failed preview marks its row, which requests answer from
+    and fetch again after ``URL_PREVIEW_FAILURE_SECONDS``."""
+    from .previews.fetch import fetch_url_preview
+
+    return fetch_url_preview(pk)
+
+
 T = TypeVar("T")
 
 
@@ -126,3 +135,8 @@ def evict_remote_media_task() -> dict[str, int]:
 @shared_task(name="msc3870.delete_old_tombstones", **TASK_OPTIONS)
 def delete_old_tombstones_task() -> int:
     return _sweep("delete_old_tombstones", maintenance.delete_old_tombstones)
+
+
+@shared_task(name="msc3870.expire_url_previews", **TASK_OPTIONS)
+def expire_url_previews_task() -> dict[str, int]:
+    return vars(_sweep("expire_url_previews", maintenance.expire_url_previews))
