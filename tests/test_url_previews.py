@@ -741,3 +741,63 @@ def test_the_sweep_deletes_expired_previews_and_old_images(alice: MatrixClient, 
     assert image_row.state == MediaState.DELETED
     maintenance.delete_dead_objects()
     assert not list(get_store().list_keys("preview/"))
+
+
+# --- with a broker: the fetch is a task; waiting is bounded ------------------------------
+
+
+def test_with_a_broker_the_fetch_is_a_task_and_an_abandoned_one_is_claimed_again(
+    alice: MatrixClient,
+    site: Site,
+    broker_sends: list[tuple[str, tuple[Any, ...], Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from msc3870.previews import fetch, service
+
+    monkeypatch.setattr(service, "SCREENING_GRACE_SECONDS", 0.0)
+    server, routes = site
+    routes["/page"] = html_page("<title>From the worker</title>")
+    url = f"{server.url}/page"
+    with msc3870_settings(**{**OPEN_LOOPBACK, "URL_PREVIEW_TIMEOUT_SECONDS": 1}):
+        started = time.monotonic()
+        waited = preview(alice, url)
+        assert time.monotonic() - started < 3
+        assert (waited.status_code, waited.json()["errcode"]) == (504, "M_UNKNOWN")
+        row = URLPreview.objects.get()
+        assert broker_sends == [("msc3870.fetch_url_preview", (row.pk,), None)]
+
+        # The worker died with it: once well past the deadline, the next request claims
+        # the URL again (one row, a new fetch).
+        Media.objects.filter(pk=row.media_id).update(
+            processing_started_at=timezone.now() - timedelta(minutes=5)
+        )
+        assert preview(alice, url).status_code == 504
+        again = URLPreview.objects.get()
+        assert again.pk != row.pk and len(broker_sends) == 2
+        assert not Media.objects.filter(pk=row.media_id).exists()
+
+        # The task's body, as a worker runs it.
+        assert fetch.fetch_url_preview(again.pk) == "answered"
+        assert fetch.fetch_url_preview(again.pk) == "skipped"  # redelivered: nothing twice
+        assert preview(alice, url).json() == {"og:title": "From the worker"}
+    assert hits(server, "/page") == 1
+
+
+def test_a_broker_that_refuses_the_task_fails_the_preview_at_once(
+    alice: MatrixClient, site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery import current_app
+
+    from msc3870 import queue
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("broker down")
+
+    monkeypatch.setattr(queue, "has_broker", lambda: True)
+    monkeypatch.setattr(current_app, "send_task", refuse)
+    server, _routes = site
+    started = time.monotonic()
+    response = preview(alice, f"{server.url}/page")
+    assert time.monotonic() - started < 2
+    assert response.json() == {"errcode": "M_UNKNOWN", "error": "Could not preview the URL"}
+    assert "broker down" in URLPreview.objects.get().last_error

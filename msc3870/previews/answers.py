@@ -9,14 +9,16 @@ from ..models import Media, MediaState, URLPreview
 
 S = MediaState
 
-# The Open Graph fields of a preview's image: left out of the answer while the image is
-# not served (refused by the checks, quarantined, deleted).
+# The Open Graph fields of a preview's image: the page's own are replaced by those of the
+# copy kept here (a client never needs to reach the page's host), and left out of the
+# answer while that copy is not served (refused by the checks, quarantined, deleted).
 IMAGE_FIELDS = (
     "og:image",
     "og:image:type",
     "og:image:width",
     "og:image:height",
     "og:image:secure_url",
+    "og:image:url",
     "matrix:image:size",
 )
 

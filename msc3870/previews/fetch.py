@@ -330,8 +330,9 @@ def _finish(row: URLPreview, media: Media, og: dict[str, Any], image: StoredImag
         )
         if image.width and image.height:
             og["og:image:width"], og["og:image:height"] = image.width, image.height
-    row.og = _pruned(og)
-    row.save(update_fields=["og"])
+    if not URLPreview.objects.filter(pk=row.pk).update(og=_pruned(og)):
+        get_store().delete(media.served_key)  # forgotten meanwhile (taken for abandoned)
+        return "skipped"
     if image is None:
         # Nothing to keep: the row's PROCESSING ends (its waiters wake) as a tombstone.
         lifecycle.transition(

@@ -310,7 +310,8 @@ def _text_nodes(root: Any) -> Iterator[str]:
 
 
 def _squash(text: str) -> str:
-    return " ".join(text.split())
+    """Runs of whitespace as one space, control characters dropped."""
+    return " ".join("".join(c for c in text if c.isprintable() or c.isspace()).split())
 
 
 def summarize(paragraphs: Iterable[str]) -> str | None:
