@@ -24,7 +24,9 @@ hits both alike. Every request has a timeout; failures are counted, never a hang
     .venv/bin/python bench/url_preview_bench.py --pages 20 --cached 50 --repeats 1   # smoke
 
 Needs psutil and aiohttp (``bench/requirements.txt``), Pillow (the project's), and
-``scripts/synapse install`` done (or ``SYNAPSE_VENV`` naming a venv with matrix-synapse).
+``SYNAPSE_URL_PREVIEW=1 scripts/synapse install`` done (Synapse with its url-preview
+extra; or ``SYNAPSE_VENV`` naming such a venv). psutil reads CPU time in ticks of 10 ms
+per process: runs of a few previews are coarse, the defaults are not.
 """
 
 from __future__ import annotations
