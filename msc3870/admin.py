@@ -26,7 +26,7 @@ from django.utils.html import format_html
 from django.utils.http import urlencode
 
 from . import moderation
-from .models import AccessToken, Media, ModerationAction, ModerationRecord
+from .models import AccessToken, Media, ModerationAction, ModerationRecord, URLPreview
 
 MODERATE_PERMISSION = "msc3870.moderate_media"
 CONFIRMATION_TEMPLATE = "admin/msc3870/media/moderation_confirmation.html"
@@ -316,3 +316,35 @@ class AccessTokenAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # tokens are minted by `manage.py create_access_token`: shown once
+
+
+@admin.register(URLPreview)
+class URLPreviewAdmin(admin.ModelAdmin):
+    """The URL previews cached now, and why a failed one failed (``last_error``: the
+    addresses and errors clients are never told). Written by the previews alone."""
+
+    list_display = ("created_at", "url", "requester", "error_status", "expires_at")
+    list_filter = ("error_status", "created_at")
+    search_fields = ("url", "requester")
+    ordering = ("-created_at", "-pk")
+    list_select_related = ("media",)
+    show_full_result_count = False
+    fields = (
+        "url",
+        "requester",
+        "created_at",
+        "expires_at",
+        "og",
+        "error_status",
+        "error_errcode",
+        "error_message",
+        "last_error",
+        "media",
+    )
+    readonly_fields = fields
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

@@ -801,3 +801,32 @@ def test_a_broker_that_refuses_the_task_fails_the_preview_at_once(
     assert time.monotonic() - started < 2
     assert response.json() == {"errcode": "M_UNKNOWN", "error": "Could not preview the URL"}
     assert "broker down" in URLPreview.objects.get().last_error
+
+
+def test_a_cached_preview_costs_one_query(alice: MatrixClient, site: Site) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from .test_request_plane import data_queries
+
+    server, routes = site
+    routes["/page"] = html_page('<title>T</title><meta property="og:image" content="/i.png">')
+    routes["/i.png"] = image(png_bytes(9, 9))
+    url = f"{server.url}/page"
+    preview(alice, url)  # fetched; the token is resolved (and cached) once
+    with CaptureQueriesContext(connection) as captured:
+        assert preview(alice, url).json()["og:title"] == "T"
+    # The preview and its image's row together.
+    assert len(data_queries(captured)) == 1, data_queries(captured)
+
+
+def test_operators_see_previews_and_why_one_failed_in_the_admin(
+    admin_client: Any, alice: MatrixClient, site: Site
+) -> None:
+    server, _routes = site
+    preview(alice, f"{server.url}/gone")
+    row = URLPreview.objects.get()
+    listing = admin_client.get("/admin/msc3870/urlpreview/")
+    assert listing.status_code == 200 and f"{server.url}/gone".encode() in listing.content
+    page = admin_client.get(f"/admin/msc3870/urlpreview/{row.pk}/change/")
+    assert page.status_code == 200 and b"answered 404" in page.content
