@@ -17,6 +17,7 @@ class MSC3870Config(AppConfig):
         register(checks.check_setting_types, Tags.compatibility)
         # Settings a misread would weaken (a content-type allowlist given as a string).
         register(checks.check_security_setting_types, Tags.security)
+        register(checks.check_url_previews, Tags.security)
 
         if apps.is_installed("django_celery_beat"):
             # After the beat tables exist; only missing entries are created.

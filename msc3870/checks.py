@@ -162,8 +162,10 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 id="msc3870.E008",
             )
         )
-    rate = app_settings.CREATE_RATE
-    if rate is not None and typed("CREATE_RATE"):
+    for name in ("CREATE_RATE", "URL_PREVIEW_RATE"):
+        rate = getattr(app_settings, name) if typed(name) else None
+        if rate is None:
+            continue
         from rest_framework.throttling import SimpleRateThrottle
 
         try:
@@ -171,7 +173,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         except (ValueError, KeyError, AttributeError):
             errors.append(
                 Error(
-                    f"MSC3870['CREATE_RATE'] = {rate!r} is not a rate like '60/min'.",
+                    f"MSC3870[{name!r}] = {rate!r} is not a rate like '60/min'.",
                     id="msc3870.E010",
                 )
             )
@@ -197,6 +199,48 @@ def _check_admins() -> list[CheckMessage]:
         for admin in app_settings.ADMINS
         if not is_user_id(admin)
     ]
+
+
+def check_url_previews(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """URL previews fetch any URL a user names: refused on with an empty deny list (every
+    internal address reachable, as Synapse refuses url_preview_enabled without
+    url_preview_ip_range_blacklist), and every range must parse (Tags.security)."""
+    user = _user_settings()
+    if user is None:
+        return []
+    mistyped = mistyped_settings()
+    errors: list[CheckMessage] = []
+    lists = ("URL_PREVIEW_IP_RANGE_DENYLIST", "URL_PREVIEW_IP_RANGE_ALLOWLIST")
+    for name in lists:
+        if name in mistyped:
+            continue
+        for network in getattr(app_settings, name) or ():
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                errors.append(
+                    Error(
+                        f"MSC3870[{name!r}] entry {network!r} is not an address or network (CIDR).",
+                        id="msc3870.E032",
+                    )
+                )
+    if (
+        "URL_PREVIEW_ENABLED" not in mistyped
+        and lists[0] not in mistyped
+        and app_settings.URL_PREVIEW_ENABLED
+        and app_settings.URL_PREVIEW_IP_RANGE_DENYLIST == []
+    ):
+        errors.append(
+            Error(
+                "URL previews are on with an empty MSC3870['URL_PREVIEW_IP_RANGE_DENYLIST']: "
+                "any user could make this server fetch from internal addresses.",
+                hint="Leave it unset (None) for the built-in list of private, loopback, "
+                "link-local and reserved ranges, or list the ranges to deny; open single "
+                "addresses with URL_PREVIEW_IP_RANGE_ALLOWLIST.",
+                id="msc3870.E031",
+            )
+        )
+    return errors
 
 
 def _check_operating(typed: Callable[..., bool]) -> list[CheckMessage]:

@@ -64,9 +64,10 @@ def object_keys(
 ) -> set[str]:
     """Only the keys a row's history can have made: an id that expired unused has at most
     its incoming object, so an expiry batch is one batched delete. Another server's media
-    has no incoming object (its id may be one of ours: never touch our upload's)."""
+    has no incoming object (its id may be one of ours: never touch our upload's), nor has a
+    preview's image."""
     probe = Media(server_name=server_name, media_id=media_id, upload_method=upload_method)
-    keys = set() if probe.is_remote else {probe.incoming_key}
+    keys = set() if probe.is_fetched else {probe.incoming_key}
     if upload_method or storage_key:
         keys.add(probe.served_key)
     if storage_key:

@@ -24,6 +24,7 @@ from .setting import (
     INT,
     KEY_SERVERS,
     NUMBER,
+    OEMBED_PROVIDERS,
     PATH,
     STR,
     STR_LIST,
@@ -42,6 +43,34 @@ from .setting import (
 MiB = 1024 * 1024
 
 TYPE_MISMATCH_POLICIES = ("sniffed", "reject", "declared")
+# Synapse's built-in oEmbed providers (synapse/res/providers.json), in oembed.com's
+# providers.json format: URLs these schemes match are previewed from the endpoint.
+DEFAULT_OEMBED_PROVIDERS: list[dict[str, Any]] = [
+    {
+        "provider_name": "X",
+        "provider_url": "https://x.com/",
+        "endpoints": [
+            {
+                "schemes": [
+                    "https://x.com/*",
+                    "https://x.com/*/status/*",
+                    "https://*.x.com/*/status/*",
+                ],
+                "url": "https://publish.x.com/oembed",
+            }
+        ],
+    },
+    {
+        "provider_name": "YouTube Shorts",
+        "provider_url": "http://www.youtube.com/",
+        "endpoints": [
+            {
+                "schemes": ["https://youtube.com/shorts/*", "https://*.youtube.com/shorts/*"],
+                "url": "https://www.youtube.com/oembed",
+            }
+        ],
+    },
+]
 SHA256_WHEN_CHOICES = ("needed", "always")
 
 
@@ -395,6 +424,56 @@ class MSC3870Settings:
         must_be="non-negative",
         env=Env(parse=zero_is_none(integer)),
     )
+
+    # ------------------------------------------------------------- URL previews
+
+    # GET /_matrix/client/v1/media/preview_url (and /_matrix/media/v3/preview_url). Off by
+    # default: 404 M_UNRECOGNIZED, as Synapse with url_preview_enabled off.
+    URL_PREVIEW_ENABLED = Setting(BOOL, False, security=True, env=Env())
+    # Addresses previews never fetch from (CIDRs), unless URL_PREVIEW_IP_RANGE_ALLOWLIST
+    # holds them (Synapse's url_preview_ip_range_blacklist/whitelist; the allowlist wins,
+    # on any form of an address). None: the built-in list of private, loopback,
+    # link-local, multicast and reserved ranges, as for federation. An empty list with
+    # previews on is refused (msc3870.E025): every internal address would be reachable.
+    # The project takes them comma-separated.
+    URL_PREVIEW_IP_RANGE_DENYLIST = Setting(
+        STR_LIST, None, null=True, read=_cidrs_or_none, security=True, env=Env()
+    )
+    URL_PREVIEW_IP_RANGE_ALLOWLIST = Setting(STR_LIST, [], read=_cidrs, security=True, env=Env())
+    # Previews a user may start (fetches: answers from the cache, and waiting for a fetch
+    # another request started, cost nothing), DRF syntax, as a leaky bucket (bursts of N).
+    # None (the project's "0"): no limit.
+    URL_PREVIEW_RATE = Setting(
+        STR, "30/min", null=True, security=True, env=Env(parse=zero_is_none(text))
+    )
+    # One deadline for a whole preview: the page, its oEmbed answer and its image, every
+    # redirect hop, from the first DNS query to the last byte; the origin's connection is
+    # closed at it.
+    URL_PREVIEW_TIMEOUT_SECONDS = Setting(
+        NUMBER, 20, security=True, floor=1, must_be="positive", env=Env()
+    )
+    # Largest image, oEmbed answer or other body a preview reads (Synapse's
+    # max_spider_size): larger is refused (from Content-Length, or while reading).
+    URL_PREVIEW_MAX_BYTES = Setting(INT, 10 * MiB, security=True, must_be="positive", env=Env())
+    # Bytes of an HTML page read and parsed; the rest is never read (Open Graph tags and
+    # the title are in the head).
+    URL_PREVIEW_MAX_HTML_BYTES = Setting(INT, 1 * MiB, security=True, must_be="positive")
+    # Answers are cached per URL and time bucket of this many seconds (one fetch per URL
+    # per bucket, however many ask); failures are answered from the cache this long, then
+    # fetched again.
+    URL_PREVIEW_CACHE_SECONDS = Setting(INT, 3600, floor=60, must_be="positive")
+    URL_PREVIEW_FAILURE_SECONDS = Setting(INT, 60, floor=0, must_be="non-negative")
+    # Seconds a preview's image stays downloadable after it was fetched (clients show its
+    # mxc:// as long as the message is on screen; Synapse keeps them two days).
+    URL_PREVIEW_IMAGE_RETENTION_SECONDS = Setting(INT, 2 * 86400, floor=0)
+    # oEmbed providers, as Synapse's oembed config, in oembed.com's providers.json format:
+    # [{"provider_name": ..., "endpoints": [{"schemes": ["https://x.com/*"], "url":
+    # "https://publish.x.com/oembed"}]}]. A URL one of an endpoint's schemes matches is
+    # previewed from the endpoint's JSON answer instead of its page. Default: Synapse's
+    # built-in providers. The project takes them as JSON.
+    URL_PREVIEW_OEMBED_PROVIDERS = Setting(OEMBED_PROVIDERS, DEFAULT_OEMBED_PROVIDERS, env=Env())
+    # Accept-Language of preview fetches (Synapse's url_preview_accept_language).
+    URL_PREVIEW_ACCEPT_LANGUAGE = Setting(STR_LIST, ["en"])
 
     # ---------------------------------------------------------------- operating
 

@@ -19,7 +19,7 @@ from . import lifecycle, storage_keys, verdicts
 from .cleanup import delete_objects_of, schedule_object_deletion
 from .conf import app_settings
 from .errors import Codes, StorageUnavailable
-from .models import TOMBSTONE_STATES, Media, MediaState, UploadMethod
+from .models import TOMBSTONE_STATES, Media, MediaState, UploadMethod, URLPreview
 from .stores import get_store
 
 log = logging.getLogger(__name__)
@@ -203,6 +203,67 @@ def delete_old_tombstones(*, batch_size: int = DEFAULT_BATCH) -> int:
         return 0
     deleted, _ = Media.objects.filter(pk__in=pks).delete()
     return deleted
+
+
+# ---------------------------------------------------------------------------- URL previews
+
+# A preview's fetch still running this long after its deadline was abandoned.
+PREVIEW_ABANDONED_AFTER_EXTRA_SECONDS = 60
+
+
+def expire_url_previews(
+    *, batch_size: int = DEFAULT_BATCH, max_batches: int = DEFAULT_MAX_BATCHES
+) -> SweepResult:
+    """Delete the previews past their time (answers after ``URL_PREVIEW_CACHE_SECONDS``,
+    failures after ``URL_PREVIEW_FAILURE_SECONDS``, fetches abandoned by a dead process),
+    with the media rows they were waited on that hold nothing to serve; and purge
+    previews' images older than ``URL_PREVIEW_IMAGE_RETENTION_SECONDS`` (their objects
+    go with the cleanup sweep, unless other media shares them). Moderated and protected
+    images stay."""
+    result = SweepResult()
+    now = timezone.now()
+    abandoned = now - timedelta(
+        seconds=app_settings.URL_PREVIEW_TIMEOUT_SECONDS + PREVIEW_ABANDONED_AFTER_EXTRA_SECONDS
+    )
+    due = URLPreview.objects.filter(expires_at__lte=now).filter(
+        ~Q(media__state=S.PROCESSING) | Q(media__processing_started_at__lte=abandoned)
+    )
+    for _ in range(max_batches):
+        batch = list(due.values_list("pk", "media_id")[:batch_size])
+        if not batch:
+            break
+        deleted, _ = URLPreview.objects.filter(pk__in=[pk for pk, _ in batch]).delete()
+        result.rows_deleted += deleted
+        # Rows that were only waited on (no image, a failure, an image refused and
+        # deleted): nobody was handed their mxc://.
+        handles, _ = (
+            Media.objects.filter(
+                pk__in=[media_pk for _, media_pk in batch],
+                upload_method=UploadMethod.PREVIEW,
+                moderated_by="",
+            )
+            .filter(Q(storage_key="") | Q(objects_deleted_at__isnull=False))
+            .exclude(state__in=[S.COMPLETE, S.QUARANTINED])
+            .delete()
+        )
+        result.rows_deleted += handles
+    retention = now - timedelta(seconds=app_settings.URL_PREVIEW_IMAGE_RETENTION_SECONDS)
+    for _ in range(max_batches):
+        pks = list(
+            Media.objects.filter(
+                upload_method=UploadMethod.PREVIEW,
+                state=S.COMPLETE,
+                protected=False,
+                completed_at__lte=retention,
+            ).values_list("pk", flat=True)[:batch_size]
+        )
+        if not pks:
+            break
+        moved = lifecycle.transition_many(pks, [S.COMPLETE], S.DELETED)
+        result.moved += len(moved)
+        if not moved:
+            break
+    return result
 
 
 # ---------------------------------------------------------------------------- remote media

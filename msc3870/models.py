@@ -42,6 +42,7 @@ class UploadMethod(models.TextChoices):
     PUT = "put", "PUT to the media server"
     POST = "post", "One-shot POST"
     REMOTE = "remote", "Fetched from another server"
+    PREVIEW = "preview", "Fetched for a URL preview"
 
 
 class MediaQuerySet(models.QuerySet["Media"]):
@@ -198,9 +199,21 @@ class Media(models.Model):
         return self.upload_method == UploadMethod.REMOTE
 
     @property
+    def is_preview(self) -> bool:
+        """The image of a URL preview (or, without bytes, the row its fetch is waited on)."""
+        return self.upload_method == UploadMethod.PREVIEW
+
+    @property
+    def is_fetched(self) -> bool:
+        """Bytes this server fetched itself, not a user's upload: no upload URL, no quota."""
+        return self.is_remote or self.is_preview
+
+    @property
     def served_key(self) -> str:
         """Where the bytes are moved before they are checked; no URL can write it."""
-        return storage_keys.served(self.server_name, self.media_id, remote=self.is_remote)
+        return storage_keys.served(
+            self.server_name, self.media_id, remote=self.is_remote, preview=self.is_preview
+        )
 
     def upload_key(self) -> str:
         """A new key for the bytes of one upload request. Requests racing for one id never
@@ -211,7 +224,46 @@ class Media(models.Model):
     @property
     def thumbnail_prefix(self) -> str:
         """The thumbnails of this media are stored under this prefix."""
-        return storage_keys.thumbnail_prefix(self.server_name, self.media_id, remote=self.is_remote)
+        return storage_keys.thumbnail_prefix(
+            self.server_name, self.media_id, remote=self.is_remote, preview=self.is_preview
+        )
+
+
+class URLPreview(models.Model):
+    """The preview of a URL for one time bucket: the answer, cached, and the fetch that
+    makes it, claimed once (the unique (URL digest, bucket) picks the request that starts
+    it). ``media`` is the row the fetch is waited on, as for another server's media: it
+    leaves PROCESSING once the answer is written, and holds the ``og:image`` bytes if the
+    page had one (COMPLETE once screened), none otherwise."""
+
+    url = models.TextField()
+    url_sha256 = models.CharField(max_length=64, help_text="SHA-256 of the URL (the key).")
+    bucket = models.BigIntegerField(
+        help_text="The time bucket (seconds since the epoch // URL_PREVIEW_CACHE_SECONDS)."
+    )
+    media = models.OneToOneField(Media, on_delete=models.CASCADE, related_name="url_preview")
+    requester = models.CharField(max_length=255, help_text="The user whose request fetched it.")
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField(help_text="Answered from this row until then.")
+    # The answer: Open Graph fields (with the image's mxc:// if one was kept), or the
+    # error clients hear (fixed words; the detail is in ``last_error``).
+    og = models.JSONField(null=True, blank=True)
+    error_status = models.PositiveSmallIntegerField(null=True, blank=True)
+    error_errcode = models.CharField(max_length=64, blank=True)
+    error_message = models.CharField(max_length=255, blank=True)
+    last_error = models.TextField(blank=True, help_text="Why the fetch failed (moderators).")
+
+    class Meta:
+        verbose_name = "URL preview"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["url_sha256", "bucket"], name="msc3870_url_preview_bucket"
+            ),
+        ]
+        indexes = [models.Index(fields=["expires_at"], name="msc3870_url_preview_expiry")]
+
+    def __str__(self) -> str:
+        return f"preview of {self.url[:80]} ({self.bucket})"
 
 
 def digest_token(token: str) -> str:

@@ -18,6 +18,7 @@ DEFAULT_SCHEDULE: dict[str, tuple[str, float]] = {
     "msc3870: evict remote media": ("msc3870.evict_remote_media", 600.0),
     "msc3870: delete old tombstones": ("msc3870.delete_old_tombstones", 86400.0),
     "msc3870: dashboard rollup": ("msc3870.rollup_dashboard", 300.0),
+    "msc3870: expire URL previews": ("msc3870.expire_url_previews", 60.0),
 }
 
 

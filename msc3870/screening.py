@@ -272,8 +272,8 @@ def check_user_quota(ctx: ScreeningContext) -> None:
     total here, so the quota is decided again by ``enforce_user_quota`` when the upload
     completes, in the transaction and under the lock that complete it."""
     quota = app_settings.USER_QUOTA_BYTES
-    if quota is None or ctx.media.is_remote:
-        return  # another server's media is nobody's upload here
+    if quota is None or ctx.media.is_fetched:
+        return  # another server's media, or a preview's image, is nobody's upload here
     claim = QuotaClaim(user_id=ctx.media.user_id, size=ctx.info.size, quota=quota)
     _refuse_over_quota(claim, exclude_pk=ctx.media.pk)
     ctx.quota_claim = claim

@@ -103,6 +103,15 @@ def key_servers(name: str, value: Any) -> list[dict[str, Any]]:
     return list(servers)
 
 
+def oembed_providers(name: str, value: Any) -> list[dict[str, Any]]:
+    if not is_oembed_providers(value):
+        raise ImproperlyConfigured(
+            f"MSC3870[{name!r}] must be a list of oEmbed providers: "
+            '{"provider_name": str, "endpoints": [{"schemes": [str], "url": str}]}.'
+        )
+    return list(value)
+
+
 # ----------------------------------------------------------------- type checks
 
 
@@ -141,6 +150,27 @@ def is_key_servers(value: Any) -> bool:
         and s["verify_keys"]
         and all(isinstance(k, str) and isinstance(v, str) for k, v in s["verify_keys"].items())
         for s in value
+    )
+
+
+def is_oembed_providers(value: Any) -> bool:
+    """oembed.com's providers.json: providers, each with endpoints, each with an endpoint
+    URL and the URL schemes (globs) it answers for."""
+
+    def endpoint_ok(endpoint: Any) -> bool:
+        return (
+            isinstance(endpoint, dict)
+            and isinstance(endpoint.get("url"), str)
+            and is_str_list(endpoint.get("schemes", []))
+            and is_str_list(endpoint.get("formats", []))
+        )
+
+    return isinstance(value, list | tuple) and all(
+        isinstance(provider, dict)
+        and isinstance(provider.get("provider_name", ""), str)
+        and isinstance(provider.get("endpoints"), list | tuple)
+        and all(endpoint_ok(e) for e in provider["endpoints"])
+        for provider in value
     )
 
 
@@ -260,6 +290,14 @@ PATH: Kind[str] = Kind(
     lambda v: isinstance(v, str | os.PathLike),
     lambda _, v: str(v),
 )
+OEMBED_PROVIDERS: Kind[list[dict[str, Any]]] = Kind(
+    "msc3870.E030",
+    'a list of oEmbed providers ({"provider_name": str, "endpoints": [{"schemes": [str], '
+    '"url": str}]})',
+    is_oembed_providers,
+    oembed_providers,
+    json_value,
+)
 KINDS = (
     INT,
     NUMBER,
@@ -271,6 +309,7 @@ KINDS = (
     DATETIME,
     KEY_SERVERS,
     PATH,
+    OEMBED_PROVIDERS,
 )
 
 

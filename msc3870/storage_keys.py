@@ -7,7 +7,10 @@
   (``upload``), so that racing requests never write one object.
 - ``remote/<server>/<id[:2]>/<id>``: another server's media, under its server name: its
   ids are chosen by that server and may equal ours.
-- ``thumbnails/<id>/<w>x<h>-<method>`` and ``remote-thumbnails/<server>/<id>/...``.
+- ``preview/<id[:2]>/<id>``: an image a URL preview fetched (an ``og:image``), ours by
+  id but fetched from anywhere: kept apart from what users uploaded.
+- ``thumbnails/<id>/<w>x<h>-<method>``, ``remote-thumbnails/<server>/<id>/...`` and
+  ``preview-thumbnails/<id>/...``.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ def incoming(media_id: str) -> str:
     return f"{INCOMING_PREFIX}{media_id}"
 
 
-def served(server_name: str, media_id: str, *, remote: bool) -> str:
+def served(server_name: str, media_id: str, *, remote: bool, preview: bool = False) -> str:
     if remote:
         return f"remote/{_key_safe(server_name)}/{media_id[:2]}/{media_id}"
+    if preview:
+        return f"preview/{media_id[:2]}/{media_id}"
     return f"media/{media_id[:2]}/{media_id}"
 
 
@@ -32,9 +37,13 @@ def upload(served_key: str) -> str:
     return f"{served_key}.{secrets.token_hex(6)}"
 
 
-def thumbnail_prefix(server_name: str, media_id: str, *, remote: bool) -> str:
+def thumbnail_prefix(
+    server_name: str, media_id: str, *, remote: bool, preview: bool = False
+) -> str:
     if remote:
         return f"remote-thumbnails/{_key_safe(server_name)}/{media_id}"
+    if preview:
+        return f"preview-thumbnails/{media_id}"
     return f"thumbnails/{media_id}"
 
 

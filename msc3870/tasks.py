@@ -86,6 +86,15 @@ def admin_bulk_task(action: str, kwargs: dict[str, Any]) -> None:
     synapse_admin.run_bulk(action, kwargs)
 
 
+@shared_task(name="msc3870.fetch_url_preview", **TASK_OPTIONS)
+def fetch_url_preview_task(pk: int) -> str:
+    """Not retried by Celery: a failed preview marks its row, which requests answer from
+    and fetch again after ``URL_PREVIEW_FAILURE_SECONDS``."""
+    from .previews.fetch import fetch_url_preview
+
+    return fetch_url_preview(pk)
+
+
 T = TypeVar("T")
 
 
@@ -141,3 +150,8 @@ def rollup_dashboard_task() -> int:
     """The moderation dashboard's whole-table figures (``msc3870.dashboard``); the
     number of media rows it counted."""
     return _sweep("rollup_dashboard", lambda: dashboard.rollup().media_count)
+
+
+@shared_task(name="msc3870.expire_url_previews", **TASK_OPTIONS)
+def expire_url_previews_task() -> dict[str, int]:
+    return vars(_sweep("expire_url_previews", maintenance.expire_url_previews))

@@ -405,7 +405,7 @@ def _complete(
         won = _mark_complete(media, own_key, findings, held)
     if not won:
         return Outcome.SKIPPED
-    if not media.is_remote:
+    if not media.is_fetched:
         metrics.uploaded(media.upload_method, media.size or 0)
     if media.storage_key != own_key:
         get_store().delete(own_key)  # a fresh key of this media only: nobody else serves it

@@ -91,6 +91,8 @@ def test_e008_homeserver_resolver_without_url() -> None:
 
 def test_e010_create_rate() -> None:
     assert "msc3870.E010" in ids(CREATE_RATE="lots")
+    assert "msc3870.E010" in ids(URL_PREVIEW_RATE="often")
+    assert "msc3870.E010" not in ids(URL_PREVIEW_RATE=None)
 
 
 # ---------------------------------------------------------------- types (issue 8.8)
@@ -226,6 +228,44 @@ def test_e024_admins_are_matrix_user_ids() -> None:
     assert "msc3870.E024" not in ids(ADMINS=["@root:example.org", "@ops:localhost:8448"])
     assert "msc3870.E016" in type_ids(ADMINS="@root:example.org")
     assert "msc3870.E006" in ids(ADMIN_API_ITEMS_PER_REQUEST=0)
+
+
+def test_e030_oembed_providers() -> None:
+    assert "msc3870.E030" in type_ids(URL_PREVIEW_OEMBED_PROVIDERS="https://x.com/*")
+    assert "msc3870.E030" in type_ids(
+        URL_PREVIEW_OEMBED_PROVIDERS=[{"endpoints": [{"schemes": "https://p.test/*"}]}]
+    )
+    assert "msc3870.E030" not in type_ids(
+        URL_PREVIEW_OEMBED_PROVIDERS=[
+            {"endpoints": [{"schemes": ["https://p.test/*"], "url": "https://p.test/o"}]}
+        ]
+    )
+
+
+def preview_ids(**overrides: Any) -> set[str]:
+    with msc3870_settings(**overrides):
+        return {message.id for message in checks.check_url_previews()}
+
+
+def test_e031_previews_on_with_an_empty_deny_list() -> None:
+    assert preview_ids(URL_PREVIEW_ENABLED=True, URL_PREVIEW_IP_RANGE_DENYLIST=[]) == {
+        "msc3870.E031"
+    }
+    # Off, or on with the built-in list (None) or a list of one's own: nothing to say.
+    assert preview_ids(URL_PREVIEW_ENABLED=False, URL_PREVIEW_IP_RANGE_DENYLIST=[]) == set()
+    assert preview_ids(URL_PREVIEW_ENABLED=True) == set()
+    assert preview_ids(URL_PREVIEW_ENABLED=True, URL_PREVIEW_IP_RANGE_DENYLIST=["10/8"]) == {
+        "msc3870.E032"
+    }
+    # A security check: `manage.py check --deploy` runs it with the others.
+    with msc3870_settings(URL_PREVIEW_ENABLED=True, URL_PREVIEW_IP_RANGE_DENYLIST=[]):
+        assert "msc3870.E031" in {m.id for m in run_checks(tags=[Tags.security])}
+
+
+def test_e032_preview_ranges_must_parse() -> None:
+    assert "msc3870.E032" in preview_ids(URL_PREVIEW_IP_RANGE_ALLOWLIST=["localhost"])
+    assert "msc3870.E032" in preview_ids(URL_PREVIEW_IP_RANGE_DENYLIST=["10.0.0.0/8", "lan"])
+    assert preview_ids(URL_PREVIEW_IP_RANGE_ALLOWLIST=["192.0.2.1", "2001:db8::/32"]) == set()
 
 
 def test_a_mistyped_setting_does_not_crash_the_value_checks() -> None:

@@ -289,6 +289,30 @@ def test_redirect_loops_end(server: LocalServer) -> None:
     assert server.hits == ["/loop"] * 6
 
 
+def test_a_policy_of_its_own_judges_every_hop_instead_of_federations(
+    server: LocalServer,
+) -> None:
+    """URL previews pass their own lists (``stream(policy=)``): they, not federation's,
+    decide every connection of the request, redirect hops included, and only for it."""
+    own = outbound.IPPolicy.from_lists(None, ["127.0.0.1/32"])
+    response = outbound.request("GET", f"{server.url}/to-ok", policy=own)  # federation: denied
+    assert (response.status, response.content) == (200, b"hello")
+    with pytest.raises(AddressNotAllowed):
+        outbound.request("GET", f"{server.url}/ok")  # the policy was for that request only
+    closed = outbound.IPPolicy.from_lists(["127.0.0.0/8"], [])
+    with LOOPBACK_OPEN, pytest.raises(AddressNotAllowed):
+        outbound.request("GET", f"{server.url}/ok", policy=closed)  # federation: allowed
+    with pytest.raises(AddressNotAllowed):
+        outbound.request("GET", f"{server.url}/to-metadata", policy=own)
+    assert server.hits == ["/to-ok", "/ok", "/to-metadata"]
+
+
+def test_an_empty_deny_list_still_denies_this_host() -> None:
+    policy = outbound.IPPolicy.from_lists([], [])
+    assert not policy.allows("0.0.0.0") and not policy.allows("::")
+    assert policy.allows("127.0.0.1")
+
+
 def test_mixed_public_and_private_answers_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     def fake_getaddrinfo(host: str, port: int, *args: Any) -> list[Any]:
         assert host == "mixed.example"

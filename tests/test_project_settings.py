@@ -263,6 +263,36 @@ ENVIRONMENT_CASES: list[tuple[dict[str, str], dict[str, Any]]] = [
     ({"MSC3870_REMOTE_MEDIA_MAX_FETCHES": "8"}, {"REMOTE_MEDIA_MAX_FETCHES": 8}),
     ({"MSC3870_REMOTE_MEDIA_CACHE_MAX_BYTES": "4096"}, {"REMOTE_MEDIA_CACHE_MAX_BYTES": 4096}),
     ({"MSC3870_REMOTE_MEDIA_CACHE_MAX_BYTES": "0"}, {"REMOTE_MEDIA_CACHE_MAX_BYTES": None}),
+    ({"MSC3870_URL_PREVIEW_ENABLED": "1"}, {"URL_PREVIEW_ENABLED": True}),
+    ({"MSC3870_URL_PREVIEW_ENABLED": "yes"}, {"URL_PREVIEW_ENABLED": False}),  # "1" only
+    (
+        {"MSC3870_URL_PREVIEW_IP_RANGE_DENYLIST": "10.0.0.0/8, ::1/128"},
+        {"URL_PREVIEW_IP_RANGE_DENYLIST": ["10.0.0.0/8", "::1/128"]},
+    ),
+    (
+        {"MSC3870_URL_PREVIEW_IP_RANGE_ALLOWLIST": "192.0.2.7/32"},
+        {"URL_PREVIEW_IP_RANGE_ALLOWLIST": ["192.0.2.7/32"]},
+    ),
+    ({"MSC3870_URL_PREVIEW_RATE": "10/min"}, {"URL_PREVIEW_RATE": "10/min"}),
+    ({"MSC3870_URL_PREVIEW_RATE": "0"}, {"URL_PREVIEW_RATE": None}),
+    ({"MSC3870_URL_PREVIEW_TIMEOUT_SECONDS": "7.5"}, {"URL_PREVIEW_TIMEOUT_SECONDS": 7.5}),
+    ({"MSC3870_URL_PREVIEW_MAX_BYTES": "1048576"}, {"URL_PREVIEW_MAX_BYTES": 1048576}),
+    (
+        {
+            "MSC3870_URL_PREVIEW_OEMBED_PROVIDERS": '[{"provider_name": "P", "endpoints": '
+            '[{"schemes": ["https://p.test/*"], "url": "https://p.test/oembed"}]}]'
+        },
+        {
+            "URL_PREVIEW_OEMBED_PROVIDERS": [
+                {
+                    "provider_name": "P",
+                    "endpoints": [
+                        {"schemes": ["https://p.test/*"], "url": "https://p.test/oembed"}
+                    ],
+                }
+            ]
+        },
+    ),
     (
         {"MSC3870_HEALTH_COMPONENTS": "database,storage"},
         {"HEALTH_COMPONENTS": ["database", "storage"]},

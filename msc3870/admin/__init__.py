@@ -1,9 +1,10 @@
 """The app's admin: the moderation console (media: list, pages, actions, dashboard), the
-audit trail, the block list and local access tokens."""
+audit trail, the block list, local access tokens and cached URL previews."""
 
 from .actions import MODERATE_PERMISSION, OPERATIONS
 from .blocklist import BlockedHashAdmin
 from .media import MediaAdmin
+from .previews import URLPreviewAdmin
 from .records import ModerationRecordAdmin, ModerationRecordInline
 from .tokens import AccessTokenAdmin
 
@@ -15,4 +16,5 @@ __all__ = [
     "MediaAdmin",
     "ModerationRecordAdmin",
     "ModerationRecordInline",
+    "URLPreviewAdmin",
 ]

@@ -68,6 +68,14 @@ urlpatterns = [
         view(views.LegacyThumbnailView),
         name="legacy-thumbnail",
     ),
+    re_path(
+        r"^_matrix/client/v1/media/preview_url$", view(views.PreviewURLView), name="preview-url"
+    ),
+    re_path(
+        r"^_matrix/media/(?:v3|r0)/preview_url$",
+        view(views.PreviewURLView),
+        name="legacy-preview-url",
+    ),
     re_path(r"^_matrix/client/v1/media/config$", view(views.ConfigView), name="config"),
     re_path(r"^_matrix/media/(?:v3|r0)/config$", view(views.ConfigView), name="legacy-config"),
     re_path(r"^_matrix/client/versions$", view(views.VersionsView), name="versions"),

@@ -22,6 +22,7 @@ from ..auth import MatrixTokenAuthentication, is_admin
 from ..conf import app_settings
 from ..errors import BadRequest, Codes, InvalidParam, MatrixError
 from ..models import Media
+from ..previews.service import preview_url
 from ..stores import Readable
 from ..waiting import AUTHENTICATED, LEGACY
 from .deferred import answer
@@ -448,6 +449,22 @@ class ThumbnailView(DownloadView):
 
 class LegacyThumbnailView(LegacyMediaMixin, ThumbnailView):
     """``/_matrix/media/v3/thumbnail``."""
+
+
+class PreviewURLView(MatrixView):
+    """``/_matrix/client/v1/media/preview_url`` (and the legacy ``/_matrix/media/v3``
+    one, authenticated too, as Synapse): Open Graph fields of ``url``."""
+
+    def get(self, request: Request) -> HttpResponseBase:
+        params = request.query_params
+        user = request.user
+        url, ts = params.get("url"), params.get("ts")
+        return answer(
+            request,
+            lambda: preview_url(str(user), url, ts, is_guest=getattr(user, "is_guest", False)),
+            _json_response,
+            share_key=("preview_url",),
+        )
 
 
 class ConfigView(MatrixView):

@@ -191,12 +191,20 @@ class IPPolicy:
 
     @classmethod
     def from_settings(cls) -> IPPolicy:
-        deny = app_settings.FEDERATION_IP_RANGE_DENYLIST
+        """Federation's: ``FEDERATION_IP_RANGE_DENYLIST`` and ``_ALLOWLIST``."""
+        return cls.from_lists(
+            app_settings.FEDERATION_IP_RANGE_DENYLIST, app_settings.FEDERATION_IP_RANGE_ALLOWLIST
+        )
+
+    @classmethod
+    def from_lists(cls, deny: Iterable[str] | None, allow: Iterable[str]) -> IPPolicy:
+        """A deny list of CIDRs (None: ``DEFAULT_IP_RANGE_DENYLIST``; ``ALWAYS_DENIED`` is
+        added to any) and an allowlist that wins over it."""
         return cls(
             deny=_networks(
-                (*(DEFAULT_IP_RANGE_DENYLIST if deny is None else deny), *ALWAYS_DENIED)
+                (*(DEFAULT_IP_RANGE_DENYLIST if deny is None else tuple(deny)), *ALWAYS_DENIED)
             ),
-            allow=_networks(tuple(app_settings.FEDERATION_IP_RANGE_ALLOWLIST)),
+            allow=_networks(tuple(allow)),
         )
 
     def allows(self, address: str | IPAddress) -> bool:
@@ -451,6 +459,9 @@ def guarded_connect(
 _connect_overrides: ContextVar[Mapping[tuple[str, int], tuple[str, int]] | None] = ContextVar(
     "msc3870_connect_overrides", default=None
 )
+# The addresses the connections of the current request may reach (None: federation's,
+# ``IPPolicy.from_settings``). URL previews pass their own lists (``stream(policy=)``).
+_current_policy: ContextVar[IPPolicy | None] = ContextVar("msc3870_outbound_policy", default=None)
 
 
 @contextmanager
@@ -490,6 +501,7 @@ class _GuardedConnectionMixin:
                 host,
                 port,
                 timeout=timeout,
+                policy=_current_policy.get(),
                 source_address=self.source_address,
                 socket_options=self.socket_options,
             )
@@ -611,6 +623,7 @@ def stream(
     timeout: float = DEFAULT_TIMEOUT_SECONDS,
     total_timeout: float | None = None,
     allow_redirects: bool = True,
+    policy: IPPolicy | None = None,
 ) -> Iterator[StreamedResponse]:
     """Send a request and yield its response with the body unread.
 
@@ -618,7 +631,8 @@ def stream(
     (default: six times ``timeout``) the whole exchange from the first DNS query to the
     last body byte, redirects included, and so does an enclosing ``deadline()`` block if
     it ends earlier: a peer trickling bytes cannot hold a thread. Every redirect hop (at
-    most five) connects through the address guard. Raises AddressNotAllowed,
+    most five) connects through the address guard, which judges addresses by ``policy``
+    (default: the federation lists). Raises AddressNotAllowed,
     ResponseTooLarge (``Content-Length`` over the limit: nothing is read), OutboundTimeout
     or OutboundError."""
     at = time.monotonic() + (total_timeout or timeout * 6)
@@ -632,6 +646,7 @@ def stream(
     response: requests.Response | None = None
     try:
         watch_token = _current_watch.set(watch)
+        policy_token = _current_policy.set(policy)
         try:
             with _until(at):
                 response = _send_following_redirects(
@@ -645,6 +660,7 @@ def stream(
                 raise OutboundTimeout(f"{method} {url} took too long") from exc
             raise
         finally:
+            _current_policy.reset(policy_token)
             _current_watch.reset(watch_token)
         # Cut while reading the head, a response can look whole with headers missing.
         if watch.fired:
@@ -739,6 +755,7 @@ def request(
     timeout: float = DEFAULT_TIMEOUT_SECONDS,
     total_timeout: float | None = None,
     allow_redirects: bool = True,
+    policy: IPPolicy | None = None,
 ) -> Response:
     """``stream`` with the body read (at most ``max_bytes``), within the same deadline."""
     with stream(
@@ -750,6 +767,7 @@ def request(
         timeout=timeout,
         total_timeout=total_timeout,
         allow_redirects=allow_redirects,
+        policy=policy,
     ) as response:
         content = response.read()
         return Response(response.status, response.headers, response.url, content)
