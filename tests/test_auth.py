@@ -27,7 +27,7 @@ from msc3870.errors import (
 )
 from msc3870.models import AccessToken
 
-from .conftest import make_token, msc3870_settings
+from .helpers import make_token, msc3870_settings
 
 
 def test_local_token_resolves(db: None) -> None:
@@ -406,7 +406,7 @@ def test_homeserver_refusals_are_passed_on(
 
 
 def test_guests_may_download_but_not_upload(db: None, homeserver: str) -> None:
-    from .conftest import make_token
+    from .helpers import make_token
 
     owner = make_token("@owner:localhost")
     upload = Client().post(

@@ -17,7 +17,7 @@ from msc3870.checks import check_settings
 from msc3870.conf import DEFAULTS, app_settings
 from msc3870.models import Media, MediaState
 
-from .conftest import MatrixClient, msc3870_settings
+from .helpers import MatrixClient, msc3870_settings
 
 
 def ids(**overrides: Any) -> set[str]:

@@ -30,7 +30,7 @@ from msc3870.errors import (
 from msc3870.federation.remote_media import GENERIC_MESSAGE, FetchFailed
 from msc3870.models import MediaState
 
-from .conftest import MatrixClient, media_of, msc3870_settings, mxc_path
+from .helpers import MatrixClient, media_of, msc3870_settings, mxc_path
 
 ROOT = Path(__file__).resolve().parent.parent
 # A string literal that spells an errcode: the spec's M_ namespace, MSC2246's unstable one.
@@ -157,10 +157,6 @@ def test_one_rejection_shape_for_checks_uploads_and_fetches() -> None:
     assert (gone.status, gone.message) == (404, "Remote media not found")
 
 
-def check_too_large(ctx: screening.ScreeningContext) -> None:
-    raise Rejection("Too large for this server", errcode=Codes.TOO_LARGE, status=413)
-
-
 def test_rejections_are_stored_as_plain_strings(
     alice: MatrixClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -173,7 +169,7 @@ def test_rejections_are_stored_as_plain_strings(
         return transition(*args, **fields)
 
     monkeypatch.setattr(lifecycle, "transition", spy)
-    with msc3870_settings(CHECKS=["tests.test_errors.check_too_large"]):
+    with msc3870_settings(CHECKS=["tests.checks.too_large"]):
         refused = alice.post("/_matrix/media/v3/upload", b"hi", content_type="text/plain")
     assert (refused.status_code, refused.json()["errcode"]) == (413, "M_TOO_LARGE")
     created = alice.create()

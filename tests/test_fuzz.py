@@ -11,7 +11,6 @@ and thumbnails of them.
 
 from __future__ import annotations
 
-import io
 import socket
 from collections import Counter
 from typing import Any
@@ -21,13 +20,12 @@ import pytest
 from django.test import Client
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 
 from msc3870.api.headers import SECURITY_HEADERS
 from msc3870.federation import discovery
 
-from .conftest import MatrixClient, media_of, mxc_path, png_bytes
 from .federation_helpers import undelegated
+from .helpers import MatrixClient, animated_gif, body_of, media_of, mxc_path, png_bytes
 
 ENDPOINTS = [
     ("POST", "/_matrix/media/v1/create"),
@@ -148,13 +146,6 @@ bodies = st.one_of(
 )
 
 
-def animated_gif() -> bytes:
-    frames = [Image.new("RGB", (50, 50), colour) for colour in ("red", "blue", "green")]
-    buffer = io.BytesIO()
-    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
-    return buffer.getvalue()
-
-
 def existing_media(client: MatrixClient) -> list[tuple[str, bytes]]:
     """Completed media of several kinds: (media id, bytes)."""
     made = []
@@ -171,13 +162,6 @@ def existing_media(client: MatrixClient) -> list[tuple[str, bytes]]:
         assert response.status_code == 200, response.content
         made.append((mxc_path(response.json()["content_uri"]).split("/", 1)[1], data))
     return made
-
-
-def body_of(response: Any) -> bytes:
-    """All of the body; an exception while streaming is a connection dropped mid-body."""
-    if getattr(response, "streaming", False):
-        return b"".join(response.streaming_content)
-    return bytes(response.content)
 
 
 def test_no_input_is_a_server_error(alice: MatrixClient, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,8 +11,7 @@ from django.test import override_settings
 from msc3870.errors import InvalidParam
 from msc3870.validation import clean_filename
 
-from .conftest import MatrixClient, mxc_path
-from .test_s3_store import complete, s3_storages
+from .helpers import MatrixClient, mxc_path, s3_storages
 
 RLO = "\u202e"
 
@@ -69,7 +68,7 @@ def test_storage_errors_do_not_reach_clients(
     unreachable = s3_storages(endpoint_url="http://127.0.0.1:9")
     with override_settings(STORAGES=unreachable), caplog.at_level(logging.WARNING):
         created = alice.create()
-        response = complete(alice, created["content_uri"])
+        response = alice.complete(created["content_uri"])
     assert response.status_code == 503
     assert response.json() == {"errcode": "M_UNKNOWN", "error": "Media storage is unavailable"}
     assert "127.0.0.1:9" in caplog.text  # logged for the operator

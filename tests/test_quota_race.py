@@ -8,7 +8,6 @@ without the fix, never by chance.
 
 from __future__ import annotations
 
-import io
 import threading
 from typing import Any
 
@@ -21,7 +20,7 @@ from msc3870 import lifecycle, verdicts
 from msc3870.models import Media, MediaState, UploadMethod
 from msc3870.stores import get_store
 
-from .conftest import MatrixClient, media_of, msc3870_settings
+from .helpers import MatrixClient, bytes_at_upload_url, media_of, msc3870_settings
 
 S = MediaState
 
@@ -29,10 +28,7 @@ S = MediaState
 def processing(client: MatrixClient, data: bytes) -> Media:
     """Media whose bytes reached its upload URL and whose /complete claimed it: PROCESSING,
     with its screening not yet run."""
-    media = media_of(client.create()["content_uri"])
-    get_store().write_stream(
-        media.incoming_key, io.BytesIO(data), max_size=len(data), expected_size=len(data)
-    )
+    media = media_of(bytes_at_upload_url(client, data)["content_uri"])
     assert lifecycle.transition(
         media,
         [S.PENDING],

@@ -14,7 +14,7 @@ from msc3870 import maintenance
 from msc3870.models import Media, MediaState
 from msc3870.stores import get_store
 
-from .conftest import MatrixClient, media_of
+from .helpers import MatrixClient, media_of
 
 S = MediaState
 
