@@ -44,7 +44,7 @@ class TestLocalStore(StoreContract):
 
 
 class TestS3StoreOnMoto(S3StoreContract):
-    if_match_not_enforced = "moto ignores CopySourceIfMatch (test_direct_upload.py fakes a 412)"
+    if_match_not_enforced = "moto ignores CopySourceIfMatch (test_s3_upload_url.py fakes a 412)"
 
     @pytest.fixture
     def store(self, s3: Any) -> MediaStore:
