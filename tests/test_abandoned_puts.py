@@ -1,4 +1,4 @@
-"""Issue 8, item 15 leftovers: a PUT abandoned by the stuck sweep and finishing late.
+"""A PUT abandoned by the stuck sweep and finishing late leaves a newer claim alone.
 
 Every race here is forced by calling the steps in order (no sleeps, no threads).
 """

@@ -1,12 +1,12 @@
-"""Issue 8, tests section: racing ``/complete`` calls, the interleaving forced, not hoped for.
+"""Racing ``/complete`` calls, the interleaving forced, not hoped for.
 
 ``test_live_server.py::test_racing_completes_screen_once_and_agree`` starts six threads at
 a barrier and catches a broken claim only when the scheduler happens to interleave them
-badly. Here the second call is run *inside* the first, at the exact point that used to
-break: after the first has read the row and checked what arrived, before its claim (the
-compare-and-set ``UPDATE ... WHERE state IN ('pending')``). Exactly one claim may win;
-the loser must get the same answer as the winner (``/complete`` is idempotent for the
-uploader), and the bytes are screened once.
+badly. Here the second call is run *inside* the first, at the point where a claim without
+its condition breaks: after the first has read the row and checked what arrived, before
+its claim (the compare-and-set ``UPDATE ... WHERE state IN ('pending')``). Exactly one
+claim may win; the loser must get the same answer as the winner (``/complete`` is
+idempotent for the uploader), and the bytes are screened once.
 
 Without the ``states`` condition of the claim (``lifecycle.transition`` /
 ``sql.update_media``), the first call's claim wins as well, the row is screened twice,

@@ -1,4 +1,4 @@
-"""Issue 8, tests section: the download headers of protocol.md section 4 on every kind of
+"""The download headers of protocol.md section 4 on every kind of
 download response, not on one 200 PNG only: HTML and SVG (attachments), 206, 304, 416,
 thumbnails (made, ranged, served as the original), through the authenticated v1 and the
 legacy v3 endpoints."""

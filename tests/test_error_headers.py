@@ -1,4 +1,4 @@
-"""Issue 8.14: the headers HTTP expects on Matrix errors, and the status of a check's
+"""The headers HTTP expects on Matrix errors, and the status of a check's
 rejection as the check decided it."""
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ def test_rejection_status_is_stored_with_the_rejection(alice: MatrixClient) -> N
 
 
 def test_rejected_rows_without_a_status_keep_the_errcodes_status(alice: MatrixClient) -> None:
-    """Rows rejected before the status was stored (and by moderators) have none."""
+    """Rows without a stored status (rejected by a moderator, or before rejections kept
+    one) answer with the errcode's usual status."""
     with msc3870_settings(CHECKS=["tests.checks.too_large"], COMPLETE_WAITS_FOR_CHECKS=True):
         content_uri, complete = _upload_through_the_url(alice)
     assert complete.status_code == 413

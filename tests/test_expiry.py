@@ -1,5 +1,6 @@
-"""Issue 8, tests section: the expiry checks of /complete and of the expiry sweep each
-have a test that fails without them (the interleaving forced, not hoped for)."""
+"""Ids unused past their expiry: /complete does not claim an id whose expiry passed after
+its checks, and the sweep expires only ids past their time (the interleaving forced, not
+hoped for)."""
 
 from __future__ import annotations
 

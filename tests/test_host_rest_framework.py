@@ -1,4 +1,4 @@
-"""Issue 8.13: a host's REST_FRAMEWORK must not change the wire.
+"""A host's REST_FRAMEWORK must not change the wire.
 
 DRF binds most policies (versioning, renderers, parsers, authentication, permissions,
 throttles, metadata, JSON output) when it is imported, and reads others per request

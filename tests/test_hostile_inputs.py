@@ -1,5 +1,5 @@
-"""Inputs that crashed the server (issue 8, item 7): each gets a 4xx Matrix error or a 416,
-never a 500."""
+"""Crafted inputs (ranges, ids, parameters, bodies): each gets a 4xx Matrix error or a
+416, never a 500."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 8.11: the legacy unauthenticated endpoints freeze (MSC3916) and cache briefly.
+"""The legacy unauthenticated endpoints freeze (MSC3916) and cache briefly.
 
 Media created after ``LEGACY_MEDIA_FREEZE_AFTER`` exists only for authenticated requests:
 ``/_matrix/media/v3/download`` and ``/thumbnail`` answer 404 M_NOT_FOUND, as Synapse does

@@ -1,6 +1,6 @@
 """The guard that keeps tests on this machine (tests/network_guard.py).
 
-No test here can leave the machine even if the guard regressed: each one first replaces
+No test here can leave the machine even with a broken guard: each one first replaces
 the guard's references to the real socket functions with recorders, so a destination the
 guard wrongly let through reaches nothing either way. Destinations are TEST-NET
 addresses (RFC 5737, RFC 3849) and the reserved ``.invalid`` domain."""

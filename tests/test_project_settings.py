@@ -23,7 +23,7 @@ def project_settings(monkeypatch: pytest.MonkeyPatch, **env: str) -> dict[str, A
 
 
 def test_content_type_lists_are_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 8.8: never a bare string, which would be read as a list of characters."""
+    """Never a bare string, which would be read as a list of characters."""
     read = project_settings(
         monkeypatch,
         MSC3870_ALLOWED_CONTENT_TYPES="image/*, video/*",
@@ -48,7 +48,7 @@ def test_legacy_media_freeze_from_the_environment(monkeypatch: pytest.MonkeyPatc
 
 
 def test_cookies_are_secure_behind_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 8.15: behind a TLS proxy the admin's cookies must not travel over HTTP."""
+    """Behind a TLS proxy the admin's cookies must not travel over HTTP."""
     behind = project_settings(monkeypatch, DJANGO_BEHIND_PROXY="1")
     assert behind["SESSION_COOKIE_SECURE"] is True
     assert behind["CSRF_COOKIE_SECURE"] is True

@@ -1,9 +1,9 @@
-"""Issue 7: without a broker a PUT is decided in one write
+"""Without a broker a PUT is decided in one write
 (``uploads._upload_decided_in_one_write``).
 
 The id is not claimed before the body is read: the bytes go to a key of the request's own,
-and one compare-and-set on the still PENDING row records them with their verdict. What the
-claim used to guard is tested here, each race forced by running the other party inside
+and one compare-and-set on the still PENDING row records them with their verdict. The
+races a claim would guard are tested here, each forced by running the other party inside
 the body's last read (no sleeps, no threads).
 """
 

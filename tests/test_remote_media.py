@@ -1,4 +1,4 @@
-"""Other servers' media, fetched when a client asks for it (issue 10, item 3).
+"""Other servers' media, fetched when a client asks for it.
 
 The other server is a real HTTPS server on 127.0.0.1 (server name ``127.0.0.1:<port>``, an
 IP literal with a port: no discovery), serving the federation media endpoint as the spec

@@ -27,8 +27,8 @@ S = MediaState
 
 
 def test_create_costs_at_most_2_queries(alice: MatrixClient) -> None:
-    """The issue's budget is 3: the user's lock (PostgreSQL only) and one INSERT that
-    counts the user's pending ids in the same statement."""
+    """The user's lock (PostgreSQL only) and one INSERT that counts the user's pending ids
+    in the same statement."""
     alice.create()  # the token is resolved (and cached) once
     with CaptureQueriesContext(connection) as captured:
         alice.create()
@@ -42,8 +42,8 @@ def test_put_of_a_small_file_with_screening_costs_at_most_3_queries(alice: Matri
         response = alice.put(f"/_matrix/media/v3/upload/{path}", os.urandom(1024))
     assert response.status_code == 200, response.content
     queries = data_queries(captured)
-    # The issue's budget is 8; it takes 3 (the row read, the dedup look-up, and one
-    # UPDATE that records the bytes with the verdict), and only that UPDATE writes.
+    # The row read, the dedup look-up, and one UPDATE that records the bytes with the
+    # verdict; only that UPDATE writes.
     assert len(queries) <= 3, queries
     assert [q.split()[0] for q in queries if not q.startswith("SELECT")] == ["UPDATE"], queries
     assert Media.objects.get(media_id=path.split("/")[1]).state == S.COMPLETE  # screened

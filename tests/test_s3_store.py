@@ -41,8 +41,8 @@ def test_store_is_s3(s3: Any) -> None:
 
 
 def test_every_thread_shares_one_client_with_a_pool_for_them(s3: Any) -> None:
-    """A boto3 resource per thread (django-storages' way) cost each web and screening
-    thread 0.1 to 0.3 s of CPU on its first upload; the store's client is made once."""
+    """One client, made once, with a connection for each thread that may use it at once
+    (django-storages makes a boto3 resource per thread, costly to make)."""
     store = get_store()
     seen: list[Any] = []
     threads = [threading.Thread(target=lambda: seen.append(store.client)) for _ in range(4)]

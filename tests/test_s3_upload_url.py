@@ -1,4 +1,4 @@
-"""Upload to a URL (issue 9): /complete answers on metadata, one read of the bytes, the
+"""Upload to a URL on S3: /complete answers on metadata, one read of the bytes, the
 copy replaces the uploader's metadata, multipart copies, the incoming/ lifecycle rule.
 S3 with moto's in-process mock (the real S3 server: tests/services/test_s3_flow.py)."""
 

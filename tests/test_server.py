@@ -284,7 +284,7 @@ def test_200_waiters_on_two_workers_all_get_the_bytes(server: Server) -> None:
 
 def test_racing_puts_on_two_workers_one_wins_and_its_bytes_are_served(server: Server) -> None:
     """Twelve PUTs of different bytes to one id at once, spread over both workers: each
-    stores its bytes unclaimed and one write decides (issue 7), so exactly one is
+    stores its bytes unclaimed and one write decides, so exactly one is
     answered 200 and the others 409 M_CANNOT_OVERWRITE_MEDIA; the winner's bytes are
     served, and only its object is left on disk."""
     import hashlib
@@ -335,13 +335,12 @@ def test_the_waiter_past_the_per_media_cap_is_refused_at_once(capped_server: Ser
                 try:
                     sixth = (response.status, await response.read(), dict(response.headers))
                 except aiohttp.ClientPayloadError as exc:
-                    # BUG (msc3870/asgi.py, _after_wait): the refusal inherits the
-                    # Content-Length that CommonMiddleware put on the DeferredResponse
-                    # placeholder (77 bytes) while its own body is longer; uvicorn raises
-                    # "Response content longer than Content-Length" and the client gets a
-                    # head and no body.
+                    # The refusal must not carry the Content-Length that CommonMiddleware
+                    # put on the DeferredResponse placeholder: its own body is longer, and
+                    # uvicorn would send a head and no body ("Response content longer
+                    # than Content-Length").
                     raise AssertionError(
-                        f"BUG: the 429 past the per-media cap arrived without its body "
+                        f"the 429 past the per-media cap arrived without its body "
                         f"(status {response.status}, headers {dict(response.headers)}): {exc}"
                     ) from exc
             still_waiting = not any(task.done() for task in tasks)
@@ -362,8 +361,8 @@ def test_the_waiter_past_the_per_media_cap_is_refused_at_once(capped_server: Ser
     (status, body, headers), five = asyncio.run(scenario())
     assert_matrix_error(status, body, 429, "M_LIMIT_EXCEEDED")
     assert json.loads(body)["retry_after_ms"] > 0
-    # RFC 9110 and issue 7 item 2: the 429 says when to retry in HTTP's own words too.
-    assert "Retry-After" in headers, f"BUG: 429 without a Retry-After header: {headers}"
+    # RFC 9110: the 429 says when to retry in HTTP's own words too.
+    assert "Retry-After" in headers, f"429 without a Retry-After header: {headers}"
     assert int(headers["Retry-After"]) >= 1
     assert [(s, b) for s, b, _ in five] == [(200, data)] * 5
 

@@ -1,9 +1,9 @@
 """The deployed server (gunicorn + uvicorn workers, as `make run` starts it) keeps its
-secrets: issue 8.6 (access tokens and upload URLs written whole to the access log) and
-issue 8.10 (a world-readable data directory).
+secrets: access tokens and upload URLs never written whole to its logs, and a data
+directory only it can read.
 
-The server is started from a shell-like umask (022) and a data directory an older
-version left 0755, so that the modes checked are the ones mediarepo sets itself.
+The server is started from a shell-like umask (022) and a data directory left 0755, so
+that the modes checked are the ones mediarepo sets itself.
 """
 
 from __future__ import annotations

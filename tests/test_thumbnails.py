@@ -136,7 +136,7 @@ def test_thumbnail_of_pending_media_waits_then_504(alice: MatrixClient) -> None:
     assert response.json()["errcode"] == "M_NOT_YET_UPLOADED"
 
 
-# --- Memory and concurrency (issue 8, item 1) -------------------------------------------
+# --- Memory and concurrency ----------------------------------------------------------
 
 
 def test_decoded_memory_limit_refuses_before_decoding(
@@ -276,8 +276,8 @@ class BlockingRender:
 
 
 def waiting_for_key(key: str) -> int:
-    """Requests waiting for the render of ``key`` (0 before the per-key lock existed)."""
-    entry = getattr(thumbnails, "_key_locks", {}).get(key)
+    """Requests waiting for the render of ``key``."""
+    entry = thumbnails._key_locks.get(key)
     return 0 if entry is None else entry.users - 1
 
 

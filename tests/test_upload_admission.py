@@ -174,7 +174,7 @@ def test_a_masquerade_outside_the_namespace_is_refused_before_reading(
         return exchange
 
     # Twice: the token is then in the process's cache, and the masquerade is judged on
-    # the loop, as it was on a pool thread.
+    # the loop, as it is on a pool thread.
     for _ in range(2):
         exchange = run(scenario)
         assert exchange.task.result().status == 403

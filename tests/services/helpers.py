@@ -54,10 +54,10 @@ class Waiters:
             try:
                 body = await response.read()
             except aiohttp.ClientPayloadError as exc:
-                # A head without its body (seen: a 429 after a parked request carrying
-                # the placeholder's Content-Length). Reported, not raised, so the test
+                # A head without its body (a refusal sent with the Content-Length of a
+                # parked request's placeholder): reported, not raised, so that the test
                 # says which answer it was.
-                body = f"<BUG: body not received: {exc}>".encode()
+                body = f"<body not received: {exc}>".encode()
             return response.status, body, dict(response.headers)
 
     def get(

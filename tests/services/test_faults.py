@@ -299,8 +299,8 @@ def test_clamav_scan_with_a_real_clamd(
     user_token: tuple[str, str],
     s3_client: Any,
 ) -> None:
-    # The uploader hears the scanner's verdict in the /complete answer (issue 9: that waits
-    # for the full-object checks only when the operator asks for it).
+    # The uploader hears the scanner's verdict in the /complete answer (it waits for
+    # the full-object checks only when the operator asks for it).
     stack: Stack = make_stack(
         CELERY_BROKER_URL=private_redis.url,
         MSC3870_CLAMAV_URL=clamd,

@@ -1,4 +1,4 @@
-"""The request plane on real processes (issue 7): downloads waiting on pending media are
+"""The request plane on real processes: downloads waiting on pending media are
 parked on each web worker's wake-up hub, and woken by a change made anywhere.
 
 The servers run two uvicorn workers (WEB_CONCURRENCY=2) on PostgreSQL. Which worker
@@ -252,7 +252,7 @@ def test_caps_answer_at_once(
         elif cap.encode() not in body:
             problems.append(f"{cap}: refused by another cap: {body[:200]!r}")
         elif "Retry-After" not in answer_headers:
-            problems.append(f"BUG {cap}: 429 without a Retry-After header")
+            problems.append(f"{cap}: 429 without a Retry-After header")
     assert not problems, problems
     assert [len(futures) for futures in parked.values()] == [3, 2, 1]
     assert not any(f.done() for futures in parked.values() for f in futures)

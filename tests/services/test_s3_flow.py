@@ -146,7 +146,7 @@ def test_reput_after_complete_changes_nothing(
         created["upload_url"], data=b"screened bytes", headers={"Content-Type": "text/plain"}
     )
     assert live.client(token).complete(created["content_uri"]).status_code == 200
-    decided(created["content_uri"])  # /complete answers before the move (issue 9)
+    decided(created["content_uri"])  # /complete answers before the move
     # The presigned URL still works until it expires; S3 cannot refuse the second PUT...
     again = requests.put(created["upload_url"], data=b"<script>swap</script>")
     assert again.status_code == 200
@@ -279,7 +279,7 @@ def test_thumbnail_of_s3_media(live: Stack, user_token: tuple[str, str], s3_clie
     assert f"thumbnails/{media.media_id}/320x240-scale" in bucket_keys(s3_client, "thumbnails/")
 
 
-# ----------------------------------------------------------------- issue 9: the direct path
+# ------------------------------------- the upload URL: /complete answers on metadata
 
 GATED_CHECKS = ",".join(
     [

@@ -207,7 +207,7 @@ def test_full_flow_with_a_synapse_login(
     media = media_of(content_uri)
     assert media.user_id == alice.user_id == "@alice:localhost"
     assert media.upload_method == "url"
-    # /complete answers before the full-object checks (issue 9): the download waits.
+    # /complete answers before the full-object checks: the download waits.
     got = authenticated_download(media_server, session.access_token, content_uri)
     assert got.status_code == 200, got.text
     assert got.content == data

@@ -1,4 +1,4 @@
-"""Serving media to a real Synapse over federation (issue 10, item 6, serving direction).
+"""Serving media to a real Synapse over federation.
 
 Two servers on loopback, each under an IP-literal server name with its port, each over
 TLS with a certificate of a test CA made by ``trustme``: this media server (gunicorn, as

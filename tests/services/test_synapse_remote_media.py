@@ -1,7 +1,7 @@
-"""A client of this server downloads media uploaded to a real Synapse (issue 10.6, fetch
-direction): this server discovers nothing (the Synapse's name is ``127.0.0.1:<port>``),
-asks Synapse's federation media endpoint signed with its own key, and serves the bytes.
-Setup (TLS with trustme, Synapse with federation on): the ``synapse_peer`` fixture."""
+"""A client of this server downloads media uploaded to a real Synapse: this server
+discovers nothing (the Synapse's name is ``127.0.0.1:<port>``), asks Synapse's federation
+media endpoint signed with its own key, and serves the bytes. Setup (TLS with trustme,
+Synapse with federation on): the ``synapse_peer`` fixture."""
 
 from __future__ import annotations
 
