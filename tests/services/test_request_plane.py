@@ -96,12 +96,7 @@ def test_a_completion_by_the_celery_worker_wakes_every_waiter(
     created = two_workers.client(token).create()
     content_uri = created["content_uri"]
     data = os.urandom(7000)
-    put = requests.put(
-        created["upload_url"],
-        data=data,
-        headers={"Content-Type": "application/octet-stream"},
-        timeout=30,
-    )
+    put = two_workers.client(token).put_to_url(created["upload_url"], data)
     assert put.status_code == 200, put.text
     parked = park(waiters, two_workers, download_url(two_workers, content_uri), bearer(token), 40)
     done = two_workers.client(token).complete(content_uri)
@@ -130,12 +125,7 @@ def test_a_lost_notification_is_recovered_by_the_safety_poll(
     created = two_workers.client(token).create()
     content_uri = created["content_uri"]
     data = os.urandom(3000)
-    put = requests.put(
-        created["upload_url"],
-        data=data,
-        headers={"Content-Type": "application/octet-stream"},
-        timeout=30,
-    )
+    put = two_workers.client(token).put_to_url(created["upload_url"], data)
     assert put.status_code == 200, put.text
     parked = park(waiters, two_workers, download_url(two_workers, content_uri), bearer(token), 30)
     set_trigger(False)
