@@ -1,26 +1,47 @@
+"""Fixtures of every test (``tests/README.md`` says where tests of what live).
+
+- the network guard: a test that reached for another machine fails (``network_guard.py``);
+- each test starts with an empty cache and media directory, and ``on_commit`` runs at once;
+- Matrix users: ``alice``, ``bob``, ``matrix_client("@carol:localhost")`` (``MatrixClient``
+  in process), ``token`` (a committed token, for the ASGI handler and live servers);
+- how work runs: ``puts_claim_first``, ``broker_sends``, ``app`` (the ASGI handler);
+- local stand-ins for other services: ``s3`` (moto), ``clamd`` (a fake clamd; the services
+  suite overrides it with a real one), ``key_servers`` and ``peer`` (another homeserver
+  that signs its requests to us), ``remote`` (another homeserver whose media we fetch,
+  with ``fetching_remote_media``), ``live_url`` (this server in a live server thread).
+
+Plain helpers are in ``helpers.py`` (and ``federation_helpers.py``, ``server_helpers.py``,
+``asgi_driver.py``): test modules import them from there, never from each other.
+"""
+
 from __future__ import annotations
 
 import atexit
-import io
 import os
-import secrets
 import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from django.conf import settings
 from django.core.cache import cache
-from django.test import Client
-from PIL import Image
-
-from msc3870.models import AccessToken, Media, digest_token
 
 from . import network_guard as _network_guard_module
+from .federation_helpers import FakeRemote, KeyServers, Remote, remote_media_server, undelegated
+from .helpers import (  # noqa: F401  (importable from here too)
+    FakeClamd,
+    MatrixClient,
+    files_under,
+    make_token,
+    media_of,
+    msc3870_settings,
+    mxc_path,
+    png_bytes,
+    url_path,
+)
 
 # ---------------------------------------------------------------- tests never leave the machine
 
@@ -69,13 +90,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-# ------------------------------------------------------------------------------ helpers
-
-
-def png_bytes(width: int = 8, height: int = 8) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (200, 30, 30)).save(buffer, "PNG")
-    return buffer.getvalue()
+# ----------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture(autouse=True)
@@ -88,54 +103,6 @@ def _clean_media_and_cache() -> Iterator[None]:
     media_dir = Path(settings.MEDIA_DIR)
     if media_dir.exists():
         shutil.rmtree(media_dir)
-
-
-def make_token(user_id: str, **fields: Any) -> str:
-    token = "mr_" + secrets.token_urlsafe(16)
-    AccessToken.objects.create(user_id=user_id, token_digest=digest_token(token), **fields)
-    return token
-
-
-@dataclass
-class MatrixClient:
-    """Django's test client speaking as one Matrix user."""
-
-    client: Client
-    token: str
-    user_id: str
-
-    def _headers(self, headers: dict[str, str] | None) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}", **(headers or {})}
-
-    def get(self, path: str, headers: dict[str, str] | None = None, **kwargs: Any) -> Any:
-        return self.client.get(path, headers=self._headers(headers), **kwargs)
-
-    def post(
-        self,
-        path: str,
-        data: bytes | str = b"",
-        content_type: str = "application/json",
-        headers: dict[str, str] | None = None,
-    ) -> Any:
-        return self.client.generic(
-            "POST", path, data, content_type=content_type, headers=self._headers(headers)
-        )
-
-    def put(
-        self,
-        path: str,
-        data: bytes = b"",
-        content_type: str = "application/octet-stream",
-        headers: dict[str, str] | None = None,
-    ) -> Any:
-        return self.client.generic(
-            "PUT", path, data, content_type=content_type, headers=self._headers(headers)
-        )
-
-    def create(self) -> dict[str, Any]:
-        response = self.post("/_matrix/media/v1/create")
-        assert response.status_code == 200, response.content
-        return response.json()
 
 
 @pytest.fixture
@@ -168,8 +135,10 @@ def broker_sends(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple[Any, 
 
 @pytest.fixture
 def matrix_client(db: None) -> Callable[[str], MatrixClient]:
+    """Makes a user with a token of its own, and its client (in process)."""
+
     def factory(user_id: str = "@alice:localhost") -> MatrixClient:
-        return MatrixClient(Client(), make_token(user_id), user_id)
+        return MatrixClient.in_process(make_token(user_id), user_id)
 
     return factory
 
@@ -184,36 +153,22 @@ def bob(matrix_client: Callable[[str], MatrixClient]) -> MatrixClient:
     return matrix_client("@bob:localhost")
 
 
-def mxc_path(content_uri: str) -> str:
-    """``mxc://server/id`` -> ``server/id``."""
-    assert content_uri.startswith("mxc://")
-    return content_uri[len("mxc://") :]
+@pytest.fixture
+def token(transactional_db: None) -> str:
+    """A token of ``@alice:localhost``, committed: for requests served by other threads
+    (the ASGI handler's pool, a live server)."""
+    from msc3870.auth import token_cache
+
+    token_cache.clear()
+    return make_token("@alice:localhost")
 
 
-def media_of(content_uri: str) -> Media:
-    server_name, media_id = mxc_path(content_uri).split("/")
-    return Media.objects.get(server_name=server_name, media_id=media_id)
-
-
-def url_path(url: str) -> str:
-    """The path and query of an absolute upload URL, for Django's test client."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    return parts.path + (f"?{parts.query}" if parts.query else "")
-
-
-def files_under(root: Path) -> list[str]:
-    if not root.exists():
-        return []
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-
-
-def msc3870_settings(**overrides: Any) -> Any:
-    """``override_settings`` for a few keys of the MSC3870 dict, keeping the others."""
-    from django.test import override_settings
-
-    return override_settings(MSC3870={**settings.MSC3870, **overrides})
+@pytest.fixture
+def live_url(live_server: Any) -> Iterator[str]:
+    """This server in a thread of its own (pytest-django's ``live_server``), its public
+    URL set to match."""
+    with msc3870_settings(PUBLIC_BASEURL=live_server.url):
+        yield live_server.url
 
 
 @pytest.fixture(autouse=True)
@@ -241,3 +196,69 @@ def app(transactional_db: None) -> Iterator[Any]:
     handler.executor.shutdown(wait=True)
     handler.bulk_executor.shutdown(wait=True)
     wakeup._hub = None
+
+
+# -------------------------------------------------------------------- other services
+
+
+@pytest.fixture
+def s3() -> Iterator[Any]:
+    """The media storage on S3, moto's in-process mock of it, with the bucket made; the
+    boto3 client to look at it."""
+    import boto3
+    from django.test import override_settings
+    from moto import mock_aws
+
+    from .helpers import BUCKET, s3_storages
+
+    with mock_aws(), override_settings(STORAGES=s3_storages()):
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket=BUCKET)
+        yield client
+
+
+@pytest.fixture
+def clamd() -> Iterator[FakeClamd]:
+    server = FakeClamd()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def key_servers(monkeypatch: pytest.MonkeyPatch) -> KeyServers:
+    """Other servers' key servers, answered without a network (none publishes until the
+    test says so); made-up server names resolve without DNS to port 8448."""
+    from msc3870.federation import discovery, keyring
+
+    fake = KeyServers()
+    monkeypatch.setattr(keyring, "_get_json", fake)
+    # These made-up names publish no delegation: port 8448, without asking DNS.
+    monkeypatch.setattr(discovery, "resolve", undelegated)
+    return fake
+
+
+@pytest.fixture
+def peer(key_servers: KeyServers) -> FakeRemote:
+    """Another homeserver, ``remote.example.com``, with its key published: it signs its
+    requests to us (``federation_helpers.fed_get``)."""
+    return key_servers.publish(FakeRemote("remote.example.com"))
+
+
+@pytest.fixture
+def fetching_remote_media() -> Iterator[None]:
+    """Other servers' media fetched when asked for, from servers on 127.0.0.1 only (the
+    outbound allowlist opened to it), their self-signed certificates accepted."""
+    with msc3870_settings(
+        FETCH_REMOTE_MEDIA=True,
+        FEDERATION_IP_RANGE_ALLOWLIST=["127.0.0.1/32"],
+        FEDERATION_VERIFY_TLS=False,
+    ):
+        yield
+
+
+@pytest.fixture
+def remote(tmp_path: Path) -> Iterator[Remote]:
+    """Another homeserver serving its media over HTTPS on 127.0.0.1
+    (``federation_helpers.Remote``); fetching from it needs ``fetching_remote_media``."""
+    with remote_media_server(tmp_path) as server:
+        yield server

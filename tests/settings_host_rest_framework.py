@@ -1,6 +1,6 @@
 """Test settings of a host project whose REST_FRAMEWORK changes every DRF policy it can.
 
-Used by tests/test_drf_pinning.py in a child pytest: DRF binds most policies when it is
+Used by tests/test_host_rest_framework.py in a child pytest: DRF binds most policies when it is
 imported, so only a process that starts with them shows what a host really gets.
 """
 

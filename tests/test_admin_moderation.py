@@ -16,7 +16,7 @@ import msc3870.admin.actions
 from msc3870 import moderation
 from msc3870.models import Media, MediaState, ModerationAction, ModerationRecord
 
-from .conftest import MatrixClient, media_of
+from .helpers import MatrixClient, media_of
 
 S = MediaState
 CHANGELIST = "/admin/msc3870/media/"
@@ -24,11 +24,6 @@ RECORDS = "/admin/msc3870/moderationrecord/"
 CONFIRMATION_TEMPLATE = "admin/msc3870/media/moderation_confirmation.html"
 ALL_ACTIONS = ("quarantine_media", "approve_media", "reject_media", "purge_media")
 DESTRUCTIVE_ACTIONS = ("quarantine_media", "reject_media", "purge_media")
-
-
-def upload(client: MatrixClient, data: bytes = b"content") -> Media:
-    response = client.post("/_matrix/media/v3/upload", data, "text/plain")
-    return media_of(response.json()["content_uri"])
 
 
 def staff_client(username: str, *, permissions: tuple[str, ...] = (), group: str = "") -> Client:
@@ -91,7 +86,7 @@ def test_moderators_group_holds_view_and_moderate_permissions_only(db: None) -> 
 
 
 def test_view_only_staff_is_not_offered_any_action(viewer: Client, alice: MatrixClient) -> None:
-    upload(alice)
+    media_of(alice.uploaded())
     listing = viewer.get(CHANGELIST)
     assert listing.status_code == 200
     assert offered_actions(listing).isdisjoint(ALL_ACTIONS)
@@ -101,8 +96,8 @@ def test_view_only_staff_is_not_offered_any_action(viewer: Client, alice: Matrix
 def test_view_only_staff_cannot_run_any_action(
     viewer: Client, alice: MatrixClient, action: str
 ) -> None:
-    served = upload(alice, b"served")
-    held = upload(alice, b"held")
+    served = media_of(alice.uploaded(b"served"))
+    held = media_of(alice.uploaded(b"held"))
     assert moderation.quarantine(held, by="setup")
     before = {m.pk: m.state for m in Media.objects.all()}
 
@@ -118,13 +113,13 @@ def test_staff_with_change_but_not_moderate_permission_cannot_purge(
     db: None, alice: MatrixClient
 ) -> None:
     editor = staff_client("editor", permissions=("view_media", "change_media"))
-    media = upload(alice)
+    media = media_of(alice.uploaded())
     confirm(editor, "purge_media", [media], reason="because")
     assert Media.objects.get(pk=media.pk).state == S.COMPLETE
 
 
 def test_moderator_is_offered_every_action(moderator: Client, alice: MatrixClient) -> None:
-    upload(alice)
+    media_of(alice.uploaded())
     listing = moderator.get(CHANGELIST)
     offered = offered_actions(listing)
     assert set(ALL_ACTIONS) <= offered
@@ -132,7 +127,7 @@ def test_moderator_is_offered_every_action(moderator: Client, alice: MatrixClien
 
 
 def test_moderator_approves_with_a_reason(moderator: Client, alice: MatrixClient) -> None:
-    media = upload(alice)
+    media = media_of(alice.uploaded())
     assert moderation.quarantine(media, by="setup", reason="looked odd")
     # Every action, approving too, asks for a reason first.
     response = run_action(moderator, "approve_media", [media])
@@ -157,7 +152,7 @@ def test_moderator_approves_with_a_reason(moderator: Client, alice: MatrixClient
 def test_destructive_action_shows_a_confirmation_page_first(
     moderator: Client, alice: MatrixClient, action: str
 ) -> None:
-    media = upload(alice)
+    media = media_of(alice.uploaded())
     response = run_action(moderator, action, [media])
     assert response.status_code == 200
     assert CONFIRMATION_TEMPLATE in [t.name for t in response.templates]
@@ -173,7 +168,7 @@ def test_destructive_action_shows_a_confirmation_page_first(
 def test_confirmation_without_a_reason_is_refused(
     moderator: Client, alice: MatrixClient, reason: str
 ) -> None:
-    media = upload(alice)
+    media = media_of(alice.uploaded())
     response = confirm(moderator, "purge_media", [media], reason=reason)
     assert response.status_code == 200
     assert CONFIRMATION_TEMPLATE in [t.name for t in response.templates]
@@ -185,8 +180,8 @@ def test_confirmation_without_a_reason_is_refused(
 def test_confirmed_purge_records_who_what_why_and_the_states(
     moderator: Client, alice: MatrixClient
 ) -> None:
-    first = upload(alice, b"one")
-    second = upload(alice, b"two")
+    first = media_of(alice.uploaded(b"one"))
+    second = media_of(alice.uploaded(b"two"))
     assert moderation.quarantine(second, by="setup", reason="reported")
     started = timezone.now()
 
@@ -213,7 +208,7 @@ def test_confirmation_across_all_selected_media(
     moderator: Client, alice: MatrixClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(msc3870.admin.actions, "ACTION_BATCH_SIZE", 2)  # three rows, two batches
-    media = [upload(alice, bytes([n])) for n in range(4)]
+    media = [media_of(alice.uploaded(bytes([n]))) for n in range(4)]
     assert moderation.quarantine(media[3], by="setup")
     # "Select all" on a filtered list: the page posts one checkbox and select_across; the
     # action takes every row the filter shows, and the confirmation posts back to the
@@ -235,7 +230,7 @@ def test_confirmation_across_all_selected_media(
 
 
 def test_uploader_is_not_told_the_moderators_reason(moderator: Client, alice: MatrixClient) -> None:
-    media = upload(alice)
+    media = media_of(alice.uploaded())
     confirm(moderator, "reject_media", [media], reason="reported by @bob in #room")
     rejected = Media.objects.get(pk=media.pk)
     assert rejected.state == S.REJECTED
@@ -247,7 +242,7 @@ def test_uploader_is_not_told_the_moderators_reason(moderator: Client, alice: Ma
 
 
 def test_records_are_shown_on_the_media_page(moderator: Client, alice: MatrixClient) -> None:
-    media = upload(alice)
+    media = media_of(alice.uploaded())
     confirm(moderator, "quarantine_media", [media], reason="first look")
     confirm(moderator, "approve_media", [media], reason="second look")
     page = moderator.get(f"{CHANGELIST}{media.pk}/change/")
@@ -262,8 +257,8 @@ def test_records_are_shown_on_the_media_page(moderator: Client, alice: MatrixCli
 def test_records_list_filters_by_action_actor_and_date(
     superuser: Client, alice: MatrixClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    quarantined = upload(alice, b"one")
-    purged = upload(alice, b"two")
+    quarantined = media_of(alice.uploaded(b"one"))
+    purged = media_of(alice.uploaded(b"two"))
     # Records cannot be backdated: the first action is taken a month ago.
     a_month_ago = timezone.now() - timedelta(days=30)
     with monkeypatch.context() as patched:
@@ -289,7 +284,7 @@ def test_records_list_filters_by_action_actor_and_date(
 def test_records_cannot_be_added_changed_or_deleted_through_the_admin(
     superuser: Client, moderator: Client, alice: MatrixClient
 ) -> None:
-    media = upload(alice)
+    media = media_of(alice.uploaded())
     assert moderation.quarantine(media, by="mod", reason="original")
     record = ModerationRecord.objects.get()
     for client in (superuser, moderator):
@@ -317,7 +312,7 @@ def test_records_cannot_be_added_changed_or_deleted_through_the_admin(
 def test_records_inline_on_the_media_page_is_read_only(
     superuser: Client, alice: MatrixClient
 ) -> None:
-    media = upload(alice)
+    media = media_of(alice.uploaded())
     assert moderation.quarantine(media, by="mod", reason="original")
     page = superuser.get(f"{CHANGELIST}{media.pk}/change/")
     (inline,) = [
@@ -336,7 +331,7 @@ def test_records_inline_on_the_media_page_is_read_only(
 def test_media_page_offers_the_actions_its_state_allows_to_moderators_only(
     moderator: Client, viewer: Client, alice: MatrixClient
 ) -> None:
-    media = upload(alice)
+    media = media_of(alice.uploaded())
     page = moderator.get(f"{CHANGELIST}{media.pk}/change/")
     offered = {operation.name for operation in page.context["moderation_operations"]}
     # Acting on the uploader or on the bytes is offered whatever the state.
@@ -372,7 +367,7 @@ def test_media_page_offers_the_actions_its_state_allows_to_moderators_only(
 def test_a_button_on_the_media_page_leads_to_the_confirmation_page(
     moderator: Client, alice: MatrixClient
 ) -> None:
-    media = upload(alice)
+    media = media_of(alice.uploaded())
     # What the page's "Purge" button posts.
     response = moderator.post(CHANGELIST, {"action": "purge_media", "_selected_action": media.pk})
     assert CONFIRMATION_TEMPLATE in [t.name for t in response.templates]

@@ -10,7 +10,7 @@ from django.utils import timezone
 from msc3870.models import Media, MediaState
 from msc3870.validation import MEDIA_ID_RE
 
-from .conftest import MatrixClient, media_of, msc3870_settings
+from .helpers import MatrixClient, media_of, msc3870_settings
 
 
 def test_create_without_body_returns_mxc_and_upload_url(alice: MatrixClient) -> None:
@@ -105,7 +105,7 @@ def test_create_is_rate_limited(alice: MatrixClient) -> None:
 
 
 def test_appservice_masquerade_creates_for_the_masqueraded_user(db: None) -> None:
-    from .conftest import make_token
+    from .helpers import make_token
 
     token = make_token("@bridge:localhost", is_appservice=True, masquerade_regex=r"@tg_.*")
     response = Client().post(

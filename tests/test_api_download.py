@@ -13,21 +13,10 @@ from msc3870 import moderation, waiting
 from msc3870.api.headers import CONTENT_SECURITY_POLICY
 from msc3870.models import Media
 
-from .conftest import MatrixClient, media_of, mxc_path, png_bytes
+from .helpers import MatrixClient, body_of, media_of, mxc_path, png_bytes
 
 V1 = "/_matrix/client/v1/media/download/"
 V3 = "/_matrix/media/v3/download/"
-
-
-def uploaded(client: MatrixClient, data: bytes, content_type: str, filename: str = "") -> str:
-    query = f"?filename={filename}" if filename else ""
-    response = client.post("/_matrix/media/v3/upload" + query, data, content_type)
-    assert response.status_code == 200, response.content
-    return mxc_path(response.json()["content_uri"])
-
-
-def body(response: object) -> bytes:
-    return b"".join(response.streaming_content)  # type: ignore[attr-defined]
 
 
 @pytest.fixture
@@ -91,7 +80,7 @@ def test_unknown_expired_rejected_quarantined_are_404_at_once(
     assert response.status_code == 404
     assert response.json()["errcode"] == "M_NOT_FOUND"
     assert waits == []  # answered at once: it never parked
-    quarantined = uploaded(alice, b"hello", "text/plain")
+    quarantined = mxc_path(alice.uploaded(b"hello", "text/plain"))
     moderation.quarantine(media_of("mxc://" + quarantined), by="mod")
     assert alice.get(V1 + quarantined).status_code == 404
     moderation.approve(media_of("mxc://" + quarantined), by="mod")
@@ -105,14 +94,14 @@ def test_remote_media_is_404(alice: MatrixClient) -> None:
 
 
 def test_v1_download_needs_a_token(alice: MatrixClient) -> None:
-    path = uploaded(alice, b"hello", "text/plain")
+    path = mxc_path(alice.uploaded(b"hello", "text/plain"))
     response = Client().get(V1 + path)
     assert response.status_code == 401
     assert response.json()["errcode"] == "M_MISSING_TOKEN"
 
 
 def test_download_headers(alice: MatrixClient) -> None:
-    path = uploaded(alice, png_bytes(), "image/png", "red.png")
+    path = mxc_path(alice.uploaded(png_bytes(), "image/png", filename="red.png"))
     response = alice.get(V1 + path)
     assert response.status_code == 200
     assert response["Content-Type"] == "image/png"
@@ -144,13 +133,13 @@ def test_download_headers(alice: MatrixClient) -> None:
 def test_disposition_allowlist(
     alice: MatrixClient, content_type: str, data: bytes, disposition: str
 ) -> None:
-    response = alice.get(V1 + uploaded(alice, data, content_type))
+    response = alice.get(V1 + mxc_path(alice.uploaded(data, content_type)))
     assert response["Content-Disposition"] == disposition
     assert response["Content-Type"] == content_type
 
 
 def test_filename_from_path_segment_and_non_ascii(alice: MatrixClient) -> None:
-    path = uploaded(alice, b"hello", "text/plain", "upload.txt")
+    path = mxc_path(alice.uploaded(b"hello", "text/plain", filename="upload.txt"))
     response = alice.get(V1 + path + "/my%20r%C3%A9sum%C3%A9.txt")
     assert response["Content-Disposition"] == ("inline; filename*=utf-8''my%20r%C3%A9sum%C3%A9.txt")
 
@@ -169,23 +158,23 @@ def test_filename_from_path_segment_and_non_ascii(alice: MatrixClient) -> None:
 def test_ranges(
     alice: MatrixClient, header: str, status: int, content_range: str | None, expected: bytes
 ) -> None:
-    path = uploaded(alice, b"0123456789", "text/plain")
+    path = mxc_path(alice.uploaded(b"0123456789", "text/plain"))
     response = alice.get(V1 + path, headers={"Range": header})
     assert response.status_code == status
-    assert body(response) == expected
+    assert body_of(response) == expected
     assert response.get("Content-Range") == content_range
     assert response["Content-Length"] == str(len(expected))
 
 
 def test_unsatisfiable_range_is_416(alice: MatrixClient) -> None:
-    path = uploaded(alice, b"0123456789", "text/plain")
+    path = mxc_path(alice.uploaded(b"0123456789", "text/plain"))
     response = alice.get(V1 + path, headers={"Range": "bytes=10-"})
     assert response.status_code == 416
     assert response["Content-Range"] == "bytes */10"
 
 
 def test_etag_and_if_none_match(alice: MatrixClient) -> None:
-    path = uploaded(alice, b"cache me", "text/plain")
+    path = mxc_path(alice.uploaded(b"cache me", "text/plain"))
     first = alice.get(V1 + path)
     again = alice.get(V1 + path, headers={"If-None-Match": first["ETag"]})
     assert again.status_code == 304
@@ -194,7 +183,7 @@ def test_etag_and_if_none_match(alice: MatrixClient) -> None:
 def test_legacy_download_streams_even_with_allow_redirect_on_local_disk(
     alice: MatrixClient,
 ) -> None:
-    path = uploaded(alice, b"local bytes", "text/plain")
+    path = mxc_path(alice.uploaded(b"local bytes", "text/plain"))
     response = Client().get(V3 + path + "?allow_redirect=true")
     assert response.status_code == 200
-    assert body(response) == b"local bytes"
+    assert body_of(response) == b"local bytes"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from django.test import Client
 
-from .conftest import MatrixClient, msc3870_settings
+from .helpers import MatrixClient, msc3870_settings
 
 
 def test_versions_lists_v1_11_and_the_unstable_features(db: None) -> None:

@@ -14,17 +14,21 @@ from django.utils import timezone
 
 from msc3870.models import Media, MediaState
 
-from .conftest import MatrixClient, files_under, media_of, msc3870_settings, mxc_path, png_bytes
-
-
-def put_path(content_uri: str) -> str:
-    return f"/_matrix/media/v3/upload/{mxc_path(content_uri)}"
+from .helpers import (
+    LyingBody,
+    MatrixClient,
+    media_files,
+    media_of,
+    msc3870_settings,
+    mxc_path,
+    png_bytes,
+)
 
 
 def test_put_then_download_round_trip(alice: MatrixClient) -> None:
     created = alice.create()
     data = png_bytes()
-    response = alice.put(put_path(created["content_uri"]) + "?filename=red.png", data, "image/png")
+    response = alice.put_upload(created["content_uri"], data, "image/png", "?filename=red.png")
     assert response.status_code == 200
     # The spec's {} plus content_uri, which mautrix-python reads (test_mautrix_client.py).
     assert response.json() == {"content_uri": created["content_uri"]}
@@ -61,7 +65,7 @@ def test_put_to_other_server_is_404(alice: MatrixClient) -> None:
 
 def test_put_to_someone_elses_id_is_403(alice: MatrixClient, bob: MatrixClient) -> None:
     created = alice.create()
-    response = bob.put(put_path(created["content_uri"]), b"x")
+    response = bob.put_upload(created["content_uri"], b"x")
     assert response.status_code == 403
     assert response.json()["errcode"] == "M_FORBIDDEN"
     assert media_of(created["content_uri"]).state == MediaState.PENDING
@@ -69,8 +73,8 @@ def test_put_to_someone_elses_id_is_403(alice: MatrixClient, bob: MatrixClient) 
 
 def test_put_to_filled_id_is_409_even_with_empty_body(alice: MatrixClient) -> None:
     created = alice.create()
-    assert alice.put(put_path(created["content_uri"]), b"first").status_code == 200
-    response = alice.put(put_path(created["content_uri"]), b"")
+    assert alice.put_upload(created["content_uri"], b"first").status_code == 200
+    response = alice.put_upload(created["content_uri"], b"")
     assert response.status_code == 409
     assert response.json()["errcode"] == "M_CANNOT_OVERWRITE_MEDIA"
     download = alice.get(f"/_matrix/client/v1/media/download/{mxc_path(created['content_uri'])}")
@@ -80,7 +84,7 @@ def test_put_to_filled_id_is_409_even_with_empty_body(alice: MatrixClient) -> No
 def test_put_to_expired_id_is_404(alice: MatrixClient) -> None:
     created = alice.create()
     Media.objects.update(unused_expires_at=timezone.now() - timedelta(seconds=1))
-    response = alice.put(put_path(created["content_uri"]), b"x")
+    response = alice.put_upload(created["content_uri"], b"x")
     assert response.status_code == 404
     assert response.json()["errcode"] == "M_NOT_FOUND"
 
@@ -88,29 +92,12 @@ def test_put_to_expired_id_is_404(alice: MatrixClient) -> None:
 def test_put_too_large_by_content_length_is_413_and_id_stays_usable(alice: MatrixClient) -> None:
     created = alice.create()
     with msc3870_settings(MAX_UPLOAD_SIZE=10):
-        response = alice.put(put_path(created["content_uri"]), b"x" * 11)
+        response = alice.put_upload(created["content_uri"], b"x" * 11)
         assert response.status_code == 413
         assert response.json()["errcode"] == "M_TOO_LARGE"
         assert media_of(created["content_uri"]).state == MediaState.PENDING
-        assert files_under(Path(settings.MEDIA_DIR)) == []
-        assert alice.put(put_path(created["content_uri"]), b"x" * 10).status_code == 200
-
-
-class LyingBody(io.RawIOBase):
-    """A body that keeps going past the Content-Length it announced (and a client that
-    says nothing about its size): the limit must hold while streaming."""
-
-    def __init__(self, size: int) -> None:
-        self.remaining = size
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: bytearray) -> int:  # type: ignore[override]
-        count = min(len(buffer), self.remaining)
-        buffer[:count] = b"y" * count
-        self.remaining -= count
-        return count
+        assert media_files() == []
+        assert alice.put_upload(created["content_uri"], b"x" * 10).status_code == 200
 
 
 def test_limit_holds_while_streaming(alice: MatrixClient) -> None:
@@ -126,7 +113,7 @@ def test_limit_holds_while_streaming(alice: MatrixClient) -> None:
     else:  # pragma: no cover - the assertion below reports it
         raise AssertionError("TooLarge was not raised")
     assert store.head("media/xx/streamed") is None
-    assert files_under(Path(settings.MEDIA_DIR)) == []
+    assert media_files() == []
 
 
 def test_truncated_body_is_refused_and_nothing_is_kept(alice: MatrixClient) -> None:
@@ -144,7 +131,7 @@ def test_truncated_body_is_refused_and_nothing_is_kept(alice: MatrixClient) -> N
         assert "10 of the 100" in exc.message
     else:  # pragma: no cover
         raise AssertionError("InvalidParam was not raised")
-    assert files_under(Path(settings.MEDIA_DIR)) == []
+    assert media_files() == []
 
 
 def test_invalid_media_id_and_server_name_are_400(alice: MatrixClient) -> None:
@@ -161,7 +148,7 @@ def test_invalid_media_id_and_server_name_are_400(alice: MatrixClient) -> None:
 
 def test_bad_filename_is_400(alice: MatrixClient) -> None:
     created = alice.create()
-    response = alice.put(put_path(created["content_uri"]) + "?filename=a%0Ab", b"x")
+    response = alice.put_upload(created["content_uri"], b"x", query="?filename=a%0Ab")
     assert response.status_code == 400
     assert response.json()["errcode"] == "M_INVALID_PARAM"
 
@@ -182,7 +169,7 @@ def test_one_shot_upload_too_large(alice: MatrixClient) -> None:
         response = alice.post("/_matrix/media/v3/upload", b"12345", "text/plain")
     assert response.status_code == 413
     assert response.json()["errcode"] == "M_TOO_LARGE"
-    assert files_under(Path(settings.MEDIA_DIR)) == []
+    assert media_files() == []
 
 
 def test_upload_without_token_is_401(alice: MatrixClient) -> None:
@@ -194,8 +181,8 @@ def test_upload_without_token_is_401(alice: MatrixClient) -> None:
 def test_denied_type_is_rejected_and_deleted(alice: MatrixClient) -> None:
     created = alice.create()
     with msc3870_settings(DENIED_CONTENT_TYPES=["text/html"]):
-        response = alice.put(
-            put_path(created["content_uri"]),
+        response = alice.put_upload(
+            created["content_uri"],
             b"<!DOCTYPE html><html><script>alert(1)</script></html>",
             "text/plain",
         )
@@ -205,7 +192,7 @@ def test_denied_type_is_rejected_and_deleted(alice: MatrixClient) -> None:
     media = media_of(created["content_uri"])
     assert media.state == MediaState.REJECTED
     assert media.objects_deleted_at is not None
-    assert files_under(Path(settings.MEDIA_DIR)) == []
+    assert media_files() == []
     download = alice.get(f"/_matrix/client/v1/media/download/{mxc_path(created['content_uri'])}")
     # Rejected media is not found; only the uploader hears why.
     assert download.status_code == 404
@@ -224,14 +211,14 @@ def test_rejected_bytes_are_gone_before_the_rejection_is_recorded(
 
     def watching(media: Any, from_states: Any, to_state: str, **kwargs: Any) -> bool:
         if to_state == MediaState.REJECTED:
-            seen_at_rejection.append(files_under(Path(settings.MEDIA_DIR)))
+            seen_at_rejection.append(media_files())
         return real_transition(media, from_states, to_state, **kwargs)
 
     monkeypatch.setattr(lifecycle, "transition", watching)
     created = alice.create()
     with msc3870_settings(DENIED_CONTENT_TYPES=["text/html"]):
-        response = alice.put(
-            put_path(created["content_uri"]), b"<!DOCTYPE html><html></html>", "text/html"
+        response = alice.put_upload(
+            created["content_uri"], b"<!DOCTYPE html><html></html>", "text/html"
         )
     assert response.status_code == 403
     assert seen_at_rejection == [[]]
@@ -252,11 +239,11 @@ def test_a_rejection_is_not_recorded_while_its_bytes_cannot_be_deleted(
     monkeypatch.setattr(LocalMediaStore, "delete", lambda self, key: failing(self, [key]))
     created = alice.create()
     with msc3870_settings(DENIED_CONTENT_TYPES=["text/html"]):
-        alice.put(put_path(created["content_uri"]), b"<!DOCTYPE html><html></html>", "text/html")
+        alice.put_upload(created["content_uri"], b"<!DOCTYPE html><html></html>", "text/html")
     media = media_of(created["content_uri"])
     assert media.state == MediaState.PROCESSING
     assert media.last_error  # the failure is on the row
-    assert files_under(Path(settings.MEDIA_DIR)) != []
+    assert media_files() != []
     # The bytes are recorded even though the verdict was not (the UPDATE that decides
     # would have recorded them): the stuck sweep screens them again, never as "receiving".
     body = b"<!DOCTYPE html><html></html>"
@@ -280,7 +267,7 @@ def test_a_put_screened_in_its_request_sniffs_the_bytes_as_they_passed(
         monkeypatch.setattr(store_class, "read_prefix", no_read_back, raising=False)
     created = alice.create()
     data = png_bytes()
-    response = alice.put(put_path(created["content_uri"]), data, "application/octet-stream")
+    response = alice.put_upload(created["content_uri"], data, "application/octet-stream")
     assert response.status_code == 200, response.content
     media = media_of(created["content_uri"])
     assert media.state == MediaState.COMPLETE

@@ -27,7 +27,7 @@ from msc3870.errors import (
 )
 from msc3870.models import AccessToken
 
-from .conftest import make_token, msc3870_settings
+from .helpers import make_token, msc3870_settings
 
 
 def test_local_token_resolves(db: None) -> None:
@@ -86,7 +86,8 @@ def _acts_as(token: str, user_id: str) -> bool:
 
 
 def test_appservice_token_without_namespace_acts_only_as_local_users(db: None) -> None:
-    """Issue 8.5: minted without --namespace, it acted as anyone on any server."""
+    """Minted without --namespace, it may act only as this server's users, not as anyone
+    on any server."""
     token = _mint("@bridge:localhost", "--appservice")
     assert AccessToken.objects.get().masquerade_regex == r"@[^:]+:localhost"
     assert _acts_as(token, "@tg_1:localhost")
@@ -124,8 +125,8 @@ def test_create_access_token_refuses_a_bad_namespace(db: None) -> None:
 
 
 def test_stored_empty_namespace_allows_no_masquerading(db: None) -> None:
-    """Rows minted before namespaces were required have an empty pattern: it used to mean
-    anyone; now it means nobody but the token's own user."""
+    """A stored empty pattern (rows minted before namespaces were required) means nobody
+    but the token's own user, never anyone."""
     token = make_token("@bridge:localhost", is_appservice=True, masquerade_regex="")
     assert not _acts_as(token, "@tg_1:localhost")
     assert LocalTokenResolver().resolve(token).user_id == "@bridge:localhost"
@@ -237,7 +238,8 @@ def test_whoami_cache_is_keyed_by_token_user_and_device(db: None, homeserver: st
 
 
 def test_refused_tokens_are_remembered_briefly(db: None, homeserver: str) -> None:
-    """Issue 8.12: every request with a bad token cost a whoami round trip."""
+    """A refused token is not asked about again for a while: not a whoami round trip per
+    request."""
     with msc3870_settings(HOMESERVER_URL=homeserver):
         resolver = HomeserverTokenResolver()
         for _ in range(3):
@@ -288,7 +290,7 @@ def test_unreachable_homeserver_is_not_cached(db: None, homeserver: str) -> None
 def test_whoami_calls_in_flight_are_capped(
     db: None, homeserver: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 8.12: a slow homeserver and many new tokens took every thread. Past the cap,
+    """A slow homeserver and many new tokens cannot take every thread. Past the cap,
     a request waits a bounded time for a slot, then gets 429 and never reaches the
     homeserver."""
     monkeypatch.setattr(HomeserverTokenResolver, "MAX_CONCURRENT_WHOAMI", 2)
@@ -406,7 +408,7 @@ def test_homeserver_refusals_are_passed_on(
 
 
 def test_guests_may_download_but_not_upload(db: None, homeserver: str) -> None:
-    from .conftest import make_token
+    from .helpers import make_token
 
     owner = make_token("@owner:localhost")
     upload = Client().post(

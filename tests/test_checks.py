@@ -17,7 +17,7 @@ from msc3870.checks import check_settings
 from msc3870.conf import DEFAULTS, app_settings
 from msc3870.models import Media, MediaState
 
-from .conftest import MatrixClient, msc3870_settings
+from .helpers import MatrixClient, msc3870_settings
 
 
 def ids(**overrides: Any) -> set[str]:
@@ -95,7 +95,7 @@ def test_e010_create_rate() -> None:
     assert "msc3870.E010" not in ids(URL_PREVIEW_RATE=None)
 
 
-# ---------------------------------------------------------------- types (issue 8.8)
+# ---------------------------------------------------------------- types
 
 
 def type_ids(**overrides: Any) -> set[str]:
@@ -127,7 +127,8 @@ def test_checks_are_registered_in_ready_security_ones_tagged() -> None:
 
 
 def test_content_types_given_as_a_string_are_a_security_error() -> None:
-    """The issue's case: ``"image/*"`` was read as ["i", "m", ..., "*"] and allowed HTML."""
+    """A list given as a string (``"image/*"``) would be read as its characters (["i",
+    "m", ..., "*"]) and let HTML through: a security error, not a list."""
     with msc3870_settings(ALLOWED_CONTENT_TYPES="image/*", DENIED_CONTENT_TYPES="text/html"):
         messages = [m for m in run_checks(tags=[Tags.security]) if m.id == "msc3870.E016"]
         assert {m.msg.split("]")[0] for m in messages} == {

@@ -1,12 +1,12 @@
-"""Issue 8, tests section: racing ``/complete`` calls, the interleaving forced, not hoped for.
+"""Racing ``/complete`` calls, the interleaving forced, not hoped for.
 
 ``test_live_server.py::test_racing_completes_screen_once_and_agree`` starts six threads at
 a barrier and catches a broken claim only when the scheduler happens to interleave them
-badly. Here the second call is run *inside* the first, at the exact point that used to
-break: after the first has read the row and checked what arrived, before its claim (the
-compare-and-set ``UPDATE ... WHERE state IN ('pending')``). Exactly one claim may win;
-the loser must get the same answer as the winner (``/complete`` is idempotent for the
-uploader), and the bytes are screened once.
+badly. Here the second call is run *inside* the first, at the point where a claim without
+its condition breaks: after the first has read the row and checked what arrived, before
+its claim (the compare-and-set ``UPDATE ... WHERE state IN ('pending')``). Exactly one
+claim may win; the loser must get the same answer as the winner (``/complete`` is
+idempotent for the uploader), and the bytes are screened once.
 
 Without the ``states`` condition of the claim (``lifecycle.transition`` /
 ``sql.update_media``), the first call's claim wins as well, the row is screened twice,
@@ -15,7 +15,6 @@ and these tests fail every run.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from typing import Any
 
@@ -25,19 +24,16 @@ from msc3870 import lifecycle, sql, verdicts
 from msc3870.models import Media, MediaState
 from msc3870.stores import get_store
 
-from .conftest import MatrixClient, media_of, msc3870_settings, mxc_path, png_bytes
+from .helpers import (
+    MatrixClient,
+    bytes_at_upload_url,
+    media_of,
+    msc3870_settings,
+    mxc_path,
+    png_bytes,
+)
 
 S = MediaState
-
-
-def created_with_bytes(client: MatrixClient, data: bytes) -> dict[str, Any]:
-    """An id whose upload URL received its bytes; /complete not called yet."""
-    created = client.create()
-    media = media_of(created["content_uri"])
-    get_store().write_stream(
-        media.incoming_key, io.BytesIO(data), max_size=len(data), expected_size=len(data)
-    )
-    return created
 
 
 def complete_path(content_uri: str) -> str:
@@ -90,7 +86,7 @@ def test_a_complete_that_loses_the_claim_gets_the_winners_answer(
 ) -> None:
     """Both calls read PENDING and find the bytes; the second claims first (forced): the
     first's claim must lose, and it answers as the winner did."""
-    created = created_with_bytes(alice, png_bytes())
+    created = bytes_at_upload_url(alice, png_bytes())
     path = complete_path(created["content_uri"])
     claims = Claims(monkeypatch)
     inner: list[Any] = []
@@ -119,7 +115,7 @@ def test_a_complete_that_read_a_stale_row_does_not_claim_it_again(
     """The second call's read of the row happened before the first call's claim (a stale
     PENDING copy), and its own claim comes after the first finished: it must not claim a
     row that is no longer PENDING, and still answers 200 (idempotent)."""
-    created = created_with_bytes(alice, png_bytes())
+    created = bytes_at_upload_url(alice, png_bytes())
     path = complete_path(created["content_uri"])
     media = media_of(created["content_uri"])
     stale = Media.objects.get(pk=media.pk)
@@ -171,7 +167,7 @@ def test_a_complete_that_looks_for_the_bytes_after_the_winner_moved_them_answers
     its look at the incoming object (its checks), so the first finds no bytes."""
     from msc3870 import uploads
 
-    created = created_with_bytes(alice, png_bytes())
+    created = bytes_at_upload_url(alice, png_bytes())
     path = complete_path(created["content_uri"])
     real_check = uploads._check_can_upload
     inner: list[Any] = []

@@ -21,7 +21,7 @@ from msc3870.conf import (
     settings_from_environment,
 )
 
-from .test_project_settings import ENVIRONMENT_CASES, ENVIRONMENT_OF_THE_APP
+from .helpers import environment_variables, typed
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 MiB = 1024 * 1024
@@ -130,12 +130,6 @@ TYPED_DEFAULTS: dict[str, Any] = {
     "METRICS_PORT": None,
     "METRICS_ALLOWED_NETWORKS": ["127.0.0.0/8", "::1/128"],
 }
-
-
-def typed(value: Any) -> Any:
-    if isinstance(value, list):
-        return [typed(item) for item in value]
-    return (type(value).__name__, value)
 
 
 def read(**given: Any) -> dict[str, Any]:
@@ -253,17 +247,6 @@ def test_msc3870_must_be_a_dict() -> None:
 
 
 # ------------------------------------------------------------------ the environment
-
-
-def environment_variables() -> set[str]:
-    return {s.env.var for s in SETTINGS.values() if s.env is not None}
-
-
-def test_every_variable_is_pinned_by_a_case() -> None:
-    """tests/test_project_settings.py pins what each variable means; a new one gets a case."""
-    pinned = {name for env, _ in ENVIRONMENT_CASES for name in env}
-    assert environment_variables() - pinned == set()
-    assert environment_variables() <= {*ENVIRONMENT_OF_THE_APP, *pinned}
 
 
 def test_the_readme_lists_every_variable() -> None:

@@ -15,7 +15,7 @@ from python_multipart.multipart import MultipartParser
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: package -> (the first release with the fix, why it matters here)
+#: package -> the first release with what this server relies on (why, above each)
 FLOORS = {
     # Part header limits (count and line size): other servers' multipart answers are
     # parsed with it, and its callbacks gather a header's bytes.

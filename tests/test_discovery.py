@@ -19,9 +19,8 @@ import pytest
 from msc3870.federation import discovery, outbound
 from msc3870.federation.discovery import Destination
 
-from .conftest import msc3870_settings
-from .federation_helpers import local_server, self_signed_tls, send
-from .test_outbound import SLACK_SECONDS, silent_server
+from .federation_helpers import SLACK_SECONDS, local_server, self_signed_tls, send, silent_server
+from .helpers import msc3870_settings
 
 
 class World:

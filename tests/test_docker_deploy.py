@@ -1,4 +1,4 @@
-"""Issue 8, item 9: the docker deployment ships no credential and publishes only the web port.
+"""The docker deployment ships no credential and publishes only the web port.
 
 There is no Docker engine here, so compose.yaml is checked by reading it, and the script
 that makes the secrets at deploy time is run in a temporary directory.
@@ -109,8 +109,8 @@ def test_no_literal_credential_in_docker_files() -> None:
     assert not list(DOCKER.glob("*.json"))
 
 
-def test_the_literal_check_finds_the_old_credentials() -> None:
-    """What the repository shipped before (issue 8, item 9) is caught by the check."""
+def test_the_literal_check_finds_literal_credentials() -> None:
+    """Passwords and keys written into compose.yaml as literals are caught."""
     assert _is_literal('"mediarepo-secret"}]')
     assert _is_literal("mediarepo")  # POSTGRES_PASSWORD: mediarepo
     assert not _is_literal("${AWS_SECRET_ACCESS_KEY:?set it}")

@@ -1,21 +1,19 @@
-"""Issue 8, tests section: the download headers of protocol.md section 4 on every kind of
+"""The download headers of protocol.md section 4 on every kind of
 download response, not on one 200 PNG only: HTML and SVG (attachments), 206, 304, 416,
 thumbnails (made, ranged, served as the original), through the authenticated v1 and the
 legacy v3 endpoints."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 from django.test import Client
-from PIL import Image
 
 from msc3870.api.headers import CONTENT_SECURITY_POLICY
 
-from .conftest import MatrixClient, mxc_path, png_bytes
+from .helpers import MatrixClient, animated_gif, mxc_path, png_bytes
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": CONTENT_SECURITY_POLICY,
@@ -33,20 +31,13 @@ SVG = (
 TEXT = b"just text, 0123456789"  # digits alone are sniffed as "text/ascii" (an attachment)
 
 
-def gif_animated() -> bytes:
-    frames = [Image.new("RGB", (50, 50), colour) for colour in ("red", "blue", "green")]
-    buffer = io.BytesIO()
-    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
-    return buffer.getvalue()
-
-
 UPLOADS: dict[str, tuple[Callable[[], bytes], str, str]] = {
     # name: (bytes, declared type, filename)
     "png": (lambda: png_bytes(64, 64), "image/png", "red.png"),
     "html": (lambda: HTML, "text/html", "page.html"),
     "svg": (lambda: SVG, "image/svg+xml", "logo.svg"),
     "text": (lambda: TEXT, "text/plain", "digits.txt"),
-    "gif": (gif_animated, "image/gif", "moving.gif"),
+    "gif": (animated_gif, "image/gif", "moving.gif"),
 }
 
 

@@ -8,7 +8,7 @@ from mediarepo.embedded import run_due_tasks
 from msc3870.models import Media, MediaState
 from msc3870.schedule import DEFAULT_SCHEDULE
 
-from .conftest import MatrixClient, media_of
+from .helpers import MatrixClient, media_of
 
 
 def test_periodic_tasks_run_in_process_when_due(alice: MatrixClient) -> None:

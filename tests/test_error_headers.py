@@ -1,4 +1,4 @@
-"""Issue 8.14: the headers HTTP expects on Matrix errors, and the status of a check's
+"""The headers HTTP expects on Matrix errors, and the status of a check's
 rejection as the check decided it."""
 
 from __future__ import annotations
@@ -9,9 +9,8 @@ import pytest
 from django.test import Client
 
 from msc3870.models import Media, MediaState
-from msc3870.screening import Rejection, ScreeningContext
 
-from .conftest import MatrixClient, media_of, msc3870_settings, mxc_path, url_path
+from .helpers import MatrixClient, media_of, msc3870_settings, mxc_path
 
 
 def test_missing_token_401_carries_a_bearer_challenge(db: None) -> None:
@@ -43,47 +42,26 @@ def test_other_errors_carry_no_challenge(alice: MatrixClient) -> None:
     assert "WWW-Authenticate" not in response
 
 
-def check_slow_down(ctx: ScreeningContext) -> None:
-    raise Rejection("Too many uploads today", errcode="M_LIMIT_EXCEEDED", status=429)
-
-
-def check_pretends_success(ctx: ScreeningContext) -> None:
-    raise Rejection("Not for you", errcode="M_FORBIDDEN", status=200)
-
-
-def check_unavailable_for_legal_reasons(ctx: ScreeningContext) -> None:
-    raise Rejection("Blocked here", errcode="M_FORBIDDEN", status=451)
-
-
-def check_too_large(ctx: ScreeningContext) -> None:
-    raise Rejection("Too large", errcode="M_TOO_LARGE", status=413)
-
-
 def _upload_through_the_url(alice: MatrixClient) -> tuple[str, Any]:
     created = alice.create()
-    put = Client().generic(
-        "PUT", url_path(created["upload_url"]), b"hello", content_type="text/plain"
-    )
+    put = alice.put_to_url(created["upload_url"], b"hello", "text/plain")
     assert put.status_code == 200, put.content
-    path = mxc_path(created["content_uri"])
-    return created["content_uri"], alice.post(f"/_matrix/media/v1/upload/{path}/complete")
+    return created["content_uri"], alice.complete(created["content_uri"])
 
 
 @pytest.mark.parametrize(
     ("check", "status", "errcode"),
     [
-        ("check_slow_down", 429, "M_LIMIT_EXCEEDED"),
-        ("check_unavailable_for_legal_reasons", 451, "M_FORBIDDEN"),
+        ("slow_down", 429, "M_LIMIT_EXCEEDED"),
+        ("unavailable_for_legal_reasons", 451, "M_FORBIDDEN"),
         # Not a client error: the errcode's usual status, never a 200 for a refusal.
-        ("check_pretends_success", 403, "M_FORBIDDEN"),
+        ("pretend_success", 403, "M_FORBIDDEN"),
     ],
 )
 def test_a_checks_rejection_status_reaches_the_uploader(
     alice: MatrixClient, check: str, status: int, errcode: str
 ) -> None:
-    with msc3870_settings(
-        CHECKS=[f"tests.test_error_headers.{check}"], COMPLETE_WAITS_FOR_CHECKS=True
-    ):
+    with msc3870_settings(CHECKS=[f"tests.checks.{check}"], COMPLETE_WAITS_FOR_CHECKS=True):
         content_uri, complete = _upload_through_the_url(alice)
         assert complete.status_code == status, complete.content
         assert complete.json()["errcode"] == errcode
@@ -97,19 +75,16 @@ def test_a_checks_rejection_status_reaches_the_uploader(
 
 
 def test_rejection_status_is_stored_with_the_rejection(alice: MatrixClient) -> None:
-    with msc3870_settings(
-        CHECKS=["tests.test_error_headers.check_slow_down"], COMPLETE_WAITS_FOR_CHECKS=True
-    ):
+    with msc3870_settings(CHECKS=["tests.checks.slow_down"], COMPLETE_WAITS_FOR_CHECKS=True):
         content_uri, _ = _upload_through_the_url(alice)
     media = media_of(content_uri)
     assert (media.rejection_errcode, media.rejection_status) == ("M_LIMIT_EXCEEDED", 429)
 
 
 def test_rejected_rows_without_a_status_keep_the_errcodes_status(alice: MatrixClient) -> None:
-    """Rows rejected before the status was stored (and by moderators) have none."""
-    with msc3870_settings(
-        CHECKS=["tests.test_error_headers.check_too_large"], COMPLETE_WAITS_FOR_CHECKS=True
-    ):
+    """Rows without a stored status (rejected by a moderator, or before rejections kept
+    one) answer with the errcode's usual status."""
+    with msc3870_settings(CHECKS=["tests.checks.too_large"], COMPLETE_WAITS_FOR_CHECKS=True):
         content_uri, complete = _upload_through_the_url(alice)
     assert complete.status_code == 413
     Media.objects.filter(pk=media_of(content_uri).pk).update(rejection_status=None)

@@ -4,12 +4,13 @@ that carry their own headers, rendered alike by every path that answers."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
-from django.test import Client
+from django.test import Client, override_settings
 from rest_framework.renderers import JSONRenderer
 
 from mediarepo.server import matrix_error_bytes
@@ -30,7 +31,7 @@ from msc3870.errors import (
 from msc3870.federation.remote_media import GENERIC_MESSAGE, FetchFailed
 from msc3870.models import MediaState
 
-from .conftest import MatrixClient, media_of, msc3870_settings, mxc_path
+from .helpers import MatrixClient, media_of, msc3870_settings, mxc_path, s3_storages
 
 ROOT = Path(__file__).resolve().parent.parent
 # A string literal that spells an errcode: the spec's M_ namespace, MSC2246's unstable one.
@@ -157,10 +158,6 @@ def test_one_rejection_shape_for_checks_uploads_and_fetches() -> None:
     assert (gone.status, gone.message) == (404, "Remote media not found")
 
 
-def check_too_large(ctx: screening.ScreeningContext) -> None:
-    raise Rejection("Too large for this server", errcode=Codes.TOO_LARGE, status=413)
-
-
 def test_rejections_are_stored_as_plain_strings(
     alice: MatrixClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -173,7 +170,7 @@ def test_rejections_are_stored_as_plain_strings(
         return transition(*args, **fields)
 
     monkeypatch.setattr(lifecycle, "transition", spy)
-    with msc3870_settings(CHECKS=["tests.test_errors.check_too_large"]):
+    with msc3870_settings(CHECKS=["tests.checks.too_large"]):
         refused = alice.post("/_matrix/media/v3/upload", b"hi", content_type="text/plain")
     assert (refused.status_code, refused.json()["errcode"]) == (413, "M_TOO_LARGE")
     created = alice.create()
@@ -188,3 +185,18 @@ def test_rejections_are_stored_as_plain_strings(
     assert type(media.rejection_errcode) is str
     # And the row answers as before.
     assert Client().get(f"/_matrix/media/v3/download/{path}").status_code == 404
+
+
+def test_storage_errors_do_not_reach_clients(
+    alice: MatrixClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """botocore's message names the endpoint, bucket and key: the operator's log gets
+    it, the client a fixed 503."""
+    unreachable = s3_storages(endpoint_url="http://127.0.0.1:9")
+    with override_settings(STORAGES=unreachable), caplog.at_level(logging.WARNING):
+        created = alice.create()
+        response = alice.complete(created["content_uri"])
+    assert response.status_code == 503
+    assert response.json() == {"errcode": "M_UNKNOWN", "error": "Media storage is unavailable"}
+    assert "127.0.0.1:9" in caplog.text  # logged for the operator
+    assert "127.0.0.1:9" not in response.content.decode()

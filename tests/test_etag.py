@@ -8,35 +8,20 @@ bytes: every answer that carries an ETag carries the media id instead."""
 from __future__ import annotations
 
 import hashlib
-import io
-import os
 from typing import Any
 
 from django.test import Client
-from PIL import Image
 
 from msc3870.models import Media
 
-from .conftest import MatrixClient, mxc_path
-from .federation_helpers import FakeRemote
-from .test_federation_media import DOWNLOAD, THUMBNAIL, fed_get, key_servers, multipart, remote
-from .test_sha256_when_needed import uploaded
-
-__all__ = ["key_servers", "remote"]  # fixtures of the federation tests, used here
+from .federation_helpers import FED_DOWNLOAD, FED_THUMBNAIL, FakeRemote, fed_get, multipart
+from .helpers import MatrixClient, animated_gif, media_of, mxc_path
 
 V1 = "/_matrix/client/v1/media/"
 LEGACY = "/_matrix/media/v3/"
 
 
-def animated_gif() -> bytes:
-    frames = [Image.new("RGB", (16, 16), color) for color in ((255, 0, 0), (0, 0, 255))]
-    frames.append(Image.frombytes("RGB", (16, 16), os.urandom(16 * 16 * 3)))
-    buffer = io.BytesIO()
-    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
-    return buffer.getvalue()
-
-
-def every_etag_answer(client: MatrixClient, media: Media, remote: FakeRemote) -> list[Any]:
+def every_etag_answer(client: MatrixClient, media: Media, peer: FakeRemote) -> list[Any]:
     """The answers a download of ``media`` can give that carry headers: client v1 and
     legacy downloads, their 304s, a thumbnail that serves the (animated) original, and
     federation's download and thumbnail."""
@@ -52,24 +37,26 @@ def every_etag_answer(client: MatrixClient, media: Media, remote: FakeRemote) ->
     answers += [
         client.get(V1 + "download/" + path, headers={"If-None-Match": etag}),
         Client().get(LEGACY + "download/" + path, HTTP_IF_NONE_MATCH=etag),
-        fed_get(remote, DOWNLOAD + media.media_id),
-        fed_get(remote, THUMBNAIL + media.media_id + "?width=32&height=32&animated=true"),
+        fed_get(peer, FED_DOWNLOAD + media.media_id),
+        fed_get(peer, FED_THUMBNAIL + media.media_id + "?width=32&height=32&animated=true"),
     ]
     return answers
 
 
 def test_a_twin_and_a_unique_upload_have_etags_of_the_same_form(
-    alice: MatrixClient, bob: MatrixClient, remote: FakeRemote
+    alice: MatrixClient, bob: MatrixClient, peer: FakeRemote
 ) -> None:
-    shared = animated_gif()
-    uploaded(alice, shared)
-    twin = uploaded(bob, shared)  # another user's upload of the same bytes: hashed
-    unique = uploaded(bob, animated_gif())  # no other media like it: not hashed
+    shared = animated_gif(16, unique=True)
+    alice.upload_through_url(shared)
+    # Another user's upload of the same bytes: hashed.
+    twin = media_of(bob.upload_through_url(shared))
+    # No other media like it: not hashed.
+    unique = media_of(bob.upload_through_url(animated_gif(16, unique=True)))
     assert twin.sha256 == hashlib.sha256(shared).hexdigest()
     assert unique.sha256 == ""
 
     for media in (twin, unique):
-        answers = every_etag_answer(bob, media, remote)
+        answers = every_etag_answer(bob, media, peer)
         statuses = [answer.status_code for answer in answers]
         assert statuses == [200, 200, 200, 200, 200, 304, 304, 200, 200]
         # Client answers: the id, whether the bytes were hashed or not.
@@ -83,7 +70,7 @@ def test_a_twin_and_a_unique_upload_have_etags_of_the_same_form(
 
 
 def test_a_rendered_thumbnail_has_no_etag(alice: MatrixClient) -> None:
-    media = uploaded(alice, animated_gif())
+    media = media_of(alice.upload_through_url(animated_gif(16, unique=True)))
     answer = alice.get(V1 + "thumbnail/" + mxc_path(media.mxc_uri) + "?width=32&height=32")
     assert answer.status_code == 200
     assert answer["Content-Type"] == "image/png"

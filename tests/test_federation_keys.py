@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,7 @@ from signedjson.sign import SignatureVerifyException, verify_signed_json
 
 from msc3870.federation import keyring, keys
 
-from .conftest import msc3870_settings
+from .helpers import file_mode, msc3870_settings
 
 
 @pytest.fixture
@@ -32,10 +31,6 @@ def key_path(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "data" / "signing.key"
     with msc3870_settings(SIGNING_KEY_PATH=str(path), SERVER_NAME="media.example.org"):
         yield path
-
-
-def _mode(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
 
 
 def verify_key_response(body: dict, server_name: str) -> dict[str, object]:
@@ -53,7 +48,7 @@ def verify_key_response(body: dict, server_name: str) -> dict[str, object]:
 def test_command_writes_a_private_synapse_format_key_file(tmp_path: Path) -> None:
     path = tmp_path / "signing.key"
     call_command("generate_signing_key", path=str(path), key_version="a_test")
-    assert _mode(path) == 0o600
+    assert file_mode(path) == 0o600
     text = path.read_text()
     algorithm, version, seed = text.split()
     assert (algorithm, version) == ("ed25519", "a_test")
@@ -76,7 +71,7 @@ def test_command_writes_to_the_configured_path_and_prints_the_public_key(
     key_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     call_command("generate_signing_key")
-    assert _mode(key_path) == 0o600
+    assert file_mode(key_path) == 0o600
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     key = keys.signing_key()
     assert printed == f"{keys.key_id(key)} {encode_verify_key_base64(get_verify_key(key))}"
@@ -91,7 +86,7 @@ def test_command_refuses_a_bad_key_version(tmp_path: Path) -> None:
 def test_key_is_made_on_first_use_then_kept(key_path: Path) -> None:
     assert not key_path.exists()
     first = keys.signing_key()
-    assert key_path.exists() and _mode(key_path) == 0o600
+    assert key_path.exists() and file_mode(key_path) == 0o600
     assert keys.key_id(first).startswith("ed25519:a_")
     again = keys.signing_key()
     assert again.encode() == first.encode()

@@ -8,165 +8,42 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import boto3
 import pytest
 import requests
 from django.core.cache import cache
-from django.test import Client, override_settings
+from django.test import Client
 from django.utils import timezone
-from moto import mock_aws
 from PIL import Image
-from python_multipart import MultipartParser
 from signedjson.key import generate_signing_key
 
 from msc3870 import moderation
 from msc3870.asgi import MediaASGIHandler
-from msc3870.auth import token_cache
 from msc3870.conf import app_settings
-from msc3870.federation import discovery, keyring
-from msc3870.federation.xmatrix import sign_request
 from msc3870.models import Media, MediaState
 
 from .asgi_driver import call, parked, request, run, until
-from .conftest import MatrixClient, make_token, media_of, msc3870_settings, mxc_path, png_bytes
-from .federation_helpers import FakeRemote, undelegated
-from .test_s3_store import BUCKET, s3_storages
-
-DOWNLOAD = "/_matrix/federation/v1/media/download/"
-THUMBNAIL = "/_matrix/federation/v1/media/thumbnail/"
-DAY_MS = 24 * 60 * 60 * 1000
-
-
-# --- the other servers and their signatures ------------------------------------------
-
-
-class KeyServers:
-    """Other servers' ``/_matrix/key/v2/server``, answered at the keyring's HTTP layer."""
-
-    def __init__(self) -> None:
-        self.published: dict[str, FakeRemote] = {}
-
-    def publish(self, remote: FakeRemote) -> FakeRemote:
-        self.published[f"https://{remote.server_name}:8448/_matrix/key/v2/server"] = remote
-        return remote
-
-    def __call__(
-        self, method: str, url: str, body: Any | None = None, *, host: str | None = None
-    ) -> Any:
-        remote = self.published.get(url)
-        if remote is None:
-            raise keyring.KeyLookupError(f"{url} answered 404")
-        return remote.key_response(keyring.now_ms() + DAY_MS)
-
-
-@pytest.fixture
-def key_servers(monkeypatch: pytest.MonkeyPatch) -> KeyServers:
-    fake = KeyServers()
-    monkeypatch.setattr(keyring, "_get_json", fake)
-    # These made-up names publish no delegation: port 8448, without asking DNS.
-    monkeypatch.setattr(discovery, "resolve", undelegated)
-    return fake
-
-
-@pytest.fixture
-def remote(key_servers: KeyServers) -> FakeRemote:
-    return key_servers.publish(FakeRemote("remote.example.com"))
-
-
-def signed(
-    remote: FakeRemote, uri: str, *, destination: str | None = None, method: str = "GET"
-) -> dict[str, str]:
-    """Headers of a request from ``remote`` to us for ``uri`` (path and query as sent)."""
-    header = sign_request(
-        method,
-        uri,
-        destination or app_settings.SERVER_NAME,
-        origin=remote.server_name,
-        signing_key=remote.key,
-    )
-    return {"Authorization": header}
-
-
-def fed_get(remote: FakeRemote, uri: str, **kwargs: Any) -> Any:
-    return Client().get(uri, headers=signed(remote, uri, **kwargs))
-
-
-# --- reading the answer back, as Synapse does ----------------------------------------
-
-
-@dataclass
-class Part:
-    headers: dict[str, str] = field(default_factory=dict)
-    data: bytes = b""
-
-
-def parse_multipart(content_type: str, body: bytes) -> list[Part]:
-    """The parts of a ``multipart/mixed`` body, with python-multipart's callback parser.
-    The boundary is taken as Synapse takes it: whatever follows ``boundary=``."""
-    assert content_type.startswith("multipart/mixed; boundary=")
-    boundary = content_type.split("boundary=")[1]
-    parts: list[Part] = []
-    field_name: list[bytes] = []
-
-    def on_part_begin() -> None:
-        parts.append(Part())
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        field_name.append(data[start:end])
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        name = b"".join(field_name).decode().lower()
-        field_name.clear()
-        parts[-1].headers[name] = parts[-1].headers.get(name, "") + data[start:end].decode()
-
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        parts[-1].data += data[start:end]
-
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": on_part_begin,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_part_data": on_part_data,
-        },
-    )
-    # Fed in small pieces, as a network delivers it.
-    for start in range(0, len(body), 1000):
-        parser.write(body[start : start + 1000])
-    parser.finalize()
-    return parts
-
-
-def body_of(response: Any) -> bytes:
-    if response.streaming:
-        return b"".join(response.streaming_content)
-    return bytes(response.content)
-
-
-def multipart(response: Any) -> list[Part]:
-    assert response.status_code == 200, body_of(response)[:500]
-    body = body_of(response)
-    if response.has_header("Content-Length"):
-        assert int(response["Content-Length"]) == len(body)
-    parts = parse_multipart(response["Content-Type"], body)
-    assert len(parts) == 2
-    metadata, _ = parts
-    assert metadata.headers == {"content-type": "application/json"}
-    assert metadata.data == b"{}"
-    return parts
-
-
-def uploaded(client: MatrixClient, data: bytes, content_type: str, filename: str = "") -> str:
-    query = f"?filename={filename}" if filename else ""
-    response = client.post("/_matrix/media/v3/upload" + query, data, content_type)
-    assert response.status_code == 200, response.content
-    return mxc_path(response.json()["content_uri"])
+from .federation_helpers import (
+    FED_DOWNLOAD,
+    FED_THUMBNAIL,
+    FakeRemote,
+    KeyServers,
+    fed_get,
+    multipart,
+    parse_multipart,
+    signed,
+)
+from .helpers import (
+    MatrixClient,
+    animated_gif,
+    body_of,
+    media_of,
+    msc3870_settings,
+    mxc_path,
+    png_bytes,
+)
 
 
 def media_id_of(path: str) -> str:
@@ -177,11 +54,11 @@ def media_id_of(path: str) -> str:
 
 
 def test_download_is_multipart_with_the_bytes_and_the_client_headers(
-    alice: MatrixClient, remote: FakeRemote
+    alice: MatrixClient, peer: FakeRemote
 ) -> None:
     data = png_bytes(20, 20)
-    path = uploaded(alice, data, "image/png", "cat.png")
-    response = fed_get(remote, DOWNLOAD + media_id_of(path))
+    path = mxc_path(alice.uploaded(data, "image/png", filename="cat.png"))
+    response = fed_get(peer, FED_DOWNLOAD + media_id_of(path))
     assert response.streaming  # streamed from storage, never gathered in the view
     _, file = multipart(response)
     assert file.data == data
@@ -195,10 +72,10 @@ def test_download_is_multipart_with_the_bytes_and_the_client_headers(
     assert response["Cache-Control"].startswith("private")
 
 
-def test_attachments_and_names_that_need_encoding(alice: MatrixClient, remote: FakeRemote) -> None:
+def test_attachments_and_names_that_need_encoding(alice: MatrixClient, peer: FakeRemote) -> None:
     data = b"<html><script>alert(1)</script></html>"
-    path = uploaded(alice, data, "text/html", "r%C3%A9sum%C3%A9%20final.html")
-    _, file = multipart(fed_get(remote, DOWNLOAD + media_id_of(path)))
+    path = mxc_path(alice.uploaded(data, "text/html", filename="r%C3%A9sum%C3%A9%20final.html"))
+    _, file = multipart(fed_get(peer, FED_DOWNLOAD + media_id_of(path)))
     assert file.data == data
     # Not a type a browser may render in place: an attachment, the name RFC 5987-encoded.
     assert file.headers["content-disposition"] == (
@@ -206,10 +83,10 @@ def test_attachments_and_names_that_need_encoding(alice: MatrixClient, remote: F
     )
 
 
-def test_a_large_file_is_streamed_in_chunks(alice: MatrixClient, remote: FakeRemote) -> None:
+def test_a_large_file_is_streamed_in_chunks(alice: MatrixClient, peer: FakeRemote) -> None:
     data = os.urandom(3 * 1024 * 1024 + 17)
-    path = uploaded(alice, data, "application/octet-stream")
-    response = fed_get(remote, DOWNLOAD + media_id_of(path))
+    path = mxc_path(alice.uploaded(data, "application/octet-stream"))
+    response = fed_get(peer, FED_DOWNLOAD + media_id_of(path))
     chunks = list(response.streaming_content)
     assert len(chunks) > 3
     assert max(map(len, chunks)) <= 1024 * 1024  # the store's chunk, not the whole file
@@ -219,34 +96,39 @@ def test_a_large_file_is_streamed_in_chunks(alice: MatrixClient, remote: FakeRem
     assert file.data == data
 
 
-def test_an_empty_file(alice: MatrixClient, remote: FakeRemote) -> None:
-    path = uploaded(alice, b"", "text/plain")
-    _, file = multipart(fed_get(remote, DOWNLOAD + media_id_of(path)))
+def test_an_empty_file(alice: MatrixClient, peer: FakeRemote) -> None:
+    path = mxc_path(alice.uploaded(b"", "text/plain"))
+    _, file = multipart(fed_get(peer, FED_DOWNLOAD + media_id_of(path)))
     assert file.data == b""
     client = alice.get(f"/_matrix/client/v1/media/download/{path}")
     assert file.headers["content-type"] == client["Content-Type"]
 
 
-def test_each_answer_has_its_own_boundary(alice: MatrixClient, remote: FakeRemote) -> None:
-    path = uploaded(alice, b"hello", "text/plain")
-    first = fed_get(remote, DOWNLOAD + media_id_of(path))
-    second = fed_get(remote, DOWNLOAD + media_id_of(path))
+def test_each_answer_has_its_own_boundary(alice: MatrixClient, peer: FakeRemote) -> None:
+    path = mxc_path(alice.uploaded(b"hello", "text/plain"))
+    first = fed_get(peer, FED_DOWNLOAD + media_id_of(path))
+    second = fed_get(peer, FED_DOWNLOAD + media_id_of(path))
     assert first["Content-Type"] != second["Content-Type"]
 
 
-def test_unknown_quarantined_and_remote_media_are_404(
-    alice: MatrixClient, remote: FakeRemote
-) -> None:
-    assert_not_found(fed_get(remote, DOWNLOAD + "NoSuchMediaHere"))
+def assert_not_found(response: Any) -> None:
+    assert response.status_code == 404, body_of(response)
+    assert response.json()["errcode"] == "M_NOT_FOUND"
 
-    path = uploaded(alice, png_bytes(), "image/png")
+
+def test_unknown_quarantined_and_remote_media_are_404(
+    alice: MatrixClient, peer: FakeRemote
+) -> None:
+    assert_not_found(fed_get(peer, FED_DOWNLOAD + "NoSuchMediaHere"))
+
+    path = mxc_path(alice.uploaded(png_bytes(), "image/png"))
     assert moderation.quarantine(media_of(f"mxc://{path}"), by="test")
-    assert_not_found(fed_get(remote, DOWNLOAD + media_id_of(path)))
-    assert_not_found(fed_get(remote, THUMBNAIL + media_id_of(path) + "?width=32&height=32"))
+    assert_not_found(fed_get(peer, FED_DOWNLOAD + media_id_of(path)))
+    assert_not_found(fed_get(peer, FED_THUMBNAIL + media_id_of(path) + "?width=32&height=32"))
 
     # Media of another server held here (a copy of remote media) is not ours to serve,
     # even under an id that would be free here.
-    served = media_of(f"mxc://{uploaded(alice, b'theirs', 'text/plain')}")
+    served = media_of(alice.uploaded(b"theirs", "text/plain"))
     Media.objects.create(
         server_name="other.example.net",
         media_id="TheirMediaId",
@@ -258,34 +140,29 @@ def test_unknown_quarantined_and_remote_media_are_404(
         sha256=served.sha256,
         storage_key=served.storage_key,
     )
-    assert_not_found(fed_get(remote, DOWNLOAD + "TheirMediaId"))
+    assert_not_found(fed_get(peer, FED_DOWNLOAD + "TheirMediaId"))
 
 
-def assert_not_found(response: Any) -> None:
-    assert response.status_code == 404, body_of(response)
-    assert response.json()["errcode"] == "M_NOT_FOUND"
-
-
-def test_pending_media_not_uploaded_in_time_is_504(alice: MatrixClient, remote: FakeRemote) -> None:
+def test_pending_media_not_uploaded_in_time_is_504(alice: MatrixClient, peer: FakeRemote) -> None:
     created = alice.create()
     media_id = media_id_of(mxc_path(created["content_uri"]))
-    response = fed_get(remote, DOWNLOAD + media_id + "?timeout_ms=0")
+    response = fed_get(peer, FED_DOWNLOAD + media_id + "?timeout_ms=0")
     assert response.status_code == 504
     assert response.json()["errcode"] == "M_NOT_YET_UPLOADED"
-    bad = fed_get(remote, DOWNLOAD + media_id + "?timeout_ms=soon")
+    bad = fed_get(peer, FED_DOWNLOAD + media_id + "?timeout_ms=soon")
     assert bad.status_code == 400
     assert bad.json()["errcode"] == "M_INVALID_PARAM"
 
 
-def test_an_invalid_media_id_is_a_matrix_error(remote: FakeRemote, db: None) -> None:
-    response = fed_get(remote, DOWNLOAD + "not%20an%20id")
+def test_an_invalid_media_id_is_a_matrix_error(peer: FakeRemote, db: None) -> None:
+    response = fed_get(peer, FED_DOWNLOAD + "not%20an%20id")
     assert response.status_code in (400, 404)
     assert response.json()["errcode"] in ("M_INVALID_PARAM", "M_NOT_FOUND")
 
 
-def test_other_methods_are_refused_as_json(remote: FakeRemote, db: None) -> None:
-    uri = DOWNLOAD + "abc"
-    response = Client().post(uri, headers=signed(remote, uri, method="POST"))
+def test_other_methods_are_refused_as_json(peer: FakeRemote, db: None) -> None:
+    uri = FED_DOWNLOAD + "abc"
+    response = Client().post(uri, headers=signed(peer, uri, method="POST"))
     assert response.status_code == 405
     assert response.json()["errcode"] == "M_UNRECOGNIZED"
 
@@ -293,27 +170,19 @@ def test_other_methods_are_refused_as_json(remote: FakeRemote, db: None) -> None
 # --- redirects: a Location part ------------------------------------------------------
 
 
-@pytest.fixture
-def s3() -> Iterator[Any]:
-    with mock_aws(), override_settings(STORAGES=s3_storages()):
-        client = boto3.client("s3", region_name="us-east-1")
-        client.create_bucket(Bucket=BUCKET)
-        yield client
-
-
 def test_with_redirects_the_second_part_is_only_a_location(
-    s3: Any, alice: MatrixClient, remote: FakeRemote
+    s3: Any, alice: MatrixClient, peer: FakeRemote
 ) -> None:
     data = png_bytes(16, 16)
-    path = uploaded(alice, data, "image/png", "cat.png")
+    path = mxc_path(alice.uploaded(data, "image/png", filename="cat.png"))
     media = media_of(f"mxc://{path}")
 
     # Without redirects, S3 media is streamed inline like any other.
-    _, inline = multipart(fed_get(remote, DOWNLOAD + media_id_of(path)))
+    _, inline = multipart(fed_get(peer, FED_DOWNLOAD + media_id_of(path)))
     assert inline.data == data
 
     with msc3870_settings(REDIRECT_DOWNLOADS=True):
-        response = fed_get(remote, DOWNLOAD + media_id_of(path))
+        response = fed_get(peer, FED_DOWNLOAD + media_id_of(path))
     assert response.status_code == 200  # never a top-level redirect
     assert not response.has_header("Location")
     _, part = multipart(response)
@@ -333,10 +202,10 @@ def test_with_redirects_the_second_part_is_only_a_location(
     assert followed.headers["Content-Type"] == "image/png"
 
 
-def test_thumbnails_redirect_too(s3: Any, alice: MatrixClient, remote: FakeRemote) -> None:
-    path = uploaded(alice, png_bytes(200, 200), "image/png")
+def test_thumbnails_redirect_too(s3: Any, alice: MatrixClient, peer: FakeRemote) -> None:
+    path = mxc_path(alice.uploaded(png_bytes(200, 200), "image/png"))
     with msc3870_settings(REDIRECT_DOWNLOADS=True):
-        response = fed_get(remote, THUMBNAIL + media_id_of(path) + "?width=32&height=32")
+        response = fed_get(peer, FED_THUMBNAIL + media_id_of(path) + "?width=32&height=32")
     _, part = multipart(response)
     assert list(part.headers) == ["location"]
     thumbnail = requests.get(part.headers["location"], timeout=10).content
@@ -346,10 +215,10 @@ def test_thumbnails_redirect_too(s3: Any, alice: MatrixClient, remote: FakeRemot
 # --- thumbnails ----------------------------------------------------------------------
 
 
-def test_thumbnail_is_multipart_with_the_image(alice: MatrixClient, remote: FakeRemote) -> None:
-    path = uploaded(alice, png_bytes(400, 300), "image/png")
-    uri = THUMBNAIL + media_id_of(path) + "?width=32&height=32&method=crop&animated=false"
-    _, file = multipart(fed_get(remote, uri))
+def test_thumbnail_is_multipart_with_the_image(alice: MatrixClient, peer: FakeRemote) -> None:
+    path = mxc_path(alice.uploaded(png_bytes(400, 300), "image/png"))
+    uri = FED_THUMBNAIL + media_id_of(path) + "?width=32&height=32&method=crop&animated=false"
+    _, file = multipart(fed_get(peer, uri))
     assert file.headers == {"content-type": "image/png", "content-disposition": "inline"}
     image = Image.open(io.BytesIO(file.data))
     assert image.format == "PNG"
@@ -359,30 +228,26 @@ def test_thumbnail_is_multipart_with_the_image(alice: MatrixClient, remote: Fake
 
 
 def test_thumbnail_parameters_and_sources_are_checked(
-    alice: MatrixClient, remote: FakeRemote
+    alice: MatrixClient, peer: FakeRemote
 ) -> None:
-    path = uploaded(alice, png_bytes(), "image/png")
-    missing = fed_get(remote, THUMBNAIL + media_id_of(path) + "?height=32")
+    path = mxc_path(alice.uploaded(png_bytes(), "image/png"))
+    missing = fed_get(peer, FED_THUMBNAIL + media_id_of(path) + "?height=32")
     assert missing.status_code == 400
     assert missing.json()["errcode"] == "M_INVALID_PARAM"
-    method = fed_get(remote, THUMBNAIL + media_id_of(path) + "?width=32&height=32&method=melt")
+    method = fed_get(peer, FED_THUMBNAIL + media_id_of(path) + "?width=32&height=32&method=melt")
     assert method.status_code == 400
-    text = uploaded(alice, b"not an image", "text/plain")
-    refused = fed_get(remote, THUMBNAIL + media_id_of(text) + "?width=32&height=32")
+    text = mxc_path(alice.uploaded(b"not an image", "text/plain"))
+    refused = fed_get(peer, FED_THUMBNAIL + media_id_of(text) + "?width=32&height=32")
     assert refused.status_code == 400
     assert "errcode" in refused.json()
 
 
-def test_an_animated_original_asked_for_as_animated(
-    alice: MatrixClient, remote: FakeRemote
-) -> None:
-    frames = [Image.new("RGB", (40, 40), colour) for colour in ("red", "blue", "green")]
-    buffer = io.BytesIO()
-    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
-    path = uploaded(alice, buffer.getvalue(), "image/gif", "spin.gif")
-    uri = THUMBNAIL + media_id_of(path) + "?width=32&height=32&animated=true"
-    _, file = multipart(fed_get(remote, uri))
-    assert file.data == buffer.getvalue()
+def test_an_animated_original_asked_for_as_animated(alice: MatrixClient, peer: FakeRemote) -> None:
+    gif = animated_gif(40)
+    path = mxc_path(alice.uploaded(gif, "image/gif", filename="spin.gif"))
+    uri = FED_THUMBNAIL + media_id_of(path) + "?width=32&height=32&animated=true"
+    _, file = multipart(fed_get(peer, uri))
+    assert file.data == gif
     assert file.headers["content-type"] == "image/gif"
 
 
@@ -397,7 +262,7 @@ def assert_unauthorized(response: Any) -> None:
 @pytest.fixture
 def served(alice: MatrixClient) -> str:
     """The download URI of a small local file."""
-    return DOWNLOAD + media_id_of(uploaded(alice, b"secret", "text/plain"))
+    return FED_DOWNLOAD + media_id_of(mxc_path(alice.uploaded(b"secret", "text/plain")))
 
 
 def test_unsigned_requests_are_401(served: str, alice: MatrixClient) -> None:
@@ -407,8 +272,8 @@ def test_unsigned_requests_are_401(served: str, alice: MatrixClient) -> None:
     assert_unauthorized(Client().get(served, headers={"Authorization": "X-Matrix nonsense"}))
 
 
-def test_a_tampered_signature_is_401(served: str, remote: FakeRemote) -> None:
-    header = signed(remote, served)["Authorization"]
+def test_a_tampered_signature_is_401(served: str, peer: FakeRemote) -> None:
+    header = signed(peer, served)["Authorization"]
     sig = header.rsplit('sig="', 1)[1].rstrip('"')
     flipped = ("B" if sig[0] == "A" else "A") + sig[1:]
     assert_unauthorized(
@@ -416,31 +281,31 @@ def test_a_tampered_signature_is_401(served: str, remote: FakeRemote) -> None:
     )
 
 
-def test_a_signature_covers_the_exact_uri(served: str, remote: FakeRemote) -> None:
+def test_a_signature_covers_the_exact_uri(served: str, peer: FakeRemote) -> None:
     # Signed for one request, replayed on another path or with another query.
-    headers = signed(remote, served)
+    headers = signed(peer, served)
     assert_unauthorized(Client().get(served + "?timeout_ms=1", headers=headers))
-    other = served.replace(DOWNLOAD, THUMBNAIL) + "?width=32&height=32"
+    other = served.replace(FED_DOWNLOAD, FED_THUMBNAIL) + "?width=32&height=32"
     assert_unauthorized(Client().get(other, headers=headers))
     assert Client().get(served, headers=headers).status_code == 200
 
 
-def test_another_destination_is_401(served: str, remote: FakeRemote) -> None:
-    assert_unauthorized(fed_get(remote, served, destination="someone-else.example.org"))
+def test_another_destination_is_401(served: str, peer: FakeRemote) -> None:
+    assert_unauthorized(fed_get(peer, served, destination="someone-else.example.org"))
 
 
 def test_an_unknown_key_or_server_is_401(
-    served: str, remote: FakeRemote, key_servers: KeyServers
+    served: str, peer: FakeRemote, key_servers: KeyServers
 ) -> None:
     # Signed with a key the origin does not publish.
-    impostor = FakeRemote(remote.server_name, generate_signing_key("new1"))
+    impostor = FakeRemote(peer.server_name, generate_signing_key("new1"))
     assert_unauthorized(fed_get(impostor, served))
     # A server whose keys cannot be fetched at all.
     assert_unauthorized(fed_get(FakeRemote("unreachable.example.com"), served))
 
 
-def test_a_signed_request_is_accepted(served: str, remote: FakeRemote) -> None:
-    _, file = multipart(fed_get(remote, served))
+def test_a_signed_request_is_accepted(served: str, peer: FakeRemote) -> None:
+    _, file = multipart(fed_get(peer, served))
     assert file.data == b"secret"
 
 
@@ -448,27 +313,27 @@ def test_a_signed_request_is_accepted(served: str, remote: FakeRemote) -> None:
 
 
 def test_each_origin_has_its_own_rate(
-    served: str, remote: FakeRemote, key_servers: KeyServers
+    served: str, peer: FakeRemote, key_servers: KeyServers
 ) -> None:
     other = key_servers.publish(FakeRemote("other.example.com"))
     with msc3870_settings(FEDERATION_MEDIA_RATE="3/min"):
         for _ in range(3):
-            assert fed_get(remote, served).status_code == 200
+            assert fed_get(peer, served).status_code == 200
         # Unsigned requests do not spend (or even reach) a server's budget.
         assert_unauthorized(Client().get(served))
-        limited = fed_get(remote, served)
+        limited = fed_get(peer, served)
         assert limited.status_code == 429
         assert limited.json()["errcode"] == "M_LIMIT_EXCEEDED"
         assert 0 < limited.json()["retry_after_ms"] <= 20_000
         assert int(limited["Retry-After"]) >= 1
         # Thumbnails share the bucket; another origin has its own.
-        assert fed_get(remote, served.replace(DOWNLOAD, THUMBNAIL)).status_code == 429
+        assert fed_get(peer, served.replace(FED_DOWNLOAD, FED_THUMBNAIL)).status_code == 429
         assert fed_get(other, served).status_code == 200
     with msc3870_settings(FEDERATION_MEDIA_RATE=None):
-        assert fed_get(remote, served).status_code == 200
+        assert fed_get(peer, served).status_code == 200
 
 
-def test_a_bad_rate_setting_names_itself(served: str, remote: FakeRemote) -> None:
+def test_a_bad_rate_setting_names_itself(served: str, peer: FakeRemote) -> None:
     from django.core.exceptions import ImproperlyConfigured
 
     from msc3870.api.throttling import leaky_bucket
@@ -482,21 +347,21 @@ def test_a_bad_rate_setting_names_itself(served: str, remote: FakeRemote) -> Non
 
 
 def test_a_pending_id_is_answered_once_uploaded_without_holding_a_thread(
-    app: MediaASGIHandler, remote: FakeRemote
+    app: MediaASGIHandler, peer: FakeRemote, token: str
 ) -> None:
-    token_cache.clear()
-    token = make_token("@alice:localhost")
     bearer = {"Authorization": f"Bearer {token}"}
 
     async def scenario() -> None:
         created = await call(app, "POST", "/_matrix/media/v1/create", headers=bearer)
         assert created.status == 200, created.body
         path = mxc_path(created.json()["content_uri"])
-        uri = DOWNLOAD + media_id_of(path) + "?timeout_ms=30000"
-        thumb = THUMBNAIL + media_id_of(path) + "?width=32&height=32&method=crop&timeout_ms=30000"
+        uri = FED_DOWNLOAD + media_id_of(path) + "?timeout_ms=30000"
+        thumb = (
+            FED_THUMBNAIL + media_id_of(path) + "?width=32&height=32&method=crop&timeout_ms=30000"
+        )
         # More waiters than the handler has threads: waiting holds none.
-        waiters = [request(app, "GET", uri, headers=signed(remote, uri)) for _ in range(3)]
-        waiters.append(request(app, "GET", thumb, headers=signed(remote, thumb)))
+        waiters = [request(app, "GET", uri, headers=signed(peer, uri)) for _ in range(3)]
+        waiters.append(request(app, "GET", thumb, headers=signed(peer, thumb)))
         await until(lambda: parked() == 4, "4 parked federation requests")
         data = png_bytes(64, 64)
         put = await call(
@@ -523,17 +388,17 @@ def test_a_pending_id_is_answered_once_uploaded_without_holding_a_thread(
 
 
 def test_the_raw_uri_is_what_is_verified_under_asgi(
-    app: MediaASGIHandler, remote: FakeRemote
+    app: MediaASGIHandler, peer: FakeRemote
 ) -> None:
     """Signed over the path and query as sent (percent-encoded), not as decoded."""
 
     async def scenario() -> None:
-        uri = DOWNLOAD + "AbcDef?timeout_ms=0&x=%2F%7E"
-        reply = await call(app, "GET", uri, headers=signed(remote, uri))
+        uri = FED_DOWNLOAD + "AbcDef?timeout_ms=0&x=%2F%7E"
+        reply = await call(app, "GET", uri, headers=signed(peer, uri))
         assert reply.status == 404, reply.body  # authenticated; no such media
         assert reply.json()["errcode"] == "M_NOT_FOUND"
-        decoded = DOWNLOAD + "AbcDef?timeout_ms=0&x=/~"
-        reply = await call(app, "GET", uri, headers=signed(remote, decoded))
+        decoded = FED_DOWNLOAD + "AbcDef?timeout_ms=0&x=/~"
+        reply = await call(app, "GET", uri, headers=signed(peer, decoded))
         assert reply.status == 401
         assert reply.json()["errcode"] == "M_UNAUTHORIZED"
 

@@ -20,7 +20,7 @@ from msc3870.health import HealthMonitor, Result
 from msc3870.models import Heartbeat
 
 from .asgi_driver import call, request, run, until
-from .conftest import msc3870_settings
+from .helpers import msc3870_settings
 
 
 class Clock:

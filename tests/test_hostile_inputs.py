@@ -1,5 +1,5 @@
-"""Inputs that crashed the server (issue 8, item 7): each gets a 4xx Matrix error or a 416,
-never a 500."""
+"""Crafted inputs (ranges, ids, parameters, bodies): each gets a 4xx Matrix error or a
+416, never a 500."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from msc3870.api.errors import parse_json_object
 from msc3870.api.responses import parse_range
 from msc3870.errors import NotJson, RangeNotSatisfiable, TooLarge
 
-from .conftest import MatrixClient, mxc_path
+from .helpers import MatrixClient, body_of, mxc_path
 
 DOWNLOAD = "/_matrix/client/v1/media/download/"
 CREATE = "/_matrix/media/v1/create"
@@ -17,21 +17,11 @@ CREATE = "/_matrix/media/v1/create"
 HUGE = "9" * 4301
 
 
-def uploaded(client: MatrixClient, data: bytes) -> str:
-    response = client.post("/_matrix/media/v3/upload", data, "text/plain")
-    assert response.status_code == 200, response.content
-    return mxc_path(response.json()["content_uri"])
-
-
-def body(response: object) -> bytes:
-    return b"".join(response.streaming_content)  # type: ignore[attr-defined]
-
-
 # --- Range ---------------------------------------------------------------------------
 
 
 def test_range_starting_at_a_huge_number_is_416(alice: MatrixClient) -> None:
-    path = uploaded(alice, b"0123456789")
+    path = mxc_path(alice.uploaded(b"0123456789"))
     response = alice.get(DOWNLOAD + path, headers={"Range": f"bytes={HUGE}-"})
     assert response.status_code == 416
     assert response["Content-Range"] == "bytes */10"
@@ -52,23 +42,23 @@ def test_range_starting_at_a_huge_number_is_416(alice: MatrixClient) -> None:
 def test_huge_range_numbers_are_clamped(
     alice: MatrixClient, header: str, content_range: str, expected: bytes
 ) -> None:
-    path = uploaded(alice, b"0123456789")
+    path = mxc_path(alice.uploaded(b"0123456789"))
     response = alice.get(DOWNLOAD + path, headers={"Range": header})
     assert response.status_code == 206
     assert response["Content-Range"] == content_range
-    assert body(response) == expected
+    assert body_of(response) == expected
 
 
 @pytest.mark.parametrize("header", ["bytes=-5", "bytes=0-", "bytes=0-0", f"bytes=-{HUGE}"])
 def test_any_range_on_an_empty_object_is_416(alice: MatrixClient, header: str) -> None:
-    path = uploaded(alice, b"")
+    path = mxc_path(alice.uploaded(b""))
     response = alice.get(DOWNLOAD + path, headers={"Range": header})
     assert response.status_code == 416
     assert response["Content-Range"] == "bytes */0"
     # Without a Range the empty object is served as it is.
     plain = alice.get(DOWNLOAD + path)
     assert plain.status_code == 200
-    assert body(plain) == b""
+    assert body_of(plain) == b""
 
 
 @pytest.mark.parametrize(

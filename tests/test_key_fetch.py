@@ -24,8 +24,8 @@ from msc3870.federation import keyring
 from msc3870.federation.xmatrix import sign_request
 
 from .asgi_driver import call, request, run, until
-from .conftest import msc3870_settings
 from .federation_helpers import FakeRemote
+from .helpers import msc3870_settings
 
 DOWNLOAD = "/_matrix/federation/v1/media/download/someid"
 FAST_FAILING = {

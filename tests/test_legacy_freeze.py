@@ -1,4 +1,4 @@
-"""Issue 8.11: the legacy unauthenticated endpoints freeze (MSC3916) and cache briefly.
+"""The legacy unauthenticated endpoints freeze (MSC3916) and cache briefly.
 
 Media created after ``LEGACY_MEDIA_FREEZE_AFTER`` exists only for authenticated requests:
 ``/_matrix/media/v3/download`` and ``/thumbnail`` answer 404 M_NOT_FOUND, as Synapse does
@@ -19,14 +19,7 @@ from msc3870.errors import NotFound
 from msc3870.models import Media, MediaState
 from msc3870.waiting import MediaWait
 
-from .conftest import MatrixClient, media_of, msc3870_settings, mxc_path, png_bytes
-
-
-def uploaded_png(client: MatrixClient) -> str:
-    response = client.post("/_matrix/media/v3/upload", png_bytes(64, 64), "image/png")
-    assert response.status_code == 200, response.content
-    return mxc_path(response.json()["content_uri"])
-
+from .helpers import MatrixClient, media_of, msc3870_settings, mxc_path, png_bytes
 
 LEGACY = ("/_matrix/media/v3/download/{}", "/_matrix/media/v3/thumbnail/{}?width=32&height=32")
 AUTHENTICATED = (
@@ -38,7 +31,7 @@ AUTHENTICATED = (
 def test_media_created_after_the_freeze_is_not_served_unauthenticated(
     alice: MatrixClient,
 ) -> None:
-    path = uploaded_png(alice)
+    path = mxc_path(alice.uploaded(png_bytes(64, 64), "image/png"))
     with msc3870_settings(LEGACY_MEDIA_FREEZE_AFTER=timezone.now() - timedelta(minutes=1)):
         for template in LEGACY:
             response = Client().get(template.format(path))
@@ -49,7 +42,7 @@ def test_media_created_after_the_freeze_is_not_served_unauthenticated(
 
 
 def test_media_created_before_the_freeze_is_still_served(alice: MatrixClient) -> None:
-    path = uploaded_png(alice)
+    path = mxc_path(alice.uploaded(png_bytes(64, 64), "image/png"))
     frozen_at = (timezone.now() + timedelta(minutes=1)).isoformat()  # a string works too
     with msc3870_settings(LEGACY_MEDIA_FREEZE_AFTER=frozen_at):
         for template in LEGACY:
@@ -59,7 +52,7 @@ def test_media_created_before_the_freeze_is_still_served(alice: MatrixClient) ->
 def test_no_freeze_by_default(alice: MatrixClient) -> None:
     """Off until the federation media endpoints serve: other servers (Synapse) reach our
     media only through the legacy endpoints today."""
-    path = uploaded_png(alice)
+    path = mxc_path(alice.uploaded(png_bytes(64, 64), "image/png"))
     for template in LEGACY:
         assert Client().get(template.format(path)).status_code == 200, template
 
@@ -97,7 +90,7 @@ def test_the_freeze_applies_to_the_answer_after_a_wait(alice: MatrixClient) -> N
 def test_legacy_answers_are_cached_briefly_authenticated_ones_privately(
     alice: MatrixClient,
 ) -> None:
-    path = uploaded_png(alice)
+    path = mxc_path(alice.uploaded(png_bytes(64, 64), "image/png"))
     for template in LEGACY:
         response = Client().get(template.format(path))
         assert response["Cache-Control"] == "public, max-age=300", template
@@ -107,7 +100,7 @@ def test_legacy_answers_are_cached_briefly_authenticated_ones_privately(
 
 
 def test_quarantine_is_effective_for_legacy_downloads(alice: MatrixClient) -> None:
-    path = uploaded_png(alice)
+    path = mxc_path(alice.uploaded(png_bytes(64, 64), "image/png"))
     media = media_of("mxc://" + path)
     Media.objects.filter(pk=media.pk).update(state=MediaState.QUARANTINED)
     assert Client().get(LEGACY[0].format(path)).status_code == 404

@@ -6,40 +6,21 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import requests
-from django.conf import settings
 
 from msc3870.models import MediaState
 
-from .conftest import files_under, make_token, media_of, msc3870_settings, mxc_path
+from .helpers import bearer, media_files, media_of, msc3870_settings, mxc_path
 
 
-@pytest.fixture
-def server(live_server: Any) -> Iterator[str]:
-    with msc3870_settings(PUBLIC_BASEURL=live_server.url):
-        yield live_server.url
-
-
-@pytest.fixture
-def token(transactional_db: None) -> str:
-    return make_token("@alice:localhost")
-
-
-def auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def test_create_put_to_url_complete_download(server: str, token: str) -> None:
+def test_create_put_to_url_complete_download(live_url: str, token: str) -> None:
     http = requests.Session()
-    created = http.post(f"{server}/_matrix/media/v1/create", headers=auth(token)).json()
-    assert created["upload_url"].startswith(server)
+    created = http.post(f"{live_url}/_matrix/media/v1/create", headers=bearer(token)).json()
+    assert created["upload_url"].startswith(live_url)
     # A fixed start: random bytes beginning with "{" sniff as JSON (1 run in 256 served
     # application/json, as the type policy says).
     data = b"mediarepo test bytes\n" + os.urandom(3 * 1024 * 1024 + 17)
@@ -51,60 +32,62 @@ def test_create_put_to_url_complete_download(server: str, token: str) -> None:
     )
     assert put.status_code == 200
     done = http.post(
-        f"{server}/_matrix/media/v1/upload/{mxc_path(created['content_uri'])}/complete"
+        f"{live_url}/_matrix/media/v1/upload/{mxc_path(created['content_uri'])}/complete"
         "?filename=blob.bin",
         json={},
-        headers=auth(token),
+        headers=bearer(token),
     )
     assert done.status_code == 200
     assert done.json() == {"content_uri": created["content_uri"]}
     got = http.get(
-        f"{server}/_matrix/client/v1/media/download/{mxc_path(created['content_uri'])}",
-        headers=auth(token),
+        f"{live_url}/_matrix/client/v1/media/download/{mxc_path(created['content_uri'])}",
+        headers=bearer(token),
     )
     assert got.status_code == 200
     assert got.content == data
     assert got.headers["Content-Type"] == "application/x-test"
     assert got.headers["Content-Disposition"] == "attachment; filename=blob.bin"
     ranged = http.get(
-        f"{server}/_matrix/media/v3/download/{mxc_path(created['content_uri'])}",
+        f"{live_url}/_matrix/media/v3/download/{mxc_path(created['content_uri'])}",
         headers={"Range": "bytes=1000-1999"},
     )
     assert ranged.status_code == 206
     assert ranged.content == data[1000:2000]
 
 
-def test_download_waits_for_an_upload_in_progress(server: str, token: str) -> None:
+def test_download_waits_for_an_upload_in_progress(live_url: str, token: str) -> None:
     http = requests.Session()
-    created = http.post(f"{server}/_matrix/media/v1/create", headers=auth(token)).json()
+    created = http.post(f"{live_url}/_matrix/media/v1/create", headers=bearer(token)).json()
     path = mxc_path(created["content_uri"])
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(
             requests.get,
-            f"{server}/_matrix/media/v3/download/{path}?timeout_ms=15000",
+            f"{live_url}/_matrix/media/v3/download/{path}?timeout_ms=15000",
             timeout=30,
         )
         threading.Event().wait(0.5)
         assert not waiting.done()
         http.put(created["upload_url"], data=b"worth the wait")
-        http.post(f"{server}/_matrix/media/v1/upload/{path}/complete", json={}, headers=auth(token))
+        http.post(
+            f"{live_url}/_matrix/media/v1/upload/{path}/complete", json={}, headers=bearer(token)
+        )
         response = waiting.result()
     assert response.status_code == 200
     assert response.content == b"worth the wait"
 
 
 @pytest.mark.parametrize("waits", [True, False], ids=["waits-for-verdict", "answers-early"])
-def test_racing_completes_screen_once_and_agree(server: str, token: str, waits: bool) -> None:
+def test_racing_completes_screen_once_and_agree(live_url: str, token: str, waits: bool) -> None:
     """Six racing /complete calls all answer 200 with the same id and the checks run once.
     By default /complete answers before the full-object checks finish, so the row may still
     be processing when the answers arrive: the test then waits (bounded) for the verdict."""
     with msc3870_settings(COMPLETE_WAITS_FOR_CHECKS=waits):
-        _race_completes(server, token, settle=not waits)
+        _race_completes(live_url, token, settle=not waits)
 
 
-def _race_completes(server: str, token: str, settle: bool) -> None:
+def _race_completes(live_url: str, token: str, settle: bool) -> None:
     http = requests.Session()
-    created = http.post(f"{server}/_matrix/media/v1/create", headers=auth(token)).json()
+    created = http.post(f"{live_url}/_matrix/media/v1/create", headers=bearer(token)).json()
     path = mxc_path(created["content_uri"])
     assert http.put(created["upload_url"], data=b"raced").status_code == 200
     barrier = threading.Barrier(6)
@@ -112,7 +95,7 @@ def _race_completes(server: str, token: str, settle: bool) -> None:
     def complete(_: int) -> requests.Response:
         barrier.wait()
         return requests.post(
-            f"{server}/_matrix/media/v1/upload/{path}/complete", json={}, headers=auth(token)
+            f"{live_url}/_matrix/media/v1/upload/{path}/complete", json={}, headers=bearer(token)
         )
 
     with ThreadPoolExecutor(6) as pool:
@@ -128,17 +111,17 @@ def _race_completes(server: str, token: str, settle: bool) -> None:
     assert media.attempts == 1
 
 
-def test_racing_puts_fill_the_id_once(server: str, token: str) -> None:
-    created = requests.post(f"{server}/_matrix/media/v1/create", headers=auth(token)).json()
+def test_racing_puts_fill_the_id_once(live_url: str, token: str) -> None:
+    created = requests.post(f"{live_url}/_matrix/media/v1/create", headers=bearer(token)).json()
     path = mxc_path(created["content_uri"])
     barrier = threading.Barrier(4)
 
     def put(index: int) -> requests.Response:
         barrier.wait()
         return requests.put(
-            f"{server}/_matrix/media/v3/upload/{path}",
+            f"{live_url}/_matrix/media/v3/upload/{path}",
             data=f"writer {index}".encode() * 1000,
-            headers=auth(token),
+            headers=bearer(token),
         )
 
     with ThreadPoolExecutor(4) as pool:
@@ -146,14 +129,14 @@ def test_racing_puts_fill_the_id_once(server: str, token: str) -> None:
     statuses = sorted(r.status_code for r in responses)
     assert statuses == [200, 409, 409, 409]
     winner = next(i for i, r in enumerate(responses) if r.status_code == 200)
-    got = requests.get(f"{server}/_matrix/media/v3/download/{path}")
+    got = requests.get(f"{live_url}/_matrix/media/v3/download/{path}")
     assert got.content == f"writer {winner}".encode() * 1000
 
 
-def test_client_that_hangs_up_mid_body_leaves_nothing(server: str, token: str) -> None:
-    created = requests.post(f"{server}/_matrix/media/v1/create", headers=auth(token)).json()
+def test_client_that_hangs_up_mid_body_leaves_nothing(live_url: str, token: str) -> None:
+    created = requests.post(f"{live_url}/_matrix/media/v1/create", headers=bearer(token)).json()
     path = mxc_path(created["content_uri"])
-    host = urlsplit(server)
+    host = urlsplit(live_url)
     with socket.create_connection((host.hostname, host.port)) as raw:
         raw.sendall(
             (
@@ -168,9 +151,9 @@ def test_client_that_hangs_up_mid_body_leaves_nothing(server: str, token: str) -
         reply = raw.recv(4096)
     assert b" 400 " in reply.split(b"\r\n", 1)[0]
     assert media_of(created["content_uri"]).state == MediaState.PENDING
-    assert files_under(Path(settings.MEDIA_DIR)) == []
+    assert media_files() == []
     # The id is still usable.
     ok = requests.put(
-        f"{server}/_matrix/media/v3/upload/{path}", data=b"all of it", headers=auth(token)
+        f"{live_url}/_matrix/media/v3/upload/{path}", data=b"all of it", headers=bearer(token)
     )
     assert ok.status_code == 200

@@ -13,9 +13,9 @@ from msc3870.stores.local import LocalMediaStore
 def test_an_object_moved_between_its_size_and_its_first_bytes_is_not_an_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Seen in CI: six racing /complete calls; one looked at the incoming file while
-    another moved it, and answered 500 (FileNotFoundError). The look is one open file now:
-    it sees the bytes it opened, or no object."""
+    """Racing /complete calls: one looks at the incoming file while another moves it.
+    The look is one open file: it sees the bytes it opened, or no object, never a
+    FileNotFoundError (a 500)."""
     store = get_store()
     assert isinstance(store, LocalMediaStore)
     path = store._path("incoming/raced")

@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (pytest fixtures imported from test_request_plane)
 """Structured logs (``msc3870.logs``): one line per request and per background step
 (screening, fetch, sweep) with the media id, user, state change and duration, as text
 or JSON, credentials redacted in both. As the deployed server writes them:
@@ -18,9 +17,8 @@ from msc3870 import logs
 from msc3870.asgi import MediaASGIHandler
 from msc3870.models import MediaState
 
-from .asgi_driver import call, run
-from .conftest import MatrixClient, msc3870_settings, mxc_path, png_bytes
-from .test_request_plane import bearer, created_path, token  # noqa: F401  (fixtures)
+from .asgi_driver import call, created_path, run
+from .helpers import MatrixClient, bearer, msc3870_settings, mxc_path, png_bytes
 
 S = MediaState
 

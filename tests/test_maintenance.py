@@ -1,38 +1,31 @@
-"""Sweeps: expiry, dead objects, stuck screening, orphaned uploads."""
+"""Sweeps: expiry, dead objects, stuck screening, orphaned uploads and what killed uploads
+leave."""
 
 from __future__ import annotations
 
 import io
+import os
+import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from django.conf import settings
-from django.test import Client
 from django.utils import timezone
 
 from msc3870 import maintenance, moderation
 from msc3870.models import Media, MediaState
+from msc3870.stores import get_store
 
-from .conftest import MatrixClient, files_under, media_of, mxc_path, url_path
+from .helpers import MatrixClient, ThenAtTheEnd, media_files, media_of, put_body
 
 S = MediaState
-
-
-def put_to_url(url: str, data: bytes) -> None:
-    response = Client().generic("PUT", url_path(url), data)
-    assert response.status_code == 200
-
-
-def complete(client: MatrixClient, content_uri: str) -> int:
-    path = f"/_matrix/media/v1/upload/{mxc_path(content_uri)}/complete"
-    return client.post(path, b"{}").status_code
 
 
 def test_expiry_moves_pending_past_expiry_and_deletes_incoming(alice: MatrixClient) -> None:
     expiring = alice.create()
     fresh = alice.create()
-    put_to_url(expiring["upload_url"], b"never completed")
+    assert alice.put_to_url(expiring["upload_url"], b"never completed").status_code == 200
     Media.objects.filter(pk=media_of(expiring["content_uri"]).pk).update(
         unused_expires_at=timezone.now() - timedelta(seconds=1)
     )
@@ -41,7 +34,7 @@ def test_expiry_moves_pending_past_expiry_and_deletes_incoming(alice: MatrixClie
     assert result.objects_deleted == 1
     assert media_of(expiring["content_uri"]).state == S.EXPIRED
     assert media_of(fresh["content_uri"]).state == S.PENDING
-    assert files_under(Path(settings.MEDIA_DIR)) == []
+    assert media_files() == []
     # Running again finds nothing to do.
     again = maintenance.expire_pending()
     assert (again.moved, again.objects_deleted) == (0, 0)
@@ -71,22 +64,22 @@ def test_expiry_is_batched(alice: MatrixClient) -> None:
 
 def test_complete_and_expiry_race_has_one_winner(alice: MatrixClient) -> None:
     created = alice.create()
-    put_to_url(created["upload_url"], b"bytes")
+    assert alice.put_to_url(created["upload_url"], b"bytes").status_code == 200
     media = media_of(created["content_uri"])
     # Expiry swept first: /complete must lose.
     Media.objects.filter(pk=media.pk).update(unused_expires_at=timezone.now())
     maintenance.expire_pending()
-    assert complete(alice, created["content_uri"]) == 404
+    assert alice.complete(created["content_uri"]).status_code == 404
     assert media_of(created["content_uri"]).state == S.EXPIRED
 
 
 def test_dead_objects_are_deleted_once(alice: MatrixClient) -> None:
     response = alice.post("/_matrix/media/v3/upload", b"bytes", "text/plain")
     media = media_of(response.json()["content_uri"])
-    assert files_under(Path(settings.MEDIA_DIR)) == [media.storage_key]
+    assert media_files() == [media.storage_key]
     # A purge whose deletion failed (simulated by clearing the record) is finished by the sweep.
     assert moderation.purge(media, by="mod")
-    assert files_under(Path(settings.MEDIA_DIR)) == []
+    assert media_files() == []
     Media.objects.filter(pk=media.pk).update(objects_deleted_at=None)
     assert maintenance.delete_dead_objects().objects_deleted == 1
     assert maintenance.delete_dead_objects().objects_deleted == 0
@@ -95,7 +88,7 @@ def test_dead_objects_are_deleted_once(alice: MatrixClient) -> None:
 
 def test_stuck_url_upload_is_screened_again(alice: MatrixClient) -> None:
     created = alice.create()
-    put_to_url(created["upload_url"], b"bytes")
+    assert alice.put_to_url(created["upload_url"], b"bytes").status_code == 200
     media = media_of(created["content_uri"])
     # As if /complete claimed the row and the task was lost with its worker.
     Media.objects.filter(pk=media.pk).update(
@@ -130,44 +123,30 @@ def test_upload_abandoned_by_the_sweep_while_streaming(alice: MatrixClient) -> N
     """The sweep gave up on a PUT whose body was still arriving: the client is told, and
     the bytes it sent are not left behind."""
     from msc3870 import uploads
-    from msc3870.auth import MatrixUser
 
     created = alice.create()
     media = media_of(created["content_uri"])
 
-    class SweptMidway(io.BytesIO):
-        def read(self, size: int = -1) -> bytes:
-            chunk = super().read(size)
-            if not chunk:  # the sweep ran while the last bytes arrived
-                Media.objects.filter(pk=media.pk).update(state=S.PENDING)
-            return chunk
+    def swept() -> None:  # the sweep ran while the last bytes arrived
+        Media.objects.filter(pk=media.pk).update(state=S.PENDING)
 
     with pytest.raises(uploads.UploadAbandoned):
-        uploads.upload_to_media(
-            MatrixUser(alice.user_id),
-            "localhost",
-            media.media_id,
-            SweptMidway(b"late bytes"),
-            content_length=10,
-            content_type="text/plain",
-            filename=None,
-        )
-    assert files_under(Path(settings.MEDIA_DIR)) == []
+        put_body(alice, media, ThenAtTheEnd(b"late bytes", swept), 10)
+    assert media_files() == []
     assert media_of(created["content_uri"]).state == S.PENDING
 
 
 def test_orphaned_incoming_objects_are_deleted(alice: MatrixClient) -> None:
     waiting = alice.create()
-    put_to_url(waiting["upload_url"], b"still waiting")
+    assert alice.put_to_url(waiting["upload_url"], b"still waiting").status_code == 200
     done = alice.create()
-    put_to_url(done["upload_url"], b"done")
-    assert complete(alice, done["content_uri"]) == 200
+    assert alice.put_to_url(done["upload_url"], b"done").status_code == 200
+    assert alice.complete(done["content_uri"]).status_code == 200
     # Re-create the incoming object of completed media, as a re-PUT to S3 would.
     from msc3870.stores import get_store
 
     store = get_store()
     done_media = media_of(done["content_uri"])
-    import io
 
     store.write_stream(done_media.incoming_key, io.BytesIO(b"late"), max_size=100)
     assert maintenance.delete_orphaned_uploads() == 1
@@ -195,3 +174,55 @@ def test_expiry_goes_on_when_storage_fails(
     assert Media.objects.filter(objects_deleted_at__isnull=True).count() == 30
     monkeypatch.undo()
     assert maintenance.delete_dead_objects().objects_deleted == 30
+
+
+# --- what killed uploads leave, and orphans past the sweep's window ----------------
+
+
+def _age(path: Path, seconds: float) -> None:
+    """Set a file's modification time ``seconds`` in the past."""
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_partial_files_of_killed_uploads_are_swept_after_an_hour() -> None:
+    root = Path(settings.MEDIA_DIR)
+    (root / "media" / "ab").mkdir(parents=True)
+    (root / "incoming").mkdir(parents=True)
+    # What a process killed with SIGKILL inside LocalMediaStore.write_stream leaves.
+    stale = root / "media" / "ab" / ".abcdef.0123456789abcdef.part"
+    stale_incoming = root / "incoming" / ".xyz.0123456789abcdef.part"
+    young = root / "media" / "ab" / ".abghij.fedcba9876543210.part"
+    for path in (stale, stale_incoming, young):
+        path.write_bytes(b"half a body")
+    _age(stale, 2 * 3600)
+    _age(stale_incoming, 2 * 3600)
+    _age(young, 60)  # may still be streaming in a live process
+
+    maintenance.delete_orphaned_uploads()
+
+    assert not stale.exists()
+    assert not stale_incoming.exists()
+    assert young.exists()
+
+
+def test_orphan_sweep_resumes_past_its_window(alice: MatrixClient) -> None:
+    """Waiting uploads filling the first ``limit`` keys must not hide later orphans."""
+    created = [alice.create() for _ in range(3)]
+    medias = sorted((media_of(c["content_uri"]) for c in created), key=lambda m: m.incoming_key)
+    store = get_store()
+    for media in medias:
+        store.write_stream(media.incoming_key, io.BytesIO(b"bytes"), max_size=100)
+    # The last key in listing order belongs to media no longer waiting for it.
+    orphan = medias[-1]
+    Media.objects.filter(pk=orphan.pk).update(state=S.EXPIRED)
+
+    assert maintenance.delete_orphaned_uploads(limit=2) == 0  # two waiting keys fill it
+    assert maintenance.delete_orphaned_uploads(limit=2) == 1  # resumes after them
+    assert store.head(orphan.incoming_key) is None
+    for waiting in medias[:-1]:
+        assert store.head(waiting.incoming_key) is not None
+    # The walk starts again from the beginning once it reached the end.
+    assert maintenance.delete_orphaned_uploads(limit=2) == 0
+    for waiting in medias[:-1]:
+        assert store.head(waiting.incoming_key) is not None

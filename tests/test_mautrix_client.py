@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from aiohttp import ClientResponseError
 from mautrix.api import HTTPAPI
 from mautrix.client import ClientAPI
@@ -15,18 +13,12 @@ from mautrix.types import UserID
 
 from msc3870.models import Media, MediaState
 
-from .conftest import make_token, media_of, msc3870_settings
+from .helpers import make_token, media_of, msc3870_settings
 
 
-@pytest.fixture
-def server(live_server: Any) -> Iterator[str]:
-    with msc3870_settings(PUBLIC_BASEURL=live_server.url):
-        yield live_server.url
-
-
-def run_client(server: str, token: str, scenario: Any) -> Any:
+def run_client(live_url: str, token: str, scenario: Any) -> Any:
     async def main() -> Any:
-        api = HTTPAPI(base_url=server, token=token, default_retry_count=0)
+        api = HTTPAPI(base_url=live_url, token=token, default_retry_count=0)
         client = ClientAPI(UserID("@alice:localhost"), api=api)
         try:
             return await scenario(client)
@@ -36,7 +28,7 @@ def run_client(server: str, token: str, scenario: Any) -> Any:
     return asyncio.run(main())
 
 
-def test_async_upload_to_url_then_download(server: str, transactional_db: None) -> None:
+def test_async_upload_to_url_then_download(live_url: str, transactional_db: None) -> None:
     token = make_token("@alice:localhost")
     data = os.urandom(256 * 1024)
 
@@ -50,7 +42,7 @@ def test_async_upload_to_url_then_download(server: str, transactional_db: None) 
         downloaded = await client.download_media(mxc, timeout_ms=20_000)
         return mxc, downloaded, versions
 
-    mxc, downloaded, versions = run_client(server, token, scenario)
+    mxc, downloaded, versions = run_client(live_url, token, scenario)
     assert downloaded == data
     assert "v1.11" in [str(v) for v in versions.versions] or versions.supports("v1.11")
     media = media_of(mxc)
@@ -59,7 +51,7 @@ def test_async_upload_to_url_then_download(server: str, transactional_db: None) 
     assert media.filename == "bridge.bin"
 
 
-def test_plain_upload_download_and_config(server: str, transactional_db: None) -> None:
+def test_plain_upload_download_and_config(live_url: str, transactional_db: None) -> None:
     token = make_token("@alice:localhost")
 
     async def scenario(client: ClientAPI) -> tuple[str, bytes, int]:
@@ -68,14 +60,14 @@ def test_plain_upload_download_and_config(server: str, transactional_db: None) -
         config = await client.get_media_repo_config()
         return mxc, downloaded, config.upload_size
 
-    with msc3870_settings(PUBLIC_BASEURL=server, MAX_UPLOAD_SIZE=123_456):
-        _, downloaded, upload_size = run_client(server, token, scenario)
+    with msc3870_settings(PUBLIC_BASEURL=live_url, MAX_UPLOAD_SIZE=123_456):
+        _, downloaded, upload_size = run_client(live_url, token, scenario)
     assert downloaded == b"plain upload"
     assert upload_size == 123_456
     assert Media.objects.get().upload_method == "post"
 
 
-def test_create_mxc_and_errors_reach_the_client(server: str, transactional_db: None) -> None:
+def test_create_mxc_and_errors_reach_the_client(live_url: str, transactional_db: None) -> None:
     token = make_token("@alice:localhost")
 
     async def scenario(client: ClientAPI) -> tuple[Any, Any]:
@@ -86,8 +78,8 @@ def test_create_mxc_and_errors_reach_the_client(server: str, transactional_db: N
             return created, exc
         return created, None
 
-    created, error = run_client(server, token, scenario)
-    assert created.unstable_upload_url.startswith(server)
+    created, error = run_client(live_url, token, scenario)
+    assert created.unstable_upload_url.startswith(live_url)
     assert created.unused_expired_at > 0
     assert error is not None
     # mautrix downloads with aiohttp's raise_for_status: the status is what it sees.
@@ -95,9 +87,9 @@ def test_create_mxc_and_errors_reach_the_client(server: str, transactional_db: N
 
 
 def test_upload_into_a_created_mxc_with_the_msc2246_put(
-    server: str, transactional_db: None
+    live_url: str, transactional_db: None
 ) -> None:
-    """``upload_media(mxc=...)`` PUTs to ``/_matrix/media/v3/upload/{server}/{id}`` and
+    """``upload_media(mxc=...)`` PUTs to ``/_matrix/media/v3/upload/{live_url}/{id}`` and
     reads ``content_uri`` from the answer (``MatrixResponseError`` without it)."""
     token = make_token("@alice:localhost")
 
@@ -108,7 +100,7 @@ def test_upload_into_a_created_mxc_with_the_msc2246_put(
         )
         return created.content_uri, mxc, await client.download_media(mxc)
 
-    reserved, returned, downloaded = run_client(server, token, scenario)
+    reserved, returned, downloaded = run_client(live_url, token, scenario)
     assert returned == reserved
     assert downloaded == b"into a reserved id"
     media = media_of(reserved)

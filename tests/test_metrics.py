@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (pytest fixtures imported from test_remote_media)
 """Prometheus metrics (``msc3870.metrics``): each metric moves where its event happens,
 labels are route names and states (never ids), and ``/metrics`` is served only on the
 metrics listener to allowed networks. Across gunicorn's worker processes:
@@ -7,7 +6,6 @@ metrics listener to allowed networks. Across gunicorn's worker processes:
 from __future__ import annotations
 
 import os
-import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -21,12 +19,21 @@ from msc3870 import metrics
 from msc3870.asgi import MediaASGIHandler
 from msc3870.models import MediaState
 
-from .asgi_driver import call, parked, request, run, until
-from .conftest import MatrixClient, msc3870_settings, mxc_path, png_bytes
-from .test_remote_media import V1, Remote, _fetching_on, remote  # noqa: F401  (fixtures)
-from .test_request_plane import bearer, created_path, token  # noqa: F401  (fixtures)
-from .test_s3_store import client_put, complete, s3  # noqa: F401  (fixtures)
+from .asgi_driver import call, created_path, parked, request, run, until
+from .federation_helpers import Remote
+from .helpers import (
+    BUCKET,
+    V1_DOWNLOAD,
+    MatrixClient,
+    bearer,
+    client_put,
+    free_port,
+    msc3870_settings,
+    mxc_path,
+    png_bytes,
+)
 
+pytestmark = pytest.mark.usefixtures("fetching_remote_media")
 S = MediaState
 
 
@@ -175,7 +182,7 @@ def test_redirected_bytes_and_store_errors(s3: Any, alice: MatrixClient) -> None
     data = b"redirected " * 100
     created = alice.create()
     client_put(s3, created, data, "text/plain")
-    assert complete(alice, created["content_uri"]).status_code == 200
+    assert alice.complete(created["content_uri"]).status_code == 200
     delta = Delta(
         ("msc3870_served_bytes_total", {"source": "redirect"}),
         ("msc3870_uploaded_bytes_total", {"method": "url"}),
@@ -186,9 +193,9 @@ def test_redirected_bytes_and_store_errors(s3: Any, alice: MatrixClient) -> None
     assert delta() == [len(data), 0]
     # The bucket gone: the store fails, and it is counted by the error's class.
     errors = Delta(("msc3870_store_errors_total", {"error": "NoSuchBucket"}))
-    for item in s3.list_objects_v2(Bucket="media-test").get("Contents", []):
-        s3.delete_object(Bucket="media-test", Key=item["Key"])
-    s3.delete_bucket(Bucket="media-test")
+    for item in s3.list_objects_v2(Bucket=BUCKET).get("Contents", []):
+        s3.delete_object(Bucket=BUCKET, Key=item["Key"])
+    s3.delete_bucket(Bucket=BUCKET)
     assert alice.post("/_matrix/media/v3/upload", b"x", "text/plain").status_code == 503
     assert errors() == [1]
 
@@ -202,10 +209,10 @@ def test_remote_fetches_and_their_bytes(alice: MatrixClient, remote: Remote) -> 
         ("msc3870_remote_fetched_bytes_total", {}),
         ("msc3870_served_bytes_total", {"source": "remote"}),
     )
-    got = alice.get(V1 + f"{remote.name}/held")
+    got = alice.get(V1_DOWNLOAD + f"{remote.name}/held")
     assert got.status_code == 200
     assert b"".join(got.streaming_content) == body
-    assert alice.get(V1 + f"{remote.name}/missing").status_code == 404
+    assert alice.get(V1_DOWNLOAD + f"{remote.name}/missing").status_code == 404
     complete_fetches, failed_fetches, fetched, served = delta()
     assert (complete_fetches, failed_fetches, served) == (1, 1, len(body))
     assert fetched >= len(body)  # the multipart framing and the 404's body too
@@ -255,12 +262,6 @@ def test_the_metrics_listener_answers_nothing_else(app: MediaASGIHandler) -> Non
     versions, scraped = run(scenario)  # another port: the media API, no metrics
     assert versions.status == 200
     assert scraped.status == 404
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
-from django.conf import settings
 from django.contrib.admin.models import LogEntry
 from django.contrib.auth.models import User
 from django.test import Client
@@ -20,24 +18,19 @@ from msc3870.models import (
     ModerationRecord,
 )
 
-from .conftest import MatrixClient, files_under, media_of, mxc_path
+from .helpers import MatrixClient, media_files, media_of, mxc_path
 
 S = MediaState
 
 
-def upload(client: MatrixClient, data: bytes = b"content") -> Media:
-    response = client.post("/_matrix/media/v3/upload", data, "text/plain")
-    return media_of(response.json()["content_uri"])
-
-
 def test_quarantine_approve_reject_purge(alice: MatrixClient) -> None:
-    media = upload(alice)
+    media = media_of(alice.uploaded())
     assert moderation.quarantine(media, by="@mod:localhost")
     assert not moderation.quarantine(media, by="@mod:localhost")  # already
-    assert files_under(Path(settings.MEDIA_DIR)) == [media.storage_key]  # bytes kept
+    assert media_files() == [media.storage_key]  # bytes kept
     assert moderation.approve(media, by="@mod:localhost")
     assert moderation.reject(media, by="@mod:localhost", reason="spam")
-    assert files_under(Path(settings.MEDIA_DIR)) == []
+    assert media_files() == []
     # The uploader is told it was a moderator, not the moderator's notes.
     assert media_of(media.mxc_uri).rejection_reason == "Rejected by a moderator"
     assert moderation.purge(media, by="@mod:localhost")
@@ -46,8 +39,8 @@ def test_quarantine_approve_reject_purge(alice: MatrixClient) -> None:
 
 
 def test_admin_actions_and_listing(alice: MatrixClient) -> None:
-    first = upload(alice, b"one")
-    second = upload(alice, b"two")
+    first = media_of(alice.uploaded(b"one"))
+    second = media_of(alice.uploaded(b"two"))
     User.objects.create_superuser("mod", "mod@example.com", "pw")
     admin = Client()
     admin.login(username="mod", password="pw")
@@ -80,7 +73,7 @@ def test_admin_actions_and_listing(alice: MatrixClient) -> None:
     )
     assert Media.objects.get(pk=first.pk).state == S.DELETED
     assert Media.objects.get(pk=first.pk).moderated_by == "mod"
-    assert files_under(Path(settings.MEDIA_DIR)) == [second.storage_key]
+    assert media_files() == [second.storage_key]
 
 
 # The audit trail, written by the domain layer whatever calls it
@@ -91,7 +84,7 @@ def states_of(records: Any) -> list[tuple[str, str, str]]:
 
 
 def test_every_won_transition_is_recorded_once(alice: MatrixClient) -> None:
-    media = upload(alice)
+    media = media_of(alice.uploaded())
     assert moderation.quarantine(media, by="@mod:localhost", reason="reported")
     assert not moderation.quarantine(media, by="@other:localhost", reason="late")  # lost
     assert moderation.approve(media, by="@mod:localhost")
@@ -128,7 +121,7 @@ def test_purge_records_the_state_it_actually_left(alice: MatrixClient) -> None:
 def test_a_transition_lost_to_a_concurrent_change_is_not_recorded(
     alice: MatrixClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    media = upload(alice)
+    media = media_of(alice.uploaded())
     assert moderation.quarantine(media, by="first-mod")
     real_transition = lifecycle.transition
 
@@ -150,7 +143,7 @@ def test_a_transition_lost_to_a_concurrent_change_is_not_recorded(
 def test_purge_racing_a_state_change_records_the_state_it_won_from(
     alice: MatrixClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    media = upload(alice)
+    media = media_of(alice.uploaded())
     real_transition = lifecycle.transition
 
     def quarantined_meanwhile(*args: Any, **kwargs: Any) -> bool:
@@ -165,7 +158,7 @@ def test_purge_racing_a_state_change_records_the_state_it_won_from(
 
 
 def test_records_are_append_only(alice: MatrixClient) -> None:
-    media = upload(alice)
+    media = media_of(alice.uploaded())
     assert moderation.quarantine(media, by="mod", reason="original")
     record = ModerationRecord.objects.get()
     record.reason = "rewritten"
@@ -179,7 +172,7 @@ def test_records_are_append_only(alice: MatrixClient) -> None:
 
 
 def test_records_outlive_the_tombstone(alice: MatrixClient) -> None:
-    media = upload(alice)
+    media = media_of(alice.uploaded())
     assert moderation.purge(media, by="mod", reason="gone")
     Media.objects.filter(pk=media.pk).delete()  # what the old-tombstone sweep does
     record = ModerationRecord.objects.get()
@@ -188,7 +181,7 @@ def test_records_outlive_the_tombstone(alice: MatrixClient) -> None:
 
 
 def test_a_django_user_gets_an_admin_log_entry(alice: MatrixClient) -> None:
-    media = upload(alice)
+    media = media_of(alice.uploaded())
     user = User.objects.create_user("staff-mod", is_staff=True)
     assert moderation.quarantine(media, by=user, reason="reported")
     record = ModerationRecord.objects.get()
@@ -205,7 +198,7 @@ def test_a_django_user_gets_an_admin_log_entry(alice: MatrixClient) -> None:
 def test_a_failed_record_undoes_the_transition(
     alice: MatrixClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    media = upload(alice)
+    media = media_of(alice.uploaded())
 
     def broken_create(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("database went away")

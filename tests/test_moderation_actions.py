@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (pytest fixtures imported from test_remote_media)
 """The moderation service layer beyond one item's state: protection, bulk actions by
 selection, by uploader and by content (with the durable block list), deletion by date and
 size, the remote cache purge, and re-screening. Every change is recorded once."""
@@ -7,11 +6,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 from io import StringIO
-from pathlib import Path
 from typing import Any
 
 import pytest
-from django.conf import settings
 from django.contrib.admin.models import LogEntry
 from django.contrib.auth.models import User
 from django.core.management import call_command
@@ -21,19 +18,20 @@ from django.utils import timezone
 
 from msc3870 import maintenance, moderation
 from msc3870.models import BlockedHash, Media, MediaState, ModerationAction, ModerationRecord
-from msc3870.screening import Rejection, ScreeningContext
 from msc3870.stores import get_store
 
-from .conftest import MatrixClient, files_under, media_of, msc3870_settings, mxc_path
-from .test_api_complete import complete, put_to_url
-from .test_moderation import upload
-from .test_remote_media import (  # noqa: F401  (fixtures)
-    V1,
-    Remote,
-    _fetching_on,
-    remote,
-    row,
+from .federation_helpers import Remote
+from .helpers import (
+    V1_DOWNLOAD,
+    MatrixClient,
+    media_files,
+    media_of,
+    media_row,
+    msc3870_settings,
+    mxc_path,
 )
+
+pytestmark = pytest.mark.usefixtures("fetching_remote_media")
 
 S = MediaState
 A = ModerationAction
@@ -59,7 +57,7 @@ def downloads(client: MatrixClient, media: Media) -> int:
 
 
 def test_protect_and_unprotect_are_recorded_and_change_no_state(alice: MatrixClient) -> None:
-    media = upload(alice)
+    media = media_of(alice.uploaded())
     assert moderation.protect(media, by=MOD, reason="sticker pack")
     assert not moderation.protect(media, by=MOD)  # already
     assert Media.objects.get(pk=media.pk).protected
@@ -83,7 +81,7 @@ def test_protect_and_unprotect_are_recorded_and_change_no_state(alice: MatrixCli
 def test_protected_media_is_quarantined_by_itself_unless_asked_as_synapse_does(
     alice: MatrixClient,
 ) -> None:
-    media = upload(alice)
+    media = media_of(alice.uploaded())
     moderation.protect(media, by=MOD)
     # Synapse's quarantine API skips protected media.
     assert not moderation.quarantine(media, by=MOD, skip_protected=True)
@@ -94,8 +92,8 @@ def test_protected_media_is_quarantined_by_itself_unless_asked_as_synapse_does(
 
 
 def test_protected_media_is_skipped_by_every_bulk_rule(alice: MatrixClient) -> None:
-    kept = upload(alice, b"same bytes")
-    other = upload(alice, b"other bytes")
+    kept = media_of(alice.uploaded(b"same bytes"))
+    other = media_of(alice.uploaded(b"other bytes"))
     moderation.protect(kept, by=MOD)
     assert moderation.quarantine_user_media(alice.user_id, by=MOD) == 1
     assert (state(kept), state(other)) == (S.COMPLETE, S.QUARANTINED)
@@ -114,8 +112,8 @@ def test_protected_media_is_skipped_by_every_bulk_rule(alice: MatrixClient) -> N
 def test_quarantine_user_media_counts_batches_and_records_each(
     alice: MatrixClient, bob: MatrixClient
 ) -> None:
-    mine = [upload(alice, f"alice {n}".encode()) for n in range(5)]
-    theirs = upload(bob, b"bob's")
+    mine = [media_of(alice.uploaded(f"alice {n}".encode())) for n in range(5)]
+    theirs = media_of(bob.uploaded(b"bob's"))
     moderation.quarantine(mine[0], by=MOD)  # already quarantined: not counted again
     pending = alice.create()
 
@@ -155,18 +153,18 @@ def url_upload(client: MatrixClient, data: bytes) -> Any:
     """An upload through the upload URL, its /complete waiting for the verdict: hashed
     only if other content may share it (SHA256_WHEN "needed")."""
     created = client.create()
-    assert put_to_url(created["upload_url"], data).status_code == 200
+    assert client.put_to_url(created["upload_url"], data).status_code == 200
     with msc3870_settings(COMPLETE_WAITS_FOR_CHECKS=True):
-        return complete(client, created["content_uri"]), created["content_uri"]
+        return client.complete(created["content_uri"]), created["content_uri"]
 
 
 def test_quarantine_content_blocks_the_hash_beyond_the_items(
     alice: MatrixClient, bob: MatrixClient
 ) -> None:
     data = b"\x89PNG not really, but the same bytes twice" * 10
-    first = upload(alice, data)
-    second = upload(bob, data)
-    unrelated = upload(bob, b"something else")
+    first = media_of(alice.uploaded(data))
+    second = media_of(bob.uploaded(data))
+    unrelated = media_of(bob.uploaded(b"something else"))
     assert moderation.quarantine_content_of(first, by=MOD, reason="csam hash match") == 2
     assert (state(first), state(second), state(unrelated)) == (
         S.QUARANTINED,
@@ -252,7 +250,7 @@ def test_bulk_actions_look_at_no_more_than_a_limit_and_say_what_moved(
 
 
 def test_moderate_many_takes_ids_or_a_queryset_one_record_each(alice: MatrixClient) -> None:
-    items = [upload(alice, f"item {n}".encode()) for n in range(5)]
+    items = [media_of(alice.uploaded(f"item {n}".encode())) for n in range(5)]
     user = User.objects.create_superuser("mod", "mod@example.com", "pw")
     result = moderation.moderate_many(
         (m.pk for m in items[:3]), A.QUARANTINE, by=user, reason="reported", batch_size=2
@@ -275,7 +273,7 @@ def test_moderate_many_takes_ids_or_a_queryset_one_record_each(alice: MatrixClie
         fresh = Media.objects.get(pk=media.pk)
         assert fresh.rejection_reason == moderation.PUBLIC_REJECTION_REASON
         assert fresh.moderated_by == "mod"
-    assert files_under(Path(settings.MEDIA_DIR)) == []  # bytes deleted, in batches
+    assert media_files() == []  # bytes deleted, in batches
     entries = LogEntry.objects.filter(user=user)
     assert entries.count() == 10
     assert all("illegal" in e.change_message for e in entries if "Reject" in e.change_message)
@@ -294,7 +292,7 @@ def test_moderate_many_takes_ids_or_a_queryset_one_record_each(alice: MatrixClie
 def test_bulk_transitions_are_compare_and_set(alice: MatrixClient) -> None:
     """A row moved by someone else between the read and the update is left alone and
     not recorded."""
-    items = [upload(alice, f"x{n}".encode()) for n in range(3)]
+    items = [media_of(alice.uploaded(f"x{n}".encode())) for n in range(3)]
     real = moderation.lifecycle.transition_many
 
     def racing(pks: list[int], *args: Any, **kwargs: Any) -> list[int]:
@@ -322,20 +320,20 @@ def aged(media: Media, *, created_days: int, accessed_days: int | None) -> None:
 
 
 def test_delete_local_media_before_follows_synapse(alice: MatrixClient) -> None:
-    old_unread = upload(alice, b"a" * 100)
+    old_unread = media_of(alice.uploaded(b"a" * 100))
     aged(old_unread, created_days=40, accessed_days=None)
-    old_but_read = upload(alice, b"b" * 100)
+    old_but_read = media_of(alice.uploaded(b"b" * 100))
     aged(old_but_read, created_days=40, accessed_days=1)
-    read_long_ago = upload(alice, b"c" * 100)
+    read_long_ago = media_of(alice.uploaded(b"c" * 100))
     aged(read_long_ago, created_days=90, accessed_days=35)
-    small = upload(alice, b"d" * 10)
+    small = media_of(alice.uploaded(b"d" * 10))
     aged(small, created_days=40, accessed_days=None)
-    quarantined = upload(alice, b"e" * 100)
+    quarantined = media_of(alice.uploaded(b"e" * 100))
     aged(quarantined, created_days=40, accessed_days=None)
     moderation.quarantine(quarantined, by=MOD)
-    avatar = upload(alice, b"f" * 100)
+    avatar = media_of(alice.uploaded(b"f" * 100))
     aged(avatar, created_days=40, accessed_days=None)
-    new = upload(alice, b"g" * 100)
+    new = media_of(alice.uploaded(b"g" * 100))
     pending = media_of(alice.create()["content_uri"])
     Media.objects.filter(pk=pending.pk).update(created_at=timezone.now() - timedelta(days=40))
 
@@ -368,7 +366,7 @@ def test_delete_local_media_before_follows_synapse(alice: MatrixClient) -> None:
 
 
 def test_a_download_spares_media_from_deletion_by_date(alice: MatrixClient) -> None:
-    media = upload(alice, b"still read" * 20)
+    media = media_of(alice.uploaded(b"still read" * 20))
     aged(media, created_days=40, accessed_days=None)
     assert downloads(alice, media) == 200  # records the access
     served = Media.objects.get(pk=media.pk).last_accessed_at
@@ -384,16 +382,16 @@ def test_a_download_spares_media_from_deletion_by_date(alice: MatrixClient) -> N
 def test_purge_remote_cache_before(alice: MatrixClient, remote: Remote) -> None:
     for name in ("old", "recent", "held"):
         remote.files[name] = (name.encode() * 100, "text/plain")
-        assert alice.get(V1 + f"{remote.name}/{name}").status_code == 200
+        assert alice.get(V1_DOWNLOAD + f"{remote.name}/{name}").status_code == 200
     long_ago = timezone.now() - timedelta(days=10)
     Media.objects.filter(server_name=remote.name, media_id__in=["old", "held"]).update(
         last_accessed_at=long_ago
     )
-    held = row(remote.name, "held")
+    held = media_row(remote.name, "held")
     moderation.quarantine(held, by=MOD, reason="look at it")
-    assert alice.get(V1 + f"{remote.name}/held").status_code == 404
-    old = row(remote.name, "old")
-    local = upload(alice, b"ours" * 100)
+    assert alice.get(V1_DOWNLOAD + f"{remote.name}/held").status_code == 404
+    old = media_row(remote.name, "old")
+    local = media_of(alice.uploaded(b"ours" * 100))
     aged(local, created_days=20, accessed_days=None)
 
     cutoff = timezone.now() - timedelta(days=1)
@@ -409,12 +407,12 @@ def test_purge_remote_cache_before(alice: MatrixClient, remote: Remote) -> None:
     )
     assert record.media_id is None
     assert not get_store().head(old.storage_key)
-    assert row(remote.name, "held").state == S.QUARANTINED
-    assert row(remote.name, "recent").state == S.COMPLETE
+    assert media_row(remote.name, "held").state == S.QUARANTINED
+    assert media_row(remote.name, "recent").state == S.COMPLETE
     assert state(local) == S.COMPLETE
     # Fetched again on the next request.
     hits = remote.fed_hits()
-    assert alice.get(V1 + f"{remote.name}/old").status_code == 200
+    assert alice.get(V1_DOWNLOAD + f"{remote.name}/old").status_code == 200
     assert remote.fed_hits() == hits + 1
 
 
@@ -424,8 +422,8 @@ def test_purged_remote_media_left_by_a_storage_outage_is_finished_by_the_sweep(
     from msc3870.errors import StorageUnavailable
 
     remote.files["a"] = (b"a" * 100, "text/plain")
-    assert alice.get(V1 + f"{remote.name}/a").status_code == 200
-    media = row(remote.name, "a")
+    assert alice.get(V1_DOWNLOAD + f"{remote.name}/a").status_code == 200
+    media = media_row(remote.name, "a")
 
     def down(pks: list[int]) -> Any:
         raise StorageUnavailable("storage is down")
@@ -433,7 +431,7 @@ def test_purged_remote_media_left_by_a_storage_outage_is_finished_by_the_sweep(
     monkeypatch.setattr(maintenance, "delete_evicted", down)
     later = timezone.now() + timedelta(hours=2)
     assert moderation.purge_remote_cache_before(later, by=MOD) == 1
-    assert row(remote.name, "a").state == S.DELETED
+    assert media_row(remote.name, "a").state == S.DELETED
     monkeypatch.undo()
     maintenance.evict_remote_media()
     assert not Media.objects.filter(pk=media.pk).exists()
@@ -442,23 +440,14 @@ def test_purged_remote_media_left_by_a_storage_outage_is_finished_by_the_sweep(
 # ---------------------------------------------------------------------- re-screening
 
 
-def refuse_text(ctx: ScreeningContext) -> None:
-    if ctx.prefix().startswith(b"EVIL"):
-        raise Rejection("Matched signature Test.Evil")
-
-
-def refuse_everything(ctx: ScreeningContext) -> None:
-    raise Rejection("nothing passes")
-
-
 def test_rescreen_quarantines_on_a_refusal_and_records_a_pass(alice: MatrixClient) -> None:
-    good = upload(alice, b"GOOD content")
-    evil = upload(alice, b"EVIL content")
+    good = media_of(alice.uploaded(b"GOOD content"))
+    evil = media_of(alice.uploaded(b"EVIL content"))
     moderation.protect(evil, by=MOD)
     checks = [
         "msc3870.screening.check_size",
         "msc3870.screening.check_sha256",
-        "tests.test_moderation_actions.refuse_text",
+        "tests.checks.refuse_evil_signature",
     ]
     with msc3870_settings(CHECKS=checks):
         assert moderation.rescreen(good, by=MOD, reason="signature update") == "passed"
@@ -474,7 +463,7 @@ def test_rescreen_quarantines_on_a_refusal_and_records_a_pass(alice: MatrixClien
 
 
 def test_rescreen_ignores_the_quota_and_reports_missing_bytes(alice: MatrixClient) -> None:
-    media = upload(alice, b"x" * 100)
+    media = media_of(alice.uploaded(b"x" * 100))
     with msc3870_settings(USER_QUOTA_BYTES=10):
         assert moderation.rescreen(media, by=MOD) == "passed"
     get_store().delete(media.storage_key)
@@ -483,16 +472,16 @@ def test_rescreen_ignores_the_quota_and_reports_missing_bytes(alice: MatrixClien
 
 
 def test_rescreen_many_counts_outcomes(alice: MatrixClient) -> None:
-    items = [upload(alice, f"item {n}".encode()) for n in range(3)]
+    items = [media_of(alice.uploaded(f"item {n}".encode())) for n in range(3)]
     moderation.quarantine(items[2], by=MOD)
-    with msc3870_settings(CHECKS=["tests.test_moderation_actions.refuse_everything"]):
+    with msc3870_settings(CHECKS=["tests.checks.reject_everything"]):
         result = moderation.rescreen_many(Media.objects.all(), by=MOD, batch_size=2)
     assert (result["quarantined"], result["skipped"], result["passed"]) == (2, 1, 0)
 
 
 def test_a_failing_check_leaves_the_item_and_records_nothing(alice: MatrixClient) -> None:
-    media = upload(alice)
-    with msc3870_settings(CHECKS=["tests.test_moderation_actions.broken_check"]):
+    media = media_of(alice.uploaded())
+    with msc3870_settings(CHECKS=["tests.checks.fail_to_run"]):
         with pytest.raises(ConnectionError):
             moderation.rescreen(media, by=MOD)
         assert moderation.rescreen_many([media.pk], by=MOD)["failed"] == 1
@@ -500,16 +489,12 @@ def test_a_failing_check_leaves_the_item_and_records_nothing(alice: MatrixClient
     assert records_of(media) == []
 
 
-def broken_check(ctx: ScreeningContext) -> None:
-    raise ConnectionError("clamd is down")
-
-
 # ---------------------------------------------------------------------- commands
 
 
 def test_management_commands(alice: MatrixClient, bob: MatrixClient) -> None:
-    mine = upload(alice, b"alice's")
-    twin = upload(bob, b"alice's")
+    mine = media_of(alice.uploaded(b"alice's"))
+    twin = media_of(bob.uploaded(b"alice's"))
     out = StringIO()
     call_command("quarantine_user", alice.user_id, "--reason", "spam", "--actor", MOD, stdout=out)
     assert "Quarantined 1" in out.getvalue()

@@ -8,60 +8,21 @@ from __future__ import annotations
 
 import pytest
 from django.core.management import call_command
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, connection
 
-from msc3870 import moderation
-from msc3870.models import AppendOnlyError, Media, ModerationRecord
+from msc3870.models import AppendOnlyError, ModerationRecord
 
-from .conftest import MatrixClient
-from .test_moderation import upload
-
-TABLE = ModerationRecord._meta.db_table
-
-
-def raw_update(assignments: str) -> None:
-    """An UPDATE of every record, as any client of the database could send it."""
-    with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute(f"UPDATE {TABLE} SET {assignments}")
-
-
-def record_of(media: Media) -> ModerationRecord:
-    assert moderation.purge(media, by="mod", reason="original")
-    return ModerationRecord.objects.get(media=media)
-
-
-def assert_the_database_refuses_changes(record: ModerationRecord) -> None:
-    """Each kind of change fails, and the record is as it was."""
-    other = Media.objects.exclude(pk=record.media_id).values_list("pk", flat=True).first()
-    for assignments in (
-        "reason = 'rewritten'",
-        "actor = 'someone else'",
-        "media_id = NULL, reason = 'rewritten'",  # the allowed change, with another
-        f"media_id = {other}",  # pointed at other media
-    ):
-        with pytest.raises(DatabaseError, match="append-only"):
-            raw_update(assignments)
-    with pytest.raises(DatabaseError, match="append-only"), transaction.atomic():
-        ModerationRecord._base_manager.filter(pk=record.pk).update(reason="rewritten")
-    assert ModerationRecord.objects.get(pk=record.pk).reason == "original"
-    assert ModerationRecord.objects.get(pk=record.pk).media_id == record.media_id
-
-
-def assert_deleting_the_media_keeps_the_record(record: ModerationRecord) -> None:
-    media_pk = record.media_id
-    Media.objects.filter(pk=media_pk).delete()  # what the old-tombstone sweep does
-    kept = ModerationRecord.objects.get(pk=record.pk)
-    assert kept.media_id is None
-    assert (kept.mxc_uri, kept.actor, kept.reason, kept.at) == (
-        record.mxc_uri,
-        record.actor,
-        record.reason,
-        record.at,
-    )
+from .append_only import (
+    assert_deleting_the_media_keeps_the_record,
+    assert_the_database_refuses_changes,
+    raw_update,
+    record_of,
+)
+from .helpers import MatrixClient, media_of
 
 
 def test_the_default_manager_refuses_update_and_bulk_update(alice: MatrixClient) -> None:
-    record = record_of(upload(alice))
+    record = record_of(media_of(alice.uploaded()))
     with pytest.raises(AppendOnlyError):
         ModerationRecord.objects.filter(pk=record.pk).update(reason="rewritten")
     record.reason = "rewritten"
@@ -74,15 +35,15 @@ def test_the_database_refuses_changes_but_not_a_media_deletion(
     alice: MatrixClient,
 ) -> None:
     assert connection.vendor == "sqlite"
-    upload(alice)  # other media, for a record pointed elsewhere
-    record = record_of(upload(alice))
+    media_of(alice.uploaded())  # other media, for a record pointed elsewhere
+    record = record_of(media_of(alice.uploaded()))
     assert_the_database_refuses_changes(record)
     assert_deleting_the_media_keeps_the_record(record)
 
 
 @pytest.mark.django_db(transaction=True)
 def test_the_migration_is_reversible(alice: MatrixClient) -> None:
-    record = record_of(upload(alice))
+    record = record_of(media_of(alice.uploaded()))
     call_command("migrate", "msc3870", "0008", verbosity=0)
     try:
         raw_update("reason = 'rewritten'")  # no trigger: allowed

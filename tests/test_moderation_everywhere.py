@@ -15,25 +15,22 @@ from django.utils import timezone
 
 from msc3870 import moderation
 from msc3870.asgi import MediaASGIHandler
-from msc3870.auth import token_cache
 from msc3870.models import Media, ModerationAction
 
 from .asgi_driver import call, parked, request, run, until
-from .conftest import MatrixClient, make_token, media_of, mxc_path, png_bytes
 from .federation_helpers import FakeRemote
-from .test_federation_media import key_servers, remote
-from .test_rejected_downloads import assert_not_found, reads
-
-__all__ = ["key_servers", "remote"]  # fixtures of the federation tests, used here
+from .helpers import (
+    MatrixClient,
+    assert_all_not_found,
+    every_read,
+    media_of,
+    msc3870_settings,
+    mxc_path,
+    png_bytes,
+)
 
 A = ModerationAction
 MOD = "@mod:localhost"
-
-
-def uploaded_image(client: MatrixClient, width: int = 64) -> Media:
-    response = client.post("/_matrix/media/v3/upload", png_bytes(width, width), "image/png")
-    assert response.status_code == 200, response.content
-    return media_of(response.json()["content_uri"])
 
 
 def assert_served(answers: dict[str, object]) -> None:
@@ -61,27 +58,24 @@ ACTIONS: dict[str, Callable[[Media], object]] = {
 
 @pytest.mark.parametrize("action", list(ACTIONS))
 def test_moderated_media_is_404_on_every_path_at_once(
-    action: str, alice: MatrixClient, bob: MatrixClient, remote: FakeRemote
+    action: str, alice: MatrixClient, bob: MatrixClient, peer: FakeRemote
 ) -> None:
-    media = uploaded_image(alice)
-    assert_served(reads(bob, media.media_id, remote))  # thumbnails made, answers warm
+    media = media_of(alice.uploaded(png_bytes(64, 64), "image/png"))
+    assert_served(every_read(bob, media.media_id, peer))  # thumbnails made, answers warm
     if action == "re-screen":
-        from .conftest import msc3870_settings
-
-        with msc3870_settings(CHECKS=["tests.test_moderation_actions.refuse_everything"]):
+        with msc3870_settings(CHECKS=["tests.checks.reject_everything"]):
             assert ACTIONS[action](media) == "quarantined"
     else:
         ACTIONS[action](media)
     for client in (alice, bob):
-        assert_not_found(reads(client, media.media_id, remote))
+        assert_all_not_found(every_read(client, media.media_id, peer))
 
 
 @pytest.mark.parametrize("bulk", [False, True])
 def test_downloads_parked_on_media_are_404_when_it_is_purged(
-    app: MediaASGIHandler, bulk: bool
+    app: MediaASGIHandler, token: str, bulk: bool
 ) -> None:
-    token_cache.clear()
-    bearer = {"Authorization": f"Bearer {make_token('@alice:localhost')}"}
+    bearer = {"Authorization": f"Bearer {token}"}
     size = "width=32&height=32"
 
     async def scenario() -> None:

@@ -1,6 +1,6 @@
 """The guard that keeps tests on this machine (tests/network_guard.py).
 
-No test here can leave the machine even if the guard regressed: each one first replaces
+No test here can leave the machine even with a broken guard: each one first replaces
 the guard's references to the real socket functions with recorders, so a destination the
 guard wrongly let through reaches nothing either way. Destinations are TEST-NET
 addresses (RFC 5737, RFC 3849) and the reserved ``.invalid`` domain."""
@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from .conftest import GUARD_FINDINGS, network_guard
+from .helpers import child_pytest
 
 ELSEWHERE_V4 = ("192.0.2.1", 9)
 ELSEWHERE_V6 = ("2001:db8::1", 9, 0, 0)
@@ -238,21 +239,11 @@ def test_a_swallowed_refusal_fails_the_test_at_teardown(tmp_path: Path) -> None:
         network_guard.LOG_ENV: str(tmp_path / "child-session.log"),  # not this session's
         "MEDIAREPO_DATA_DIR": str(tmp_path),
     }
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            # Not a test_*.py file: collected only when named, as here.
-            "guard_child_session.py::test_swallows_a_refused_connection",
-        ],
-        cwd=Path(__file__).parent,
+    done = child_pytest(
+        # Not a test_*.py file: collected only when named, as here.
+        "guard_child_session.py::test_swallows_a_refused_connection",
         env=env,
-        capture_output=True,
-        text=True,
+        cwd=Path(__file__).parent,
         timeout=240,
     )
     assert done.returncode == pytest.ExitCode.TESTS_FAILED, done.stdout + done.stderr

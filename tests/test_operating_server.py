@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import requests
 
-from .test_server import Server, create, free_port, mxc_path, start_server, wait_until
+from .helpers import free_port, mxc_path, wait_until
+from .server_helpers import Server, start_server
 
 VERSIONS = 'msc3870_http_requests_total{method="GET",route="versions",status="200"}'
 
@@ -119,14 +120,9 @@ def test_health_with_the_in_process_scheduler(operated: tuple[Server, int, Path]
 
 def test_every_line_is_json_and_says_who_did_what(operated: tuple[Server, int, Path]) -> None:
     server, _, _ = operated
-    created = create(server)
+    created = server.client.create()
     path = mxc_path(created["content_uri"])
-    put = requests.put(
-        f"{server.base_url}/_matrix/media/v3/upload/{path}",
-        data=b"operated bytes",
-        headers={**server.auth(), "Content-Type": "text/plain"},
-        timeout=30,
-    )
+    put = server.client.put_upload(created["content_uri"], b"operated bytes", "text/plain")
     assert put.status_code == 200, put.text
     media_id = path.split("/")[1]
 

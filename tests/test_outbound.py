@@ -12,7 +12,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,17 @@ import pytest
 from msc3870.federation import outbound
 from msc3870.federation.outbound import AddressNotAllowed, IPPolicy
 
-from .conftest import msc3870_settings
-from .federation_helpers import LocalServer, local_server, self_signed_tls, send
+from .federation_helpers import (
+    SLACK_SECONDS,
+    LocalServer,
+    local_server,
+    self_signed_tls,
+    send,
+    silent_server,
+)
+from .helpers import msc3870_settings
 
 LOOPBACK_OPEN = msc3870_settings(FEDERATION_IP_RANGE_ALLOWLIST=["127.0.0.1/32"])
-# How far past its deadline a call may end (thread wake-ups on a busy machine).
-SLACK_SECONDS = 1.0
 
 
 def _ok(handler: BaseHTTPRequestHandler) -> None:
@@ -452,36 +456,6 @@ def test_tls_verification_can_be_turned_off_for_tests(tls_server: LocalServer) -
 
 
 # --- one deadline, from the first DNS query to the last body byte ---------------------
-
-
-@contextmanager
-def silent_server() -> Iterator[int]:
-    """A TCP server on 127.0.0.1 that accepts connections and never says a byte (nor
-    completes a TLS handshake); yields its port."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.1)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                held.append(listener.accept()[0])
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join(5)
-        listener.close()
-        for conn in held:
-            conn.close()
 
 
 def _trickled_head(at_once: bytes, trickled: bytes) -> Any:

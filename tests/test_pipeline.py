@@ -3,135 +3,84 @@ custom checks, signals, tombstones."""
 
 from __future__ import annotations
 
-import socket
-import struct
-import threading
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
 from django.conf import settings
 from django.utils import timezone
 
 from msc3870 import maintenance, moderation, signals, verdicts
 from msc3870.models import Media, MediaState
-from msc3870.screening import Rejection, ScreeningContext
 
-from .conftest import MatrixClient, files_under, media_of, msc3870_settings, mxc_path
+from .helpers import (
+    EICAR,
+    FakeClamd,
+    MatrixClient,
+    media_files,
+    media_of,
+    msc3870_settings,
+    mxc_path,
+)
 
 S = MediaState
-EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
-
-
-def upload(client: MatrixClient, data: bytes, content_type: str = "text/plain") -> Any:
-    return client.post("/_matrix/media/v3/upload", data, content_type)
-
-
-def uploaded(client: MatrixClient, data: bytes) -> Media:
-    response = upload(client, data)
-    assert response.status_code == 200, response.content
-    return media_of(response.json()["content_uri"])
 
 
 def test_identical_content_is_stored_once(alice: MatrixClient, bob: MatrixClient) -> None:
-    first = uploaded(alice, b"same bytes")
-    second = uploaded(bob, b"same bytes")
+    first = media_of(alice.uploaded(b"same bytes"))
+    second = media_of(bob.uploaded(b"same bytes"))
     assert second.storage_key == first.storage_key
-    assert files_under(Path(settings.MEDIA_DIR)) == [first.storage_key]
+    assert media_files() == [first.storage_key]
     # Purging one keeps the bytes the other still serves.
     assert moderation.purge(first, by="mod")
-    assert files_under(Path(settings.MEDIA_DIR)) == [first.storage_key]
+    assert media_files() == [first.storage_key]
     got = bob.get(f"/_matrix/client/v1/media/download/{mxc_path(second.mxc_uri)}")
     assert b"".join(got.streaming_content) == b"same bytes"
     # Purging the last one deletes them.
     assert moderation.purge(second, by="mod")
-    assert files_under(Path(settings.MEDIA_DIR)) == []
+    assert media_files() == []
 
 
 def test_sweep_keeps_shared_objects(alice: MatrixClient, bob: MatrixClient) -> None:
-    first = uploaded(alice, b"shared")
-    second = uploaded(bob, b"shared")
+    first = media_of(alice.uploaded(b"shared"))
+    second = media_of(bob.uploaded(b"shared"))
     Media.objects.filter(pk=first.pk).update(state=S.DELETED)  # as if purged, not cleaned
     maintenance.delete_dead_objects()
     assert Media.objects.get(pk=first.pk).objects_deleted_at is not None
-    assert files_under(Path(settings.MEDIA_DIR)) == [second.storage_key]
+    assert media_files() == [second.storage_key]
 
 
 def test_quarantined_content_cannot_be_uploaded_again(
     alice: MatrixClient, bob: MatrixClient
 ) -> None:
-    bad = uploaded(alice, b"forbidden content")
+    bad = media_of(alice.uploaded(b"forbidden content"))
     moderation.quarantine(bad, by="mod")
-    response = upload(bob, b"forbidden content")
+    response = bob.upload(b"forbidden content")
     assert response.status_code == 403
     assert response.json()["errcode"] == "M_FORBIDDEN"
     assert "blocked" in response.json()["error"]
     moderation.reject(media_of(bad.mxc_uri), by="mod")
-    assert upload(bob, b"forbidden content").status_code == 403
-    assert upload(bob, b"fine content").status_code == 200
+    assert bob.upload(b"forbidden content").status_code == 403
+    assert bob.upload(b"fine content").status_code == 200
 
 
 def test_user_quota(alice: MatrixClient, bob: MatrixClient) -> None:
     with msc3870_settings(USER_QUOTA_BYTES=10):
-        assert upload(alice, b"123456").status_code == 200
-        over = upload(alice, b"abcdef")
+        assert alice.upload(b"123456").status_code == 200
+        over = alice.upload(b"abcdef")
         assert over.status_code == 413
         assert "quota" in over.json()["error"]
-        assert upload(bob, b"abcdef").status_code == 200  # per user
-
-
-class FakeClamd:
-    """Speaks clamd's INSTREAM protocol on a real socket; flags the EICAR test string."""
-
-    def __init__(self) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.scanned: list[bytes] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            with conn:
-                stream = conn.makefile("rb")
-                assert stream.read(10) == b"zINSTREAM\0"
-                data = b""
-                while True:
-                    (length,) = struct.unpack("!L", stream.read(4))
-                    if length == 0:
-                        break
-                    data += stream.read(length)
-                self.scanned.append(data)
-                found = EICAR in data
-                conn.sendall(b"stream: Eicar-Signature FOUND\0" if found else b"stream: OK\0")
-
-    def close(self) -> None:
-        self.server.close()
-
-
-@pytest.fixture
-def clamd() -> Iterator[FakeClamd]:
-    server = FakeClamd()
-    yield server
-    server.close()
+        assert bob.upload(b"abcdef").status_code == 200  # per user
 
 
 def test_clamav_scan(alice: MatrixClient, clamd: FakeClamd) -> None:
-    with msc3870_settings(CLAMAV_URL=f"tcp://127.0.0.1:{clamd.port}"):
-        assert upload(alice, b"clean file").status_code == 200
-        infected = upload(alice, EICAR)
+    with msc3870_settings(CLAMAV_URL=clamd.url):
+        assert alice.upload(b"clean file").status_code == 200
+        infected = alice.upload(EICAR)
     assert infected.status_code == 403
     assert "Eicar-Signature" in infected.json()["error"]
     assert clamd.scanned == [b"clean file", EICAR]
-    assert not any(
-        EICAR in (Path(settings.MEDIA_DIR) / f).read_bytes()
-        for f in files_under(Path(settings.MEDIA_DIR))
-    )
+    assert not any(EICAR in (Path(settings.MEDIA_DIR) / f).read_bytes() for f in media_files())
 
 
 def test_clamav_down_is_a_failure_not_a_pass(alice: MatrixClient) -> None:
@@ -151,19 +100,13 @@ def test_clamav_down_is_a_failure_not_a_pass(alice: MatrixClient) -> None:
     )
 
 
-def reject_odd_sizes(ctx: ScreeningContext) -> None:
-    """A host project's own check."""
-    if ctx.info.size % 2:
-        raise Rejection("Odd sizes are not welcome here", errcode="M_INVALID_PARAM", status=400)
-
-
 def test_host_projects_add_their_own_check(alice: MatrixClient) -> None:
     from msc3870.conf import DEFAULTS
 
-    checks = [*DEFAULTS["CHECKS"], "tests.test_pipeline.reject_odd_sizes"]
+    checks = [*DEFAULTS["CHECKS"], "tests.checks.reject_odd_sizes"]
     with msc3870_settings(CHECKS=checks):
-        assert upload(alice, b"even").status_code == 200
-        odd = upload(alice, b"odd")
+        assert alice.upload(b"even").status_code == 200
+        odd = alice.upload(b"odd")
     assert odd.status_code == 400
     assert odd.json()["error"] == "Odd sizes are not welcome here"
 
@@ -189,11 +132,11 @@ def test_signals(alice: MatrixClient) -> None:
 
     signals.media_completed.connect(broken)
     try:
-        media = uploaded(alice, b"signalled")
+        media = media_of(alice.uploaded(b"signalled"))
         moderation.quarantine(media, by="mod")
         moderation.purge(media, by="mod")
         with msc3870_settings(DENIED_CONTENT_TYPES=["text/plain"]):
-            assert upload(alice, b"denied").status_code == 403
+            assert alice.upload(b"denied").status_code == 403
         pending = alice.create()
         Media.objects.filter(pk=media_of(pending["content_uri"]).pk).update(
             unused_expires_at=timezone.now()
@@ -215,7 +158,7 @@ def test_old_tombstones_are_deleted_but_moderation_verdicts_stay(alice: MatrixCl
     expired = alice.create()
     Media.objects.update(unused_expires_at=timezone.now())
     maintenance.expire_pending()
-    verdict = uploaded(alice, b"moderated")
+    verdict = media_of(alice.uploaded(b"moderated"))
     moderation.reject(verdict, by="mod")
     long_ago = timezone.now() - timedelta(days=31)
     Media.objects.update(state_changed_at=long_ago, objects_deleted_at=long_ago)
@@ -229,7 +172,7 @@ def test_old_tombstones_are_deleted_but_moderation_verdicts_stay(alice: MatrixCl
 
 
 def test_screening_is_idempotent(alice: MatrixClient) -> None:
-    media = uploaded(alice, b"done once")
+    media = media_of(alice.uploaded(b"done once"))
     assert verdicts.screen(media.pk) == "skipped"
     assert verdicts.screen(10**9) == "skipped"
     assert Media.objects.get(pk=media.pk).attempts == 1

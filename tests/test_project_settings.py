@@ -10,6 +10,8 @@ import pytest
 
 import mediarepo
 
+from .helpers import environment_variables, typed
+
 SETTINGS_FILE = Path(mediarepo.__file__).parent / "settings.py"
 
 
@@ -21,7 +23,7 @@ def project_settings(monkeypatch: pytest.MonkeyPatch, **env: str) -> dict[str, A
 
 
 def test_content_type_lists_are_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 8.8: never a bare string, which would be read as a list of characters."""
+    """Never a bare string, which would be read as a list of characters."""
     read = project_settings(
         monkeypatch,
         MSC3870_ALLOWED_CONTENT_TYPES="image/*, video/*",
@@ -46,7 +48,7 @@ def test_legacy_media_freeze_from_the_environment(monkeypatch: pytest.MonkeyPatc
 
 
 def test_cookies_are_secure_behind_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 8.15: behind a TLS proxy the admin's cookies must not travel over HTTP."""
+    """Behind a TLS proxy the admin's cookies must not travel over HTTP."""
     behind = project_settings(monkeypatch, DJANGO_BEHIND_PROXY="1")
     assert behind["SESSION_COOKIE_SECURE"] is True
     assert behind["CSRF_COOKIE_SECURE"] is True
@@ -123,15 +125,6 @@ def msc3870_from(monkeypatch: pytest.MonkeyPatch, data_dir: Path, **env: str) ->
             monkeypatch.delenv(name)
     monkeypatch.setenv("MEDIAREPO_DATA_DIR", str(data_dir))
     return project_settings(monkeypatch, **env)["MSC3870"]
-
-
-def typed(value: Any) -> Any:
-    """``value`` with the type of every scalar in it: 20 and 20.0 differ, so do 1 and True."""
-    if isinstance(value, dict):
-        return {key: typed(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return (type(value).__name__, [typed(item) for item in value])
-    return (type(value).__name__, value)
 
 
 def unset_environment(data_dir: Path) -> dict[str, Any]:
@@ -359,3 +352,10 @@ def test_a_variable_that_does_not_parse_names_itself(
 
     with pytest.raises(ImproperlyConfigured, match="MSC3870_UPLOAD_BODIES_MAX='lots'"):
         msc3870_from(monkeypatch, tmp_path, MSC3870_UPLOAD_BODIES_MAX="lots")
+
+
+def test_every_variable_is_pinned_by_a_case() -> None:
+    """The cases above pin what each variable of the app means; a new one gets a case."""
+    pinned = {name for env, _ in ENVIRONMENT_CASES for name in env}
+    assert environment_variables() - pinned == set()
+    assert environment_variables() <= {*ENVIRONMENT_OF_THE_APP, *pinned}

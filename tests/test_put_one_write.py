@@ -1,9 +1,9 @@
-"""Issue 7: without a broker a PUT is decided in one write
+"""Without a broker a PUT is decided in one write
 (``uploads._upload_decided_in_one_write``).
 
 The id is not claimed before the body is read: the bytes go to a key of the request's own,
-and one compare-and-set on the still PENDING row records them with their verdict. What the
-claim used to guard is tested here, each race forced by running the other party inside
+and one compare-and-set on the still PENDING row records them with their verdict. The
+races a claim would guard are tested here, each forced by running the other party inside
 the body's last read (no sleeps, no threads).
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,46 +18,22 @@ import pytest
 from django.conf import settings
 from django.utils import timezone
 
-from msc3870 import lifecycle, uploads
-from msc3870.auth import MatrixUser
+from msc3870 import lifecycle
 from msc3870.errors import CannotOverwrite, NotFound, StorageUnavailable
 from msc3870.models import Media, MediaState, UploadMethod
 from msc3870.stores.local import LocalMediaStore
 
-from .conftest import MatrixClient, files_under, media_of, msc3870_settings, mxc_path
+from .helpers import (
+    MatrixClient,
+    ThenAtTheEnd,
+    media_files,
+    media_of,
+    msc3870_settings,
+    mxc_path,
+    put_body,
+)
 
 S = MediaState
-
-
-class ThenAtTheEnd(io.BytesIO):
-    """A body that runs ``meanwhile`` once, when its last byte has been read."""
-
-    def __init__(self, data: bytes, meanwhile: Callable[[], None]) -> None:
-        super().__init__(data)
-        self.meanwhile: Callable[[], None] | None = meanwhile
-
-    def read(self, size: int | None = -1) -> bytes:
-        chunk = super().read(size)
-        if not chunk and self.meanwhile is not None:
-            run, self.meanwhile = self.meanwhile, None
-            run()
-        return chunk
-
-
-def put(client: MatrixClient, media: Media, body: io.BytesIO, size: int) -> Media:
-    return uploads.upload_to_media(
-        MatrixUser(client.user_id),
-        "localhost",
-        media.media_id,
-        body,
-        content_length=size,
-        content_type="text/plain",
-        filename=None,
-    )
-
-
-def stored_files() -> list[str]:
-    return files_under(Path(settings.MEDIA_DIR))
 
 
 def test_the_row_goes_from_pending_to_complete_with_its_bytes_in_one_update(
@@ -81,7 +56,7 @@ def test_the_row_goes_from_pending_to_complete_with_its_bytes_in_one_update(
     assert media.upload_method == UploadMethod.PUT
     assert media.processing_started_at is not None and media.completed_at is not None
     assert media.storage_key.startswith(media.served_key + ".")
-    assert stored_files() == [media.storage_key]
+    assert media_files() == [media.storage_key]
     assert (Path(settings.MEDIA_DIR) / media.storage_key).read_bytes() == b"hi"
 
 
@@ -100,7 +75,7 @@ def test_a_put_that_loses_the_id_while_streaming_keeps_nothing(alice: MatrixClie
         )
 
     with pytest.raises(CannotOverwrite):
-        put(alice, media, ThenAtTheEnd(b"late bytes", claimed_by_complete), 10)
+        put_body(alice, media, ThenAtTheEnd(b"late bytes", claimed_by_complete), 10)
     row = Media.objects.get(pk=media.pk)
     assert (row.state, row.upload_method, row.storage_key, row.size) == (
         S.PROCESSING,
@@ -108,21 +83,21 @@ def test_a_put_that_loses_the_id_while_streaming_keeps_nothing(alice: MatrixClie
         "",
         None,
     )
-    assert stored_files() == []
+    assert media_files() == []
 
 
 def test_racing_puts_one_wins_and_the_served_bytes_are_its_own(alice: MatrixClient) -> None:
     media = media_of(alice.create()["content_uri"])
 
     def the_other_put() -> None:
-        put(alice, media, io.BytesIO(b"the winner"), 10)
+        put_body(alice, media, io.BytesIO(b"the winner"), 10)
 
     with pytest.raises(CannotOverwrite):
-        put(alice, media, ThenAtTheEnd(b"the loser!", the_other_put), 10)
+        put_body(alice, media, ThenAtTheEnd(b"the loser!", the_other_put), 10)
     row = Media.objects.get(pk=media.pk)
     assert row.state == S.COMPLETE
     assert row.sha256 == hashlib.sha256(b"the winner").hexdigest()
-    assert stored_files() == [row.storage_key]
+    assert media_files() == [row.storage_key]
     assert (Path(settings.MEDIA_DIR) / row.storage_key).read_bytes() == b"the winner"
 
 
@@ -133,9 +108,9 @@ def test_a_put_to_an_id_that_expires_while_streaming_is_not_found(alice: MatrixC
         assert lifecycle.transition(media.pk, [S.PENDING], S.EXPIRED)
 
     with pytest.raises(NotFound):
-        put(alice, media, ThenAtTheEnd(b"late bytes", expired), 10)
+        put_body(alice, media, ThenAtTheEnd(b"late bytes", expired), 10)
     assert Media.objects.get(pk=media.pk).state == S.EXPIRED
-    assert stored_files() == []
+    assert media_files() == []
 
 
 def put_denied_html(client: MatrixClient, created: dict[str, str]) -> Any:
@@ -156,7 +131,7 @@ def test_a_rejected_put_is_rejected_from_pending_and_leaves_no_bytes(alice: Matr
     media = media_of(created["content_uri"])
     assert media.state == S.REJECTED
     assert media.objects_deleted_at is not None  # every key of the id was deleted
-    assert stored_files() == []
+    assert media_files() == []
 
 
 def test_a_rejection_stands_when_only_the_ids_other_keys_cannot_be_deleted(
@@ -175,4 +150,4 @@ def test_a_rejection_stands_when_only_the_ids_other_keys_cannot_be_deleted(
     assert response.status_code == 403, response.content
     media = media_of(created["content_uri"])
     assert (media.state, media.objects_deleted_at) == (S.REJECTED, None)
-    assert stored_files() == []
+    assert media_files() == []

@@ -1,14 +1,13 @@
-"""Issue 8.4: the per-user quota cannot be beaten by racing completes.
+"""The per-user quota cannot be beaten by racing completes.
 
 Every upload's checks may pass against the same total while none of them is complete yet;
 the quota is therefore decided again in the transaction that completes, under the user's
-lock. Both tests force the interleaving that used to break, so they fail every run
-without the fix, never by chance.
+lock. Both tests force that interleaving, so that a quota decided only by the checks
+fails them every run, never by chance.
 """
 
 from __future__ import annotations
 
-import io
 import threading
 from typing import Any
 
@@ -21,7 +20,7 @@ from msc3870 import lifecycle, verdicts
 from msc3870.models import Media, MediaState, UploadMethod
 from msc3870.stores import get_store
 
-from .conftest import MatrixClient, media_of, msc3870_settings
+from .helpers import MatrixClient, bytes_at_upload_url, media_of, msc3870_settings
 
 S = MediaState
 
@@ -29,10 +28,7 @@ S = MediaState
 def processing(client: MatrixClient, data: bytes) -> Media:
     """Media whose bytes reached its upload URL and whose /complete claimed it: PROCESSING,
     with its screening not yet run."""
-    media = media_of(client.create()["content_uri"])
-    get_store().write_stream(
-        media.incoming_key, io.BytesIO(data), max_size=len(data), expected_size=len(data)
-    )
+    media = media_of(bytes_at_upload_url(client, data)["content_uri"])
     assert lifecycle.transition(
         media,
         [S.PENDING],
@@ -51,9 +47,9 @@ def stored_bytes(user_id: str) -> int:
 def test_a_complete_decided_after_a_racing_one_counts_it(
     alice: MatrixClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The interleaving of the issue, in one thread: A's checks pass while B is still
-    being checked (nothing complete yet), then B completes, then A's completion is
-    decided. Before the fix A completed too: 120 bytes under a quota of 100."""
+    """In one thread: A's checks pass while B is still being checked (nothing complete
+    yet), then B completes, then A's completion is decided: A must not complete too
+    (120 bytes under a quota of 100)."""
     with msc3870_settings(USER_QUOTA_BYTES=100):
         first = processing(alice, b"a" * 60)
         second = processing(alice, b"b" * 60)
@@ -83,7 +79,7 @@ def test_five_completes_at_once_store_one(
     """Five 60-byte uploads under a quota of 100, screened on five threads (their own
     database connections) that all pass their checks before any of them completes: a
     barrier holds each at the door of the completing transaction until all five are
-    there. Exactly one completes (the issue measured three)."""
+    there. Exactly one completes."""
     with msc3870_settings(USER_QUOTA_BYTES=100):
         uploads = [processing(alice, bytes([65 + i]) * 60) for i in range(5)]
         at_the_door = threading.Barrier(len(uploads), timeout=60)

@@ -1,4 +1,4 @@
-"""Other servers' media, fetched when a client asks for it (issue 10, item 3).
+"""Other servers' media, fetched when a client asks for it.
 
 The other server is a real HTTPS server on 127.0.0.1 (server name ``127.0.0.1:<port>``, an
 IP literal with a port: no discovery), serving the federation media endpoint as the spec
@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,80 +24,25 @@ from msc3870.models import Media, MediaState, UploadMethod
 from msc3870.stores import get_store
 
 from .asgi_driver import parked, request, run, until
-from .conftest import MatrixClient, make_token, msc3870_settings, png_bytes
-from .federation_helpers import LocalServer, local_server, self_signed_tls, send
+from .federation_helpers import (
+    FED_DOWNLOAD,
+    Remote,
+    local_server,
+    multipart_file,
+    send,
+)
+from .helpers import (
+    LEGACY_DOWNLOAD,
+    V1_DOWNLOAD,
+    V1_THUMBNAIL,
+    MatrixClient,
+    make_token,
+    media_row,
+    msc3870_settings,
+    png_bytes,
+)
 
-V1 = "/_matrix/client/v1/media/download/"
-V1_THUMB = "/_matrix/client/v1/media/thumbnail/"
-LEGACY = "/_matrix/media/v3/download/"
-FED = "/_matrix/federation/v1/media/download/"
-
-
-@pytest.fixture(autouse=True)
-def _fetching_on() -> Iterator[None]:
-    with msc3870_settings(
-        FETCH_REMOTE_MEDIA=True,
-        FEDERATION_IP_RANGE_ALLOWLIST=["127.0.0.1/32"],
-        FEDERATION_VERIFY_TLS=False,
-    ):
-        yield
-
-
-class Remote:
-    """What the fake server answers, and what it saw."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, tuple[bytes, str]] = {}
-        self.authorizations: list[tuple[str, str]] = []  # (path, Authorization)
-        self.gate: threading.Event | None = None
-        self.server: LocalServer | None = None
-
-    @property
-    def name(self) -> str:
-        assert self.server is not None
-        return self.server.server_name
-
-    def fed_hits(self) -> int:
-        assert self.server is not None
-        return sum(1 for hit in self.server.hits if hit.startswith(FED))
-
-
-def multipart_file(body: bytes, content_type: str, filename: str = "f") -> tuple[bytes, str]:
-    framing = MultipartMedia()
-    chunks, _ = framing.file(content_type, f"inline; filename={filename}", [body], len(body))
-    return b"".join(chunks), framing.content_type
-
-
-@pytest.fixture
-def remote(tmp_path: Path) -> Iterator[Remote]:
-    state = Remote()
-
-    def federation(handler: Any) -> None:
-        state.authorizations.append((handler.path, handler.headers.get("Authorization", "")))
-        if state.gate is not None:
-            state.gate.wait(20)
-        media_id = handler.path.split("?")[0].rsplit("/", 1)[1]
-        if media_id not in state.files:
-            send(handler, 404, b'{"errcode":"M_NOT_FOUND","error":"no"}')
-            return
-        body, content_type = multipart_file(*state.files[media_id])
-        send(handler, 200, body, {"Content-Type": content_type})
-
-    class Routes(dict[str, Callable[[Any], None]]):
-        def get(self, path: str, default: Any = None) -> Any:  # type: ignore[override]
-            if path.startswith(FED) and "federation" in self:
-                return self["federation"]
-            return super().get(path, default)
-
-    routes = Routes(federation=federation)
-    with local_server(routes, tls=self_signed_tls(tmp_path)) as server:
-        state.server = server
-        state.routes = routes  # type: ignore[attr-defined]
-        yield state
-
-
-def row(server_name: str, media_id: str) -> Media:
-    return Media.objects.get(server_name=server_name, media_id=media_id)
+pytestmark = pytest.mark.usefixtures("fetching_remote_media")
 
 
 def verified(path: str, authorization: str, destination: str) -> bool:
@@ -120,21 +63,21 @@ def test_remote_media_is_fetched_signed_and_kept(alice: MatrixClient, remote: Re
     image = png_bytes(64, 48)
     remote.files["abc"] = (image, "image/png")
 
-    response = alice.get(V1 + f"{remote.name}/abc")
+    response = alice.get(V1_DOWNLOAD + f"{remote.name}/abc")
 
     assert response.status_code == 200
     assert b"".join(response.streaming_content) == image
     assert response["Content-Type"] == "image/png"
-    media = row(remote.name, "abc")
+    media = media_row(remote.name, "abc")
     assert media.state == MediaState.COMPLETE and media.upload_method == UploadMethod.REMOTE
     assert media.size == len(image) and media.filename == "f"
     assert media.storage_key.startswith("remote/127.0.0.1_")
     ((path, authorization),) = remote.authorizations
-    assert path == FED + "abc"
+    assert path == FED_DOWNLOAD + "abc"
     assert verified(path, authorization, remote.name)
     # Held now: served without asking again, thumbnails made here from the original.
-    assert alice.get(V1 + f"{remote.name}/abc").status_code == 200
-    thumb = alice.get(V1_THUMB + f"{remote.name}/abc?width=32&height=32&method=crop")
+    assert alice.get(V1_DOWNLOAD + f"{remote.name}/abc").status_code == 200
+    thumb = alice.get(V1_THUMBNAIL + f"{remote.name}/abc?width=32&height=32&method=crop")
     assert thumb.status_code == 200
     assert remote.fed_hits() == 1
     assert any(
@@ -149,8 +92,8 @@ def test_remote_id_equal_to_a_local_id_touches_nothing_local(
     local_id = uploaded.json()["content_uri"].rsplit("/", 1)[1]
     remote.files[local_id] = (b"theirs", "text/plain")
 
-    theirs = alice.get(V1 + f"{remote.name}/{local_id}")
-    ours = alice.get(V1 + f"{app_settings.SERVER_NAME}/{local_id}")
+    theirs = alice.get(V1_DOWNLOAD + f"{remote.name}/{local_id}")
+    ours = alice.get(V1_DOWNLOAD + f"{app_settings.SERVER_NAME}/{local_id}")
 
     assert b"".join(theirs.streaming_content) == b"theirs"
     assert b"".join(ours.streaming_content) == b"ours"
@@ -159,15 +102,15 @@ def test_remote_id_equal_to_a_local_id_touches_nothing_local(
 def test_fetched_bytes_are_screened(alice: MatrixClient, remote: Remote) -> None:
     remote.files["page"] = (b"<html><body>hi</body></html>", "text/html")
     with msc3870_settings(DENIED_CONTENT_TYPES=["text/html"]):
-        response = alice.get(V1 + f"{remote.name}/page")
+        response = alice.get(V1_DOWNLOAD + f"{remote.name}/page")
     # Rejected media is not found, whoever uploaded it.
     assert (response.status_code, response.json()["errcode"]) == (404, "M_NOT_FOUND")
-    media = row(remote.name, "page")
+    media = media_row(remote.name, "page")
     assert media.state == MediaState.REJECTED
     assert not get_store().head(media.served_key)
     # Refused content is not a failed fetch: never fetched again.
     Media.objects.filter(pk=media.pk).update(state_changed_at=timezone.now() - timedelta(hours=1))
-    assert alice.get(V1 + f"{remote.name}/page").status_code == 404
+    assert alice.get(V1_DOWNLOAD + f"{remote.name}/page").status_code == 404
     assert remote.fed_hits() == 1
 
 
@@ -175,22 +118,22 @@ def test_fetched_bytes_are_screened(alice: MatrixClient, remote: Remote) -> None
 
 
 def test_falls_back_to_legacy_download_on_unrecognized(alice: MatrixClient, remote: Remote) -> None:
-    del remote.routes["federation"]  # type: ignore[attr-defined]
-    legacy_path = LEGACY + f"{remote.name}/old"
+    del remote.routes["federation"]
+    legacy_path = LEGACY_DOWNLOAD + f"{remote.name}/old"
 
     def legacy(handler: Any) -> None:
         remote.authorizations.append((handler.path, handler.headers.get("Authorization", "")))
         send(handler, 200, b"legacy bytes", {"Content-Type": "text/plain"})
 
-    remote.routes[legacy_path] = legacy  # type: ignore[attr-defined]
+    remote.routes[legacy_path] = legacy
 
-    response = alice.get(V1 + f"{remote.name}/old")
+    response = alice.get(V1_DOWNLOAD + f"{remote.name}/old")
 
     assert response.status_code == 200
     assert b"".join(response.streaming_content) == b"legacy bytes"
     assert remote.server is not None
     assert remote.server.hits == [
-        FED + "old",
+        FED_DOWNLOAD + "old",
         legacy_path + "?allow_remote=false&allow_redirect=true",
     ]
     path, authorization = remote.authorizations[0]
@@ -203,19 +146,19 @@ def test_legacy_endpoints_never_fetch(alice: MatrixClient, remote: Remote) -> No
     remote.files["x"] = (png_bytes(40, 40), "image/png")
     client = Client()
     for query in ("", "?allow_remote=true", "?allow_remote=false"):
-        response = client.get(LEGACY + f"{remote.name}/x{query}")
+        response = client.get(LEGACY_DOWNLOAD + f"{remote.name}/x{query}")
         assert response.status_code == 404
         assert response.json()["errcode"] == "M_NOT_FOUND"
     thumb = f"/_matrix/media/v3/thumbnail/{remote.name}/x?width=32&height=32"
     assert client.get(thumb).status_code == 404
-    assert alice.get(LEGACY + f"{remote.name}/x").status_code == 404
+    assert alice.get(LEGACY_DOWNLOAD + f"{remote.name}/x").status_code == 404
     assert remote.fed_hits() == 0
     assert not Media.objects.filter(server_name=remote.name).exists()
 
     # An authenticated request fetches it; held now, the legacy endpoints serve it.
-    assert alice.get(V1 + f"{remote.name}/x").status_code == 200
+    assert alice.get(V1_DOWNLOAD + f"{remote.name}/x").status_code == 200
     for query in ("", "?allow_remote=false"):
-        assert client.get(LEGACY + f"{remote.name}/x{query}").status_code == 200
+        assert client.get(LEGACY_DOWNLOAD + f"{remote.name}/x{query}").status_code == 200
     assert client.get(thumb).status_code == 200
     assert remote.fed_hits() == 1
 
@@ -229,7 +172,7 @@ def _location_route(remote: Remote, url: str) -> None:
         framing = MultipartMedia()
         send(handler, 200, framing.location(url), {"Content-Type": framing.content_type})
 
-    remote.routes["federation"] = federation  # type: ignore[attr-defined]
+    remote.routes["federation"] = federation
 
 
 def test_location_part_is_followed_without_credentials(alice: MatrixClient, remote: Remote) -> None:
@@ -246,20 +189,20 @@ def test_location_part_is_followed_without_credentials(alice: MatrixClient, remo
 
     with local_server({"/object": cdn}) as storage:
         _location_route(remote, f"{storage.url}/object?sig=1")
-        response = alice.get(V1 + f"{remote.name}/loc")
+        response = alice.get(V1_DOWNLOAD + f"{remote.name}/loc")
 
     assert response.status_code == 200
     assert b"".join(response.streaming_content) == b"from the cdn"
     assert seen == [None]
-    assert row(remote.name, "loc").filename == "a.txt"
+    assert media_row(remote.name, "loc").filename == "a.txt"
 
 
 def test_location_to_a_private_address_is_refused(alice: MatrixClient, remote: Remote) -> None:
     _location_route(remote, "http://169.254.169.254/latest/meta-data/")
-    response = alice.get(V1 + f"{remote.name}/meta")
+    response = alice.get(V1_DOWNLOAD + f"{remote.name}/meta")
     assert response.status_code == 502
     assert response.json() == {"errcode": "M_UNKNOWN", "error": "Could not fetch remote media"}
-    media = row(remote.name, "meta")
+    media = media_row(remote.name, "meta")
     assert media.state == MediaState.REJECTED
     # The detail is for moderators (the admin shows last_error), never for clients.
     assert "may not reach" in media.last_error and "169.254" in media.last_error
@@ -269,7 +212,7 @@ def test_location_to_a_private_address_is_refused(alice: MatrixClient, remote: R
 def test_remote_server_on_a_denied_address_is_refused(alice: MatrixClient, remote: Remote) -> None:
     remote.files["x"] = (b"bytes", "text/plain")
     with msc3870_settings(FEDERATION_IP_RANGE_ALLOWLIST=[]):  # the default: loopback denied
-        response = alice.get(V1 + f"{remote.name}/x")
+        response = alice.get(V1_DOWNLOAD + f"{remote.name}/x")
     assert response.status_code == 502
     assert remote.fed_hits() == 0
 
@@ -291,9 +234,9 @@ def test_too_large_from_content_length(alice: MatrixClient, remote: Remote) -> N
             },
         )
 
-    remote.routes["federation"] = federation  # type: ignore[attr-defined]
+    remote.routes["federation"] = federation
     with msc3870_settings(MAX_UPLOAD_SIZE=1000):
-        response = alice.get(V1 + f"{remote.name}/big")
+        response = alice.get(V1_DOWNLOAD + f"{remote.name}/big")
     assert response.status_code == 502
     assert response.json() == {"errcode": "M_TOO_LARGE", "error": "Remote media is too large"}
 
@@ -312,12 +255,12 @@ def test_too_large_while_streaming(alice: MatrixClient, remote: Remote) -> None:
             handler.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
         handler.wfile.write(b"0\r\n\r\n")
 
-    remote.routes["federation"] = federation  # type: ignore[attr-defined]
+    remote.routes["federation"] = federation
     with msc3870_settings(MAX_UPLOAD_SIZE=1000):
-        response = alice.get(V1 + f"{remote.name}/stream")
+        response = alice.get(V1_DOWNLOAD + f"{remote.name}/stream")
     assert response.status_code == 502
     assert response.json()["errcode"] == "M_TOO_LARGE"
-    media = row(remote.name, "stream")
+    media = media_row(remote.name, "stream")
     assert media.state == MediaState.REJECTED and not get_store().head(media.served_key)
 
 
@@ -325,17 +268,17 @@ def test_too_large_while_streaming(alice: MatrixClient, remote: Remote) -> None:
 
 
 def test_failure_is_remembered_then_retried(alice: MatrixClient, remote: Remote) -> None:
-    first = alice.get(V1 + f"{remote.name}/later")
+    first = alice.get(V1_DOWNLOAD + f"{remote.name}/later")
     assert first.status_code == 404
     assert first.json() == {"errcode": "M_NOT_FOUND", "error": "Remote media not found"}
-    assert alice.get(V1 + f"{remote.name}/later").status_code == 404
+    assert alice.get(V1_DOWNLOAD + f"{remote.name}/later").status_code == 404
     assert remote.fed_hits() == 1  # answered from the row
 
     remote.files["later"] = (b"now it exists", "text/plain")
     Media.objects.filter(server_name=remote.name, media_id="later").update(
         state_changed_at=timezone.now() - timedelta(seconds=61)
     )
-    retried = alice.get(V1 + f"{remote.name}/later")
+    retried = alice.get(V1_DOWNLOAD + f"{remote.name}/later")
     assert retried.status_code == 200
     assert b"".join(retried.streaming_content) == b"now it exists"
     assert remote.fed_hits() == 2
@@ -345,9 +288,9 @@ def test_unreachable_server_is_502(alice: MatrixClient, remote: Remote) -> None:
     assert remote.server is not None
     with local_server({}) as closed:
         name = closed.server_name
-    response = alice.get(V1 + f"{name}/gone")
+    response = alice.get(V1_DOWNLOAD + f"{name}/gone")
     assert response.status_code == 502
-    assert row(name, "gone").state == MediaState.REJECTED
+    assert media_row(name, "gone").state == MediaState.REJECTED
 
 
 # --- one fetch for many requests, waiting on the request plane --------------------------
@@ -361,7 +304,8 @@ def test_concurrent_requests_cause_one_fetch(app: Any, remote: Remote) -> None:
 
     async def scenario() -> None:
         exchanges = [
-            request(app, "GET", V1 + f"{remote.name}/shared", headers=headers) for _ in range(6)
+            request(app, "GET", V1_DOWNLOAD + f"{remote.name}/shared", headers=headers)
+            for _ in range(6)
         ]
         # All six wait on the hub (no thread each) while the one fetch is held at the gate.
         await until(lambda: parked() == 6, "six parked requests")

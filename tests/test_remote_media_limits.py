@@ -1,9 +1,8 @@
-# ruff: noqa: F811  (pytest fixtures imported from test_remote_media)
 """What fetching other servers' media may cost, and what clients hear of it: the byte
 rate per requester, the bound on fetches in flight, and outbound errors that never reach
 clients. (Unauthenticated reads never fetch: ``test_remote_media``.)
 
-Other servers are real servers on 127.0.0.1 (``test_remote_media``'s fixture); nothing
+Other servers are real servers on 127.0.0.1 (the ``remote`` fixture); nothing
 here connects anywhere else."""
 
 from __future__ import annotations
@@ -24,17 +23,17 @@ from msc3870.federation import remote_media
 from msc3870.models import Media, MediaState, UploadMethod
 
 from .asgi_driver import parked, request, run, until
-from .conftest import MatrixClient, make_token, msc3870_settings, png_bytes
-from .test_remote_media import (  # noqa: F401  (fixtures)
-    V1,
-    V1_THUMB,
-    Remote,
-    _fetching_on,
-    multipart_file,
-    remote,
-    row,
+from .federation_helpers import Remote, multipart_file
+from .helpers import (
+    V1_DOWNLOAD,
+    MatrixClient,
+    make_token,
+    media_row,
+    msc3870_settings,
+    png_bytes,
 )
 
+pytestmark = pytest.mark.usefixtures("fetching_remote_media")
 S = MediaState
 
 
@@ -69,11 +68,11 @@ def test_fetched_bytes_are_charged_and_a_full_bucket_is_429_before_fetching(
         remote.files[name] = (name.encode() * 2000, "application/octet-stream")
     sent = framed_size(b"one" * 2000, "application/octet-stream")
 
-    assert alice.get(V1 + f"{remote.name}/one").status_code == 200
+    assert alice.get(V1_DOWNLOAD + f"{remote.name}/one").status_code == 200
     # Under the burst still: the next fetch starts, and fills the bucket past it.
-    assert alice.get(V1 + f"{remote.name}/two").status_code == 200
+    assert alice.get(V1_DOWNLOAD + f"{remote.name}/two").status_code == 200
 
-    refused = alice.get(V1 + f"{remote.name}/three")
+    refused = alice.get(V1_DOWNLOAD + f"{remote.name}/three")
     assert refused.status_code == 429
     body = refused.json()
     assert body["errcode"] == "M_LIMIT_EXCEEDED"
@@ -87,10 +86,10 @@ def test_fetched_bytes_are_charged_and_a_full_bucket_is_429_before_fetching(
 
     # Media already held costs nothing, even with a full bucket.
     level = level_of(alice.user_id)
-    assert alice.get(V1 + f"{remote.name}/one").status_code == 200
+    assert alice.get(V1_DOWNLOAD + f"{remote.name}/one").status_code == 200
     assert level_of(alice.user_id) <= level
     # Another user has a bucket of their own.
-    assert bob.get(V1 + f"{remote.name}/three").status_code == 200
+    assert bob.get(V1_DOWNLOAD + f"{remote.name}/three").status_code == 200
     assert remote.fed_hits() == 3
 
 
@@ -104,8 +103,8 @@ def test_a_failed_fetch_is_charged_what_it_read(
 
         send(handler, 404, error)
 
-    remote.routes["federation"] = federation  # type: ignore[attr-defined]
-    assert alice.get(V1 + f"{remote.name}/missing").status_code == 404
+    remote.routes["federation"] = federation
+    assert alice.get(V1_DOWNLOAD + f"{remote.name}/missing").status_code == 404
     assert len(error) - 60 <= level_of(alice.user_id) <= len(error)
 
 
@@ -119,9 +118,9 @@ def test_waiters_on_a_fetch_another_user_started_are_not_charged(
     waiter = {"Authorization": f"Bearer {make_token('@waiter:localhost')}"}
 
     async def scenario() -> None:
-        first = request(app, "GET", V1 + f"{remote.name}/shared", headers=starter)
+        first = request(app, "GET", V1_DOWNLOAD + f"{remote.name}/shared", headers=starter)
         await until(lambda: remote.fed_hits() == 1, "the fetch")
-        second = request(app, "GET", V1 + f"{remote.name}/shared", headers=waiter)
+        second = request(app, "GET", V1_DOWNLOAD + f"{remote.name}/shared", headers=waiter)
         await until(lambda: parked() == 2, "both parked")
         assert remote.gate is not None
         remote.gate.set()
@@ -142,8 +141,8 @@ def test_the_rate_is_off_when_per_second_is_none(alice: MatrixClient, remote: Re
     with msc3870_settings(
         REMOTE_MEDIA_DOWNLOAD_PER_SECOND=None, REMOTE_MEDIA_DOWNLOAD_BURST_COUNT=1
     ):
-        assert alice.get(V1 + f"{remote.name}/a").status_code == 200
-        assert alice.get(V1 + f"{remote.name}/b").status_code == 200
+        assert alice.get(V1_DOWNLOAD + f"{remote.name}/a").status_code == 200
+        assert alice.get(V1_DOWNLOAD + f"{remote.name}/b").status_code == 200
 
 
 # --- 2. a bounded number of fetches in flight ----------------------------------------
@@ -168,25 +167,25 @@ def test_fetches_past_the_bound_are_refused_before_they_start(
 ) -> None:
     remote.files["held"] = (b"held", "text/plain")
     remote.files["new"] = (b"new", "text/plain")
-    assert alice.get(V1 + f"{remote.name}/held").status_code == 200
+    assert alice.get(V1_DOWNLOAD + f"{remote.name}/held").status_code == 200
     busy = [in_flight("elsewhere.example", f"busy{i}") for i in range(2)]
 
     with msc3870_settings(REMOTE_MEDIA_MAX_FETCHES=2):
-        refused = alice.get(V1 + f"{remote.name}/new")
+        refused = alice.get(V1_DOWNLOAD + f"{remote.name}/new")
         assert refused.status_code == 429
         assert refused.json()["errcode"] == "M_LIMIT_EXCEEDED"
         assert refused.json()["retry_after_ms"] == remote_media.FETCHES_BUSY_RETRY_MS
         assert refused["Retry-After"] == "2"
         assert not Media.objects.filter(server_name=remote.name, media_id="new").exists()
         # Held media is served: the count is made only when a fetch would start.
-        assert alice.get(V1 + f"{remote.name}/held").status_code == 200
+        assert alice.get(V1_DOWNLOAD + f"{remote.name}/held").status_code == 200
         assert remote.fed_hits() == 1
 
         # A fetch whose process died (abandoned) does not hold a place.
         Media.objects.filter(pk=busy[0].pk).update(
             processing_started_at=timezone.now() - timedelta(hours=1)
         )
-        assert alice.get(V1 + f"{remote.name}/new").status_code == 200
+        assert alice.get(V1_DOWNLOAD + f"{remote.name}/new").status_code == 200
     assert remote.fed_hits() == 2
 
 
@@ -218,13 +217,13 @@ def test_the_in_process_fetch_pool_admits_a_bounded_number(
     # A process whose slots are all taken answers 429 before inserting a row.
     monkeypatch.setattr(remote_media, "_pool", pool)
     remote.files["x"] = (b"x", "text/plain")
-    refused = alice.get(V1 + f"{remote.name}/x")
+    refused = alice.get(V1_DOWNLOAD + f"{remote.name}/x")
     assert refused.status_code == 429
     assert refused.json()["errcode"] == "M_LIMIT_EXCEEDED"
     assert not Media.objects.filter(server_name=remote.name).exists()
     assert remote.fed_hits() == 0
     pool.release()
-    assert alice.get(V1 + f"{remote.name}/x").status_code == 200
+    assert alice.get(V1_DOWNLOAD + f"{remote.name}/x").status_code == 200
     assert pool.admitted == remote_media.FETCH_SLOTS - 1  # its slot came back
 
 
@@ -261,7 +260,7 @@ def test_a_server_name_on_a_denied_address_is_not_told_to_clients(
         port = listener.getsockname()[1]
         name = f"localhost:{port}"
         with msc3870_settings(FEDERATION_IP_RANGE_ALLOWLIST=[]):
-            response = alice.get(V1 + f"{name}/x")
+            response = alice.get(V1_DOWNLOAD + f"{name}/x")
         listener.setblocking(False)
         with pytest.raises(BlockingIOError):
             listener.accept()
@@ -269,11 +268,11 @@ def test_a_server_name_on_a_denied_address_is_not_told_to_clients(
     assert response.status_code == 502
     assert response.json() == {"errcode": "M_UNKNOWN", "error": "Could not fetch remote media"}
     _assert_tells_nothing(response.content, port)
-    media = row(name, "x")
+    media = media_row(name, "x")
     assert "127.0.0.1" in media.last_error and "may not reach" in media.last_error
     assert media.rejection_reason == "Could not fetch remote media"
     # The answer given from the row afterwards tells no more.
-    again = alice.get(V1 + f"{name}/x")
+    again = alice.get(V1_DOWNLOAD + f"{name}/x")
     assert again.status_code == 502
     _assert_tells_nothing(again.content, port)
 
@@ -299,7 +298,7 @@ def test_a_server_that_closes_the_connection_is_not_told_to_clients(
     thread = threading.Thread(target=close_each, daemon=True)
     thread.start()
     try:
-        response = alice.get(V1 + f"127.0.0.1:{port}/x")
+        response = alice.get(V1_DOWNLOAD + f"127.0.0.1:{port}/x")
     finally:
         stop.set()
         thread.join(5)
@@ -308,4 +307,4 @@ def test_a_server_that_closes_the_connection_is_not_told_to_clients(
     assert response.status_code == 502
     assert response.json() == {"errcode": "M_UNKNOWN", "error": "Could not fetch remote media"}
     _assert_tells_nothing(response.content, port)
-    assert str(port) in row(f"127.0.0.1:{port}", "x").last_error
+    assert str(port) in media_row(f"127.0.0.1:{port}", "x").last_error

@@ -15,29 +15,20 @@ from django.utils import timezone
 
 from msc3870 import wakeup
 from msc3870.asgi import MediaASGIHandler
-from msc3870.auth import token_cache
 from msc3870.models import AccessToken, Media, MediaState
 
-from .asgi_driver import Reply, call, parked, request, run, until
-from .conftest import MatrixClient, make_token, msc3870_settings, mxc_path
+from .asgi_driver import Reply, call, created_path, parked, parked_download, request, run, until
+from .helpers import MatrixClient, bearer, data_queries, make_token, msc3870_settings, mxc_path
 
 S = MediaState
-TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE")
-
-
-def data_queries(captured: CaptureQueriesContext) -> list[str]:
-    """Statements that read or write data (a BEGIN or COMMIT is not a query)."""
-    return [
-        q["sql"] for q in captured.captured_queries if not q["sql"].startswith(TRANSACTION_CONTROL)
-    ]
 
 
 # ------------------------------------------------------------------ query budgets
 
 
 def test_create_costs_at_most_2_queries(alice: MatrixClient) -> None:
-    """The issue's budget is 3: the user's lock (PostgreSQL only) and one INSERT that
-    counts the user's pending ids in the same statement."""
+    """The user's lock (PostgreSQL only) and one INSERT that counts the user's pending ids
+    in the same statement."""
     alice.create()  # the token is resolved (and cached) once
     with CaptureQueriesContext(connection) as captured:
         alice.create()
@@ -51,8 +42,8 @@ def test_put_of_a_small_file_with_screening_costs_at_most_3_queries(alice: Matri
         response = alice.put(f"/_matrix/media/v3/upload/{path}", os.urandom(1024))
     assert response.status_code == 200, response.content
     queries = data_queries(captured)
-    # The issue's budget is 8; it takes 3 (the row read, the dedup look-up, and one
-    # UPDATE that records the bytes with the verdict), and only that UPDATE writes.
+    # The row read, the dedup look-up, and one UPDATE that records the bytes with the
+    # verdict; only that UPDATE writes.
     assert len(queries) <= 3, queries
     assert [q.split()[0] for q in queries if not q.startswith("SELECT")] == ["UPDATE"], queries
     assert Media.objects.get(media_id=path.split("/")[1]).state == S.COMPLETE  # screened
@@ -99,22 +90,6 @@ def test_token_cache_can_be_turned_off(alice: MatrixClient) -> None:
 # ------------------------------------------------------------------ the ASGI handler
 
 
-@pytest.fixture
-def token(transactional_db: None) -> str:
-    token_cache.clear()
-    return make_token("@alice:localhost")
-
-
-def bearer(token: str, **extra: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}", **extra}
-
-
-async def created_path(app: MediaASGIHandler, token: str) -> str:
-    reply = await call(app, "POST", "/_matrix/media/v1/create", headers=bearer(token))
-    assert reply.status == 200, reply.body
-    return mxc_path(reply.json()["content_uri"])
-
-
 def test_waiting_downloads_hold_no_thread_and_all_get_the_bytes(
     app: MediaASGIHandler, token: str
 ) -> None:
@@ -149,13 +124,7 @@ def test_a_change_made_elsewhere_wakes_waiters_through_the_poll(
 
     async def scenario() -> None:
         path = await created_path(app, token)
-        waiter = request(
-            app,
-            "GET",
-            f"/_matrix/client/v1/media/download/{path}?timeout_ms=30000",
-            headers=bearer(token),
-        )
-        await until(lambda: parked() == 1, "a parked waiter")
+        waiter = await parked_download(app, path, bearer(token))
         media_id = path.split("/")[1]
         await asyncio.to_thread(
             lambda: Media.objects.filter(media_id=media_id).update(state=S.EXPIRED)
@@ -176,13 +145,7 @@ def test_a_lost_notification_is_recovered_by_the_safety_poll(
 
     async def scenario() -> None:
         path = await created_path(app, token)
-        waiter = request(
-            app,
-            "GET",
-            f"/_matrix/client/v1/media/download/{path}?timeout_ms=30000",
-            headers=bearer(token),
-        )
-        await until(lambda: parked() == 1, "a parked waiter")
+        waiter = await parked_download(app, path, bearer(token))
         hub = wakeup.current_hub()
         assert hub is not None
         hub.listening = True  # as if LISTEN were connected: only the safety poll runs
@@ -320,13 +283,7 @@ def test_middleware_headers_reach_an_answer_given_after_a_wait(
 ) -> None:
     async def scenario() -> Reply:
         path = await created_path(app, token)
-        waiter = request(
-            app,
-            "GET",
-            f"/_matrix/client/v1/media/download/{path}?timeout_ms=30000",
-            headers=bearer(token, Origin="https://app.element.io"),
-        )
-        await until(lambda: parked() == 1, "a parked waiter")
+        waiter = await parked_download(app, path, bearer(token, Origin="https://app.element.io"))
         await call(app, "PUT", f"/_matrix/media/v3/upload/{path}", body=b"x", headers=bearer(token))
         return await waiter.reply()
 
@@ -484,13 +441,7 @@ def test_matrix_requests_skip_the_admin_middleware(app: MediaASGIHandler) -> Non
 def test_a_waiter_that_hangs_up_is_released(app: MediaASGIHandler, token: str) -> None:
     async def scenario() -> Reply:
         path = await created_path(app, token)
-        exchange = request(
-            app,
-            "GET",
-            f"/_matrix/client/v1/media/download/{path}?timeout_ms=30000",
-            headers=bearer(token),
-        )
-        await until(lambda: parked() == 1, "a parked waiter")
+        exchange = await parked_download(app, path, bearer(token))
         exchange.hang_up.set()
         return await exchange.reply()
 

@@ -7,14 +7,12 @@ import io
 import os
 import threading
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import boto3
 import pytest
-from django.conf import settings
 from django.test import Client, override_settings
 from moto import mock_aws
 
@@ -23,49 +21,19 @@ from msc3870.models import MediaState
 from msc3870.stores import get_store
 from msc3870.stores.s3 import POOL_CONNECTIONS, S3MediaStore
 
-from .conftest import MatrixClient, media_of, msc3870_settings, mxc_path, png_bytes
-
-BUCKET = "media-test"
-
-
-def s3_storages(**options: Any) -> dict[str, Any]:
-    return {
-        **settings.STORAGES,
-        "msc3870": {
-            "BACKEND": "storages.backends.s3.S3Storage",
-            "OPTIONS": {
-                "bucket_name": BUCKET,
-                "region_name": "us-east-1",
-                "access_key": "testing",
-                "secret_key": "testing",
-                "signature_version": "s3v4",
-                **options,
-            },
-        },
-    }
-
-
-@pytest.fixture
-def s3() -> Iterator[Any]:
-    with mock_aws(), override_settings(STORAGES=s3_storages()):
-        client = boto3.client("s3", region_name="us-east-1")
-        client.create_bucket(Bucket=BUCKET)
-        yield client
-
-
-def keys(s3: Any, prefix: str = "") -> list[str]:
-    return [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])]
-
-
-def client_put(s3: Any, created: dict[str, Any], data: bytes, content_type: str) -> None:
-    """What the client's PUT to the presigned URL leaves in the bucket."""
-    key = urlsplit(created["upload_url"]).path.lstrip("/")
-    assert key == media_of(created["content_uri"]).incoming_key
-    s3.put_object(Bucket=BUCKET, Key=key, Body=data, ContentType=content_type)
-
-
-def complete(client: MatrixClient, content_uri: str) -> Any:
-    return client.post(f"/_matrix/media/v1/upload/{mxc_path(content_uri)}/complete", b"{}")
+from .helpers import (
+    BUCKET,
+    LyingBody,
+    MatrixClient,
+    bucket_keys,
+    client_put,
+    data_queries,
+    media_of,
+    msc3870_settings,
+    mxc_path,
+    png_bytes,
+    s3_storages,
+)
 
 
 def test_store_is_s3(s3: Any) -> None:
@@ -73,8 +41,8 @@ def test_store_is_s3(s3: Any) -> None:
 
 
 def test_every_thread_shares_one_client_with_a_pool_for_them(s3: Any) -> None:
-    """A boto3 resource per thread (django-storages' way) cost each web and screening
-    thread 0.1 to 0.3 s of CPU on its first upload; the store's client is made once."""
+    """One client, made once, with a connection for each thread that may use it at once
+    (django-storages makes a boto3 resource per thread, costly to make)."""
     store = get_store()
     seen: list[Any] = []
     threads = [threading.Thread(target=lambda: seen.append(store.client)) for _ in range(4)]
@@ -86,7 +54,7 @@ def test_every_thread_shares_one_client_with_a_pool_for_them(s3: Any) -> None:
     assert store.client.meta.config.max_pool_connections == POOL_CONNECTIONS
     assert store.client.meta.endpoint_url == "https://s3.amazonaws.com"  # the storage's own
     store.client.put_object(Bucket=BUCKET, Key="k", Body=b"x")  # and it works
-    assert keys(s3) == ["k"]
+    assert bucket_keys(s3) == ["k"]
 
 
 @pytest.mark.parametrize(
@@ -179,14 +147,14 @@ def test_complete_moves_checks_and_serves(s3: Any, alice: MatrixClient) -> None:
     created = alice.create()
     data = png_bytes()
     client_put(s3, created, data, "image/png")
-    response = complete(alice, created["content_uri"])
+    response = alice.complete(created["content_uri"])
     assert response.status_code == 200
     media = media_of(created["content_uri"])
     assert media.state == MediaState.COMPLETE
     assert media.declared_content_type == "image/png"
     assert media.content_type == "image/png"
     assert media.sha256 == hashlib.sha256(data).hexdigest()
-    assert keys(s3) == [media.storage_key]  # incoming object deleted after the copy
+    assert bucket_keys(s3) == [media.storage_key]  # incoming object deleted after the copy
     download = alice.get(f"/_matrix/client/v1/media/download/{mxc_path(media.mxc_uri)}")
     assert download.status_code == 200
     assert b"".join(download.streaming_content) == data
@@ -198,12 +166,10 @@ def test_complete_and_its_screening_write_the_row_twice(s3: Any, alice: MatrixCl
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
-    from .test_request_plane import data_queries
-
     created = alice.create()
     client_put(s3, created, png_bytes(), "image/png")
     with CaptureQueriesContext(connection) as captured:
-        assert complete(alice, created["content_uri"]).status_code == 200
+        assert alice.complete(created["content_uri"]).status_code == 200
     writes = [q for q in data_queries(captured) if not q.startswith("SELECT")]
     assert [q.split()[0] for q in writes] == ["UPDATE", "UPDATE"], writes
     assert len(data_queries(captured)) <= 4, data_queries(captured)
@@ -234,10 +200,10 @@ def test_screening_that_fails_after_the_move_keeps_what_the_move_learnt(
     client_put(s3, created, data, "image/png")
     with monkeypatch.context() as patched:
         patched.setattr(S3MediaStore, "head_with_prefix", unavailable_once_moved)
-        complete(alice, created["content_uri"])
+        alice.complete(created["content_uri"])
     media = media_of(created["content_uri"])
     assert media.state == MediaState.PROCESSING
-    assert keys(s3) == [media.served_key]  # moved: the incoming object is gone
+    assert bucket_keys(s3) == [media.served_key]  # moved: the incoming object is gone
     assert media.storage_key == media.served_key
     assert media.declared_content_type == "image/png"
     assert screen_media(media.pk) == "complete"
@@ -267,7 +233,7 @@ def test_sniffing_reads_a_range_not_the_object(
         return real_get(**kwargs)
 
     monkeypatch.setattr(store.client, "get_object", spy)
-    assert complete(alice, created["content_uri"]).status_code == 200
+    assert alice.complete(created["content_uri"]).status_code == 200
     assert "bytes=0-8191" in ranges
     # Every read is ranged; the one full pass is the SHA-256.
     assert all(r is not None for r in ranges)
@@ -278,18 +244,18 @@ def test_reput_after_complete_changes_nothing_served(s3: Any, alice: MatrixClien
 
     created = alice.create()
     client_put(s3, created, b"checked bytes", "text/plain")
-    assert complete(alice, created["content_uri"]).status_code == 200
+    assert alice.complete(created["content_uri"]).status_code == 200
     client_put(s3, created, b"<html>swapped</html>", "text/html")  # the URL still works
     media = media_of(created["content_uri"])
     download = alice.get(f"/_matrix/client/v1/media/download/{mxc_path(media.mxc_uri)}")
     assert b"".join(download.streaming_content) == b"checked bytes"
     assert maintenance.delete_orphaned_uploads() == 1
-    assert keys(s3) == [media.storage_key]
+    assert bucket_keys(s3) == [media.storage_key]
 
 
 def test_complete_without_upload(s3: Any, alice: MatrixClient) -> None:
     created = alice.create()
-    response = complete(alice, created["content_uri"])
+    response = alice.complete(created["content_uri"])
     assert response.status_code == 400
     assert response.json()["errcode"] == "M_NOT_YET_UPLOADED"
 
@@ -298,16 +264,16 @@ def test_oversized_upload_is_413_and_deleted(s3: Any, alice: MatrixClient) -> No
     created = alice.create()
     client_put(s3, created, b"x" * 2048, "text/plain")
     with msc3870_settings(MAX_UPLOAD_SIZE=1024):
-        response = complete(alice, created["content_uri"])
+        response = alice.complete(created["content_uri"])
     assert response.status_code == 413
     assert response.json()["errcode"] == "M_TOO_LARGE"
-    assert keys(s3) == []
+    assert bucket_keys(s3) == []
 
 
 def test_redirects(s3: Any, alice: MatrixClient) -> None:
     created = alice.create()
     client_put(s3, created, png_bytes(), "image/png")
-    complete(alice, created["content_uri"])
+    alice.complete(created["content_uri"])
     path = mxc_path(created["content_uri"])
     # v1 streams unless redirects are enabled.
     assert alice.get(f"/_matrix/client/v1/media/download/{path}").status_code == 200
@@ -344,12 +310,10 @@ def test_put_fallback_streams_multipart_to_s3(s3: Any, alice: MatrixClient) -> N
 
 
 def test_oversized_put_fallback_leaves_no_object_or_multipart(s3: Any, alice: MatrixClient) -> None:
-    from .test_api_upload import LyingBody
-
     store = get_store()
     with pytest.raises(Exception, match="larger than the limit"):
         store.write_stream("media/xx/big", LyingBody(20 * 1024 * 1024), max_size=12 * 1024 * 1024)
-    assert keys(s3) == []
+    assert bucket_keys(s3) == []
     assert s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []
 
 
@@ -357,7 +321,7 @@ def test_storage_unreachable_is_503(alice: MatrixClient) -> None:
     unreachable = s3_storages(endpoint_url="http://127.0.0.1:9")
     with override_settings(STORAGES=unreachable):
         created = alice.create()  # presigning needs no network
-        response = complete(alice, created["content_uri"])
+        response = alice.complete(created["content_uri"])
     assert response.status_code == 503
     assert response.json()["errcode"] == "M_UNKNOWN"
     assert media_of(created["content_uri"]).state == MediaState.PENDING
@@ -390,7 +354,7 @@ def test_delete_many_and_missing_keys(s3: Any) -> None:
         store.write_stream(f"media/aa/{index}", io.BytesIO(b"x"), max_size=10)
     store.delete_many(["media/aa/0", "media/aa/1", "media/aa/2", "media/aa/never-existed"])
     store.delete("media/aa/never-existed")
-    assert keys(s3) == []
+    assert bucket_keys(s3) == []
 
 
 def test_ensure_media_bucket_command() -> None:

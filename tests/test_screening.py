@@ -8,7 +8,7 @@ import pytest
 from msc3870.content_types import types_agree
 from msc3870.sniffing import matches_a_signature, puremagic_types, sniff
 
-from .conftest import png_bytes
+from .helpers import png_bytes
 
 
 def test_sniff_png_and_unknown() -> None:

@@ -14,13 +14,7 @@ import fcntl
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,133 +22,10 @@ import aiohttp
 import pytest
 import requests
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-MAX_UPLOAD = 1024 * 1024
+from .helpers import assert_matrix_error, connections_per_worker, mxc_path, wait_until
+from .server_helpers import MAX_UPLOAD, PERIODIC_LINE, Server, raw_exchange, start_server
+
 OVER_LIMIT_BODY = MAX_UPLOAD + 4096
-PERIODIC_LINE = "This process runs the periodic sweeps"
-# Settings that would take the server off the embedded default (a broker, S3, Postgres).
-FOREIGN_ENV = (
-    "DATABASE_URL",
-    "CELERY_BROKER_URL",
-    "REDIS_URL",
-    "AWS_STORAGE_BUCKET_NAME",
-    "MATRIX_HOMESERVER_URL",
-    "GUNICORN_CMD_ARGS",
-    "WEB_THREADS",
-)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-@dataclass
-class Server:
-    base_url: str
-    port: int
-    data_dir: Path
-    log: Path
-    token: str
-    process: subprocess.Popen[bytes]
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-
-
-def server_env(data_dir: Path, port: int, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in FOREIGN_ENV}
-    env.update(
-        {
-            "DJANGO_SETTINGS_MODULE": "mediarepo.settings",  # pytest's is tests.settings
-            "MEDIAREPO_DATA_DIR": str(data_dir),
-            "PORT": str(port),
-            "PUBLIC_BASEURL": f"http://127.0.0.1:{port}",
-            "MSC3870_MAX_UPLOAD_SIZE": str(MAX_UPLOAD),
-            "MSC3870_CREATE_RATE": "100000/min",
-            "MSC3870_MAX_PENDING_UPLOADS": "1000",
-            "LOG_LEVEL": "INFO",
-            "PYTHONUNBUFFERED": "1",
-            **extra,
-        }
-    )
-    return env
-
-
-def manage(env: dict[str, str], *args: str) -> str:
-    done = subprocess.run(
-        [str(BIN / "python"), "manage.py", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
-
-
-def start_server(data_dir: Path, name: str, *, migrate: bool, **extra: str) -> Server:
-    port = free_port()
-    env = server_env(data_dir, port, **extra)
-    if migrate:
-        manage(env, "migrate", "--noinput", "-v", "0")
-    token = manage(env, "create_access_token", f"@{name}:localhost").strip().splitlines()[-1]
-    log = data_dir / f"{name}.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [str(BIN / "gunicorn"), "-c", "mediarepo/gunicorn.conf.py", "mediarepo.asgi"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    server = Server(f"http://127.0.0.1:{port}", port, data_dir, log, token, process)
-    workers = int(extra.get("WEB_CONCURRENCY", "1"))
-
-    def up() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"gunicorn exited:\n{server.log_text()[-3000:]}")
-        # Every worker up, so that requests can land on any of them.
-        if server.log_text().count("Application startup complete") < workers:
-            return False
-        try:
-            return requests.get(f"{server.base_url}/_matrix/client/versions", timeout=2).ok
-        except requests.RequestException:
-            return False
-
-    try:
-        wait_until(up, 30, "gunicorn to answer")
-    except BaseException:
-        server.stop()
-        raise
-    return server
 
 
 @pytest.fixture(scope="module")
@@ -186,66 +57,6 @@ def capped_server(server: Server) -> Iterator[Server]:
 
 
 # ---------------------------------------------------------------------------- raw HTTP
-
-
-def raw_exchange(port: int, data: bytes, timeout: float = 15) -> tuple[int, dict[str, str], bytes]:
-    """Send ``data`` whole, then read one response (to its Content-Length, or to EOF).
-    A reset anywhere raises: that is what the tests look for."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(data)
-        received = b""
-        while b"\r\n\r\n" not in received:
-            chunk = sock.recv(65536)
-            assert chunk, f"connection closed before a response head: {received!r}"
-            received += chunk
-        head, _, body = received.partition(b"\r\n\r\n")
-        lines = head.decode("latin1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        length = headers.get("content-length")
-        while length is None or len(body) < int(length):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            body += chunk
-        return status, headers, body
-
-
-def assert_matrix_error(
-    status: int, body: bytes, expected: int, errcode: str | None = None
-) -> None:
-    assert status == expected, body[:300]
-    error = json.loads(body)
-    assert set(error) >= {"errcode", "error"}, error
-    assert isinstance(error["errcode"], str) and error["errcode"].startswith("M_")
-    assert isinstance(error["error"], str)
-    if errcode is not None:
-        assert error["errcode"] == errcode
-
-
-def mxc_path(content_uri: str) -> str:
-    return content_uri[len("mxc://") :]
-
-
-def upload(server: Server, path: str, data: bytes) -> requests.Response:
-    """The MSC2246 PUT through this server: the bytes, checked, and the media complete."""
-    return requests.put(
-        f"{server.base_url}/_matrix/media/v3/upload/{path}",
-        data=data,
-        headers={**server.auth(), "Content-Type": "application/octet-stream"},
-        timeout=30,
-    )
-
-
-def create(server: Server) -> dict[str, Any]:
-    response = requests.post(
-        f"{server.base_url}/_matrix/media/v1/create", headers=server.auth(), timeout=10
-    )
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 # ---------------------------------------------------------------------------- request heads
@@ -315,7 +126,7 @@ def test_over_limit_upload_gets_413_on_a_raw_socket(server: Server) -> None:
 @pytest.mark.parametrize("target", ["upload_url", "msc2246_put", "create_json"])
 def test_every_body_limit_answers_413(server: Server, target: str) -> None:
     """The upload URL and the MSC2246 PUT (media limit), and a JSON endpoint (64 KiB)."""
-    created = create(server)
+    created = server.client.create()
     if target == "upload_url":
         url, headers = created["upload_url"], {}
         body = os.urandom(OVER_LIMIT_BODY)
@@ -372,7 +183,7 @@ def test_chunked_upload_is_stored_byte_identical(server: Server) -> None:
 
 
 def test_chunked_upload_to_the_upload_url(server: Server) -> None:
-    created = create(server)
+    created = server.client.create()
     data = os.urandom(200 * 1024 + 3)
     put = requests.put(
         created["upload_url"],
@@ -428,7 +239,7 @@ async def _wait_downloads(
 
 
 def test_200_waiters_on_two_workers_all_get_the_bytes(server: Server) -> None:
-    created = create(server)
+    created = server.client.create()
     path = mxc_path(created["content_uri"])
     data = os.urandom(4096)
     url = f"{server.base_url}/_matrix/client/v1/media/download/{path}?timeout_ms=50000"
@@ -454,7 +265,7 @@ def test_200_waiters_on_two_workers_all_get_the_bytes(server: Server) -> None:
                 versions.append(answer.status_code)
             put = await loop.run_in_executor(
                 None,
-                lambda: upload(server, path, data),
+                lambda: server.client.put_upload(created["content_uri"], data),
             )
             assert put.status_code == 200, put.text
             done = await asyncio.wait_for(asyncio.gather(*tasks), 60)
@@ -473,18 +284,20 @@ def test_200_waiters_on_two_workers_all_get_the_bytes(server: Server) -> None:
 
 def test_racing_puts_on_two_workers_one_wins_and_its_bytes_are_served(server: Server) -> None:
     """Twelve PUTs of different bytes to one id at once, spread over both workers: each
-    stores its bytes unclaimed and one write decides (issue 7), so exactly one is
+    stores its bytes unclaimed and one write decides, so exactly one is
     answered 200 and the others 409 M_CANNOT_OVERWRITE_MEDIA; the winner's bytes are
     served, and only its object is left on disk."""
     import hashlib
     from concurrent.futures import ThreadPoolExecutor
 
-    created = create(server)
+    created = server.client.create()
     path = mxc_path(created["content_uri"])
     media_id = path.split("/")[1]
     bodies = [os.urandom(64 * 1024) for _ in range(12)]
     with ThreadPoolExecutor(len(bodies)) as pool:
-        answers = list(pool.map(lambda body: upload(server, path, body), bodies))
+        answers = list(
+            pool.map(lambda body: server.client.put_upload(created["content_uri"], body), bodies)
+        )
     statuses = sorted(answer.status_code for answer in answers)
     assert statuses == [200] + [409] * 11, [answer.text for answer in answers]
     assert all(
@@ -506,7 +319,7 @@ def test_racing_puts_on_two_workers_one_wins_and_its_bytes_are_served(server: Se
 
 def test_the_waiter_past_the_per_media_cap_is_refused_at_once(capped_server: Server) -> None:
     server = capped_server
-    created = create(server)
+    created = server.client.create()
     path = mxc_path(created["content_uri"])
     url = f"{server.base_url}/_matrix/client/v1/media/download/{path}?timeout_ms=50000"
     data = os.urandom(1000)
@@ -522,20 +335,19 @@ def test_the_waiter_past_the_per_media_cap_is_refused_at_once(capped_server: Ser
                 try:
                     sixth = (response.status, await response.read(), dict(response.headers))
                 except aiohttp.ClientPayloadError as exc:
-                    # BUG (msc3870/asgi.py, _after_wait): the refusal inherits the
-                    # Content-Length that CommonMiddleware put on the DeferredResponse
-                    # placeholder (77 bytes) while its own body is longer; uvicorn raises
-                    # "Response content longer than Content-Length" and the client gets a
-                    # head and no body.
+                    # The refusal must not carry the Content-Length that CommonMiddleware
+                    # put on the DeferredResponse placeholder: its own body is longer, and
+                    # uvicorn would send a head and no body ("Response content longer
+                    # than Content-Length").
                     raise AssertionError(
-                        f"BUG: the 429 past the per-media cap arrived without its body "
+                        f"the 429 past the per-media cap arrived without its body "
                         f"(status {response.status}, headers {dict(response.headers)}): {exc}"
                     ) from exc
             still_waiting = not any(task.done() for task in tasks)
             loop = asyncio.get_running_loop()
             put = await loop.run_in_executor(
                 None,
-                lambda: upload(server, path, data),
+                lambda: server.client.put_upload(created["content_uri"], data),
             )
             assert put.status_code == 200, put.text
             five = await asyncio.wait_for(asyncio.gather(*tasks), 60)
@@ -549,8 +361,8 @@ def test_the_waiter_past_the_per_media_cap_is_refused_at_once(capped_server: Ser
     (status, body, headers), five = asyncio.run(scenario())
     assert_matrix_error(status, body, 429, "M_LIMIT_EXCEEDED")
     assert json.loads(body)["retry_after_ms"] > 0
-    # RFC 9110 and issue 7 item 2: the 429 says when to retry in HTTP's own words too.
-    assert "Retry-After" in headers, f"BUG: 429 without a Retry-After header: {headers}"
+    # RFC 9110: the 429 says when to retry in HTTP's own words too.
+    assert "Retry-After" in headers, f"429 without a Retry-After header: {headers}"
     assert int(headers["Retry-After"]) >= 1
     assert [(s, b) for s, b, _ in five] == [(200, data)] * 5
 
@@ -559,7 +371,7 @@ def test_waiters_that_hang_up_free_their_places(capped_server: Server) -> None:
     """Five waiters fill the per-media cap, then hang up: five others are admitted (not
     refused with 429), and get the bytes."""
     server = capped_server
-    created = create(server)
+    created = server.client.create()
     path = mxc_path(created["content_uri"])
     url = f"{server.base_url}/_matrix/client/v1/media/download/{path}?timeout_ms=50000"
     data = os.urandom(700)
@@ -578,7 +390,9 @@ def test_waiters_that_hang_up_free_their_places(capped_server: Server) -> None:
             refused = [t.result()[:2] for t in second if t.done() and not t.exception()]
             assert not refused, f"places of waiters that hung up were not freed: {refused}"
             loop = asyncio.get_running_loop()
-            put = await loop.run_in_executor(None, lambda: upload(server, path, data))
+            put = await loop.run_in_executor(
+                None, lambda: server.client.put_upload(created["content_uri"], data)
+            )
             assert put.status_code == 200, put.text
             return list(await asyncio.wait_for(asyncio.gather(*second), 60))
         finally:
@@ -591,7 +405,7 @@ def test_waiters_that_hang_up_free_their_places(capped_server: Server) -> None:
 
 
 def test_a_wait_that_times_out_is_a_whole_504(server: Server) -> None:
-    created = create(server)
+    created = server.client.create()
     path = mxc_path(created["content_uri"])
     response = requests.get(
         f"{server.base_url}/_matrix/client/v1/media/download/{path}?timeout_ms=300",
@@ -606,19 +420,6 @@ def test_a_wait_that_times_out_is_a_whole_504(server: Server) -> None:
 
 
 # ---------------------------------------------------------------------------- every core
-
-
-def connections_per_worker(server: Server) -> list[int]:
-    import psutil
-
-    return [
-        sum(
-            1
-            for c in worker.net_connections(kind="tcp")
-            if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == server.port
-        )
-        for worker in psutil.Process(server.process.pid).children()
-    ]
 
 
 def test_keep_alive_connections_crowded_on_one_worker_spread_over_both(server: Server) -> None:
@@ -639,7 +440,13 @@ def test_keep_alive_connections_crowded_on_one_worker_spread_over_both(server: S
         ]
         for client in clients:
             client.connect()
-        wait_until(lambda: sorted(connections_per_worker(server)) == [0, 12], 10, "one worker")
+        wait_until(
+            lambda: (
+                sorted(connections_per_worker(server.process.pid, server.port).values()) == [0, 12]
+            ),
+            10,
+            "one worker",
+        )
     finally:
         stopped.resume()
     closes = 0
@@ -658,7 +465,7 @@ def test_keep_alive_connections_crowded_on_one_worker_spread_over_both(server: S
             closes += closed
             if closes and not closed:
                 break
-        held = connections_per_worker(server)
+        held = list(connections_per_worker(server.process.pid, server.port).values())
         assert sum(held) == 12 and max(held) <= 7, (held, closes)
         assert closes >= 5, closes
     finally:

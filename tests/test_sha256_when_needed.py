@@ -19,8 +19,7 @@ from msc3870 import moderation
 from msc3870.models import Media, MediaState
 from msc3870.stores.local import LocalMediaStore
 
-from .conftest import MatrixClient, files_under, media_of, msc3870_settings, mxc_path
-from .test_api_complete import complete, put_to_url
+from .helpers import MatrixClient, media_files, media_of, msc3870_settings, mxc_path
 
 S = MediaState
 PREFIX = 8192
@@ -44,17 +43,9 @@ def whole_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     yield read
 
 
-def uploaded(client: MatrixClient, data: bytes) -> Media:
-    created = client.create()
-    assert put_to_url(created["upload_url"], data).status_code == 200
-    response = complete(client, created["content_uri"])
-    assert response.status_code == 200, response.content
-    return media_of(created["content_uri"])
-
-
 def test_unique_content_is_not_read_whole(alice: MatrixClient, whole_reads: list[str]) -> None:
     data = os.urandom(3 * PREFIX)
-    media = uploaded(alice, data)
+    media = media_of(alice.upload_through_url(data))
     assert media.state == S.COMPLETE
     assert whole_reads == []
     assert media.sha256 == ""
@@ -69,16 +60,17 @@ def test_identical_content_hashes_both_and_is_stored_once(
     alice: MatrixClient, bob: MatrixClient, whole_reads: list[str]
 ) -> None:
     data = os.urandom(3 * PREFIX)
-    first = uploaded(alice, data)
-    second = uploaded(bob, data)
+    first = media_of(alice.upload_through_url(data))
+    second = media_of(bob.upload_through_url(data))
     # The first was hashed when the second could share its bytes; then the second.
     assert whole_reads == [first.storage_key, second.served_key]
     first.refresh_from_db()
     assert (first.sha256, second.sha256) == (sha256(data), sha256(data))
     assert second.state == S.COMPLETE
     assert second.storage_key == first.storage_key
-    assert files_under(Path(settings.MEDIA_DIR)) == [first.storage_key]
-    third = uploaded(bob, data)  # the first is hashed already: only the new bytes are read
+    assert media_files() == [first.storage_key]
+    # The first is hashed already: only the new bytes are read.
+    third = media_of(bob.upload_through_url(data))
     assert whole_reads[2:] == [third.served_key]
     assert third.storage_key == first.storage_key
 
@@ -87,22 +79,22 @@ def test_same_size_and_first_bytes_but_other_bytes_are_not_shared(
     alice: MatrixClient, bob: MatrixClient, whole_reads: list[str]
 ) -> None:
     head = os.urandom(PREFIX)
-    first = uploaded(alice, head + b"a" * 100)
-    second = uploaded(bob, head + b"b" * 100)
+    first = media_of(alice.upload_through_url(head + b"a" * 100))
+    second = media_of(bob.upload_through_url(head + b"b" * 100))
     assert whole_reads == [first.storage_key, second.served_key]
     first.refresh_from_db()
     assert first.sha256 == sha256(head + b"a" * 100)
     assert second.sha256 == sha256(head + b"b" * 100)
     assert second.storage_key != first.storage_key
-    assert len(files_under(Path(settings.MEDIA_DIR))) == 2
+    assert len(media_files()) == 2
 
 
 def test_the_same_first_bytes_at_another_size_are_not_hashed(
     alice: MatrixClient, bob: MatrixClient, whole_reads: list[str]
 ) -> None:
     head = os.urandom(PREFIX)
-    uploaded(alice, head + b"a" * 100)
-    second = uploaded(bob, head + b"a" * 101)
+    media_of(alice.upload_through_url(head + b"a" * 100))
+    second = media_of(bob.upload_through_url(head + b"a" * 101))
     assert whole_reads == []
     assert second.sha256 == ""
 
@@ -113,9 +105,9 @@ def test_media_hashed_before_first_bytes_were_recorded_is_a_possible_twin(
     """Rows from before the migration have a SHA-256 and no first bytes."""
     data = os.urandom(2 * PREFIX)
     with msc3870_settings(SHA256_WHEN="always"):
-        old = uploaded(alice, data)
+        old = media_of(alice.upload_through_url(data))
     Media.objects.filter(pk=old.pk).update(prefix_sha256="")
-    new = uploaded(bob, data)
+    new = media_of(bob.upload_through_url(data))
     assert whole_reads == [old.storage_key, new.served_key]  # "always", then the new bytes
     assert new.storage_key == old.storage_key
 
@@ -124,10 +116,10 @@ def test_quarantined_content_never_hashed_is_still_blocked(
     alice: MatrixClient, bob: MatrixClient, whole_reads: list[str]
 ) -> None:
     data = os.urandom(2 * PREFIX)
-    bad = uploaded(alice, data)
+    bad = media_of(alice.upload_through_url(data))
     assert bad.sha256 == ""
     assert moderation.quarantine(bad, by="mod")
-    again = uploaded(bob, data)
+    again = media_of(bob.upload_through_url(data))
     assert again.state == S.REJECTED
     assert "blocked" in again.rejection_reason
     assert media_of(bad.mxc_uri).sha256 == sha256(data)
@@ -137,14 +129,14 @@ def test_content_rejected_by_a_moderator_is_hashed_before_its_bytes_go(
     alice: MatrixClient, bob: MatrixClient, whole_reads: list[str]
 ) -> None:
     data = os.urandom(2 * PREFIX)
-    bad = uploaded(alice, data)
+    bad = media_of(alice.upload_through_url(data))
     assert moderation.reject(bad, by="mod")
     bad = media_of(bad.mxc_uri)
     assert bad.objects_deleted_at is not None  # deleted at once here (no broker)
-    assert files_under(Path(settings.MEDIA_DIR)) == []
+    assert media_files() == []
     assert bad.sha256 == sha256(data)
     assert whole_reads == [bad.storage_key]
-    again = uploaded(bob, data)
+    again = media_of(bob.upload_through_url(data))
     assert again.state == S.REJECTED
     assert "blocked" in again.rejection_reason
 
@@ -152,7 +144,7 @@ def test_content_rejected_by_a_moderator_is_hashed_before_its_bytes_go(
 def test_always_hashes_every_upload(alice: MatrixClient, whole_reads: list[str]) -> None:
     data = os.urandom(PREFIX + 1)
     with msc3870_settings(SHA256_WHEN="always"):
-        media = uploaded(alice, data)
+        media = media_of(alice.upload_through_url(data))
     assert media.sha256 == sha256(data)
     assert whole_reads == [media.served_key]
 
@@ -167,9 +159,9 @@ def test_a_possible_twin_whose_bytes_are_gone_is_skipped(
     alice: MatrixClient, bob: MatrixClient, whole_reads: list[str]
 ) -> None:
     data = os.urandom(2 * PREFIX)
-    first = uploaded(alice, data)
+    first = media_of(alice.upload_through_url(data))
     (Path(settings.MEDIA_DIR) / first.storage_key).unlink()  # lost by the store
-    second = uploaded(bob, data)
+    second = media_of(bob.upload_through_url(data))
     assert second.state == S.COMPLETE
     assert second.storage_key == second.served_key  # nothing to share
     assert second.sha256 == sha256(data)

@@ -1,4 +1,4 @@
-"""Issue 8, tests section: the unit suite never touches real data or real services."""
+"""The unit suite never touches real data or real services."""
 
 from __future__ import annotations
 

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import io
 import threading
-import time
-from pathlib import Path
 from typing import Any
 
 import pytest
-from django.conf import settings
 from django.test import Client
 from PIL import Image, ImageFile
 
 from msc3870 import moderation, thumbnails
 
-from .conftest import MatrixClient, files_under, media_of, msc3870_settings, mxc_path
+from .helpers import (
+    MatrixClient,
+    media_files,
+    media_of,
+    msc3870_settings,
+    mxc_path,
+    wait_until,
+)
 
 V1 = "/_matrix/client/v1/media/thumbnail/"
 V3 = "/_matrix/media/v3/thumbnail/"
@@ -27,18 +31,12 @@ def image_bytes(size: tuple[int, int], fmt: str, **save: Any) -> bytes:
     return buffer.getvalue()
 
 
-def upload(client: MatrixClient, data: bytes, content_type: str) -> str:
-    response = client.post("/_matrix/media/v3/upload", data, content_type)
-    assert response.status_code == 200, response.content
-    return mxc_path(response.json()["content_uri"])
-
-
 def open_image(response: Any) -> Image.Image:
     return Image.open(io.BytesIO(b"".join(response.streaming_content)))
 
 
 def test_scale_keeps_aspect_within_the_chosen_size(alice: MatrixClient) -> None:
-    path = upload(alice, image_bytes((1000, 500), "PNG"), "image/png")
+    path = mxc_path(alice.uploaded(image_bytes((1000, 500), "PNG"), "image/png"))
     response = alice.get(V1 + path + "?width=300&height=200&method=scale")
     assert response.status_code == 200
     assert response["Content-Type"] == "image/png"
@@ -50,7 +48,7 @@ def test_scale_keeps_aspect_within_the_chosen_size(alice: MatrixClient) -> None:
 
 
 def test_crop_and_jpeg_stays_jpeg(alice: MatrixClient) -> None:
-    path = upload(alice, image_bytes((640, 480), "JPEG"), "image/jpeg")
+    path = mxc_path(alice.uploaded(image_bytes((640, 480), "JPEG"), "image/jpeg"))
     response = alice.get(V1 + path + "?width=64&height=64&method=crop")
     assert response["Content-Type"] == "image/jpeg"
     image = open_image(response)
@@ -60,7 +58,7 @@ def test_crop_and_jpeg_stays_jpeg(alice: MatrixClient) -> None:
 def test_thumbnail_is_made_once_and_deleted_with_its_media(
     alice: MatrixClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = upload(alice, image_bytes((800, 800), "PNG"), "image/png")
+    path = mxc_path(alice.uploaded(image_bytes((800, 800), "PNG"), "image/png"))
     renders = []
     real_render = thumbnails._render
 
@@ -73,13 +71,13 @@ def test_thumbnail_is_made_once_and_deleted_with_its_media(
         assert alice.get(V1 + path + "?width=32&height=32&method=crop").status_code == 200
     assert len(renders) == 1
     media = media_of("mxc://" + path)
-    assert f"thumbnails/{media.media_id}/32x32-crop" in files_under(Path(settings.MEDIA_DIR))
+    assert f"thumbnails/{media.media_id}/32x32-crop" in media_files()
     moderation.purge(media, by="mod")
-    assert files_under(Path(settings.MEDIA_DIR)) == []
+    assert media_files() == []
 
 
 def test_legacy_thumbnail_is_unauthenticated(alice: MatrixClient) -> None:
-    path = upload(alice, image_bytes((100, 100), "PNG"), "image/png")
+    path = mxc_path(alice.uploaded(image_bytes((100, 100), "PNG"), "image/png"))
     assert Client().get(V3 + path + "?width=32&height=32").status_code == 200
     assert Client().get(V1 + path + "?width=32&height=32").status_code == 401
 
@@ -89,14 +87,14 @@ def test_legacy_thumbnail_is_unauthenticated(alice: MatrixClient) -> None:
     ["", "?width=32", "?width=0&height=32", "?width=a&height=b", "?width=32&height=32&method=zoom"],
 )
 def test_bad_parameters_are_400(alice: MatrixClient, query: str) -> None:
-    path = upload(alice, image_bytes((100, 100), "PNG"), "image/png")
+    path = mxc_path(alice.uploaded(image_bytes((100, 100), "PNG"), "image/png"))
     response = alice.get(V1 + path + query)
     assert response.status_code == 400
     assert response.json()["errcode"] == "M_INVALID_PARAM"
 
 
 def test_non_images_cannot_be_thumbnailed(alice: MatrixClient) -> None:
-    path = upload(alice, b"%PDF-1.4 not an image", "application/pdf")
+    path = mxc_path(alice.uploaded(b"%PDF-1.4 not an image", "application/pdf"))
     response = alice.get(V1 + path + "?width=32&height=32")
     assert response.status_code == 400
     assert response.json()["errcode"] == "M_UNKNOWN"
@@ -105,7 +103,7 @@ def test_non_images_cannot_be_thumbnailed(alice: MatrixClient) -> None:
 def test_decompression_bomb_is_refused_before_decoding(alice: MatrixClient) -> None:
     bomb = image_bytes((6000, 6000), "PNG")  # 36 Mpx of one colour: a few KiB on the wire
     assert len(bomb) < 200_000
-    path = upload(alice, bomb, "image/png")
+    path = mxc_path(alice.uploaded(bomb, "image/png"))
     with msc3870_settings(THUMBNAIL_MAX_PIXELS=1_000_000):
         response = alice.get(V1 + path + "?width=32&height=32")
     assert response.status_code == 400
@@ -113,7 +111,7 @@ def test_decompression_bomb_is_refused_before_decoding(alice: MatrixClient) -> N
 
 
 def test_bytes_that_lie_about_being_an_image(alice: MatrixClient) -> None:
-    path = upload(alice, b"\x89PNG\r\n\x1a\n" + b"garbage" * 10, "image/png")
+    path = mxc_path(alice.uploaded(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10, "image/png"))
     response = alice.get(V1 + path + "?width=32&height=32")
     assert response.status_code == 400
     assert response.json()["errcode"] == "M_UNKNOWN"
@@ -123,7 +121,7 @@ def test_animated_gif_asked_as_animated_is_served_as_is(alice: MatrixClient) -> 
     frames = [Image.new("RGB", (50, 50), colour) for colour in ("red", "blue", "green")]
     buffer = io.BytesIO()
     frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
-    path = upload(alice, buffer.getvalue(), "image/gif")
+    path = mxc_path(alice.uploaded(buffer.getvalue(), "image/gif"))
     animated = alice.get(V1 + path + "?width=32&height=32&animated=true")
     assert animated["Content-Type"] == "image/gif"
     assert b"".join(animated.streaming_content) == buffer.getvalue()
@@ -138,13 +136,13 @@ def test_thumbnail_of_pending_media_waits_then_504(alice: MatrixClient) -> None:
     assert response.json()["errcode"] == "M_NOT_YET_UPLOADED"
 
 
-# --- Memory and concurrency (issue 8, item 1) -------------------------------------------
+# --- Memory and concurrency ----------------------------------------------------------
 
 
 def test_decoded_memory_limit_refuses_before_decoding(
     alice: MatrixClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = upload(alice, image_bytes((2000, 1000), "PNG"), "image/png")  # 8 MB decoded
+    path = mxc_path(alice.uploaded(image_bytes((2000, 1000), "PNG"), "image/png"))  # 8 MB decoded
     decoded = []
     real_load = ImageFile.ImageFile.load
 
@@ -167,9 +165,11 @@ def test_jpeg_limit_counts_the_reduced_decode_and_progressive_coefficients(
     alice: MatrixClient,
 ) -> None:
     # 4000x2000 is 32 MB decoded; draft() decodes it at 1/8 scale (0.5 MB) for a 32x32 crop.
-    baseline = upload(alice, image_bytes((4000, 2000), "JPEG"), "image/jpeg")
+    baseline = mxc_path(alice.uploaded(image_bytes((4000, 2000), "JPEG"), "image/jpeg"))
     # A progressive JPEG keeps its DCT coefficients at full scale: 12 M of 2 bytes (4:2:0).
-    progressive = upload(alice, image_bytes((4000, 2000), "JPEG", progressive=True), "image/jpeg")
+    progressive = mxc_path(
+        alice.uploaded(image_bytes((4000, 2000), "JPEG", progressive=True), "image/jpeg")
+    )
     with msc3870_settings(THUMBNAIL_MAX_DECODED_BYTES=2_000_000):
         assert alice.get(V1 + baseline + "?width=32&height=32&method=crop").status_code == 200
         refused = alice.get(V1 + progressive + "?width=32&height=32&method=crop")
@@ -275,25 +275,16 @@ class BlockingRender:
         return image_bytes((width, height), "PNG")
 
 
-def wait_until(condition: Any) -> None:
-    """Wait for another thread to reach a state (bounded, so a bug fails, not hangs)."""
-    for _ in range(3000):
-        if condition():
-            return
-        time.sleep(0.01)
-    raise AssertionError("the other thread never got there")
-
-
 def waiting_for_key(key: str) -> int:
-    """Requests waiting for the render of ``key`` (0 before the per-key lock existed)."""
-    entry = getattr(thumbnails, "_key_locks", {}).get(key)
+    """Requests waiting for the render of ``key``."""
+    entry = thumbnails._key_locks.get(key)
     return 0 if entry is None else entry.users - 1
 
 
 def test_one_render_per_key_the_others_serve_its_result(
     alice: MatrixClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    media = media_of("mxc://" + upload(alice, image_bytes((800, 800), "PNG"), "image/png"))
+    media = media_of(alice.uploaded(image_bytes((800, 800), "PNG"), "image/png"))
     render = BlockingRender()
     monkeypatch.setattr(thumbnails, "_render", render)
     key = f"thumbnails/{media.media_id}/32x32-crop"
@@ -310,7 +301,12 @@ def test_one_render_per_key_the_others_serve_its_result(
             assert render.entered.wait(30)
             second.start()
             # The second request either waits for the key or (without the lock) renders.
-            wait_until(lambda: render.calls > 1 or waiting_for_key(key) == 1)
+            wait_until(
+                lambda: render.calls > 1 or waiting_for_key(key) == 1,
+                30,
+                "the other thread",
+                interval=0.01,
+            )
             render.release.set()
             first.join()
             second.join()
@@ -327,7 +323,7 @@ def test_one_render_per_key_the_others_serve_its_result(
 def test_renders_past_the_per_process_cap_get_429(
     alice: MatrixClient, monkeypatch: pytest.MonkeyPatch, slots: int
 ) -> None:
-    path = upload(alice, image_bytes((800, 800), "PNG"), "image/png")
+    path = mxc_path(alice.uploaded(image_bytes((800, 800), "PNG"), "image/png"))
     media = media_of("mxc://" + path)
     renders = [BlockingRender() for _ in range(slots)]
     for render in renders[1:]:
@@ -375,8 +371,8 @@ def test_animated_check_reads_the_source_under_a_render_slot(
     frames = [Image.new("RGB", (50, 50), colour) for colour in ("red", "blue")]
     buffer = io.BytesIO()
     frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=100)
-    gif = upload(alice, buffer.getvalue(), "image/gif")
-    png = media_of("mxc://" + upload(alice, image_bytes((800, 800), "PNG"), "image/png"))
+    gif = mxc_path(alice.uploaded(buffer.getvalue(), "image/gif"))
+    png = media_of(alice.uploaded(image_bytes((800, 800), "PNG"), "image/png"))
     render = BlockingRender()
     monkeypatch.setattr(thumbnails, "_render", render)
     thread = threading.Thread(target=thumbnails.thumbnail, args=(png, 32, 32, "crop"))

@@ -9,7 +9,6 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,102 +23,11 @@ from msc3870.auth import token_cache
 from msc3870.models import Media, MediaState
 from msc3870.upload_tokens import make_upload_token
 
-from .asgi_driver import Reply, call, run, until
-from .conftest import make_token, msc3870_settings, mxc_path
+from .asgi_driver import Feed, Reply, call, create, feed, run, until
+from .helpers import bearer, make_token, msc3870_settings, mxc_path
 
 MiB = 1024 * 1024
 UPLOAD_URL_PREFIX = "/_matrix/media/unstable/com.beeper.msc3870/upload_url/"
-HANG_UP = object()
-
-
-@dataclass
-class Feed:
-    """A request whose body the test sends piece by piece, or stops sending."""
-
-    task: asyncio.Task[Reply]
-    queue: asyncio.Queue[Any]
-    #: Sizes of the body pieces the application pulled from ``receive``.
-    pulled: list[int] = field(default_factory=list)
-
-    def send(self, data: bytes, *, more: bool = True) -> None:
-        self.queue.put_nowait((data, more))
-
-    def hang_up(self) -> None:
-        self.queue.put_nowait(HANG_UP)
-
-    async def reply(self, timeout: float = 20) -> Reply:
-        return await asyncio.wait_for(asyncio.shield(self.task), timeout)
-
-
-def feed(
-    app: MediaASGIHandler,
-    method: str,
-    path: str,
-    *,
-    headers: dict[str, str] | None = None,
-    length: int | None = None,
-    client: tuple[str, int] | None = ("127.0.0.1", 40000),
-) -> Feed:
-    """Start a request whose body comes only from ``Feed.send``; ``length`` is its
-    Content-Length (None: chunked)."""
-    raw_path, _, query = path.partition("?")
-    header_list = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    if length is not None:
-        header_list.append((b"content-length", str(length).encode()))
-    else:
-        header_list.append((b"transfer-encoding", b"chunked"))
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": raw_path,
-        "raw_path": raw_path.encode(),
-        "query_string": query.encode(),
-        "root_path": "",
-        "headers": [(b"host", b"127.0.0.1:8008"), *header_list],
-        "client": client,
-        "server": ("127.0.0.1", 8008),
-    }
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-    sent: list[dict[str, Any]] = []
-    exchange = Feed(task=None, queue=queue)  # type: ignore[arg-type]
-
-    async def receive() -> dict[str, Any]:
-        item = await queue.get()
-        if item is HANG_UP:
-            return {"type": "http.disconnect"}
-        data, more = item
-        exchange.pulled.append(len(data))
-        return {"type": "http.request", "body": data, "more_body": more}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    async def go() -> Reply:
-        await app(scope, receive, send)
-        if not sent:
-            return Reply(0, {}, b"")
-        start = sent[0]
-        return Reply(
-            start["status"],
-            {k.decode().lower(): v.decode() for k, v in start["headers"]},
-            b"".join(m.get("body", b"") for m in sent[1:]),
-        )
-
-    exchange.task = asyncio.ensure_future(go())
-    return exchange
-
-
-@pytest.fixture
-def token(transactional_db: None) -> str:
-    token_cache.clear()
-    return make_token("@alice:localhost")
-
-
-def bearer(token: str, **extra: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}", **extra}
 
 
 @pytest.fixture
@@ -135,12 +43,6 @@ def spools(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
     monkeypatch.setattr(msc3870.asgi.tempfile, "SpooledTemporaryFile", spy)
     return opened
-
-
-async def created(app: MediaASGIHandler, token: str) -> dict[str, Any]:
-    reply = await call(app, "POST", "/_matrix/media/v1/create", headers=bearer(token))
-    assert reply.status == 200, reply.body
-    return reply.json()
 
 
 def upload_url_path(created: dict[str, Any]) -> str:
@@ -220,7 +122,7 @@ def test_uploads_without_a_token_that_resolves_get_401_before_reading(
     query = "?access_token=mr_nobody" if credential == "unknown_query" else ""
 
     async def scenario() -> Feed:
-        path = mxc_path((await created(app, token))["content_uri"])
+        path = mxc_path((await create(app, token))["content_uri"])
         method, url = upload_target(target, path)
         exchange = feed(app, method, url + query, headers=headers, length=40 * MiB)
         exchange.send(b"x" * 4096)
@@ -272,7 +174,7 @@ def test_a_masquerade_outside_the_namespace_is_refused_before_reading(
         return exchange
 
     # Twice: the token is then in the process's cache, and the masquerade is judged on
-    # the loop, as it was on a pool thread.
+    # the loop, as it is on a pool thread.
     for _ in range(2):
         exchange = run(scenario)
         assert exchange.task.result().status == 403
@@ -351,8 +253,8 @@ def test_uploads_past_the_per_process_cap_get_429_and_it_recovers(
     app: MediaASGIHandler, token: str
 ) -> None:
     async def scenario() -> None:
-        url_a = upload_url_path(await created(app, token))
-        url_b = upload_url_path(await created(app, token))
+        url_a = upload_url_path(await create(app, token))
+        url_b = upload_url_path(await create(app, token))
         # Two bodies arriving from two addresses: the process's two places are taken.
         first = feed(app, "PUT", url_a, length=20, client=("10.0.0.1", 1))
         second = feed(app, "PUT", url_b, length=20, client=("10.0.0.2", 1))
@@ -385,7 +287,7 @@ def test_uploads_past_the_per_address_cap_get_429_and_it_recovers(
     app: MediaASGIHandler, token: str
 ) -> None:
     async def scenario() -> None:
-        url_a = upload_url_path(await created(app, token))
+        url_a = upload_url_path(await create(app, token))
         first = feed(app, "PUT", url_a, length=20, client=("10.0.0.1", 1))
         first.send(b"0123456789")
         await until(lambda: app.bodies.total == 1, "a body in flight")
@@ -596,7 +498,7 @@ def test_a_normal_upload_works_through_every_path(
     data = os.urandom(300 * 1024 + 5)
 
     async def scenario() -> bytes:
-        media = await created(app, token)
+        media = await create(app, token)
         path = mxc_path(media["content_uri"])
         if target == "upload_url":
             method, url, headers = "PUT", upload_url_path(media), {}

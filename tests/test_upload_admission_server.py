@@ -12,7 +12,8 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from .test_server import Server, assert_matrix_error, create, mxc_path, start_server
+from .helpers import assert_matrix_error, mxc_path
+from .server_helpers import Server, read_response, start_server
 
 MiB = 1024 * 1024
 IDLE_TIMEOUT = 2.0
@@ -44,25 +45,6 @@ def head(method: str, target: str, length: int, **headers: str) -> bytes:
     lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {length}"]
     lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    received = b""
-    while b"\r\n\r\n" not in received:
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed before a response head: {received!r}"
-        received += chunk
-    raw_head, _, body = received.partition(b"\r\n\r\n")
-    lines = raw_head.decode("latin1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    while len(body) < int(headers["content-length"]):
-        chunk = sock.recv(65536)
-        assert chunk, "connection closed in the middle of the answer"
-        body += chunk
-    return int(lines[0].split(" ", 2)[1]), headers, body
 
 
 def closed_by_server(sock: socket.socket) -> bool:
@@ -97,7 +79,7 @@ def test_uploads_without_a_credential_are_refused_at_once_and_closed(
 ) -> None:
     started = time.monotonic()
     with stalled_upload(admitting_server, target) as sock:
-        answer_status, headers, body = read_answer(sock)
+        answer_status, headers, body = read_response(sock, length_required=True)
         assert time.monotonic() - started < IDLE_TIMEOUT  # not the idle timeout's answer
         assert_matrix_error(answer_status, body, status, errcode)
         assert headers["connection"] == "close"
@@ -112,7 +94,7 @@ def test_a_client_that_expects_100_continue_is_refused_without_sending_its_body(
     """No 100 Continue for a refused upload: the final answer is the first thing sent."""
     with socket.create_connection(("127.0.0.1", admitting_server.port), timeout=10) as sock:
         sock.sendall(head("POST", "/_matrix/media/v3/upload", 40 * MiB, Expect="100-continue"))
-        status, _, body = read_answer(sock)
+        status, _, body = read_response(sock, length_required=True)
         assert_matrix_error(status, body, 401, "M_MISSING_TOKEN")
     auth = f"Bearer {admitting_server.token}"
     with socket.create_connection(("127.0.0.1", admitting_server.port), timeout=10) as sock:
@@ -121,7 +103,7 @@ def test_a_client_that_expects_100_continue_is_refused_without_sending_its_body(
         )
         assert sock.recv(1024).startswith(b"HTTP/1.1 100 Continue")  # admitted: send it
         sock.sendall(b"data")
-        assert read_answer(sock)[0] == 200
+        assert read_response(sock, length_required=True)[0] == 200
 
 
 def test_a_stalled_upload_with_a_valid_token_is_dropped_with_408(
@@ -133,7 +115,7 @@ def test_a_stalled_upload_with_a_valid_token_is_dropped_with_408(
         "/_matrix/media/v3/upload",
         Authorization=f"Bearer {admitting_server.token}",
     ) as sock:
-        status, headers, body = read_answer(sock)
+        status, headers, body = read_response(sock, length_required=True)
         elapsed = time.monotonic() - started
         assert_matrix_error(status, body, 408, "M_UNKNOWN")
         assert "No bytes" in json.loads(body)["error"]
@@ -144,21 +126,21 @@ def test_a_stalled_upload_with_a_valid_token_is_dropped_with_408(
 
 def test_the_per_address_cap_refuses_with_429_and_recovers(admitting_server: Server) -> None:
     auth = {"Authorization": f"Bearer {admitting_server.token}"}
-    create(admitting_server)  # the token resolved: the uploads below are admitted at once
+    admitting_server.client.create()  # the token resolved: the uploads below are admitted at once
     held = [stalled_upload(admitting_server, "/_matrix/media/v3/upload", **auth) for _ in range(2)]
     try:
         time.sleep(0.5)  # both admitted and reading
         with stalled_upload(admitting_server, "/_matrix/media/v3/upload", **auth) as third:
-            status, headers, body = read_answer(third)
+            status, headers, body = read_response(third, length_required=True)
             assert_matrix_error(status, body, 429, "M_LIMIT_EXCEEDED")
             assert json.loads(body)["retry_after_ms"] > 0
             assert int(headers["retry-after"]) >= 1
         for sock in held:  # the idle timeout drops them, and their places free
-            assert read_answer(sock)[0] == 408
+            assert read_response(sock, length_required=True)[0] == 408
     finally:
         for sock in held:
             sock.close()
-    created = create(admitting_server)
+    created = admitting_server.client.create()
     put = requests.put(
         f"{admitting_server.base_url}/_matrix/media/v3/upload/{mxc_path(created['content_uri'])}",
         data=b"fine",
@@ -180,7 +162,7 @@ def test_the_rest_of_a_refused_body_must_keep_the_pace(admitting_server: Server)
     bytes come now and then)."""
     with socket.create_connection(("127.0.0.1", admitting_server.port), timeout=10) as sock:
         sock.sendall(head("PUT", BOGUS_URL, 512 * 1024))
-        status, headers, body = read_answer(sock)
+        status, headers, body = read_response(sock, length_required=True)
         assert_matrix_error(status, body, 403, "M_FORBIDDEN")
         assert "connection" not in headers  # kept: the body is drained
         started = time.monotonic()
@@ -203,10 +185,10 @@ def test_a_drained_body_keeps_the_connection_for_the_next_request(
 ) -> None:
     with socket.create_connection(("127.0.0.1", admitting_server.port), timeout=10) as sock:
         sock.sendall(head("PUT", BOGUS_URL, 64 * 1024))
-        assert read_answer(sock)[0] == 403
+        assert read_response(sock, length_required=True)[0] == 403
         sock.sendall(b"x" * 64 * 1024)  # the rest of the body, drained
         sock.sendall(b"GET /_matrix/client/versions HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        assert read_answer(sock)[0] == 200
+        assert read_response(sock, length_required=True)[0] == 200
 
 
 def test_a_connection_idle_after_a_drained_body_is_closed_at_the_keep_alive_timeout(
@@ -215,7 +197,7 @@ def test_a_connection_idle_after_a_drained_body_is_closed_at_the_keep_alive_time
     """The body's bytes cancelled uvicorn's keep-alive timeout, armed with the answer."""
     with socket.create_connection(("127.0.0.1", admitting_server.port), timeout=10) as sock:
         sock.sendall(head("PUT", BOGUS_URL, 64 * 1024))
-        assert read_answer(sock)[0] == 403
+        assert read_response(sock, length_required=True)[0] == 403
         sock.sendall(b"x" * 64 * 1024)
         started = time.monotonic()
         assert closed_by_server(sock)

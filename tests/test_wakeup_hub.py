@@ -12,7 +12,7 @@ from typing import Any
 
 from msc3870.wakeup import WakeupHub
 
-from .conftest import msc3870_settings
+from .helpers import msc3870_settings
 
 
 def run_with_hub(

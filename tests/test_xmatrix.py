@@ -21,12 +21,19 @@ from msc3870.errors import Unauthorized
 from msc3870.federation import discovery, keyring, keys, outbound, xmatrix
 from msc3870.federation.xmatrix import MalformedAuthorization, authenticate, sign_request
 
-from .conftest import msc3870_settings
-from .federation_helpers import FakeRemote, local_server, self_signed_tls, send, undelegated
+from .federation_helpers import (
+    DAY_MS,
+    FakeRemote,
+    KeyServers,
+    local_server,
+    self_signed_tls,
+    send,
+    undelegated,
+)
+from .helpers import msc3870_settings
 
 OURS = "media.example.org"
 URI = "/_matrix/federation/v1/media/download/abcDEF?timeout_ms=2000"
-DAY_MS = 24 * 60 * 60 * 1000
 
 
 def now_ms() -> int:
@@ -40,55 +47,27 @@ def _our_name(tmp_path: Path) -> Iterator[None]:
 
 
 @pytest.fixture
-def remote() -> FakeRemote:
+def origin() -> FakeRemote:
+    """The server that signs the requests, its key not published yet."""
     return FakeRemote("remote.example.com")
 
 
-class KeyServers:
-    """The HTTP layer of key fetches, mocked: URL -> JSON answer, with a log of requests."""
-
-    def __init__(self) -> None:
-        self.answers: dict[str, Any] = {}
-        self.requests: list[tuple[str, str, Any]] = []
-
-    def __call__(
-        self, method: str, url: str, body: Any | None = None, *, host: str | None = None
-    ) -> Any:
-        self.requests.append((method, url, body))
-        answer = self.answers.get(url)
-        if answer is None:
-            raise keyring.KeyLookupError(f"{url} answered 404")
-        return answer(body) if callable(answer) else answer
-
-    def serve(self, remote: FakeRemote, answer: Any) -> None:
-        self.answers[f"https://{remote.server_name}:8448/_matrix/key/v2/server"] = answer
-
-
 @pytest.fixture
-def key_servers(monkeypatch: pytest.MonkeyPatch) -> KeyServers:
-    fake = KeyServers()
-    monkeypatch.setattr(keyring, "_get_json", fake)
-    # These made-up names publish no delegation: port 8448, without asking DNS.
-    monkeypatch.setattr(discovery, "resolve", undelegated)
-    return fake
-
-
-@pytest.fixture
-def published(remote: FakeRemote, key_servers: KeyServers) -> FakeRemote:
-    """The remote publishes a valid, self-signed key response."""
-    key_servers.serve(remote, remote.key_response(now_ms() + DAY_MS))
-    return remote
+def published(origin: FakeRemote, key_servers: KeyServers) -> FakeRemote:
+    """The origin publishes a valid, self-signed key response."""
+    key_servers.serve(origin, origin.key_response(now_ms() + DAY_MS))
+    return origin
 
 
 def signed_header(
-    remote: FakeRemote,
+    origin: FakeRemote,
     method: str = "GET",
     uri: str = URI,
     destination: str = OURS,
     content: Any | None = None,
 ) -> str:
     return sign_request(
-        method, uri, destination, content, origin=remote.server_name, signing_key=remote.key
+        method, uri, destination, content, origin=origin.server_name, signing_key=origin.key
     )
 
 
@@ -184,7 +163,7 @@ def test_the_origin_keys_are_fetched_once_then_cached(
 
 
 def test_keys_are_fetched_where_the_origin_delegates(
-    remote: FakeRemote, key_servers: KeyServers, monkeypatch: pytest.MonkeyPatch
+    origin: FakeRemote, key_servers: KeyServers, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A server that delegates (well-known or SRV) publishes its keys there, as every
     other federation request finds it: the key fetch goes through discovery too."""
@@ -195,10 +174,10 @@ def test_keys_are_fetched_where_the_origin_delegates(
         "resolve",
         lambda name: Destination("keys.example.org", 443, "keys.example.org", 443, name),
     )
-    key_servers.answers["https://keys.example.org:443/_matrix/key/v2/server"] = remote.key_response(
+    key_servers.answers["https://keys.example.org:443/_matrix/key/v2/server"] = origin.key_response(
         now_ms() + DAY_MS
     )
-    assert authenticate("GET", URI, [signed_header(remote)]) == remote.server_name
+    assert authenticate("GET", URI, [signed_header(origin)]) == origin.server_name
     assert [url for _, url, _ in key_servers.requests] == [
         "https://keys.example.org:443/_matrix/key/v2/server"
     ]
@@ -300,46 +279,46 @@ def test_an_unknown_key_is_refused_and_not_refetched_at_once(
     assert len(key_servers.requests) == 1
 
 
-def test_expired_keys_are_refused(remote: FakeRemote, key_servers: KeyServers) -> None:
-    key_servers.serve(remote, remote.key_response(now_ms() - 1000))
-    assert "No usable key" in refused("GET", URI, [signed_header(remote)])
+def test_expired_keys_are_refused(origin: FakeRemote, key_servers: KeyServers) -> None:
+    key_servers.serve(origin, origin.key_response(now_ms() - 1000))
+    assert "No usable key" in refused("GET", URI, [signed_header(origin)])
 
 
 def test_keys_of_another_server_name_are_refused(
-    remote: FakeRemote, key_servers: KeyServers
+    origin: FakeRemote, key_servers: KeyServers
 ) -> None:
-    key_servers.serve(remote, remote.key_response(now_ms() + DAY_MS, server_name="evil.example"))
-    assert "No usable key" in refused("GET", URI, [signed_header(remote)])
+    key_servers.serve(origin, origin.key_response(now_ms() + DAY_MS, server_name="evil.example"))
+    assert "No usable key" in refused("GET", URI, [signed_header(origin)])
 
 
-def test_an_unsigned_key_response_is_refused(remote: FakeRemote, key_servers: KeyServers) -> None:
-    key_servers.serve(remote, remote.key_response(now_ms() + DAY_MS, sign_with=[]))
-    assert "No usable key" in refused("GET", URI, [signed_header(remote)])
+def test_an_unsigned_key_response_is_refused(origin: FakeRemote, key_servers: KeyServers) -> None:
+    key_servers.serve(origin, origin.key_response(now_ms() + DAY_MS, sign_with=[]))
+    assert "No usable key" in refused("GET", URI, [signed_header(origin)])
 
 
-def test_every_self_signature_must_verify(remote: FakeRemote, key_servers: KeyServers) -> None:
+def test_every_self_signature_must_verify(origin: FakeRemote, key_servers: KeyServers) -> None:
     second = generate_signing_key("rem2")
-    body = remote.key_response(now_ms() + DAY_MS, extra_keys=(second,), sign_with=[remote.key])
+    body = origin.key_response(now_ms() + DAY_MS, extra_keys=(second,), sign_with=[origin.key])
     # A signature claimed for the second listed key that is not its own.
-    body["signatures"][remote.server_name]["ed25519:rem2"] = body["signatures"][remote.server_name][
-        remote.key_id
+    body["signatures"][origin.server_name]["ed25519:rem2"] = body["signatures"][origin.server_name][
+        origin.key_id
     ]
-    key_servers.serve(remote, body)
-    assert "No usable key" in refused("GET", URI, [signed_header(remote)])
+    key_servers.serve(origin, body)
+    assert "No usable key" in refused("GET", URI, [signed_header(origin)])
 
 
 def test_a_key_response_signed_by_another_key_is_refused(
-    remote: FakeRemote, key_servers: KeyServers
+    origin: FakeRemote, key_servers: KeyServers
 ) -> None:
-    impostor = generate_signing_key(remote.key.version)
-    key_servers.serve(remote, remote.key_response(now_ms() + DAY_MS, sign_with=[impostor]))
-    assert "No usable key" in refused("GET", URI, [signed_header(remote)])
+    impostor = generate_signing_key(origin.key.version)
+    key_servers.serve(origin, origin.key_response(now_ms() + DAY_MS, sign_with=[impostor]))
+    assert "No usable key" in refused("GET", URI, [signed_header(origin)])
 
 
-def test_validity_counts_as_at_most_seven_days(remote: FakeRemote) -> None:
+def test_validity_counts_as_at_most_seven_days(origin: FakeRemote) -> None:
     now = now_ms()
-    body = remote.key_response(now + 365 * DAY_MS)
-    [key] = keyring.check_server_keys(body, remote.server_name, now).values()
+    body = origin.key_response(now + 365 * DAY_MS)
+    [key] = keyring.check_server_keys(body, origin.server_name, now).values()
     assert key.valid_until_ts == now + 7 * DAY_MS
 
 
@@ -363,10 +342,10 @@ def notary(key_servers: KeyServers, published: FakeRemote) -> Iterator[FakeRemot
         yield notary
 
 
-def _notary_answer(notary: FakeRemote, remote: FakeRemote, signer: Any) -> Any:
+def _notary_answer(notary: FakeRemote, origin: FakeRemote, signer: Any) -> Any:
     def answer(body: Any) -> Any:
-        assert list(body["server_keys"]) == [remote.server_name]
-        entry = remote.key_response(now_ms() + DAY_MS)
+        assert list(body["server_keys"]) == [origin.server_name]
+        entry = origin.key_response(now_ms() + DAY_MS)
         return {"server_keys": [sign_json(entry, notary.server_name, signer)]}
 
     return answer
@@ -442,14 +421,14 @@ def test_keys_fetched_over_https_from_a_local_server(tmp_path: Path) -> None:
     pytest.importorskip("cryptography")
     routes: dict[str, Any] = {}
     with local_server(routes, tls=self_signed_tls(tmp_path)) as server:
-        remote = FakeRemote(server.server_name)  # "127.0.0.1:<port>": an IP literal and port
-        body = json.dumps(remote.key_response(now_ms() + DAY_MS)).encode()
+        origin = FakeRemote(server.server_name)  # "127.0.0.1:<port>": an IP literal and port
+        body = json.dumps(origin.key_response(now_ms() + DAY_MS)).encode()
 
         def key_route(handler: BaseHTTPRequestHandler) -> None:
             send(handler, 200, body)
 
         routes["/_matrix/key/v2/server"] = key_route
-        header = signed_header(remote)
+        header = signed_header(origin)
         # The guard closed (default): the key server is never reached.
         assert "No usable key" in refused("GET", URI, [header])
         assert server.hits == []
@@ -459,12 +438,12 @@ def test_keys_fetched_over_https_from_a_local_server(tmp_path: Path) -> None:
             FEDERATION_IP_RANGE_ALLOWLIST=["127.0.0.1/32"],
             FEDERATION_VERIFY_TLS=False,
         ):
-            assert authenticate("GET", URI, [header]) == remote.server_name
+            assert authenticate("GET", URI, [header]) == origin.server_name
         assert server.hits == ["/_matrix/key/v2/server"]
 
 
 def test_outbound_errors_reach_the_log_not_the_requester(
-    remote: FakeRemote, monkeypatch: pytest.MonkeyPatch
+    origin: FakeRemote, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise outbound.AddressNotAllowed("remote.example.com resolves to 10.1.2.3")
@@ -472,7 +451,7 @@ def test_outbound_errors_reach_the_log_not_the_requester(
     monkeypatch.setattr(outbound, "request", refuse)
     # The made-up name is not looked up in DNS (SRV) either: tests never leave the machine.
     monkeypatch.setattr(discovery, "resolve", undelegated)
-    message = refused("GET", URI, [signed_header(remote)])
+    message = refused("GET", URI, [signed_header(origin)])
     assert "10.1.2.3" not in message and "No usable key" in message
 
 

@@ -17,8 +17,8 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,27 +28,11 @@ import requests
 from django.conf import settings
 from django.db import connection
 
-from msc3870.models import AccessToken, digest_token
+from ..helpers import EICAR, MatrixClient, free_port, make_token, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 REQUIRED_ENV = ("DATABASE_URL", "CELERY_BROKER_URL", "AWS_STORAGE_BUCKET_NAME")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def database_url_of_test_db() -> str:
@@ -76,6 +60,10 @@ class Stack:
         )
         self.processes[name] = process
         return process
+
+    def client(self, token: str = "") -> MatrixClient:
+        """A client of this stack's server with ``token`` (none: anonymous)."""
+        return MatrixClient.over_http(self.base_url, token)
 
     def start_server(self, workers: int | None = None, **extra_env: str) -> None:
         """gunicorn serving the ASGI app (as ``make run`` and the container start it), with
@@ -194,18 +182,34 @@ def base_env(tmp: Path, **overrides: str) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="session")
-def stack(
-    django_db_setup: None, django_db_blocker: Any, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("stack")
+@contextmanager
+def running_stack(tmp: Path, workers: int | None = None) -> Iterator[Stack]:
+    """gunicorn (``workers`` web workers) and a celery worker, stopped on the way out."""
     running = Stack(env=base_env(tmp), logs=tmp)
     try:
-        running.start_server()
+        running.start_server(workers)
         running.start_worker()
         yield running
     finally:
         running.stop_all()
+
+
+@pytest.fixture(scope="session")
+def stack(
+    django_db_setup: None, django_db_blocker: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    with running_stack(tmp_path_factory.mktemp("stack")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def two_workers(
+    django_db_setup: None, django_db_blocker: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """A stack of the module's own whose server has two uvicorn workers (as on a two-core
+    host), on PostgreSQL, with a celery worker (Redis)."""
+    with running_stack(tmp_path_factory.mktemp("two-workers"), workers=2) as running:
+        yield running
 
 
 @pytest.fixture
@@ -291,9 +295,6 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     redis.stop()
 
 
-EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
-
-
 @pytest.fixture
 def clamd(tmp_path: Path) -> Iterator[str]:
     """A real clamd (Debian's clamav-daemon). With no network for freshclam, its signature
@@ -340,10 +341,7 @@ def user_token(transactional_db: None) -> tuple[str, str]:
 def make_user_token(user_id: str | None = None) -> str:
     """A token of ``user_id`` (default: a new user), committed (call it from a test with a
     transactional database)."""
-    user_id = user_id or f"@u{secrets.token_hex(4)}:localhost"
-    token = "mr_" + secrets.token_urlsafe(16)
-    AccessToken.objects.create(user_id=user_id, token_digest=digest_token(token))
-    return token
+    return make_token(user_id or f"@u{secrets.token_hex(4)}:localhost")
 
 
 @pytest.fixture
@@ -353,15 +351,52 @@ def s3_client() -> Any:
     return get_store().client  # type: ignore[attr-defined]
 
 
-def bucket_keys(s3_client: Any, prefix: str = "") -> list[str]:
-    bucket = os.environ["AWS_STORAGE_BUCKET_NAME"]
-    paginator = s3_client.get_paginator("list_objects_v2")
-    return [
-        item["Key"]
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix)
-        for item in page.get("Contents", [])
-    ]
-
-
 def s3_server(action: str) -> None:
     subprocess.run([str(ROOT / "scripts" / "s3-server"), action], check=True, cwd=ROOT)
+
+
+# --- a federating Synapse ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A test CA (``trustme``) and one certificate for 127.0.0.1 that it issued."""
+    from .synapse_helpers import issue_certificates
+
+    return issue_certificates(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="module")
+def synapse_peer(tmp_path_factory: pytest.TempPathFactory, certificates: Any) -> Iterator[Any]:
+    """A Synapse with federation on, over TLS, under the name ``127.0.0.1:<port>``
+    (``services.synapse_helpers.Peer``); stopped at the end of the module."""
+    from .synapse_helpers import Peer, synapse_script
+
+    directory = tmp_path_factory.mktemp("synapse-federating")
+    port = free_port()
+    server_name = f"127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "SYNAPSE_DIR": str(directory),
+        "SYNAPSE_PORT": str(port),
+        "SYNAPSE_SERVER_NAME": server_name,
+        "SYNAPSE_TLS_CERT": str(certificates.cert),
+        "SYNAPSE_TLS_KEY": str(certificates.key),
+        "SYNAPSE_FEDERATION": "1",
+    }
+    synapse_script("install", env, timeout=900)
+    synapse_script("start --fresh", env, timeout=120)
+    try:
+        yield Peer(f"https://{server_name}", server_name, directory, certificates.ca)
+    finally:
+        synapse_script("stop", env, timeout=60)
+
+
+@pytest.fixture
+def waiters() -> Iterator[Any]:
+    """Many concurrent downloads on an event loop of their own (``helpers.Waiters``)."""
+    from .helpers import Waiters
+
+    running = Waiters()
+    yield running
+    running.close()

@@ -1,4 +1,4 @@
-"""A check that holds screening until the test opens the gate (issue 9 tests).
+"""A check that holds screening until the test opens the gate.
 
 Active only when GATE_DIR is set (in the worker's environment). It leaves
 ``<media_id>.started`` there, then waits for ``<media_id>.release`` (pass) or

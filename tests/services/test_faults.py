@@ -23,8 +23,9 @@ from msc3870 import maintenance, moderation
 from msc3870.conf import DEFAULTS
 from msc3870.models import Media, MediaState
 
-from .conftest import EICAR, ROOT, PrivateRedis, Stack, bucket_keys, s3_server, wait_until
-from .helpers import complete, create, download, keys_of, media_of, upload_through_url
+from ..helpers import EICAR, bucket_keys, media_of, wait_until
+from .conftest import ROOT, PrivateRedis, Stack, s3_server
+from .helpers import keys_of
 
 pytestmark = pytest.mark.services
 S = MediaState
@@ -74,14 +75,17 @@ def test_worker_killed_mid_screening(
     stack.start_server()
     stack.start_worker("doomed", SLOW_CHECK_DIR=str(markers), SLOW_CHECK_SECONDS="120")
     _, token = user_token
-    created = create(stack, token)
+    created = stack.client(token).create()
     data = os.urandom(2 * 1024 * 1024)
     assert requests.put(created["upload_url"], data=data).status_code == 200
-    answer = complete(stack, token, created["content_uri"])
+    answer = stack.client(token).complete(created["content_uri"])
     assert answer.status_code == 200  # accepted; the checks are still running
     media = media_of(created["content_uri"])
     wait_until(lambda: (markers / media.media_id).exists(), 60, "screening to start")
-    assert download(stack, created["content_uri"], "?timeout_ms=0").status_code == 504
+    assert (
+        stack.client().download(created["content_uri"], "?timeout_ms=0", legacy=True).status_code
+        == 504
+    )
     stack.kill("doomed")  # SIGKILL, the whole process group
     assert state_of(media.pk) == S.PROCESSING
     stack.start_worker("survivor")
@@ -89,7 +93,7 @@ def test_worker_killed_mid_screening(
         set_stuck_sweep_every_second()
         stack.start_beat()
     wait_until(lambda: state_of(media.pk) == S.COMPLETE, 90, "the media to complete")
-    got = download(stack, created["content_uri"])
+    got = stack.client().download(created["content_uri"], legacy=True)
     assert got.content == data
     media.refresh_from_db()
     assert media.attempts >= 2
@@ -109,11 +113,11 @@ def test_broker_down_at_complete(
     stack.start_server()
     stack.start_worker()
     _, token = user_token
-    created = create(stack, token)
+    created = stack.client(token).create()
     assert requests.put(created["upload_url"], data=b"queued later").status_code == 200
     private_redis.stop()
     started = time.monotonic()
-    answer = complete(stack, token, created["content_uri"])
+    answer = stack.client(token).complete(created["content_uri"])
     elapsed = time.monotonic() - started
     assert answer.status_code == 200
     assert answer.json() == {"content_uri": created["content_uri"]}
@@ -121,23 +125,26 @@ def test_broker_down_at_complete(
     media = media_of(created["content_uri"])
     assert media.state == S.PROCESSING
     assert "queueing failed" in media.last_error
-    assert download(stack, created["content_uri"], "?timeout_ms=0").status_code == 504
+    assert (
+        stack.client().download(created["content_uri"], "?timeout_ms=0", legacy=True).status_code
+        == 504
+    )
     private_redis.start()  # same port: the worker reconnects
     set_stuck_sweep_every_second()
     stack.start_beat()
     wait_until(lambda: state_of(media.pk) == S.COMPLETE, 90, "the media to complete")
-    assert download(stack, created["content_uri"]).content == b"queued later"
+    assert stack.client().download(created["content_uri"], legacy=True).content == b"queued later"
 
 
 def test_s3_down_during_screening_is_retried_and_recorded(
     live: Stack, user_token: tuple[str, str], s3_client: Any
 ) -> None:
     _, token = user_token
-    created = create(live, token)
+    created = live.client(token).create()
     assert requests.put(created["upload_url"], data=b"survives an outage").status_code == 200
     live.stop("worker")
     with ThreadPoolExecutor(1) as pool:
-        answer = pool.submit(complete, live, token, created["content_uri"])
+        answer = pool.submit(live.client(token).complete, created["content_uri"])
         media = media_of(created["content_uri"])
         wait_until(lambda: state_of(media.pk) == S.PROCESSING, 30, "the claim")
         s3_server("stop")
@@ -156,7 +163,9 @@ def test_s3_down_during_screening_is_retried_and_recorded(
         assert answer.result().status_code == 200
     media.refresh_from_db()
     assert media.last_error == ""
-    assert download(live, created["content_uri"]).content == b"survives an outage"
+    assert (
+        live.client().download(created["content_uri"], legacy=True).content == b"survives an outage"
+    )
     assert keys_of(s3_client, media) == [media.storage_key]
 
 
@@ -164,7 +173,9 @@ def test_s3_down_during_cleanup_never_claims_deleted(
     live: Stack, user_token: tuple[str, str], s3_client: Any
 ) -> None:
     _, token = user_token
-    media = media_of(upload_through_url(live, token, b"to be purged"))
+    media = media_of(
+        live.client(token).upload_through_url(b"to be purged", content_type="text/plain")
+    )
     s3_server("stop")
     try:
         assert moderation.purge(media, by="@mod:localhost")
@@ -188,7 +199,7 @@ def test_s3_down_during_cleanup_never_claims_deleted(
 
 def race_once(live: Stack, token: str, s3_client: Any) -> str:
     """/complete and the expiry sweep, both at the id's expiry instant."""
-    created = create(live, token)
+    created = live.client(token).create()
     requests.put(created["upload_url"], data=b"racing the clock")
     media = media_of(created["content_uri"])
     instant = timezone.now() + timedelta(milliseconds=400)
@@ -201,7 +212,7 @@ def race_once(live: Stack, token: str, s3_client: Any) -> str:
 
     def do_complete() -> int:
         at_instant()
-        return complete(live, token, created["content_uri"]).status_code
+        return live.client(token).complete(created["content_uri"]).status_code
 
     def do_expire() -> int:
         at_instant()
@@ -217,7 +228,10 @@ def race_once(live: Stack, token: str, s3_client: Any) -> str:
     final = state_of(media.pk)
     if final == S.COMPLETE:
         assert (status, moved) == (200, 0)
-        assert download(live, created["content_uri"]).content == b"racing the clock"
+        assert (
+            live.client().download(created["content_uri"], legacy=True).content
+            == b"racing the clock"
+        )
     else:
         assert final == S.EXPIRED
         assert (status, moved) == (404, 1)
@@ -285,8 +299,8 @@ def test_clamav_scan_with_a_real_clamd(
     user_token: tuple[str, str],
     s3_client: Any,
 ) -> None:
-    # The uploader hears the scanner's verdict in the /complete answer (issue 9: that waits
-    # for the full-object checks only when the operator asks for it).
+    # The uploader hears the scanner's verdict in the /complete answer (it waits for
+    # the full-object checks only when the operator asks for it).
     stack: Stack = make_stack(
         CELERY_BROKER_URL=private_redis.url,
         MSC3870_CLAMAV_URL=clamd,
@@ -295,13 +309,13 @@ def test_clamav_scan_with_a_real_clamd(
     stack.start_server()
     stack.start_worker()
     _, token = user_token
-    clean = create(stack, token)
+    clean = stack.client(token).create()
     requests.put(clean["upload_url"], data=b"nothing to see here")
-    assert complete(stack, token, clean["content_uri"]).status_code == 200
+    assert stack.client(token).complete(clean["content_uri"]).status_code == 200
     assert media_of(clean["content_uri"]).state == S.COMPLETE
-    infected = create(stack, token)
+    infected = stack.client(token).create()
     requests.put(infected["upload_url"], data=b"prefix " + EICAR + b" suffix")
-    answer = complete(stack, token, infected["content_uri"])
+    answer = stack.client(token).complete(infected["content_uri"])
     assert answer.status_code == 403
     assert "EICAR-Test-Signature" in answer.json()["error"]
     media = media_of(infected["content_uri"])

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import requests
 
-from .conftest import BIN, ROOT, PrivateRedis, Stack, free_port, s3_server, wait_until
+from ..helpers import free_port, wait_until
+from .conftest import BIN, ROOT, PrivateRedis, Stack, s3_server
 
 pytestmark = pytest.mark.services
 
@@ -220,7 +221,6 @@ def test_a_celery_worker_serves_its_pool_metrics(
 ) -> None:
     """Screening runs in the worker's pool processes: their values add up on the worker's
     own listener, whose directory the worker empties when it starts."""
-    from .helpers import upload_through_url
 
     stack: Stack = make_stack(CELERY_BROKER_URL=private_redis.url)
     stack.start_server(workers=1)
@@ -232,7 +232,9 @@ def test_a_celery_worker_serves_its_pool_metrics(
     assert not (directory / "counter_4242.db").exists()
     _, token = user_token
     for index in range(3):
-        upload_through_url(stack, token, b"screened by the pool %d" % index)
+        stack.client(token).upload_through_url(
+            b"screened by the pool %d" % index, content_type="text/plain"
+        )
 
     def screened() -> bool:
         text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text

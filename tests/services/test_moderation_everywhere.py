@@ -13,68 +13,25 @@ the unit suite (``tests/test_moderation_everywhere.py``).
 from __future__ import annotations
 
 import http.client
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
 
 import psutil
 import pytest
-import requests
 from django.utils import timezone
-from PIL import Image
 
 from msc3870 import moderation
 from msc3870.models import Media, ModerationAction
 
-from .conftest import Stack, base_env, wait_until
-from .helpers import auth, create, media_of, mxc_path
-from .test_request_plane import CLIENT_TIMEOUT, Waiters, park, results
+from ..helpers import bearer, media_of, mxc_path, png_bytes, wait_until
+from .conftest import Stack
+from .helpers import CLIENT_TIMEOUT, Waiters, park, results
 
 pytestmark = pytest.mark.services
 
 A = ModerationAction
 MOD = "@mod:localhost"
 SIZE = "width=32&height=32"
-
-
-@pytest.fixture(scope="module")
-def two_workers(
-    django_db_setup: None, django_db_blocker: Any, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("moderation")
-    running = Stack(env=base_env(tmp), logs=tmp)
-    try:
-        running.start_server(workers=2)
-        running.start_worker()
-        yield running
-    finally:
-        running.stop_all()
-
-
-@pytest.fixture
-def waiters() -> Iterator[Waiters]:
-    running = Waiters()
-    yield running
-    running.close()
-
-
-def png(size: int = 64) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), (200, 30, 30)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def upload_image(stack: Stack, token: str) -> Media:
-    response = requests.post(
-        f"{stack.base_url}/_matrix/media/v3/upload",
-        data=png(),
-        headers={**auth(token), "Content-Type": "image/png"},
-        timeout=60,
-    )
-    assert response.status_code == 200, response.text
-    return media_of(response.json()["content_uri"])
 
 
 def read_paths(media: Media) -> dict[str, str]:
@@ -169,8 +126,8 @@ def test_moderated_media_is_404_on_every_path_in_every_worker_at_once(
     two_workers: Stack, user_token: tuple[str, str], action: str
 ) -> None:
     _, token = user_token
-    media = upload_image(two_workers, token)
-    headers = auth(token)
+    media = media_of(two_workers.client(token).uploaded(png_bytes(64, 64), "image/png"))
+    headers = bearer(token)
     connections = spread_connections(two_workers, media, headers)
     try:
         for path in read_paths(media).values():  # thumbnails made, every path served
@@ -194,13 +151,13 @@ def test_downloads_parked_in_every_worker_are_404_when_the_media_is_purged(
     two_workers: Stack, waiters: Waiters, user_token: tuple[str, str], bulk: bool
 ) -> None:
     _, token = user_token
-    content_uri = create(two_workers, token)["content_uri"]
+    content_uri = two_workers.client(token).create()["content_uri"]
     base = two_workers.base_url
     path = mxc_path(content_uri)
     parked = []
     for url, headers in (
-        (f"{base}/_matrix/client/v1/media/download/{path}?timeout_ms=60000", auth(token)),
-        (f"{base}/_matrix/client/v1/media/thumbnail/{path}?{SIZE}&timeout_ms=60000", auth(token)),
+        (f"{base}/_matrix/client/v1/media/download/{path}?timeout_ms=60000", bearer(token)),
+        (f"{base}/_matrix/client/v1/media/thumbnail/{path}?{SIZE}&timeout_ms=60000", bearer(token)),
         (f"{base}/_matrix/media/v3/download/{path}?timeout_ms=10000", {}),
     ):
         parked += park(waiters, two_workers, url, headers, 4)  # on every worker

@@ -7,20 +7,19 @@ from __future__ import annotations
 import pytest
 from django.db import connection
 
-from ..conftest import MatrixClient
-from ..test_moderation import upload
-from ..test_moderation_append_only import (
+from ..append_only import (
     assert_deleting_the_media_keeps_the_record,
     assert_the_database_refuses_changes,
     record_of,
 )
+from ..helpers import MatrixClient, media_of
 
 pytestmark = pytest.mark.services
 
 
 def test_the_trigger_refuses_changes_but_not_a_media_deletion(alice: MatrixClient) -> None:
     assert connection.vendor == "postgresql"
-    upload(alice)  # other media, for a record pointed elsewhere
-    record = record_of(upload(alice))
+    media_of(alice.uploaded())  # other media, for a record pointed elsewhere
+    record = record_of(media_of(alice.uploaded()))
     assert_the_database_refuses_changes(record)
     assert_deleting_the_media_keeps_the_record(record)

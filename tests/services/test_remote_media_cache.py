@@ -20,10 +20,9 @@ from msc3870.federation.remote_media import bucket_key
 from msc3870.models import Media, MediaState, UploadMethod
 from msc3870.ratelimit import LeakyBucket
 
-from ..conftest import png_bytes
 from ..federation_helpers import local_server, self_signed_tls, send
-from .conftest import PrivateRedis, Stack, bucket_keys, wait_until
-from .helpers import auth
+from ..helpers import bearer, bucket_keys, png_bytes, wait_until
+from .conftest import PrivateRedis, Stack
 
 pytestmark = pytest.mark.services
 FED = "/_matrix/federation/v1/media/download/"
@@ -83,11 +82,13 @@ def test_a_worker_charges_the_fetch_and_beat_evicts_the_least_recently_served(
         stack.start_worker()
         base = f"{stack.base_url}/_matrix/client/v1/media"
         for name, (data, _) in files.items():
-            got = requests.get(f"{base}/download/{remote.server_name}/{name}", headers=auth(token))
+            got = requests.get(
+                f"{base}/download/{remote.server_name}/{name}", headers=bearer(token)
+            )
             assert got.status_code == 200, got.text
             assert got.content == data
         thumb = requests.get(
-            f"{base}/thumbnail/{remote.server_name}/old?width=32&height=32", headers=auth(token)
+            f"{base}/thumbnail/{remote.server_name}/old?width=32&height=32", headers=bearer(token)
         )
         assert thumb.status_code == 200, thumb.text
 

@@ -20,8 +20,9 @@ from django.utils import timezone
 from msc3870.models import Media, MediaState
 from msc3870.stores import get_store
 
-from .conftest import Stack, bucket_keys, wait_until
-from .helpers import auth, complete, create, keys_of, media_of, mxc_path
+from ..helpers import bearer, bucket_keys, media_of, mxc_path, wait_until
+from .conftest import Stack
+from .helpers import keys_of
 
 pytestmark = pytest.mark.services
 
@@ -40,7 +41,7 @@ def test_full_flow_presigned_put_complete_download(
     live: Stack, user_token: tuple[str, str], s3_client: Any
 ) -> None:
     _, token = user_token
-    created = create(live, token)
+    created = live.client(token).create()
     url = urlsplit(created["upload_url"])
     assert url.netloc == urlsplit(os.environ["AWS_S3_ENDPOINT_URL"]).netloc  # the bucket
     assert parse_qs(url.query)["X-Amz-SignedHeaders"] == ["host"]
@@ -51,7 +52,7 @@ def test_full_flow_presigned_put_complete_download(
         headers={"Content-Type": "video/mp4"},
     )
     assert put.status_code == 200, put.text
-    done = complete(live, token, created["content_uri"], "?filename=clip.mp4")
+    done = live.client(token).complete(created["content_uri"], "?filename=clip.mp4")
     assert done.status_code == 200, done.text
     assert done.json() == {"content_uri": created["content_uri"]}
     media = decided(created["content_uri"])
@@ -64,7 +65,7 @@ def test_full_flow_presigned_put_complete_download(
     assert keys_of(s3_client, media) == [media.storage_key]
     download = requests.get(
         f"{live.base_url}/_matrix/client/v1/media/download/{mxc_path(media.mxc_uri)}",
-        headers=auth(token),
+        headers=bearer(token),
         allow_redirects=False,
     )
     assert download.status_code == 200
@@ -72,7 +73,7 @@ def test_full_flow_presigned_put_complete_download(
     assert download.headers["Content-Disposition"] == "inline; filename=clip.mp4"
     ranged = requests.get(
         f"{live.base_url}/_matrix/client/v1/media/download/{mxc_path(media.mxc_uri)}",
-        headers={**auth(token), "Range": "bytes=4194304-4194403"},
+        headers={**bearer(token), "Range": "bytes=4194304-4194403"},
     )
     assert ranged.status_code == 206
     assert ranged.content == data[4194304:4194404]
@@ -82,11 +83,14 @@ def test_redirect_target_serves_the_bytes_with_our_headers(
     live: Stack, user_token: tuple[str, str]
 ) -> None:
     _, token = user_token
-    created = create(live, token)
+    created = live.client(token).create()
     requests.put(
         created["upload_url"], data=b"redirected bytes", headers={"Content-Type": "text/plain"}
     )
-    assert complete(live, token, created["content_uri"], "?filename=notes.txt").status_code == 200
+    assert (
+        live.client(token).complete(created["content_uri"], "?filename=notes.txt").status_code
+        == 200
+    )
     path = mxc_path(created["content_uri"])
     redirect = requests.get(
         f"{live.base_url}/_matrix/media/v3/download/{path}?allow_redirect=true",
@@ -109,8 +113,8 @@ def test_store_refuses_tampered_other_id_and_expired_urls(
     live: Stack, user_token: tuple[str, str], s3_client: Any
 ) -> None:
     _, token = user_token
-    first = create(live, token)
-    second = create(live, token)
+    first = live.client(token).create()
+    second = live.client(token).create()
     url = first["upload_url"]
     signature = parse_qs(urlsplit(url).query)["X-Amz-Signature"][0]
     tampered = url.replace(signature, ("0" if signature[0] != "0" else "1") + signature[1:])
@@ -137,12 +141,12 @@ def test_reput_after_complete_changes_nothing(
     from msc3870 import maintenance
 
     _, token = user_token
-    created = create(live, token)
+    created = live.client(token).create()
     requests.put(
         created["upload_url"], data=b"screened bytes", headers={"Content-Type": "text/plain"}
     )
-    assert complete(live, token, created["content_uri"]).status_code == 200
-    decided(created["content_uri"])  # /complete answers before the move (issue 9)
+    assert live.client(token).complete(created["content_uri"]).status_code == 200
+    decided(created["content_uri"])  # /complete answers before the move
     # The presigned URL still works until it expires; S3 cannot refuse the second PUT...
     again = requests.put(created["upload_url"], data=b"<script>swap</script>")
     assert again.status_code == 200
@@ -163,20 +167,20 @@ def test_oversize_upload_is_refused_and_deleted(
     try:
         live.start_server()
         live.start_worker()
-        created = create(live, token)
+        created = live.client(token).create()
         requests.put(created["upload_url"], data=os.urandom(1024 * 1024 + 1))
-        response = complete(live, token, created["content_uri"])
+        response = live.client(token).complete(created["content_uri"])
         assert response.status_code == 413
         assert response.json()["errcode"] == "M_TOO_LARGE"
         media = media_of(created["content_uri"])
         assert media.state == MediaState.REJECTED
         assert keys_of(s3_client, media) == []
         # The PUT fallback refuses it while streaming and leaves nothing either.
-        other = create(live, token)
+        other = live.client(token).create()
         put = requests.put(
             f"{live.base_url}/_matrix/media/v3/upload/{mxc_path(other['content_uri'])}",
             data=iter([os.urandom(512 * 1024)] * 3),  # chunked: no Content-Length to trust
-            headers=auth(token),
+            headers=bearer(token),
         )
         assert put.status_code == 413
         assert keys_of(s3_client, media_of(other["content_uri"])) == []
@@ -192,12 +196,12 @@ def test_put_fallback_streams_to_s3(
     live: Stack, user_token: tuple[str, str], s3_client: Any
 ) -> None:
     _, token = user_token
-    created = create(live, token)
+    created = live.client(token).create()
     data = os.urandom(12 * 1024 * 1024 + 5)  # multipart
     put = requests.put(
         f"{live.base_url}/_matrix/media/v3/upload/{mxc_path(created['content_uri'])}",
         data=data,
-        headers=auth(token),
+        headers=bearer(token),
     )
     assert put.status_code == 200, put.text
     media = media_of(created["content_uri"])
@@ -213,7 +217,7 @@ def test_nothing_left_after_expiry(
     from msc3870 import maintenance
 
     _, token = user_token
-    created = create(live, token)
+    created = live.client(token).create()
     requests.put(created["upload_url"], data=b"abandoned")
     media = media_of(created["content_uri"])
     assert keys_of(s3_client, media) == [media.incoming_key]
@@ -257,16 +261,16 @@ def test_thumbnail_of_s3_media(live: Stack, user_token: tuple[str, str], s3_clie
     _, token = user_token
     buffer = io.BytesIO()
     Image.new("RGB", (900, 600), (20, 200, 90)).save(buffer, "JPEG")
-    created = create(live, token)
+    created = live.client(token).create()
     requests.put(
         created["upload_url"], data=buffer.getvalue(), headers={"Content-Type": "image/jpeg"}
     )
-    assert complete(live, token, created["content_uri"]).status_code == 200
+    assert live.client(token).complete(created["content_uri"]).status_code == 200
     decided(created["content_uri"])
     path = mxc_path(created["content_uri"])
     response = requests.get(
         f"{live.base_url}/_matrix/client/v1/media/thumbnail/{path}?width=320&height=240",
-        headers=auth(token),
+        headers=bearer(token),
     )
     assert response.status_code == 200
     assert response.headers["Content-Type"] == "image/jpeg"
@@ -275,7 +279,7 @@ def test_thumbnail_of_s3_media(live: Stack, user_token: tuple[str, str], s3_clie
     assert f"thumbnails/{media.media_id}/320x240-scale" in bucket_keys(s3_client, "thumbnails/")
 
 
-# ----------------------------------------------------------------- issue 9: the direct path
+# ------------------------------------- the upload URL: /complete answers on metadata
 
 GATED_CHECKS = ",".join(
     [
@@ -305,14 +309,14 @@ def _gated_stack(live: Stack, make_stack: Any, gate_dir: Path, **env: str) -> St
 
 
 def _put_and_complete(stack: Stack, token: str, data: bytes) -> tuple[str, requests.Response]:
-    created = create(stack, token)
+    created = stack.client(token).create()
     put = requests.put(created["upload_url"], data=data, headers={"Content-Type": "text/plain"})
     assert put.status_code == 200, put.text
     # Well under the 120 s /complete could wait: a timeout here means it waited.
     done = requests.post(
         f"{stack.base_url}/_matrix/media/v1/upload/{mxc_path(created['content_uri'])}/complete",
         json={},
-        headers=auth(token),
+        headers=bearer(token),
         timeout=60,
     )
     return created["content_uri"], done
@@ -335,7 +339,7 @@ def test_complete_answers_before_the_full_checks_and_downloads_wait(
         waiting = pool.submit(
             requests.get,
             f"{stack.base_url}/_matrix/client/v1/media/download/{path}?timeout_ms=60000",
-            headers=auth(token),
+            headers=bearer(token),
             timeout=90,
         )
         wait_until(lambda: (gate_dir / f"{media.media_id}.started").exists(), 60, "screening")
@@ -355,11 +359,11 @@ def test_complete_answers_before_the_full_checks_and_downloads_wait(
     got = requests.get(
         f"{stack.base_url}/_matrix/client/v1/media/download/{mxc_path(content_uri)}"
         "?timeout_ms=60000",
-        headers=auth(token),
+        headers=bearer(token),
         timeout=90,
     )
     assert (got.status_code, got.json()["errcode"]) == (404, "M_NOT_FOUND"), got.text
-    again = complete(stack, token, content_uri)
+    again = stack.client(token).complete(content_uri)
     assert again.status_code == 403
     assert again.json() == {"errcode": "M_FORBIDDEN", "error": "Refused at the gate"}
     assert keys_of(s3_client, rejected) == []
@@ -388,7 +392,7 @@ def test_uploaders_metadata_does_not_survive_into_downloads(
     live: Stack, user_token: tuple[str, str], s3_client: Any
 ) -> None:
     _, token = user_token
-    created = create(live, token)
+    created = live.client(token).create()
     put = requests.put(
         created["upload_url"],
         data=b"plain bytes, not gzip",
@@ -405,7 +409,7 @@ def test_uploaders_metadata_does_not_survive_into_downloads(
     bucket = os.environ["AWS_STORAGE_BUCKET_NAME"]
     incoming = media_of(created["content_uri"]).incoming_key
     assert s3_client.head_object(Bucket=bucket, Key=incoming)["ContentEncoding"] == "gzip"
-    assert complete(live, token, created["content_uri"]).status_code == 200
+    assert live.client(token).complete(created["content_uri"]).status_code == 200
     media = media_of(created["content_uri"])
     wait_until(lambda: media_of(media.mxc_uri).state == MediaState.COMPLETE, 60, "screening")
     stored = s3_client.head_object(Bucket=bucket, Key=media_of(media.mxc_uri).storage_key)
@@ -415,7 +419,7 @@ def test_uploaders_metadata_does_not_survive_into_downloads(
     path = mxc_path(media.mxc_uri)
     served = requests.get(
         f"{live.base_url}/_matrix/client/v1/media/download/{path}?timeout_ms=30000",
-        headers=auth(token),
+        headers=bearer(token),
     )
     redirect = requests.get(
         f"{live.base_url}/_matrix/media/v3/download/{path}?allow_redirect=true",
@@ -437,7 +441,7 @@ def test_uploaders_metadata_does_not_survive_into_downloads(
 def test_large_copy_in_parallel_parts_on_seaweedfs(s3_client: Any) -> None:
     """Above S3_COPY_PART_THRESHOLD (5 GiB in production, 6 MiB here) the move is a
     multipart copy whose parts are copied in parallel."""
-    from ..conftest import msc3870_settings
+    from ..helpers import msc3870_settings
 
     bucket = os.environ["AWS_STORAGE_BUCKET_NAME"]
     data = os.urandom(16 * 1024 * 1024 + 5)
@@ -571,10 +575,10 @@ def test_large_upload_through_the_url_path(
     uploads = []
     for _ in range(2):
         body = SeededBody(size, seed)
-        created = create(live, token)
+        created = live.client(token).create()
         put = requests.put(created["upload_url"], data=body, timeout=300)
         assert put.status_code == 200, put.text
-        assert complete(live, token, created["content_uri"]).status_code == 200
+        assert live.client(token).complete(created["content_uri"]).status_code == 200
         media = decided(created["content_uri"])
         assert (media.state, media.size) == (MediaState.COMPLETE, size)
         uploads.append(media)
@@ -586,7 +590,7 @@ def test_large_upload_through_the_url_path(
     assert second.storage_key == first.storage_key
     got = requests.get(
         f"{live.base_url}/_matrix/client/v1/media/download/{mxc_path(second.mxc_uri)}",
-        headers=auth(token),
+        headers=bearer(token),
         stream=True,
         timeout=300,
     )

@@ -9,11 +9,8 @@ masquerade, is what Synapse's ``/account/whoami`` answers.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import os
 import secrets
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,12 +22,12 @@ import requests
 
 from msc3870.models import MediaState
 
-from .conftest import ROOT, PrivateRedis, Stack, free_port, wait_until
-from .helpers import auth, complete, create, media_of, mxc_path, upload_through_url
+from ..helpers import bearer, free_port, media_of, mxc_path, wait_until
+from .conftest import PrivateRedis, Stack
+from .synapse_helpers import register, synapse_script
 
 pytestmark = pytest.mark.services
 
-SCRIPT = ROOT / "scripts" / "synapse"
 # Access tokens of logins that ask for a refresh token expire this soon (Synapse's
 # refreshable_access_token_lifetime), for the soft-logout test.
 REFRESHABLE_LIFETIME_SECONDS = 2
@@ -60,27 +57,7 @@ class Synapse:
 
     def register(self, localpart: str, password: str, *, admin: bool = False) -> Session:
         """Shared-secret registration (``POST /_synapse/admin/v1/register``)."""
-        endpoint = f"{self.url}/_synapse/admin/v1/register"
-        nonce = requests.get(endpoint, timeout=10).json()["nonce"]
-        signed = (nonce, localpart, password, "admin" if admin else "notadmin")
-        mac = hmac.new(
-            self.secret("registration_shared_secret").encode(),
-            "\0".join(signed).encode(),
-            hashlib.sha1,
-        )
-        response = requests.post(
-            endpoint,
-            json={
-                "nonce": nonce,
-                "username": localpart,
-                "password": password,
-                "admin": admin,
-                "mac": mac.hexdigest(),
-            },
-            timeout=30,
-        )
-        assert response.status_code == 200, response.text
-        body = response.json()
+        body = register(self.url, self.directory, localpart, password, admin=admin)
         return Session(body["user_id"], body["access_token"], body.get("device_id"))
 
     def login(self, localpart: str, password: str, *, refresh_token: bool = False) -> Session:
@@ -117,7 +94,7 @@ class Synapse:
                 "username": localpart,
                 "inhibit_login": True,
             },
-            headers=auth(self.as_token),
+            headers=bearer(self.as_token),
             timeout=30,
         )
         assert response.status_code == 200, response.text
@@ -125,14 +102,14 @@ class Synapse:
 
     def logout(self, token: str) -> None:
         response = requests.post(
-            f"{self.url}/_matrix/client/v3/logout", json={}, headers=auth(token), timeout=30
+            f"{self.url}/_matrix/client/v3/logout", json={}, headers=bearer(token), timeout=30
         )
         assert response.status_code == 200, response.text
 
     def whoami(self, token: str, **params: str) -> requests.Response:
         return requests.get(
             f"{self.url}/_matrix/client/v3/account/whoami",
-            headers=auth(token),
+            headers=bearer(token),
             params=params,
             timeout=10,
         )
@@ -141,23 +118,10 @@ class Synapse:
         response = requests.put(
             f"{self.url}/_synapse/admin/v2/users/{user_id}",
             json=fields,
-            headers=auth(admin_token),
+            headers=bearer(admin_token),
             timeout=30,
         )
         assert response.status_code == 200, response.text
-
-
-def synapse_script(action: str, env: dict[str, str], timeout: float) -> None:
-    result = subprocess.run(
-        [str(SCRIPT), *action.split()],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if result.returncode != 0:
-        pytest.fail(f"scripts/synapse {action} failed:\n{result.stdout}\n{result.stderr}")
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +187,7 @@ def authenticated_download(
 ) -> requests.Response:
     return requests.get(
         f"{stack.base_url}/_matrix/client/v1/media/download/{mxc_path(content_uri)}{query}",
-        headers=auth(token) if token else {},
+        headers=bearer(token) if token else {},
         timeout=60,
     )
 
@@ -237,13 +201,13 @@ def test_full_flow_with_a_synapse_login(
 ) -> None:
     session = synapse.login(alice.localpart, alice.password)
     data = os.urandom(64 * 1024)
-    content_uri = upload_through_url(
-        media_server, session.access_token, data, content_type="application/octet-stream"
+    content_uri = media_server.client(session.access_token).upload_through_url(
+        data, content_type="application/octet-stream"
     )
     media = media_of(content_uri)
     assert media.user_id == alice.user_id == "@alice:localhost"
     assert media.upload_method == "url"
-    # /complete answers before the full-object checks (issue 9): the download waits.
+    # /complete answers before the full-object checks: the download waits.
     got = authenticated_download(media_server, session.access_token, content_uri)
     assert got.status_code == 200, got.text
     assert got.content == data
@@ -253,13 +217,13 @@ def test_full_flow_with_a_synapse_login(
 def test_unknown_and_missing_tokens_are_refused(
     media_server: Stack, synapse: Synapse, alice: Account
 ) -> None:
-    content_uri = upload_through_url(
-        media_server, synapse.login(alice.localpart, alice.password).access_token, b"hello"
-    )
+    content_uri = media_server.client(
+        synapse.login(alice.localpart, alice.password).access_token
+    ).upload_through_url(b"hello", content_type="text/plain")
     bogus = "syt_" + secrets.token_urlsafe(24)
     assert error_of(synapse.whoami(bogus)) == (401, "M_UNKNOWN_TOKEN")  # Synapse's verdict
     created = requests.post(
-        f"{media_server.base_url}/_matrix/media/v1/create", headers=auth(bogus), timeout=30
+        f"{media_server.base_url}/_matrix/media/v1/create", headers=bearer(bogus), timeout=30
     )
     assert error_of(created) == (401, "M_UNKNOWN_TOKEN")
     assert error_of(authenticated_download(media_server, bogus, content_uri)) == (
@@ -285,13 +249,13 @@ def test_token_is_refused_after_logout(
     assert error_of(synapse.whoami(session.access_token)) == (401, "M_UNKNOWN_TOKEN")
     created = requests.post(
         f"{media_server.base_url}/_matrix/media/v1/create",
-        headers=auth(session.access_token),
+        headers=bearer(session.access_token),
         timeout=30,
     )
     assert error_of(created) == (401, "M_UNKNOWN_TOKEN")
     # Another device of the same user is not logged out.
     other = synapse.login(alice.localpart, alice.password)
-    assert media_of(create(media_server, other.access_token)["content_uri"]).user_id == (
+    assert media_of(media_server.client(other.access_token).create()["content_uri"]).user_id == (
         alice.user_id
     )
 
@@ -304,7 +268,7 @@ def test_appservice_masquerades_as_synapse_decides(
     as_token = synapse.as_token
     data = b"bridged " + os.urandom(1024)
     as_bridge_user = f"?user_id={bridge_user}"
-    content_uri = upload_through_url(media_server, as_token, data, query=as_bridge_user)
+    content_uri = media_server.client(as_token).upload_through_url(data, query=as_bridge_user)
     assert media_of(content_uri).user_id == bridge_user
     got = authenticated_download(media_server, as_token, content_uri, as_bridge_user)
     assert got.status_code == 200, got.text
@@ -314,7 +278,7 @@ def test_appservice_masquerades_as_synapse_decides(
         return requests.post(
             f"{media_server.base_url}/_matrix/media/v1/create",
             params={"user_id": user_id} if user_id else {},
-            headers=auth(token),
+            headers=bearer(token),
             timeout=30,
         )
 
@@ -335,7 +299,7 @@ def test_appservice_masquerades_as_synapse_decides(
     # The sender is not the bridge user: it cannot complete the bridge user's media.
     pending = create_as(as_token, bridge_user).json()
     requests.put(pending["upload_url"], data=b"x", timeout=30)
-    assert error_of(complete(media_server, as_token, pending["content_uri"])) == (
+    assert error_of(media_server.client(as_token).complete(pending["content_uri"])) == (
         403,
         "M_FORBIDDEN",
     )
@@ -346,22 +310,22 @@ def test_another_user_cannot_upload_into_alices_media(
 ) -> None:
     alice_token = synapse.login(alice.localpart, alice.password).access_token
     bob_token = synapse.login(bob.localpart, bob.password).access_token
-    created = create(media_server, alice_token)
+    created = media_server.client(alice_token).create()
     path = mxc_path(created["content_uri"])
     put = requests.put(
         f"{media_server.base_url}/_matrix/media/v3/upload/{path}",
         data=b"bob's bytes",
-        headers={**auth(bob_token), "Content-Type": "text/plain"},
+        headers={**bearer(bob_token), "Content-Type": "text/plain"},
         timeout=30,
     )
     assert error_of(put) == (403, "M_FORBIDDEN")
     requests.put(created["upload_url"], data=b"alice's bytes", timeout=30)
-    assert error_of(complete(media_server, bob_token, created["content_uri"])) == (
+    assert error_of(media_server.client(bob_token).complete(created["content_uri"])) == (
         403,
         "M_FORBIDDEN",
     )
     assert media_of(created["content_uri"]).state == MediaState.PENDING
-    done = complete(media_server, alice_token, created["content_uri"])
+    done = media_server.client(alice_token).complete(created["content_uri"])
     assert done.status_code == 200, done.text
     # Downloads are for every user of the homeserver.
     got = authenticated_download(media_server, bob_token, created["content_uri"])
@@ -426,13 +390,13 @@ def test_mautrix_logs_in_to_synapse_and_uploads_to_the_media_server(
 def test_guest_may_download_but_not_upload(
     media_server: Stack, synapse: Synapse, alice: Account
 ) -> None:
-    content_uri = upload_through_url(
-        media_server, synapse.login(alice.localpart, alice.password).access_token, b"public"
-    )
+    content_uri = media_server.client(
+        synapse.login(alice.localpart, alice.password).access_token
+    ).upload_through_url(b"public", content_type="text/plain")
     guest = synapse.register_guest()
     assert synapse.whoami(guest.access_token).json()["is_guest"] is True
     on_synapse = requests.post(
-        f"{synapse.url}/_matrix/media/v1/create", headers=auth(guest.access_token), timeout=30
+        f"{synapse.url}/_matrix/media/v1/create", headers=bearer(guest.access_token), timeout=30
     )
     assert error_of(on_synapse) == (403, "M_GUEST_ACCESS_FORBIDDEN")
     assert authenticated_download(media_server, guest.access_token, content_uri).content == (
@@ -440,7 +404,7 @@ def test_guest_may_download_but_not_upload(
     )
     created = requests.post(
         f"{media_server.base_url}/_matrix/media/v1/create",
-        headers=auth(guest.access_token),
+        headers=bearer(guest.access_token),
         timeout=30,
     )
     assert error_of(created) == (403, "M_GUEST_ACCESS_FORBIDDEN")
@@ -457,7 +421,7 @@ def test_expired_refreshable_token_is_a_soft_logout(
     assert on_synapse.json()["soft_logout"] is True
     created = requests.post(
         f"{media_server.base_url}/_matrix/media/v1/create",
-        headers=auth(session.access_token),
+        headers=bearer(session.access_token),
         timeout=30,
     )
     assert error_of(created) == (401, "M_UNKNOWN_TOKEN")
@@ -474,7 +438,7 @@ def test_locked_account_gets_m_user_locked(
     assert error_of(on_synapse) == (401, "M_USER_LOCKED")
     created = requests.post(
         f"{media_server.base_url}/_matrix/media/v1/create",
-        headers=auth(carol.access_token),
+        headers=bearer(carol.access_token),
         timeout=30,
     )
     assert error_of(created) == (401, "M_USER_LOCKED")
@@ -492,23 +456,23 @@ def test_synapse_admins_use_the_media_admin_api(
     from msc3870.models import ModerationRecord
 
     session = synapse.login(alice.localpart, alice.password)
-    content_uri = upload_through_url(media_server, session.access_token, b"held for review")
+    content_uri = media_server.client(session.access_token).upload_through_url(b"held for review")
     media_id = mxc_path(content_uri).split("/")[1]
     wait_until(lambda: media_of(content_uri).state == MediaState.COMPLETE, 30, "the checks to pass")
     admin_api = f"{media_server.base_url}/_synapse/admin/v1"
     listing = f"{admin_api}/users/{quote(alice.user_id, safe='')}/media"
 
-    listed = requests.get(listing, headers=auth(admin.access_token), timeout=30)
+    listed = requests.get(listing, headers=bearer(admin.access_token), timeout=30)
     assert listed.status_code == 200, listed.text
     assert [m["media_id"] for m in listed.json()["media"]] == [media_id]
-    assert error_of(requests.get(listing, headers=auth(session.access_token), timeout=30)) == (
+    assert error_of(requests.get(listing, headers=bearer(session.access_token), timeout=30)) == (
         403,
         "M_FORBIDDEN",
     )
 
     quarantined = requests.post(
         f"{admin_api}/media/quarantine/{mxc_path(content_uri)}",
-        headers=auth(admin.access_token),
+        headers=bearer(admin.access_token),
         timeout=30,
     )
     assert (quarantined.status_code, quarantined.json()) == (200, {})

@@ -1,8 +1,7 @@
-# ruff: noqa: F811  (pytest fixtures imported from test_synapse_federation)
-"""A client of this server downloads media uploaded to a real Synapse (issue 10.6, fetch
-direction): this server discovers nothing (the Synapse's name is ``127.0.0.1:<port>``),
-asks Synapse's federation media endpoint signed with its own key, and serves the bytes.
-Setup (TLS with trustme, Synapse with federation on) is test_synapse_federation's."""
+"""A client of this server downloads media uploaded to a real Synapse: this server
+discovers nothing (the Synapse's name is ``127.0.0.1:<port>``), asks Synapse's federation
+media endpoint signed with its own key, and serves the bytes. Setup (TLS with trustme,
+Synapse with federation on): the ``synapse_peer`` fixture."""
 
 from __future__ import annotations
 
@@ -14,15 +13,7 @@ import pytest
 import requests
 
 from .conftest import Stack, base_env
-from .test_synapse_federation import (  # noqa: F401  (fixtures)
-    Certificates,
-    Peer,
-    TLSServer,
-    certificates,
-    peer,
-    start_tls_server,
-    token,
-)
+from .synapse_helpers import Certificates, Peer, TLSServer, start_tls_server
 
 pytestmark = pytest.mark.services
 
@@ -41,24 +32,24 @@ def ours_fetching(
 
 
 def test_a_client_here_downloads_media_uploaded_to_synapse(
-    ours_fetching: TLSServer, peer: Peer, token: str
+    ours_fetching: TLSServer, synapse_peer: Peer, token: str
 ) -> None:
-    synapse_token = peer.register(f"remote{secrets.token_hex(3)}")
+    synapse_token = synapse_peer.register(f"remote{secrets.token_hex(3)}")
     data = secrets.token_bytes(70_000)
     uploaded = requests.post(
-        f"{peer.url}/_matrix/media/v3/upload?filename=blob.bin",
+        f"{synapse_peer.url}/_matrix/media/v3/upload?filename=blob.bin",
         data=data,
         headers={
             "Authorization": f"Bearer {synapse_token}",
             "Content-Type": "application/octet-stream",
         },
         timeout=30,
-        verify=peer.ca,
+        verify=synapse_peer.ca,
     )
     assert uploaded.status_code == 200, uploaded.text
     content_uri = uploaded.json()["content_uri"]
     server_name, media_id = content_uri.removeprefix("mxc://").split("/")
-    assert server_name == peer.server_name
+    assert server_name == synapse_peer.server_name
 
     response = requests.get(
         f"{ours_fetching.url}/_matrix/client/v1/media/download/{server_name}/{media_id}",
@@ -76,5 +67,5 @@ def test_a_client_here_downloads_media_uploaded_to_synapse(
     assert media.upload_method == UploadMethod.REMOTE
     assert media.filename == "blob.bin"
     # Synapse served it through its federation endpoint (it logs the request it answered).
-    log = "".join(p.read_text(errors="replace") for p in peer.directory.glob("*.log"))
+    log = "".join(p.read_text(errors="replace") for p in synapse_peer.directory.glob("*.log"))
     assert f"/_matrix/federation/v1/media/download/{media_id}" in log

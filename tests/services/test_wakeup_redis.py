@@ -11,7 +11,7 @@ import pytest
 from msc3870 import wakeup
 from msc3870.wakeup import WakeupHub
 
-from ..conftest import msc3870_settings
+from ..helpers import msc3870_settings
 
 pytestmark = pytest.mark.services
 

@@ -1,4 +1,4 @@
-"""Issue 8.13: a host's REST_FRAMEWORK must not change the wire.
+"""A host's REST_FRAMEWORK must not change the wire.
 
 DRF binds most policies (versioning, renderers, parsers, authentication, permissions,
 throttles, metadata, JSON output) when it is imported, and reads others per request
@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from django.test import Client, override_settings
 
-from .conftest import MatrixClient, media_of, mxc_path, png_bytes, url_path
 from .drf_host import HOST_REST_FRAMEWORK
+from .helpers import MatrixClient, child_pytest, media_of, mxc_path, png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD_ENV = "MSC3870_DRF_PINNING_CHILD"
@@ -36,7 +34,7 @@ def check_the_wire(alice: MatrixClient) -> None:
     # An upload through the upload URL, completed, downloaded.
     created = alice.create()
     data = png_bytes()
-    put = Client().generic("PUT", url_path(created["upload_url"]), data, content_type="image/png")
+    put = alice.put_to_url(created["upload_url"], data, "image/png")
     assert put.status_code == 200, put.content
     path = mxc_path(created["content_uri"])
     done = alice.post(f"/_matrix/media/v1/upload/{path}/complete?filename=caf%C3%A9.png")
@@ -86,23 +84,11 @@ def test_host_rest_framework_from_startup(tmp_path: Path) -> None:
         "MEDIAREPO_DATA_DIR": str(tmp_path),
         "DJANGO_SETTINGS_MODULE": "tests.settings_host_rest_framework",
     }
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "--ds=tests.settings_host_rest_framework",
-            f"{Path(__file__).relative_to(ROOT)}::test_host_rest_framework_read_per_request",
-        ],
-        cwd=ROOT,
+    done = child_pytest(
+        "--ds=tests.settings_host_rest_framework",
+        f"{Path(__file__).relative_to(ROOT)}::test_host_rest_framework_read_per_request",
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+        cwd=ROOT,
     )
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     assert "1 passed" in done.stdout, done.stdout[-3000:]

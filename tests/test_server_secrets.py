@@ -1,25 +1,24 @@
 """The deployed server (gunicorn + uvicorn workers, as `make run` starts it) keeps its
-secrets: issue 8.6 (access tokens and upload URLs written whole to the access log) and
-issue 8.10 (a world-readable data directory).
+secrets: access tokens and upload URLs never written whole to its logs, and a data
+directory only it can read.
 
-The server is started from a shell-like umask (022) and a data directory an older
-version left 0755, so that the modes checked are the ones mediarepo sets itself.
+The server is started from a shell-like umask (022) and a data directory left 0755, so
+that the modes checked are the ones mediarepo sets itself.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import stat
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import requests
 
 from mediarepo.redaction import REDACTED, RedactSecrets, redact
 
-from .test_server import PERIODIC_LINE, Server, create, mxc_path, start_server, wait_until
+from .helpers import file_mode, wait_until
+from .server_helpers import PERIODIC_LINE, Server, start_server
 
 QUERY_SECRET = "SECRETquery0123456789"
 PATH_SECRET = "SECRETpath0123456789"
@@ -48,20 +47,11 @@ def exchanged(hardened: Server) -> dict[str, str]:
         timeout=10,
     )
     assert refused.status_code == 401
-    created = create(server)
+    created = server.client.create()
     upload_token = created["upload_url"].rsplit("/", 1)[1]
-    put = requests.put(
-        created["upload_url"],
-        data=b"private bytes",
-        headers={"Content-Type": "text/plain"},
-        timeout=10,
-    )
+    put = server.client.put_to_url(created["upload_url"], b"private bytes", "text/plain")
     assert put.status_code == 200, put.text
-    done = requests.post(
-        f"{server.base_url}/_matrix/media/v1/upload/{mxc_path(created['content_uri'])}/complete",
-        headers=server.auth(),
-        timeout=30,
-    )
+    done = server.client.complete(created["content_uri"])
     assert done.status_code == 200, done.text
     # A forged upload URL: refused, and Django logs a warning with its path.
     forged = requests.put(
@@ -70,12 +60,7 @@ def exchanged(hardened: Server) -> dict[str, str]:
         timeout=10,
     )
     assert 400 <= forged.status_code < 500
-    one_shot = requests.post(
-        f"{server.base_url}/_matrix/media/v3/upload",
-        data=b"more private bytes",
-        headers={**server.auth(), "Content-Type": "text/plain"},
-        timeout=30,
-    )
+    one_shot = server.client.upload(b"more private bytes", "text/plain")
     assert one_shot.status_code == 200, one_shot.text
     return {"upload_token": upload_token}
 
@@ -140,14 +125,10 @@ def test_django_request_warnings_are_redacted(
 # ---------------------------------------------------------------------------- 8.10 modes
 
 
-def _mode(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
-
-
 def test_data_directory_is_private(hardened: Server, exchanged: dict[str, str]) -> None:
     wait_until(lambda: PERIODIC_LINE in hardened.log_text(), 20, "the sweeps' lock")
     data_dir = hardened.data_dir
-    assert _mode(data_dir) == 0o700
+    assert file_mode(data_dir) == 0o700
     made = [
         path
         for path in data_dir.rglob("*")
@@ -159,8 +140,8 @@ def test_data_directory_is_private(hardened: Server, exchanged: dict[str, str]) 
     media_files = [p for p in (data_dir / "media").rglob("*") if p.is_file()]
     assert len(media_files) >= 2, names
     wrong = {
-        path.relative_to(data_dir).as_posix(): oct(_mode(path))
+        path.relative_to(data_dir).as_posix(): oct(file_mode(path))
         for path in made
-        if _mode(path) != (0o700 if path.is_dir() else 0o600)
+        if file_mode(path) != (0o700 if path.is_dir() else 0o600)
     }
     assert not wrong, wrong

@@ -1,4 +1,4 @@
-"""Issue 8, item 15 leftovers: a PUT abandoned by the stuck sweep and finishing late.
+"""A PUT abandoned by the stuck sweep and finishing late leaves a newer claim alone.
 
 Every race here is forced by calling the steps in order (no sleeps, no threads).
 """
@@ -9,15 +9,13 @@ import io
 from datetime import timedelta
 
 import pytest
-from django.test import Client
 from django.utils import timezone
 
 from msc3870 import lifecycle, maintenance, uploads
-from msc3870.auth import MatrixUser
 from msc3870.errors import InvalidParam
 from msc3870.models import Media, MediaState, UploadMethod
 
-from .conftest import MatrixClient, media_of, url_path
+from .helpers import MatrixClient, ThenAtTheEnd, media_of, put_body
 
 S = MediaState
 
@@ -45,23 +43,12 @@ def test_late_finisher_does_not_write_over_a_newer_claim(alice: MatrixClient) ->
     media = media_of(created["content_uri"])
     state: dict[str, object] = {}
 
-    class FinishesLate(io.BytesIO):
-        def read(self, size: int = -1) -> bytes:
-            chunk = super().read(size)
-            if not chunk and "newer" not in state:  # the body ends after both happened
-                state["newer"] = _reset_and_reclaim(media)
-            return chunk
-
+    # The body ends after the sweep reset the claim and a new PUT claimed the id.
+    finishes_late = ThenAtTheEnd(
+        b"late bytes", lambda: state.update(newer=_reset_and_reclaim(media))
+    )
     with pytest.raises(uploads.UploadAbandoned):
-        uploads.upload_to_media(
-            MatrixUser(alice.user_id),
-            "localhost",
-            media.media_id,
-            FinishesLate(b"late bytes"),
-            content_length=10,
-            content_type="text/plain",
-            filename=None,
-        )
+        put_body(alice, media, finishes_late, 10)
     row = media_of(created["content_uri"])
     assert row.state == S.PROCESSING
     assert row.processing_started_at == state["newer"]
@@ -82,15 +69,7 @@ def test_late_failure_does_not_roll_back_a_newer_claim(alice: MatrixClient) -> N
             raise ConnectionResetError("client went away")
 
     with pytest.raises(InvalidParam):  # how an unreadable body reaches the client
-        uploads.upload_to_media(
-            MatrixUser(alice.user_id),
-            "localhost",
-            media.media_id,
-            DiesLate(b"late bytes"),
-            content_length=10,
-            content_type="text/plain",
-            filename=None,
-        )
+        put_body(alice, media, DiesLate(b"late bytes"), 10)
     row = media_of(created["content_uri"])
     assert row.state == S.PROCESSING
     assert row.processing_started_at == state["newer"]
@@ -108,16 +87,8 @@ def test_own_failure_still_releases_the_id(alice: MatrixClient) -> None:
             raise ConnectionResetError("client went away")
 
     with pytest.raises(InvalidParam):  # how an unreadable body reaches the client
-        uploads.upload_to_media(
-            MatrixUser(alice.user_id),
-            "localhost",
-            media.media_id,
-            Dies(b""),
-            content_length=10,
-            content_type="text/plain",
-            filename=None,
-        )
+        put_body(alice, media, Dies(b""), 10)
     assert media_of(created["content_uri"]).state == S.PENDING
     # And the id can be uploaded to again.
-    response = Client().generic("PUT", url_path(created["upload_url"]), b"second try")
+    response = alice.put_to_url(created["upload_url"], b"second try")
     assert response.status_code == 200

@@ -1,9 +1,9 @@
-"""Issue 8, tests section: the expiry checks of /complete and of the expiry sweep each
-have a test that fails without them (the interleaving forced, not hoped for)."""
+"""Ids unused past their expiry: /complete does not claim an id whose expiry passed after
+its checks, and the sweep expires only ids past their time (the interleaving forced, not
+hoped for)."""
 
 from __future__ import annotations
 
-import io
 from datetime import timedelta
 
 import pytest
@@ -13,18 +13,9 @@ from msc3870 import maintenance, uploads
 from msc3870.models import Media, MediaState
 from msc3870.stores import get_store
 
-from .conftest import MatrixClient, media_of, mxc_path
+from .helpers import MatrixClient, bytes_at_upload_url, media_of, mxc_path
 
 S = MediaState
-
-
-def created_with_bytes(client: MatrixClient, data: bytes = b"uploaded to the URL") -> Media:
-    """An id whose upload URL received its bytes; /complete not called yet."""
-    media = media_of(client.create()["content_uri"])
-    get_store().write_stream(
-        media.incoming_key, io.BytesIO(data), max_size=len(data), expected_size=len(data)
-    )
-    return media
 
 
 def test_complete_does_not_claim_an_id_that_expired_after_its_checks(
@@ -32,7 +23,7 @@ def test_complete_does_not_claim_an_id_that_expired_after_its_checks(
 ) -> None:
     """The expiry instant passes between /complete's checks and its claim of the row: the
     claim (compare-and-set with the expiry condition) must lose, and the answer is 404."""
-    media = created_with_bytes(alice)
+    media = media_of(bytes_at_upload_url(alice, b"uploaded to the URL")["content_uri"])
     real_check = uploads._check_can_upload
 
     def check_then_expire(user: object, row: Media) -> None:
@@ -49,8 +40,8 @@ def test_complete_does_not_claim_an_id_that_expired_after_its_checks(
 
 
 def test_the_sweep_expires_only_ids_past_their_expiry(alice: MatrixClient) -> None:
-    due = created_with_bytes(alice, b"due")
-    waiting = created_with_bytes(alice, b"still within its time")
+    due = media_of(bytes_at_upload_url(alice, b"due")["content_uri"])
+    waiting = media_of(bytes_at_upload_url(alice, b"still within its time")["content_uri"])
     Media.objects.filter(pk=due.pk).update(unused_expires_at=timezone.now() - timedelta(seconds=1))
     Media.objects.filter(pk=waiting.pk).update(
         unused_expires_at=timezone.now() + timedelta(minutes=5)

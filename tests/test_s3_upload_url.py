@@ -1,4 +1,4 @@
-"""Upload to a URL (issue 9): /complete answers on metadata, one read of the bytes, the
+"""Upload to a URL on S3: /complete answers on metadata, one read of the bytes, the
 copy replaces the uploader's metadata, multipart copies, the incoming/ lifecycle rule.
 S3 with moto's in-process mock (the real S3 server: tests/services/test_s3_flow.py)."""
 
@@ -6,38 +6,33 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
 from io import StringIO
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import boto3
 import pytest
 from botocore.exceptions import ClientError
 from django.core.management import call_command
-from django.test import override_settings
-from moto import mock_aws
 
 from msc3870 import queue, verdicts
 from msc3870.models import Media, MediaState
-from msc3870.screening import Rejection, ScreeningContext
 from msc3870.stores import ObjectInfo, get_store
 from msc3870.stores.s3 import S3MediaStore, sha256_of_copy
 
-from .conftest import MatrixClient, media_of, msc3870_settings, mxc_path, png_bytes
-from .test_pipeline import FakeClamd
-from .test_s3_store import BUCKET, client_put, complete, keys, s3_storages
+from .helpers import (
+    BUCKET,
+    FakeClamd,
+    MatrixClient,
+    bucket_keys,
+    client_put,
+    media_of,
+    msc3870_settings,
+    mxc_path,
+    png_bytes,
+)
 
 S = MediaState
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def s3() -> Iterator[Any]:
-    with mock_aws(), override_settings(STORAGES=s3_storages()):
-        client = boto3.client("s3", region_name="us-east-1")
-        client.create_bucket(Bucket=BUCKET)
-        yield client
 
 
 @pytest.fixture
@@ -75,34 +70,30 @@ def _no_held_incoming() -> None:
     held_incoming.clear()
 
 
-def reject_everything(ctx: ScreeningContext) -> None:
-    raise Rejection("Found something nasty", errcode="M_FORBIDDEN")
-
-
 def test_complete_answers_before_the_full_object_checks(
     s3: Any, alice: MatrixClient, deferred: list[Media]
 ) -> None:
     created = alice.create()
     data = png_bytes(16, 16)
     client_put(s3, created, data, "image/png")
-    response = complete(alice, created["content_uri"])
+    response = alice.complete(created["content_uri"])
     assert response.status_code == 200, response.content
     assert response.json() == {"content_uri": created["content_uri"]}
     media = media_of(created["content_uri"])
     # Answered on the HEAD and the ranged read: not moved, not hashed yet.
     assert media.state == S.PROCESSING
     assert [m.pk for m in deferred] == [media.pk]
-    assert keys(s3) == [media.incoming_key]
+    assert bucket_keys(s3) == [media.incoming_key]
     # A recipient waits meanwhile (MSC2246), as for any pending media.
     path = mxc_path(created["content_uri"])
     assert alice.get(f"/_matrix/client/v1/media/download/{path}?timeout_ms=0").status_code == 504
     # A retried /complete answers at once too.
-    assert complete(alice, created["content_uri"]).status_code == 200
+    assert alice.complete(created["content_uri"]).status_code == 200
     verdicts.screen_here(deferred[0])
     media.refresh_from_db()
     assert media.state == S.COMPLETE
     assert media.sha256 == hashlib.sha256(data).hexdigest()
-    assert keys(s3) == [media.served_key]
+    assert bucket_keys(s3) == [media.served_key]
 
 
 def test_the_object_complete_read_spares_the_screening_a_head(
@@ -114,7 +105,7 @@ def test_the_object_complete_read_spares_the_screening_a_head(
     created = alice.create()
     data = png_bytes(16, 16)
     client_put(s3, created, data, "image/png")
-    assert complete(alice, created["content_uri"]).status_code == 200
+    assert alice.complete(created["content_uri"]).status_code == 200
     (incoming,) = held_incoming
     assert incoming is not None and incoming.size == len(data) and incoming.etag
     heads = keys_passed_to(monkeypatch, "head")
@@ -141,7 +132,7 @@ def test_an_incoming_object_written_over_after_complete_is_looked_at_again(
     there now."""
     created = alice.create()
     client_put(s3, created, png_bytes(16, 16), "image/png")
-    assert complete(alice, created["content_uri"]).status_code == 200
+    assert alice.complete(created["content_uri"]).status_code == 200
     (incoming,) = held_incoming
     bigger = png_bytes(32, 32)
     client_put(s3, created, bigger, "image/png")  # moto ignores CopySourceIfMatch: say 412
@@ -170,7 +161,7 @@ def test_a_retry_after_the_move_finds_the_bytes_moved(
     created = alice.create()
     data = png_bytes(16, 16)
     client_put(s3, created, data, "image/png")
-    assert complete(alice, created["content_uri"]).status_code == 200
+    assert alice.complete(created["content_uri"]).status_code == 200
     (incoming,) = held_incoming
     media = deferred[0]
     get_store().move(media.incoming_key, media.served_key, size=len(data))  # the first attempt
@@ -178,7 +169,7 @@ def test_a_retry_after_the_move_finds_the_bytes_moved(
     media = media_of(created["content_uri"])
     # These bytes were screened: under 8 KiB, the hash of their first bytes is theirs.
     assert (media.state, media.prefix_sha256) == (S.COMPLETE, hashlib.sha256(data).hexdigest())
-    assert keys(s3) == [media.served_key]
+    assert bucket_keys(s3) == [media.served_key]
 
 
 def test_with_a_broker_the_task_is_given_what_complete_read(
@@ -194,7 +185,7 @@ def test_with_a_broker_the_task_is_given_what_complete_read(
     created = alice.create()
     data = png_bytes(16, 16)
     client_put(s3, created, data, "image/png")
-    assert complete(alice, created["content_uri"]).status_code == 200
+    assert alice.complete(created["content_uri"]).status_code == 200
     ((name, args, kwargs),) = broker_sends
     media = media_of(created["content_uri"])
     assert (name, args) == ("msc3870.screen_media", (media.pk,))
@@ -212,7 +203,7 @@ def test_setting_makes_complete_wait_for_the_verdict(
     created = alice.create()
     client_put(s3, created, b"wait for me", "text/plain")
     with msc3870_settings(COMPLETE_WAITS_FOR_CHECKS=True):
-        assert complete(alice, created["content_uri"]).status_code == 200
+        assert alice.complete(created["content_uri"]).status_code == 200
     assert deferred == []
     assert media_of(created["content_uri"]).state == S.COMPLETE
 
@@ -225,12 +216,12 @@ def test_oversized_upload_is_refused_from_its_head_and_never_copied(
     created = alice.create()
     client_put(s3, created, b"x" * 2048, "text/plain")
     with msc3870_settings(MAX_UPLOAD_SIZE=1024):
-        response = complete(alice, created["content_uri"])
+        response = alice.complete(created["content_uri"])
     assert response.status_code == 413
     assert response.json()["errcode"] == "M_TOO_LARGE"
     assert media_of(created["content_uri"]).state == S.REJECTED
     assert copies == [] and deferred == []
-    assert keys(s3) == []
+    assert bucket_keys(s3) == []
 
 
 def test_screening_refuses_an_object_grown_past_the_limit_without_copying(
@@ -241,13 +232,13 @@ def test_screening_refuses_an_object_grown_past_the_limit_without_copying(
     created = alice.create()
     client_put(s3, created, b"small", "text/plain")
     with msc3870_settings(MAX_UPLOAD_SIZE=1024):
-        assert complete(alice, created["content_uri"]).status_code == 200
+        assert alice.complete(created["content_uri"]).status_code == 200
         client_put(s3, created, b"y" * 4096, "text/plain")
         monkeypatch.setattr(S3MediaStore, "move", lambda *a, **kw: pytest.fail("copied"))
         assert verdicts.screen_row(deferred[0]) == "rejected"
     media = media_of(created["content_uri"])
     assert (media.state, media.rejection_errcode) == (S.REJECTED, "M_TOO_LARGE")
-    assert keys(s3) == []
+    assert bucket_keys(s3) == []
 
 
 def test_denied_type_is_refused_before_the_answer(
@@ -256,10 +247,10 @@ def test_denied_type_is_refused_before_the_answer(
     created = alice.create()
     client_put(s3, created, png_bytes(), "image/png")
     with msc3870_settings(DENIED_CONTENT_TYPES=["image/*"]):
-        response = complete(alice, created["content_uri"])
+        response = alice.complete(created["content_uri"])
     assert response.status_code == 403
     assert "image/png" in response.json()["error"]
-    assert deferred == [] and keys(s3) == []
+    assert deferred == [] and bucket_keys(s3) == []
 
 
 def test_download_of_media_rejected_after_complete_is_not_found(
@@ -269,9 +260,9 @@ def test_download_of_media_rejected_after_complete_is_not_found(
     uploader hears the rejection from /complete."""
     created = alice.create()
     client_put(s3, created, b"looks fine at first", "text/plain")
-    assert complete(alice, created["content_uri"]).status_code == 200
+    assert alice.complete(created["content_uri"]).status_code == 200
     with msc3870_settings(
-        CHECKS=["msc3870.screening.check_size", "tests.test_direct_upload.reject_everything"]
+        CHECKS=["msc3870.screening.check_size", "tests.checks.reject_everything"]
     ):
         assert verdicts.screen_row(deferred[0]) == "rejected"
     path = mxc_path(created["content_uri"])
@@ -283,9 +274,9 @@ def test_download_of_media_rejected_after_complete_is_not_found(
         assert response.status_code == 404, url
         assert response.json()["errcode"] == "M_NOT_FOUND"
     # The uploader's retried /complete says the same.
-    again = complete(alice, created["content_uri"])
+    again = alice.complete(created["content_uri"])
     assert (again.status_code, again.json()["errcode"]) == (403, "M_FORBIDDEN")
-    assert keys(s3) == []
+    assert bucket_keys(s3) == []
 
 
 def test_copy_replaces_the_uploaders_metadata(s3: Any, alice: MatrixClient) -> None:
@@ -302,7 +293,7 @@ def test_copy_replaces_the_uploaders_metadata(s3: Any, alice: MatrixClient) -> N
         Expires="Wed, 21 Oct 2037 07:28:00 GMT",
         Metadata={"owner": "attacker"},
     )
-    assert complete(alice, created["content_uri"]).status_code == 200
+    assert alice.complete(created["content_uri"]).status_code == 200
     media = media_of(created["content_uri"])
     head = s3.head_object(Bucket=BUCKET, Key=media.storage_key)
     assert head["ContentType"] == "application/octet-stream"
@@ -340,7 +331,7 @@ def test_store_sha256_of_the_copy_spares_the_read(
     monkeypatch.setattr(S3MediaStore, "read_whole", lambda *a, **kw: pytest.fail("read back"))
     created = alice.create()
     client_put(s3, created, data, "text/plain")
-    assert complete(alice, created["content_uri"]).status_code == 200
+    assert alice.complete(created["content_uri"]).status_code == 200
     media = media_of(created["content_uri"])
     assert (media.state, media.sha256) == (S.COMPLETE, digest)
 
@@ -406,7 +397,7 @@ def test_large_copies_go_in_parallel_parts(s3: Any) -> None:
     assert head["ETag"].strip('"').endswith("-3")  # 5 + 5 + 2 MiB
     assert head["ContentType"] == "x/y" and "ContentEncoding" not in head
     assert s3.get_object(Bucket=BUCKET, Key="media/bi/big")["Body"].read() == data
-    assert keys(s3, "incoming/") == []
+    assert bucket_keys(s3, "incoming/") == []
     assert s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []
 
 
@@ -427,25 +418,25 @@ def test_failed_part_copy_aborts_the_upload(s3: Any, monkeypatch: pytest.MonkeyP
     ):
         store.move("incoming/big", "media/bi/big")
     assert s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []
-    assert keys(s3) == ["incoming/big"]  # nothing lost: the move can be retried
+    assert bucket_keys(s3) == ["incoming/big"]  # nothing lost: the move can be retried
 
 
 def test_hash_and_scan_share_one_read(
-    s3: Any, alice: MatrixClient, deferred: list[Media], monkeypatch: pytest.MonkeyPatch
+    s3: Any,
+    alice: MatrixClient,
+    deferred: list[Media],
+    clamd: FakeClamd,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    clamd = FakeClamd()
     reads = keys_passed_to(monkeypatch, "read_whole")
     monkeypatch.setattr(S3MediaStore, "iter_bytes", lambda *a, **kw: pytest.fail("2nd read"))
     monkeypatch.setattr(S3MediaStore, "copy_checksum_refused", True)  # as SeaweedFS: no hash
     data = os.urandom(3 * MiB)
-    try:
-        created = alice.create()
-        client_put(s3, created, data, "application/octet-stream")
-        with msc3870_settings(CLAMAV_URL=f"tcp://127.0.0.1:{clamd.port}"):
-            assert complete(alice, created["content_uri"]).status_code == 200
-            verdicts.screen_here(deferred[0])
-    finally:
-        clamd.close()
+    created = alice.create()
+    client_put(s3, created, data, "application/octet-stream")
+    with msc3870_settings(CLAMAV_URL=clamd.url):
+        assert alice.complete(created["content_uri"]).status_code == 200
+        verdicts.screen_here(deferred[0])
     media = media_of(created["content_uri"])
     assert (media.state, media.sha256) == (S.COMPLETE, hashlib.sha256(data).hexdigest())
     assert reads == [media.storage_key]  # one read fed both
@@ -505,7 +496,7 @@ def test_complete_asks_the_store_once_before_answering(
     data = png_bytes(32, 32)
     client_put(s3, created, data, "image/png")
     calls.clear()
-    assert complete(alice, created["content_uri"]).status_code == 200
+    assert alice.complete(created["content_uri"]).status_code == 200
     assert calls == ["GetObject"]
     verdicts.screen_here(deferred[0])
     media = media_of(created["content_uri"])
@@ -515,7 +506,7 @@ def test_complete_asks_the_store_once_before_answering(
 def test_empty_upload_completes(s3: Any, alice: MatrixClient, deferred: list[Media]) -> None:
     created = alice.create()
     client_put(s3, created, b"", "text/plain")
-    assert complete(alice, created["content_uri"]).status_code == 200
+    assert alice.complete(created["content_uri"]).status_code == 200
     verdicts.screen_here(deferred[0])
     assert (media_of(created["content_uri"]).state, media_of(created["content_uri"]).size) == (
         S.COMPLETE,
@@ -542,7 +533,7 @@ def test_without_a_broker_screening_runs_on_a_background_thread(
         real(media, **options)
 
     monkeypatch.setattr(verdicts, "screen_here", screen)
-    assert complete(alice, created["content_uri"]).status_code == 200
+    assert alice.complete(created["content_uri"]).status_code == 200
     deadline = time.monotonic() + 30
     while media_of(created["content_uri"]).state == S.PROCESSING:
         assert time.monotonic() < deadline, "screening never decided"
