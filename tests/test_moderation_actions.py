@@ -226,7 +226,7 @@ def test_bulk_actions_look_at_no_more_than_a_limit_and_say_what_moved(
 ) -> None:
     """A caller bounding its work (the admin API's share per request) runs it again for
     the rest: what was acted on has left the selection."""
-    items = [upload(alice, f"bounded {n}".encode()) for n in range(5)]
+    items = [media_of(alice.uploaded(f"bounded {n}".encode())) for n in range(5)]
     moved: list[list[int]] = []
     result = moderation.moderate_many(
         Media.objects.filter(state=S.COMPLETE),

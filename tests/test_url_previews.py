@@ -807,7 +807,7 @@ def test_a_cached_preview_costs_one_query(alice: MatrixClient, site: Site) -> No
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
-    from .test_request_plane import data_queries
+    from .helpers import data_queries
 
     server, routes = site
     routes["/page"] = html_page('<title>T</title><meta property="og:image" content="/i.png">')

@@ -80,8 +80,8 @@ from PIL import Image
 
 from msc3870.models import Media, MediaState, ModerationRecord, UploadMethod
 
-from .conftest import Stack, base_env, make_user_token, wait_until
-from .helpers import auth
+from ..helpers import bearer, wait_until
+from .conftest import Stack, base_env, make_user_token
 
 pytestmark = pytest.mark.services
 
@@ -118,7 +118,7 @@ class UI:
         self.token = token
 
     def headers(self, body: bool = False) -> dict[str, str]:
-        headers = {**auth(self.token), "Accept": "application/json", "Origin": ORIGIN}
+        headers = {**bearer(self.token), "Accept": "application/json", "Origin": ORIGIN}
         if body:
             headers["Content-Type"] = "application/json"
         return headers
@@ -162,7 +162,7 @@ def upload(stack: Stack, token: str, data: bytes, name: str = "cat.png") -> Medi
     response = requests.post(
         f"{stack.base_url}/_matrix/media/v3/upload?filename={name}",
         data=data,
-        headers={**auth(token), "Content-Type": "image/png"},
+        headers={**bearer(token), "Content-Type": "image/png"},
         timeout=60,
     )
     assert response.status_code == 200, response.text
@@ -292,18 +292,18 @@ def test_ketesa_media_pages(server: Stack, transactional_db: None) -> None:
     thumbnail = requests.get(
         f"{server.base_url}/_matrix/client/v1/media/thumbnail/{path}"
         "?width=320&height=240&method=scale",
-        headers=auth(ui.token),
+        headers=bearer(ui.token),
         timeout=30,
     )
     assert thumbnail.status_code == 404  # quarantined: only the original is bypassed
     original = f"{server.base_url}/_matrix/client/v1/media/download/{path}"
     bypass = original + "?admin_unsafely_bypass_quarantine=true"
-    shown = requests.get(bypass, headers=auth(ui.token), timeout=30)
+    shown = requests.get(bypass, headers=bearer(ui.token), timeout=30)
     assert shown.status_code == 200 and shown.content == png(101)
-    refused = requests.get(bypass, headers=auth(token), timeout=30)
+    refused = requests.get(bypass, headers=bearer(token), timeout=30)
     assert (refused.status_code, refused.json()["errcode"]) == (400, "M_UNKNOWN")
     assert ui.send("POST", f"/_synapse/admin/v1/media/unquarantine/{path}") == {}
-    assert requests.get(original, headers=auth(token), timeout=30).status_code == 200
+    assert requests.get(original, headers=bearer(token), timeout=30).status_code == 200
     assert ui.send("POST", f"/_synapse/admin/v1/media/protect/{uploaded[2].media_id}") == {}
 
     stats = ui.pages(
@@ -373,7 +373,7 @@ def test_only_admins_and_errors_in_matrix_json(server: Stack, transactional_db: 
     anonymous = requests.get(path, headers={"Origin": ORIGIN}, timeout=30)
     assert (anonymous.status_code, anonymous.json()["errcode"]) == (401, "M_MISSING_TOKEN")
     assert anonymous.headers["Access-Control-Allow-Origin"] == "*"
-    refused = requests.get(path, headers=auth(user), timeout=30)
+    refused = requests.get(path, headers=bearer(user), timeout=30)
     assert (refused.status_code, refused.json()["errcode"]) == (403, "M_FORBIDDEN")
     preflight = requests.options(
         path,
@@ -389,7 +389,7 @@ def test_only_admins_and_errors_in_matrix_json(server: Stack, transactional_db: 
     admin = make_user_token(ADMIN)
     for bad in ("users/eve/media", "media/localhost/a%24b", "media/delete"):
         response = requests.get(
-            f"{server.base_url}/_synapse/admin/v1/{bad}", headers=auth(admin), timeout=30
+            f"{server.base_url}/_synapse/admin/v1/{bad}", headers=bearer(admin), timeout=30
         )
         assert response.status_code in (400, 405), (bad, response.text)
         assert response.json()["errcode"] in ("M_INVALID_PARAM", "M_UNRECOGNIZED")

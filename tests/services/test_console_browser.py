@@ -35,8 +35,8 @@ from PIL import Image, ImageDraw
 from msc3870 import dashboard, moderation
 from msc3870.models import Media, MediaState, ModerationRecord
 
+from ..helpers import bearer, media_of, mxc_path
 from .conftest import ROOT, Stack, base_env, make_user_token
-from .helpers import auth, media_of, mxc_path
 
 pytestmark = pytest.mark.services
 
@@ -86,7 +86,7 @@ def upload(stack: Stack, token: str, data: bytes, content_type: str, name: str) 
     response = requests.post(
         f"{stack.base_url}/_matrix/media/v3/upload?filename={name}",
         data=data,
-        headers={**auth(token), "Content-Type": content_type},
+        headers={**bearer(token), "Content-Type": content_type},
         timeout=60,
     )
     assert response.status_code == 200, response.text
@@ -106,7 +106,9 @@ def download_paths(stack: Stack, media: Media) -> dict[str, str]:
 
 def statuses(stack: Stack, media: Media, token: str) -> dict[str, int]:
     return {
-        name: requests.get(url, headers=auth(token), timeout=30, allow_redirects=False).status_code
+        name: requests.get(
+            url, headers=bearer(token), timeout=30, allow_redirects=False
+        ).status_code
         for name, url in download_paths(stack, media).items()
     }
 

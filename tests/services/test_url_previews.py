@@ -14,10 +14,9 @@ import requests
 
 from msc3870.models import Media, MediaState, UploadMethod, URLPreview
 
-from ..conftest import png_bytes
 from ..federation_helpers import local_server, send
-from .conftest import PrivateRedis, Stack, bucket_keys
-from .helpers import auth
+from ..helpers import bearer, bucket_keys, png_bytes
+from .conftest import PrivateRedis, Stack
 
 pytestmark = pytest.mark.services
 
@@ -50,7 +49,7 @@ def test_one_fetch_for_requests_in_both_workers_the_image_in_s3(
 
         def ask(_: int) -> requests.Response:
             # A connection each: spread over both web workers.
-            return requests.get(url, headers={**auth(token), "Connection": "close"}, timeout=60)
+            return requests.get(url, headers={**bearer(token), "Connection": "close"}, timeout=60)
 
         with ThreadPoolExecutor(12) as pool:
             pending = [pool.submit(ask, n) for n in range(12)]
@@ -77,6 +76,8 @@ def test_one_fetch_for_requests_in_both_workers_the_image_in_s3(
     assert bucket_keys(s3_client, "preview/") == [media.storage_key]
     mxc = bodies[0]["og:image"].removeprefix("mxc://")
     download = requests.get(
-        f"{stack.base_url}/_matrix/client/v1/media/download/{mxc}", headers=auth(token), timeout=30
+        f"{stack.base_url}/_matrix/client/v1/media/download/{mxc}",
+        headers=bearer(token),
+        timeout=30,
     )
     assert download.status_code == 200 and download.content == picture
