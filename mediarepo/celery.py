@@ -29,7 +29,7 @@ if SERVES_METRICS:
         "PROMETHEUS_MULTIPROC_DIR",
         os.path.abspath(os.path.join(_data_dir, "metrics", f"celery-{METRICS_PORT}")),
     )
-    from msc3870.metrics import clean_multiprocess_dir
+    from msc3870.metrics_files import clean_multiprocess_dir
 
     clean_multiprocess_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 
@@ -56,6 +56,6 @@ def serve_worker_metrics(**kwargs: Any) -> None:
 @worker_process_shutdown.connect
 def forget_pool_process(pid: int | None = None, **kwargs: Any) -> None:
     if SERVES_METRICS:
-        from msc3870.metrics import process_exited
+        from msc3870.metrics_files import process_exited
 
         process_exited(pid or os.getpid())

@@ -71,7 +71,7 @@ balance.install()
 def on_starting(server: object) -> None:
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if METRICS_PORT and directory:
-        from msc3870.metrics import clean_multiprocess_dir
+        from msc3870.metrics_files import clean_multiprocess_dir
 
         clean_multiprocess_dir(directory)
 
@@ -83,7 +83,7 @@ def post_fork(server: object, worker: object) -> None:
 def child_exit(server: object, worker: Any) -> None:
     balance.worker_exited(worker)
     if METRICS_PORT:
-        from msc3870.metrics import process_exited
+        from msc3870.metrics_files import process_exited
 
         process_exited(worker.pid)
 

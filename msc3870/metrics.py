@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterator
 from functools import lru_cache
@@ -39,9 +38,10 @@ from prometheus_client import (
     multiprocess,
 )
 
+from .metrics_files import multiprocess_dir
+
 log = logging.getLogger(__name__)
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Requests answered from memory take about a millisecond; parked downloads up to a minute.
 REQUEST_BUCKETS = (
@@ -257,10 +257,6 @@ def swept(sweep: str, seconds: float) -> None:
 # ----------------------------------------------------------------------- exposition
 
 
-def multiprocess_dir() -> str | None:
-    return os.environ.get(MULTIPROC_ENV) or None
-
-
 def _registry() -> CollectorRegistry:
     """What a scrape reads: every process's values where they share a directory (read
     afresh each time), else this process's."""
@@ -275,23 +271,6 @@ def _registry() -> CollectorRegistry:
 def exposition() -> tuple[bytes, str]:
     """The body and content type of a scrape's answer."""
     return generate_latest(_registry()), CONTENT_TYPE_LATEST
-
-
-def clean_multiprocess_dir(directory: str) -> None:
-    """Empty (or make) the directory before any process of a new start writes to it:
-    files of an earlier run would be added to this one's values."""
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    for name in os.listdir(directory):
-        if name.endswith(".db"):
-            os.remove(os.path.join(directory, name))
-
-
-def process_exited(pid: int) -> None:
-    """A process that wrote metrics is gone: its live gauges stop counting (its counters
-    stay in the totals, as they should)."""
-    directory = multiprocess_dir()
-    if directory is not None:
-        multiprocess.mark_process_dead(pid, directory)
 
 
 @lru_cache(maxsize=16)

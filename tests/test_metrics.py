@@ -15,7 +15,7 @@ import pytest
 from django.test import Client
 from prometheus_client import REGISTRY
 
-from msc3870 import metrics
+from msc3870 import metrics, metrics_files
 from msc3870.asgi import MediaASGIHandler
 from msc3870.models import MediaState
 
@@ -297,9 +297,9 @@ def test_multiprocess_values_add_up_and_the_directory_is_cleaned(tmp_path: Any) 
     import sys
 
     directory = tmp_path / "metrics"
-    metrics.clean_multiprocess_dir(str(directory))
+    metrics_files.clean_multiprocess_dir(str(directory))
     (directory / "counter_999999.db").write_bytes(b"left by an earlier run")
-    metrics.clean_multiprocess_dir(str(directory))
+    metrics_files.clean_multiprocess_dir(str(directory))
     assert list(directory.iterdir()) == []
     script = (
         "from msc3870 import metrics; metrics.transitioned('complete', 2); metrics.parked('legacy')"
@@ -337,3 +337,27 @@ def test_a_hot_path_update_costs_microseconds() -> None:
         metrics.request_done("versions", "GET", 200, 0.001)
     per_request = (time.perf_counter() - started) / rounds
     assert per_request < 50e-6, per_request
+
+
+def test_the_gunicorn_master_starts_with_a_new_data_directory(tmp_path: Any) -> None:
+    """With METRICS_PORT and a data directory never used, gunicorn's master makes and empties
+    the metrics directory without making a metric itself: a metric made before the
+    directory exists fails to open its file, and the server never starts."""
+    import subprocess
+    import sys
+
+    data_dir = tmp_path / "new-data-dir"
+    script = (
+        "import runpy, sys\n"
+        "config = runpy.run_path('mediarepo/gunicorn.conf.py')\n"
+        "config['on_starting'](None)\n"
+        "print('msc3870.metrics' in sys.modules)\n"
+    )
+    env = {**os.environ, "METRICS_PORT": "19999", "MEDIAREPO_DATA_DIR": str(data_dir)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+    assert list((data_dir / "metrics" / "web-19999").iterdir()) == []
