@@ -30,9 +30,23 @@ from django.utils.safestring import SafeString
 from .. import dashboard, queue
 from ..conf import app_settings
 from ..models import Media, MediaState, UploadMethod
-from . import listing, views
 from .actions import MODERATE_PERMISSION, OPERATIONS, RETURN_TO_ITEM, admin_action
+from .listing import (
+    CappedPaginator,
+    OriginFilter,
+    TypeFamilyFilter,
+    UploaderFilter,
+    count_limit,
+    has_thumbnail,
+    has_viewable_bytes,
+    icon_kind,
+    preview_cell,
+)
+from .listing import search as search_listing
 from .records import ModerationRecordInline
+from .views import content as content_response
+from .views import dashboard_context, icon_response, showing
+from .views import preview as preview_response
 
 S = MediaState
 # Items sharing the bytes listed on a media's page at most.
@@ -73,9 +87,9 @@ class MediaAdmin(admin.ModelAdmin):
     list_display_links = ("mxc",)
     list_filter = (
         "state",
-        listing.TypeFamilyFilter,
-        listing.OriginFilter,
-        listing.UploaderFilter,
+        TypeFamilyFilter,
+        OriginFilter,
+        UploaderFilter,
         ("created_at", admin.DateFieldListFilter),
         "protected",
     )
@@ -116,7 +130,7 @@ class MediaAdmin(admin.ModelAdmin):
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[Media], search_term: str
     ) -> tuple[QuerySet[Media], bool]:
-        return listing.search(queryset, search_term), False
+        return search_listing(queryset, search_term), False
 
     def get_paginator(
         self,
@@ -125,13 +139,13 @@ class MediaAdmin(admin.ModelAdmin):
         per_page: int,
         orphans: int = 0,
         allow_empty_first_page: bool = True,
-    ) -> listing.CappedPaginator:
-        return listing.CappedPaginator(
+    ) -> CappedPaginator:
+        return CappedPaginator(
             queryset,
             per_page,
             orphans,
             allow_empty_first_page,
-            count_limit=listing.count_limit(request, per_page),
+            count_limit=count_limit(request, per_page),
         )
 
     def changelist_view(
@@ -146,7 +160,7 @@ class MediaAdmin(admin.ModelAdmin):
 
     @admin.display(description="")
     def preview(self, media: Media) -> SafeString:
-        return listing.preview_cell(media)
+        return preview_cell(media)
 
     @admin.display(description="mxc URI")
     def mxc(self, media: Media) -> str:
@@ -252,17 +266,17 @@ class MediaAdmin(admin.ModelAdmin):
 
     def preview_view(self, request: HttpRequest, object_id: int) -> HttpResponseBase:
         media = self._viewable(request, object_id)
-        if not listing.has_thumbnail(media):
-            return views.icon_response(listing.icon_kind(media))
-        return views.preview(media, large=request.GET.get("size") == "large")
+        if not has_thumbnail(media):
+            return icon_response(icon_kind(media))
+        return preview_response(media, large=request.GET.get("size") == "large")
 
     def content_view(self, request: HttpRequest, object_id: int) -> HttpResponseBase:
         if request.method not in SAFE_METHODS:
             return HttpResponseNotAllowed(SAFE_METHODS)
         media = self._viewable(request, object_id)
-        if not listing.has_viewable_bytes(media):
+        if not has_viewable_bytes(media):
             raise Http404
-        return views.content(media, request)
+        return content_response(media, request)
 
     def dashboard_view(self, request: HttpRequest) -> TemplateResponse:
         if not self.has_view_permission(request):
@@ -275,7 +289,7 @@ class MediaAdmin(admin.ModelAdmin):
             **self.admin_site.each_context(request),
             "title": "Media dashboard",
             "opts": self.opts,
-            **views.dashboard_context(),
+            **dashboard_context(),
         }
         request.current_app = self.admin_site.name
         return TemplateResponse(request, "admin/msc3870/media/dashboard.html", context)
@@ -290,11 +304,11 @@ class MediaAdmin(admin.ModelAdmin):
         media = self.get_object(request, object_id)
         context: dict[str, Any] = {"moderation_operations": []}
         if media is not None:
-            viewable = listing.has_viewable_bytes(media)
-            thumbnailable = listing.has_thumbnail(media)
+            viewable = has_viewable_bytes(media)
+            thumbnailable = has_thumbnail(media)
             twins, more_twins = same_bytes(media)
             context.update(
-                showing=views.showing(media, viewable, thumbnailable),
+                showing=showing(media, viewable, thumbnailable),
                 thumbnailable=thumbnailable,
                 twins=twins,
                 more_twins=more_twins,
