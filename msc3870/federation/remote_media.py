@@ -69,7 +69,7 @@ from ..conf import app_settings
 from ..errors import Codes, LimitExceeded, NotFound, NotYetUploaded, Rejection, TooLarge
 from ..models import Media, MediaState, UploadMethod
 from ..ratelimit import LeakyBucket
-from ..stores import get_store
+from ..stores import ChunkReader, get_store
 from ..waiting import Deadline, MediaWait
 from . import discovery, outbound
 from .xmatrix import sign_request
@@ -618,7 +618,7 @@ def _store_plain(media: Media, response: outbound.StreamedResponse, meter: Meter
     """A body that is the file itself (legacy endpoint, or a ``Location`` followed)."""
     written = get_store().write_stream(
         media.served_key,
-        _ChunkReader(_body(response, meter)),
+        ChunkReader(_body(response, meter)),
         max_size=app_settings.MAX_UPLOAD_SIZE,
     )
     return Fetched(
@@ -658,26 +658,6 @@ def _store_multipart(
         content_type=_content_type(headers.get("content-type")),
         filename=_filename(headers.get("content-disposition")),
     )
-
-
-class _ChunkReader:
-    """A ``Readable`` over an iterator of chunks."""
-
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self._chunks = chunks
-        self._pending = b""
-
-    def read(self, size: int = -1, /) -> bytes:
-        # As a file's read(): ``size`` bytes unless the body ends first (stores may take a
-        # short read for the end, the S3 store's part uploads do).
-        want = size if size is not None and size > 0 else 1024 * 1024
-        while len(self._pending) < want:
-            chunk = next(self._chunks, b"")
-            if not chunk:
-                break
-            self._pending += chunk
-        out, self._pending = self._pending[:want], self._pending[want:]
-        return out
 
 
 class _MediaPartReader:

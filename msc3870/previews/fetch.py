@@ -51,7 +51,7 @@ from ..content_types import base_type
 from ..errors import Codes, InvalidParam, TooLarge
 from ..federation import outbound
 from ..models import Media, MediaState, URLPreview
-from ..stores import get_store
+from ..stores import ChunkReader, get_store
 from . import guard, oembed
 from .answers import IMAGE_FIELDS, PreviewFailed
 from .html import parse_page
@@ -249,24 +249,6 @@ def _first_bytes(response: outbound.StreamedResponse, limit: int) -> bytes:
     return bytes(body[:limit])
 
 
-class _ChunkReader:
-    """A ``Readable`` over the chunks of a response body."""
-
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self._chunks = chunks
-        self._pending = b""
-
-    def read(self, size: int = -1, /) -> bytes:
-        want = size if size is not None and size > 0 else 1024 * 1024
-        while len(self._pending) < want:
-            chunk = next(self._chunks, b"")
-            if not chunk:
-                break
-            self._pending += chunk
-        out, self._pending = self._pending[:want], self._pending[want:]
-        return out
-
-
 def _store_image(response: outbound.StreamedResponse, media: Media, kind: str) -> StoredImage:
     """Stream an image answer to the media row's own key (a failed write leaves nothing
     there)."""
@@ -274,7 +256,7 @@ def _store_image(response: outbound.StreamedResponse, media: Media, kind: str) -
     try:
         written = get_store().write_stream(
             media.served_key,
-            _ChunkReader(response.iter_bytes()),
+            ChunkReader(response.iter_bytes()),
             max_size=limit,
             keep_first=DIMENSIONS_FROM_BYTES,
         )

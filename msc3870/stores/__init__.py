@@ -17,6 +17,7 @@ from ..conf import app_settings
 from .base import (
     CHUNK_SIZE,
     WHOLE_READ_CHUNK,
+    ChunkReader,
     MediaStore,
     MeteredReader,
     ObjectInfo,
@@ -31,6 +32,7 @@ __all__ = [
     "CHUNK_SIZE",
     "STORE_FOR_STORAGE",
     "WHOLE_READ_CHUNK",
+    "ChunkReader",
     "MediaStore",
     "MeteredReader",
     "ObjectInfo",

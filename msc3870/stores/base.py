@@ -57,6 +57,26 @@ class WrittenObject:
     first_bytes: bytes = b""
 
 
+class ChunkReader:
+    """A ``Readable`` over an iterator of chunks (a response body being received)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._pending = b""
+
+    def read(self, size: int = -1, /) -> bytes:
+        # As a file's read(): ``size`` bytes unless the body ends first (stores may take a
+        # short read for the end, the S3 store's part uploads do).
+        want = size if size is not None and size > 0 else 1024 * 1024
+        while len(self._pending) < want:
+            chunk = next(self._chunks, b"")
+            if not chunk:
+                break
+            self._pending += chunk
+        out, self._pending = self._pending[:want], self._pending[want:]
+        return out
+
+
 class MeteredReader:
     """Wraps a request body: counts and hashes what passes, stops past ``max_size``."""
 
