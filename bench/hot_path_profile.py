@@ -39,7 +39,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 
 def setup(data_dir: Path, database_url: str | None) -> Any:
@@ -71,7 +70,7 @@ def make_token(user_id: str) -> str:
 
 
 async def round_trips(app: Any, token: str, count: int) -> None:
-    from asgi_driver import call
+    from tests.asgi_driver import call
 
     headers = {"Authorization": f"Bearer {token}"}
     for _ in range(count):
