@@ -2,8 +2,9 @@
 
 Everything here is namespaced so a benchmark can run while the test suite runs on the same
 machine: its own S3 server directory, port and bucket, databases named ``mediarepo_bench*``
-and Redis DB 13. ``scripts/s3-server`` moves weed's master/filer/volume/... ports with the
-S3 port, so the bench server on :8433 runs beside the suite's on :8333.
+and Redis DB 13 (``MEDIAREPO_BENCH_SLOT`` moves them all). ``scripts/s3-server`` moves
+weed's master/filer/volume/... ports with the S3 port, so the bench server on :8433 runs
+beside the suite's on :8333.
 """
 
 from __future__ import annotations
@@ -23,13 +24,26 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / ".venv" / "bin"
 PYTHON = BIN / "python"
 
-S3_PORT = 8433
+# MEDIAREPO_BENCH_SLOT=1 or 2 runs a second or third bench beside the first (another
+# checkout's, say): its own S3 port, directory, Redis DB and database names.
+SLOT = os.environ.get("MEDIAREPO_BENCH_SLOT", "")
+_SLOTS = {"": (8433, 13), "1": (8933, 5), "2": (9033, 4)}
+if SLOT not in _SLOTS:
+    raise SystemExit(f"MEDIAREPO_BENCH_SLOT must be one of 1, 2 (or unset), not {SLOT!r}")
+S3_PORT, _REDIS_DB = _SLOTS[SLOT]
 S3_BUCKET = "mediarepo-bench"
-S3_SERVER_DIR = ROOT / "var" / "s3-bench"
-# Ports scripts/s3-server gives the master, filer and volume server for S3_PORT 8433.
-WEED_BENCH_PORTS = (9433, 8988, 9440)
+S3_SERVER_DIR = ROOT / "var" / f"s3-bench{SLOT}"
+# Ports scripts/s3-server gives the master, filer and volume server for S3_PORT (they move
+# with it).
+_OFFSET = S3_PORT - 8333
+WEED_BENCH_PORTS = (9333 + _OFFSET, 8888 + _OFFSET, 9340 + _OFFSET)
 PG_URL = "postgres://postgres@127.0.0.1:5432"
-BROKER_URL = "redis://127.0.0.1:6379/13"
+BROKER_URL = f"redis://127.0.0.1:6379/{_REDIS_DB}"
+
+
+def bench_database(name: str) -> str:
+    """A bench database's name in this slot."""
+    return f"{name}_slot{SLOT}" if SLOT else name
 
 
 def s3_env() -> dict[str, str]:

@@ -42,13 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _shared import (
     PYTHON,
     ROOT,
+    bench_database,
     drop_database,
     machine_info,
     markdown_table,
     recreate_database,
 )
 
-DATABASE = "mediarepo_bench_console"
+DATABASE = bench_database("mediarepo_bench_console")
 
 # One row per n: created n * (30 days / N) ago; uploader: a few heavy users (the cube of
 # a uniform draw concentrates on small numbers), the rest spread.

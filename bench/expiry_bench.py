@@ -46,6 +46,7 @@ from _shared import (
     PYTHON,
     ROOT,
     S3Server,
+    bench_database,
     drop_database,
     load_average,
     machine_info,
@@ -54,7 +55,7 @@ from _shared import (
     s3_env,
 )
 
-DB_NAME = "mediarepo_bench2"
+DB_NAME = bench_database("mediarepo_bench2")
 USER_ID = "@bench:localhost"
 
 

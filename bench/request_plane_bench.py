@@ -76,6 +76,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _shared import (
     ROOT,
+    bench_database,
     drop_database,
     free_port,
     machine_info,
@@ -87,7 +88,7 @@ from _shared import (
 RESULTS = ROOT / "bench" / "results"
 PLOT = ROOT / "docs" / "request-plane.png"
 SYNAPSE_SCRIPT = ROOT / "scripts" / "synapse"
-BENCH_DB = "mediarepo_bench_rp"
+BENCH_DB = bench_database("mediarepo_bench_rp")
 BODY_SIZE = 1024
 DOWNLOAD_TIMEOUT_MS = 60_000
 

@@ -62,6 +62,7 @@ from _shared import (
     ROOT,
     S3_PORT,
     S3Server,
+    bench_database,
     drop_database,
     flush_broker,
     free_port,
@@ -75,7 +76,7 @@ from _shared import (
 
 MiB = 1024 * 1024
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-DB_NAME = "mediarepo_bench"
+DB_NAME = bench_database("mediarepo_bench")
 USER_ID = "@bench:localhost"
 
 # ------------------------------------------------------------------ /proc sampling
