@@ -222,7 +222,10 @@ def _screen_row(
     if not media.storage_key:
         if media.upload_method != UploadMethod.URL:
             return Outcome.RECEIVING  # a PUT is still streaming its body
-        moved = _move_out_of_reach(media, store, held, incoming)
+        # On the screening's line as move_ms: the copy out of the URL's reach is most of
+        # the wait between a URL upload's /complete and its first download.
+        with logs.step("move"):
+            moved = _move_out_of_reach(media, store, held, incoming)
         if isinstance(moved, Outcome):
             return moved
         held, store_sha256 = moved
