@@ -2,8 +2,9 @@
 in the store alone: what the bench S3 server (SeaweedFS) takes for each way of moving an
 object out of the upload URL's reach, beside the PUT that wrote it.
 
-For each size, on a fresh store per case (SeaweedFS reclaims deleted space only by
-vacuum), PUT ``size`` random MiB to ``incoming/x``, then time one of:
+For each size, on a fresh store (SeaweedFS reclaims deleted space only by
+vacuum), PUT ``size`` random MiB to ``incoming/x`` once, then time each of these in turn,
+``--repeat`` times (medians):
 
 * ``copy``: CopyObject (MetadataDirective REPLACE, ``CopySourceIfMatch``), as
   ``S3MediaStore._copy_object`` sends it without ``S3_COPY_CHECKSUM``;
@@ -17,7 +18,7 @@ vacuum), PUT ``size`` random MiB to ``incoming/x``, then time one of:
 copy: in a bucket with versioning on, a second PUT to the same presigned URL, then a GET
 and a presigned GET of the first PUT's ``VersionId``.
 
-    .venv/bin/python bench/copy_probe.py --sizes 32,256,1024 --json out.json
+    .venv/bin/python bench/copy_probe.py --sizes 32,256 --repeat 3 --json out.json
 """
 
 from __future__ import annotations
@@ -154,9 +155,10 @@ def versioning() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="32,256,1024")
-    parser.add_argument("--parts", default="16x4,32x8,64x8", help="part MiB x concurrency")
+    parser.add_argument("--sizes", default="32,256")
+    parser.add_argument("--parts", default="32x8,16x16", help="part MiB x concurrency")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--repeat", type=int, default=3, help="each case this many times")
     parser.add_argument("--versioning", action="store_true")
     args = parser.parse_args()
     s3_server = S3Server(manage=True, wait_for_ports=60)
@@ -181,32 +183,49 @@ def main() -> None:
                 lambda s3, etag, size, p=part_mib, c=concurrency: parts(s3, etag, size, p, c),
             )
         )
-    rows, raw = [], []
+    raw: list[dict[str, Any]] = []
+    rows = []
     try:
         for size_mib in (int(s) for s in args.sizes.split(",")):
-            for name, case in cases:
-                s3_server.start()
-                s3 = client()
-                put_s, etag = put(s3, "incoming/x", size_mib * MiB)
-                seconds, note = case(s3, etag, size_mib * MiB)
-                raw.append({"size_mib": size_mib, "case": name, "put_s": put_s, "s": seconds})
+            # One object per size, the cases taken in turn: each repeat sees every case
+            # under the same load (the machine may be shared).
+            s3_server.start()
+            s3 = client()
+            put_s, etag = put(s3, "incoming/x", size_mib * MiB)
+            seconds: dict[str, list[float]] = {name: [] for name, _ in cases}
+            notes: dict[str, str] = {}
+            for _ in range(args.repeat):
+                for name, case in cases:
+                    took, notes[name] = case(s3, etag, size_mib * MiB)
+                    seconds[name].append(took)
+                    s3.delete_object(Bucket=S3_BUCKET, Key="media/x")
+                    print(size_mib, name, f"{took:.3f}", file=sys.stderr, flush=True)
+            for name, _ in cases:
+                raw.append({"size_mib": size_mib, "case": name, "put_s": put_s, "s": seconds[name]})
+                middle = median(seconds[name])
                 rows.append(
                     [
                         f"{size_mib} MiB",
                         name,
                         f"{put_s:.2f}",
-                        f"{seconds:.3f}",
-                        f"{seconds / put_s:.2f}",
-                        note,
+                        f"{middle:.3f}",
+                        f"{min(seconds[name]):.3f} to {max(seconds[name]):.3f}",
+                        f"{middle / put_s:.2f}",
+                        notes[name],
                     ]
                 )
-                print(rows[-1], file=sys.stderr, flush=True)
     finally:
         s3_server.stop()
     print(f"load average at the end: {load_average()}")
-    print(markdown_table(["size", "case", "PUT s", "case s", "case / PUT", "note"], rows))
+    headers = ["size", "case", "PUT s", "median s", "range s", "median / PUT", "note"]
+    print(markdown_table(headers, rows))
     if args.json:
-        args.json.write_text(json.dumps(raw, indent=2))
+        args.json.write_text(json.dumps({"load_average_end": load_average(), "runs": raw}))
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
 
 
 if __name__ == "__main__":
