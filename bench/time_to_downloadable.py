@@ -188,6 +188,7 @@ def main() -> None:
     parser.add_argument("--run", action="append", default=[], help="LABEL=PATH of a --json")
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--screening-log", type=Path, help="a kept log directory")
+    parser.add_argument("--screening-run", help="the LABEL of the run that kept that log")
     args = parser.parse_args()
     labelled = []
     for spec in args.run:
@@ -200,10 +201,11 @@ def main() -> None:
         plot(labelled, args.plot)
     if args.screening_log:
         # In upload order: the warm-up, then each run's upload without and with a
-        # recipient (upload_bench.compare_main), sizes from the last --run.
+        # recipient (upload_bench.compare_main), sizes from --screening-run.
         sizes = ["4 MiB (warm-up)"]
-        if labelled:
-            for run in labelled[-1][1]["runs"]:
+        kept = [r for label, r in labelled if label == args.screening_run]
+        if kept:
+            for run in kept[0]["runs"]:
                 sizes += [f"{run['size_mib']} MiB", f"{run['size_mib']} MiB, recipient waiting"]
         lines = screening_lines(args.screening_log)
         sizes += ["?"] * (len(lines) - len(sizes))
