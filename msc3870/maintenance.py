@@ -310,7 +310,7 @@ def evict_remote_media(
     """Keep other servers' media under ``REMOTE_MEDIA_CACHE_MAX_BYTES``: past it, delete
     the least recently served (``last_accessed_at``) until the total is under
     ``REMOTE_CACHE_LOW_WATER`` of it. Only complete media no moderator acted on goes
-    (quarantined, approved or otherwise moderated media stays).
+    (quarantined, approved, protected or otherwise moderated media stays).
 
     Each evicted row moves to DELETED (compare-and-set), its objects and thumbnails are
     deleted unless live media serves the same key (``cleanup.delete_objects_of``, as for
@@ -332,7 +332,7 @@ def evict_remote_media(
                 break
             candidates = (
                 Media.objects.remote()
-                .filter(state=S.COMPLETE, moderated_by="")
+                .filter(state=S.COMPLETE, moderated_by="", protected=False)
                 .order_by("last_accessed_at", "pk")
                 .values_list("pk", "size")[:batch_size]
             )
@@ -347,7 +347,7 @@ def evict_remote_media(
                 list(chosen),
                 [S.COMPLETE],
                 S.DELETED,
-                extra_where=_remote() & Q(moderated_by=""),
+                extra_where=_remote() & Q(moderated_by="", protected=False),
             )
             result.moved += len(moved)
             total -= sum(chosen[pk] for pk in moved)
