@@ -99,7 +99,9 @@ def setup_rows(
     from msc3870.validation import new_media_id
 
     with connection.cursor() as cursor:
-        cursor.execute("TRUNCATE msc3870_media RESTART IDENTITY")
+        # CASCADE: the tables that reference media rows (moderation records, URL
+        # previews) are empty here, and TRUNCATE refuses a referenced table without it.
+        cursor.execute("TRUNCATE msc3870_media RESTART IDENTITY CASCADE")
     t0 = time.monotonic()
     now = timezone.now()
     media_ids: list[str] = []
