@@ -7,10 +7,17 @@ idempotent: a sweep or task that runs twice deletes nothing twice.
 from __future__ import annotations
 
 import logging
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import TracebackType
+from typing import Any
 
 from django.utils import timezone
 
-from . import queue
+from . import queue, storage_keys
+from .conf import app_settings
+from .errors import StorageUnavailable
 from .models import Media, MediaState
 from .screening import record_sha256
 from .stores import get_store
@@ -118,3 +125,85 @@ def delete_objects_of(pks: list[int]) -> int:
         .filter(pk__in=[row[0] for row in rows])
         .update(objects_deleted_at=timezone.now())
     )
+
+
+class ObjectDeleter:
+    """Deletes the objects of media a sweep just moved to a dead state while the sweep
+    goes on with its next batch: each batch's keys are one batched delete on a pool of
+    ``DELETE_CONCURRENCY`` threads (S3: one DeleteObjects per 1,000 keys), at most that
+    many in flight; once a batch's delete is done its rows are marked cleaned, on the
+    caller's thread (the pool only talks to the store). Rows whose keys other media may
+    share (anything but an upload URL's object) go through ``delete_objects_of`` instead.
+
+    After a storage failure nothing more is sent: ``storage_error`` says why, and the rows
+    not marked stay for ``delete_dead_objects``. Use as a context manager: leaving it waits
+    for the deletes in flight."""
+
+    def __init__(self) -> None:
+        self.cleaned = 0
+        self.storage_error = ""
+        self._store = get_store()
+        self._concurrency = app_settings.DELETE_CONCURRENCY
+        self._pool = ThreadPoolExecutor(self._concurrency, thread_name_prefix="msc3870-delete")
+        self._in_flight: deque[tuple[Future[None], list[int]]] = deque()
+
+    def __enter__(self) -> ObjectDeleter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            while self._in_flight:
+                self._finish_oldest()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def delete(self, rows: Sequence[Sequence[Any]]) -> None:
+        """Delete the objects of dead rows given as ``sql.EXPIRED_COLUMNS`` (primary key,
+        media id, storage key, upload method, completed at, server name)."""
+        if self.storage_error or not rows:
+            return
+        pks: list[int] = []
+        keys: list[str] = []
+        shared: list[int] = []
+        for pk, *history in rows:
+            row_keys = object_keys(*history)
+            # An upload URL's object is never the served key of any media: no other row
+            # can share it, so it needs no look-up.
+            if all(key.startswith(storage_keys.INCOMING_PREFIX) for key in row_keys):
+                pks.append(pk)
+                keys.extend(row_keys)
+            else:
+                shared.append(pk)
+        try:
+            if shared:
+                self.cleaned += delete_objects_of(shared)
+            while len(self._in_flight) >= self._concurrency:
+                self._finish_oldest()
+        except StorageUnavailable as exc:
+            self._stop(exc)
+            return
+        if pks:
+            self._in_flight.append((self._pool.submit(self._store.delete_many, keys), pks))
+
+    def _finish_oldest(self) -> None:
+        future, pks = self._in_flight.popleft()
+        try:
+            future.result()
+        except StorageUnavailable as exc:
+            self._stop(exc)
+            return
+        self.cleaned += (
+            Media.objects.dead_uncleaned()
+            .filter(pk__in=pks)
+            .update(objects_deleted_at=timezone.now())
+        )
+
+    def _stop(self, exc: StorageUnavailable) -> None:
+        if not self.storage_error:
+            log.warning("Deletes stop until the storage is back: %s", exc)
+            self.storage_error = exc.message

@@ -5,19 +5,29 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from django.conf import settings
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from msc3870 import maintenance, moderation
 from msc3870.models import Media, MediaState
 from msc3870.stores import get_store
 
-from .helpers import MatrixClient, ThenAtTheEnd, media_files, media_of, put_body
+from .helpers import (
+    MatrixClient,
+    ThenAtTheEnd,
+    media_files,
+    media_of,
+    msc3870_settings,
+    put_body,
+)
 
 S = MediaState
 
@@ -60,6 +70,45 @@ def test_expiry_is_batched(alice: MatrixClient) -> None:
     assert first.moved == 20
     assert maintenance.expire_pending(batch_size=10, max_batches=2).moved == 5
     assert Media.objects.filter(state=S.EXPIRED).count() == 25
+
+
+def test_expiry_is_one_statement_per_batch_and_one_update_per_delete(alice: MatrixClient) -> None:
+    """Moving a batch is one UPDATE ... RETURNING (pick and compare-and-set together);
+    an expired id's only object is its upload URL's, which no other media can share, so
+    marking it deleted is the batch's only other statement."""
+    due_pending(30, "q")
+    with CaptureQueriesContext(connection) as queries:
+        result = maintenance.expire_pending(batch_size=10)
+    assert result.moved == 30 and result.objects_deleted == 30
+    # 3 batches of 2 statements, and the empty pick that ends the sweep.
+    assert len(queries.captured_queries) == 7, [q["sql"][:60] for q in queries.captured_queries]
+    assert Media.objects.filter(state=S.EXPIRED, objects_deleted_at__isnull=False).count() == 30
+
+
+def test_expiry_has_several_deletes_in_flight(
+    alice: MatrixClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next batch is moved while the last one's objects are deleted, and up to
+    DELETE_CONCURRENCY batched deletes run at once: each delete below waits until another
+    is running beside it, which a sweep deleting one batch at a time never gets to."""
+    from msc3870.stores import get_store
+
+    due_pending(40, "p")
+    store = get_store()
+    together = threading.Barrier(2, timeout=10)
+    sent: list[list[str]] = []
+
+    def delete_many(keys: list[str]) -> None:
+        sent.append(keys)
+        together.wait()
+
+    monkeypatch.setattr(store, "delete_many", delete_many)
+    with msc3870_settings(DELETE_CONCURRENCY=2):
+        result = maintenance.expire_pending(batch_size=10)
+    assert result.moved == 40 and result.objects_deleted == 40
+    assert sorted(len(keys) for keys in sent) == [10, 10, 10, 10]
+    # Only the upload URL's key of each id: nothing else can exist for an id never used.
+    assert all(key.startswith("incoming/p") for keys in sent for key in keys)
 
 
 def test_complete_and_expiry_race_has_one_winner(alice: MatrixClient) -> None:
