@@ -9,6 +9,7 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.conf import settings
@@ -109,6 +110,53 @@ def test_expiry_has_several_deletes_in_flight(
     assert sorted(len(keys) for keys in sent) == [10, 10, 10, 10]
     # Only the upload URL's key of each id: nothing else can exist for an id never used.
     assert all(key.startswith("incoming/p") for keys in sent for key in keys)
+
+
+def deletes_sent(store: Any) -> list[list[str]]:
+    """The keys of each DeleteObjects request ``store``'s client sends from now on."""
+    sent: list[list[str]] = []
+
+    def count(params: dict[str, Any], **kwargs: Any) -> None:
+        sent.append([item["Key"] for item in params["Delete"]["Objects"]])
+
+    store.client.meta.events.register("before-parameter-build.s3.DeleteObjects", count)
+    return sent
+
+
+def test_on_s3_expiry_deletes_only_upload_url_objects_that_exist(
+    alice: MatrixClient, s3: Any
+) -> None:
+    """Most ids expire without a byte: with few objects under incoming/, one listing
+    tells which exist, and only those are deleted."""
+    due_pending(30, "e")
+    store = get_store()
+    for name in ("e3", "e17"):
+        store.write_stream(f"incoming/{name}", io.BytesIO(b"abandoned"), max_size=100)
+    sent = deletes_sent(store)
+    result = maintenance.expire_pending(batch_size=10)
+    assert result.moved == 30 and result.objects_deleted == 30
+    assert sorted(key for keys in sent for key in keys) == ["incoming/e17", "incoming/e3"]
+    assert list(store.list_keys("incoming/")) == []
+    assert Media.objects.filter(objects_deleted_at__isnull=True).count() == 0
+
+
+def test_on_s3_with_many_upload_url_objects_every_key_is_sent(
+    alice: MatrixClient, s3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past one listing's worth of objects under incoming/, listing stops for the run and
+    every expired id's key is sent, existing or not (a missing key counts as deleted)."""
+    from msc3870 import cleanup
+
+    monkeypatch.setattr(cleanup, "LISTED_INCOMING_MAX", 2)
+    due_pending(30, "f")
+    store = get_store()
+    for name in ("f1", "f2", "f3"):
+        store.write_stream(f"incoming/{name}", io.BytesIO(b"abandoned"), max_size=100)
+    sent = deletes_sent(store)
+    result = maintenance.expire_pending(batch_size=10)
+    assert result.moved == 30 and result.objects_deleted == 30
+    assert sorted(len(keys) for keys in sent) == [10, 10, 10]
+    assert list(store.list_keys("incoming/")) == []
 
 
 def test_complete_and_expiry_race_has_one_winner(alice: MatrixClient) -> None:

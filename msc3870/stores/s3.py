@@ -158,6 +158,7 @@ def parse_s3_timestamp(value: Any) -> datetime:
 class S3MediaStore(MediaStore):
     can_redirect = True
     max_upload_url_lifetime = MAX_PRESIGN_SECONDS
+    lists_cheaper_than_deletes = True
 
     def __init__(self, storage: S3Storage) -> None:
         self.storage = storage
