@@ -395,16 +395,30 @@ def expire_due(now: datetime, limit: int) -> list[tuple[Any, ...]] | None:
     expires = Media._meta.get_field("unused_expires_at")
     changed = Media._meta.get_field("state_changed_at")
     at = expires.get_db_prep_value(now, connection)
-    lock = " FOR UPDATE SKIP LOCKED" if connection.vendor == "postgresql" else ""
     due = f"{state} = %s AND {quote(expires.column)} <= %s"
-    columns = ", ".join(quote(column) for column in EXPIRED_COLUMNS)
-    statement = (
-        f"UPDATE {table} SET {state} = %s, {quote(changed.column)} = %s "
-        f"WHERE {quote('id')} IN (SELECT {quote('id')} FROM {table} WHERE {due} "
-        f"ORDER BY {quote(expires.column)} LIMIT %s{lock}) AND {due} RETURNING {columns}"
+    pick = (
+        f"SELECT {quote('id')} FROM {table} WHERE {due} ORDER BY {quote(expires.column)} LIMIT %s"
     )
+    assign = f"SET {state} = %s, {quote(changed.column)} = %s"
     pending, expired = MediaState.PENDING.value, MediaState.EXPIRED.value
-    params = [expired, changed.get_db_prep_value(now, connection), pending, at, limit, pending, at]
+    if connection.vendor == "postgresql":
+        # The pick materialized first: as an IN (subquery) with SKIP LOCKED, PostgreSQL may
+        # run the subquery more than once and move more than ``limit`` rows.
+        columns = ", ".join(f"{table}.{quote(column)}" for column in EXPIRED_COLUMNS)
+        statement = (
+            f"WITH picked AS MATERIALIZED ({pick} FOR UPDATE SKIP LOCKED) "
+            f"UPDATE {table} {assign} FROM picked "
+            f"WHERE {table}.{quote('id')} = picked.{quote('id')} AND {due} RETURNING {columns}"
+        )
+        params = [pending, at, limit, expired, changed.get_db_prep_value(now, connection)]
+        params += [pending, at]
+    else:
+        columns = ", ".join(quote(column) for column in EXPIRED_COLUMNS)
+        statement = (
+            f"UPDATE {table} {assign} WHERE {quote('id')} IN ({pick}) AND {due} RETURNING {columns}"
+        )
+        params = [expired, changed.get_db_prep_value(now, connection), pending, at, limit]
+        params += [pending, at]
     with connection.cursor() as cursor:
         cursor.execute(statement, params)
         return list(cursor.fetchall())
