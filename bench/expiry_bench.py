@@ -189,6 +189,8 @@ IN_LIST = re.compile(r"IN \((?:%s, )*%s\)")
 def query_label(sql: str) -> str:
     """A short name per query shape of the sweep (else the start of the SQL)."""
     shape = IN_LIST.sub("IN (...)", sql)
+    if shape.startswith("WITH picked"):  # lifecycle.expire_due on PostgreSQL
+        return "UPDATE SET state FROM (pick ORDER BY .. LIMIT) RETURNING"
     if shape.startswith("UPDATE"):
         column = re.search(r'SET "(\w+)"', shape)
         # The pick and the move in one statement (lifecycle.expire_due).
