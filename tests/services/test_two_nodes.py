@@ -306,3 +306,58 @@ def test_media_fetched_by_the_worker_is_signed_with_the_key_both_nodes_publish(
     signed_json = request_json("GET", path, credential.origin, remote.name)
     signed_json["signatures"] = {credential.origin: {credential.key: credential.sig}}
     verify_signed_json(signed_json, credential.origin, verify_key)  # raises if it does not
+
+
+# ------------------------------------------------------------------ periodic sweeps
+
+RUNS_SWEEPS = b"This process runs the periodic sweeps"
+
+
+def sweep_runners(node: Stack) -> int:
+    return (node.logs / "server.log").read_bytes().count(RUNS_SWEEPS)
+
+
+def test_without_a_broker_one_node_runs_the_sweeps_and_the_other_takes_over(
+    django_db_setup: None, tmp_path: Path
+) -> None:
+    """No broker, so no beat: each node's worker would run the sweeps in-process. Their
+    lock is the database's (the nodes share no directory): one node holds it; when that
+    node dies, the other takes it."""
+    with running_two_nodes(tmp_path, worker=False, CELERY_BROKER_URL="") as running:
+        wait_until(
+            lambda: sum(sweep_runners(node) for node in running.nodes) >= 1,
+            20,
+            "a node to take the sweeps",
+        )
+        holder, other = sorted(running.nodes, key=sweep_runners, reverse=True)
+        # The other took no lock of its own (it retries every 5 s: give it one round).
+        time.sleep(6)
+        assert (sweep_runners(holder), sweep_runners(other)) == (1, 0)
+        holder.kill("server")
+        wait_until(lambda: sweep_runners(other) == 1, 30, "the other node to take over")
+
+
+def test_a_node_whose_lock_connection_drops_stops_running_the_sweeps() -> None:
+    """PostgreSQL ends the session holding the advisory lock (a restart, a network cut):
+    its holder learns it has lost the lock, and another process takes it."""
+    import threading
+
+    from django.db import connection
+
+    from mediarepo.embedded import DatabaseLock
+
+    first, second = DatabaseLock(), DatabaseLock()
+    first.acquire()
+    taken = threading.Event()
+    thread = threading.Thread(target=lambda: (second.acquire(), taken.set()), daemon=True)
+    thread.start()
+    try:
+        assert first.held() and not taken.wait(1)
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s)", [first.connection.info.backend_pid])
+        assert not first.held()
+        assert taken.wait(15), "the second process never took the lock"
+    finally:
+        for lock in (first, second):
+            if lock.connection is not None:
+                lock.connection.close()
