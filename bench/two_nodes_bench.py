@@ -152,11 +152,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=200, help="rounds of each kind")
     parser.add_argument("--json", type=Path, help="write the raw numbers here")
     parser.add_argument("--keep-db", action="store_true")
+    parser.add_argument(
+        "--wait-s3-ports", type=float, default=0, help="wait this long for the S3 ports"
+    )
     args = parser.parse_args()
 
     database = bench_database("mediarepo_bench_two_nodes")
     database_url = recreate_database(database)
-    s3 = S3Server(manage=True)
+    s3 = S3Server(manage=True, wait_for_ports=args.wait_s3_ports)
     s3.start()
     root = Path(tempfile.mkdtemp(prefix="two-nodes-bench-"))
     shared = {
