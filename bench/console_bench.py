@@ -78,7 +78,7 @@ SELECT
     CASE WHEN n % 10 = 3 THEN 'remote' WHEN n % 3 = 0 THEN 'url' ELSE 'post' END,
     t.type, t.type, t.type,
     CASE WHEN n % 7 = 0 THEN '' ELSE 'upload-' || n || t.extension END,
-    1000 + (n * 7919) % 5000000,
+    1000 + (n::bigint * 7919) % 5000000,
     CASE WHEN n % 4 = 0 THEN '' ELSE md5(n::text) || md5((n + 1)::text) END,
     md5((n + 2)::text) || md5((n + 3)::text),
     'local/m' || n,
