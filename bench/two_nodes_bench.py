@@ -45,7 +45,6 @@ from _shared import (
     S3Server,
     bench_database,
     drop_database,
-    free_port,
     machine_info,
     markdown_table,
     recreate_database,
@@ -76,7 +75,7 @@ async def one_round(
     once complete), in seconds."""
     mxc = await bench.create_media(session, a.url, token)
     body = secrets.token_bytes(BODY)
-    metrics_url = f"http://127.0.0.1:{waiter.extra_env['METRICS_PORT']}/metrics"
+    metrics_url = f"http://127.0.0.1:{waiter.metrics_port}/metrics"
     before = await parked(session, metrics_url)
     answered: list[float] = []
 
@@ -173,7 +172,7 @@ def main() -> None:
     try:
         for name in ("a", "b"):
             node = bench.ProjectServer(ROOT, root / name, database_url)
-            node.extra_env = {**shared, "METRICS_PORT": str(free_port())}
+            node.extra_env = shared  # ProjectServer serves metrics (METRICS_PORT) already
             node.start("1")  # one after the other: each migrates first
             nodes.append(node)
         a, b = nodes
