@@ -1181,6 +1181,8 @@ def one_upload(
         "first_byte_s": t_first_byte,
         "cpu_s": cpu,
         "verified": recipient.status == 200 and recipient.sha256 == sha256,
+        # Not 200: "first byte" is an error's (504 once the wait's cap passed), not the media.
+        "recipient_status": recipient.status,
         "recipient_error": recipient.error,
         # This server: whether the screening hashed the bytes, and the object it serves.
         "hashed": bool(row.get("sha256")),
@@ -1365,6 +1367,7 @@ def compare_main(args: argparse.Namespace) -> None:
                     run[name] = measured_upload(*subject, recipient_waits=False, emptied=emptied)
                     waited = measured_upload(*subject, recipient_waits=True, emptied=emptied)
                     run[name]["first_byte_s"] = waited["first_byte_s"]
+                    run[name]["first_byte_status"] = waited["recipient_status"]
                     run[name]["decided_with_recipient_s"] = waited["decided_s"]
                     run[name]["verified"] = run[name]["verified"] and waited["verified"]
                 results["runs"].append(run)

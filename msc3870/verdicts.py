@@ -12,6 +12,15 @@ The route of one screening, top to bottom:
 4. ``_complete`` or ``_reject`` writes the verdict, with everything else the screening
    learnt, in the one UPDATE that moves the row out of the state it is held in (``Held``).
 
+Why bytes written to the upload URL after ``/complete`` are never served unchecked: the
+checks read the copy at ``served_key``, which no upload URL can write, and the verdict
+serves that key. The copy is pinned to the ETag ``/complete`` read (``if_match``) only to
+spare a HEAD: an ETag is an MD5 for a single PUT, and two objects can share one, so
+nothing here rests on it. Checks that read the incoming object instead, pinned by its
+ETag, while it is copied would rest on it; so would serving the incoming object. The copy
+is most of the wait before a URL upload's first download (``move_ms`` on the screening's
+line; ``docs/benchmarks.md``, *Time to downloadable*).
+
 Every step is a compare-and-set or safe to repeat, so a redelivered or re-dispatched task
 does no harm. A screening that fails (storage down, a check's own error) records why on
 the row and leaves it where it was: the stuck sweep screens it again.
@@ -222,7 +231,10 @@ def _screen_row(
     if not media.storage_key:
         if media.upload_method != UploadMethod.URL:
             return Outcome.RECEIVING  # a PUT is still streaming its body
-        moved = _move_out_of_reach(media, store, held, incoming)
+        # On the screening's line as move_ms: the copy out of the URL's reach is most of
+        # the wait between a URL upload's /complete and its first download.
+        with logs.step("move"):
+            moved = _move_out_of_reach(media, store, held, incoming)
         if isinstance(moved, Outcome):
             return moved
         held, store_sha256 = moved

@@ -185,3 +185,21 @@ def test_log_format_selects_the_formatter() -> None:
     assert logs.formatter_name(None) == "text"
     assert logs.formatter_name("JSON") == "json"
     assert logs.formatter_name("logfmt") == "text"
+
+
+def test_a_url_uploads_screening_line_times_the_move(alice: MatrixClient, lines: Lines) -> None:
+    """The move out of the upload URL's reach is timed on the screening's line
+    (``move_ms``), apart from the rest of it: most of what a URL upload's downloads wait
+    for. A PUT's screening moves nothing and has none."""
+    created = alice.create()
+    assert alice.put_to_url(created["upload_url"], b"some bytes", "text/plain").status_code == 200
+    assert alice.complete(created["content_uri"]).status_code == 200
+    media_id = created["content_uri"].rsplit("/", 1)[1]
+    (screening,) = [
+        line.fields
+        for line in lines.of("msc3870.steps", "screening")
+        if line.fields.get("media_id") == media_id
+    ]
+    assert screening["outcome"] == "complete"
+    assert 0 <= screening["move_ms"] <= screening["duration_ms"]
+    assert "move_outcome" not in screening

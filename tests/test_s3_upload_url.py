@@ -152,6 +152,31 @@ def test_an_incoming_object_written_over_after_complete_is_looked_at_again(
     assert (media.size, media.sha256) == (len(bigger), hashlib.sha256(bigger).hexdigest())
 
 
+def test_the_checks_read_the_copy_not_the_object_complete_read(
+    s3: Any, alice: MatrixClient, deferred: list[Media], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What keeps swapped bytes from being served is that the checks read the copy, at a
+    key no URL can write, not the ETag the copy is pinned to (an MD5 for a single PUT:
+    two objects can share one). Here the swap lands as the copy starts and the copy takes
+    it, as it would for a colliding ETag: the checks see the swapped bytes and refuse them."""
+    created = alice.create()
+    client_put(s3, created, png_bytes(16, 16), "image/png")
+    with msc3870_settings(DENIED_CONTENT_TYPES=["text/html"]):
+        assert alice.complete(created["content_uri"]).status_code == 200
+        (incoming,) = held_incoming
+        real_copy = S3MediaStore._copy_object
+
+        def copy(self: Any, source: str, destination: str, metadata: Any, condition: Any) -> Any:
+            client_put(s3, created, b"<html><script>swapped</script></html>", "image/png")
+            return real_copy(self, source, destination, metadata, {})
+
+        monkeypatch.setattr(S3MediaStore, "_copy_object", copy)
+        assert verdicts.screen_here(deferred[0], incoming=incoming) == "rejected"
+    media = media_of(created["content_uri"])
+    assert (media.state, media.rejection_errcode) == (S.REJECTED, "M_FORBIDDEN")
+    assert bucket_keys(s3) == []
+
+
 def test_a_retry_after_the_move_finds_the_bytes_moved(
     s3: Any, alice: MatrixClient, deferred: list[Media]
 ) -> None:
