@@ -361,6 +361,15 @@ def test_a_body_cut_mid_upload_aborts_its_multipart_upload(s3: Any) -> None:
     assert s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []
 
 
+def test_request_checksums_only_where_they_spare_the_payload_hash() -> None:
+    """Over HTTPS botocore's CRC32 is what lets it skip hashing the payload; over plain
+    HTTP it hashes the payload anyway, and a CRC32 besides is a pass for nothing."""
+    with override_settings(STORAGES=s3_storages(endpoint_url="https://s3.example.org")):
+        assert get_store().client.meta.config.request_checksum_calculation == "when_supported"
+    with override_settings(STORAGES=s3_storages(endpoint_url="http://127.0.0.1:9")):
+        assert get_store().client.meta.config.request_checksum_calculation == "when_required"
+
+
 def test_upload_parts_grow_so_that_the_largest_upload_fits_in_10000() -> None:
     with msc3870_settings(S3_UPLOAD_PART_SIZE=8 * 1024 * 1024, S3_UPLOAD_CONCURRENCY=3):
         small = upload_transfer(50 * 1024 * 1024)

@@ -60,9 +60,10 @@ CHECKSUM_REFUSED_CODES = {"NotImplemented", "501", "InvalidArgument", "InvalidRe
 LIFECYCLE_UNSUPPORTED_CODES = {"NotImplemented", "501", "MethodNotAllowed", "405"}
 INCOMING_RULE_ID = "msc3870-expire-incoming"
 SIGV4 = Config(signature_version="s3v4")
-# No CRC32 of every part written: a pass over the bytes that guards nothing TLS (or, over
-# plain HTTP, the SigV4 payload hash botocore computes anyway) does not. Operations S3
-# requires a checksum of (DeleteObjects) still get one.
+# Over plain HTTP botocore hashes every body it sends (SigV4 payload signing); a CRC32 of
+# it besides is one more pass over the bytes for nothing: checksums only where S3
+# requires one (DeleteObjects). Over HTTPS the CRC32 is what spares the SHA-256 (botocore
+# signs the payload of a request without a checksum), so the default stays.
 CHECKSUMS_WHEN_REQUIRED = Config(request_checksum_calculation="when_required")
 # The health probe's client: it answers within seconds or counts as down.
 PROBE_CONFIG = Config(connect_timeout=1, read_timeout=2, retries={"max_attempts": 1})
@@ -172,14 +173,15 @@ class S3MediaStore(MediaStore):
             session._session.get_component("response_parser_factory").set_parser_defaults(
                 timestamp_parser=parse_s3_timestamp
             )
+        config = storage.client_config.merge(Config(max_pool_connections=POOL_CONNECTIONS))
+        if str(storage.endpoint_url or "").startswith("http://"):
+            config = config.merge(CHECKSUMS_WHEN_REQUIRED)
         return session.client(
             "s3",
             region_name=storage.region_name,
             use_ssl=storage.use_ssl,
             endpoint_url=storage.endpoint_url,
-            config=storage.client_config.merge(Config(max_pool_connections=POOL_CONNECTIONS)).merge(
-                CHECKSUMS_WHEN_REQUIRED
-            ),
+            config=config,
             verify=storage.verify,
         )
 
@@ -557,9 +559,9 @@ class S3MediaStore(MediaStore):
 def upload_transfer(largest: int) -> TransferConfig:
     """How a streamed upload of at most ``largest`` bytes is written: parts of
     ``S3_UPLOAD_PART_SIZE`` (larger if 10,000 of them would not hold it), multipart past
-    one part, ``S3_UPLOAD_CONCURRENCY`` parts sent at once while as many are read ahead.
-    s3transfer reads a stream part by part (``read(part_size)``) and holds at most
-    ``max_in_memory_upload_chunks`` parts read and not yet sent."""
+    one part, ``S3_UPLOAD_CONCURRENCY`` parts sent at once. s3transfer reads a stream
+    part by part (``read(part_size)``) and holds at most ``max_in_memory_upload_chunks``
+    parts read and not yet stored: reading waits for a part to be stored past that."""
     part_size = max(app_settings.S3_UPLOAD_PART_SIZE, -(-largest // MAX_PARTS), MIN_PART_SIZE)
     concurrency = app_settings.S3_UPLOAD_CONCURRENCY
     config = TransferConfig(
