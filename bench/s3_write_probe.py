@@ -5,9 +5,9 @@ Runs in this process, against the bench S3 server (started fresh for each case):
 
 * ``write``: stream ``--size-mib`` MiB from a fast in-memory reader through
   ``get_store().write_stream`` and report the peak RSS (VmHWM, reset before) and CPU time,
-  for the app's ``UPLOAD_TRANSFER`` as it is and with s3transfer's
-  ``max_in_memory_upload_chunks`` (the app sets 2; s3transfer's default is 10) changed in
-  this process only; and with botocore's default request checksums off
+  for the app's ``upload_transfer`` as it is and with s3transfer's
+  ``max_in_memory_upload_chunks`` (the app sets ``S3_UPLOAD_CONCURRENCY``; s3transfer's
+  default is 10) changed in this process only; and with botocore's default request checksums off
   (``AWS_REQUEST_CHECKSUM_CALCULATION=when_required``, in a child process).
 * ``complete``: time ``store.move`` (CopyObject + DeleteObject) and a full streamed read +
   SHA-256 (what ``check_sha256`` does) of an object of that size.
@@ -76,7 +76,14 @@ def case(kind: str, size: int, chunks: int | None) -> dict[str, Any]:
     if kind == "write":
         store.write_stream("probe/warm", FastBody(16 * MiB), max_size=size * 2)
         if chunks is not None:
-            s3_module.UPLOAD_TRANSFER.max_in_memory_upload_chunks = chunks  # type: ignore[attr-defined]
+            made = s3_module.upload_transfer
+
+            def with_chunks(largest: int) -> Any:
+                config = made(largest)
+                config.max_in_memory_upload_chunks = chunks
+                return config
+
+            s3_module.upload_transfer = with_chunks  # type: ignore[assignment]
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")  # VmHWM := current RSS
         before, c0, t0 = status_kib("VmRSS"), cpu_s(), time.monotonic()
@@ -89,7 +96,9 @@ def case(kind: str, size: int, chunks: int | None) -> dict[str, Any]:
             "peak_kib": status_kib("VmHWM"),
             "cpu_s": cpu_s() - c0,
             "wall_s": time.monotonic() - t0,
-            "max_in_memory_upload_chunks": s3_module.UPLOAD_TRANSFER.max_in_memory_upload_chunks,  # type: ignore[attr-defined]
+            "max_in_memory_upload_chunks": s3_module.upload_transfer(
+                size
+            ).max_in_memory_upload_chunks,
         }
     store.write_stream("incoming/probe", FastBody(size), max_size=size * 2, expected_size=size)
     t0 = time.monotonic()

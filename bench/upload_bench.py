@@ -343,16 +343,20 @@ class RandomBody:
 
 
 def stream_put(
-    url: str, size: int, headers: dict[str, str], seed: int | None = None
+    url: str,
+    size: int,
+    headers: dict[str, str],
+    seed: int | None = None,
+    method: str = "PUT",
 ) -> tuple[http.client.HTTPConnection, int, bytes, str]:
-    """PUT ``size`` random bytes (``RandomBody``) to ``url``; the connection is left open
-    (its socket's counters are read before it closes). Returns it, the status, the
-    answer, the SHA-256."""
+    """PUT (or ``method``) ``size`` random bytes (``RandomBody``) to ``url``; the
+    connection is left open (its socket's counters are read before it closes). Returns
+    it, the status, the answer, the SHA-256."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=600, blocksize=MiB)
     body = RandomBody(size, seed)
     conn.request(
-        "PUT",
+        method,
         parts.path + (f"?{parts.query}" if parts.query else ""),
         body=body,  # type: ignore[arg-type]  # http.client streams any object with read()
         headers={
@@ -786,6 +790,9 @@ POLICY_ENV: dict[str, dict[str, str]] = {
     "twin": {},
 }
 TWIN_POLICY = "twin"
+# --compare --paths: how the bytes reach this server's store. "url": PUT to the upload
+# URL, straight to the store; "put" (MSC2246) and "post" (/upload): through this server.
+PATH_NAMES = {"url": "upload URL", "put": "PUT through", "post": "POST through"}
 
 
 def tree_cpu_ticks(root_pid: int) -> float:
@@ -1111,31 +1118,41 @@ def one_upload(
     seed: int | None = None,
 ) -> dict[str, Any]:
     """create -> (recipient waiting) -> PUT -> /complete (url) for ``kind`` "url" (this
-    server) or "synapse" (MSC2246 PUT through Synapse). Wall times from the start of the
-    upload; CPU of ``cpu_roots``' trees until the media is decided (this server) or
-    downloaded (Synapse: it is decided once the PUT answered)."""
+    server), "put" (MSC2246 PUT through this server), "synapse" (MSC2246 PUT through
+    Synapse), or POST /upload through this server ("post": no /create, and no recipient
+    can wait, the id is made by the upload). Wall times from the start of the upload; CPU
+    of ``cpu_roots``' trees until the media is decided (this server) or downloaded
+    (Synapse: it is decided once the PUT answered)."""
     auth = {"Authorization": f"Bearer {token}"}
     rss_before = reset_peaks(cpu_roots)
     cpu0 = CpuMark.of(cpu_roots)
     t0 = time.monotonic()
-    status, raw = request(
-        "POST",
-        base_url + "/_matrix/media/v1/create",
-        headers={**auth, "Content-Type": "application/json"},
-        body=b"{}",
-    )
-    if status != 200:
-        raise RuntimeError(f"{kind} /create: {status} {raw[:200]!r}")
-    created = json.loads(raw)
+    if kind == "post":
+        recipient_waits = False
+        target = f"{base_url}/_matrix/media/v3/upload?filename=b.bin"
+        conn, status, raw, sha256 = stream_put(target, size, auth, method="POST")
+        if status != 200:
+            raise RuntimeError(f"POST /upload: {status} {raw[:200]!r}")
+        created = json.loads(raw)
+    else:
+        status, raw = request(
+            "POST",
+            base_url + "/_matrix/media/v1/create",
+            headers={**auth, "Content-Type": "application/json"},
+            body=b"{}",
+        )
+        if status != 200:
+            raise RuntimeError(f"{kind} /create: {status} {raw[:200]!r}")
+        created = json.loads(raw)
     server_name, media_id = created["content_uri"].removeprefix("mxc://").split("/")
     download_url = f"{base_url}/_matrix/client/v1/media/download/{server_name}/{media_id}"
     recipient = Recipient(download_url + "?timeout_ms=120000", auth)
     if recipient_waits:
         recipient.start()
-    t_create = time.monotonic() - t0
+    t_create = 0.0 if kind == "post" else time.monotonic() - t0
     if kind == "url":
         conn, status, raw, sha256 = stream_put(created["upload_url"], size, {}, seed)
-    else:
+    elif kind != "post":
         target = f"{base_url}/_matrix/media/v3/upload/{server_name}/{media_id}?filename=b.bin"
         conn, status, raw, sha256 = stream_put(target, size, auth)
     t_put = time.monotonic() - t0
@@ -1156,7 +1173,7 @@ def one_upload(
             raise RuntimeError(f"/complete: {status} {raw[:200]!r}")
     decided = t_done
     row: dict[str, Any] = {}
-    if kind == "url":
+    if kind != "synapse":
         row = decided_row(database_url, media_id)
         decided = time.monotonic() - t0
         if row["state"] != "complete":
@@ -1261,6 +1278,9 @@ def compare_main(args: argparse.Namespace) -> None:
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     if unknown := set(policies) - set(POLICY_ENV):
         sys.exit(f"unknown policies: {unknown}")
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    if unknown := set(paths) - set(PATH_NAMES):
+        sys.exit(f"unknown paths: {unknown}")
     info = machine_info()
     logs = Path(tempfile.mkdtemp(prefix="upload-compare-", dir=args.workdir))
     s3 = S3Server(manage=not args.external_s3, wait_for_ports=args.wait_s3_ports)
@@ -1307,8 +1327,11 @@ def compare_main(args: argparse.Namespace) -> None:
             flush_broker()
             stack, _, roots = make_run_stack(base_env, policy, logs / policy, args.celery)
             stacks.append(stack)
-            kind = TWIN_POLICY if policy == TWIN_POLICY else "url"
-            subjects.append((f"this server ({policy})", kind, stack.base_url, roots))
+            for path in paths:
+                kind = TWIN_POLICY if policy == TWIN_POLICY and path == "url" else path
+                subjects.append(
+                    (f"this server ({policy}, {PATH_NAMES[path]})", kind, stack.base_url, roots)
+                )
         if synapse is not None:
             synapse.start()
             results["synapse_version"] = synapse.version()
@@ -1598,6 +1621,12 @@ def main() -> None:
         "--policies",
         default="default,metadata-only,wait",
         help="--compare: " + ", ".join(POLICY_ENV),
+    )
+    parser.add_argument(
+        "--paths",
+        default="url",
+        help="--compare: how the bytes reach this server's store, comma-separated: "
+        + ", ".join(f"{k} ({v})" for k, v in PATH_NAMES.items()),
     )
     parser.add_argument("--celery", action="store_true", help="--compare: a celery worker")
     parser.add_argument(

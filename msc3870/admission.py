@@ -241,6 +241,12 @@ class BodyPace:
             self.received += size
             self.last = now
 
+    def paused(self, seconds: float) -> None:
+        """This server stopped receiving for ``seconds`` (its store was slower than the
+        client): that time is not the client's, and moves its deadlines on."""
+        self.started += seconds
+        self.last += seconds
+
     def _rate_deadline(self) -> float | None:
         if self.min_rate <= 0:
             return None

@@ -18,7 +18,10 @@ async views: about twice the CPU of WSGI per request. Here:
   ``SPOOL_MEMORY_BYTES``, disk beyond) and refused with 413 from ``Content-Length`` before
   a byte is read, or as soon as they pass the limit; an upload's credential is checked
   and its place among the bodies being read taken before a byte is read, and a body that
-  stops arriving or arrives too slowly is dropped (``msc3870.admission``);
+  stops arriving or arrives too slowly is dropped (``msc3870.admission``). An upload's
+  body past ``SPOOL_MEMORY_BYTES`` is not spooled: its view starts then, on a thread of
+  its own, and reads the rest as it arrives (``msc3870.streamed_body``), so that it is
+  stored while it is received, in one pass;
 - requests under ``/_matrix/`` and ``/_synapse/admin/`` (and the health check and
   metrics) skip the middleware only the admin site needs (sessions, authentication,
   messages, CSRF, clickjacking, static files);
@@ -50,6 +53,7 @@ from django.core import signals
 from django.core.exceptions import RequestDataTooBig
 from django.core.handlers import base
 from django.core.handlers.asgi import ASGIRequest, get_script_prefix
+from django.db import connections
 from django.http import HttpResponseBase
 from django.urls import Resolver404, ResolverMatch, resolve, set_script_prefix
 
@@ -66,6 +70,7 @@ from .errors import (
     Unrecognized,
     URITooLong,
 )
+from .streamed_body import BodyEnded, StreamedBody
 from .waiting import LEGACY, MediaWait, RetryWhenDone
 
 log = logging.getLogger(__name__)
@@ -120,6 +125,24 @@ REFUSAL = "msc3870.refusal"
 
 class _ClientGone(Exception):
     pass
+
+
+@dataclass
+class _Streaming:
+    """An upload whose body its view reads as it arrives: what the loop needs to go on
+    receiving it (``_pump``)."""
+
+    body: StreamedBody
+    received: int
+    limit: int
+    declared: int | None
+    pace: admission.BodyPace
+    #: Whose place among the bodies being read this body holds (released by the pump).
+    address: str | None
+    #: Why the loop stopped receiving before the end: a refusal it made (408, 413), or
+    #: the client left (``gone``).
+    refusal: MatrixError | None = None
+    gone: bool = False
 
 
 class WaitCaps:
@@ -241,6 +264,12 @@ class MediaASGIHandler:
         # Requests with large bodies (uploads spooled to disk) take seconds, not
         # milliseconds: their own threads, so that they never hold up the small ones.
         self.bulk_executor = ThreadPoolExecutor(self.threads, thread_name_prefix="msc3870-bulk")
+        # A streamed upload holds its thread while its body arrives, however slowly the
+        # client sends it: one thread for each body admitted (``UPLOAD_BODIES_MAX``), so
+        # that no body waits for another's.
+        self.upload_executor = ThreadPoolExecutor(
+            app_settings.UPLOAD_BODIES_MAX, thread_name_prefix="msc3870-upload"
+        )
         self.caps = WaitCaps()
         self.federation_in_flight = InFlight(lambda: app_settings.FEDERATION_REQUESTS_PER_ADDRESS)
         self.bodies = admission.BodyCaps()
@@ -305,9 +334,13 @@ class MediaASGIHandler:
                 return
 
     def _run(
-        self, function: Callable[..., Any], *args: Any, bulk: bool = False
+        self,
+        function: Callable[..., Any],
+        *args: Any,
+        bulk: bool = False,
+        executor: ThreadPoolExecutor | None = None,
     ) -> asyncio.Future[Any]:
-        executor = self.bulk_executor if bulk else self.executor
+        executor = executor or (self.bulk_executor if bulk else self.executor)
         return asyncio.get_running_loop().run_in_executor(executor, function, *args)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -321,7 +354,10 @@ class MediaASGIHandler:
             await self._send(body, send)
             return
         chain = self.matrix_chain if is_matrix else self.full_chain
-        outgoing = await self._run(self._respond, chain, scope, body, bulk=_is_large(body))
+        if isinstance(body, _Streaming):
+            outgoing = await self._respond_streaming(chain, scope, receive, body)
+        else:
+            outgoing = await self._run(self._respond, chain, scope, body, bulk=_is_large(body))
         del body  # closed by _respond or with the response; not held while parked
         if isinstance(outgoing, Parking) and isinstance(outgoing.wait, RetryWhenDone):
             again = await self._retry_when_done(outgoing, chain, scope, receive)
@@ -339,7 +375,7 @@ class MediaASGIHandler:
 
     async def _read_body(
         self, scope: Scope, receive: Receive, is_matrix: bool
-    ) -> IO[bytes] | Outgoing:
+    ) -> IO[bytes] | _Streaming | Outgoing:
         """The body (closed with the request by ``_respond``), or its refusal: as it came
         if it came in one message, else spooled. An upload's credential is checked, and
         its place among the bodies being read taken, before a byte of it is read."""
@@ -365,10 +401,15 @@ class MediaASGIHandler:
         error = self.bodies.admit(address)
         if error is not None:
             return await self._refuse(scope, error, close=close)
+        body: IO[bytes] | _Streaming | Outgoing | None = None
         try:
-            return await self._receive_body(scope, receive, limit, declared)
+            body = await self._receive_body(
+                scope, receive, limit, declared, stream=upload is not None, address=address
+            )
+            return body
         finally:
-            self.bodies.release(address)
+            if not isinstance(body, _Streaming):  # else released once it is received
+                self.bodies.release(address)
 
     async def _credential_refusal(
         self, scope: Scope, upload: admission.UploadRequest
@@ -392,10 +433,19 @@ class MediaASGIHandler:
         return await self._run(self._refused, scope, error)
 
     async def _receive_body(
-        self, scope: Scope, receive: Receive, limit: int, declared: int | None
-    ) -> IO[bytes] | Outgoing:
+        self,
+        scope: Scope,
+        receive: Receive,
+        limit: int,
+        declared: int | None,
+        *,
+        stream: bool = False,
+        address: str | None = None,
+    ) -> IO[bytes] | _Streaming | Outgoing:
         """The body, read against the clock of ``admission.BodyPace``: a body that stops
-        arriving, or arrives too slowly, is answered 408 and its connection closed."""
+        arriving, or arrives too slowly, is answered 408 and its connection closed.
+        ``stream`` (an upload's, from ``address``): a body past ``SPOOL_MEMORY_BYTES`` is
+        handed on as it arrives (``_Streaming``)."""
         if not declared and not _has_header(scope, b"transfer-encoding"):
             # No body (every GET): its one message is there already, no clock needed.
             return await self._spool_body(scope, receive, limit, declared, None)
@@ -404,6 +454,10 @@ class MediaASGIHandler:
         try:
             async with asyncio.timeout_at(pace.deadline()) as timer:
                 # Only receive() is awaited inside: the timeout cancels nothing else.
+                if stream:
+                    return await self._start_streaming(
+                        scope, receive, limit, declared, (pace, timer), address
+                    )
                 return await self._spool_body(scope, receive, limit, declared, (pace, timer))
         except TimeoutError:
             return await self._refuse(scope, pace.error(loop.time()), close=True)
@@ -457,6 +511,104 @@ class MediaASGIHandler:
             scope["headers"] = [*scope["headers"], (b"content-length", str(size).encode())]
         return spool
 
+    async def _start_streaming(
+        self,
+        scope: Scope,
+        receive: Receive,
+        limit: int,
+        declared: int | None,
+        clock: tuple[admission.BodyPace, asyncio.Timeout],
+        address: str | None,
+    ) -> IO[bytes] | _Streaming | Outgoing:
+        """An upload's body: in memory if it ends within ``SPOOL_MEMORY_BYTES`` (as any
+        small body), else the bytes so far, to be handed to the view with the rest to
+        come."""
+        loop = asyncio.get_running_loop()
+        pace, timer = clock
+        chunks: list[bytes] = []
+        size = 0
+        message = await receive()
+        while True:
+            if message["type"] == "http.disconnect":
+                raise _ClientGone()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return _refusal(_too_large(limit), close=False)
+            chunks.append(chunk)
+            pace.arrived(len(chunk), loop.time())
+            timer.reschedule(pace.deadline())
+            if not message.get("more_body", False):
+                break
+            if size > SPOOL_MEMORY_BYTES:
+                body = StreamedBody(loop, chunks)
+                return _Streaming(body, size, limit, declared, pace, address)
+            message = await receive()
+        if declared is None:
+            scope["headers"] = [*scope["headers"], (b"content-length", str(size).encode())]
+        return io.BytesIO(b"".join(chunks))
+
+    async def _respond_streaming(
+        self, chain: _Chain, scope: Scope, receive: Receive, streaming: _Streaming
+    ) -> Outgoing | Parking:
+        """Run the view of an upload on a thread of its own while the loop goes on
+        receiving its body (``_pump``); the view's answer, unless the client left."""
+        pump = asyncio.ensure_future(self._pump(receive, streaming))
+        try:
+            outgoing: Outgoing | Parking = await self._run(
+                self._respond_streamed, chain, scope, streaming.body, executor=self.upload_executor
+            )
+        finally:
+            streaming.body.close()
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+        if streaming.gone:
+            raise _ClientGone()
+        if isinstance(streaming.refusal, admission.BodyTooSlow) and isinstance(outgoing, Outgoing):
+            outgoing = _closing(outgoing)  # the rest of a stalled body is not waited for
+        return outgoing
+
+    async def _pump(self, receive: Receive, streaming: _Streaming) -> None:
+        """Receive the rest of a streamed body into it, against the body's clock; the
+        time the view takes to make room does not count against the client."""
+        loop = asyncio.get_running_loop()
+        body, pace = streaming.body, streaming.pace
+        try:
+            while True:
+                if body.full:
+                    paused = loop.time()
+                    await body.wait_for_room()
+                    pace.paused(loop.time() - paused)
+                if body.closed:
+                    return
+                try:
+                    async with asyncio.timeout_at(pace.deadline()):
+                        message = await receive()
+                except TimeoutError:
+                    streaming.refusal = pace.error(loop.time())
+                    body.fail(streaming.refusal)
+                    return
+                if message["type"] == "http.disconnect":
+                    streaming.gone = True
+                    body.fail(BodyEnded("The client went away"))
+                    return
+                chunk = message.get("body", b"")
+                streaming.received += len(chunk)
+                if streaming.received > streaming.limit:
+                    streaming.refusal = _too_large(streaming.limit)
+                    body.fail(streaming.refusal)
+                    return
+                pace.arrived(len(chunk), loop.time())
+                body.feed(chunk)
+                if not message.get("more_body", False):
+                    body.end()
+                    return
+        finally:
+            self.bodies.release(streaming.address)
+            # The view must never wait for bytes no one will receive.
+            body.fail(BodyEnded("The request body stopped"))
+
     async def _refuse(self, scope: Scope, error: MatrixError, *, close: bool) -> Outgoing:
         outgoing: Outgoing = await self._run(self._refused, scope, error)
         return _closing(outgoing) if close else outgoing
@@ -503,6 +655,17 @@ class MediaASGIHandler:
         with logs.collecting(scope.setdefault(NOTE, {})):
             return self._respond_noted(chain, scope, body, retried)
 
+    def _respond_streamed(
+        self, chain: _Chain, scope: Scope, body: StreamedBody
+    ) -> Outgoing | Parking:
+        """``_respond`` for a streamed upload, on its own thread; that thread's database
+        connection is closed afterwards (there are as many of these threads as bodies may
+        be received at once: their connections must not outlive their requests)."""
+        try:
+            return self._respond(chain, scope, body)  # type: ignore[arg-type]
+        finally:
+            connections.close_all()
+
     def _respond_noted(
         self, chain: _Chain, scope: Scope, body: IO[bytes], retried: bool
     ) -> Outgoing | Parking:
@@ -515,6 +678,11 @@ class MediaASGIHandler:
         except RequestDataTooBig:
             response = json_error(TooLarge("Request body is too large"))
         else:
+            if isinstance(body, StreamedBody) and "CONTENT_LENGTH" not in request.META:
+                # A chunked body still arriving: its end is its length (as gunicorn says
+                # of the chunked bodies it decodes).
+                request.META["wsgi.input"] = body
+                request.META["wsgi.input_terminated"] = True
             request.META[CAN_DEFER] = True
             request.META[RETRIED] = retried
             response = chain.get_response(request)

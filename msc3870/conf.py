@@ -329,6 +329,12 @@ class MSC3870Settings:
     S3_COPY_PART_THRESHOLD = Setting(INT, 5 * 1024 * MiB)
     S3_COPY_PART_SIZE = Setting(INT, 512 * MiB)
     S3_COPY_CONCURRENCY = Setting(INT, 4, floor=1)
+    # Uploads through this server are written as they arrive, multipart past one part:
+    # parts of S3_UPLOAD_PART_SIZE bytes (S3's least is 5 MiB; larger for an upload limit
+    # over 10,000 parts), S3_UPLOAD_CONCURRENCY of them read and not yet stored at once.
+    # Memory per upload is about one part more than that, whatever the upload's size.
+    S3_UPLOAD_PART_SIZE = Setting(INT, 8 * MiB, floor=5 * MiB, env=Env())
+    S3_UPLOAD_CONCURRENCY = Setting(INT, 4, floor=1, env=Env())
     # Batched deletes in flight at once (S3: DeleteObjects requests of up to 1,000 keys),
     # in the sweeps and in one large delete.
     DELETE_CONCURRENCY = Setting(INT, 4, floor=1, must_be="positive")

@@ -195,6 +195,7 @@ def app(transactional_db: None) -> Iterator[Any]:
     yield handler
     handler.executor.shutdown(wait=True)
     handler.bulk_executor.shutdown(wait=True)
+    handler.upload_executor.shutdown(wait=True)
     wakeup._hub = None
 
 

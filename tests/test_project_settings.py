@@ -180,6 +180,8 @@ ENVIRONMENT_CASES: list[tuple[dict[str, str], dict[str, Any]]] = [
     ({"MSC3870_COMPLETE_WAITS_FOR_CHECKS": "1"}, {"COMPLETE_WAITS_FOR_CHECKS": True}),
     ({"MSC3870_S3_COPY_CHECKSUM": "0"}, {"S3_COPY_CHECKSUM": False}),
     ({"MSC3870_S3_COPY_CHECKSUM": "no"}, {}),  # only "0" turns it off
+    ({"MSC3870_S3_UPLOAD_PART_SIZE": "5242880"}, {"S3_UPLOAD_PART_SIZE": 5242880}),
+    ({"MSC3870_S3_UPLOAD_CONCURRENCY": "2"}, {"S3_UPLOAD_CONCURRENCY": 2}),
     ({"MSC3870_STUCK_AFTER_SECONDS": "60"}, {"STUCK_AFTER_SECONDS": 60}),
     ({"MSC3870_CLAMAV_URL": "tcp://127.0.0.1:3310"}, {"CLAMAV_URL": "tcp://127.0.0.1:3310"}),
     ({"MSC3870_SHA256_WHEN": "always"}, {"SHA256_WHEN": "always"}),

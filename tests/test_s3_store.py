@@ -19,7 +19,7 @@ from moto import mock_aws
 from msc3870.checks import check_settings
 from msc3870.models import MediaState
 from msc3870.stores import get_store
-from msc3870.stores.s3 import POOL_CONNECTIONS, S3MediaStore
+from msc3870.stores.s3 import POOL_CONNECTIONS, S3MediaStore, upload_transfer
 
 from .helpers import (
     BUCKET,
@@ -315,6 +315,69 @@ def test_oversized_put_fallback_leaves_no_object_or_multipart(s3: Any, alice: Ma
         store.write_stream("media/xx/big", LyingBody(20 * 1024 * 1024), max_size=12 * 1024 * 1024)
     assert bucket_keys(s3) == []
     assert s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []
+
+
+class CutBody(io.RawIOBase):
+    """A body whose client goes away after ``size`` bytes (the read fails, as a socket's)."""
+
+    def __init__(self, size: int) -> None:
+        self.remaining = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if not self.remaining:
+            raise ConnectionResetError("the client went away")
+        count = min(len(buffer), self.remaining)
+        buffer[:count] = b"z" * count
+        self.remaining -= count
+        return count
+
+
+def test_a_streamed_write_is_sent_in_parts_of_the_setting(s3: Any) -> None:
+    data = os.urandom(12 * 1024 * 1024 + 5)
+    with msc3870_settings(S3_UPLOAD_PART_SIZE=5 * 1024 * 1024, S3_UPLOAD_CONCURRENCY=2):
+        written = get_store().write_stream(
+            "media/xx/parts", io.BytesIO(data), max_size=len(data), expected_size=len(data)
+        )
+    head = s3.head_object(Bucket=BUCKET, Key="media/xx/parts")
+    assert head["ETag"].strip('"').endswith("-3")  # three parts: 5 + 5 + 2 MiB
+    assert s3.get_object(Bucket=BUCKET, Key="media/xx/parts")["Body"].read() == data
+    assert written.sha256 == hashlib.sha256(data).hexdigest()
+    assert written.size == len(data)
+
+
+def test_a_body_cut_mid_upload_aborts_its_multipart_upload(s3: Any) -> None:
+    store = get_store()
+    with (
+        msc3870_settings(S3_UPLOAD_PART_SIZE=5 * 1024 * 1024),
+        pytest.raises(Exception, match="could not be read"),
+    ):
+        store.write_stream(
+            "media/xx/cut", CutBody(11 * 1024 * 1024), max_size=64 * 1024 * 1024, expected_size=None
+        )
+    assert bucket_keys(s3) == []
+    assert s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []
+
+
+def test_request_checksums_only_where_they_spare_the_payload_hash() -> None:
+    """Over HTTPS botocore's CRC32 is what lets it skip hashing the payload; over plain
+    HTTP it hashes the payload anyway, and a CRC32 besides is a pass for nothing."""
+    with override_settings(STORAGES=s3_storages(endpoint_url="https://s3.example.org")):
+        assert get_store().client.meta.config.request_checksum_calculation == "when_supported"
+    with override_settings(STORAGES=s3_storages(endpoint_url="http://127.0.0.1:9")):
+        assert get_store().client.meta.config.request_checksum_calculation == "when_required"
+
+
+def test_upload_parts_grow_so_that_the_largest_upload_fits_in_10000() -> None:
+    with msc3870_settings(S3_UPLOAD_PART_SIZE=8 * 1024 * 1024, S3_UPLOAD_CONCURRENCY=3):
+        small = upload_transfer(50 * 1024 * 1024)
+        huge = upload_transfer(200 * 1024 * 1024 * 1024)
+    assert small.multipart_chunksize == small.multipart_threshold == 8 * 1024 * 1024
+    assert small.max_request_concurrency == 3
+    assert small.max_in_memory_upload_chunks == 3
+    assert huge.multipart_chunksize * 10_000 >= 200 * 1024 * 1024 * 1024
 
 
 def test_storage_unreachable_is_503(alice: MatrixClient) -> None:

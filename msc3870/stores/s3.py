@@ -50,14 +50,6 @@ if TYPE_CHECKING:
 # S3 refuses presigned URLs that live longer than 7 days.
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 MiB = 1024 * 1024
-# Streamed uploads go multipart past 8 MiB. s3transfer buffers up to
-# max_in_memory_upload_chunks parts of a non-seekable stream (10 by default); two parts
-# read ahead and two in flight keep an upload's memory to a few parts.
-UPLOAD_TRANSFER = TransferConfig(
-    multipart_threshold=8 * MiB, multipart_chunksize=8 * MiB, max_concurrency=2
-)
-# An s3transfer setting that boto3's TransferConfig does not take as an argument.
-UPLOAD_TRANSFER.max_in_memory_upload_chunks = 2
 # Whole-object reads fill this buffer again and again.
 WHOLE_READ_BUFFER = MiB
 # S3's multipart limits: at most 10,000 parts, each at least 5 MiB (but the last).
@@ -68,6 +60,11 @@ CHECKSUM_REFUSED_CODES = {"NotImplemented", "501", "InvalidArgument", "InvalidRe
 LIFECYCLE_UNSUPPORTED_CODES = {"NotImplemented", "501", "MethodNotAllowed", "405"}
 INCOMING_RULE_ID = "msc3870-expire-incoming"
 SIGV4 = Config(signature_version="s3v4")
+# Over plain HTTP botocore hashes every body it sends (SigV4 payload signing); a CRC32 of
+# it besides is one more pass over the bytes for nothing: checksums only where S3
+# requires one (DeleteObjects). Over HTTPS the CRC32 is what spares the SHA-256 (botocore
+# signs the payload of a request without a checksum), so the default stays.
+CHECKSUMS_WHEN_REQUIRED = Config(request_checksum_calculation="when_required")
 # The health probe's client: it answers within seconds or counts as down.
 PROBE_CONFIG = Config(connect_timeout=1, read_timeout=2, retries={"max_attempts": 1})
 # Connections kept by the process's one client: a web process's view threads, its
@@ -179,12 +176,15 @@ class S3MediaStore(MediaStore):
             session._session.get_component("response_parser_factory").set_parser_defaults(
                 timestamp_parser=parse_s3_timestamp
             )
+        config = storage.client_config.merge(Config(max_pool_connections=POOL_CONNECTIONS))
+        if str(storage.endpoint_url or "").startswith("http://"):
+            config = config.merge(CHECKSUMS_WHEN_REQUIRED)
         return session.client(
             "s3",
             region_name=storage.region_name,
             use_ssl=storage.use_ssl,
             endpoint_url=storage.endpoint_url,
-            config=storage.client_config.merge(Config(max_pool_connections=POOL_CONNECTIONS)),
+            config=config,
             verify=storage.verify,
         )
 
@@ -332,10 +332,14 @@ class S3MediaStore(MediaStore):
         metered = MeteredReader(reader, max_size, expected_size, keep_first=keep_first)
         extra = {"ContentType": content_type} if content_type else {}
         try:
-            # Multipart past the threshold; a failed multipart upload is aborted by boto3,
-            # and a failed single PUT writes nothing.
+            # Multipart past one part; a failed multipart upload is aborted by s3transfer
+            # (no part left behind), and a failed single PUT writes nothing.
             self.client.upload_fileobj(
-                metered, self.bucket, self._key(key), ExtraArgs=extra, Config=UPLOAD_TRANSFER
+                metered,
+                self.bucket,
+                self._key(key),
+                ExtraArgs=extra,
+                Config=upload_transfer(expected_size if expected_size is not None else max_size),
             )
         except (ClientError, BotoCoreError) as exc:
             raise _unavailable(exc) from exc
@@ -569,6 +573,25 @@ class S3MediaStore(MediaStore):
         except BotoCoreError as exc:
             raise _unavailable(exc) from exc
         return True
+
+
+def upload_transfer(largest: int) -> TransferConfig:
+    """How a streamed upload of at most ``largest`` bytes is written: parts of
+    ``S3_UPLOAD_PART_SIZE`` (larger if 10,000 of them would not hold it), multipart past
+    one part, ``S3_UPLOAD_CONCURRENCY`` parts sent at once. s3transfer reads a stream
+    part by part (``read(part_size)``) and holds at most ``max_in_memory_upload_chunks``
+    parts read and not yet stored: reading waits for a part to be stored past that."""
+    part_size = max(app_settings.S3_UPLOAD_PART_SIZE, -(-largest // MAX_PARTS), MIN_PART_SIZE)
+    concurrency = app_settings.S3_UPLOAD_CONCURRENCY
+    config = TransferConfig(
+        multipart_threshold=part_size,
+        multipart_chunksize=part_size,
+        max_concurrency=concurrency,
+        use_threads=True,
+    )
+    # An s3transfer setting that boto3's TransferConfig does not take as an argument.
+    config.max_in_memory_upload_chunks = concurrency
+    return config
 
 
 def _code(exc: ClientError) -> str:

@@ -1,0 +1,148 @@
+"""A request body that a view's thread reads while the event loop is still receiving it.
+
+An upload through this server used to arrive whole (into a spool file) before its view
+began to store it: two passes, one after the other, each as long as the upload. A
+``StreamedBody`` joins them: the event loop feeds what arrives (``feed``, ``end``, or
+``fail`` with the reason the body stopped), the view's thread reads it as a file
+(``read(n)`` blocks until ``n`` bytes, the end, or the failure), and the loop stops
+receiving while ``BUFFER_BYTES`` wait unread (``wait_for_room``), so that a fast client
+and a slow store hold a few MiB, never the upload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections import deque
+
+#: Bytes received and not yet read past which the loop stops receiving (TCP then slows
+#: the client down).
+BUFFER_BYTES = 4 * 1024 * 1024
+
+
+class BodyEnded(OSError):
+    """The body can no longer be read: the view finished with it (closed), or the loop
+    stopped receiving it for a reason that is not a Matrix error (the client left)."""
+
+
+class StreamedBody:
+    def __init__(self, loop: asyncio.AbstractEventLoop, received: list[bytes]) -> None:
+        self._loop = loop
+        self._chunks: deque[bytes | memoryview] = deque(c for c in received if c)
+        self._buffered = sum(len(c) for c in self._chunks)
+        self._ended = False
+        self._error: BaseException | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
+        #: Set (on the loop) when the reader has made room, or closed the body.
+        self._room: asyncio.Event | None = None
+
+    # ------------------------------------------------------------ the event loop's side
+
+    def feed(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        with self._lock:
+            if self._closed:
+                return
+            self._chunks.append(chunk)
+            self._buffered += len(chunk)
+            self._arrived.notify()
+
+    def end(self) -> None:
+        with self._lock:
+            self._ended = True
+            self._arrived.notify()
+
+    def fail(self, error: BaseException) -> None:
+        """The body stops here: the next read (or the one waiting) raises ``error``."""
+        with self._lock:
+            if self._ended or self._error is not None:
+                return
+            self._error = error
+            self._chunks.clear()
+            self._buffered = 0
+            self._arrived.notify()
+
+    @property
+    def full(self) -> bool:
+        return self._buffered >= BUFFER_BYTES and not self._closed
+
+    async def wait_for_room(self) -> None:
+        """Until the reader has taken enough that less than ``BUFFER_BYTES`` wait, or has
+        closed the body."""
+        while True:
+            with self._lock:
+                if self._buffered < BUFFER_BYTES or self._closed:
+                    self._room = None
+                    return
+                self._room = room = asyncio.Event()
+            await room.wait()
+
+    # ------------------------------------------------------------ the reader's side
+
+    def read(self, size: int = -1, /) -> bytes:
+        """``size`` bytes, fewer only at the end of the body (a file's read; stores make
+        parts of what one read returns); everything left with no size. What has arrived
+        is taken as it comes, so that a read larger than the buffer makes room for the
+        rest."""
+        parts: list[bytes | memoryview] = []
+        got = 0
+        with self._lock:
+            while size < 0 or got < size:
+                while not self._buffered and not self._ended:
+                    if self._error is not None or self._closed:
+                        break
+                    self._arrived.wait()
+                if self._error is not None:
+                    raise self._error
+                if self._closed:
+                    raise BodyEnded("The request body was closed")
+                if not self._buffered:  # the end
+                    break
+                want = self._buffered if size < 0 else min(size - got, self._buffered)
+                parts.extend(self._take(want))
+                got += want
+                self._make_room()
+        if len(parts) == 1:
+            return bytes(parts[0])
+        return b"".join(parts)
+
+    def _take(self, want: int) -> list[bytes | memoryview]:
+        parts: list[bytes | memoryview] = []
+        needed = want
+        while needed:
+            chunk = self._chunks.popleft()
+            if len(chunk) > needed:
+                view = memoryview(chunk)
+                parts.append(view[:needed])
+                self._chunks.appendleft(view[needed:])
+                needed = 0
+            else:
+                parts.append(chunk)
+                needed -= len(chunk)
+        self._buffered -= want
+        return parts
+
+    def _make_room(self) -> None:
+        room = self._room
+        if room is not None and (self._buffered < BUFFER_BYTES or self._closed):
+            self._room = None
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                self._loop.call_soon_threadsafe(room.set)
+
+    def close(self) -> None:
+        """The reader is done with the body: the loop stops receiving it."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._chunks.clear()
+            self._buffered = 0
+            self._make_room()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed

@@ -1,0 +1,292 @@
+"""Uploads through this server are stored while they arrive (msc3870.streamed_body, the
+body path of msc3870.asgi): one pass, memory bounded by a buffer, every way a body can end
+still answered as before. Driven in process; tests/services/test_s3_streamed_uploads.py
+writes to SeaweedFS."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from msc3870 import streamed_body
+from msc3870.admission import BodyPace
+from msc3870.asgi import SPOOL_MEMORY_BYTES, MediaASGIHandler
+from msc3870.errors import TooLarge
+from msc3870.models import Media, MediaState
+from msc3870.stores import get_store
+from msc3870.stores.local import LocalMediaStore
+from msc3870.streamed_body import BodyEnded, StreamedBody
+
+from .asgi_driver import call, created_path, feed, run, until
+from .helpers import bearer, msc3870_settings
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture(autouse=True)
+def _large_uploads_allowed() -> Any:
+    with msc3870_settings(MAX_UPLOAD_SIZE=64 * MiB, UPLOAD_MIN_BYTES_PER_SECOND=0):
+        yield
+
+
+class Writes:
+    """Watches the local store's ``write_stream``: when it starts, and whether it may
+    read (``gate``, set by default)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.started = threading.Event()
+        self.gate = threading.Event()
+        self.gate.set()
+        real = LocalMediaStore.write_stream
+        watcher = self
+
+        def write_stream(store: Any, *args: Any, **kwargs: Any) -> Any:
+            watcher.started.set()
+            watcher.gate.wait(30)
+            return real(store, *args, **kwargs)
+
+        monkeypatch.setattr(LocalMediaStore, "write_stream", write_stream)
+
+
+def media_row(path: str) -> Media:
+    return Media.objects.get(media_id=path.split("/")[1])
+
+
+def stored_keys() -> list[str]:
+    return list(get_store().list_keys("media/"))
+
+
+def test_an_upload_is_stored_while_it_arrives(
+    app: MediaASGIHandler, token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store is writing before the last byte has arrived: the body is not received
+    whole first (a second pass, as long as the first)."""
+    writes = Writes(monkeypatch)
+    data = os.urandom(3 * MiB + 123)
+    first = SPOOL_MEMORY_BYTES + 1
+
+    async def scenario() -> tuple[int, bytes]:
+        path = await created_path(app, token)
+        exchange = feed(
+            app, "PUT", f"/_matrix/media/v3/upload/{path}", headers=bearer(token), length=len(data)
+        )
+        exchange.send(data[:first])
+        await until(writes.started.is_set, "the store to start writing")
+        exchange.send(data[first:], more=False)
+        reply = await exchange.reply()
+        assert reply.status == 200, reply.body
+        download = await call(
+            app, "GET", f"/_matrix/client/v1/media/download/{path}", headers=bearer(token)
+        )
+        return download.status, download.body
+
+    status, body = run(scenario)
+    assert status == 200
+    assert hashlib.sha256(body).digest() == hashlib.sha256(data).digest()
+
+
+def test_a_chunked_upload_streams_and_records_its_length(app: MediaASGIHandler, token: str) -> None:
+    data = os.urandom(2 * MiB + 7)
+
+    async def scenario() -> str:
+        exchange = feed(app, "POST", "/_matrix/media/v3/upload", headers=bearer(token), length=None)
+        for start in range(0, len(data), 300_000):
+            exchange.send(data[start : start + 300_000])
+        exchange.send(b"", more=False)
+        reply = await exchange.reply()
+        assert reply.status == 200, reply.body
+        return str(reply.json()["content_uri"])
+
+    uri = run(scenario)
+    media = Media.objects.get(media_id=uri.rsplit("/", 1)[1])
+    assert media.state == MediaState.COMPLETE
+    assert media.size == len(data)
+    assert media.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_a_chunked_upload_over_the_limit_is_413_and_keeps_nothing(
+    app: MediaASGIHandler, token: str
+) -> None:
+    async def scenario() -> Any:
+        path = await created_path(app, token)
+        exchange = feed(
+            app, "PUT", f"/_matrix/media/v3/upload/{path}", headers=bearer(token), length=None
+        )
+        for _ in range(5):
+            exchange.send(os.urandom(MiB))
+        return path, await exchange.reply()
+
+    with msc3870_settings(MAX_UPLOAD_SIZE=3 * MiB):
+        path, reply = run(scenario)
+    assert reply.status == 413
+    assert reply.json()["errcode"] == "M_TOO_LARGE"
+    assert media_row(path).state == MediaState.PENDING  # the id may be uploaded to again
+    assert stored_keys() == []
+    assert app.bodies.total == 0
+
+
+def test_a_streamed_body_that_stalls_is_408_and_keeps_nothing(
+    app: MediaASGIHandler, token: str
+) -> None:
+    async def scenario() -> Any:
+        path = await created_path(app, token)
+        exchange = feed(
+            app, "PUT", f"/_matrix/media/v3/upload/{path}", headers=bearer(token), length=4 * MiB
+        )
+        exchange.send(os.urandom(2 * MiB))
+        return path, await exchange.reply(timeout=15)
+
+    with msc3870_settings(UPLOAD_IDLE_TIMEOUT_SECONDS=0.5):
+        path, reply = run(scenario)
+    assert reply.status == 408
+    assert "No bytes of the request body arrived" in reply.json()["error"]
+    assert reply.headers["connection"] == "close"
+    assert media_row(path).state == MediaState.PENDING
+    assert stored_keys() == []
+    assert app.bodies.total == 0
+
+
+def test_a_client_that_leaves_mid_stream_gets_no_answer_and_leaves_nothing(
+    app: MediaASGIHandler, token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes = Writes(monkeypatch)
+
+    async def scenario() -> Any:
+        exchange = feed(
+            app, "POST", "/_matrix/media/v3/upload", headers=bearer(token), length=4 * MiB
+        )
+        exchange.send(os.urandom(2 * MiB))
+        await until(writes.started.is_set, "the store to start writing")
+        exchange.hang_up()
+        return await exchange.reply()
+
+    assert run(scenario).status == 0  # nobody to answer
+    assert stored_keys() == []
+    assert Media.objects.get().state == MediaState.REJECTED  # a POST's id is never served
+    assert app.bodies.total == 0
+
+
+def test_a_slow_store_holds_the_body_back_without_cutting_the_client(
+    app: MediaASGIHandler, token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the store does not read, the handler stops receiving once the buffer is
+    full (memory stays bounded), and that pause is not counted against the client's pace:
+    a store slower than the idle timeout does not make it a 408."""
+    writes = Writes(monkeypatch)
+    writes.gate.clear()
+    data = os.urandom(12 * MiB)
+
+    async def scenario() -> tuple[int, int, int]:
+        path = await created_path(app, token)
+        exchange = feed(
+            app, "PUT", f"/_matrix/media/v3/upload/{path}", headers=bearer(token), length=len(data)
+        )
+        for start in range(0, len(data), MiB):
+            exchange.send(data[start : start + MiB], more=start + MiB < len(data))
+        await until(writes.started.is_set, "the store to start writing")
+        await asyncio.sleep(1.5)  # three idle timeouts with the store not reading
+        held_back = sum(exchange.pulled)
+        writes.gate.set()
+        reply = await exchange.reply()
+        assert reply.status == 200, reply.body
+        row = await asyncio.to_thread(media_row, path)
+        return held_back, sum(exchange.pulled), row.size or 0
+
+    with msc3870_settings(UPLOAD_IDLE_TIMEOUT_SECONDS=0.5):
+        held_back, pulled, size = run(scenario)
+    assert held_back <= SPOOL_MEMORY_BYTES + streamed_body.BUFFER_BYTES + 2 * MiB, held_back
+    assert pulled == size == len(data)
+
+
+# ------------------------------------------------------------------ the parts
+
+
+def test_streamed_body_reads_whole_sizes_across_chunks() -> None:
+    async def scenario() -> None:
+        body = StreamedBody(asyncio.get_running_loop(), [b"ab", b"cde"])
+        body.feed(b"fgh")
+        assert await asyncio.to_thread(body.read, 4) == b"abcd"
+        reading = asyncio.ensure_future(asyncio.to_thread(body.read, 6))
+        await asyncio.sleep(0.05)
+        assert not reading.done()  # 4 of 6 bytes are there: it waits for the rest
+        body.feed(b"ijkl")
+        assert await reading == b"efghij"
+        body.end()
+        assert await asyncio.to_thread(body.read, 10) == b"kl"  # short only at the end
+        assert await asyncio.to_thread(body.read, 10) == b""
+
+    run(scenario)
+
+
+def test_streamed_body_raises_why_it_stopped() -> None:
+    async def scenario() -> None:
+        body = StreamedBody(asyncio.get_running_loop(), [b"x" * 10])
+        reading = asyncio.ensure_future(asyncio.to_thread(body.read, 100))
+        await asyncio.sleep(0.05)
+        body.fail(TooLarge("over"))
+        with pytest.raises(TooLarge):
+            await reading
+        closed = StreamedBody(asyncio.get_running_loop(), [])
+        closed.close()
+        with pytest.raises(BodyEnded):
+            closed.read(1)
+        closed.feed(b"late")  # ignored: nobody reads it
+        assert not closed.full
+
+    run(scenario)
+
+
+def test_streamed_body_makes_room_for_the_loop() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        body = StreamedBody(loop, [b"x" * streamed_body.BUFFER_BYTES])
+        assert body.full
+        waiting = asyncio.ensure_future(body.wait_for_room())
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        await asyncio.to_thread(body.read, MiB)
+        await asyncio.wait_for(waiting, 5)
+        assert not body.full
+
+    run(scenario)
+
+
+def test_a_pause_of_the_server_moves_the_body_deadlines_on() -> None:
+    with msc3870_settings(
+        UPLOAD_MIN_BYTES_PER_SECOND=1000,
+        UPLOAD_RATE_GRACE_SECONDS=10,
+        UPLOAD_IDLE_TIMEOUT_SECONDS=5,
+    ):
+        pace = BodyPace(0.0)
+        pace.arrived(1000, 1.0)
+        assert pace.deadline() == 6.0
+        pace.paused(30.0)
+        assert pace.deadline() == 36.0
+        assert time.monotonic() > 0  # (clock-free: the loop's times are passed in)
+
+
+def test_a_read_larger_than_the_buffer_completes() -> None:
+    """A store reads a part at a time (8 MiB), more than the loop buffers: what arrived is
+    taken as it comes, making room for the rest (else each waits for the other)."""
+
+    async def scenario() -> int:
+        body = StreamedBody(asyncio.get_running_loop(), [])
+        want = 3 * streamed_body.BUFFER_BYTES + 5
+        reading = asyncio.ensure_future(asyncio.to_thread(body.read, want))
+        sent = 0
+        while sent < want + MiB:
+            if body.full:
+                await asyncio.wait_for(body.wait_for_room(), 5)
+            body.feed(b"p" * MiB)
+            sent += MiB
+            await asyncio.sleep(0)
+        body.end()
+        return len(await asyncio.wait_for(reading, 5))
+
+    assert run(scenario) == 3 * streamed_body.BUFFER_BYTES + 5
