@@ -1,12 +1,15 @@
 """A request body that a view's thread reads while the event loop is still receiving it.
 
-An upload through this server used to arrive whole (into a spool file) before its view
-began to store it: two passes, one after the other, each as long as the upload. A
-``StreamedBody`` joins them: the event loop feeds what arrives (``feed``, ``end``, or
-``fail`` with the reason the body stopped), the view's thread reads it as a file
-(``read(n)`` blocks until ``n`` bytes, the end, or the failure), and the loop stops
+An upload is stored as it arrives, in one pass (receiving it whole first, then storing it,
+would take two, one after the other). The event loop feeds what arrives (``feed``,
+``end``, or ``fail`` with the reason the body stopped), the view's thread reads it as a
+file (``read(n)`` blocks until ``n`` bytes, the end, or the failure), and the loop stops
 receiving while ``BUFFER_BYTES`` wait unread (``wait_for_room``), so that a fast client
 and a slow store hold a few MiB, never the upload.
+
+The reading thread lets go of its database connections when it starts reading: a body may
+take minutes, and as many arrive at once as ``UPLOAD_BODIES_MAX`` allows per process, far
+more than a database accepts connections.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import asyncio
 import contextlib
 import threading
 from collections import deque
+
+from django.db import connections
 
 #: Bytes received and not yet read past which the loop stops receiving (TCP then slows
 #: the client down).
@@ -34,6 +39,7 @@ class StreamedBody:
         self._ended = False
         self._error: BaseException | None = None
         self._closed = False
+        self._connections_released = False
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         #: Set (on the loop) when the reader has made room, or closed the body.
@@ -88,6 +94,9 @@ class StreamedBody:
         parts of what one read returns); everything left with no size. What has arrived
         is taken as it comes, so that a read larger than the buffer makes room for the
         rest."""
+        if not self._connections_released:
+            self._connections_released = True
+            release_idle_connections()
         parts: list[bytes | memoryview] = []
         got = 0
         with self._lock:
@@ -146,3 +155,11 @@ class StreamedBody:
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+def release_idle_connections() -> None:
+    """Close this thread's database connections that no transaction holds (the next query
+    opens one again)."""
+    for connection in connections.all(initialized_only=True):
+        if not connection.in_atomic_block:
+            connection.close()

@@ -290,3 +290,37 @@ def test_a_read_larger_than_the_buffer_completes() -> None:
         return len(await asyncio.wait_for(reading, 5))
 
     assert run(scenario) == 3 * streamed_body.BUFFER_BYTES + 5
+
+
+class _Connection:
+    def __init__(self, in_atomic_block: bool) -> None:
+        self.in_atomic_block = in_atomic_block
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_the_reading_thread_holds_no_idle_database_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A body may take minutes and 64 may arrive at once per process: the thread reading
+    one closes its connections (not one a transaction holds) when it starts, once."""
+    idle, in_transaction = _Connection(False), _Connection(True)
+    asked: list[bool] = []
+
+    def all_connections(initialized_only: bool = False) -> list[_Connection]:
+        asked.append(initialized_only)
+        return [idle, in_transaction]
+
+    monkeypatch.setattr(streamed_body.connections, "all", all_connections)
+
+    async def scenario() -> None:
+        body = StreamedBody(asyncio.get_running_loop(), [b"abc"])
+        body.end()
+        assert await asyncio.to_thread(body.read, 2) == b"ab"
+        assert await asyncio.to_thread(body.read, 2) == b"c"
+
+    run(scenario)
+    assert idle.closed and not in_transaction.closed
+    assert asked == [True]
