@@ -62,6 +62,7 @@ from .errors import (
     InvalidParam,
     LimitExceeded,
     MatrixError,
+    ServiceUnavailable,
     TooLarge,
     Unrecognized,
     URITooLong,
@@ -279,14 +280,14 @@ class MediaASGIHandler:
             await self._handle(scope, receive, tracking_send)
         except _ClientGone:
             pass  # nobody to answer
-        except Exception:
+        except Exception as exc:
             # A failure outside Django's own handling (reading a body to send, the
             # hub): still a Matrix error, unless the answer had begun (then the server
             # can only drop the connection).
             log.exception("Unhandled error on %s %s", scope["method"], scope["path"])
             if started:
                 raise
-            await self._send(Outgoing.error(MatrixError("Internal error")), send)
+            await self._send(Outgoing.error(_error_of(exc)), send)
         finally:
             if federation:
                 self.federation_in_flight.release(address)
@@ -440,7 +441,14 @@ class MediaASGIHandler:
                     spool.close()
                     return _refusal(_too_large(limit), close=False)
                 if chunk:
-                    spool.write(chunk)
+                    try:
+                        spool.write(chunk)
+                    except OSError as exc:
+                        # The spool directory is full or unwritable: the body cannot be
+                        # taken now. The client may try again; the rest is not read.
+                        log.warning("Cannot spool a request body: %s", exc)
+                        spool.close()
+                        return _refusal(ServiceUnavailable(), close=True)
                 if not message.get("more_body", False):
                     break
                 if clock is not None:
@@ -750,10 +758,23 @@ def _finish(response: HttpResponseBase) -> Outgoing:
         return Outgoing(response, response.content)  # type: ignore[attr-defined]
     length = response.get("Content-Length")
     if not response.is_async and length is not None and int(length) <= SMALL_STREAM_BYTES:  # type: ignore[attr-defined]
-        body = b"".join(response)  # type: ignore[arg-type]
+        try:
+            body = b"".join(response)  # type: ignore[arg-type]
+        except Exception as exc:
+            # Nothing has been sent yet: the reader's failure (the storage went away) is
+            # this request's answer, not an error of every request answered with it.
+            response.close()
+            if to_matrix_error(exc) is None:
+                log.exception("Unhandled error reading a response body")
+            return _finish(json_error(_error_of(exc)))
         response.close()
         return Outgoing(response, body)
     return Outgoing(response, None)
+
+
+def _error_of(exc: BaseException) -> MatrixError:
+    """What the client hears of an exception no view turned into an answer."""
+    return to_matrix_error(exc) or MatrixError("Internal error")
 
 
 class _Batches:
