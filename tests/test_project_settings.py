@@ -181,6 +181,7 @@ ENVIRONMENT_CASES: list[tuple[dict[str, str], dict[str, Any]]] = [
     ({"MSC3870_S3_COPY_CHECKSUM": "0"}, {"S3_COPY_CHECKSUM": False}),
     ({"MSC3870_S3_COPY_CHECKSUM": "no"}, {}),  # only "0" turns it off
     ({"MSC3870_STUCK_AFTER_SECONDS": "60"}, {"STUCK_AFTER_SECONDS": 60}),
+    ({"MSC3870_IN_FLIGHT_UPLOAD_SECONDS": "600"}, {"IN_FLIGHT_UPLOAD_SECONDS": 600}),
     ({"MSC3870_CLAMAV_URL": "tcp://127.0.0.1:3310"}, {"CLAMAV_URL": "tcp://127.0.0.1:3310"}),
     ({"MSC3870_SHA256_WHEN": "always"}, {"SHA256_WHEN": "always"}),
     ({"MSC3870_USER_QUOTA_BYTES": "1000"}, {"USER_QUOTA_BYTES": 1000}),
