@@ -659,6 +659,21 @@ class MediaASGIHandler:
     async def _send(self, outgoing: Outgoing, send: Send) -> None:
         response = outgoing.response
         body = outgoing.body
+        chunks: Iterator[bytes] | None = None
+        first: bytes | None = None
+        if body is None and not response.is_async:  # type: ignore[attr-defined]
+            # The first chunk before the status line: a store that fails at once (it is
+            # down) is answered with its error, not with a 200 cut short.
+            chunks = iter(response)  # type: ignore[call-overload]
+            try:
+                first = await self._run(next, chunks, None)
+            except Exception as exc:
+                await self._run(response.close)
+                error = to_matrix_error(exc)
+                if error is None:
+                    raise
+                await self._send(Outgoing.error(error), send)
+                return
         await send(
             {
                 "type": "http.response.start",
@@ -677,18 +692,25 @@ class MediaASGIHandler:
                 )
             return
         try:
-            await self._stream(response, send)
+            await self._stream(response, send, chunks, first)
         finally:
             await self._run(response.close)
 
-    async def _stream(self, response: HttpResponseBase, send: Send) -> None:
-        if response.is_async:  # type: ignore[attr-defined]
+    async def _stream(
+        self,
+        response: HttpResponseBase,
+        send: Send,
+        chunks: Iterator[bytes] | None,
+        first: bytes | None,
+    ) -> None:
+        if chunks is None:
             async for chunk in response:  # type: ignore[attr-defined]
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         else:
-            chunks: Iterator[bytes] = iter(response)  # type: ignore[call-overload]
-            while (chunk := await self._run(next, chunks, None)) is not None:
+            chunk = first
+            while chunk is not None:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                chunk = await self._run(next, chunks, None)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

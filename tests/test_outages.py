@@ -15,7 +15,7 @@ import redis.exceptions
 from django.db import InterfaceError, OperationalError
 
 from msc3870 import uploads
-from msc3870.asgi import MediaASGIHandler
+from msc3870.asgi import SMALL_STREAM_BYTES, MediaASGIHandler
 from msc3870.errors import StorageUnavailable, outage
 from msc3870.models import Media, MediaState
 from msc3870.stores import get_store
@@ -75,6 +75,34 @@ def test_a_storage_failure_reading_a_small_download_is_a_503(
         )
         assert uploaded.status == 200, uploaded.body
         path = mxc_path(uploaded.json()["content_uri"])
+        failing_reads(monkeypatch)
+        reply = await call(
+            app, "GET", f"/_matrix/client/v1/media/download/{path}", headers=bearer(token)
+        )
+        assert reply.status == 503
+        assert reply.json() == STORAGE_UNAVAILABLE
+
+    run(scenario)
+
+
+def test_a_storage_failure_at_the_start_of_a_large_download_is_a_503(
+    app: MediaASGIHandler, token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the size read whole before answering, the body is streamed: its first read is
+    still made before the status line, so a storage that is down is a 503, not a 200
+    whose body never comes."""
+
+    async def scenario() -> None:
+        body = b"x" * (SMALL_STREAM_BYTES + 1)
+        uploaded = await call(
+            app, "POST", "/_matrix/media/v3/upload", body=body, headers=bearer(token)
+        )
+        assert uploaded.status == 200, uploaded.body
+        path = mxc_path(uploaded.json()["content_uri"])
+        whole = await call(
+            app, "GET", f"/_matrix/client/v1/media/download/{path}", headers=bearer(token)
+        )
+        assert (whole.status, whole.body) == (200, body)
         failing_reads(monkeypatch)
         reply = await call(
             app, "GET", f"/_matrix/client/v1/media/download/{path}", headers=bearer(token)
