@@ -121,7 +121,12 @@ def _give_up_on_body(media: Media) -> int:
     record the bytes): a PUT's id is free again, a POST's media rejected, and what the
     request may have stored without recording it is deleted. Only while the row still
     holds that request's claim, bytes unrecorded: a late request's own write wins."""
-    leftovers = unrecorded_upload_keys(media)
+    try:
+        leftovers = unrecorded_upload_keys(media)
+    except StorageUnavailable as exc:
+        # Given up on at the next sweep instead: given up on now, its bytes would stay.
+        log.warning("Upload %s is given up on later: %s", media.media_id, exc)
+        return 0
     claim = lifecycle.same_claim(media) & Q(storage_key="")
     if media.upload_method == UploadMethod.PUT:
         moved = lifecycle.transition(
@@ -146,7 +151,10 @@ def _give_up_on_body(media: Media) -> int:
     if moved and leftovers:
         # A request of the old claim still running finds its claim gone and deletes its
         # own key too: deleting twice is harmless.
-        get_store().delete_many(leftovers)
+        try:
+            get_store().delete_many(leftovers)
+        except StorageUnavailable as exc:
+            log.warning("Objects of an interrupted upload are left: %s: %s", leftovers, exc)
     return int(moved)
 
 

@@ -146,6 +146,27 @@ def test_what_a_dead_upload_stored_unrecorded_is_deleted_when_the_sweep_gives_up
     assert get_store().head(media_of(served).storage_key) is not None
 
 
+def test_a_dead_upload_is_given_up_on_later_while_the_storage_is_down(
+    alice: MatrixClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Freed without looking at the storage, its id would keep what it stored forever."""
+    from msc3870.errors import StorageUnavailable
+
+    created = alice.create()
+    media = media_of(created["content_uri"])
+    leftover = _dead_request(media, "put", timedelta(hours=2))
+
+    def down(*args: object) -> object:
+        raise StorageUnavailable()
+
+    with monkeypatch.context() as patched:
+        patched.setattr(type(get_store()), "list_keys", down)
+        assert maintenance.redispatch_stuck() == 0
+    assert media_of(created["content_uri"]).state == S.PROCESSING
+    assert maintenance.redispatch_stuck() == 1
+    assert get_store().head(leftover) is None
+
+
 def test_what_a_live_upload_stored_is_left_while_its_body_may_still_arrive(
     alice: MatrixClient,
 ) -> None:
