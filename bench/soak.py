@@ -447,6 +447,9 @@ class Journal:
         self.records: list[Record] = []
         self.uploads: list[Upload] = []
         self.corrupt: list[dict[str, Any]] = []
+        # Every upload tried, accepted or not: a row that completed although its answer
+        # was lost (the node died before answering) is checked against these.
+        self.attempts: dict[str, Upload] = {}
 
     def now(self) -> float:
         return time.monotonic() - self.start
@@ -613,6 +616,10 @@ class Client:
     def upload(self, flow: str, media_id: str, upload_url: str, node: Node) -> Upload | None:
         body, size, seed, image, content_type = self.body()
         sha256 = hashlib.sha256(body).hexdigest() if image else ""
+        with self.journal.lock:
+            self.journal.attempts[media_id] = Upload(
+                media_id, flow, size, sha256, seed, image, self.journal.now()
+            )
 
         def fresh() -> Any:
             return body if image else SeededBody(size, seed)
@@ -1003,12 +1010,28 @@ def settle(database_url: str, timeout: float) -> dict[str, Any]:
     return {"settled": settled, "seconds": round(time.monotonic() - t0, 1), **last}
 
 
+def seeded_sha256(upload: Upload) -> str:
+    """The SHA-256 of the bytes an upload's seed makes (its body, made again)."""
+    if upload.sha256:
+        return upload.sha256
+    body = SeededBody(upload.size, upload.seed)
+    while body.remaining:
+        body.read()
+    return body.digest.hexdigest()
+
+
 def verify_downloads(
-    journal: Journal, nodes: list[Node], token: str, threads: int = 3
+    journal: Journal,
+    nodes: list[Node],
+    token: str,
+    threads: int = 3,
+    answer_lost: list[Upload] | None = None,
 ) -> dict[str, Any]:
-    """Every accepted upload from both nodes, byte for byte (SHA-256 and size)."""
+    """Every accepted upload from both nodes, byte for byte (SHA-256 and size); and the
+    uploads whose answer was lost but whose row completed, against their seed's bytes."""
     auth = {"Authorization": f"Bearer {token}"}
-    work = [(upload, node) for upload in journal.uploads for node in nodes]
+    lost = [Upload(**{**asdict(u), "sha256": seeded_sha256(u)}) for u in answer_lost or []]
+    work = [(upload, node) for upload in [*journal.uploads, *lost] for node in nodes]
     outcomes: Counter[str] = Counter()
     bad: list[dict[str, Any]] = []
     lock = threading.Lock()
@@ -1273,11 +1296,19 @@ def main() -> None:
 
         settled = settle(database_url, args.settle_seconds)
         log(f"sweeps: {settled}")
-        verified = verify_downloads(journal, nodes, tokens[-1])
+        accepted_ids = {u.media_id for u in journal.uploads}
+        answer_lost = [
+            journal.attempts[r["media_id"]]
+            for r in database_rows(database_url)
+            if r["state"] == "complete"
+            and r["media_id"] not in accepted_ids
+            and r["media_id"] in journal.attempts
+        ]
+        verified = verify_downloads(journal, nodes, tokens[-1], answer_lost=answer_lost)
+        verified["answer_lost_but_complete"] = [u.media_id for u in answer_lost]
         rows = database_rows(database_url)
         late = overdue(rows)
         audit = bucket_audit(rows)
-        accepted_ids = {u.media_id for u in journal.uploads}
         accepted_states = Counter(r["state"] for r in rows if r["media_id"] in accepted_ids)
         records = journal.records
         by_kind_status = Counter(f"{r.kind} {r.status}" for r in records)
@@ -1360,7 +1391,9 @@ def summary(result: dict[str, Any]) -> str:
         f"{sum(1 for e in result['errors_outside_windows'] if timed_out(Record(**e)))}",
         *[f"  {e}" for e in result["errors_outside_windows"][:20]],
         f"corrupt during load: {len(result['corrupt_during_load'])}",
-        f"verify (both nodes): {result['verify']['outcomes']} of {result['verify']['checked']}",
+        f"verify (both nodes): {result['verify']['outcomes']} of {result['verify']['checked']} "
+        f"(of which answer lost, row complete: "
+        f"{len(result['verify']['answer_lost_but_complete'])} uploads)",
         *[f"  {b}" for b in result["verify"]["bad"][:20]],
         f"accepted uploads' rows: {result['accepted_rows_by_state']}",
         f"rows: {result['rows_by_state']}; "
