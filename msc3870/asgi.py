@@ -480,9 +480,10 @@ class MediaASGIHandler:
         signals.request_started.send(sender=self.__class__, scope=scope)
         try:
             error = admission.resolved_verdict(credential)
-        except Exception:
-            log.exception("Unhandled error checking an upload's access token")
-            error = MatrixError("Internal error")
+        except Exception as exc:
+            if to_matrix_error(exc) is None:
+                log.exception("Unhandled error checking an upload's access token")
+            error = _error_of(exc)
         if error is None:
             signals.request_finished.send(sender=self.__class__)
             return None

@@ -14,8 +14,9 @@ import pytest
 import redis.exceptions
 from django.db import InterfaceError, OperationalError
 
-from msc3870 import uploads
+from msc3870 import admission, uploads
 from msc3870.asgi import SMALL_STREAM_BYTES, MediaASGIHandler
+from msc3870.auth import token_cache
 from msc3870.errors import StorageUnavailable, outage
 from msc3870.models import Media, MediaState
 from msc3870.stores import get_store
@@ -49,6 +50,27 @@ def test_a_service_outage_under_a_view_is_a_503_that_names_nothing(
     assert response.status_code == 503
     assert response.json() == UNAVAILABLE
     assert "127.0.0.1" not in response.content.decode()
+
+
+def test_a_database_outage_checking_an_uploads_token_is_a_503(
+    app: MediaASGIHandler, token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upload's access token is resolved before its body is read, outside the views."""
+
+    def down(*args: Any) -> Any:
+        raise OperationalError("the database system is shutting down")
+
+    async def scenario() -> None:
+        path = await created_path(app, token)
+        token_cache.clear()  # resolved on a thread, where the database is asked
+        monkeypatch.setattr(admission, "resolved_verdict", down)
+        reply = await call(
+            app, "PUT", f"/_matrix/media/v3/upload/{path}", body=b"hi", headers=bearer(token)
+        )
+        assert reply.status == 503
+        assert reply.json() == UNAVAILABLE
+
+    run(scenario)
 
 
 def test_a_bug_is_still_a_500() -> None:
