@@ -135,12 +135,17 @@ def pg_admin(sql: str) -> None:
         conn.execute(sql)  # type: ignore[arg-type]
 
 
-def recreate_database(name: str) -> str:
+def database_url(name: str) -> str:
     if not name.startswith("mediarepo_bench"):
         raise ValueError("bench databases are named mediarepo_bench*")
+    return f"{PG_URL}/{name}"
+
+
+def recreate_database(name: str) -> str:
+    url = database_url(name)
     pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     pg_admin(f'CREATE DATABASE "{name}"')
-    return f"{PG_URL}/{name}"
+    return url
 
 
 def drop_database(name: str) -> None:

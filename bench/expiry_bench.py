@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -99,7 +100,9 @@ def setup_rows(
     from msc3870.validation import new_media_id
 
     with connection.cursor() as cursor:
-        cursor.execute("TRUNCATE msc3870_media RESTART IDENTITY")
+        # CASCADE: the tables that reference media rows (moderation records, URL
+        # previews) are empty here, and TRUNCATE refuses a referenced table without it.
+        cursor.execute("TRUNCATE msc3870_media RESTART IDENTITY CASCADE")
     t0 = time.monotonic()
     now = timezone.now()
     media_ids: list[str] = []
@@ -186,9 +189,13 @@ IN_LIST = re.compile(r"IN \((?:%s, )*%s\)")
 def query_label(sql: str) -> str:
     """A short name per query shape of the sweep (else the start of the SQL)."""
     shape = IN_LIST.sub("IN (...)", sql)
+    if shape.startswith("WITH picked"):  # lifecycle.expire_due on PostgreSQL
+        return "UPDATE SET state FROM (pick ORDER BY .. LIMIT) RETURNING"
     if shape.startswith("UPDATE"):
         column = re.search(r'SET "(\w+)"', shape)
-        return f"UPDATE SET {column.group(1) if column else '?'}"
+        # The pick and the move in one statement (lifecycle.expire_due).
+        pick = " WHERE id IN (.. ORDER BY .. LIMIT) RETURNING" if "LIMIT" in shape else ""
+        return f"UPDATE SET {column.group(1) if column else '?'}{pick}"
     if shape.startswith("SELECT"):
         selected = re.findall(r'"msc3870_media"\."(\w+)"', shape.split(" FROM ", 1)[0])
         where = shape.split(" WHERE ", 1)[1] if " WHERE " in shape else ""
@@ -217,18 +224,21 @@ class QueryCounter:
             stats = self.by_label.setdefault(label, [0, 0.0])
             stats[0] += 1
             stats[1] += elapsed
-            if label.endswith("ORDER BY .. LIMIT"):
+            if "ORDER BY .. LIMIT" in label:  # a batch's pick
                 self.batch_starts.append(t0)
 
 
 class S3Counter:
-    """botocore hooks: requests per operation, keys sent to DeleteObjects, time in calls."""
+    """botocore hooks: requests per operation, keys sent to DeleteObjects, time in calls
+    (summed over threads: requests that overlap each count their own time, so this can
+    exceed the wall time)."""
 
     def __init__(self) -> None:
         self.by_operation: dict[str, int] = {}
         self.keys_deleted = 0
         self.seconds = 0.0
-        self._started = 0.0
+        self._lock = threading.Lock()
+        self._started = threading.local()
 
     def register(self, client: Any) -> None:
         events = client.meta.events
@@ -238,20 +248,24 @@ class S3Counter:
         events.register("after-call.s3", self.end)
 
     def count(self, model: Any, params: dict[str, Any], **kwargs: Any) -> None:
-        self.by_operation[model.name] = self.by_operation.get(model.name, 0) + 1
-        if model.name == "DeleteObjects":
-            self.keys_deleted += len(params["Delete"]["Objects"])
+        with self._lock:
+            self.by_operation[model.name] = self.by_operation.get(model.name, 0) + 1
+            if model.name == "DeleteObjects":
+                self.keys_deleted += len(params["Delete"]["Objects"])
 
     def begin(self, **kwargs: Any) -> None:
-        self._started = time.monotonic()
+        self._started.at = time.monotonic()
 
     def end(self, **kwargs: Any) -> None:
-        self.seconds += time.monotonic() - self._started
+        elapsed = time.monotonic() - self._started.at
+        with self._lock:
+            self.seconds += elapsed
 
     def reset(self) -> None:
-        self.by_operation.clear()
-        self.keys_deleted = 0
-        self.seconds = 0.0
+        with self._lock:
+            self.by_operation.clear()
+            self.keys_deleted = 0
+            self.seconds = 0.0
 
 
 def child(args: argparse.Namespace) -> None:
@@ -379,7 +393,7 @@ def report(results: list[dict[str, Any]], info: dict[str, Any], args: argparse.N
                 "setup s (insert + objects)",
                 "expire s",
                 "in SQL s",
-                "in S3 s",
+                "in S3 s (summed over threads)",
                 "ms/row",
                 "CPU s (child)",
                 "SQL queries",

@@ -62,6 +62,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +72,7 @@ from typing import Any
 
 import aiohttp
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -89,6 +91,13 @@ RESULTS = ROOT / "bench" / "results"
 PLOT = ROOT / "docs" / "request-plane.png"
 SYNAPSE_SCRIPT = ROOT / "scripts" / "synapse"
 BENCH_DB = bench_database("mediarepo_bench_rp")
+# The metrics whose movement over a round-trip phase is reported.
+METRICS_CHECKED = (
+    "msc3870_http_requests_total",
+    "msc3870_http_request_duration_seconds_count",
+    "msc3870_media_transitions_total",
+    "msc3870_uploaded_bytes_total",
+)
 BODY_SIZE = 1024
 DOWNLOAD_TIMEOUT_MS = 60_000
 
@@ -225,6 +234,9 @@ class ProjectServer:
         self.database_url = database_url
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # Metrics on, as an operator runs it: their cost is part of what is measured, and
+        # the round-trip phases check that they count what the clients did.
+        self.metrics_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir / "make-run.log"
         self.web_concurrency: str | None = None
@@ -240,6 +252,7 @@ class ProjectServer:
         }
         env.update(
             PORT=str(self.port),
+            METRICS_PORT=str(self.metrics_port),
             MEDIAREPO_DATA_DIR=str(self.data_dir),
             MSC3870_CREATE_RATE="1000000/min",
         )
@@ -304,6 +317,22 @@ class ProjectServer:
         self.proc.wait(timeout=10)
         self.proc = None
 
+    def metric_totals(self) -> dict[str, float]:
+        """Each metric's samples summed over their labels, from the metrics listener (empty
+        where the checkout has none)."""
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10
+            ) as response:
+                text = response.read().decode()
+        except OSError:
+            return {}
+        totals: Counter[str] = Counter()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                totals[sample.name] += sample.value
+        return dict(totals)
+
     def mint_tokens(self, users: Sequence[str]) -> list[str]:
         python = self.project_dir / ".venv" / "bin" / "python"
 
@@ -363,6 +392,9 @@ class SynapseServer:
 
     def stop(self) -> None:
         self._script("stop", timeout=60)
+
+    def metric_totals(self) -> dict[str, float]:
+        return {}  # Synapse's metrics are off here
 
     def version(self) -> str:
         python = ROOT / ".venv-synapse" / "bin" / "python"
@@ -521,6 +553,7 @@ def round_trip_phase(
         asyncio.run(_clients(server.url, users, args.warmup, args.request_timeout))
     tree = server.tree
     pids0 = {p.pid for p in tree.processes()}
+    metrics0 = server.metric_totals()
     cpu0, client0 = tree.cpu_seconds(), self_cpu()
     machine0, postgres0 = psutil.cpu_times(), postgres_cpu_seconds()
     samples, wall = asyncio.run(_clients(server.url, users, args.duration, args.request_timeout))
@@ -531,6 +564,7 @@ def round_trip_phase(
         raise ServerDied(f"{clients} clients: the server's process tree ended during the phase")
     client_cpu = self_cpu() - client0
     done = len(samples.latencies)
+    metrics1 = server.metric_totals()
     result = {
         "clients": clients,
         "wall_s": round(wall, 3),
@@ -552,6 +586,13 @@ def round_trip_phase(
         "postgres_cpu_ms_per_round_trip": round(postgres_cpu / done * 1000, 3) if done else None,
         "server_processes": len(tree.processes()),
         "process_tree_changed": pids0 != {p.pid for p in tree.processes()},
+        # What the server's metrics counted over the phase (requests: two per round trip,
+        # plus the failed ones).
+        "metrics_moved": {
+            name: round(metrics1[name] - metrics0.get(name, 0.0), 3)
+            for name in METRICS_CHECKED
+            if name in metrics1
+        },
         "_latencies": samples.latencies,
     }
     log(

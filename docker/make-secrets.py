@@ -6,6 +6,9 @@ holding only what it needs, readable by its user only (mode 0400):
 
 - ``app/credentials.env``: the S3 keys and DATABASE_URL, sourced by the media server's
   entrypoint (MEDIAREPO_ENV_FILE);
+- ``app/signing.key``: the federation signing key in Synapse's format
+  (``ed25519 <version> <unpadded base64 seed>``), one for every web node and worker
+  (MSC3870_SIGNING_KEY_PATH);
 - ``seaweedfs/s3.json``: the S3 server's identity with the same keys;
 - ``postgres/password``: read by the postgres image (POSTGRES_PASSWORD_FILE).
 
@@ -16,9 +19,11 @@ initialised with, so regenerating it would lock the server out. To rotate, see R
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
+import string
 import sys
 from pathlib import Path
 
@@ -44,16 +49,31 @@ def _write(path: Path, text: str, uid: int) -> None:
     os.replace(partial, path)
 
 
+def _signing_key_values() -> dict[str, str]:
+    """A new Ed25519 signing key: its version (Synapse's shape, ``a_`` and four letters or
+    digits) and its 32-byte seed, unpadded base64 (what signedjson reads)."""
+    alphabet = string.ascii_letters + string.digits
+    return {
+        "signing_key_version": "a_" + "".join(secrets.choice(alphabet) for _ in range(4)),
+        "signing_key_seed": base64.b64encode(secrets.token_bytes(32)).decode().rstrip("="),
+    }
+
+
 def _values(root: Path) -> dict[str, str]:
     source = root / "source" / "secrets.json"
     if source.exists():
-        return json.loads(source.read_text())
+        values = json.loads(source.read_text())
+        if "signing_key_seed" not in values:  # made by a version without one
+            values.update(_signing_key_values())
+            _write(source, json.dumps(values), 0)
+        return values
     values = {
         # Access key ids are not secret but are per deployment too; S3 wants [A-Z0-9].
         "s3_access_key": "MR" + secrets.token_hex(9).upper(),
         "s3_secret_key": secrets.token_urlsafe(30),
         # Hex: it goes into a URL unescaped.
         "postgres_password": secrets.token_hex(24),
+        **_signing_key_values(),
     }
     _write(source, json.dumps(values), 0)
     return values
@@ -77,6 +97,11 @@ def main(root: Path) -> None:
         f"AWS_ACCESS_KEY_ID={values['s3_access_key']}\n"
         f"AWS_SECRET_ACCESS_KEY={values['s3_secret_key']}\n"
         f"DATABASE_URL={database_url}\n",
+        APP_UID,
+    )
+    _write(
+        root / "app" / "signing.key",
+        f"ed25519 {values['signing_key_version']} {values['signing_key_seed']}\n",
         APP_UID,
     )
 

@@ -90,7 +90,8 @@ def child_exit(server: object, worker: Any) -> None:
 
 def post_worker_init(worker: object) -> None:
     # Without a broker there is no beat: run the periodic sweeps in-process, in one
-    # worker per host (a file lock decides which).
+    # worker (a PostgreSQL advisory lock decides which across every node; on SQLite, a
+    # file lock in the data directory).
     from mediarepo.embedded import start_periodic_thread
 
     start_periodic_thread()

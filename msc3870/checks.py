@@ -180,6 +180,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     if typed("STORAGE_ALIAS", "UNUSED_EXPIRATION"):
         errors.extend(_check_storage())
     errors.extend(_check_operating(typed))
+    errors.extend(_check_retention(typed))
     if typed("ADMINS"):
         errors.extend(_check_admins())
     return errors
@@ -271,6 +272,27 @@ def _check_operating(typed: Callable[..., bool]) -> list[CheckMessage]:
                     )
                 )
     return errors
+
+
+def _check_retention(typed: Callable[..., bool]) -> list[CheckMessage]:
+    """A rule by last access shorter than the time a download's access is recorded to
+    would delete media that is being served."""
+    from .availability import ACCESS_GRANULARITY
+
+    warnings: list[CheckMessage] = []
+    resolution = int(ACCESS_GRANULARITY.total_seconds())
+    for name in ("RETENTION_LOCAL_UNUSED_SECONDS", "RETENTION_REMOTE_UNUSED_SECONDS"):
+        seconds = getattr(app_settings, name) if typed(name) else None
+        if seconds is not None and seconds < resolution:
+            warnings.append(
+                Warning(
+                    f"MSC3870[{name!r}] is shorter than {resolution} s, the time to which "
+                    "the last access of media is recorded: media being served may be "
+                    "deleted.",
+                    id="msc3870.W003",
+                )
+            )
+    return warnings
 
 
 def _check_storage() -> list[CheckMessage]:

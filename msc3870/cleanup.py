@@ -7,10 +7,18 @@ idempotent: a sweep or task that runs twice deletes nothing twice.
 from __future__ import annotations
 
 import logging
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import islice
+from types import TracebackType
+from typing import Any
 
 from django.utils import timezone
 
 from . import queue, storage_keys
+from .conf import app_settings
+from .errors import StorageUnavailable
 from .models import Media, MediaState
 from .screening import record_sha256
 from .stores import get_store
@@ -130,3 +138,119 @@ def delete_objects_of(pks: list[int]) -> int:
         .filter(pk__in=[row[0] for row in rows])
         .update(objects_deleted_at=timezone.now())
     )
+
+
+# Upload URL objects the expiry sweep lists before deleting (one ListObjectsV2 page).
+LISTED_INCOMING_MAX = 999
+
+
+class ObjectDeleter:
+    """Deletes the objects of media a sweep just moved to a dead state while the sweep
+    goes on with its next batch: each batch's keys are one batched delete on a pool of
+    ``DELETE_CONCURRENCY`` threads (S3: one DeleteObjects per 1,000 keys), at most that
+    many in flight; once a batch's delete is done its rows are marked cleaned, on the
+    caller's thread (the pool only talks to the store). Rows whose keys other media may
+    share (anything but an upload URL's object) go through ``delete_objects_of`` instead.
+
+    Most ids that expire never received a byte, and a store cannot be told which did
+    without asking. Where a listing is cheaper than deletes (S3), the objects under
+    ``incoming/`` are listed after each batch is moved, while there are at most
+    ``LISTED_INCOMING_MAX`` of them (one request), and only the batch's keys found there
+    are deleted; past that, the listing stops for the run and every key is sent. An
+    upload still arriving at the instant its id expired may land after the listing: the
+    orphan sweep deletes it, as the bucket's lifecycle rule would.
+
+    After a storage failure nothing more is sent: ``storage_error`` says why, and the rows
+    not marked stay for ``delete_dead_objects``. Use as a context manager: leaving it waits
+    for the deletes in flight."""
+
+    def __init__(self) -> None:
+        self.cleaned = 0
+        self.storage_error = ""
+        self._store = get_store()
+        self._concurrency = app_settings.DELETE_CONCURRENCY
+        self._pool = ThreadPoolExecutor(self._concurrency, thread_name_prefix="msc3870-delete")
+        self._in_flight: deque[tuple[Future[None], list[int]]] = deque()
+        self._list_incoming = self._store.lists_cheaper_than_deletes
+
+    def __enter__(self) -> ObjectDeleter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            while self._in_flight:
+                self._finish_oldest()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def delete(self, rows: Sequence[Sequence[Any]]) -> None:
+        """Delete the objects of dead rows given as ``sql.EXPIRED_COLUMNS`` (primary key,
+        media id, storage key, upload method, completed at, server name)."""
+        if self.storage_error or not rows:
+            return
+        pks: list[int] = []
+        keys: list[str] = []
+        shared: list[int] = []
+        for pk, *history in rows:
+            row_keys = object_keys(*history)
+            # An upload URL's object is never the served key of any media: no other row
+            # can share it, so it needs no look-up.
+            if all(key.startswith(storage_keys.INCOMING_PREFIX) for key in row_keys):
+                pks.append(pk)
+                keys.extend(row_keys)
+            else:
+                shared.append(pk)
+        try:
+            if shared:
+                self.cleaned += delete_objects_of(shared)
+            if keys and self._list_incoming:
+                existing = self._incoming_keys()
+                if existing is not None:
+                    keys = [key for key in keys if key in existing]
+            if pks and not keys:
+                self._mark_cleaned(pks)
+                return
+            while len(self._in_flight) >= self._concurrency:
+                self._finish_oldest()
+        except StorageUnavailable as exc:
+            self._stop(exc)
+            return
+        if pks:
+            self._in_flight.append((self._pool.submit(self._store.delete_many, keys), pks))
+
+    def _incoming_keys(self) -> set[str] | None:
+        """Every key under ``incoming/`` if there are few; None (and no more listing in
+        this run) if there are more."""
+        listed = list(
+            islice(self._store.list_keys(storage_keys.INCOMING_PREFIX), LISTED_INCOMING_MAX + 1)
+        )
+        if len(listed) > LISTED_INCOMING_MAX:
+            self._list_incoming = False
+            return None
+        return set(listed)
+
+    def _mark_cleaned(self, pks: list[int]) -> None:
+        self.cleaned += (
+            Media.objects.dead_uncleaned()
+            .filter(pk__in=pks)
+            .update(objects_deleted_at=timezone.now())
+        )
+
+    def _finish_oldest(self) -> None:
+        future, pks = self._in_flight.popleft()
+        try:
+            future.result()
+        except StorageUnavailable as exc:
+            self._stop(exc)
+            return
+        self._mark_cleaned(pks)
+
+    def _stop(self, exc: StorageUnavailable) -> None:
+        if not self.storage_error:
+            log.warning("Deletes stop until the storage is back: %s", exc)
+            self.storage_error = exc.message

@@ -334,10 +334,38 @@ class MSC3870Settings:
     S3_COPY_PART_THRESHOLD = Setting(INT, 5 * 1024 * MiB)
     S3_COPY_PART_SIZE = Setting(INT, 512 * MiB)
     S3_COPY_CONCURRENCY = Setting(INT, 4, floor=1)
+    # Batched deletes in flight at once (S3: DeleteObjects requests of up to 1,000 keys),
+    # in the sweeps and in one large delete.
+    DELETE_CONCURRENCY = Setting(INT, 4, floor=1, must_be="positive")
     # Days after which the bucket's lifecycle rule (ensure_media_bucket) expires objects
     # under incoming/ (a second line of defence behind the expiry sweeps); None: one day
     # more than UNUSED_EXPIRATION.
     S3_INCOMING_EXPIRATION_DAYS = Setting(INT, None, null=True, read=_incoming_expiration_days)
+
+    # ---------------------------------------------------------------- retention
+
+    # The retention sweep (msc3870.retention) purges this server's own media, and deletes
+    # other servers' media from the cache (fetched again if asked for), once it is older
+    # than MAX_AGE (since it was created or fetched) or unused for longer than UNUSED (since
+    # it was last served, else created: Synapse's media_retention local_media_lifetime and
+    # remote_media_lifetime). None (the project's "0"): no such rule. Only media larger
+    # than RETENTION_MIN_BYTES goes; quarantined and protected media stays, and so does
+    # what RETENTION_KEEP (given mxc:// URIs, returns those to keep: profile pictures)
+    # names.
+    RETENTION_LOCAL_MAX_AGE_SECONDS = Setting(
+        INT, None, null=True, floor=1, must_be="positive", env=Env(parse=zero_is_none(integer))
+    )
+    RETENTION_LOCAL_UNUSED_SECONDS = Setting(
+        INT, None, null=True, floor=1, must_be="positive", env=Env(parse=zero_is_none(integer))
+    )
+    RETENTION_REMOTE_MAX_AGE_SECONDS = Setting(
+        INT, None, null=True, floor=1, must_be="positive", env=Env(parse=zero_is_none(integer))
+    )
+    RETENTION_REMOTE_UNUSED_SECONDS = Setting(
+        INT, None, null=True, floor=1, must_be="positive", env=Env(parse=zero_is_none(integer))
+    )
+    RETENTION_MIN_BYTES = Setting(INT, 0, floor=0, must_be="non-negative", env=Env())
+    RETENTION_KEEP = Setting(IMPORT_STRING, None, null=True, env=Env())
 
     # --------------------------------------------------------------- federation
 

@@ -180,11 +180,35 @@ def transition_many(
             "pk", flat=True
         )
     )
+    _moved_many(moved, to_state, send_signal=send_signal)
+    return moved
+
+
+def _moved_many(moved: list[int], to_state: str, *, send_signal: bool = True) -> None:
+    """``_moved`` for many rows: waiters woken after the commit, the signal, the count."""
     transaction.on_commit(lambda: wakeup.announce_many(moved, to_state))
     metrics.transitioned(to_state, len(moved))
     if send_signal:
         send_state_signal(to_state, moved)
-    return moved
+
+
+def expire_due(now: datetime, limit: int) -> list[tuple[Any, ...]]:
+    """PENDING -> EXPIRED for up to ``limit`` ids whose ``unused_expires_at`` has passed at
+    ``now``, the earliest first; returns the moved rows' ``sql.EXPIRED_COLUMNS`` (primary
+    key first). One statement where the database returns updated rows; elsewhere a pick,
+    ``transition_many`` (the expiry condition repeated, so a /complete that claimed a row
+    in between wins) and a read of what moved."""
+    check_transition([S.PENDING], S.EXPIRED)
+    rows = sql.expire_due(now, limit)
+    if rows is not None:
+        _moved_many([row[0] for row in rows], S.EXPIRED)
+        return rows
+    due = Media.objects.filter(state=S.PENDING, unused_expires_at__lte=now)
+    pks = list(due.order_by("unused_expires_at").values_list("pk", flat=True)[:limit])
+    if not pks:
+        return []
+    moved = transition_many(pks, [S.PENDING], S.EXPIRED, extra_where=Q(unused_expires_at__lte=now))
+    return list(Media.objects.filter(pk__in=moved).values_list(*sql.EXPIRED_COLUMNS))
 
 
 def update_if_state(

@@ -16,7 +16,12 @@ from django.db.models import Q, Sum
 from django.utils import timezone
 
 from . import lifecycle, storage_keys, verdicts
-from .cleanup import delete_objects_of, schedule_object_deletion, unrecorded_upload_keys
+from .cleanup import (
+    ObjectDeleter,
+    delete_objects_of,
+    schedule_object_deletion,
+    unrecorded_upload_keys,
+)
 from .conf import app_settings
 from .errors import Codes, StorageUnavailable
 from .models import TOMBSTONE_STATES, Media, MediaState, UploadMethod, URLPreview
@@ -49,30 +54,21 @@ def expire_pending(
 ) -> SweepResult:
     """PENDING past ``unused_expires_at`` -> EXPIRED, and delete what reached its URL.
 
-    If the storage fails, expiry goes on without it: the rows stay marked as not cleaned
-    and ``delete_dead_objects`` deletes their objects once the storage is back.
+    Each batch is one statement (``lifecycle.expire_due``); its objects are deleted in the
+    background while the next batch is moved (``cleanup.ObjectDeleter``). If the storage
+    fails, expiry goes on without it: the rows stay marked as not cleaned and
+    ``delete_dead_objects`` deletes their objects once the storage is back.
     """
     result = SweepResult()
-    for _ in range(max_batches):
-        now = timezone.now()
-        due = Media.objects.filter(state=S.PENDING, unused_expires_at__lte=now)
-        # In index order (state, unused_expires_at): each batch is a short index scan.
-        pks = list(due.order_by("unused_expires_at").values_list("pk", flat=True)[:batch_size])
-        if not pks:
-            break
-        # The expiry condition is repeated in the UPDATE: a /complete that claimed the
-        # row in between wins, and this sweep leaves it alone.
-        result.moved += len(
-            lifecycle.transition_many(
-                pks, [S.PENDING], S.EXPIRED, extra_where=Q(unused_expires_at__lte=now)
-            )
-        )
-        if not result.storage_error:
-            try:
-                result.objects_deleted += delete_objects_of(pks)
-            except StorageUnavailable as exc:
-                log.warning("Expiry goes on without deleting objects: %s", exc)
-                result.storage_error = exc.message
+    with ObjectDeleter() as deleter:
+        for _ in range(max_batches):
+            rows = lifecycle.expire_due(timezone.now(), batch_size)
+            if not rows:
+                break
+            result.moved += len(rows)
+            deleter.delete(rows)
+    result.objects_deleted = deleter.cleaned
+    result.storage_error = deleter.storage_error
     return result
 
 
@@ -341,7 +337,7 @@ def evict_remote_media(
     """Keep other servers' media under ``REMOTE_MEDIA_CACHE_MAX_BYTES``: past it, delete
     the least recently served (``last_accessed_at``) until the total is under
     ``REMOTE_CACHE_LOW_WATER`` of it. Only complete media no moderator acted on goes
-    (quarantined, approved or otherwise moderated media stays).
+    (quarantined, approved, protected or otherwise moderated media stays).
 
     Each evicted row moves to DELETED (compare-and-set), its objects and thumbnails are
     deleted unless live media serves the same key (``cleanup.delete_objects_of``, as for
@@ -363,7 +359,7 @@ def evict_remote_media(
                 break
             candidates = (
                 Media.objects.remote()
-                .filter(state=S.COMPLETE, moderated_by="")
+                .filter(state=S.COMPLETE, moderated_by="", protected=False)
                 .order_by("last_accessed_at", "pk")
                 .values_list("pk", "size")[:batch_size]
             )
@@ -378,7 +374,7 @@ def evict_remote_media(
                 list(chosen),
                 [S.COMPLETE],
                 S.DELETED,
-                extra_where=_remote() & Q(moderated_by=""),
+                extra_where=_remote() & Q(moderated_by="", protected=False),
             )
             result.moved += len(moved)
             total -= sum(chosen[pk] for pk in moved)

@@ -125,10 +125,13 @@ def reject(media: Media, *, by: Actor, reason: str = "") -> bool:
     return won
 
 
-def purge(media: Media, *, by: Actor, reason: str = "") -> bool:
+def purge(media: Media, *, by: Actor, reason: str = "", spare_quarantined: bool = False) -> bool:
     """Delete the media in any state, protected or not; the row stays as a tombstone so
-    the id is never reused. True if this call purged it."""
-    won = _moderate(media, A.PURGE, S.DELETED, by=by, reason=reason)
+    the id is never reused. True if this call purged it. ``spare_quarantined``: not if it
+    is quarantined, even if a moderator quarantines it while this runs (an uploader
+    redacting their own media must not destroy what a moderator holds)."""
+    from_states = SOURCE_STATES[A.PURGE] - {S.QUARANTINED} if spare_quarantined else None
+    won = _moderate(media, A.PURGE, S.DELETED, by=by, reason=reason, from_states=from_states)
     if won:
         schedule_object_deletion(media.pk)
     return won
@@ -159,10 +162,11 @@ def _moderate(
     by: Actor,
     reason: str,
     skip_protected: bool = False,
+    from_states: Collection[str] | None = None,
     **fields: Any,
 ) -> bool:
-    """Move ``media`` to ``to_state`` from any of the action's source states and record
-    it; True if this call won.
+    """Move ``media`` to ``to_state`` from any of the action's source states (or of
+    ``from_states``) and record it; True if this call won.
 
     The record must say which state the media left, so the compare-and-set names the one
     state just read, not all the source states. On PostgreSQL the row lock makes the read
@@ -172,7 +176,8 @@ def _moderate(
     under us counts as lost.
     """
     actor = actor_name(by)
-    from_states = SOURCE_STATES[action]
+    if from_states is None:
+        from_states = SOURCE_STATES[action]
     # Protection is part of the compare-and-set: media protected meanwhile stays.
     extra_where = Q(protected=False) if skip_protected else None
     for _round in range(len(S.values)):
@@ -571,11 +576,13 @@ def delete_local_media_before(
     on_deleted: Callable[[list[str]], None] | None = None,
     batch_size: int = BATCH_SIZE,
     limit: int | None = None,
+    by_age: bool = False,
 ) -> int:
     """Purge this server's own media last served before ``before`` (an aware datetime),
     or never served and created before it, and larger than ``size_gt`` bytes (Synapse's
     ``POST /_synapse/admin/v1/media/delete?before_ts=&size_gt=``); returns how many this
     call purged. Each is a purge: recorded, bytes deleted, a tombstone row kept.
+    ``by_age``: created before ``before``, served since or not (the retention sweep).
 
     As Synapse by default: only media with bytes (complete; quarantined too with
     ``include_quarantined``), never protected media (unless ``include_protected``),
@@ -593,7 +600,7 @@ def delete_local_media_before(
     condition = (
         ~Q(upload_method=UploadMethod.REMOTE)
         & Q(state__in=states, size__gt=size_gt)
-        & _unused_since(before)
+        & (Q(created_at__lt=before) if by_age else _unused_since(before))
     )
     if not include_protected:
         condition &= Q(protected=False)
@@ -619,10 +626,14 @@ def purge_remote_cache_before(
     reason: str = "",
     batch_size: int = BATCH_SIZE,
     limit: int | None = None,
+    size_gt: int = 0,
+    keep: Callable[[list[str]], Collection[str]] | None = None,
+    by_age: bool = False,
 ) -> int:
     """Delete other servers' media last served before ``before`` (an aware datetime)
     from the cache (Synapse's ``POST /_synapse/admin/v1/purge_media_cache?before_ts=``);
-    returns how many this call deleted (``deleted``).
+    returns how many this call deleted (``deleted``). The retention sweep also passes
+    ``size_gt``, ``keep`` and ``by_age``, as for ``delete_local_media_before``.
 
     Only complete, unprotected media: quarantined media stays, as in Synapse, and so do
     rejected rows (they keep refusing the bytes). Each is recorded as a purge, then
@@ -634,11 +645,15 @@ def purge_remote_cache_before(
     from . import maintenance
 
     condition = Q(upload_method=UploadMethod.REMOTE, state=S.COMPLETE, protected=False) & (
-        _unused_since(before)
+        Q(created_at__lt=before) if by_age else _unused_since(before)
     )
+    if size_gt:
+        condition &= Q(size__gt=size_gt)
     deleted = 0
     storage_down = False
     for pks in _batches(Media.objects.filter(condition), batch_size, limit):
+        if keep is not None:
+            pks = _without_kept(pks, keep)
         # No moderator on the row: it is an eviction, which a request may fetch again.
         moved = _transition_batch(
             pks, A.PURGE, by=by, reason=reason, extra_where=condition, moderated_by=""

@@ -16,6 +16,7 @@ DEFAULT_SCHEDULE: dict[str, tuple[str, float]] = {
     "msc3870: re-queue stuck screening": ("msc3870.redispatch_stuck", 120.0),
     "msc3870: delete orphaned uploads": ("msc3870.delete_orphaned_uploads", 3600.0),
     "msc3870: evict remote media": ("msc3870.evict_remote_media", 600.0),
+    "msc3870: apply retention": ("msc3870.apply_retention", 600.0),
     "msc3870: delete old tombstones": ("msc3870.delete_old_tombstones", 86400.0),
     "msc3870: dashboard rollup": ("msc3870.rollup_dashboard", 300.0),
     "msc3870: expire URL previews": ("msc3870.expire_url_previews", 60.0),

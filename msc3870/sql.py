@@ -374,3 +374,51 @@ def lock_uploader(user_id: str, *, relax_commit: bool = False) -> None:
         return
     Uploader.objects.get_or_create(user_id=user_id)
     Uploader.objects.select_for_update().filter(pk=user_id).first()
+
+
+#: What ``expire_due`` returns of each row: what its objects' keys depend on.
+EXPIRED_COLUMNS = ("id", "media_id", "storage_key", "upload_method", "completed_at", "server_name")
+
+
+def expire_due(now: datetime, limit: int) -> list[tuple[Any, ...]] | None:
+    """Move up to ``limit`` PENDING rows whose ``unused_expires_at`` has passed at ``now``
+    to EXPIRED, the earliest first, in one statement: the pick and the compare-and-set
+    together (the expiry condition is repeated in the UPDATE, so a /complete that claimed
+    a row in between wins). Returns the moved rows' ``EXPIRED_COLUMNS``; None where the
+    database cannot return updated rows (the caller goes through the ORM). On PostgreSQL
+    rows another sweep is moving are skipped, not waited for."""
+    if not returns_updated_rows():
+        return None
+    connection = _connection(write=True)
+    quote = connection.ops.quote_name
+    table, state = quote(_TABLE), quote("state")
+    expires = Media._meta.get_field("unused_expires_at")
+    changed = Media._meta.get_field("state_changed_at")
+    at = expires.get_db_prep_value(now, connection)
+    due = f"{state} = %s AND {quote(expires.column)} <= %s"
+    pick = (
+        f"SELECT {quote('id')} FROM {table} WHERE {due} ORDER BY {quote(expires.column)} LIMIT %s"
+    )
+    assign = f"SET {state} = %s, {quote(changed.column)} = %s"
+    pending, expired = MediaState.PENDING.value, MediaState.EXPIRED.value
+    if connection.vendor == "postgresql":
+        # The pick materialized first: as an IN (subquery) with SKIP LOCKED, PostgreSQL may
+        # run the subquery more than once and move more than ``limit`` rows.
+        columns = ", ".join(f"{table}.{quote(column)}" for column in EXPIRED_COLUMNS)
+        statement = (
+            f"WITH picked AS MATERIALIZED ({pick} FOR UPDATE SKIP LOCKED) "
+            f"UPDATE {table} {assign} FROM picked "
+            f"WHERE {table}.{quote('id')} = picked.{quote('id')} AND {due} RETURNING {columns}"
+        )
+        params = [pending, at, limit, expired, changed.get_db_prep_value(now, connection)]
+        params += [pending, at]
+    else:
+        columns = ", ".join(quote(column) for column in EXPIRED_COLUMNS)
+        statement = (
+            f"UPDATE {table} {assign} WHERE {quote('id')} IN ({pick}) AND {due} RETURNING {columns}"
+        )
+        params = [expired, changed.get_db_prep_value(now, connection), pending, at, limit]
+        params += [pending, at]
+    with connection.cursor() as cursor:
+        cursor.execute(statement, params)
+        return list(cursor.fetchall())

@@ -7,13 +7,14 @@ as already deleted. Failures are recorded on the row before the retry.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from celery import shared_task
 
-from . import cleanup, dashboard, logs, maintenance, metrics, synapse_admin, verdicts
+from . import cleanup, dashboard, logs, maintenance, metrics, retention, synapse_admin, verdicts
 from .stores import ObjectInfo
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def _sweep(name: str, run: Callable[[], T]) -> T:
     try:
         with logs.step("sweep", sweep=name) as step:
             result = run()
-            if isinstance(result, maintenance.SweepResult):
+            if dataclasses.is_dataclass(result):
                 step.fields.update(vars(result))
             else:
                 step.fields["count"] = result
@@ -138,6 +139,11 @@ def delete_orphaned_uploads_task() -> int:
 @shared_task(name="msc3870.evict_remote_media", **TASK_OPTIONS)
 def evict_remote_media_task() -> dict[str, int]:
     return vars(_sweep("evict_remote_media", maintenance.evict_remote_media))
+
+
+@shared_task(name="msc3870.apply_retention", **TASK_OPTIONS)
+def apply_retention_task() -> dict[str, int]:
+    return vars(_sweep("apply_retention", retention.apply_retention_run))
 
 
 @shared_task(name="msc3870.delete_old_tombstones", **TASK_OPTIONS)

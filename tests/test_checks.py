@@ -38,6 +38,16 @@ def test_w001_unknown_key() -> None:
     assert "msc3870.W001" in ids(MAX_UPLOAD_SIZ=3)
 
 
+def test_w003_retention_by_last_access_shorter_than_its_resolution() -> None:
+    assert "msc3870.W003" in ids(RETENTION_LOCAL_UNUSED_SECONDS=600)
+    assert "msc3870.W003" in ids(RETENTION_REMOTE_UNUSED_SECONDS=3599)
+    assert "msc3870.W003" not in ids(
+        RETENTION_LOCAL_UNUSED_SECONDS=3600, RETENTION_REMOTE_UNUSED_SECONDS=86400
+    )
+    # By age, any lifetime is as meant.
+    assert "msc3870.W003" not in ids(RETENTION_LOCAL_MAX_AGE_SECONDS=1)
+
+
 def test_e002_server_name() -> None:
     assert "msc3870.E002" in ids(SERVER_NAME="not a server/name")
 
@@ -77,6 +87,13 @@ def test_e006_limits() -> None:
     assert "msc3870.E006" not in ids(
         REMOTE_MEDIA_DOWNLOAD_PER_SECOND=None, REMOTE_MEDIA_CACHE_MAX_BYTES=None
     )
+    # Retention: a lifetime of 0 would delete everything at once (None is no rule); a
+    # negative size floor means nothing; deletes need at least one in flight.
+    assert "msc3870.E006" in ids(RETENTION_LOCAL_MAX_AGE_SECONDS=0)
+    assert "msc3870.E006" in ids(RETENTION_REMOTE_UNUSED_SECONDS=0)
+    assert "msc3870.E006" in ids(RETENTION_MIN_BYTES=-1)
+    assert "msc3870.E006" in ids(DELETE_CONCURRENCY=0)
+    assert "msc3870.E006" not in ids(RETENTION_LOCAL_MAX_AGE_SECONDS=None, RETENTION_MIN_BYTES=0)
 
 
 def test_e007_type_mismatch_policy() -> None:

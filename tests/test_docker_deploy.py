@@ -1,4 +1,5 @@
-"""The docker deployment ships no credential and publishes only the web port.
+"""The docker deployment ships no credential, publishes only the balancer's port, and its
+web nodes share what must be shared (secrets, the signing key, the services).
 
 There is no Docker engine here, so compose.yaml is checked by reading it, and the script
 that makes the secrets at deploy time is run in a temporary directory.
@@ -59,15 +60,16 @@ def _published_on_all_interfaces(service: dict[str, Any]) -> list[int]:
 def test_compose_is_valid_yaml_with_services() -> None:
     services = _compose()["services"]
     assert {"web", "worker", "beat", "postgres", "redis", "seaweedfs"} <= set(services)
+    assert {"web2", "balancer"} <= set(services)
 
 
-def test_only_the_web_port_is_published_on_all_interfaces() -> None:
+def test_only_the_balancers_port_is_published_on_all_interfaces() -> None:
     exposed = {
         (name, port)
         for name, service in _compose()["services"].items()
         for port in _published_on_all_interfaces(service)
     }
-    assert exposed == {("web", WEB_PORT)}
+    assert exposed == {("balancer", WEB_PORT)}
 
 
 def test_no_secret_value_in_compose_environment() -> None:
@@ -131,7 +133,8 @@ def test_secrets_are_made_once_and_consistent(tmp_path: Path) -> None:
     env_file = tmp_path / "app" / "credentials.env"
     s3_file = tmp_path / "seaweedfs" / "s3.json"
     pg_file = tmp_path / "postgres" / "password"
-    first = {p: p.read_text() for p in (env_file, s3_file, pg_file)}
+    key_file = tmp_path / "app" / "signing.key"
+    first = {p: p.read_text() for p in (env_file, s3_file, pg_file, key_file)}
     for path in first:
         assert stat.S_IMODE(path.stat().st_mode) == 0o400, path
     env = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
@@ -151,9 +154,92 @@ def test_secrets_are_made_once_and_consistent(tmp_path: Path) -> None:
     other = tmp_path / "other"
     make_secrets.main(other)
     assert (other / "postgres" / "password").read_text() != pg_file.read_text()
+    assert (other / "app" / "signing.key").read_text() != key_file.read_text()
 
 
-@pytest.mark.parametrize("service", ["web", "worker", "beat"])
+def test_the_made_signing_key_is_one_the_server_reads(tmp_path: Path) -> None:
+    """Synapse's key file format, read as the server reads it (msc3870.federation.keys)."""
+    from signedjson.key import get_verify_key
+
+    from msc3870.federation.keys import read_keys
+
+    _load_make_secrets().main(tmp_path)
+    [key] = read_keys(tmp_path / "app" / "signing.key")
+    assert re.fullmatch(r"a_[A-Za-z0-9]{4}", key.version)
+    assert len(key.encode()) == 32 and get_verify_key(key) is not None
+
+
+def test_a_deployment_made_before_the_signing_key_gets_one_and_keeps_the_rest(
+    tmp_path: Path,
+) -> None:
+    make_secrets = _load_make_secrets()
+    make_secrets.main(tmp_path)
+    source = tmp_path / "source" / "secrets.json"
+    older = json.loads(source.read_text())
+    for name in ("signing_key_seed", "signing_key_version"):
+        del older[name]
+    source.chmod(0o600)
+    source.write_text(json.dumps(older))
+    (tmp_path / "app" / "signing.key").unlink()
+    password = (tmp_path / "postgres" / "password").read_text()
+
+    make_secrets.main(tmp_path)
+    assert (tmp_path / "postgres" / "password").read_text() == password
+    key = (tmp_path / "app" / "signing.key").read_text()
+    make_secrets.main(tmp_path)
+    assert (tmp_path / "app" / "signing.key").read_text() == key
+
+
+APP_SERVICES = ("web", "web2", "worker", "beat")
+
+
+def test_every_process_of_the_server_shares_the_secrets_the_key_and_the_services() -> None:
+    """A node or worker with a key or a service of its own breaks the others' requests:
+    upload URLs signed by one, federation requests signed with a key the other does not
+    publish, limits counted apart."""
+    services = _compose()["services"]
+    shared = ("DJANGO_SECRET_KEY", "MSC3870_SIGNING_KEY_PATH", "MEDIAREPO_ENV_FILE")
+    shared += ("CELERY_BROKER_URL", "REDIS_URL", "AWS_STORAGE_BUCKET_NAME", "MATRIX_SERVER_NAME")
+    environments = {name: _environment(services[name]) for name in APP_SERVICES}
+    for variable in shared:
+        values = {name: env.get(variable) for name, env in environments.items()}
+        assert len(set(values.values())) == 1 and None not in values.values(), values
+    key_path = environments["web"]["MSC3870_SIGNING_KEY_PATH"]
+    for name in APP_SERVICES:
+        mounts = [str(v) for v in services[name]["volumes"]]
+        assert any(key_path.startswith(m.split(":")[1] + "/") for m in mounts), name
+    # web migrates and makes the bucket; web2 waits for it and only serves.
+    assert "migrate" in " ".join(_image_command())
+    assert "migrate" not in " ".join(services["web2"]["command"])
+    assert services["web2"]["depends_on"]["web"] == {"condition": "service_healthy"}
+
+
+def _image_command() -> list[str]:
+    for line in (DOCKER / "Dockerfile").read_text().splitlines():
+        if line.startswith("CMD "):
+            return list(json.loads(line[4:]))
+    raise AssertionError("no CMD in the Dockerfile")
+
+
+def test_the_balancer_sends_requests_to_both_web_nodes() -> None:
+    """docker/haproxy.cfg's servers are the variables compose sets to the web services
+    (the services suite runs the same file in front of its two nodes)."""
+    services = _compose()["services"]
+    balancer = services["balancer"]
+    config = (DOCKER / "haproxy.cfg").read_text()
+    servers = re.findall(r'^\s*server \S+ "\$\{(\w+)\}"', config, re.MULTILINE)
+    env = _environment(balancer)
+    assert sorted(env[name] for name in servers) == ["web2:8008", "web:8008"]
+    assert f"{WEB_PORT}:{WEB_PORT}" in balancer["ports"]
+    assert env["MEDIAREPO_BALANCER_BIND"] == f":{WEB_PORT}"
+    assert any("haproxy.cfg:" in str(v) for v in balancer["volumes"])
+    # Nodes count clients by the address the balancer forwards, not the balancer's own.
+    assert "option forwardfor" in config
+    for web in ("web", "web2"):
+        assert _environment(services[web])["FORWARDED_ALLOW_IPS"]
+
+
+@pytest.mark.parametrize("service", ["web", "web2", "worker", "beat"])
 def test_the_server_reads_the_made_credentials(service: str) -> None:
     spec = _compose()["services"][service]
     env = _environment(spec)
@@ -191,8 +277,9 @@ def test_prometheus_scrapes_the_metrics_listeners_of_web_and_worker() -> None:
         for static in job["static_configs"]
         for target in static["targets"]
     }
-    assert targets == {f"web:{port}", f"worker:{port}"}
-    assert services["web"]["healthcheck"]["test"][-1].endswith("/health', timeout=5)")
+    assert targets == {f"web:{port}", f"web2:{port}", f"worker:{port}"}
+    for web in ("web", "web2"):
+        assert services[web]["healthcheck"]["test"][-1].endswith("/health', timeout=5)")
 
 
 def test_the_dashboard_reads_only_metrics_the_app_exposes() -> None:

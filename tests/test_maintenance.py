@@ -5,19 +5,30 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.conf import settings
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from msc3870 import maintenance, moderation
 from msc3870.models import Media, MediaState
 from msc3870.stores import get_store
 
-from .helpers import MatrixClient, ThenAtTheEnd, media_files, media_of, msc3870_settings, put_body
+from .helpers import (
+    MatrixClient,
+    ThenAtTheEnd,
+    media_files,
+    media_of,
+    msc3870_settings,
+    put_body,
+)
 
 S = MediaState
 
@@ -60,6 +71,92 @@ def test_expiry_is_batched(alice: MatrixClient) -> None:
     assert first.moved == 20
     assert maintenance.expire_pending(batch_size=10, max_batches=2).moved == 5
     assert Media.objects.filter(state=S.EXPIRED).count() == 25
+
+
+def test_expiry_is_one_statement_per_batch_and_one_update_per_delete(alice: MatrixClient) -> None:
+    """Moving a batch is one UPDATE ... RETURNING (pick and compare-and-set together);
+    an expired id's only object is its upload URL's, which no other media can share, so
+    marking it deleted is the batch's only other statement."""
+    due_pending(30, "q")
+    with CaptureQueriesContext(connection) as queries:
+        result = maintenance.expire_pending(batch_size=10)
+    assert result.moved == 30 and result.objects_deleted == 30
+    # 3 batches of 2 statements, and the empty pick that ends the sweep.
+    assert len(queries.captured_queries) == 7, [q["sql"][:60] for q in queries.captured_queries]
+    assert Media.objects.filter(state=S.EXPIRED, objects_deleted_at__isnull=False).count() == 30
+
+
+def test_expiry_has_several_deletes_in_flight(
+    alice: MatrixClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next batch is moved while the last one's objects are deleted, and up to
+    DELETE_CONCURRENCY batched deletes run at once: each delete below waits until another
+    is running beside it, which a sweep deleting one batch at a time never gets to."""
+    from msc3870.stores import get_store
+
+    due_pending(40, "p")
+    store = get_store()
+    together = threading.Barrier(2, timeout=10)
+    sent: list[list[str]] = []
+
+    def delete_many(keys: list[str]) -> None:
+        sent.append(keys)
+        together.wait()
+
+    monkeypatch.setattr(store, "delete_many", delete_many)
+    with msc3870_settings(DELETE_CONCURRENCY=2):
+        result = maintenance.expire_pending(batch_size=10)
+    assert result.moved == 40 and result.objects_deleted == 40
+    assert sorted(len(keys) for keys in sent) == [10, 10, 10, 10]
+    # Only the upload URL's key of each id: nothing else can exist for an id never used.
+    assert all(key.startswith("incoming/p") for keys in sent for key in keys)
+
+
+def deletes_sent(store: Any) -> list[list[str]]:
+    """The keys of each DeleteObjects request ``store``'s client sends from now on."""
+    sent: list[list[str]] = []
+
+    def count(params: dict[str, Any], **kwargs: Any) -> None:
+        sent.append([item["Key"] for item in params["Delete"]["Objects"]])
+
+    store.client.meta.events.register("before-parameter-build.s3.DeleteObjects", count)
+    return sent
+
+
+def test_on_s3_expiry_deletes_only_upload_url_objects_that_exist(
+    alice: MatrixClient, s3: Any
+) -> None:
+    """Most ids expire without a byte: with few objects under incoming/, one listing
+    tells which exist, and only those are deleted."""
+    due_pending(30, "e")
+    store = get_store()
+    for name in ("e3", "e17"):
+        store.write_stream(f"incoming/{name}", io.BytesIO(b"abandoned"), max_size=100)
+    sent = deletes_sent(store)
+    result = maintenance.expire_pending(batch_size=10)
+    assert result.moved == 30 and result.objects_deleted == 30
+    assert sorted(key for keys in sent for key in keys) == ["incoming/e17", "incoming/e3"]
+    assert list(store.list_keys("incoming/")) == []
+    assert Media.objects.filter(objects_deleted_at__isnull=True).count() == 0
+
+
+def test_on_s3_with_many_upload_url_objects_every_key_is_sent(
+    alice: MatrixClient, s3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past one listing's worth of objects under incoming/, listing stops for the run and
+    every expired id's key is sent, existing or not (a missing key counts as deleted)."""
+    from msc3870 import cleanup
+
+    monkeypatch.setattr(cleanup, "LISTED_INCOMING_MAX", 2)
+    due_pending(30, "f")
+    store = get_store()
+    for name in ("f1", "f2", "f3"):
+        store.write_stream(f"incoming/{name}", io.BytesIO(b"abandoned"), max_size=100)
+    sent = deletes_sent(store)
+    result = maintenance.expire_pending(batch_size=10)
+    assert result.moved == 30 and result.objects_deleted == 30
+    assert sorted(len(keys) for keys in sent) == [10, 10, 10]
+    assert list(store.list_keys("incoming/")) == []
 
 
 def test_complete_and_expiry_race_has_one_winner(alice: MatrixClient) -> None:

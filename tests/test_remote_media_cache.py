@@ -143,6 +143,19 @@ def test_eviction_spares_moderated_media_and_bytes_live_media_shares(
     assert alice.get(V1_DOWNLOAD + f"localhost/{local.media_id}").status_code == 200
 
 
+def test_eviction_spares_protected_media(alice: MatrixClient, remote: Remote) -> None:
+    from msc3870 import moderation
+
+    _fetch_all(alice, remote, ["protected", "plain"], 1000)
+    assert moderation.protect(media_row(remote.name, "protected"), by="mod", reason="keep")
+    with msc3870_settings(REMOTE_MEDIA_CACHE_MAX_BYTES=1):
+        result = maintenance.evict_remote_media()
+    assert result.moved == 1
+    held = set(Media.objects.filter(server_name=remote.name).values_list("media_id", flat=True))
+    assert held == {"protected"}
+    assert get_store().head(media_row(remote.name, "protected").storage_key)
+
+
 def test_eviction_finishes_what_a_stopped_sweep_left(alice: MatrixClient, remote: Remote) -> None:
     from msc3870 import lifecycle
 

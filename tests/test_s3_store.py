@@ -357,6 +357,26 @@ def test_delete_many_and_missing_keys(s3: Any) -> None:
     assert bucket_keys(s3) == []
 
 
+def test_delete_many_sends_batches_of_at_most_1000_keys_several_at_once(s3: Any) -> None:
+    store = get_store()
+    sizes: list[int] = []
+    threads: set[str] = set()
+
+    def count(params: dict[str, Any], **kwargs: Any) -> None:
+        sizes.append(len(params["Delete"]["Objects"]))
+        threads.add(threading.current_thread().name)
+
+    store.client.meta.events.register("before-parameter-build.s3.DeleteObjects", count)
+    keys = [f"incoming/k{index:04d}" for index in range(2500)]
+    for key in keys[:3]:
+        store.write_stream(key, io.BytesIO(b"x"), max_size=10)
+    with msc3870_settings(DELETE_CONCURRENCY=3):
+        store.delete_many(keys)
+    assert sorted(sizes) == [500, 1000, 1000]
+    assert all(name.startswith("s3-delete") for name in threads)
+    assert bucket_keys(s3) == []
+
+
 def test_ensure_media_bucket_command() -> None:
     from io import StringIO
 

@@ -76,6 +76,11 @@ urlpatterns = [
         view(views.PreviewURLView),
         name="legacy-preview-url",
     ),
+    re_path(
+        rf"^_matrix/client/(?:v1|unstable/uk\.timedout\.msc4322)/media/redact/{MXC}$",
+        view(views.RedactView),
+        name="redact",
+    ),
     re_path(r"^_matrix/client/v1/media/config$", view(views.ConfigView), name="config"),
     re_path(r"^_matrix/media/(?:v3|r0)/config$", view(views.ConfigView), name="legacy-config"),
     re_path(r"^_matrix/client/versions$", view(views.VersionsView), name="versions"),

@@ -17,10 +17,10 @@ from rest_framework.settings import IMPORT_STRINGS as DRF_IMPORT_STRINGS
 from rest_framework.settings import APISettings
 from rest_framework.views import APIView
 
-from .. import downloads, thumbnails, uploads, validation
+from .. import downloads, redaction, thumbnails, uploads, validation
 from ..auth import MatrixTokenAuthentication, is_admin
 from ..conf import app_settings
-from ..errors import BadRequest, Codes, InvalidParam, MatrixError
+from ..errors import BadRequest, Codes, GuestAccessForbidden, InvalidParam, MatrixError
 from ..models import Media
 from ..previews.service import preview_url
 from ..stores import Readable
@@ -48,6 +48,8 @@ UNSTABLE_FEATURES = {
     # The proposal's own (mistyped) prefix; some readers look for it.
     "com.beeper.msc3880": True,
     "org.matrix.msc3916.stable": True,
+    # Media self-redaction (RedactView).
+    "uk.timedout.msc4322": True,
 }
 
 
@@ -465,6 +467,27 @@ class PreviewURLView(MatrixView):
             _json_response,
             share_key=("preview_url",),
         )
+
+
+class RedactView(MatrixView):
+    """MSC4322: the uploader (or a server admin) deletes media; ``{}`` on success and on
+    media already redacted."""
+
+    def post(self, request: Request, server_name: str, media_id: str) -> Response:
+        body = _json_body(request)
+        reason = body.get("reason", "")
+        if not isinstance(reason, str):
+            raise InvalidParam("reason must be a string")
+        if request.user.is_guest:
+            raise GuestAccessForbidden("Guests cannot redact media")
+        redaction.redact(
+            server_name,
+            media_id,
+            user_id=request.user.user_id,
+            is_admin=lambda: is_admin(request.user, request.auth),
+            reason=reason,
+        )
+        return Response({})
 
 
 class ConfigView(MatrixView):

@@ -127,6 +127,10 @@ class MediaStore(ABC):
     can_redirect: bool = False
     #: Longest life an upload URL can have, in seconds (None = no limit).
     max_upload_url_lifetime: int | None = None
+    #: Whether listing up to 1,000 keys costs less than deleting them (a remote store,
+    #: where each batched delete is a request that does work per key): the expiry sweep
+    #: then deletes only the upload URL objects that exist.
+    lists_cheaper_than_deletes: bool = False
 
     @abstractmethod
     def upload_target(self, media: Media) -> UploadTarget:

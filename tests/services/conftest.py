@@ -65,14 +65,22 @@ class Stack:
         """A client of this stack's server with ``token`` (none: anonymous)."""
         return MatrixClient.over_http(self.base_url, token)
 
-    def start_server(self, workers: int | None = None, **extra_env: str) -> None:
+    def start_server(
+        self, workers: int | None = None, *, public_baseurl: str = "", **extra_env: str
+    ) -> None:
         """gunicorn serving the ASGI app (as ``make run`` and the container start it), with
         ``workers`` uvicorn workers (WEB_CONCURRENCY; default: the environment's, else
         one per core) and ``extra_env`` on top of the stack's; waits until every worker
-        has started and the server answers."""
+        has started and the server answers. ``public_baseurl``: where clients reach it
+        (a balancer in front), default its own address."""
         port = free_port()
         self.base_url = f"http://127.0.0.1:{port}"
-        env = {**self.env, **extra_env, "PORT": str(port), "PUBLIC_BASEURL": self.base_url}
+        env = {
+            **self.env,
+            **extra_env,
+            "PORT": str(port),
+            "PUBLIC_BASEURL": public_baseurl or self.base_url,
+        }
         if workers is not None:
             env["WEB_CONCURRENCY"] = str(workers)
         expected = int(env.get("WEB_CONCURRENCY") or os.cpu_count() or 1)
@@ -192,6 +200,87 @@ def running_stack(tmp: Path, workers: int | None = None) -> Iterator[Stack]:
         yield running
     finally:
         running.stop_all()
+
+
+@dataclass
+class TwoNodes:
+    """Two web nodes behind HAProxy (``docker/haproxy.cfg``), as ``docker/compose.yaml``
+    deploys them: each its own gunicorn with its own data directory and port, sharing
+    PostgreSQL, the broker, Redis, S3, one celery worker, the Django secret key and the
+    federation signing key (a file outside both data directories). ``a`` also runs the
+    worker (and the balancer process)."""
+
+    a: Stack
+    b: Stack
+    balancer_url: str
+
+    @property
+    def nodes(self) -> tuple[Stack, Stack]:
+        return self.a, self.b
+
+    def client(self, token: str = "") -> MatrixClient:
+        """A client of the balancer."""
+        return MatrixClient.over_http(self.balancer_url, token)
+
+    def stop_all(self) -> None:
+        for node in self.nodes:
+            node.stop_all()
+
+
+def start_balancer(stack: Stack, port: int, backends: list[str]) -> None:
+    """HAProxy with the deployment's own configuration, on 127.0.0.1:``port`` in front of
+    ``backends`` (base URLs), run by ``stack`` as its process ``balancer``; waits until
+    it forwards to them."""
+    haproxy = "/usr/sbin/haproxy"
+    if not Path(haproxy).exists():
+        pytest.fail("haproxy is not installed: scripts/ensure-services installs it")
+    env = {
+        **os.environ,
+        "MEDIAREPO_BALANCER_BIND": f"127.0.0.1:{port}",
+        **{
+            f"MEDIAREPO_WEB{n}": url.removeprefix("http://")
+            for n, url in enumerate(backends, start=1)
+        },
+    }
+    process = stack._spawn("balancer", [haproxy, "-db", "-f", "docker/haproxy.cfg"], env)
+
+    def forwards() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"haproxy exited: {stack.tail('balancer')}")
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/_matrix/client/versions", timeout=1).ok
+        except requests.RequestException:
+            return False
+
+    wait_until(forwards, 30, "haproxy to forward")
+
+
+@contextmanager
+def running_two_nodes(tmp: Path, *, worker: bool = True, **env: str) -> Iterator[TwoNodes]:
+    """Two nodes of one uvicorn worker each behind the balancer, and (``worker``) a celery
+    worker; ``env`` on top of every process's environment."""
+    balancer_port = free_port()
+    balancer_url = f"http://127.0.0.1:{balancer_port}"
+    shared = tmp / "shared"
+    shared.mkdir(mode=0o700)
+    common = {"MSC3870_SIGNING_KEY_PATH": str(shared / "signing.key"), **env}
+    nodes = []
+    for name in ("a", "b"):
+        data_dir = tmp / name
+        data_dir.mkdir(mode=0o700)
+        # Metrics on a listener of each node's own (tests read its waiters and requests).
+        metrics = {"METRICS_PORT": str(free_port())}
+        nodes.append(Stack(env=base_env(data_dir, **common, **metrics), logs=data_dir))
+    cluster = TwoNodes(nodes[0], nodes[1], balancer_url)
+    try:
+        for node in cluster.nodes:
+            node.start_server(1, public_baseurl=balancer_url)
+        start_balancer(cluster.a, balancer_port, [node.base_url for node in cluster.nodes])
+        if worker:
+            cluster.a.start_worker()
+        yield cluster
+    finally:
+        cluster.stop_all()
 
 
 @pytest.fixture(scope="session")
