@@ -1294,6 +1294,15 @@ def main() -> None:
             f"{len(journal.uploads)} uploads accepted; waiting for the sweeps"
         )
 
+        # A process of the stack that exited by itself (not one a fault killed and
+        # started again): the soak does not supervise them, an operator's system would.
+        exited = {
+            name: process.returncode
+            for name, process in stack.processes.items()
+            if process.poll() is not None
+        }
+        if exited:
+            log(f"exited during the load: {exited}")
         settled = settle(database_url, args.settle_seconds)
         log(f"sweeps: {settled}")
         accepted_ids = {u.media_id for u in journal.uploads}
@@ -1331,6 +1340,7 @@ def main() -> None:
             "faults": [fault_report(f, records) for f in faults.done],
             "errors_outside_windows": outside_windows(faults.done, records),
             "corrupt_during_load": journal.corrupt,
+            "exited": exited,
             "settle": settled,
             "verify": verified,
             "rows_by_state": dict(Counter(r["state"] for r in rows)),
@@ -1398,6 +1408,7 @@ def summary(result: dict[str, Any]) -> str:
         f"accepted uploads' rows: {result['accepted_rows_by_state']}",
         f"rows: {result['rows_by_state']}; "
         f"overdue: { {k: len(v) for k, v in result['overdue_rows'].items()} }",
+        f"processes that exited by themselves: {result['exited'] or 'none'}",
         f"settle: {result['settle']}",
         f"bucket: {result['bucket']['keys']} keys {result['bucket']['kinds']}",
         *[f"  orphan {o}" for o in result["bucket"]["orphans"][:20]],
