@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8008
 
-.PHONY: run test services-test lint check clean
+.PHONY: run test services-test lint check clean soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+
+# Ten minutes of mixed load on the whole stack while services fail (bench/soak.py); not CI.
+soak: $(VENV)/.dev-installed
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 check: $(VENV)/.run-installed
 	$(BIN)/python manage.py check --deploy --fail-level ERROR

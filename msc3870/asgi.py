@@ -66,6 +66,7 @@ from .errors import (
     InvalidParam,
     LimitExceeded,
     MatrixError,
+    ServiceUnavailable,
     TooLarge,
     Unrecognized,
     URITooLong,
@@ -308,14 +309,14 @@ class MediaASGIHandler:
             await self._handle(scope, receive, tracking_send)
         except _ClientGone:
             pass  # nobody to answer
-        except Exception:
+        except Exception as exc:
             # A failure outside Django's own handling (reading a body to send, the
             # hub): still a Matrix error, unless the answer had begun (then the server
             # can only drop the connection).
             log.exception("Unhandled error on %s %s", scope["method"], scope["path"])
             if started:
                 raise
-            await self._send(Outgoing.error(MatrixError("Internal error")), send)
+            await self._send(Outgoing.error(_error_of(exc)), send)
         finally:
             if federation:
                 self.federation_in_flight.release(address)
@@ -494,7 +495,14 @@ class MediaASGIHandler:
                     spool.close()
                     return _refusal(_too_large(limit), close=False)
                 if chunk:
-                    spool.write(chunk)
+                    try:
+                        spool.write(chunk)
+                    except OSError as exc:
+                        # The spool directory is full or unwritable: the body cannot be
+                        # taken now. The client may try again; the rest is not read.
+                        log.warning("Cannot spool a request body: %s", exc)
+                        spool.close()
+                        return _refusal(ServiceUnavailable(), close=True)
                 if not message.get("more_body", False):
                     break
                 if clock is not None:
@@ -624,9 +632,10 @@ class MediaASGIHandler:
         signals.request_started.send(sender=self.__class__, scope=scope)
         try:
             error = admission.resolved_verdict(credential)
-        except Exception:
-            log.exception("Unhandled error checking an upload's access token")
-            error = MatrixError("Internal error")
+        except Exception as exc:
+            if to_matrix_error(exc) is None:
+                log.exception("Unhandled error checking an upload's access token")
+            error = _error_of(exc)
         if error is None:
             signals.request_finished.send(sender=self.__class__)
             return None
@@ -819,6 +828,21 @@ class MediaASGIHandler:
     async def _send(self, outgoing: Outgoing, send: Send) -> None:
         response = outgoing.response
         body = outgoing.body
+        chunks: Iterator[bytes] | None = None
+        first: bytes | None = None
+        if body is None and not response.is_async:  # type: ignore[attr-defined]
+            # The first chunk before the status line: a store that fails at once (it is
+            # down) is answered with its error, not with a 200 cut short.
+            chunks = iter(response)  # type: ignore[call-overload]
+            try:
+                first = await self._run(next, chunks, None)
+            except Exception as exc:
+                await self._run(response.close)
+                error = to_matrix_error(exc)
+                if error is None:
+                    raise
+                await self._send(Outgoing.error(error), send)
+                return
         await send(
             {
                 "type": "http.response.start",
@@ -837,18 +861,25 @@ class MediaASGIHandler:
                 )
             return
         try:
-            await self._stream(response, send)
+            await self._stream(response, send, chunks, first)
         finally:
             await self._run(response.close)
 
-    async def _stream(self, response: HttpResponseBase, send: Send) -> None:
-        if response.is_async:  # type: ignore[attr-defined]
+    async def _stream(
+        self,
+        response: HttpResponseBase,
+        send: Send,
+        chunks: Iterator[bytes] | None,
+        first: bytes | None,
+    ) -> None:
+        if chunks is None:
             async for chunk in response:  # type: ignore[attr-defined]
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         else:
-            chunks: Iterator[bytes] = iter(response)  # type: ignore[call-overload]
-            while (chunk := await self._run(next, chunks, None)) is not None:
+            chunk = first
+            while chunk is not None:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                chunk = await self._run(next, chunks, None)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
@@ -918,10 +949,23 @@ def _finish(response: HttpResponseBase) -> Outgoing:
         return Outgoing(response, response.content)  # type: ignore[attr-defined]
     length = response.get("Content-Length")
     if not response.is_async and length is not None and int(length) <= SMALL_STREAM_BYTES:  # type: ignore[attr-defined]
-        body = b"".join(response)  # type: ignore[arg-type]
+        try:
+            body = b"".join(response)  # type: ignore[arg-type]
+        except Exception as exc:
+            # Nothing has been sent yet: the reader's failure (the storage went away) is
+            # this request's answer, not an error of every request answered with it.
+            response.close()
+            if to_matrix_error(exc) is None:
+                log.exception("Unhandled error reading a response body")
+            return _finish(json_error(_error_of(exc)))
         response.close()
         return Outgoing(response, body)
     return Outgoing(response, None)
+
+
+def _error_of(exc: BaseException) -> MatrixError:
+    """What the client hears of an exception no view turned into an answer."""
+    return to_matrix_error(exc) or MatrixError("Internal error")
 
 
 class _Batches:

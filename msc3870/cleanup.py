@@ -46,6 +46,18 @@ def delete_objects(pk: int) -> bool:
     return delete_objects_of([pk]) == 1
 
 
+def unrecorded_upload_keys(media: Media) -> list[str]:
+    """Keys this media's upload requests stored and no row records: those of requests that
+    died between storing their bytes and recording them (a killed process, the database
+    gone at that write). Listed while the row still holds the dead request's claim, so
+    that no request claiming the id later can have stored one yet."""
+    prefix = storage_keys.upload_prefix(media.served_key)
+    directory = prefix.rsplit("/", 1)[0] + "/"  # the local store lists directories
+    keys = [key for key in get_store().list_keys(directory) if key.startswith(prefix)]
+    recorded = set(Media.objects.filter(storage_key__in=keys).values_list("storage_key", flat=True))
+    return [key for key in keys if key not in recorded]
+
+
 def hash_blocked_content(pks: list[int]) -> None:
     """Content a moderator rejected stays blocked by its SHA-256 (``check_not_blocked``)
     once its bytes are gone: hash, before they go, what was never hashed

@@ -202,6 +202,11 @@ class MSC3870Settings:
     COMPLETE_WAITS_FOR_CHECKS = Setting(BOOL, False, env=Env(always=True))
     # Seconds in PROCESSING after which screening is assumed lost and queued again.
     STUCK_AFTER_SECONDS = Setting(INT, 300, env=Env(always=True))
+    # Seconds a body streaming through this server (PUT, one-shot POST) is given before
+    # the stuck sweep decides the process receiving it died: slow clients on big files
+    # take minutes. The sweep then frees the id (PUT) or rejects it (POST), and deletes
+    # what such a request stored without recording it.
+    IN_FLIGHT_UPLOAD_SECONDS = Setting(INT, 3600, must_be="positive", env=Env())
 
     # Upload bodies being read (msc3870/admission.py), per process and per client address
     # (an IPv6 client by its /64): past a cap, 429 M_LIMIT_EXCEEDED before a byte is read.

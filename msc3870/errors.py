@@ -233,6 +233,33 @@ class StorageUnavailable(MatrixError):
     status, errcode, default_message = 503, Codes.UNKNOWN, "Media storage is unavailable"
 
 
+class ServiceUnavailable(MatrixError):
+    """A service this server depends on (the database, the cache, the broker) could not
+    be reached: try again, as for the storage; not a bug of this server (500)."""
+
+    status, errcode, default_message = 503, Codes.UNKNOWN, "Service temporarily unavailable"
+
+
+# The exceptions of a service that is down or restarting, by module and class name (the
+# clients are optional dependencies: nothing is imported to recognise them).
+_OUTAGES = frozenset(
+    {
+        ("django.db.utils", "OperationalError"),
+        ("django.db.utils", "InterfaceError"),
+        ("redis.exceptions", "ConnectionError"),
+        ("redis.exceptions", "TimeoutError"),
+        ("kombu.exceptions", "OperationalError"),
+    }
+)
+
+
+def outage(exc: BaseException) -> ServiceUnavailable | None:
+    """A 503 for an exception that says a backing service is unavailable, else None."""
+    if any((cls.__module__, cls.__qualname__) in _OUTAGES for cls in type(exc).__mro__):
+        return ServiceUnavailable()
+    return None
+
+
 class HomeserverUnavailable(MatrixError):
     status, errcode, default_message = 502, Codes.UNKNOWN, "Homeserver could not check the token"
 

@@ -16,7 +16,12 @@ from django.db.models import Q, Sum
 from django.utils import timezone
 
 from . import lifecycle, storage_keys, verdicts
-from .cleanup import ObjectDeleter, delete_objects_of, schedule_object_deletion
+from .cleanup import (
+    ObjectDeleter,
+    delete_objects_of,
+    schedule_object_deletion,
+    unrecorded_upload_keys,
+)
 from .conf import app_settings
 from .errors import Codes, StorageUnavailable
 from .models import TOMBSTONE_STATES, Media, MediaState, UploadMethod, URLPreview
@@ -27,9 +32,6 @@ S = MediaState
 
 DEFAULT_BATCH = 1000
 DEFAULT_MAX_BATCHES = 20
-# A body still streaming through this server (PUT, one-shot POST) is given this long
-# before the sweep decides its process died: slow clients on big files take minutes.
-IN_FLIGHT_UPLOAD_TIMEOUT = timedelta(hours=1)
 # Where the orphan sweep stopped (the last key it looked at). Lost with the cache, the
 # walk starts again from the beginning: nothing is missed, some keys are looked at twice.
 ORPHAN_SWEEP_CURSOR = "msc3870:orphan-sweep:cursor"
@@ -103,24 +105,58 @@ def redispatch_stuck(
         if media.storage_key or media.upload_method == UploadMethod.URL:
             verdicts.dispatch(media)
             count += 1
-        elif media.processing_started_at > now - max(older_than, IN_FLIGHT_UPLOAD_TIMEOUT):
+        elif media.processing_started_at > now - max(older_than, in_flight_upload_timeout()):
             continue  # its body may still be arriving
-        elif media.upload_method == UploadMethod.PUT:
-            # The process receiving the body died: nothing usable was kept.
-            if lifecycle.transition(
-                media, [S.PROCESSING], S.PENDING, upload_method="", processing_started_at=None
-            ):
-                count += 1
-        elif lifecycle.transition(
+        else:
+            count += _give_up_on_body(media)
+    return count
+
+
+def _give_up_on_body(media: Media) -> int:
+    """The process receiving a PUT or POST body died (or lost the database when it would
+    record the bytes): a PUT's id is free again, a POST's media rejected, and what the
+    request may have stored without recording it is deleted. Only while the row still
+    holds that request's claim, bytes unrecorded: a late request's own write wins."""
+    try:
+        leftovers = unrecorded_upload_keys(media)
+    except StorageUnavailable as exc:
+        # Given up on at the next sweep instead: given up on now, its bytes would stay.
+        log.warning("Upload %s is given up on later: %s", media.media_id, exc)
+        return 0
+    claim = lifecycle.same_claim(media) & Q(storage_key="")
+    if media.upload_method == UploadMethod.PUT:
+        moved = lifecycle.transition(
+            media,
+            [S.PROCESSING],
+            S.PENDING,
+            extra_where=claim,
+            upload_method="",
+            processing_started_at=None,
+        )
+    else:
+        moved = lifecycle.transition(
             media,
             [S.PROCESSING],
             S.REJECTED,
+            extra_where=claim,
             rejection_errcode=Codes.UNKNOWN.value,
             rejection_reason="Upload was interrupted",
-        ):
+        )
+        if moved:
             schedule_object_deletion(media.pk)
-            count += 1
-    return count
+    if moved and leftovers:
+        # A request of the old claim still running finds its claim gone and deletes its
+        # own key too: deleting twice is harmless.
+        try:
+            get_store().delete_many(leftovers)
+        except StorageUnavailable as exc:
+            log.warning("Objects of an interrupted upload are left: %s: %s", leftovers, exc)
+    return int(moved)
+
+
+def in_flight_upload_timeout() -> timedelta:
+    """How long a body streaming through this server may take (``IN_FLIGHT_UPLOAD_SECONDS``)."""
+    return timedelta(seconds=app_settings.IN_FLIGHT_UPLOAD_SECONDS)
 
 
 def delete_orphaned_uploads(*, limit: int = 10_000) -> int:
@@ -137,7 +173,7 @@ def delete_orphaned_uploads(*, limit: int = 10_000) -> int:
     sweep_partials = getattr(store, "delete_stale_partials", None)
     if sweep_partials is not None:
         # Same patience as for a PUT still streaming: older partial files have no writer.
-        deleted += sweep_partials(IN_FLIGHT_UPLOAD_TIMEOUT)
+        deleted += sweep_partials(in_flight_upload_timeout())
     batch: list[str] = []
 
     def flush() -> int:

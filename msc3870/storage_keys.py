@@ -34,7 +34,12 @@ def served(server_name: str, media_id: str, *, remote: bool, preview: bool = Fal
 
 def upload(served_key: str) -> str:
     """A new key for the bytes of one upload request: the served key and a random suffix."""
-    return f"{served_key}.{secrets.token_hex(6)}"
+    return f"{upload_prefix(served_key)}{secrets.token_hex(6)}"
+
+
+def upload_prefix(served_key: str) -> str:
+    """What every ``upload`` key of ``served_key`` starts with."""
+    return f"{served_key}."
 
 
 def thumbnail_prefix(

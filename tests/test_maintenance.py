@@ -215,6 +215,74 @@ def test_stuck_put_without_bytes_returns_to_pending(alice: MatrixClient) -> None
     assert media_of(created["content_uri"]).state == S.PENDING
 
 
+def _dead_request(media: Media, method: str, started_ago: timedelta) -> str:
+    """What a request receiving a body leaves when its process dies (or loses the
+    database) between storing the bytes and recording them: the row claimed, no key on
+    it, and an object under a key of the request's own. Returns that key."""
+    Media.objects.filter(pk=media.pk).update(
+        state=S.PROCESSING,
+        upload_method=method,
+        processing_started_at=timezone.now() - started_ago,
+    )
+    key = media.upload_key()
+    get_store().write_stream(key, io.BytesIO(b"bytes nobody recorded"), max_size=1024)
+    return key
+
+
+@pytest.mark.parametrize(("method", "then"), [("put", S.PENDING), ("post", S.REJECTED)])
+def test_what_a_dead_upload_stored_unrecorded_is_deleted_when_the_sweep_gives_up(
+    alice: MatrixClient, method: str, then: str
+) -> None:
+    served = alice.uploaded(b"another upload's bytes")
+    created = alice.create()
+    media = media_of(created["content_uri"])
+    leftover = _dead_request(media, method, timedelta(hours=2))
+    assert maintenance.redispatch_stuck() == 1
+    assert media_of(created["content_uri"]).state == then
+    assert get_store().head(leftover) is None
+    assert get_store().head(media_of(served).storage_key) is not None
+
+
+def test_a_dead_upload_is_given_up_on_later_while_the_storage_is_down(
+    alice: MatrixClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Freed without looking at the storage, its id would keep what it stored forever."""
+    from msc3870.errors import StorageUnavailable
+
+    created = alice.create()
+    media = media_of(created["content_uri"])
+    leftover = _dead_request(media, "put", timedelta(hours=2))
+
+    def down(*args: object) -> object:
+        raise StorageUnavailable()
+
+    with monkeypatch.context() as patched:
+        patched.setattr(type(get_store()), "list_keys", down)
+        assert maintenance.redispatch_stuck() == 0
+    assert media_of(created["content_uri"]).state == S.PROCESSING
+    assert maintenance.redispatch_stuck() == 1
+    assert get_store().head(leftover) is None
+
+
+def test_what_a_live_upload_stored_is_left_while_its_body_may_still_arrive(
+    alice: MatrixClient,
+) -> None:
+    media = media_of(alice.create()["content_uri"])
+    stored = _dead_request(media, "put", timedelta(minutes=10))
+    assert maintenance.redispatch_stuck() == 0
+    assert get_store().head(stored) is not None
+
+
+def test_how_long_a_body_may_take_is_a_setting(alice: MatrixClient) -> None:
+    media = media_of(alice.create()["content_uri"])
+    leftover = _dead_request(media, "put", timedelta(minutes=3))
+    with msc3870_settings(IN_FLIGHT_UPLOAD_SECONDS=600):
+        assert maintenance.redispatch_stuck() == 0
+    with msc3870_settings(IN_FLIGHT_UPLOAD_SECONDS=120, STUCK_AFTER_SECONDS=60):
+        assert maintenance.redispatch_stuck() == 1
+    assert get_store().head(leftover) is None
+
+
 @pytest.mark.usefixtures("puts_claim_first")
 def test_upload_abandoned_by_the_sweep_while_streaming(alice: MatrixClient) -> None:
     """The sweep gave up on a PUT whose body was still arriving: the client is told, and

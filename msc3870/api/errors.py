@@ -25,6 +25,7 @@ from ..errors import (
     TooLarge,
     UnknownToken,
     Unrecognized,
+    outage,
 )
 from ..waiting import RetryWhenDone
 from .deferred import DeferredResponse
@@ -64,7 +65,11 @@ def to_matrix_error(exc: BaseException) -> MatrixError | None:
         error = MatrixError(str(exc.detail))
         error.status = exc.status_code
         return error
-    return None
+    unavailable = outage(exc)
+    if unavailable is not None:
+        # The client hears "try again"; the operator reads which service and why.
+        log.warning("%s: %s: %s", unavailable.message, type(exc).__name__, exc)
+    return unavailable
 
 
 def exception_handler(
