@@ -48,40 +48,29 @@ def keep_hook() -> Callable[[list[str]], Collection[str]] | None:
 def apply_retention(*, limit: int | None = None) -> RetentionResult:
     """Apply every ``RETENTION_*`` rule that is set; ``limit`` bounds the items each rule
     looks at in one run (the next run goes on)."""
+    local, remote = moderation.delete_local_media_before, moderation.purge_remote_cache_before
+    rules = (
+        (app_settings.RETENTION_LOCAL_MAX_AGE_SECONDS, True, local, "local_purged"),
+        (app_settings.RETENTION_LOCAL_UNUSED_SECONDS, False, local, "local_purged"),
+        (app_settings.RETENTION_REMOTE_MAX_AGE_SECONDS, True, remote, "remote_deleted"),
+        (app_settings.RETENTION_REMOTE_UNUSED_SECONDS, False, remote, "remote_deleted"),
+    )
     result = RetentionResult()
     now = timezone.now()
-    size_gt = app_settings.RETENTION_MIN_BYTES
     keep = keep_hook()
-    for seconds, by_age in (
-        (app_settings.RETENTION_LOCAL_MAX_AGE_SECONDS, True),
-        (app_settings.RETENTION_LOCAL_UNUSED_SECONDS, False),
-    ):
+    for seconds, by_age, delete_before, counted_in in rules:
         if seconds is None:
             continue
-        result.local_purged += moderation.delete_local_media_before(
+        deleted = delete_before(
             now - timedelta(seconds=seconds),
             by=ACTOR,
             reason=_reason(seconds, by_age),
-            size_gt=size_gt,
+            size_gt=app_settings.RETENTION_MIN_BYTES,
             keep=keep,
             limit=limit,
             by_age=by_age,
         )
-    for seconds, by_age in (
-        (app_settings.RETENTION_REMOTE_MAX_AGE_SECONDS, True),
-        (app_settings.RETENTION_REMOTE_UNUSED_SECONDS, False),
-    ):
-        if seconds is None:
-            continue
-        result.remote_deleted += moderation.purge_remote_cache_before(
-            now - timedelta(seconds=seconds),
-            by=ACTOR,
-            reason=_reason(seconds, by_age),
-            size_gt=size_gt,
-            keep=keep,
-            limit=limit,
-            by_age=by_age,
-        )
+        setattr(result, counted_in, getattr(result, counted_in) + deleted)
     return result
 
 
