@@ -635,36 +635,18 @@ def stream(
     (default: the federation lists). Raises AddressNotAllowed,
     ResponseTooLarge (``Content-Length`` over the limit: nothing is read), OutboundTimeout
     or OutboundError."""
-    at = time.monotonic() + (total_timeout or timeout * 6)
-    outer = _deadline_at.get()
-    if outer is not None:
-        at = min(at, outer)
-    if at <= time.monotonic():
-        raise OutboundTimeout(f"{method} {url}: the deadline passed before it started")
+    at = _deadline_for(method, url, total_timeout or timeout * 6)
     watch = _watchdog.watch(at)
     session = new_session()
     response: requests.Response | None = None
     try:
-        watch_token = _current_watch.set(watch)
-        policy_token = _current_policy.set(policy)
-        try:
-            with _until(at):
-                response = _send_following_redirects(
-                    session, method, url, dict(headers or {}), data, timeout, allow_redirects
-                )
-        except OutboundError as exc:
-            # Cut by the watchdog, or by a socket timeout that was the time left (a TLS
-            # handshake that never completes fails as an SSL error): a timeout either way.
-            late = watch.fired or time.monotonic() >= at
-            if late and not isinstance(exc, (OutboundTimeout, AddressNotAllowed)):
-                raise OutboundTimeout(f"{method} {url} took too long") from exc
-            raise
-        finally:
-            _current_policy.reset(policy_token)
-            _current_watch.reset(watch_token)
-        # Cut while reading the head, a response can look whole with headers missing.
-        if watch.fired:
-            raise OutboundTimeout(f"{method} {url} took too long")
+        response = _send_watched(
+            session,
+            watch,
+            at,
+            policy,
+            (method, url, dict(headers or {}), data, timeout, allow_redirects),
+        )
         length = response.headers.get("Content-Length")
         if length is not None and length.strip().isdigit() and int(length) > max_bytes:
             raise ResponseTooLarge(
@@ -685,6 +667,50 @@ def stream(
         if response is not None:
             response.close()
         session.close()
+
+
+def _deadline_for(method: str, url: str, total: float) -> float:
+    """When the whole exchange must be over: ``total`` from now, or an enclosing
+    ``deadline()`` block's end if sooner."""
+    at = time.monotonic() + total
+    outer = _deadline_at.get()
+    if outer is not None:
+        at = min(at, outer)
+    if at <= time.monotonic():
+        raise OutboundTimeout(f"{method} {url}: the deadline passed before it started")
+    return at
+
+
+def _send_watched(
+    session: requests.Session,
+    watch: _Watch,
+    at: float,
+    policy: IPPolicy | None,
+    request: tuple[str, str, dict[str, str], bytes | None, float, bool],
+) -> requests.Response:
+    """The response's head, every connection made under ``watch`` (which cuts them at
+    ``at``) and judged by ``policy``."""
+    method, url = request[0], request[1]
+    watch_token = _current_watch.set(watch)
+    policy_token = _current_policy.set(policy)
+    try:
+        with _until(at):
+            response = _send_following_redirects(session, *request)
+    except OutboundError as exc:
+        # Cut by the watchdog, or by a socket timeout that was the time left (a TLS
+        # handshake that never completes fails as an SSL error): a timeout either way.
+        late = watch.fired or time.monotonic() >= at
+        if late and not isinstance(exc, (OutboundTimeout, AddressNotAllowed)):
+            raise OutboundTimeout(f"{method} {url} took too long") from exc
+        raise
+    finally:
+        _current_policy.reset(policy_token)
+        _current_watch.reset(watch_token)
+    # Cut while reading the head, a response can look whole with headers missing.
+    if watch.fired:
+        response.close()
+        raise OutboundTimeout(f"{method} {url} took too long")
+    return response
 
 
 def _send_following_redirects(
