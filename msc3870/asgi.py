@@ -475,13 +475,7 @@ class MediaASGIHandler:
         if message["type"] == "http.disconnect":
             raise _ClientGone()
         if not message.get("more_body", False):
-            # The whole body in one message (every GET, most JSON): already in memory.
-            chunk = message.get("body", b"")
-            if len(chunk) > limit:
-                return _refusal(_too_large(limit), close=False)
-            if declared is None:
-                scope["headers"] = [*scope["headers"], (b"content-length", b"%d" % len(chunk))]
-            return io.BytesIO(chunk)
+            return _body_of_one_message(scope, message, limit, declared)
         loop = asyncio.get_running_loop()
         spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES, mode="w+b")  # noqa: SIM115
         size = 0
@@ -1094,6 +1088,18 @@ def _is_large(body: IO[bytes]) -> bool:
     size = body.seek(0, io.SEEK_END)
     body.seek(0)
     return size > SPOOL_MEMORY_BYTES
+
+
+def _body_of_one_message(
+    scope: Scope, message: dict[str, Any], limit: int, declared: int | None
+) -> IO[bytes] | Outgoing:
+    """The whole body in one message (every GET, most JSON): already in memory."""
+    chunk = message.get("body", b"")
+    if len(chunk) > limit:
+        return _refusal(_too_large(limit), close=False)
+    if declared is None:
+        scope["headers"] = [*scope["headers"], (b"content-length", b"%d" % len(chunk))]
+    return io.BytesIO(chunk)
 
 
 def _refusal(error: MatrixError, *, close: bool) -> Outgoing:
