@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import urlsplit
@@ -641,3 +642,18 @@ def data_queries(captured: CaptureQueriesContext) -> list[str]:
     return [
         q["sql"] for q in captured.captured_queries if not q["sql"].startswith(TRANSACTION_CONTROL)
     ]
+
+
+class JSONHandler(BaseHTTPRequestHandler):
+    """A fake server's handler that answers JSON and logs nothing."""
+
+    def _send(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass

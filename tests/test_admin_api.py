@@ -7,11 +7,10 @@ ketesa web UIs send are replayed on the real server in
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -24,6 +23,7 @@ from msc3870.models import Media, MediaState, ModerationAction, ModerationRecord
 from msc3870.tasks import admin_bulk_task
 
 from .conftest import MatrixClient, make_token, media_of, msc3870_settings, mxc_path, png_bytes
+from .helpers import JSONHandler
 
 S = MediaState
 A = ModerationAction
@@ -742,7 +742,7 @@ def test_the_asgi_handler_serves_the_admin_api_as_an_api(app: Any) -> None:
 # ---------------------------------------------------------------------- the homeserver
 
 
-class Homeserver(BaseHTTPRequestHandler):
+class Homeserver(JSONHandler):
     """Synapse's whoami and its admin check, over real HTTP on 127.0.0.1."""
 
     users = {
@@ -773,17 +773,6 @@ class Homeserver(BaseHTTPRequestHandler):
                 )
             return self._send(200, {"admin": True})
         return self._send(404, {"errcode": "M_UNRECOGNIZED", "error": "no"})
-
-    def _send(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
 
 @pytest.fixture

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from io import StringIO
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -27,7 +26,7 @@ from msc3870.errors import (
 )
 from msc3870.models import AccessToken
 
-from .helpers import make_token, msc3870_settings
+from .helpers import JSONHandler, make_token, msc3870_settings
 
 
 def test_local_token_resolves(db: None) -> None:
@@ -147,7 +146,7 @@ def test_namespace_reaches_other_servers_only_when_it_names_them(db: None) -> No
     assert not _acts_as(broken, "@tg_1:localhost")
 
 
-class FakeHomeserver(BaseHTTPRequestHandler):
+class FakeHomeserver(JSONHandler):
     """A whoami endpoint over real HTTP, answering like Synapse."""
 
     tokens: dict[str, str] = {
@@ -193,17 +192,6 @@ class FakeHomeserver(BaseHTTPRequestHandler):
             user = query["user_id"]
         device = query.get("device_id", "DEV")
         return self._send(200, {"user_id": user, "device_id": device, "is_guest": token == "guest"})
-
-    def _send(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
 
 @pytest.fixture
