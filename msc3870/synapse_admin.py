@@ -337,12 +337,11 @@ def delete_before(before_ts: int, size_gt: int, *, by: str) -> list[str]:
     deleted: list[str] = []
     limit = items_per_request()
     moderation.delete_local_media_before(
-        from_ms(before_ts),
+        moderation.DeletionFilter(from_ms(before_ts), size_gt=size_gt),
         by=by,
         reason="Admin API: delete by date and size",
-        size_gt=size_gt,
         on_deleted=deleted.extend,
-        limit=limit,
+        batches=moderation.Batches(limit=limit),
     )
     if len(deleted) >= limit:
         _go_on("delete_before", before_ts=before_ts, size_gt=size_gt, by=by)
@@ -354,7 +353,10 @@ def purge_remote_cache(before_ts: int, *, by: str) -> int:
     before ``before_ts`` (ms), except quarantined media; how many this call deleted."""
     limit = items_per_request()
     count = moderation.purge_remote_cache_before(
-        from_ms(before_ts), by=by, reason="Admin API: purge the remote media cache", limit=limit
+        moderation.DeletionFilter(from_ms(before_ts)),
+        by=by,
+        reason="Admin API: purge the remote media cache",
+        batches=moderation.Batches(limit=limit),
     )
     if count >= limit:
         _go_on("purge_remote_cache", before_ts=before_ts, by=by)
@@ -374,7 +376,7 @@ def quarantine_user(user_id: str, *, by: str) -> int:
 
     limit = items_per_request()
     count = moderation.quarantine_user_media(
-        user_id, by=by, reason=reason, limit=limit, on_moved=note_hashes
+        user_id, by=by, reason=reason, batches=moderation.Batches(limit=limit), on_moved=note_hashes
     )
     if count >= limit:
         _go_on("quarantine_user", user_id=user_id, by=by)

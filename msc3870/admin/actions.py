@@ -34,7 +34,7 @@ CONFIRMATION_TEMPLATE = "admin/msc3870/media/moderation_confirmation.html"
 # Media listed by name on a confirmation page; a larger selection is given as a count.
 CONFIRMATION_PREVIEW_LIMIT = 100
 # Media rows loaded at once while acting on a large selection.
-ACTION_BATCH_SIZE = 500
+ACTION_BATCHES = moderation.Batches(size=500)
 # Actions that read each selected item's bytes in the request (re-screening, hashing
 # content) take at most this many items; the management commands take any number.
 READING_LIMIT = 100
@@ -87,7 +87,7 @@ def _bulk(kind: ModerationAction, verb: str) -> Run:
         # they are acted on are neither skipped nor repeated, and no list of the whole
         # selection is held.
         result = moderation.moderate_many(
-            queryset, kind, by=user, reason=reason, batch_size=ACTION_BATCH_SIZE
+            queryset, kind, by=user, reason=reason, batches=ACTION_BATCHES
         )
         said: Messages = [(messages.SUCCESS, f"{verb} {result.done} media.")]
         if result.skipped:
@@ -146,9 +146,7 @@ def _uploaders_scope(queryset: QuerySet[Media]) -> Scope:
 def _quarantine_uploaders(queryset: QuerySet[Media], user: Any, reason: str) -> Messages:
     uploaders = selected_uploaders(queryset)[:UPLOADER_LIMIT]
     done = sum(
-        moderation.quarantine_user_media(
-            user_id, by=user, reason=reason, batch_size=ACTION_BATCH_SIZE
-        )
+        moderation.quarantine_user_media(user_id, by=user, reason=reason, batches=ACTION_BATCHES)
         for user_id in uploaders
     )
     return [(messages.SUCCESS, f"Quarantined {done} media of {len(uploaders)} uploader(s).")]
@@ -178,7 +176,7 @@ def _quarantine_content(queryset: QuerySet[Media], user: Any, reason: str) -> Me
         elif sha256 not in hashes:
             hashes.add(sha256)
             quarantined += moderation.quarantine_content(
-                sha256, by=user, reason=reason, batch_size=ACTION_BATCH_SIZE
+                sha256, by=user, reason=reason, batches=ACTION_BATCHES
             )
     said: Messages = [
         (
