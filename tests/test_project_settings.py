@@ -140,6 +140,7 @@ def unset_environment(data_dir: Path) -> dict[str, Any]:
         "COMPLETE_WAIT_SECONDS": 20.0,
         "COMPLETE_WAITS_FOR_CHECKS": False,
         "S3_COPY_CHECKSUM": True,
+        "S3_SIGN_PAYLOAD": False,
         "STUCK_AFTER_SECONDS": 300,
         "CLAMAV_URL": None,
         "SHA256_WHEN": "needed",
@@ -180,6 +181,7 @@ ENVIRONMENT_CASES: list[tuple[dict[str, str], dict[str, Any]]] = [
     ({"MSC3870_COMPLETE_WAITS_FOR_CHECKS": "1"}, {"COMPLETE_WAITS_FOR_CHECKS": True}),
     ({"MSC3870_S3_COPY_CHECKSUM": "0"}, {"S3_COPY_CHECKSUM": False}),
     ({"MSC3870_S3_COPY_CHECKSUM": "no"}, {}),  # only "0" turns it off
+    ({"MSC3870_S3_SIGN_PAYLOAD": "1"}, {"S3_SIGN_PAYLOAD": True}),
     ({"MSC3870_S3_UPLOAD_PART_SIZE": "5242880"}, {"S3_UPLOAD_PART_SIZE": 5242880}),
     ({"MSC3870_S3_UPLOAD_CONCURRENCY": "2"}, {"S3_UPLOAD_CONCURRENCY": 2}),
     ({"MSC3870_STUCK_AFTER_SECONDS": "60"}, {"STUCK_AFTER_SECONDS": 60}),
