@@ -203,3 +203,13 @@ def test_a_url_uploads_screening_line_times_the_move(alice: MatrixClient, lines:
     assert screening["outcome"] == "complete"
     assert 0 <= screening["move_ms"] <= screening["duration_ms"]
     assert "move_outcome" not in screening
+
+
+def test_the_text_formatter_writes_the_time_as_logging_does() -> None:
+    """The text of a second is kept for the next record of that second, never beyond."""
+    plain = logging.Formatter("%(asctime)s")
+    text = logs.TextFormatter("%(asctime)s")
+    for created in (1_700_000_000.123, 1_700_000_000.987, 1_700_000_001.5, 1_699_999_999.0):
+        record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
+        record.created, record.msecs = created, (created % 1) * 1000
+        assert text.format(record) == plain.format(record)
