@@ -15,7 +15,7 @@ from django.core.cache import cache
 from django.db.models import Q, Sum
 from django.utils import timezone
 
-from . import lifecycle, storage_keys, verdicts
+from . import lifecycle, served_copies, storage_keys, verdicts
 from .cleanup import (
     ObjectDeleter,
     delete_objects_of,
@@ -24,7 +24,15 @@ from .cleanup import (
 )
 from .conf import app_settings
 from .errors import Codes, StorageUnavailable
-from .models import TOMBSTONE_STATES, Media, MediaState, UploadMethod, URLPreview
+from .models import (
+    AWAITING_UPLOAD_STATES,
+    LIVE_STATES,
+    TOMBSTONE_STATES,
+    Media,
+    MediaState,
+    UploadMethod,
+    URLPreview,
+)
 from .stores import get_store
 
 log = logging.getLogger(__name__)
@@ -93,7 +101,8 @@ def redispatch_stuck(
     *, older_than: timedelta | None = None, batch_size: int = DEFAULT_BATCH
 ) -> int:
     """Re-queue screening of media left in PROCESSING longer than ``STUCK_AFTER_SECONDS``
-    (worker died, broker was down)."""
+    (worker died, broker was down), and the copies of media still served from the upload
+    URL's bucket that long after completing (``served_copies``)."""
     if older_than is None:
         older_than = timedelta(seconds=app_settings.STUCK_AFTER_SECONDS)
     now = timezone.now()
@@ -109,7 +118,7 @@ def redispatch_stuck(
             continue  # its body may still be arriving
         else:
             count += _give_up_on_body(media)
-    return count
+    return count + served_copies.queue_stuck(now - older_than, batch_size)
 
 
 def _give_up_on_body(media: Media) -> int:
@@ -164,9 +173,11 @@ def delete_orphaned_uploads(*, limit: int = 10_000) -> int:
     partial files of uploads whose process died (local disk only).
 
     A client can PUT to its URL again after /complete (S3 cannot refuse it); those bytes
-    are never served, and this removes them. Each run looks at ``limit`` keys at most and
-    the next one resumes after the last key it looked at, so keys of media still waiting
-    cannot hide later orphans however many they are.
+    are never served, and this removes them (every version, where the store keeps them;
+    not while a version of the key is served, before its copy to the media's key). Each
+    run looks at ``limit`` keys at most and the next one resumes after the last key it
+    looked at, so keys of media still waiting cannot hide later orphans however many
+    they are.
     """
     store = get_store()
     deleted = 0
@@ -179,8 +190,11 @@ def delete_orphaned_uploads(*, limit: int = 10_000) -> int:
     def flush() -> int:
         ids = {storage_keys.media_id_of(key): key for key in batch}
         waiting = set(
-            Media.objects.awaiting_upload()
-            .filter(media_id__in=ids)
+            Media.objects.filter(media_id__in=ids)
+            .filter(
+                Q(state__in=AWAITING_UPLOAD_STATES)
+                | Q(state__in=LIVE_STATES, storage_key__startswith=storage_keys.INCOMING_PREFIX)
+            )
             .values_list("media_id", flat=True)
         )
         orphans = [key for media_id, key in ids.items() if media_id not in waiting]

@@ -109,7 +109,16 @@ class Media(models.Model):
     storage_key = models.CharField(
         max_length=512,
         blank=True,
-        help_text="Key of the served bytes: written only by the server, never by a URL.",
+        help_text="Key of the served bytes: written only by the server, never by a URL. "
+        "incoming/<id>@<version>: one version of the upload URL's object, served until it "
+        "is copied to media/ (S3_INCOMING_BUCKET).",
+    )
+    incoming_version = models.CharField(
+        max_length=1024,
+        blank=True,
+        help_text="The version of the upload URL's object /complete looked at, where the "
+        "store keeps versions: the only bytes the checks read and downloads serve; blank: "
+        "none recorded.",
     )
     processing_started_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)

@@ -37,7 +37,7 @@ from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from . import cleanup, lifecycle, logs, metrics, queue
+from . import cleanup, lifecycle, logs, metrics, queue, storage_keys
 from .conf import app_settings
 from .content_types import UNKNOWN_TYPE
 from .errors import Codes
@@ -231,13 +231,19 @@ def _screen_row(
     if not media.storage_key:
         if media.upload_method != UploadMethod.URL:
             return Outcome.RECEIVING  # a PUT is still streaming its body
-        # On the screening's line as move_ms: the copy out of the URL's reach is most of
-        # the wait between a URL upload's /complete and its first download.
-        with logs.step("move"):
-            moved = _move_out_of_reach(media, store, held, incoming)
-        if isinstance(moved, Outcome):
-            return moved
-        held, store_sha256 = moved
+        if pinned := pinned_key(media, store):
+            # The version /complete looked at is checked and served where it is: a later
+            # PUT to the URL makes another version, never changes this one.
+            media.storage_key = pinned
+            held = _with(held, {"storage_key": pinned})
+        else:
+            # On the screening's line as move_ms: the copy out of the URL's reach is most
+            # of the wait between a URL upload's /complete and its first download.
+            with logs.step("move"):
+                moved = _move_out_of_reach(media, store, held, incoming)
+            if isinstance(moved, Outcome):
+                return moved
+            held, store_sha256 = moved
     try:
         return _screen_stored(media, store, held, stored, store_sha256)
     except Exception:
@@ -250,6 +256,18 @@ def _screen_row(
 
 #: What moving a URL upload's bytes learns, recorded with the verdict.
 MOVE_FIELDS = ("declared_content_type", "storage_key")
+
+#: ``Media.storage_key``'s length: a version id that does not fit is moved instead.
+STORAGE_KEY_MAX = 512
+
+
+def pinned_key(media: Media, store: MediaStore) -> str | None:
+    """The key of the version of the upload URL's object that /complete looked at, if the
+    store keeps versions and it recorded one; else None (the bytes are moved)."""
+    if not (store.keeps_versions and media.incoming_version):
+        return None
+    key = storage_keys.pinned(media.incoming_key, media.incoming_version)
+    return key if len(key) <= STORAGE_KEY_MAX else None
 
 
 def _move_out_of_reach(
@@ -330,6 +348,11 @@ def _screen_stored(
         missing = Rejection("The stored object is missing", errcode=Codes.UNKNOWN)
         return _reject(media, missing, held)
     info, prefix = found
+    pinned = storage_keys.is_pinned_incoming(media.storage_key)
+    if pinned and info.content_type and not media.declared_content_type:
+        # S3 keeps the Content-Type of the client's PUT with each version.
+        media.declared_content_type = info.content_type[:255]
+        held = _with(held, {"declared_content_type": media.declared_content_type})
     ctx = ScreeningContext(
         media=media,
         store=store,
@@ -352,9 +375,8 @@ def reject_before_answer(media: Media, info: ObjectInfo, prefix: bytes | None = 
     They run again on the copy that will be served: the client can still overwrite the
     incoming object until it is moved. ``prefix``: its first bytes, if already read."""
     store = get_store()
-    ctx = ScreeningContext(
-        media=media, store=store, key=media.incoming_key, info=info, _prefix=prefix
-    )
+    key = pinned_key(media, store) or media.incoming_key
+    ctx = ScreeningContext(media=media, store=store, key=key, info=info, _prefix=prefix)
     try:
         for check in metadata_checks():
             check(ctx)
@@ -395,6 +417,9 @@ def _complete(
             )
             .exclude(pk=media.pk)
             .exclude(storage_key="")
+            # A version still served from the upload URL's bucket is copied to its own
+            # media's key, then deleted with every version of that key: never shared.
+            .exclude(storage_key__startswith=storage_keys.INCOMING_PREFIX)
             .order_by("pk")
         )
     if quota is not None or (twins is not False and sharing.exists()):
@@ -421,6 +446,9 @@ def _complete(
         metrics.uploaded(media.upload_method, media.size or 0)
     if media.storage_key != own_key:
         get_store().delete(own_key)  # a fresh key of this media only: nobody else serves it
+    elif storage_keys.is_pinned_incoming(own_key):
+        # Served already; the copy to the media bucket is off the uploader's path.
+        queue.send("msc3870.copy_to_served_key", media.pk, background=True)
     send_state_signal(S.COMPLETE, [media.pk])
     return Outcome.COMPLETE
 
