@@ -189,14 +189,7 @@ def delete_orphaned_uploads(*, limit: int = 10_000) -> int:
 
     def flush() -> int:
         ids = {storage_keys.media_id_of(key): key for key in batch}
-        waiting = set(
-            Media.objects.filter(media_id__in=ids)
-            .filter(
-                Q(state__in=AWAITING_UPLOAD_STATES)
-                | Q(state__in=LIVE_STATES, storage_key__startswith=storage_keys.INCOMING_PREFIX)
-            )
-            .values_list("media_id", flat=True)
-        )
+        waiting = _upload_urls_needed(list(ids))
         orphans = [key for media_id, key in ids.items() if media_id not in waiting]
         store.delete_many(orphans)
         batch.clear()
@@ -225,6 +218,19 @@ def delete_orphaned_uploads(*, limit: int = 10_000) -> int:
     if batch:
         deleted += flush()
     return deleted
+
+
+def _upload_urls_needed(media_ids: list[str]) -> set[str]:
+    """Those of ``media_ids`` whose upload URL's object is still needed: awaited, or a
+    version of it served (until its copy to the media's key)."""
+    return set(
+        Media.objects.filter(media_id__in=media_ids)
+        .filter(
+            Q(state__in=AWAITING_UPLOAD_STATES)
+            | Q(state__in=LIVE_STATES, storage_key__startswith=storage_keys.INCOMING_PREFIX)
+        )
+        .values_list("media_id", flat=True)
+    )
 
 
 def delete_old_tombstones(*, batch_size: int = DEFAULT_BATCH) -> int:

@@ -442,6 +442,12 @@ def _complete(
         won = _mark_complete(media, own_key, findings, held)
     if not won:
         return Outcome.SKIPPED
+    _completed(media, own_key)
+    return Outcome.COMPLETE
+
+
+def _completed(media: Media, own_key: str) -> None:
+    """What follows a won COMPLETE: ``own_key`` is where the screening found the bytes."""
     if not media.is_fetched:
         metrics.uploaded(media.upload_method, media.size or 0)
     if media.storage_key != own_key:
@@ -450,7 +456,6 @@ def _complete(
         # Served already; the copy to the media bucket is off the uploader's path.
         queue.send("msc3870.copy_to_served_key", media.pk, background=True)
     send_state_signal(S.COMPLETE, [media.pk])
-    return Outcome.COMPLETE
 
 
 def _mark_complete(media: Media, storage_key: str, findings: dict[str, object], held: Held) -> bool:
