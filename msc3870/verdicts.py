@@ -1,25 +1,38 @@
-"""Deciding an upload: move its bytes out of the client's reach, run the checks, and write
-the verdict with one compare-and-set.
+"""Deciding an upload: move its bytes out of the client's reach (or pin the version looked
+at), run the checks, and write the verdict with one compare-and-set.
 
 The route of one screening, top to bottom:
 
 1. ``dispatch`` queues it (``msc3870.queue``): to a Celery worker, whose task body is
    ``screen``, or without a broker to this process (``screen_here``);
 2. ``screen_row`` starts from what the row says: a URL upload's bytes are first moved to
-   a key no upload URL can write (``_move_out_of_reach``);
+   a key no upload URL can write (``_move_out_of_reach``), or, where the store keeps
+   versions of upload URLs' objects (``S3_INCOMING_BUCKET``), read where they are, as the
+   version ``/complete`` recorded (``pinned_key``);
 3. ``_screen_stored`` runs the checks (``msc3870.screening``) on the bytes that will be
    served;
 4. ``_complete`` or ``_reject`` writes the verdict, with everything else the screening
-   learnt, in the one UPDATE that moves the row out of the state it is held in (``Held``).
+   learnt, in the one UPDATE that moves the row out of the state it is held in (``Held``);
+   a pinned version is then copied to the media's key in the background
+   (``msc3870.served_copies``).
 
-Why bytes written to the upload URL after ``/complete`` are never served unchecked: the
-checks read the copy at ``served_key``, which no upload URL can write, and the verdict
-serves that key. The copy is pinned to the ETag ``/complete`` read (``if_match``) only to
-spare a HEAD: an ETag is an MD5 for a single PUT, and two objects can share one, so
-nothing here rests on it. Checks that read the incoming object instead, pinned by its
-ETag, while it is copied would rest on it; so would serving the incoming object. The copy
-is most of the wait before a URL upload's first download (``move_ms`` on the screening's
-line; ``docs/benchmarks.md``, *Time to downloadable*).
+Why bytes written to the upload URL after ``/complete`` are never served unchecked:
+
+- Where the store keeps versions: ``/complete`` records the ``VersionId`` of the object it
+  looked at (``Media.incoming_version``), which the store assigns and a PUT cannot choose:
+  a later PUT to the URL makes another version and changes none. The checks read that
+  version only, the verdict serves it (``incoming/<id>@<version>``: every read, presigned
+  GET and copy names it), and the background copy copies that version and switches the
+  row only where it still serves that version. A store that answers no version of its own
+  (S3's "null", versioning off or suspended) is never pinned: its bytes are moved.
+- Else: the checks read the copy at ``served_key``, which no upload URL can write, and the
+  verdict serves that key. The copy is pinned to the ETag ``/complete`` read
+  (``if_match``) only to spare a HEAD: an ETag is an MD5 for a single PUT, and two objects
+  can share one, so nothing here rests on it. Checks that read the incoming object
+  instead, pinned by its ETag, while it is copied would rest on it; so would serving the
+  incoming object. The copy is most of the wait before a URL upload's first download
+  (``move_ms`` on the screening's line; ``docs/benchmarks.md``, *Time to downloadable*),
+  which is what serving the version takes off the path.
 
 Every step is a compare-and-set or safe to repeat, so a redelivered or re-dispatched task
 does no harm. A screening that fails (storage down, a check's own error) records why on
