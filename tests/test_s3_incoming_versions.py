@@ -294,3 +294,22 @@ def test_without_versioning_the_bytes_are_moved_first(
     assert (media.state, media.storage_key) == (S.COMPLETE, media.served_key)
     assert bucket_keys(s3) == [media.served_key]
     assert bucket_keys(s3, bucket=INCOMING_BUCKET) == []
+
+
+def test_a_pinned_version_shares_content_already_copied(
+    versioned: Any, alice: MatrixClient, background: list[Callable[[], Any]]
+) -> None:
+    """Identical content already served from the media bucket is stored once: the second
+    upload points at it, and its own versions are deleted at once (nothing to copy)."""
+    data = png_bytes(16, 16)
+    with msc3870_settings(SHA256_WHEN="always"):
+        first, _ = completed_with_a_swap(versioned, alice, background, data)
+        run(background)  # screened, copied
+        second, _ = completed_with_a_swap(versioned, alice, background, data)
+        run(background)
+    first, second = media_of(first.mxc_uri), media_of(second.mxc_uri)
+    assert first.storage_key == first.served_key
+    assert (second.state, second.storage_key) == (S.COMPLETE, first.served_key)
+    assert bucket_keys(versioned) == [first.served_key]
+    assert versions(versioned) == []
+    assert body_of(alice.download(second.mxc_uri)) == data
