@@ -83,9 +83,12 @@ def expire_pending(
 def delete_dead_objects(
     *, batch_size: int = DEFAULT_BATCH, max_batches: int = DEFAULT_MAX_BATCHES
 ) -> SweepResult:
-    """Delete objects of rejected, expired and deleted media not yet cleaned up, and the
-    rows of failed fetches of other servers' media."""
+    """Delete objects of rejected, expired and deleted media not yet cleaned up, the rows
+    of failed fetches of other servers' media, and the versions of upload URLs' objects
+    that media served before its copy (``served_copies``)."""
     result = SweepResult(rows_deleted=delete_failed_fetches(batch_size=batch_size))
+    copied_before = timezone.now() - served_copies.versions_kept()
+    result.objects_deleted += served_copies.delete_copied_versions(copied_before, batch_size)
     for _ in range(max_batches):
         pks = list(Media.objects.dead_uncleaned().values_list("pk", flat=True)[:batch_size])
         if not pks:
@@ -222,12 +225,14 @@ def delete_orphaned_uploads(*, limit: int = 10_000) -> int:
 
 def _upload_urls_needed(media_ids: list[str]) -> set[str]:
     """Those of ``media_ids`` whose upload URL's object is still needed: awaited, or a
-    version of it served (until its copy to the media's key)."""
+    version of it served, or served until lately (the cleanup sweep deletes those
+    versions once no download of them can be running)."""
     return set(
         Media.objects.filter(media_id__in=media_ids)
         .filter(
             Q(state__in=AWAITING_UPLOAD_STATES)
             | Q(state__in=LIVE_STATES, storage_key__startswith=storage_keys.INCOMING_PREFIX)
+            | Q(incoming_copied_at__isnull=False)
         )
         .values_list("media_id", flat=True)
     )

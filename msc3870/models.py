@@ -120,6 +120,13 @@ class Media(models.Model):
         "store keeps versions: the only bytes the checks read and downloads serve; blank: "
         "none recorded.",
     )
+    incoming_copied_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="When the row switched from a version of its upload URL's object to its "
+        "copy, while those versions wait to be deleted (downloads of them may be in flight); "
+        "empty: none wait.",
+    )
     processing_started_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)
     rejection_errcode = models.CharField(max_length=64, blank=True)

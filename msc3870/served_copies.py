@@ -8,8 +8,11 @@ waits for no copy. Then, in the background (task ``msc3870.copy_to_served_key``)
 1. that version is copied to the media's served key (``media/..``) in the media bucket;
 2. the row switches to the copy with one compare-and-set on the version copied
    (``UPDATE ... SET storage_key = <served key> WHERE storage_key = <that version>``, live
-   rows only);
-3. every version of the upload URL's object is deleted.
+   rows only), noting when (``incoming_copied_at``);
+3. every version of the upload URL's object is deleted by the cleanup sweep once no
+   download of the version can still be running (``delete_copied_versions``): a redirect
+   handed out just before the switch is followed later, and a proxied read streams one GET
+   for as long as its client takes.
 
 Each step is safe to repeat: a redelivered task finds the row switched and stops. A row
 that died meanwhile (purged, rejected by a moderator) is not switched: the copy is
@@ -21,11 +24,13 @@ again by the stuck sweep (``queue_stuck``).
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.db.models import F
+from django.utils import timezone
 
 from . import logs, queue, storage_keys
+from .conf import app_settings
 from .content_types import UNKNOWN_TYPE
 from .models import Media
 from .stores import get_store
@@ -33,6 +38,15 @@ from .stores import get_store
 log = logging.getLogger(__name__)
 
 TASK = "msc3870.copy_to_served_key"
+#: How long the versions stay after the switch, at least: a proxied read of a large
+#: version by a slow client outlives any redirect's lifetime.
+VERSIONS_KEPT_SECONDS = 3600
+
+
+def versions_kept() -> timedelta:
+    """How long after the switch the versions of an upload URL's object stay: past any
+    redirect to one (``DOWNLOAD_URL_LIFETIME``) and ``VERSIONS_KEPT_SECONDS``."""
+    return timedelta(seconds=max(VERSIONS_KEPT_SECONDS, app_settings.DOWNLOAD_URL_LIFETIME))
 
 
 def copy_to_served_key(pk: int) -> bool:
@@ -62,11 +76,9 @@ def _copy_and_switch(media: Media) -> bool:
         )
         return False
     live = Media.objects.live()
-    if live.filter(pk=media.pk, storage_key=pinned).update(storage_key=served):
-        # Nothing serves the upload URL's object now: its versions, the one copied and
-        # any a later PUT made, all go.
-        store.delete(pinned)
-        return True
+    switched = live.filter(pk=media.pk, storage_key=pinned)
+    if switched.update(storage_key=served, incoming_copied_at=timezone.now()):
+        return True  # the versions go later (delete_copied_versions)
     if not live.filter(storage_key=served).exists():
         # The row died while its version was copied (else another run switched it, and
         # the copy is what it serves now).
@@ -90,3 +102,16 @@ def queue_stuck(completed_before: datetime, batch_size: int) -> int:
     for pk in pks:
         queue.send(TASK, pk)
     return len(pks)
+
+
+def delete_copied_versions(copied_before: datetime, batch_size: int) -> int:
+    """Delete every version of the upload URL's objects of rows that switched to their
+    copy before ``copied_before`` (the one copied, and any a later PUT made); how many
+    rows were done. A row that died since has had them deleted by its cleanup: deleting
+    again finds nothing."""
+    due = Media.objects.filter(incoming_copied_at__lte=copied_before)
+    rows = list(due.values_list("pk", "media_id")[:batch_size])
+    if not rows:
+        return 0
+    get_store().delete_many([storage_keys.incoming(media_id) for _, media_id in rows])
+    return due.filter(pk__in=[pk for pk, _ in rows]).update(incoming_copied_at=None)

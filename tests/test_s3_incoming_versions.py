@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+import requests
 from django.utils import timezone
 
 from msc3870 import maintenance, moderation, queue, served_copies, storage_keys
@@ -79,6 +80,13 @@ def run(held: list[Callable[[], Any]]) -> None:
         held.pop(0)()
 
 
+def once_downloads_of_copied_versions_are_over() -> None:
+    """The cleanup sweep, run once no download of a copied version can still be running."""
+    long_ago = timezone.now() - served_copies.versions_kept() - timedelta(seconds=1)
+    Media.objects.exclude(incoming_copied_at=None).update(incoming_copied_at=long_ago)
+    maintenance.delete_dead_objects()
+
+
 def completed_with_a_swap(
     s3: Any, alice: MatrixClient, background: list[Callable[[], Any]], data: bytes
 ) -> tuple[Media, str]:
@@ -135,12 +143,19 @@ def test_a_put_after_complete_is_never_served(
     assert bucket_keys(versioned) == [media.served_key] + [
         key for key in bucket_keys(versioned) if key.startswith("thumbnails/")
     ]
-    assert versions(versioned) == []  # the version served, and the swap, are gone
     assert body_of(bob.download(media.mxc_uri)) == data
+    # The redirect handed out before the switch still answers: the versions stay while
+    # downloads of them may run, then the cleanup sweep deletes them all.
+    maintenance.delete_dead_objects()
+    assert len(versions(versioned)) == 2
+    assert requests.get(redirect["Location"], timeout=10).content == data
+    once_downloads_of_copied_versions_are_over()
+    assert versions(versioned) == []  # the version served, and the swap, are gone
+    assert media_of(media.mxc_uri).incoming_copied_at is None
     with msc3870_settings(REDIRECT_DOWNLOADS=True):
-        redirect = bob.download(media.mxc_uri)
-    assert urlsplit(redirect["Location"]).netloc.startswith(BUCKET + ".")
-    assert "versionId" not in parse_qs(urlsplit(redirect["Location"]).query)
+        copied = bob.download(media.mxc_uri)
+    assert urlsplit(copied["Location"]).netloc.startswith(BUCKET + ".")
+    assert "versionId" not in parse_qs(urlsplit(copied["Location"]).query)
 
 
 def test_the_checks_read_the_version_complete_looked_at(
@@ -176,6 +191,8 @@ def test_the_copy_is_safe_to_run_again(
     media = media_of(media.mxc_uri)
     assert media.storage_key == media.served_key
     assert bucket_keys(versioned) == [media.served_key]
+    once_downloads_of_copied_versions_are_over()
+    once_downloads_of_copied_versions_are_over()  # again: nothing left to do
     assert versions(versioned) == []
 
 
@@ -216,9 +233,11 @@ def test_a_served_version_is_not_an_orphan_until_it_is_copied(
     assert len(versions(versioned)) == 2
     assert body_of(alice.download(media.mxc_uri)) == data
     run(background)
-    created_again = {"upload_url": get_store().upload_target(media).url}
-    key = urlsplit(created_again["upload_url"]).path.lstrip("/")
-    versioned.put_object(Bucket=INCOMING_BUCKET, Key=key, Body=SWAP)
+    assert maintenance.delete_orphaned_uploads() == 0  # downloads of it may still run
+    once_downloads_of_copied_versions_are_over()
+    assert versions(versioned) == []
+    key = urlsplit(get_store().upload_target(media).url).path.lstrip("/")
+    versioned.put_object(Bucket=INCOMING_BUCKET, Key=key, Body=SWAP)  # the URL still works
     assert maintenance.delete_orphaned_uploads() == 1
     assert versions(versioned) == []
 
@@ -235,7 +254,6 @@ def test_the_stuck_sweep_queues_a_copy_that_never_ran(
     assert maintenance.redispatch_stuck() == 1
     media = media_of(media.mxc_uri)
     assert media.storage_key == media.served_key
-    assert versions(versioned) == []
     assert maintenance.redispatch_stuck() == 0
 
 
@@ -274,6 +292,7 @@ def test_a_pinned_version_is_never_shared(
     for media in (media_of(first.mxc_uri), media_of(second.mxc_uri)):
         assert media.storage_key == media.served_key
         assert body_of(alice.download(media.mxc_uri)) == data
+    once_downloads_of_copied_versions_are_over()
     assert versions(versioned) == []
 
 
@@ -311,5 +330,8 @@ def test_a_pinned_version_shares_content_already_copied(
     assert first.storage_key == first.served_key
     assert (second.state, second.storage_key) == (S.COMPLETE, first.served_key)
     assert bucket_keys(versioned) == [first.served_key]
+    # Never served, the second's versions go at once; the first's once downloads are over.
+    assert {key for key, _ in versions(versioned)} == {first.incoming_key}
+    once_downloads_of_copied_versions_are_over()
     assert versions(versioned) == []
     assert body_of(alice.download(second.mxc_uri)) == data
