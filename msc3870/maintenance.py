@@ -87,8 +87,6 @@ def delete_dead_objects(
     of failed fetches of other servers' media, and the versions of upload URLs' objects
     that media served before its copy (``served_copies``)."""
     result = SweepResult(rows_deleted=delete_failed_fetches(batch_size=batch_size))
-    copied_before = timezone.now() - served_copies.versions_kept()
-    result.objects_deleted += served_copies.delete_copied_versions(copied_before, batch_size)
     for _ in range(max_batches):
         pks = list(Media.objects.dead_uncleaned().values_list("pk", flat=True)[:batch_size])
         if not pks:
@@ -97,6 +95,8 @@ def delete_dead_objects(
         result.objects_deleted += deleted
         if deleted == 0:
             break  # another sweep took them; do not spin
+    copied_before = timezone.now() - served_copies.versions_kept()
+    result.objects_deleted += served_copies.delete_copied_versions(copied_before, batch_size)
     return result
 
 
