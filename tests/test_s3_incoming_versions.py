@@ -9,11 +9,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from io import StringIO
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
+from botocore.exceptions import ClientError
+from django.core.management import call_command
 from django.utils import timezone
 
 from msc3870 import maintenance, moderation, queue, served_copies, storage_keys
@@ -335,3 +338,18 @@ def test_a_pinned_version_shares_content_already_copied(
     once_downloads_of_copied_versions_are_over()
     assert versions(versioned) == []
     assert body_of(alice.download(second.mxc_uri)) == data
+
+
+def test_ensure_media_bucket_makes_the_incoming_bucket_versioned_and_expiring(s3: Any) -> None:
+    out = StringIO()
+    with msc3870_settings(S3_INCOMING_BUCKET=INCOMING_BUCKET, UNUSED_EXPIRATION=86400):
+        call_command("ensure_media_bucket", stdout=out)
+        call_command("ensure_media_bucket", stdout=StringIO())  # twice is fine
+    assert "incoming/ expire after 2 days" in out.getvalue()
+    versioning = s3.get_bucket_versioning(Bucket=INCOMING_BUCKET)
+    assert versioning["Status"] == "Enabled"
+    (rule,) = s3.get_bucket_lifecycle_configuration(Bucket=INCOMING_BUCKET)["Rules"]
+    assert rule["Filter"]["Prefix"] == "incoming/" and rule["Expiration"]["Days"] == 2
+    assert rule["NoncurrentVersionExpiration"]["NoncurrentDays"] == 2
+    with pytest.raises(ClientError):  # the media bucket keeps no rule for incoming/
+        s3.get_bucket_lifecycle_configuration(Bucket=BUCKET)

@@ -667,6 +667,9 @@ class S3MediaStore(MediaStore):
             "Expiration": {"Days": days},
             "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": days},
         }
+        if bucket == self.incoming_bucket:
+            # Versioned: an expired object only gets a delete marker; its versions too.
+            rule["NoncurrentVersionExpiration"] = {"NoncurrentDays": days}
         try:
             try:
                 rules = self.client.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
