@@ -33,10 +33,6 @@ if SLOT not in _SLOTS:
 S3_PORT, _REDIS_DB = _SLOTS[SLOT]
 S3_BUCKET = "mediarepo-bench"
 S3_SERVER_DIR = ROOT / "var" / f"s3-bench{SLOT}"
-# Ports scripts/s3-server gives the master, filer and volume server for S3_PORT (they move
-# with it).
-_OFFSET = S3_PORT - 8333
-WEED_BENCH_PORTS = (9333 + _OFFSET, 8888 + _OFFSET, 9340 + _OFFSET)
 PG_URL = "postgres://postgres@127.0.0.1:5432"
 BROKER_URL = f"redis://127.0.0.1:6379/{_REDIS_DB}"
 
@@ -71,34 +67,57 @@ def free_port() -> int:
 
 
 class S3Server:
-    """``scripts/s3-server`` with the bench's port, directory and bucket."""
+    """``scripts/s3-server`` with the bench's port, directory and bucket, or those given
+    (``bench/soak.py`` runs one of its own, which it stops and starts as a fault)."""
 
-    def __init__(self, manage: bool, wait_for_ports: float = 0) -> None:
+    def __init__(
+        self,
+        manage: bool,
+        wait_for_ports: float = 0,
+        *,
+        port: int = S3_PORT,
+        directory: Path = S3_SERVER_DIR,
+        bucket: str = S3_BUCKET,
+        volume_max: str = "100",
+        quiet: bool = False,
+    ) -> None:
         self.manage = manage
         self.wait_for_ports = wait_for_ports
+        self.port = port
+        self.directory = directory
+        self.bucket = bucket
+        self.quiet = quiet
+        # The master, filer and volume server move with the S3 port (scripts/s3-server).
+        offset = port - 8333
+        self.weed_ports = (9333 + offset, 8888 + offset, 9340 + offset)
         self.env = {
             **os.environ,
-            "S3_PORT": str(S3_PORT),
-            "S3_SERVER_DIR": str(S3_SERVER_DIR),
-            "S3_BUCKET": S3_BUCKET,
-            # Room for a 2 GiB upload twice over (incoming and served) and a few more.
-            "S3_VOLUME_MAX": "100",
+            "S3_PORT": str(port),
+            "S3_SERVER_DIR": str(directory),
+            "S3_BUCKET": bucket,
+            # The bench's default: room for a 2 GiB upload twice over (incoming and
+            # served) and a few more.
+            "S3_VOLUME_MAX": volume_max,
         }
 
     def _run(self, *args: str) -> None:
         subprocess.run(
-            [str(ROOT / "scripts" / "s3-server"), *args], cwd=ROOT, env=self.env, check=True
+            [str(ROOT / "scripts" / "s3-server"), *args],
+            cwd=ROOT,
+            env=self.env,
+            check=True,
+            stdout=subprocess.DEVNULL if self.quiet else None,
         )
 
     def start(self) -> None:
         """Start with an empty data directory (or check the one already running)."""
         if not self.manage:
-            if not port_in_use(S3_PORT):
-                sys.exit(f"no S3 server on :{S3_PORT}; start it or drop --external-s3")
+            if not port_in_use(self.port):
+                sys.exit(f"no S3 server on :{self.port}; start it or drop --external-s3")
             return
         self.stop()
         deadline = time.monotonic() + self.wait_for_ports
-        while (busy := [p for p in (S3_PORT, *WEED_BENCH_PORTS) if port_in_use(p)]) and (
+        while (busy := [p for p in (self.port, *self.weed_ports) if port_in_use(p)]) and (
             time.monotonic() < deadline
         ):
             time.sleep(5)
@@ -106,18 +125,30 @@ class S3Server:
             sys.exit(f"ports {busy} are taken; is another bench S3 server running?")
         self._run("start", "--fresh")
 
+    def resume(self) -> None:
+        """Start again on the data directory it had (after ``stop``: an outage)."""
+        self._run("start")
+
     def stop(self) -> None:
         if not self.manage:
             return
         # `scripts/s3-server stop` kills the PID in the pid file: make sure it is still ours.
         pid = self.pid()
-        if pid is not None and str(S3_SERVER_DIR) not in _cmdline(pid):
-            (S3_SERVER_DIR / "weed.pid").unlink()
+        if pid is not None and str(self.directory) not in _cmdline(pid):
+            (self.directory / "weed.pid").unlink()
         self._run("stop")
 
     def pid(self) -> int | None:
-        path = S3_SERVER_DIR / "weed.pid"
+        path = self.directory / "weed.pid"
         return int(path.read_text()) if path.exists() else None
+
+    def storage_env(self) -> dict[str, str]:
+        """The django-storages variables for this server's bucket."""
+        return {
+            **s3_env(),
+            "AWS_STORAGE_BUCKET_NAME": self.bucket,
+            "AWS_S3_ENDPOINT_URL": f"http://127.0.0.1:{self.port}",
+        }
 
 
 def _cmdline(pid: int) -> str:

@@ -59,7 +59,7 @@ from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _shared import BIN, PYTHON, ROOT, free_port, machine_info, markdown_table
+from _shared import BIN, PYTHON, ROOT, S3Server, free_port, machine_info, markdown_table
 
 MiB = 1024 * 1024
 SOAK_DIR = ROOT / "var" / "soak"
@@ -231,43 +231,16 @@ class PrivateRedis:
         return f"redis://127.0.0.1:{self.port}/{db}"
 
 
-class SeaweedFS:
-    """``scripts/s3-server`` on :9133 in ``var/soak/s3``."""
-
-    def __init__(self, directory: Path) -> None:
-        self.env = {
-            **os.environ,
-            "S3_PORT": str(S3_PORT),
-            "S3_SERVER_DIR": str(directory),
-            "S3_BUCKET": S3_BUCKET,
-            "S3_VOLUME_MAX": "300",
-        }
-
-    def _run(self, *args: str) -> None:
-        subprocess.run(
-            [str(ROOT / "scripts" / "s3-server"), *args],
-            cwd=ROOT,
-            env=self.env,
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-
-    def start(self, fresh: bool = False) -> None:
-        self._run("start", *(["--fresh"] if fresh else []))
-
-    def stop(self) -> None:
-        self._run("stop")
-
-    @staticmethod
-    def env_vars() -> dict[str, str]:
-        return {
-            "AWS_STORAGE_BUCKET_NAME": S3_BUCKET,
-            "AWS_S3_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
-            "AWS_ACCESS_KEY_ID": "mediarepo",
-            "AWS_SECRET_ACCESS_KEY": "mediarepo-secret",
-            "AWS_S3_REGION_NAME": "us-east-1",
-            "AWS_S3_ADDRESSING_STYLE": "path",
-        }
+def soak_s3() -> S3Server:
+    """``scripts/s3-server`` on :9133 in ``var/soak/s3``, with its own bucket."""
+    return S3Server(
+        manage=True,
+        port=S3_PORT,
+        directory=SOAK_DIR / "s3",
+        bucket=S3_BUCKET,
+        volume_max="300",
+        quiet=True,
+    )
 
 
 # ------------------------------------------------------------------ the stack
@@ -796,7 +769,7 @@ class Faults:
         stack: Stack,
         pg: PrivatePostgres,
         redis: PrivateRedis,
-        s3: SeaweedFS,
+        s3: S3Server,
         journal: Journal,
         database_url: str,
     ) -> None:
@@ -914,7 +887,7 @@ class Faults:
         fault.start = self.journal.now()
         self.s3.stop()
         time.sleep(FAULT_OUTAGE_S)
-        self.s3.start()
+        self.s3.resume()
         fault.end = self.journal.now()
 
     def restart_redis(self, fault: Fault) -> None:
@@ -1086,7 +1059,7 @@ def bucket_audit(rows: list[dict[str, Any]]) -> dict[str, Any]:
     flight (an incoming object of a pending id; bytes of a row being screened)."""
     import boto3
 
-    env = SeaweedFS.env_vars()
+    env = soak_s3().storage_env()
     client = boto3.client(
         "s3",
         endpoint_url=env["AWS_S3_ENDPOINT_URL"],
@@ -1212,7 +1185,7 @@ def main() -> None:
     logs.mkdir()
     pg = PrivatePostgres(SOAK_DIR / "pg")
     redis = PrivateRedis(SOAK_DIR / "redis")
-    s3 = SeaweedFS(SOAK_DIR / "s3")
+    s3 = soak_s3()
     nodes = [
         Node(f"node{i}", free_port(), SOAK_DIR / f"node{i}", SOAK_DIR / f"node{i}" / "spool")
         for i in (1, 2)
@@ -1225,10 +1198,10 @@ def main() -> None:
         pg.create_database("mediarepo_soak")
         database_url = pg.url("mediarepo_soak")
         redis.start()
-        s3.start(fresh=True)
+        s3.start()
         env = {
             **os.environ,
-            **SeaweedFS.env_vars(),
+            **s3.storage_env(),
             "DJANGO_SETTINGS_MODULE": "mediarepo.settings",
             "DATABASE_URL": database_url,
             "CELERY_BROKER_URL": redis.url(0),

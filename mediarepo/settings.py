@@ -223,6 +223,13 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# A worker waits for the broker however long it is down (celery's default gives up after
+# 100 attempts, 2 to 30 s apart, about 47 minutes, and the worker exits).
+CELERY_BROKER_CONNECTION_MAX_RETRIES = None
+if CELERY_BROKER_URL and urlsplit(CELERY_BROKER_URL).scheme == "redis":
+    # kombu's Redis transport, whose channels finish closing when Redis goes away
+    # (mediarepo/broker.py): without it a worker can exit when Redis restarts.
+    CELERY_BROKER_TRANSPORT = "mediarepo.broker:Transport"
 # A request that queues work must not hang on a dead broker: fail fast, the sweep retries.
 CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5}
 CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_connect_timeout": 2, "socket_timeout": 5}
@@ -267,3 +274,9 @@ LOGGING = {
 }
 # Python's warnings too, as records (py.warnings) in the same format, not bare stderr text.
 logging.captureWarnings(True)
+# Neither formatter prints a record's thread, process name or source line: a record need
+# not look them up (the logging HOWTO's "Optimization"), which is most of the cost of a
+# request's line, written on the event loop.
+logging.logThreads = False
+logging.logMultiprocessing = False
+logging._srcfile = None

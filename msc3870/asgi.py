@@ -71,6 +71,7 @@ from .errors import (
     Unrecognized,
     URITooLong,
 )
+from .pace_watch import PaceWatch
 from .streamed_body import BodyEnded, StreamedBody
 from .waiting import LEGACY, MediaWait, RetryWhenDone
 
@@ -576,40 +577,53 @@ class MediaASGIHandler:
         time the view takes to make room does not count against the client."""
         loop = asyncio.get_running_loop()
         body, pace = streaming.body, streaming.pace
+        task = asyncio.current_task()
+        assert task is not None
+        watch = PaceWatch(pace, task)
         try:
-            while True:
-                if body.full:
-                    paused = loop.time()
-                    await body.wait_for_room()
-                    pace.paused(loop.time() - paused)
-                if body.closed:
-                    return
-                try:
-                    async with asyncio.timeout_at(pace.deadline()):
-                        message = await receive()
-                except TimeoutError:
-                    streaming.refusal = pace.error(loop.time())
-                    body.fail(streaming.refusal)
-                    return
-                if message["type"] == "http.disconnect":
-                    streaming.gone = True
-                    body.fail(BodyEnded("The client went away"))
-                    return
-                chunk = message.get("body", b"")
-                streaming.received += len(chunk)
-                if streaming.received > streaming.limit:
-                    streaming.refusal = _too_large(streaming.limit)
-                    body.fail(streaming.refusal)
-                    return
-                pace.arrived(len(chunk), loop.time())
-                body.feed(chunk)
-                if not message.get("more_body", False):
-                    body.end()
-                    return
+            await self._pump_messages(receive, streaming, watch)
+        except asyncio.CancelledError:
+            if not watch.expired:
+                raise
+            task.uncancel()  # the watch's own cancellation: the body was too slow
+            streaming.refusal = pace.error(loop.time())
+            body.fail(streaming.refusal)
         finally:
+            watch.stop()
             self.bodies.release(streaming.address)
             # The view must never wait for bytes no one will receive.
             body.fail(BodyEnded("The request body stopped"))
+
+    async def _pump_messages(
+        self, receive: Receive, streaming: _Streaming, watch: PaceWatch
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        body, pace = streaming.body, streaming.pace
+        while True:
+            if body.full:
+                watch.hold()
+                paused = loop.time()
+                await body.wait_for_room()
+                pace.paused(loop.time() - paused)
+                watch.resume()
+            if body.closed:
+                return
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                streaming.gone = True
+                body.fail(BodyEnded("The client went away"))
+                return
+            chunk = message.get("body", b"")
+            streaming.received += len(chunk)
+            if streaming.received > streaming.limit:
+                streaming.refusal = _too_large(streaming.limit)
+                body.fail(streaming.refusal)
+                return
+            pace.arrived(len(chunk), loop.time())
+            body.feed(chunk)
+            if not message.get("more_body", False):
+                body.end()
+                return
 
     async def _refuse(self, scope: Scope, error: MatrixError, *, close: bool) -> Outgoing:
         outgoing: Outgoing = await self._run(self._refused, scope, error)

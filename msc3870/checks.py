@@ -95,7 +95,25 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     def typed(*names: str) -> bool:
         return not any(name in mistyped for name in names)
 
-    errors: list[CheckMessage] = [
+    errors = _check_unknown(user)
+    errors.extend(_check_addresses(typed))
+    errors.extend(_check_imports(typed))
+    errors.extend(_check_numbers(user, typed))
+    errors.extend(_check_choices(typed))
+    errors.extend(_check_homeserver(user, typed))
+    errors.extend(_check_rates(typed))
+    if typed("STORAGE_ALIAS", "UNUSED_EXPIRATION"):
+        errors.extend(_check_storage())
+    errors.extend(_check_operating(typed))
+    errors.extend(_check_retention(typed))
+    if typed("ADMINS"):
+        errors.extend(_check_admins())
+    return errors
+
+
+def _check_unknown(user: dict[str, Any]) -> list[CheckMessage]:
+    """Keys of ``MSC3870`` that are no setting (a typo leaves the default in force)."""
+    return [
         Warning(
             f"MSC3870[{key!r}] is not a known setting.",
             hint="Known settings: " + ", ".join(sorted(SETTINGS)),
@@ -104,6 +122,11 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         for key in user
         if key not in SETTINGS
     ]
+
+
+def _check_addresses(typed: Callable[..., bool]) -> list[CheckMessage]:
+    """The server's name and the public URL that upload URLs and redirects start with."""
+    errors: list[CheckMessage] = []
     if typed("SERVER_NAME") and not is_valid_server_name(app_settings.SERVER_NAME):
         errors.append(
             Error(
@@ -120,6 +143,12 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 id="msc3870.E003",
             )
         )
+    return errors
+
+
+def _check_imports(typed: Callable[..., bool]) -> list[CheckMessage]:
+    """The settings that name code to import: each must import."""
+    errors: list[CheckMessage] = []
     for name in ("TOKEN_RESOLVER", "CHECKS"):
         if not typed(name):
             continue
@@ -127,10 +156,16 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             getattr(app_settings, name)
         except ImproperlyConfigured as exc:
             errors.append(Error(str(exc), id="msc3870.E005"))
+    return errors
+
+
+def _check_numbers(user: dict[str, Any], typed: Callable[..., bool]) -> list[CheckMessage]:
+    """Settings that must be positive or non-negative, judged by the raw value: the
+    typed one is clamped into range for some of them."""
+    errors: list[CheckMessage] = []
     for name, setting in SETTINGS.items():
         if setting.must_be is None or not typed(name):
             continue
-        # The raw value: the typed one is clamped into range for some of these.
         raw = user.get(name, setting.default)
         if raw is None and setting.nullable:
             continue  # None: off, or no bound
@@ -142,32 +177,47 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             errors.append(
                 Error(f"MSC3870[{name!r}] must be a {setting.must_be} number.", id="msc3870.E006")
             )
-    for name, setting in SETTINGS.items():
-        if setting.choices and typed(name) and getattr(app_settings, name) not in setting.choices:
-            errors.append(
-                Error(
-                    f"MSC3870[{name!r}] must be one of {', '.join(setting.choices)}.",
-                    id="msc3870.E007",
-                )
-            )
+    return errors
+
+
+def _check_choices(typed: Callable[..., bool]) -> list[CheckMessage]:
+    """Settings that take one of a few values."""
+    return [
+        Error(
+            f"MSC3870[{name!r}] must be one of {', '.join(setting.choices)}.",
+            id="msc3870.E007",
+        )
+        for name, setting in SETTINGS.items()
+        if setting.choices and typed(name) and getattr(app_settings, name) not in setting.choices
+    ]
+
+
+def _check_homeserver(user: dict[str, Any], typed: Callable[..., bool]) -> list[CheckMessage]:
+    """The homeserver token resolver asks the homeserver: it needs its URL."""
     if (
         user.get("TOKEN_RESOLVER") == "msc3870.auth.HomeserverTokenResolver"
         and typed("HOMESERVER_URL")
         and not app_settings.HOMESERVER_URL
     ):
-        errors.append(
+        return [
             Error(
                 "HomeserverTokenResolver needs MSC3870['HOMESERVER_URL'].",
                 hint="Set MATRIX_HOMESERVER_URL in mediarepo.",
                 id="msc3870.E008",
             )
-        )
+        ]
+    return []
+
+
+def _check_rates(typed: Callable[..., bool]) -> list[CheckMessage]:
+    """Rates are read as DRF's throttles read them ('60/min')."""
+    from rest_framework.throttling import SimpleRateThrottle
+
+    errors: list[CheckMessage] = []
     for name in ("CREATE_RATE", "URL_PREVIEW_RATE"):
         rate = getattr(app_settings, name) if typed(name) else None
         if rate is None:
             continue
-        from rest_framework.throttling import SimpleRateThrottle
-
         try:
             SimpleRateThrottle.parse_rate(None, rate)  # type: ignore[arg-type]
         except (ValueError, KeyError, AttributeError):
@@ -177,12 +227,6 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                     id="msc3870.E010",
                 )
             )
-    if typed("STORAGE_ALIAS", "UNUSED_EXPIRATION"):
-        errors.extend(_check_storage())
-    errors.extend(_check_operating(typed))
-    errors.extend(_check_retention(typed))
-    if typed("ADMINS"):
-        errors.extend(_check_admins())
     return errors
 
 
@@ -296,6 +340,7 @@ def _check_retention(typed: Callable[..., bool]) -> list[CheckMessage]:
 
 
 def _check_storage() -> list[CheckMessage]:
+    """The storage media is kept in: a filesystem, or S3 that keeps it private."""
     alias = app_settings.STORAGE_ALIAS
     try:
         storage = storages[alias]
@@ -329,6 +374,12 @@ def _check_storage() -> list[CheckMessage]:
                 id="msc3870.E004",
             )
         ]
+    return _check_s3(alias, storage)
+
+
+def _check_s3(alias: str, storage: Any) -> list[CheckMessage]:
+    """An S3 storage must sign its URLs (s3v4, as presigned uploads need) and never
+    write objects readable without a signature."""
     errors: list[CheckMessage] = []
     if not getattr(storage, "querystring_auth", True):
         errors.append(
@@ -347,6 +398,7 @@ def _check_storage() -> list[CheckMessage]:
                 id="msc3870.E009",
             )
         )
+    incoming = app_settings.S3_INCOMING_BUCKET
     if incoming and incoming == getattr(storage, "bucket_name", None):
         errors.append(
             Error(

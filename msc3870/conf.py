@@ -346,6 +346,11 @@ class MSC3870Settings:
     # Memory per upload is about one part more than that, whatever the upload's size.
     S3_UPLOAD_PART_SIZE = Setting(INT, 8 * MiB, floor=5 * MiB, env=Env())
     S3_UPLOAD_CONCURRENCY = Setting(INT, 4, floor=1, env=Env())
+    # Over plain HTTP botocore signs every request's body: one SHA-256 pass more over each
+    # byte stored, beside the one this server makes of what it stores. Off, bodies go as
+    # UNSIGNED-PAYLOAD (as botocore sends them over HTTPS, where TLS protects them): for a
+    # store on a network the operator trusts. Requests are signed either way.
+    S3_SIGN_PAYLOAD = Setting(BOOL, False, env=Env(always=True))
     # Batched deletes in flight at once (S3: DeleteObjects requests of up to 1,000 keys),
     # in the sweeps and in one large delete.
     DELETE_CONCURRENCY = Setting(INT, 4, floor=1, must_be="positive")

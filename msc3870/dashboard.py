@@ -45,11 +45,25 @@ def compute(now: datetime | None = None) -> dict[str, Any]:
     """The whole-table figures (a few aggregate queries over the table: the rollup's
     work, never a page view's)."""
     now = now or timezone.now()
+    states = _by_state_and_origin()
+    stored = {
+        origin: sum(states[state][origin]["bytes"] for state in STORED_STATES)
+        for origin in ("local", "remote")
+    }
+    return {
+        "states": states,
+        "stored_bytes": stored,
+        "per_day": _uploads_per_day(timezone.localdate(now)),
+        "top_uploaders_week": _top_uploaders(now - timedelta(days=7)),
+    }
+
+
+def _by_state_and_origin() -> dict[str, dict[str, dict[str, int]]]:
+    """Media and bytes of each state, local and remote, in one pass over the table."""
     states: dict[str, dict[str, dict[str, int]]] = {
         state: {"local": {"count": 0, "bytes": 0}, "remote": {"count": 0, "bytes": 0}}
         for state in S.values
     }
-    # One pass over the table, grouped by state and upload method.
     grouped = (
         Media.objects.order_by()
         .values("state", "upload_method")
@@ -62,11 +76,12 @@ def compute(now: datetime | None = None) -> dict[str, Any]:
         totals = states[row["state"]][origin]
         totals["count"] += row["count"]
         totals["bytes"] += row["bytes"] or 0
-    stored = {
-        origin: sum(states[state][origin]["bytes"] for state in STORED_STATES)
-        for origin in ("local", "remote")
-    }
-    today = timezone.localdate(now)
+    return states
+
+
+def _uploads_per_day(today: date) -> list[dict[str, Any]]:
+    """Local uploads, their bytes and those the checks refused, on each of the ``DAYS``
+    days up to ``today`` (days without any included)."""
     first_day = today - timedelta(days=DAYS - 1)
     per_day: dict[date, dict[str, int]] = {
         first_day + timedelta(days=n): {"uploads": 0, "bytes": 0, "rejected": 0}
@@ -93,8 +108,13 @@ def compute(now: datetime | None = None) -> dict[str, Any]:
                 "bytes": row["bytes"] or 0,
                 "rejected": row["rejected"],
             }
-    week = (
-        Media.objects.filter(created_at__gte=now - timedelta(days=7))
+    return [{"day": day.isoformat(), **values} for day, values in per_day.items()]
+
+
+def _top_uploaders(since: datetime) -> list[dict[str, Any]]:
+    """The ``TOP_UPLOADERS`` local users who uploaded the most media since ``since``."""
+    rows = (
+        Media.objects.filter(created_at__gte=since)
         .exclude(_REMOTE)
         .exclude(user_id="")
         .order_by()
@@ -102,15 +122,10 @@ def compute(now: datetime | None = None) -> dict[str, Any]:
         .annotate(count=Count("id"), bytes=Sum("size"))
         .order_by("-count", "user_id")[:TOP_UPLOADERS]
     )
-    return {
-        "states": states,
-        "stored_bytes": stored,
-        "per_day": [{"day": day.isoformat(), **values} for day, values in per_day.items()],
-        "top_uploaders_week": [
-            {"user_id": row["user_id"], "count": row["count"], "bytes": row["bytes"] or 0}
-            for row in week
-        ],
-    }
+    return [
+        {"user_id": row["user_id"], "count": row["count"], "bytes": row["bytes"] or 0}
+        for row in rows
+    ]
 
 
 def rollup() -> DashboardSnapshot:

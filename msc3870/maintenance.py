@@ -8,8 +8,9 @@ missing object as deleted, so it can run twice, or on two hosts at once, without
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.core.cache import cache
 from django.db.models import Q, Sum
@@ -33,7 +34,7 @@ from .models import (
     UploadMethod,
     URLPreview,
 )
-from .stores import get_store
+from .stores import MediaStore, get_store
 
 log = logging.getLogger(__name__)
 S = MediaState
@@ -44,6 +45,8 @@ DEFAULT_MAX_BATCHES = 20
 # walk starts again from the beginning: nothing is missed, some keys are looked at twice.
 ORPHAN_SWEEP_CURSOR = "msc3870:orphan-sweep:cursor"
 ORPHAN_SWEEP_CURSOR_SECONDS = 7 * 86400
+# Upload keys looked up (one query) and deleted (one request) at a time.
+ORPHAN_BATCH = 200
 # An over-full remote media cache is evicted down to this fraction of its bound, so that
 # the sweep does not run again for every few new fetches.
 REMOTE_CACHE_LOW_WATER = 0.9
@@ -189,15 +192,19 @@ def delete_orphaned_uploads(*, limit: int = 10_000) -> int:
         # Same patience as for a PUT still streaming: older partial files have no writer.
         deleted += sweep_partials(in_flight_upload_timeout())
     batch: list[str] = []
+    for key in _incoming_keys_from_cursor(store, limit):
+        batch.append(key)
+        if len(batch) >= ORPHAN_BATCH:
+            deleted += _delete_orphans(store, batch)
+            batch = []
+    if batch:
+        deleted += _delete_orphans(store, batch)
+    return deleted
 
-    def flush() -> int:
-        ids = {storage_keys.media_id_of(key): key for key in batch}
-        waiting = _upload_urls_needed(list(ids))
-        orphans = [key for media_id, key in ids.items() if media_id not in waiting]
-        store.delete_many(orphans)
-        batch.clear()
-        return len(orphans)
 
+def _incoming_keys_from_cursor(store: MediaStore, limit: int) -> Iterator[str]:
+    """The upload keys after where the last run stopped, ``limit`` at most; where this
+    walk stops is kept for the next run (forgotten once a walk reaches the end)."""
     # Stores list keys in ascending order (S3 by UTF-8 bytes, the disk sorted; media ids
     # are ASCII), so "after the cursor" is a string comparison. The keys before it are
     # still listed (list_keys takes no start key) but cost no query and no deletion.
@@ -209,18 +216,21 @@ def delete_orphaned_uploads(*, limit: int = 10_000) -> int:
             continue
         if looked_at >= limit:
             cache.set(ORPHAN_SWEEP_CURSOR, last, ORPHAN_SWEEP_CURSOR_SECONDS)
-            break
-        batch.append(key)
+            return
         looked_at += 1
         last = key
-        if len(batch) >= 200:
-            deleted += flush()
-    else:
-        # The walk reached the end: the next run starts from the beginning.
-        cache.delete(ORPHAN_SWEEP_CURSOR)
-    if batch:
-        deleted += flush()
-    return deleted
+        yield key
+    # The walk reached the end: the next run starts from the beginning.
+    cache.delete(ORPHAN_SWEEP_CURSOR)
+
+
+def _delete_orphans(store: MediaStore, keys: list[str]) -> int:
+    """Delete those of the upload ``keys`` whose media no longer needs them; how many."""
+    ids = {storage_keys.media_id_of(key): key for key in keys}
+    waiting = _upload_urls_needed(list(ids))
+    orphans = [key for media_id, key in ids.items() if media_id not in waiting]
+    store.delete_many(orphans)
+    return len(orphans)
 
 
 def _upload_urls_needed(media_ids: list[str]) -> set[str]:
@@ -272,20 +282,29 @@ def expire_url_previews(
     previews' images older than ``URL_PREVIEW_IMAGE_RETENTION_SECONDS`` (their objects
     go with the cleanup sweep, unless other media shares them). Moderated and protected
     images stay."""
-    result = SweepResult()
     now = timezone.now()
+    return SweepResult(
+        rows_deleted=_delete_due_previews(now, batch_size, max_batches),
+        moved=_purge_old_preview_images(now, batch_size, max_batches),
+    )
+
+
+def _delete_due_previews(now: datetime, batch_size: int, max_batches: int) -> int:
+    """Delete the previews past their time, and the media rows they were waited on that
+    hold nothing to serve; the rows deleted."""
     abandoned = now - timedelta(
         seconds=app_settings.URL_PREVIEW_TIMEOUT_SECONDS + PREVIEW_ABANDONED_AFTER_EXTRA_SECONDS
     )
     due = URLPreview.objects.filter(expires_at__lte=now).filter(
         ~Q(media__state=S.PROCESSING) | Q(media__processing_started_at__lte=abandoned)
     )
+    rows_deleted = 0
     for _ in range(max_batches):
         batch = list(due.values_list("pk", "media_id")[:batch_size])
         if not batch:
             break
         deleted, _ = URLPreview.objects.filter(pk__in=[pk for pk, _ in batch]).delete()
-        result.rows_deleted += deleted
+        rows_deleted += deleted
         # Rows that were only waited on (no image, a failure, an image refused and
         # deleted): nobody was handed their mxc://.
         handles, _ = (
@@ -298,24 +317,30 @@ def expire_url_previews(
             .exclude(state__in=[S.COMPLETE, S.QUARANTINED])
             .delete()
         )
-        result.rows_deleted += handles
+        rows_deleted += handles
+    return rows_deleted
+
+
+def _purge_old_preview_images(now: datetime, batch_size: int, max_batches: int) -> int:
+    """Move previews' unprotected images past ``URL_PREVIEW_IMAGE_RETENTION_SECONDS`` to
+    DELETED; how many."""
     retention = now - timedelta(seconds=app_settings.URL_PREVIEW_IMAGE_RETENTION_SECONDS)
+    old = Media.objects.filter(
+        upload_method=UploadMethod.PREVIEW,
+        state=S.COMPLETE,
+        protected=False,
+        completed_at__lte=retention,
+    )
+    purged = 0
     for _ in range(max_batches):
-        pks = list(
-            Media.objects.filter(
-                upload_method=UploadMethod.PREVIEW,
-                state=S.COMPLETE,
-                protected=False,
-                completed_at__lte=retention,
-            ).values_list("pk", flat=True)[:batch_size]
-        )
+        pks = list(old.values_list("pk", flat=True)[:batch_size])
         if not pks:
             break
         moved = lifecycle.transition_many(pks, [S.COMPLETE], S.DELETED)
-        result.moved += len(moved)
+        purged += len(moved)
         if not moved:
             break
-    return result
+    return purged
 
 
 # ---------------------------------------------------------------------------- remote media
@@ -382,17 +407,7 @@ def evict_remote_media(
         for _ in range(max_batches):
             if total <= target:
                 break
-            candidates = (
-                Media.objects.remote()
-                .filter(state=S.COMPLETE, moderated_by="", protected=False)
-                .order_by("last_accessed_at", "pk")
-                .values_list("pk", "size")[:batch_size]
-            )
-            chosen: dict[int, int] = {}
-            for pk, size in candidates:
-                if total - sum(chosen.values()) <= target:
-                    break
-                chosen[pk] = size or 0
+            chosen = _least_recently_served(total - target, batch_size)
             if not chosen:
                 break
             moved = lifecycle.transition_many(
@@ -410,6 +425,24 @@ def evict_remote_media(
     if result.moved:
         log.info("Evicted %s remote media from the cache", result.moved)
     return result
+
+
+def _least_recently_served(excess: int, batch_size: int) -> dict[int, int]:
+    """Evictable remote media (complete, no moderator's, unprotected), least recently
+    served first, until their sizes cover ``excess`` bytes or ``batch_size`` rows:
+    primary key -> size."""
+    candidates = (
+        Media.objects.remote()
+        .filter(state=S.COMPLETE, moderated_by="", protected=False)
+        .order_by("last_accessed_at", "pk")
+        .values_list("pk", "size")[:batch_size]
+    )
+    chosen: dict[int, int] = {}
+    for pk, size in candidates:
+        if sum(chosen.values()) >= excess:
+            break
+        chosen[pk] = size or 0
+    return chosen
 
 
 def delete_evicted(pks: list[int]) -> SweepResult:

@@ -14,9 +14,10 @@ Django user: whatever calls moderation, the same trail is written, and a change 
 a race leaves none. State signals are sent once that transaction has committed, and
 waiting downloads of this and every other process are woken then (``lifecycle``).
 
-Bulk actions work in batches of ``BATCH_SIZE``: ids are read a batch at a time (by
-primary key, never a list of everything), each batch is one transaction with one
-compare-and-set ``UPDATE`` per source state and one record per row it moved.
+Bulk actions work in ``Batches`` (``BATCH_SIZE`` items by default): ids are read a batch
+at a time (by primary key, never a list of everything), each batch is one transaction with
+one compare-and-set ``UPDATE`` per source state and one record per row it moved. Deletion
+by date selects media with a ``DeletionFilter``.
 """
 
 from __future__ import annotations
@@ -175,19 +176,13 @@ def _moderate(
     between a few states, so a handful of rounds is plenty; a row that keeps changing
     under us counts as lost.
     """
-    actor = actor_name(by)
     if from_states is None:
         from_states = SOURCE_STATES[action]
     # Protection is part of the compare-and-set: media protected meanwhile stays.
     extra_where = Q(protected=False) if skip_protected else None
     for _round in range(len(S.values)):
         with transaction.atomic():
-            row = (
-                Media.objects.select_for_update()
-                .filter(pk=media.pk)
-                .values_list("state", "protected")
-                .first()
-            )
+            row = _locked_state(media.pk)
             if row is None:
                 return False
             state_before, protected = row
@@ -200,7 +195,7 @@ def _moderate(
                 to_state,
                 extra_where=extra_where,
                 send_signal=False,
-                moderated_by=actor,
+                moderated_by=actor_name(by),
                 **fields,
             ):
                 continue
@@ -210,18 +205,22 @@ def _moderate(
     return False
 
 
+def _locked_state(pk: int) -> tuple[str, bool] | None:
+    """The state and protection flag of a media row, locked for the transaction where
+    the database has row locks; None if the row is gone."""
+    row: tuple[str, bool] | None = (
+        Media.objects.select_for_update().filter(pk=pk).values_list("state", "protected").first()
+    )
+    return row
+
+
 def _set_protected(media: Media, value: bool, *, by: Actor, reason: str) -> bool:
     """Set the protection flag if it is not set so already (compare-and-set on the flag
     and the state just read), and record it with that state."""
     action = A.PROTECT if value else A.UNPROTECT
     for _round in range(len(S.values)):
         with transaction.atomic():
-            row = (
-                Media.objects.select_for_update()
-                .filter(pk=media.pk)
-                .values_list("state", "protected")
-                .first()
-            )
+            row = _locked_state(media.pk)
             if row is None:
                 return False
             state, protected = row
@@ -310,6 +309,16 @@ class BulkResult:
 Selection = QuerySet[Media] | Iterable[int]
 
 
+@dataclass(frozen=True)
+class Batches:
+    """How a bulk action reads its selection: ``size`` items per transaction, and no more
+    than ``limit`` items looked at in all (None: every one). A caller bounding its work
+    runs the action again for the rest: what was acted on has left a queryset's filter."""
+
+    size: int = BATCH_SIZE
+    limit: int | None = None
+
+
 def moderate_many(
     selection: Selection,
     action: ModerationAction,
@@ -317,12 +326,11 @@ def moderate_many(
     by: Actor,
     reason: str = "",
     skip_protected: bool = False,
-    batch_size: int = BATCH_SIZE,
-    limit: int | None = None,
+    batches: Batches = Batches(),
     on_moved: Callable[[list[int]], None] | None = None,
 ) -> BulkResult:
     """Apply ``action`` (quarantine, approve, reject, purge, protect, unprotect) to each
-    media of ``selection``: an unsliced queryset (read ``batch_size`` primary keys at a
+    media of ``selection``: an unsliced queryset (read ``batches.size`` primary keys at a
     time, in key order, so rows that leave its filter as they are acted on are neither
     skipped nor repeated) or an iterable of primary keys (consumed a batch at a time).
 
@@ -331,41 +339,47 @@ def moderate_many(
     so is protected media with ``skip_protected``. Reject and purge then delete the bytes
     of what they moved (one task per batch). Re-screening is ``rescreen_many``.
 
-    ``limit``: look at no more than this many items (a caller bounding its work runs it
-    again for the rest; acted on, they have left a queryset's filter). ``on_moved`` is
-    given each batch's primary keys that changed, after the batch's transaction.
+    ``batches.limit``: look at no more than this many items. ``on_moved`` is given each
+    batch's primary keys that changed, after the batch's transaction.
     """
     if action in (A.PROTECT, A.UNPROTECT):
-        value = action == A.PROTECT
-
-        def flag(pks: list[int]) -> int:
-            changed = _set_protected_batch(pks, value, by, reason)
-            if on_moved is not None and changed:
-                on_moved(changed)
-            return len(changed)
-
-        return _each_batch(selection, batch_size, flag, limit)
-    if action not in TARGET_STATES:
+        act = _flag_each_batch(action == A.PROTECT, by, reason)
+    elif action in TARGET_STATES:
+        act = _move_each_batch(action, by, reason, skip_protected)
+    else:
         raise ValueError(f"{action} is not a bulk moderation action")
+
+    def act_and_tell(pks: list[int]) -> int:
+        changed = act(pks)
+        if on_moved is not None and changed:
+            on_moved(changed)
+        return len(changed)
+
+    return _each_batch(selection, batches, act_and_tell)
+
+
+def _flag_each_batch(value: bool, by: Actor, reason: str) -> Callable[[list[int]], list[int]]:
+    """What protecting (``value``) or unprotecting does to one batch: the keys changed."""
+    return lambda pks: _set_protected_batch(pks, value, by, reason)
+
+
+def _move_each_batch(
+    action: ModerationAction, by: Actor, reason: str, skip_protected: bool
+) -> Callable[[list[int]], list[int]]:
+    """What a transition does to one batch, the deletion of the bytes it leaves unserved
+    included: the keys moved."""
     fields = _REJECTION_FIELDS if action == A.REJECT else {}
     extra_where = Q(protected=False) if skip_protected else None
 
-    def act(pks: list[int]) -> int:
+    def move(pks: list[int]) -> list[int]:
         moved = _transition_batch(
-            pks,
-            action,
-            by=by,
-            reason=reason,
-            extra_where=extra_where,
-            **fields,
+            pks, action, by=by, reason=reason, extra_where=extra_where, **fields
         )
         if action in _DESTRUCTIVE:
             schedule_objects_deletion(moved)
-        if on_moved is not None and moved:
-            on_moved(moved)
-        return len(moved)
+        return moved
 
-    return _each_batch(selection, batch_size, act, limit)
+    return move
 
 
 def quarantine_user_media(
@@ -373,8 +387,7 @@ def quarantine_user_media(
     *,
     by: Actor,
     reason: str = "",
-    batch_size: int = BATCH_SIZE,
-    limit: int | None = None,
+    batches: Batches = Batches(),
     on_moved: Callable[[list[int]], None] | None = None,
 ) -> int:
     """Quarantine every complete media ``user_id`` uploaded to this server, except
@@ -386,7 +399,7 @@ def quarantine_user_media(
     and other users' media with the same bytes (Synapse quarantines those too; here
     ``quarantine_content`` does, and new uploads of quarantined bytes are refused anyway
     by ``check_not_blocked``). Batched: any number of items, a batch in memory at a time;
-    ``limit`` and ``on_moved`` as ``moderate_many`` takes them.
+    ``batches`` and ``on_moved`` as ``moderate_many`` takes them.
     """
     if not user_id:
         raise ValueError("A user id is required")
@@ -397,8 +410,7 @@ def quarantine_user_media(
         by=by,
         reason=reason,
         skip_protected=True,
-        batch_size=batch_size,
-        limit=limit,
+        batches=batches,
         on_moved=on_moved,
     ).done
 
@@ -409,7 +421,7 @@ def quarantine_content(
     by: Actor,
     reason: str = "",
     block: bool = True,
-    batch_size: int = BATCH_SIZE,
+    batches: Batches = Batches(),
 ) -> int:
     """Quarantine every complete media with these bytes (SHA-256, hex), local and other
     servers', except protected media; with ``block`` (the default) block the hash first
@@ -429,7 +441,7 @@ def quarantine_content(
         block_hash(sha256, by=by, reason=reason)
     selection = Media.objects.filter(sha256=sha256, state=S.COMPLETE, protected=False)
     return moderate_many(
-        selection, A.QUARANTINE, by=by, reason=reason, skip_protected=True, batch_size=batch_size
+        selection, A.QUARANTINE, by=by, reason=reason, skip_protected=True, batches=batches
     ).done
 
 
@@ -564,51 +576,87 @@ def _log_block(by: Actor, blocked: BlockedHash, *, added: bool) -> None:
     )
 
 
+# Given a batch's ``mxc://`` URIs, those to keep.
+KeepHook = Callable[[list[str]], Collection[str]]
+
+
+@dataclass(frozen=True)
+class DeletionFilter:
+    """Which media a deletion by date selects (``delete_local_media_before``,
+    ``purge_remote_cache_before``): the admin API's ``before_ts`` and ``size_gt``, the
+    retention sweep's rules, the commands' options, built once by the caller.
+
+    ``before``: an aware datetime; media last served before it, or never served and
+    created before it ("served" is ``last_accessed_at``, kept to the hour by every
+    download and thumbnail); with ``by_age``, created before it, served since or not.
+    ``size_gt``: only larger than this many bytes. ``keep``: a caller that can tell which
+    media to spare (profile pictures, room avatars: this server cannot know them) returns
+    those of a batch's ``mxc://`` URIs to keep. This server's media only:
+    ``include_quarantined`` (by default only complete media) and ``include_protected``
+    (by default never protected media).
+    """
+
+    before: datetime
+    size_gt: int = 0
+    by_age: bool = False
+    keep: KeepHook | None = None
+    include_quarantined: bool = False
+    include_protected: bool = False
+
+    def _dated(self) -> Q:
+        return Q(created_at__lt=self.before) if self.by_age else _unused_since(self.before)
+
+    def local(self) -> Q:
+        """This server's media with bytes that the filter selects."""
+        states = [S.COMPLETE, S.QUARANTINED] if self.include_quarantined else [S.COMPLETE]
+        condition = (
+            ~Q(upload_method=UploadMethod.REMOTE)
+            & Q(state__in=states, size__gt=self.size_gt)
+            & self._dated()
+        )
+        if not self.include_protected:
+            condition &= Q(protected=False)
+        return condition
+
+    def remote(self) -> Q:
+        """Other servers' complete, unprotected media that the filter selects."""
+        if self.include_quarantined or self.include_protected:
+            raise ValueError("Other servers' quarantined and protected media stays cached")
+        condition = (
+            Q(upload_method=UploadMethod.REMOTE, state=S.COMPLETE, protected=False) & self._dated()
+        )
+        if self.size_gt:
+            condition &= Q(size__gt=self.size_gt)
+        return condition
+
+
 def delete_local_media_before(
-    before: datetime,
+    which: DeletionFilter,
     *,
     by: Actor,
     reason: str = "",
-    size_gt: int = 0,
-    include_quarantined: bool = False,
-    include_protected: bool = False,
-    keep: Callable[[list[str]], Collection[str]] | None = None,
     on_deleted: Callable[[list[str]], None] | None = None,
-    batch_size: int = BATCH_SIZE,
-    limit: int | None = None,
-    by_age: bool = False,
+    batches: Batches = Batches(),
 ) -> int:
-    """Purge this server's own media last served before ``before`` (an aware datetime),
-    or never served and created before it, and larger than ``size_gt`` bytes (Synapse's
+    """Purge this server's own media that ``which`` selects (Synapse's
     ``POST /_synapse/admin/v1/media/delete?before_ts=&size_gt=``); returns how many this
     call purged. Each is a purge: recorded, bytes deleted, a tombstone row kept.
-    ``by_age``: created before ``before``, served since or not (the retention sweep).
 
     As Synapse by default: only media with bytes (complete; quarantined too with
     ``include_quarantined``), never protected media (unless ``include_protected``),
-    never other servers' media (``purge_remote_cache_before``). "Served" is
-    ``last_accessed_at``, kept to the hour by every download and thumbnail.
+    never other servers' media (``purge_remote_cache_before``).
 
     What this server cannot know: which media are profile pictures or room avatars
-    (Synapse's ``keep_profiles``): profiles and room state live on the homeserver. A
-    caller that can tell passes ``keep``: given a batch's ``mxc://`` URIs, it returns
-    those to keep. ``on_deleted`` is given each batch's purged media ids (Synapse
-    answers with the list). ``limit``: look at no more than this many items; what is left
-    is found by the next call.
+    (Synapse's ``keep_profiles``): profiles and room state live on the homeserver; a
+    caller that can tell passes ``which.keep``. ``on_deleted`` is given each batch's
+    purged media ids (Synapse answers with the list). ``batches.limit``: look at no more
+    than this many items; what is left is found by the next call.
     """
-    states = [S.COMPLETE, S.QUARANTINED] if include_quarantined else [S.COMPLETE]
-    condition = (
-        ~Q(upload_method=UploadMethod.REMOTE)
-        & Q(state__in=states, size__gt=size_gt)
-        & (Q(created_at__lt=before) if by_age else _unused_since(before))
-    )
-    if not include_protected:
-        condition &= Q(protected=False)
-    selection = Media.objects.filter(condition)
+    condition = which.local()
     purged = 0
-    for pks in _batches(selection, batch_size, limit):
-        if keep is not None:
-            pks = _without_kept(pks, keep)
+    for pks in _batches(Media.objects.filter(condition), batches):
+        if which.keep is not None:
+            pks = _without_kept(pks, which.keep)
         # The conditions again, in the compare-and-set: media served or protected since
         # it was read stays.
         moved = _transition_batch(pks, A.PURGE, by=by, reason=reason, extra_where=condition)
@@ -620,40 +668,28 @@ def delete_local_media_before(
 
 
 def purge_remote_cache_before(
-    before: datetime,
-    *,
-    by: Actor,
-    reason: str = "",
-    batch_size: int = BATCH_SIZE,
-    limit: int | None = None,
-    size_gt: int = 0,
-    keep: Callable[[list[str]], Collection[str]] | None = None,
-    by_age: bool = False,
+    which: DeletionFilter, *, by: Actor, reason: str = "", batches: Batches = Batches()
 ) -> int:
-    """Delete other servers' media last served before ``before`` (an aware datetime)
-    from the cache (Synapse's ``POST /_synapse/admin/v1/purge_media_cache?before_ts=``);
-    returns how many this call deleted (``deleted``). The retention sweep also passes
-    ``size_gt``, ``keep`` and ``by_age``, as for ``delete_local_media_before``.
+    """Delete other servers' media that ``which`` selects from the cache (Synapse's
+    ``POST /_synapse/admin/v1/purge_media_cache?before_ts=``); returns how many this
+    call deleted (``deleted``). ``which`` may not include quarantined or protected media
+    (``ValueError``).
 
     Only complete, unprotected media: quarantined media stays, as in Synapse, and so do
     rejected rows (they keep refusing the bytes). Each is recorded as a purge, then
     deleted as the eviction sweep deletes (``maintenance.delete_evicted``): objects and
     thumbnails unless other media shares them, then the row, so that the next request
     fetches the media again. With the storage down, the rows stay DELETED and the
-    eviction sweep finishes them. ``limit``: look at no more than this many items.
+    eviction sweep finishes them. ``batches.limit``: look at no more than this many items.
     """
     from . import maintenance
 
-    condition = Q(upload_method=UploadMethod.REMOTE, state=S.COMPLETE, protected=False) & (
-        Q(created_at__lt=before) if by_age else _unused_since(before)
-    )
-    if size_gt:
-        condition &= Q(size__gt=size_gt)
+    condition = which.remote()
     deleted = 0
     storage_down = False
-    for pks in _batches(Media.objects.filter(condition), batch_size, limit):
-        if keep is not None:
-            pks = _without_kept(pks, keep)
+    for pks in _batches(Media.objects.filter(condition), batches):
+        if which.keep is not None:
+            pks = _without_kept(pks, which.keep)
         # No moderator on the row: it is an eviction, which a request may fetch again.
         moved = _transition_batch(
             pks, A.PURGE, by=by, reason=reason, extra_where=condition, moderated_by=""
@@ -673,7 +709,7 @@ def _unused_since(before: datetime) -> Q:
     return Q(last_accessed_at__lt=before) | Q(last_accessed_at__isnull=True, created_at__lt=before)
 
 
-def _without_kept(pks: list[int], keep: Callable[[list[str]], Collection[str]]) -> list[int]:
+def _without_kept(pks: list[int], keep: KeepHook) -> list[int]:
     rows = list(Media.objects.filter(pk__in=pks).values_list("pk", "server_name", "media_id"))
     kept = set(keep([f"mxc://{server}/{media_id}" for _, server, media_id in rows]))
     return [pk for pk, server, media_id in rows if f"mxc://{server}/{media_id}" not in kept]
@@ -737,13 +773,13 @@ class RescreenResult:
 
 
 def rescreen_many(
-    selection: Selection, *, by: Actor, reason: str = "", batch_size: int = BATCH_SIZE
+    selection: Selection, *, by: Actor, reason: str = "", batches: Batches = Batches()
 ) -> RescreenResult:
     """``rescreen`` each media of ``selection`` (as ``moderate_many`` reads it); the
     counts of each outcome, and "failed" for items whose checks failed (logged, left as
     they are, the next items go on)."""
     result = RescreenResult()
-    for pks in _pk_batches(selection, batch_size):
+    for pks in _pk_batches(selection, batches):
         for media in Media.objects.filter(pk__in=pks).order_by("pk"):
             try:
                 result.add(rescreen(media, by=by, reason=reason))
@@ -777,17 +813,15 @@ def _record_unchanged(
 # ---------------------------------------------------------------------- batches
 
 
-def _batches(
-    queryset: QuerySet[Media], batch_size: int, limit: int | None = None
-) -> Iterator[list[int]]:
-    """Primary keys of ``queryset``, ``batch_size`` at a time, in key order, ``limit`` in
-    all at most; each batch read after the previous one was acted on."""
+def _batches(queryset: QuerySet[Media], batches: Batches) -> Iterator[list[int]]:
+    """Primary keys of ``queryset``, ``batches.size`` at a time, in key order,
+    ``batches.limit`` in all at most; each batch read after the previous one was acted on."""
     ordered = queryset.order_by("pk").values_list("pk", flat=True)
     last: int | None = None
-    left = limit
+    left = batches.limit
     while left is None or left > 0:
         page = ordered if last is None else ordered.filter(pk__gt=last)
-        batch = list(page[: batch_size if left is None else min(batch_size, left)])
+        batch = list(page[: batches.size if left is None else min(batches.size, left)])
         if not batch:
             return
         yield batch
@@ -796,25 +830,20 @@ def _batches(
             left -= len(batch)
 
 
-def _pk_batches(
-    selection: Selection, batch_size: int, limit: int | None = None
-) -> Iterator[list[int]]:
+def _pk_batches(selection: Selection, batches: Batches) -> Iterator[list[int]]:
     if isinstance(selection, QuerySet):
-        yield from _batches(selection, batch_size, limit)
+        yield from _batches(selection, batches)
         return
-    ids = iter(selection) if limit is None else islice(selection, limit)
-    while batch := list(islice(ids, batch_size)):
+    ids = iter(selection) if batches.limit is None else islice(selection, batches.limit)
+    while batch := list(islice(ids, batches.size)):
         yield batch
 
 
 def _each_batch(
-    selection: Selection,
-    batch_size: int,
-    act: Callable[[list[int]], int],
-    limit: int | None = None,
+    selection: Selection, batches: Batches, act: Callable[[list[int]], int]
 ) -> BulkResult:
     done = looked_at = 0
-    for pks in _pk_batches(selection, batch_size, limit):
+    for pks in _pk_batches(selection, batches):
         looked_at += len(pks)
         done += act(pks)
     return BulkResult(done=done, looked_at=looked_at)
@@ -834,8 +863,7 @@ def _transition_batch(
     record says which state its row left), one record per row moved. The primary keys
     moved; the state's signal is sent once committed."""
     to_state = TARGET_STATES[action]
-    actor = actor_name(by)
-    values = {"moderated_by": actor, **fields}
+    values = {"moderated_by": actor_name(by), **fields}
     moved_all: list[int] = []
     if not pks:
         return moved_all
@@ -850,28 +878,38 @@ def _transition_batch(
         for source in sorted(present):
             if not remaining:
                 break
-            stamp = timezone.now()
-            moved = lifecycle.transition_many(
-                remaining,
-                [source],
-                to_state,
-                extra_where=extra_where,
-                stamp=stamp,
-                send_signal=False,
-                **values,
-            )
-            if not moved:
-                continue
-            items = list(
-                Media.objects.filter(pk__in=moved).only("pk", "server_name", "media_id", "state")
-            )
-            _record(by, items, action, reason, source, to_state, stamp)
+            moved = _transition_from(source, remaining, action, by, reason, extra_where, values)
             moved_set = set(moved)
             remaining = [pk for pk in remaining if pk not in moved_set]
             moved_all.extend(moved)
         if moved_all:
             transaction.on_commit(lambda: send_state_signal(to_state, moved_all))
     return moved_all
+
+
+def _transition_from(
+    source: str,
+    pks: list[int],
+    action: ModerationAction,
+    by: Actor,
+    reason: str,
+    extra_where: Q | None,
+    values: dict[str, Any],
+) -> list[int]:
+    """Move those of ``pks`` still in ``source`` to the action's target state (one
+    compare-and-set ``UPDATE`` setting ``values``) and record each; the keys moved.
+    Inside the caller's transaction, the signal left to it."""
+    to_state = TARGET_STATES[action]
+    stamp = timezone.now()
+    moved = lifecycle.transition_many(
+        pks, [source], to_state, extra_where=extra_where, stamp=stamp, send_signal=False, **values
+    )
+    if moved:
+        items = list(
+            Media.objects.filter(pk__in=moved).only("pk", "server_name", "media_id", "state")
+        )
+        _record(by, items, action, reason, source, to_state, stamp)
+    return moved
 
 
 def _set_protected_batch(pks: list[int], value: bool, by: Actor, reason: str) -> list[int]:

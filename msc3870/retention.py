@@ -19,7 +19,6 @@ homeserver's database, say). Protected media (``media/protect``) is always kept.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -40,8 +39,8 @@ class RetentionResult:
     remote_deleted: int = 0
 
 
-def keep_hook() -> Callable[[list[str]], Collection[str]] | None:
-    keep: Callable[[list[str]], Collection[str]] | None = app_settings.RETENTION_KEEP
+def keep_hook() -> moderation.KeepHook | None:
+    keep: moderation.KeepHook | None = app_settings.RETENTION_KEEP
     return keep
 
 
@@ -61,14 +60,17 @@ def apply_retention(*, limit: int | None = None) -> RetentionResult:
     for seconds, by_age, delete_before, counted_in in rules:
         if seconds is None:
             continue
-        deleted = delete_before(
+        which = moderation.DeletionFilter(
             now - timedelta(seconds=seconds),
+            size_gt=app_settings.RETENTION_MIN_BYTES,
+            by_age=by_age,
+            keep=keep,
+        )
+        deleted = delete_before(
+            which,
             by=ACTOR,
             reason=_reason(seconds, by_age),
-            size_gt=app_settings.RETENTION_MIN_BYTES,
-            keep=keep,
-            limit=limit,
-            by_age=by_age,
+            batches=moderation.Batches(limit=limit),
         )
         setattr(result, counted_in, getattr(result, counted_in) + deleted)
     return result

@@ -201,31 +201,41 @@ def media_info(server_name: str, media_id: str) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class StatisticsFilter:
+    """Which media ``users_media_statistics`` counts: created from ``from_ts`` (ms; 0,
+    Synapse's default, is no bound) until ``until_ts`` (ms, None: no bound), of users
+    whose localpart holds ``search_term`` (None: every user)."""
+
+    from_ts: int = 0
+    until_ts: int | None = None
+    search_term: str | None = None
+
+    def apply(self, selection: QuerySet[Media]) -> QuerySet[Media]:
+        """``selection`` narrowed to the media the filter counts."""
+        if self.from_ts:
+            selection = selection.filter(created_at__gte=from_ms(self.from_ts))
+        if self.until_ts:
+            selection = selection.filter(created_at__lte=from_ms(self.until_ts))
+        if self.search_term:
+            localpart = Substr("user_id", 2, StrIndex("user_id", Value(":")) - 2)
+            selection = selection.annotate(localpart=localpart).filter(
+                localpart__icontains=self.search_term
+            )
+        return selection
+
+
 def users_media_statistics(
-    *,
-    start: int,
-    limit: int,
-    order_by: str,
-    backwards: bool,
-    from_ts: int,
-    until_ts: int | None,
-    search_term: str | None,
+    which: StatisticsFilter, *, start: int, limit: int, order_by: str, backwards: bool
 ) -> Page:
     """``GET statistics/users/media``: each local user's count and bytes of media, as
-    Synapse counts them (every row of theirs, whatever its state; ``from_ts``/``until_ts``
-    on the creation time), the users whose localpart holds ``search_term``. Equal values
-    are ordered by user id, so that pages neither repeat nor miss a user (Synapse orders
-    by the column alone)."""
-    selection = _local_media()
-    if from_ts:  # 0, Synapse's default, is no bound
-        selection = selection.filter(created_at__gte=from_ms(from_ts))
-    if until_ts:
-        selection = selection.filter(created_at__lte=from_ms(until_ts))
-    if search_term:
-        localpart = Substr("user_id", 2, StrIndex("user_id", Value(":")) - 2)
-        selection = selection.annotate(localpart=localpart).filter(localpart__icontains=search_term)
-    users = selection.values("user_id").annotate(
-        media_count=Count("pk"), media_length=Coalesce(Sum("size"), 0)
+    Synapse counts them (every row of theirs, whatever its state), of the media ``which``
+    selects. Equal values are ordered by user id, so that pages neither repeat nor miss
+    a user (Synapse orders by the column alone)."""
+    users = (
+        which.apply(_local_media())
+        .values("user_id")
+        .annotate(media_count=Count("pk"), media_length=Coalesce(Sum("size"), 0))
     )
     column = STATISTICS_ORDERS[order_by]
     order = [F(column).desc() if backwards else F(column).asc()]
@@ -337,12 +347,11 @@ def delete_before(before_ts: int, size_gt: int, *, by: str) -> list[str]:
     deleted: list[str] = []
     limit = items_per_request()
     moderation.delete_local_media_before(
-        from_ms(before_ts),
+        moderation.DeletionFilter(from_ms(before_ts), size_gt=size_gt),
         by=by,
         reason="Admin API: delete by date and size",
-        size_gt=size_gt,
         on_deleted=deleted.extend,
-        limit=limit,
+        batches=moderation.Batches(limit=limit),
     )
     if len(deleted) >= limit:
         _go_on("delete_before", before_ts=before_ts, size_gt=size_gt, by=by)
@@ -354,7 +363,10 @@ def purge_remote_cache(before_ts: int, *, by: str) -> int:
     before ``before_ts`` (ms), except quarantined media; how many this call deleted."""
     limit = items_per_request()
     count = moderation.purge_remote_cache_before(
-        from_ms(before_ts), by=by, reason="Admin API: purge the remote media cache", limit=limit
+        moderation.DeletionFilter(from_ms(before_ts)),
+        by=by,
+        reason="Admin API: purge the remote media cache",
+        batches=moderation.Batches(limit=limit),
     )
     if count >= limit:
         _go_on("purge_remote_cache", before_ts=before_ts, by=by)
@@ -374,7 +386,7 @@ def quarantine_user(user_id: str, *, by: str) -> int:
 
     limit = items_per_request()
     count = moderation.quarantine_user_media(
-        user_id, by=by, reason=reason, limit=limit, on_moved=note_hashes
+        user_id, by=by, reason=reason, batches=moderation.Batches(limit=limit), on_moved=note_hashes
     )
     if count >= limit:
         _go_on("quarantine_user", user_id=user_id, by=by)

@@ -207,7 +207,8 @@ def test_confirmed_purge_records_who_what_why_and_the_states(
 def test_confirmation_across_all_selected_media(
     moderator: Client, alice: MatrixClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(msc3870.admin.actions, "ACTION_BATCH_SIZE", 2)  # three rows, two batches
+    # Three rows, two batches.
+    monkeypatch.setattr(msc3870.admin.actions, "ACTION_BATCHES", moderation.Batches(size=2))
     media = [media_of(alice.uploaded(bytes([n]))) for n in range(4)]
     assert moderation.quarantine(media[3], by="setup")
     # "Select all" on a filtered list: the page posts one checkbox and select_across; the

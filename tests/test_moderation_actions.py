@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from msc3870 import maintenance, moderation
 from msc3870.models import BlockedHash, Media, MediaState, ModerationAction, ModerationRecord
+from msc3870.moderation import Batches, DeletionFilter
 from msc3870.stores import get_store
 
 from .federation_helpers import Remote
@@ -100,9 +101,10 @@ def test_protected_media_is_skipped_by_every_bulk_rule(alice: MatrixClient) -> N
     assert moderation.quarantine_content(kept.sha256, by=MOD) == 0
     assert state(kept) == S.COMPLETE
     later = timezone.now() + timedelta(days=1)
-    assert moderation.delete_local_media_before(later, by=MOD) == 0
+    assert moderation.delete_local_media_before(DeletionFilter(later), by=MOD) == 0
     assert state(kept) == S.COMPLETE
-    assert moderation.delete_local_media_before(later, by=MOD, include_protected=True) == 1
+    with_protected = DeletionFilter(later, include_protected=True)
+    assert moderation.delete_local_media_before(with_protected, by=MOD) == 1
     assert state(kept) == S.DELETED
 
 
@@ -119,7 +121,7 @@ def test_quarantine_user_media_counts_batches_and_records_each(
 
     with CaptureQueriesContext(connection) as queries:
         count = moderation.quarantine_user_media(
-            alice.user_id, by=MOD, reason="spam wave", batch_size=2
+            alice.user_id, by=MOD, reason="spam wave", batches=Batches(size=2)
         )
     # Read a batch at a time: every read of the selection is bounded. (Taken before any
     # request: a request clears the query log.)
@@ -232,37 +234,37 @@ def test_bulk_actions_look_at_no_more_than_a_limit_and_say_what_moved(
         Media.objects.filter(state=S.COMPLETE),
         A.QUARANTINE,
         by=MOD,
-        batch_size=2,
-        limit=3,
+        batches=Batches(size=2, limit=3),
         on_moved=moved.append,
     )
     assert (result.done, result.looked_at) == (3, 3)
     assert moved == [[items[0].pk, items[1].pk], [items[2].pk]]
-    assert moderation.quarantine_user_media(alice.user_id, by=MOD, limit=1) == 1
-    assert moderation.moderate_many([m.pk for m in items], A.APPROVE, by=MOD, limit=2).done == 2
+    one, two = Batches(limit=1), Batches(limit=2)
+    assert moderation.quarantine_user_media(alice.user_id, by=MOD, batches=one) == 1
+    assert moderation.moderate_many([m.pk for m in items], A.APPROVE, by=MOD, batches=two).done == 2
     flagged: list[list[int]] = []
     moderation.moderate_many([items[4].pk], A.PROTECT, by=MOD, on_moved=flagged.append)
     assert flagged == [[items[4].pk]]
-    old = timezone.now() + timedelta(days=1)
-    assert moderation.delete_local_media_before(old, by=MOD, limit=1) == 1
-    assert moderation.delete_local_media_before(old, by=MOD, limit=10) == 1  # the rest
-    assert moderation.purge_remote_cache_before(old, by=MOD, limit=1) == 0
+    old = DeletionFilter(timezone.now() + timedelta(days=1))
+    assert moderation.delete_local_media_before(old, by=MOD, batches=one) == 1
+    assert moderation.delete_local_media_before(old, by=MOD, batches=Batches(limit=10)) == 1
+    assert moderation.purge_remote_cache_before(old, by=MOD, batches=one) == 0
 
 
 def test_moderate_many_takes_ids_or_a_queryset_one_record_each(alice: MatrixClient) -> None:
     items = [media_of(alice.uploaded(f"item {n}".encode())) for n in range(5)]
     user = User.objects.create_superuser("mod", "mod@example.com", "pw")
     result = moderation.moderate_many(
-        (m.pk for m in items[:3]), A.QUARANTINE, by=user, reason="reported", batch_size=2
+        (m.pk for m in items[:3]), A.QUARANTINE, by=user, reason="reported", batches=Batches(size=2)
     )
     assert (result.done, result.looked_at, result.skipped) == (3, 3, 0)
     # A queryset that its own action empties: read by key, nothing skipped or repeated.
     result = moderation.moderate_many(
-        Media.objects.filter(state=S.COMPLETE), A.QUARANTINE, by=user, batch_size=1
+        Media.objects.filter(state=S.COMPLETE), A.QUARANTINE, by=user, batches=Batches(size=1)
     )
     assert (result.done, result.looked_at) == (2, 2)
     result = moderation.moderate_many(
-        Media.objects.all(), A.REJECT, by=user, reason="illegal", batch_size=2
+        Media.objects.all(), A.REJECT, by=user, reason="illegal", batches=Batches(size=2)
     )
     assert result.done == 5
     for media in items:
@@ -339,14 +341,11 @@ def test_delete_local_media_before_follows_synapse(alice: MatrixClient) -> None:
 
     deleted_ids: list[str] = []
     cutoff = timezone.now() - timedelta(days=30)
+    which = DeletionFilter(
+        cutoff, size_gt=50, keep=lambda uris: [uri for uri in uris if uri == avatar.mxc_uri]
+    )
     count = moderation.delete_local_media_before(
-        cutoff,
-        by=MOD,
-        reason="retention",
-        size_gt=50,
-        keep=lambda uris: [uri for uri in uris if uri == avatar.mxc_uri],
-        on_deleted=deleted_ids.extend,
-        batch_size=1,
+        which, by=MOD, reason="retention", on_deleted=deleted_ids.extend, batches=Batches(size=1)
     )
     assert count == 2
     assert sorted(deleted_ids) == sorted([old_unread.media_id, read_long_ago.media_id])
@@ -358,7 +357,9 @@ def test_delete_local_media_before_follows_synapse(alice: MatrixClient) -> None:
     assert state(quarantined) == S.QUARANTINED
     assert state(pending) == S.PENDING
     assert (
-        moderation.delete_local_media_before(cutoff, by=MOD, size_gt=50, include_quarantined=True)
+        moderation.delete_local_media_before(
+            DeletionFilter(cutoff, size_gt=50, include_quarantined=True), by=MOD
+        )
         == 2
     )
     assert state(quarantined) == S.DELETED
@@ -372,7 +373,7 @@ def test_a_download_spares_media_from_deletion_by_date(alice: MatrixClient) -> N
     served = Media.objects.get(pk=media.pk).last_accessed_at
     assert served is not None and timezone.now() - served < timedelta(minutes=1)
     cutoff = timezone.now() - timedelta(days=30)
-    assert moderation.delete_local_media_before(cutoff, by=MOD) == 0
+    assert moderation.delete_local_media_before(DeletionFilter(cutoff), by=MOD) == 0
     assert state(media) == S.COMPLETE
 
 
@@ -395,7 +396,7 @@ def test_purge_remote_cache_before(alice: MatrixClient, remote: Remote) -> None:
     aged(local, created_days=20, accessed_days=None)
 
     cutoff = timezone.now() - timedelta(days=1)
-    assert moderation.purge_remote_cache_before(cutoff, by=MOD, reason="disk") == 1
+    assert moderation.purge_remote_cache_before(DeletionFilter(cutoff), by=MOD, reason="disk") == 1
     # The row is gone, as the eviction sweep leaves it: the record keeps the mxc URI.
     assert not Media.objects.filter(pk=old.pk).exists()
     record = ModerationRecord.objects.get(mxc_uri=old.mxc_uri)
@@ -416,6 +417,16 @@ def test_purge_remote_cache_before(alice: MatrixClient, remote: Remote) -> None:
     assert remote.fed_hits() == hits + 1
 
 
+@pytest.mark.parametrize("flag", ["include_quarantined", "include_protected"])
+def test_the_remote_cache_purge_refuses_the_local_only_filters(db: None, flag: str) -> None:
+    """Other servers' quarantined and protected media stays cached: a filter asking for
+    it is refused rather than silently narrowed."""
+    which = DeletionFilter(timezone.now(), **{flag: True})
+    with pytest.raises(ValueError):
+        moderation.purge_remote_cache_before(which, by=MOD)
+    assert not ModerationRecord.objects.exists()
+
+
 def test_purged_remote_media_left_by_a_storage_outage_is_finished_by_the_sweep(
     alice: MatrixClient, remote: Remote, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -430,7 +441,7 @@ def test_purged_remote_media_left_by_a_storage_outage_is_finished_by_the_sweep(
 
     monkeypatch.setattr(maintenance, "delete_evicted", down)
     later = timezone.now() + timedelta(hours=2)
-    assert moderation.purge_remote_cache_before(later, by=MOD) == 1
+    assert moderation.purge_remote_cache_before(DeletionFilter(later), by=MOD) == 1
     assert media_row(remote.name, "a").state == S.DELETED
     monkeypatch.undo()
     maintenance.evict_remote_media()
@@ -475,7 +486,7 @@ def test_rescreen_many_counts_outcomes(alice: MatrixClient) -> None:
     items = [media_of(alice.uploaded(f"item {n}".encode())) for n in range(3)]
     moderation.quarantine(items[2], by=MOD)
     with msc3870_settings(CHECKS=["tests.checks.reject_everything"]):
-        result = moderation.rescreen_many(Media.objects.all(), by=MOD, batch_size=2)
+        result = moderation.rescreen_many(Media.objects.all(), by=MOD, batches=Batches(size=2))
     assert (result["quarantined"], result["skipped"], result["passed"]) == (2, 1, 0)
 
 

@@ -50,7 +50,7 @@ ACTIONS: dict[str, Callable[[Media], object]] = {
     "quarantine the uploader": lambda m: moderation.quarantine_user_media(m.user_id, by=MOD),
     "quarantine the content": lambda m: moderation.quarantine_content(m.sha256, by=MOD),
     "delete by date": lambda m: moderation.delete_local_media_before(
-        timezone.now() + timedelta(hours=2), by=MOD
+        moderation.DeletionFilter(timezone.now() + timedelta(hours=2)), by=MOD
     ),
     "re-screen": lambda m: moderation.rescreen(m, by=MOD),
 }

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from msc3870.federation import outbound
-from msc3870.federation.outbound import AddressNotAllowed, IPPolicy
+from msc3870.federation.outbound import AddressNotAllowed, IPPolicy, Options
 
 from .federation_helpers import (
     SLACK_SECONDS,
@@ -251,7 +251,7 @@ def test_internal_ip_literals_are_refused_before_connecting(
     monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket.socket, "connect_ex", connect)
     with pytest.raises(AddressNotAllowed):
-        outbound.request("GET", url, timeout=30)
+        outbound.request("GET", url, options=Options(timeout=30))
     assert attempts == []  # refused, not tried (nor timed out trying)
 
 
@@ -273,7 +273,9 @@ def test_allowed_redirects_are_followed_through_the_guard(server: LocalServer) -
     with LOOPBACK_OPEN:
         response = outbound.request("GET", f"{server.url}/to-ok")
         assert (response.status, response.content) == (200, b"hello")
-        not_followed = outbound.request("GET", f"{server.url}/to-ok", allow_redirects=False)
+        not_followed = outbound.request(
+            "GET", f"{server.url}/to-ok", options=Options(allow_redirects=False)
+        )
     assert not_followed.status == 302
     assert server.hits == ["/to-ok", "/ok", "/to-ok"]
 
@@ -282,7 +284,9 @@ def test_a_redirects_body_is_never_read(server: LocalServer) -> None:
     # The redirect announces 10**9 bytes and sends 64 KiB: read against max_bytes=100 it
     # would be too large; read at all it would stall, then end short (an error either way).
     with LOOPBACK_OPEN:
-        response = outbound.request("GET", f"{server.url}/to-ok-endless-body", max_bytes=100)
+        response = outbound.request(
+            "GET", f"{server.url}/to-ok-endless-body", options=Options(max_bytes=100)
+        )
     assert (response.status, response.content) == (200, b"hello")
     assert server.hits == ["/to-ok-endless-body", "/ok"]
 
@@ -296,18 +300,20 @@ def test_redirect_loops_end(server: LocalServer) -> None:
 def test_a_policy_of_its_own_judges_every_hop_instead_of_federations(
     server: LocalServer,
 ) -> None:
-    """URL previews pass their own lists (``stream(policy=)``): they, not federation's,
+    """URL previews pass their own lists (``Options(policy=)``): they, not federation's,
     decide every connection of the request, redirect hops included, and only for it."""
     own = outbound.IPPolicy.from_lists(None, ["127.0.0.1/32"])
-    response = outbound.request("GET", f"{server.url}/to-ok", policy=own)  # federation: denied
+    # Federation's lists would deny this.
+    response = outbound.request("GET", f"{server.url}/to-ok", options=Options(policy=own))
     assert (response.status, response.content) == (200, b"hello")
     with pytest.raises(AddressNotAllowed):
         outbound.request("GET", f"{server.url}/ok")  # the policy was for that request only
     closed = outbound.IPPolicy.from_lists(["127.0.0.0/8"], [])
     with LOOPBACK_OPEN, pytest.raises(AddressNotAllowed):
-        outbound.request("GET", f"{server.url}/ok", policy=closed)  # federation: allowed
+        # Federation's lists would allow this.
+        outbound.request("GET", f"{server.url}/ok", options=Options(policy=closed))
     with pytest.raises(AddressNotAllowed):
-        outbound.request("GET", f"{server.url}/to-metadata", policy=own)
+        outbound.request("GET", f"{server.url}/to-metadata", options=Options(policy=own))
     assert server.hits == ["/to-ok", "/ok", "/to-metadata"]
 
 
@@ -352,7 +358,7 @@ def test_a_name_resolving_to_an_ipv4_embedding_form_is_refused_before_connecting
     with pytest.raises(AddressNotAllowed, match=r"embedded\.example resolves to"):
         outbound.guarded_connect("embedded.example", 8448, timeout=5)
     with pytest.raises(AddressNotAllowed):
-        outbound.request("GET", "https://embedded.example:8448/", timeout=5)
+        outbound.request("GET", "https://embedded.example:8448/", options=Options(timeout=5))
     assert connects == []
 
 
@@ -388,7 +394,8 @@ def test_proxies_from_the_environment_are_not_used(
     monkeypatch.setenv("HTTP_PROXY", "http://10.9.9.9:3128")
     monkeypatch.setenv("http_proxy", "http://10.9.9.9:3128")
     with LOOPBACK_OPEN:
-        assert outbound.request("GET", f"{server.url}/ok", timeout=5).content == b"hello"
+        response = outbound.request("GET", f"{server.url}/ok", options=Options(timeout=5))
+        assert response.content == b"hello"
 
 
 # --- limits ---------------------------------------------------------------------------
@@ -396,16 +403,17 @@ def test_proxies_from_the_environment_are_not_used(
 
 def test_content_length_over_the_limit_is_refused_before_reading(server: LocalServer) -> None:
     with LOOPBACK_OPEN, pytest.raises(outbound.ResponseTooLarge, match="Content-Length"):
-        outbound.request("GET", f"{server.url}/big", max_bytes=9_999)
+        outbound.request("GET", f"{server.url}/big", options=Options(max_bytes=9_999))
     with LOOPBACK_OPEN:
-        assert len(outbound.request("GET", f"{server.url}/big", max_bytes=10_000).content) == 10_000
+        response = outbound.request("GET", f"{server.url}/big", options=Options(max_bytes=10_000))
+        assert len(response.content) == 10_000
 
 
 def test_a_body_without_length_is_stopped_while_streaming(server: LocalServer) -> None:
     received = []
     with (
         LOOPBACK_OPEN,
-        outbound.stream("GET", f"{server.url}/big-chunked", max_bytes=2500) as r,
+        outbound.stream("GET", f"{server.url}/big-chunked", options=Options(max_bytes=2500)) as r,
         pytest.raises(outbound.ResponseTooLarge),
     ):
         for chunk in r.iter_bytes(1000):
@@ -415,7 +423,7 @@ def test_a_body_without_length_is_stopped_while_streaming(server: LocalServer) -
 
 def test_a_compressed_body_counts_by_its_decoded_size(server: LocalServer) -> None:
     with LOOPBACK_OPEN, pytest.raises(outbound.ResponseTooLarge):
-        outbound.request("GET", f"{server.url}/gzip-bomb", max_bytes=100_000)
+        outbound.request("GET", f"{server.url}/gzip-bomb", options=Options(max_bytes=100_000))
 
 
 def test_a_trickling_peer_is_stopped_at_the_deadline(server: LocalServer) -> None:
@@ -423,7 +431,9 @@ def test_a_trickling_peer_is_stopped_at_the_deadline(server: LocalServer) -> Non
     # arrive in 10 s. Only the total deadline can raise OutboundTimeout.
     with (
         LOOPBACK_OPEN,
-        outbound.stream("GET", f"{server.url}/trickle", timeout=2, total_timeout=0.5) as r,
+        outbound.stream(
+            "GET", f"{server.url}/trickle", options=Options(timeout=2, total_timeout=0.5)
+        ) as r,
         pytest.raises(outbound.OutboundTimeout),
     ):
         r.read()
@@ -441,7 +451,7 @@ def tls_server(tmp_path: Path) -> Iterator[LocalServer]:
 
 def test_tls_certificates_are_verified_by_default(tls_server: LocalServer) -> None:
     with LOOPBACK_OPEN, pytest.raises(outbound.OutboundError, match="CERTIFICATE_VERIFY_FAILED"):
-        outbound.request("GET", f"{tls_server.url}/ok", timeout=5)
+        outbound.request("GET", f"{tls_server.url}/ok", options=Options(timeout=5))
 
 
 @pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
@@ -449,10 +459,10 @@ def test_tls_verification_can_be_turned_off_for_tests(tls_server: LocalServer) -
     with msc3870_settings(
         FEDERATION_IP_RANGE_ALLOWLIST=["127.0.0.1/32"], FEDERATION_VERIFY_TLS=False
     ):
-        response = outbound.request("GET", f"{tls_server.url}/ok", timeout=5)
+        response = outbound.request("GET", f"{tls_server.url}/ok", options=Options(timeout=5))
         assert response.content == b"hello"
     with msc3870_settings(FEDERATION_VERIFY_TLS=False), pytest.raises(AddressNotAllowed):
-        outbound.request("GET", f"{tls_server.url}/ok", timeout=5)  # still guarded
+        outbound.request("GET", f"{tls_server.url}/ok", options=Options(timeout=5))  # still guarded
 
 
 # --- one deadline, from the first DNS query to the last body byte ---------------------
@@ -525,7 +535,9 @@ def test_a_peer_trickling_its_response_head_is_cut_at_the_deadline(
     with (
         LOOPBACK_OPEN,
         pytest.raises(outbound.OutboundTimeout),
-        outbound.stream("GET", f"{slow_server.url}{path}", timeout=2, total_timeout=1.5),
+        outbound.stream(
+            "GET", f"{slow_server.url}{path}", options=Options(timeout=2, total_timeout=1.5)
+        ),
     ):
         pass
     _assert_ends_in_time(started, 1.5)
@@ -545,7 +557,11 @@ def test_a_peer_that_never_speaks_is_cut_at_the_deadline(scheme: str) -> None:
     with silent_server() as port, LOOPBACK_OPEN:
         started = time.monotonic()
         with pytest.raises(outbound.OutboundTimeout):
-            outbound.request("GET", f"{scheme}://127.0.0.1:{port}/", timeout=30, total_timeout=1.5)
+            outbound.request(
+                "GET",
+                f"{scheme}://127.0.0.1:{port}/",
+                options=Options(timeout=30, total_timeout=1.5),
+            )
         _assert_ends_in_time(started, 1.5)
 
 
@@ -580,7 +596,9 @@ def blocking_dns(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
 def test_a_dns_lookup_that_never_answers_is_cut_at_the_deadline(blocking_dns: list[str]) -> None:
     started = time.monotonic()
     with pytest.raises(outbound.OutboundTimeout, match=r"slow-dns\.example"):
-        outbound.request("GET", "https://slow-dns.example/", timeout=30, total_timeout=1.5)
+        outbound.request(
+            "GET", "https://slow-dns.example/", options=Options(timeout=30, total_timeout=1.5)
+        )
     _assert_ends_in_time(started, 1.5)
     assert blocking_dns == ["slow-dns.example"]
     # ...and by the per-operation timeout when that is the shorter.
@@ -627,7 +645,9 @@ def test_every_redirect_hop_is_within_the_same_deadline(slow_server: LocalServer
     # take 4.8 s.
     started = time.monotonic()
     with LOOPBACK_OPEN, pytest.raises(outbound.OutboundTimeout):
-        outbound.request("GET", f"{slow_server.url}/slow-redirect", timeout=5, total_timeout=2)
+        outbound.request(
+            "GET", f"{slow_server.url}/slow-redirect", options=Options(timeout=5, total_timeout=2)
+        )
     _assert_ends_in_time(started, 2)
 
 
@@ -685,5 +705,7 @@ def test_the_watchdog_lets_go_of_every_socket_when_requests_end(
             outbound.request("GET", f"{server.url}/ok")
             outbound.request("GET", f"{server.url}/to-ok")
             with pytest.raises(outbound.OutboundTimeout):
-                outbound.request("GET", f"{server.url}/trickle", timeout=2, total_timeout=0.2)
+                outbound.request(
+                    "GET", f"{server.url}/trickle", options=Options(timeout=2, total_timeout=0.2)
+                )
     assert _open_descriptors() <= before + 2

@@ -140,6 +140,7 @@ def unset_environment(data_dir: Path) -> dict[str, Any]:
         "COMPLETE_WAIT_SECONDS": 20.0,
         "COMPLETE_WAITS_FOR_CHECKS": False,
         "S3_COPY_CHECKSUM": True,
+        "S3_SIGN_PAYLOAD": False,
         "STUCK_AFTER_SECONDS": 300,
         "CLAMAV_URL": None,
         "SHA256_WHEN": "needed",
@@ -184,6 +185,7 @@ ENVIRONMENT_CASES: list[tuple[dict[str, str], dict[str, Any]]] = [
     ),
     ({"MSC3870_S3_COPY_CHECKSUM": "0"}, {"S3_COPY_CHECKSUM": False}),
     ({"MSC3870_S3_COPY_CHECKSUM": "no"}, {}),  # only "0" turns it off
+    ({"MSC3870_S3_SIGN_PAYLOAD": "1"}, {"S3_SIGN_PAYLOAD": True}),
     ({"MSC3870_S3_UPLOAD_PART_SIZE": "5242880"}, {"S3_UPLOAD_PART_SIZE": 5242880}),
     ({"MSC3870_S3_UPLOAD_CONCURRENCY": "2"}, {"S3_UPLOAD_CONCURRENCY": 2}),
     ({"MSC3870_STUCK_AFTER_SECONDS": "60"}, {"STUCK_AFTER_SECONDS": 60}),
@@ -389,3 +391,28 @@ def test_every_variable_is_pinned_by_a_case() -> None:
     pinned = {name for env, _ in ENVIRONMENT_CASES for name in env}
     assert environment_variables() - pinned == set()
     assert environment_variables() <= {*ENVIRONMENT_OF_THE_APP, *pinned}
+
+
+def test_a_redis_broker_uses_the_transport_whose_channels_close(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """mediarepo/broker.py for Redis (tests/services/test_broker_restart.py is the worker
+    riding through restarts); another broker keeps its own transport; either way a worker
+    never gives up waiting for its broker."""
+    redis = project_settings(monkeypatch, CELERY_BROKER_URL="redis://127.0.0.1:6379/0")
+    assert redis["CELERY_BROKER_TRANSPORT"] == "mediarepo.broker:Transport"
+    assert redis["CELERY_BROKER_CONNECTION_MAX_RETRIES"] is None
+    rabbit = project_settings(monkeypatch, CELERY_BROKER_URL="amqp://guest@127.0.0.1:5672//")
+    assert "CELERY_BROKER_TRANSPORT" not in rabbit
+    assert rabbit["CELERY_BROKER_CONNECTION_MAX_RETRIES"] is None
+
+
+def test_the_redis_transport_is_kombus_with_its_own_channel() -> None:
+    from kombu import Connection
+
+    from mediarepo import broker
+
+    connection = Connection("redis://127.0.0.1:1/0", transport="mediarepo.broker:Transport")
+    assert connection.transport_cls == "mediarepo.broker:Transport"
+    assert isinstance(connection.transport, broker.Transport)
+    assert connection.transport.Channel is broker.Channel

@@ -370,6 +370,42 @@ def test_request_checksums_only_where_they_spare_the_payload_hash() -> None:
         assert get_store().client.meta.config.request_checksum_calculation == "when_required"
 
 
+class _Sent(Exception):
+    """Stops a request once its signed headers are seen (nothing leaves the process)."""
+
+
+@pytest.mark.parametrize(
+    ("sign_payload", "expected"),
+    [(False, "UNSIGNED-PAYLOAD"), (True, hashlib.sha256(b"part bytes").hexdigest())],
+)
+def test_bodies_go_unsigned_over_plain_http_unless_asked(sign_payload: bool, expected: str) -> None:
+    """S3_SIGN_PAYLOAD off (the default): a body sent over plain HTTP is not hashed for the
+    signature; the request itself is still signed."""
+    seen: dict[str, str] = {}
+
+    def capture(request: Any, **kwargs: Any) -> None:
+        seen.update(
+            {
+                name: value.decode() if isinstance(value, bytes) else value
+                for name, value in request.headers.items()
+            }
+        )
+        raise _Sent()
+
+    with (
+        msc3870_settings(S3_SIGN_PAYLOAD=sign_payload),
+        override_settings(STORAGES=s3_storages(endpoint_url="http://127.0.0.1:9")),
+    ):
+        client = get_store().client
+        client.meta.events.register("before-send.s3.UploadPart", capture)
+        with pytest.raises(_Sent):
+            client.upload_part(
+                Bucket=BUCKET, Key="media/xx/part", UploadId="u", PartNumber=1, Body=b"part bytes"
+            )
+    assert seen["X-Amz-Content-SHA256"] == expected
+    assert seen["Authorization"].startswith("AWS4-HMAC-SHA256 ")
+
+
 def test_upload_parts_grow_so_that_the_largest_upload_fits_in_10000() -> None:
     with msc3870_settings(S3_UPLOAD_PART_SIZE=8 * 1024 * 1024, S3_UPLOAD_CONCURRENCY=3):
         small = upload_transfer(50 * 1024 * 1024)

@@ -34,7 +34,7 @@ CONFIRMATION_TEMPLATE = "admin/msc3870/media/moderation_confirmation.html"
 # Media listed by name on a confirmation page; a larger selection is given as a count.
 CONFIRMATION_PREVIEW_LIMIT = 100
 # Media rows loaded at once while acting on a large selection.
-ACTION_BATCH_SIZE = 500
+ACTION_BATCHES = moderation.Batches(size=500)
 # Actions that read each selected item's bytes in the request (re-screening, hashing
 # content) take at most this many items; the management commands take any number.
 READING_LIMIT = 100
@@ -87,7 +87,7 @@ def _bulk(kind: ModerationAction, verb: str) -> Run:
         # they are acted on are neither skipped nor repeated, and no list of the whole
         # selection is held.
         result = moderation.moderate_many(
-            queryset, kind, by=user, reason=reason, batch_size=ACTION_BATCH_SIZE
+            queryset, kind, by=user, reason=reason, batches=ACTION_BATCHES
         )
         said: Messages = [(messages.SUCCESS, f"{verb} {result.done} media.")]
         if result.skipped:
@@ -146,9 +146,7 @@ def _uploaders_scope(queryset: QuerySet[Media]) -> Scope:
 def _quarantine_uploaders(queryset: QuerySet[Media], user: Any, reason: str) -> Messages:
     uploaders = selected_uploaders(queryset)[:UPLOADER_LIMIT]
     done = sum(
-        moderation.quarantine_user_media(
-            user_id, by=user, reason=reason, batch_size=ACTION_BATCH_SIZE
-        )
+        moderation.quarantine_user_media(user_id, by=user, reason=reason, batches=ACTION_BATCHES)
         for user_id in uploaders
     )
     return [(messages.SUCCESS, f"Quarantined {done} media of {len(uploaders)} uploader(s).")]
@@ -178,7 +176,7 @@ def _quarantine_content(queryset: QuerySet[Media], user: Any, reason: str) -> Me
         elif sha256 not in hashes:
             hashes.add(sha256)
             quarantined += moderation.quarantine_content(
-                sha256, by=user, reason=reason, batch_size=ACTION_BATCH_SIZE
+                sha256, by=user, reason=reason, batches=ACTION_BATCHES
             )
     said: Messages = [
         (
@@ -319,26 +317,50 @@ def confirm_then_run(
     if scope.refusal:
         modeladmin.message_user(request, scope.refusal, messages.ERROR)
         return None
-    selected = request.POST.getlist(helpers.ACTION_CHECKBOX_NAME)
-    if "confirmed" in request.POST:
+    if "confirmed" not in request.POST:
+        form = ModerationReasonForm()
+    else:
         form = ModerationReasonForm(request.POST)
         if form.is_valid():
-            for level, text in operation.run(queryset, request.user, form.cleaned_data["reason"]):
-                modeladmin.message_user(request, text, level)
-            if request.POST.get(RETURN_TO_ITEM) and len(selected) == 1 and selected[0].isdigit():
-                # Back to the page the button was on (a fixed admin URL: no open redirect).
-                return HttpResponseRedirect(
-                    reverse("admin:msc3870_media_change", args=[selected[0]])
-                )
-            return None
-    else:
-        form = ModerationReasonForm()
-    opts = modeladmin.model._meta
+            return _run(modeladmin, request, queryset, operation, form.cleaned_data["reason"])
+    context = _confirmation_context(modeladmin, request, queryset, operation, scope, form)
+    request.current_app = modeladmin.admin_site.name
+    return TemplateResponse(request, CONFIRMATION_TEMPLATE, context)
+
+
+def _run(
+    modeladmin: admin.ModelAdmin,
+    request: HttpRequest,
+    queryset: QuerySet[Media],
+    operation: Operation,
+    reason: str,
+) -> HttpResponseBase | None:
+    """Act, say what was done, and go back: to the media's page if the action was one of
+    its buttons, else (None) to the list."""
+    for level, text in operation.run(queryset, request.user, reason):
+        modeladmin.message_user(request, text, level)
+    selected = request.POST.getlist(helpers.ACTION_CHECKBOX_NAME)
+    if request.POST.get(RETURN_TO_ITEM) and len(selected) == 1 and selected[0].isdigit():
+        # Back to the page the button was on (a fixed admin URL: no open redirect).
+        return HttpResponseRedirect(reverse("admin:msc3870_media_change", args=[selected[0]]))
+    return None
+
+
+def _confirmation_context(
+    modeladmin: admin.ModelAdmin,
+    request: HttpRequest,
+    queryset: QuerySet[Media],
+    operation: Operation,
+    scope: Scope,
+    form: ModerationReasonForm,
+) -> dict[str, Any]:
+    """What the confirmation page shows, and the selection it posts back."""
     select_across = request.POST.get("select_across", "0")
-    context = {
+    selected = request.POST.getlist(helpers.ACTION_CHECKBOX_NAME)
+    return {
         **modeladmin.admin_site.each_context(request),
         "title": f"{operation.label}: are you sure?",
-        "opts": opts,
+        "opts": modeladmin.model._meta,
         "operation": operation,
         "scope": scope,
         "form": form,
@@ -356,8 +378,6 @@ def confirm_then_run(
         "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
         "media": modeladmin.media + form.media,
     }
-    request.current_app = modeladmin.admin_site.name
-    return TemplateResponse(request, CONFIRMATION_TEMPLATE, context)
 
 
 def admin_action(operation: Operation) -> Callable[..., HttpResponseBase | None]:

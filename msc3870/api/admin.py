@@ -264,12 +264,12 @@ class UserMediaStatisticsView(AdminView):
         if search_term == "":
             raise InvalidParam("Query parameter search_term cannot be an empty string.")
         page = synapse_admin.users_media_statistics(
+            synapse_admin.StatisticsFilter(
+                from_ts=from_ts, until_ts=until_ts, search_term=search_term
+            ),
             start=start,
             limit=limit,
             order_by=order_by,
             backwards=backwards(request),
-            from_ts=from_ts,
-            until_ts=until_ts,
-            search_term=search_term,
         )
         return Response(page_body(page, "users"))

@@ -45,8 +45,7 @@ log = logging.getLogger(__name__)
 
 CACHE_SECONDS = 60 * 60
 CACHE_SECONDS_WITHOUT_DELEGATION = 10 * 60
-WELL_KNOWN_MAX_BYTES = 50 * 1024
-WELL_KNOWN_TIMEOUT_SECONDS = 10.0
+WELL_KNOWN_OPTIONS = outbound.Options(max_bytes=50 * 1024, timeout=10.0)
 DNS_TIMEOUT_SECONDS = 10.0
 SRV_SERVICES = ("_matrix-fed._tcp", "_matrix._tcp")
 
@@ -174,9 +173,7 @@ def _well_known(host: str) -> str | None:
     """The ``m.server`` of ``https://<host>/.well-known/matrix/server``, or None."""
     url = f"https://{host}/.well-known/matrix/server"
     try:
-        response = outbound.request(
-            "GET", url, max_bytes=WELL_KNOWN_MAX_BYTES, timeout=WELL_KNOWN_TIMEOUT_SECONDS
-        )
+        response = outbound.request("GET", url, options=WELL_KNOWN_OPTIONS)
     except outbound.OutboundError as exc:
         if _out_of_time():
             raise DiscoveryError(f"The well-known fetch of {host} ran out of time") from exc

@@ -57,8 +57,8 @@ log = logging.getLogger(__name__)
 
 MAX_VALIDITY_MS = 7 * 24 * 60 * 60 * 1000
 REFETCH_AFTER_SECONDS = 60
-FETCH_TIMEOUT_SECONDS = 10.0
-MAX_KEY_RESPONSE_BYTES = 256 * 1024
+# A redirect is not a key server's answer; its target would be unchecked.
+FETCH_OPTIONS = outbound.Options(max_bytes=256 * 1024, timeout=10.0, allow_redirects=False)
 # Keys known to be compromised, refused whoever publishes them (as Synapse does).
 BANNED_VERIFY_KEYS = frozenset({"l/O9hxMVKB6Lg+3Hqf0FQQZhVESQcMzbPN1Cz2nM3og="})
 
@@ -147,16 +147,7 @@ def _get_json(method: str, url: str, body: Any | None = None, *, host: str | Non
         headers["Content-Type"] = "application/json"
         data = encode_canonical_json(body)
     try:
-        response = outbound.request(
-            method,
-            url,
-            headers=headers,
-            data=data,
-            max_bytes=MAX_KEY_RESPONSE_BYTES,
-            timeout=FETCH_TIMEOUT_SECONDS,
-            # A redirect is not a key server's answer; its target would be unchecked.
-            allow_redirects=False,
-        )
+        response = outbound.request(method, url, headers=headers, data=data, options=FETCH_OPTIONS)
     except outbound.OutboundError as exc:
         raise KeyLookupError(f"{method} {url}: {exc}") from exc
     if response.status != 200:

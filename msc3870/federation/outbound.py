@@ -25,7 +25,7 @@ Every request this server makes on behalf of someone else (keys, remote media, a
   TLS certificates are verified unless ``MSC3870["FEDERATION_VERIFY_TLS"]`` is off.
 
 **One deadline, from the first DNS query to the last body byte.** ``stream()`` and
-``request()`` end by their total deadline (``total_timeout``, or the enclosing
+``request()`` end by their total deadline (``Options.total_timeout``, or the enclosing
 ``deadline()`` block's if that is earlier), whatever the peer does, at every phase:
 
 - DNS: ``getaddrinfo`` runs on a daemon thread and is waited for at most
@@ -460,7 +460,7 @@ _connect_overrides: ContextVar[Mapping[tuple[str, int], tuple[str, int]] | None]
     "msc3870_connect_overrides", default=None
 )
 # The addresses the connections of the current request may reach (None: federation's,
-# ``IPPolicy.from_settings``). URL previews pass their own lists (``stream(policy=)``).
+# ``IPPolicy.from_settings``). URL previews pass their own lists (``Options(policy=)``).
 _current_policy: ContextVar[IPPolicy | None] = ContextVar("msc3870_outbound_policy", default=None)
 
 
@@ -566,6 +566,28 @@ def new_session() -> requests.Session:
     return session
 
 
+@dataclass(frozen=True)
+class Options:
+    """How one outbound request may go, built once by its caller.
+
+    ``max_bytes``: the body's limit (``Content-Length`` first, then while reading).
+    ``timeout`` bounds the DNS lookup, connecting, and each read; ``total_timeout``
+    (default: six times ``timeout``) the whole exchange from the first DNS query to the
+    last body byte, redirects included. ``allow_redirects``: follow at most five, each
+    hop through the address guard. ``policy``: the addresses it may reach (default: the
+    federation lists)."""
+
+    max_bytes: int = DEFAULT_MAX_BYTES
+    timeout: float = DEFAULT_TIMEOUT_SECONDS
+    total_timeout: float | None = None
+    allow_redirects: bool = True
+    policy: IPPolicy | None = None
+
+    @property
+    def total(self) -> float:
+        return self.total_timeout or self.timeout * 6
+
+
 @dataclass
 class StreamedResponse:
     """An answer whose body is read on demand, never beyond ``max_bytes``."""
@@ -619,44 +641,28 @@ def stream(
     *,
     headers: Mapping[str, str] | None = None,
     data: bytes | None = None,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    timeout: float = DEFAULT_TIMEOUT_SECONDS,
-    total_timeout: float | None = None,
-    allow_redirects: bool = True,
-    policy: IPPolicy | None = None,
+    options: Options = Options(),
 ) -> Iterator[StreamedResponse]:
-    """Send a request and yield its response with the body unread.
+    """Send a request and yield its response with the body unread, within the limits of
+    ``options``.
 
-    ``timeout`` bounds the DNS lookup, connecting, and each read; ``total_timeout``
-    (default: six times ``timeout``) the whole exchange from the first DNS query to the
-    last body byte, redirects included, and so does an enclosing ``deadline()`` block if
-    it ends earlier: a peer trickling bytes cannot hold a thread. Every redirect hop (at
-    most five) connects through the address guard, which judges addresses by ``policy``
-    (default: the federation lists). Raises AddressNotAllowed,
-    ResponseTooLarge (``Content-Length`` over the limit: nothing is read), OutboundTimeout
-    or OutboundError."""
-    at = _deadline_for(method, url, total_timeout or timeout * 6)
+    The whole exchange ends by ``options.total``, or by an enclosing ``deadline()``
+    block's end if earlier: a peer trickling bytes cannot hold a thread. Raises
+    AddressNotAllowed, ResponseTooLarge (``Content-Length`` over the limit: nothing is
+    read), OutboundTimeout or OutboundError."""
+    at = _deadline_for(method, url, options.total)
     watch = _watchdog.watch(at)
     session = new_session()
     response: requests.Response | None = None
     try:
-        response = _send_watched(
-            session,
-            watch,
-            at,
-            policy,
-            (method, url, dict(headers or {}), data, timeout, allow_redirects),
-        )
-        length = response.headers.get("Content-Length")
-        if length is not None and length.strip().isdigit() and int(length) > max_bytes:
-            raise ResponseTooLarge(
-                f"{method} {url}: Content-Length {length} exceeds {max_bytes} bytes"
-            )
+        sent = _Sent(method, url, dict(headers or {}), data)
+        response = _send_watched(session, watch, at, sent, options)
+        _refuse_announced_oversize(sent, response, options.max_bytes)
         yield StreamedResponse(
             status=response.status_code,
             headers=response.headers,
             url=response.url,
-            max_bytes=max_bytes,
+            max_bytes=options.max_bytes,
             _response=response,
             _deadline=at,
             _watch=watch,
@@ -667,6 +673,26 @@ def stream(
         if response is not None:
             response.close()
         session.close()
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """What a request sends: its method, URL, headers and body."""
+
+    method: str
+    url: str
+    headers: dict[str, str]
+    data: bytes | None
+
+
+def _refuse_announced_oversize(sent: _Sent, response: requests.Response, limit: int) -> None:
+    """ResponseTooLarge before a byte of the body is read, if its ``Content-Length``
+    says it is over ``limit``."""
+    length = response.headers.get("Content-Length")
+    if length is not None and length.strip().isdigit() and int(length) > limit:
+        raise ResponseTooLarge(
+            f"{sent.method} {sent.url}: Content-Length {length} exceeds {limit} bytes"
+        )
 
 
 def _deadline_for(method: str, url: str, total: float) -> float:
@@ -682,20 +708,16 @@ def _deadline_for(method: str, url: str, total: float) -> float:
 
 
 def _send_watched(
-    session: requests.Session,
-    watch: _Watch,
-    at: float,
-    policy: IPPolicy | None,
-    request: tuple[str, str, dict[str, str], bytes | None, float, bool],
+    session: requests.Session, watch: _Watch, at: float, sent: _Sent, options: Options
 ) -> requests.Response:
     """The response's head, every connection made under ``watch`` (which cuts them at
-    ``at``) and judged by ``policy``."""
-    method, url = request[0], request[1]
+    ``at``) and judged by ``options.policy``."""
+    method, url = sent.method, sent.url
     watch_token = _current_watch.set(watch)
-    policy_token = _current_policy.set(policy)
+    policy_token = _current_policy.set(options.policy)
     try:
         with _until(at):
-            response = _send_following_redirects(session, *request)
+            response = _send_following_redirects(session, sent, options)
     except OutboundError as exc:
         # Cut by the watchdog, or by a socket timeout that was the time left (a TLS
         # handshake that never completes fails as an SSL error): a timeout either way.
@@ -714,17 +736,13 @@ def _send_watched(
 
 
 def _send_following_redirects(
-    session: requests.Session,
-    method: str,
-    url: str,
-    headers: dict[str, str],
-    data: bytes | None,
-    timeout: float,
-    allow_redirects: bool,
+    session: requests.Session, sent: _Sent, options: Options
 ) -> requests.Response:
     """Redirects are followed here rather than by requests, which reads each redirect's
     whole body into memory first (a huge body behind a 302 would get past the limit, or
     hold the thread). A redirect's body is never read: its connection is closed."""
+    method, url, headers, data = sent.method, sent.url, sent.headers, sent.data
+    timeout, allow_redirects = options.timeout, options.allow_redirects
     for _hop in range(MAX_REDIRECTS + 1):
         try:
             response = session.request(
@@ -777,23 +795,10 @@ def request(
     *,
     headers: Mapping[str, str] | None = None,
     data: bytes | None = None,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    timeout: float = DEFAULT_TIMEOUT_SECONDS,
-    total_timeout: float | None = None,
-    allow_redirects: bool = True,
-    policy: IPPolicy | None = None,
+    options: Options = Options(),
 ) -> Response:
-    """``stream`` with the body read (at most ``max_bytes``), within the same deadline."""
-    with stream(
-        method,
-        url,
-        headers=headers,
-        data=data,
-        max_bytes=max_bytes,
-        timeout=timeout,
-        total_timeout=total_timeout,
-        allow_redirects=allow_redirects,
-        policy=policy,
-    ) as response:
+    """``stream`` with the body read (at most ``options.max_bytes``), within the same
+    deadline."""
+    with stream(method, url, headers=headers, data=data, options=options) as response:
         content = response.read()
         return Response(response.status, response.headers, response.url, content)

@@ -530,9 +530,16 @@ def download(media: Media, meter: Meter | None = None) -> Fetched:
         raise FetchFailed(f"Could not reach {media.server_name}: {exc}") from exc
 
 
-def _timeouts(deadline: Deadline) -> dict[str, float]:
+def _options(deadline: Deadline, max_bytes: int, allow_redirects: bool) -> outbound.Options:
+    """A fetch's request options: its byte limit, and timeouts within what is left of
+    the fetch's ``deadline``."""
     remaining = max(deadline.remaining, 1.0)
-    return {"timeout": min(REQUEST_TIMEOUT_SECONDS, remaining), "total_timeout": remaining}
+    return outbound.Options(
+        max_bytes=max_bytes,
+        timeout=min(REQUEST_TIMEOUT_SECONDS, remaining),
+        total_timeout=remaining,
+        allow_redirects=allow_redirects,
+    )
 
 
 def _federation_download(
@@ -550,9 +557,7 @@ def _federation_download(
         "GET",
         destination.base_url + uri,
         headers=headers,
-        max_bytes=limit + MULTIPART_OVERHEAD_BYTES,
-        allow_redirects=False,
-        **_timeouts(deadline),
+        options=_options(deadline, limit + MULTIPART_OVERHEAD_BYTES, allow_redirects=False),
     ) as response:
         if response.status == 200:
             return _store_multipart(media, response, deadline, meter)
@@ -580,8 +585,7 @@ def _legacy_download(
         "GET",
         destination.base_url + uri,
         headers=headers,
-        max_bytes=app_settings.MAX_UPLOAD_SIZE,
-        **_timeouts(deadline),
+        options=_options(deadline, app_settings.MAX_UPLOAD_SIZE, allow_redirects=True),
     ) as response:
         if response.status != 200:
             raise _failure(media, response.status, _errcode(response, meter))
@@ -643,8 +647,7 @@ def _store_multipart(
         with outbound.stream(
             "GET",
             location,
-            max_bytes=app_settings.MAX_UPLOAD_SIZE,
-            **_timeouts(deadline),
+            options=_options(deadline, app_settings.MAX_UPLOAD_SIZE, allow_redirects=True),
         ) as followed:
             if followed.status != 200:
                 raise FetchFailed(f"The Location of {media.mxc_uri} answered {followed.status}")

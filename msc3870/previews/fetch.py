@@ -216,10 +216,12 @@ def _fetching(url: str, accept: str, types: frozenset[str]) -> Iterator[outbound
             "GET",
             url,
             headers=headers,
-            max_bytes=app_settings.URL_PREVIEW_MAX_BYTES,
-            timeout=REQUEST_TIMEOUT_SECONDS,
-            total_timeout=app_settings.URL_PREVIEW_TIMEOUT_SECONDS,
-            policy=guard.policy(),
+            options=outbound.Options(
+                max_bytes=app_settings.URL_PREVIEW_MAX_BYTES,
+                timeout=REQUEST_TIMEOUT_SECONDS,
+                total_timeout=app_settings.URL_PREVIEW_TIMEOUT_SECONDS,
+                policy=guard.policy(),
+            ),
         ) as response:
             if response.status != 200:
                 raise PreviewFailed(

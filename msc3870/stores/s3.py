@@ -66,10 +66,10 @@ CHECKSUM_REFUSED_CODES = {"NotImplemented", "501", "InvalidArgument", "InvalidRe
 LIFECYCLE_UNSUPPORTED_CODES = {"NotImplemented", "501", "MethodNotAllowed", "405"}
 INCOMING_RULE_ID = "msc3870-expire-incoming"
 SIGV4 = Config(signature_version="s3v4")
-# Over plain HTTP botocore hashes every body it sends (SigV4 payload signing); a CRC32 of
-# it besides is one more pass over the bytes for nothing: checksums only where S3
-# requires one (DeleteObjects). Over HTTPS the CRC32 is what spares the SHA-256 (botocore
-# signs the payload of a request without a checksum), so the default stays.
+# Over plain HTTP a CRC32 of each body is one more pass over the bytes, which botocore
+# would also hash if S3_SIGN_PAYLOAD is on: checksums only where S3 requires one
+# (DeleteObjects). Over HTTPS the CRC32 is what spares the SHA-256 (botocore signs the
+# payload of a request without a checksum), so the default stays.
 CHECKSUMS_WHEN_REQUIRED = Config(request_checksum_calculation="when_required")
 # The health probe's client: it answers within seconds or counts as down.
 PROBE_CONFIG = Config(connect_timeout=1, read_timeout=2, retries={"max_attempts": 1})
@@ -185,6 +185,9 @@ class S3MediaStore(MediaStore):
         config = storage.client_config.merge(Config(max_pool_connections=POOL_CONNECTIONS))
         if str(storage.endpoint_url or "").startswith("http://"):
             config = config.merge(CHECKSUMS_WHEN_REQUIRED)
+            if not app_settings.S3_SIGN_PAYLOAD:
+                s3_options = {**(config.s3 or {}), "payload_signing_enabled": False}
+                config = config.merge(Config(s3=s3_options))
         return session.client(
             "s3",
             region_name=storage.region_name,

@@ -8,7 +8,7 @@ from typing import Any
 
 from django.core.management.base import CommandParser
 
-from ...moderation import delete_local_media_before
+from ...moderation import DeletionFilter, delete_local_media_before
 from ._moderation import ModerationCommand, add_before_arguments, before_of
 
 
@@ -23,12 +23,11 @@ class Command(ModerationCommand):
         super().add_arguments(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
-        count = delete_local_media_before(
+        which = DeletionFilter(
             before_of(options),
-            by=options["actor"],
-            reason=options["reason"],
             size_gt=options["size_gt"],
             include_quarantined=options["include_quarantined"],
             include_protected=options["include_protected"],
         )
+        count = delete_local_media_before(which, by=options["actor"], reason=options["reason"])
         self.stdout.write(f"Purged {count} local media.")

@@ -7,7 +7,7 @@ from typing import Any
 
 from django.core.management.base import CommandParser
 
-from ...moderation import purge_remote_cache_before
+from ...moderation import DeletionFilter, purge_remote_cache_before
 from ._moderation import ModerationCommand, add_before_arguments, before_of
 
 
@@ -20,6 +20,6 @@ class Command(ModerationCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         count = purge_remote_cache_before(
-            before_of(options), by=options["actor"], reason=options["reason"]
+            DeletionFilter(before_of(options)), by=options["actor"], reason=options["reason"]
         )
         self.stdout.write(f"Deleted {count} remote media from the cache.")
