@@ -788,6 +788,9 @@ POLICY_ENV: dict[str, dict[str, str]] = {
     # The default, and each measured upload the twin of one made just before it (same
     # size and bytes) and never hashed: the screening reads both (the worst case).
     "twin": {},
+    # Upload URLs write to a versioned bucket of their own (S3_INCOMING_BUCKET): the
+    # version /complete looked at is checked and served where it is, copied after.
+    "versioned": {"MSC3870_S3_INCOMING_BUCKET": "mediarepo-bench-incoming"},
 }
 TWIN_POLICY = "twin"
 # --compare --paths: how the bytes reach this server's store. "url": PUT to the upload
@@ -1074,17 +1077,29 @@ def make_run_stack(
 def fresh_store(s3: S3Server) -> None:
     """A fresh bench SeaweedFS, warmed by one small write (its first write allocates
     volumes and is much slower than the next: not what the measured upload should pay)."""
-    s3.start()
+    start_store(s3)
     bare_put(MiB)
 
 
-def bare_put(size: int) -> float:
-    """A presigned PUT straight to the bench bucket: what the store alone takes."""
+def start_store(s3: S3Server) -> None:
+    """Start the bench SeaweedFS empty, with the incoming buckets (versioning on) that the
+    "versioned" policy, or MSC3870_S3_INCOMING_BUCKET in the environment, names."""
+    s3.start()
+    client = bench_s3_client()
+    names = {env.get("MSC3870_S3_INCOMING_BUCKET") for env in [*POLICY_ENV.values(), os.environ]}
+    for bucket in sorted(name for name in names if name):
+        existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+        if bucket not in existing:
+            client.create_bucket(Bucket=bucket)
+        client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+
+
+def bench_s3_client() -> Any:
     import boto3
     from botocore.config import Config
 
     env = s3_env()
-    client = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=env["AWS_S3_ENDPOINT_URL"],
         region_name=env["AWS_S3_REGION_NAME"],
@@ -1092,6 +1107,12 @@ def bare_put(size: int) -> float:
         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
         config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
     )
+
+
+def bare_put(size: int) -> float:
+    """A presigned PUT straight to the bench bucket: what the store alone takes."""
+    env = s3_env()
+    client = bench_s3_client()
     key = f"bare/{os.urandom(8).hex()}"
     url = client.generate_presigned_url(
         "put_object", Params={"Bucket": env["AWS_STORAGE_BUCKET_NAME"], "Key": key}, ExpiresIn=600
@@ -1303,7 +1324,7 @@ def compare_main(args: argparse.Namespace) -> None:
     synapse = BenchSynapse(logs / "synapse", max(sizes) * MiB + MiB) if args.synapse else None
     stacks: list[Stack] = []
     try:
-        s3.start()
+        start_store(s3)
         subprocess.run(
             [str(PYTHON), "manage.py", "migrate", "--noinput", "-v", "0"],
             cwd=ROOT,
@@ -1688,7 +1709,7 @@ def main() -> None:
         ).stdout
         token = out.strip().splitlines()[-1]
         for flow in flows:
-            s3.start()  # fresh per flow: an empty bucket, and a fresh VmHWM for weed
+            start_store(s3)  # fresh per flow: an empty bucket, and a fresh VmHWM for weed
             args.weed_pid = s3.pid() if s3.manage else None
             try:
                 print(f"flow {flow}: {args.size_mib} MiB ...", file=sys.stderr, flush=True)

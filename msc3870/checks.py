@@ -351,7 +351,16 @@ def _check_storage() -> list[CheckMessage]:
                 id="msc3870.E004",
             )
         ]
+    incoming = app_settings.S3_INCOMING_BUCKET
     if isinstance(storage, FileSystemStorage):
+        if incoming:
+            return [
+                Warning(
+                    "MSC3870['S3_INCOMING_BUCKET'] is set, but media are on the local disk: "
+                    "it is not used.",
+                    id="msc3870.W004",
+                )
+            ]
         return []
     try:
         from storages.backends.s3 import S3Storage
@@ -387,6 +396,16 @@ def _check_s3(alias: str, storage: Any) -> list[CheckMessage]:
                 f"STORAGES[{alias!r}] writes objects with ACL {storage.default_acl!r}.",
                 hint="Media must not be readable without a signature: drop default_acl.",
                 id="msc3870.E009",
+            )
+        )
+    incoming = app_settings.S3_INCOMING_BUCKET
+    if incoming and incoming == getattr(storage, "bucket_name", None):
+        errors.append(
+            Error(
+                "MSC3870['S3_INCOMING_BUCKET'] is the media bucket: upload URLs' objects "
+                "need a bucket of their own, with versioning on.",
+                hint="Name another bucket, or unset it to copy uploads before the checks.",
+                id="msc3870.E033",
             )
         )
     signature = getattr(storage, "signature_version", None)

@@ -326,6 +326,12 @@ class MSC3870Settings:
     TOMBSTONE_RETENTION_DAYS = Setting(INT, 30, null=True)
     # Separate endpoint for URLs handed to clients (CDN, transfer acceleration); None = same.
     S3_PUBLIC_ENDPOINT_URL = Setting(STR, None, null=True, env=Env(always=True))
+    # A bucket of its own for upload URLs' objects, with versioning on (ensure_media_bucket
+    # turns it on): /complete records the version it looked at, the checks read that
+    # version and downloads serve it at once; the copy to the media bucket follows in the
+    # background. None: upload URLs write to the media bucket, and the bytes are copied out
+    # of the URL's reach before the checks (the first download waits for the copy).
+    S3_INCOMING_BUCKET = Setting(STR, None, null=True, env=Env())
     # Ask S3 for the SHA-256 of the server-side copy (CopyObject ChecksumAlgorithm=SHA256):
     # where the store returns it (AWS), the bytes are never read back to hash them.
     S3_COPY_CHECKSUM = Setting(BOOL, True, env=Env(always=True))

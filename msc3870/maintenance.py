@@ -16,7 +16,7 @@ from django.core.cache import cache
 from django.db.models import Q, Sum
 from django.utils import timezone
 
-from . import lifecycle, storage_keys, verdicts
+from . import lifecycle, served_copies, storage_keys, verdicts
 from .cleanup import (
     ObjectDeleter,
     delete_objects_of,
@@ -25,7 +25,15 @@ from .cleanup import (
 )
 from .conf import app_settings
 from .errors import Codes, StorageUnavailable
-from .models import TOMBSTONE_STATES, Media, MediaState, UploadMethod, URLPreview
+from .models import (
+    AWAITING_UPLOAD_STATES,
+    LIVE_STATES,
+    TOMBSTONE_STATES,
+    Media,
+    MediaState,
+    UploadMethod,
+    URLPreview,
+)
 from .stores import MediaStore, get_store
 
 log = logging.getLogger(__name__)
@@ -78,8 +86,9 @@ def expire_pending(
 def delete_dead_objects(
     *, batch_size: int = DEFAULT_BATCH, max_batches: int = DEFAULT_MAX_BATCHES
 ) -> SweepResult:
-    """Delete objects of rejected, expired and deleted media not yet cleaned up, and the
-    rows of failed fetches of other servers' media."""
+    """Delete objects of rejected, expired and deleted media not yet cleaned up, the rows
+    of failed fetches of other servers' media, and the versions of upload URLs' objects
+    that media served before its copy (``served_copies``)."""
     result = SweepResult(rows_deleted=delete_failed_fetches(batch_size=batch_size))
     for _ in range(max_batches):
         pks = list(Media.objects.dead_uncleaned().values_list("pk", flat=True)[:batch_size])
@@ -89,6 +98,8 @@ def delete_dead_objects(
         result.objects_deleted += deleted
         if deleted == 0:
             break  # another sweep took them; do not spin
+    copied_before = timezone.now() - served_copies.versions_kept()
+    result.objects_deleted += served_copies.delete_copied_versions(copied_before, batch_size)
     return result
 
 
@@ -96,7 +107,8 @@ def redispatch_stuck(
     *, older_than: timedelta | None = None, batch_size: int = DEFAULT_BATCH
 ) -> int:
     """Re-queue screening of media left in PROCESSING longer than ``STUCK_AFTER_SECONDS``
-    (worker died, broker was down)."""
+    (worker died, broker was down), and the copies of media still served from the upload
+    URL's bucket that long after completing (``served_copies``)."""
     if older_than is None:
         older_than = timedelta(seconds=app_settings.STUCK_AFTER_SECONDS)
     now = timezone.now()
@@ -112,7 +124,7 @@ def redispatch_stuck(
             continue  # its body may still be arriving
         else:
             count += _give_up_on_body(media)
-    return count
+    return count + served_copies.queue_stuck(now - older_than, batch_size)
 
 
 def _give_up_on_body(media: Media) -> int:
@@ -167,9 +179,11 @@ def delete_orphaned_uploads(*, limit: int = 10_000) -> int:
     partial files of uploads whose process died (local disk only).
 
     A client can PUT to its URL again after /complete (S3 cannot refuse it); those bytes
-    are never served, and this removes them. Each run looks at ``limit`` keys at most and
-    the next one resumes after the last key it looked at, so keys of media still waiting
-    cannot hide later orphans however many they are.
+    are never served, and this removes them (every version, where the store keeps them;
+    not while a version of the key is served, before its copy to the media's key). Each
+    run looks at ``limit`` keys at most and the next one resumes after the last key it
+    looked at, so keys of media still waiting cannot hide later orphans however many
+    they are.
     """
     store = get_store()
     deleted = 0
@@ -211,14 +225,27 @@ def _incoming_keys_from_cursor(store: MediaStore, limit: int) -> Iterator[str]:
 
 
 def _delete_orphans(store: MediaStore, keys: list[str]) -> int:
-    """Delete those of the upload ``keys`` whose media no longer waits for them; how many."""
+    """Delete those of the upload ``keys`` whose media no longer needs them; how many."""
     ids = {storage_keys.media_id_of(key): key for key in keys}
-    waiting = set(
-        Media.objects.awaiting_upload().filter(media_id__in=ids).values_list("media_id", flat=True)
-    )
+    waiting = _upload_urls_needed(list(ids))
     orphans = [key for media_id, key in ids.items() if media_id not in waiting]
     store.delete_many(orphans)
     return len(orphans)
+
+
+def _upload_urls_needed(media_ids: list[str]) -> set[str]:
+    """Those of ``media_ids`` whose upload URL's object is still needed: awaited, or a
+    version of it served, or served until lately (the cleanup sweep deletes those
+    versions once no download of them can be running)."""
+    return set(
+        Media.objects.filter(media_id__in=media_ids)
+        .filter(
+            Q(state__in=AWAITING_UPLOAD_STATES)
+            | Q(state__in=LIVE_STATES, storage_key__startswith=storage_keys.INCOMING_PREFIX)
+            | Q(incoming_copied_at__isnull=False)
+        )
+        .values_list("media_id", flat=True)
+    )
 
 
 def delete_old_tombstones(*, batch_size: int = DEFAULT_BATCH) -> int:

@@ -109,7 +109,23 @@ class Media(models.Model):
     storage_key = models.CharField(
         max_length=512,
         blank=True,
-        help_text="Key of the served bytes: written only by the server, never by a URL.",
+        help_text="Key of the served bytes: written only by the server, never by a URL. "
+        "incoming/<id>@<version>: one version of the upload URL's object, served until it "
+        "is copied to media/ (S3_INCOMING_BUCKET).",
+    )
+    incoming_version = models.CharField(
+        max_length=1024,
+        blank=True,
+        help_text="The version of the upload URL's object /complete looked at, where the "
+        "store keeps versions: the only bytes the checks read and downloads serve; blank: "
+        "none recorded.",
+    )
+    incoming_copied_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="When the row switched from a version of its upload URL's object to its "
+        "copy, while those versions wait to be deleted (downloads of them may be in flight); "
+        "empty: none wait.",
     )
     processing_started_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)

@@ -2,6 +2,9 @@
 ``MediaFilePaths`` owns its media paths).
 
 - ``incoming/<id>``: where an upload URL writes; only that id's URL can write it.
+- ``incoming/<id>@<version>``: one version of it, as the store named it when
+  ``/complete`` looked (stores with versions): the upload URL can add versions, never
+  change one, so the checks and downloads read these bytes until they are copied away.
 - ``media/<id[:2]>/<id>``: this server's media once moved out of the URL's reach, where
   no URL can write; a PUT's own bytes go to that key plus a random suffix
   (``upload``), so that racing requests never write one object.
@@ -18,10 +21,31 @@ from __future__ import annotations
 import secrets
 
 INCOMING_PREFIX = "incoming/"
+# Media ids and key prefixes never hold it; a store's version id may hold anything else.
+VERSION_MARK = "@"
 
 
 def incoming(media_id: str) -> str:
     return f"{INCOMING_PREFIX}{media_id}"
+
+
+def pinned(key: str, version_id: str) -> str:
+    """The key of one version of the object at ``key``."""
+    return f"{key}{VERSION_MARK}{version_id}"
+
+
+def split_version(key: str) -> tuple[str, str | None]:
+    """The object's key and the version a ``pinned`` key names (None: the latest). Only
+    upload URLs' objects are ever pinned."""
+    if not key.startswith(INCOMING_PREFIX):
+        return key, None
+    base, mark, version_id = key.partition(VERSION_MARK)
+    return base, (version_id if mark else None)
+
+
+def is_pinned_incoming(key: str) -> bool:
+    """Whether ``key`` names one version of an upload URL's object."""
+    return key.startswith(INCOMING_PREFIX) and VERSION_MARK in key
 
 
 def served(server_name: str, media_id: str, *, remote: bool, preview: bool = False) -> str:
@@ -57,8 +81,8 @@ def thumbnail(prefix: str, width: int, height: int, method: str) -> str:
 
 
 def media_id_of(key: str) -> str:
-    """The media id a key belongs to (incoming, served or upload keys)."""
-    return key.rsplit("/", 1)[-1].split(".", 1)[0]
+    """The media id a key belongs to (incoming, pinned, served or upload keys)."""
+    return split_version(key)[0].rsplit("/", 1)[-1].split(".", 1)[0]
 
 
 def _key_safe(server_name: str) -> str:

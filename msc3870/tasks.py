@@ -14,7 +14,17 @@ from typing import Any, TypeVar
 
 from celery import shared_task
 
-from . import cleanup, dashboard, logs, maintenance, metrics, retention, synapse_admin, verdicts
+from . import (
+    cleanup,
+    dashboard,
+    logs,
+    maintenance,
+    metrics,
+    retention,
+    served_copies,
+    synapse_admin,
+    verdicts,
+)
 from .stores import ObjectInfo
 
 log = logging.getLogger(__name__)
@@ -44,6 +54,16 @@ def screen_media_task(self: Any, pk: int, incoming: dict[str, Any] | None = None
     at)."""
     try:
         return verdicts.screen(pk, ObjectInfo(**incoming) if incoming else None)
+    except Exception as exc:
+        return _retry(self, pk, exc)
+
+
+@shared_task(bind=True, max_retries=8, name="msc3870.copy_to_served_key", **TASK_OPTIONS)
+def copy_to_served_key_task(self: Any, pk: int) -> bool | str:
+    """Copy a URL upload served from its upload URL's bucket to its media's key
+    (``served_copies``); the stuck sweep queues it again if every retry failed."""
+    try:
+        return served_copies.copy_to_served_key(pk)
     except Exception as exc:
         return _retry(self, pk, exc)
 

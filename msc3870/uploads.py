@@ -387,6 +387,8 @@ def complete_url_upload(
             upload_method=UploadMethod.URL,
             filename=name,
             processing_started_at=now,
+            # The version looked at is the one screened and served (stores with versions).
+            incoming_version=(incoming.version_id or "") if get_store().keeps_versions else "",
         ):
             if waits:
                 return _screen_and_wait(media)

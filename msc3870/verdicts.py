@@ -1,25 +1,38 @@
-"""Deciding an upload: move its bytes out of the client's reach, run the checks, and write
-the verdict with one compare-and-set.
+"""Deciding an upload: move its bytes out of the client's reach (or pin the version looked
+at), run the checks, and write the verdict with one compare-and-set.
 
 The route of one screening, top to bottom:
 
 1. ``dispatch`` queues it (``msc3870.queue``): to a Celery worker, whose task body is
    ``screen``, or without a broker to this process (``screen_here``);
 2. ``screen_row`` starts from what the row says: a URL upload's bytes are first moved to
-   a key no upload URL can write (``_move_out_of_reach``);
+   a key no upload URL can write (``_move_out_of_reach``), or, where the store keeps
+   versions of upload URLs' objects (``S3_INCOMING_BUCKET``), read where they are, as the
+   version ``/complete`` recorded (``pinned_key``);
 3. ``_screen_stored`` runs the checks (``msc3870.screening``) on the bytes that will be
    served;
 4. ``_complete`` or ``_reject`` writes the verdict, with everything else the screening
-   learnt, in the one UPDATE that moves the row out of the state it is held in (``Held``).
+   learnt, in the one UPDATE that moves the row out of the state it is held in (``Held``);
+   a pinned version is then copied to the media's key in the background
+   (``msc3870.served_copies``).
 
-Why bytes written to the upload URL after ``/complete`` are never served unchecked: the
-checks read the copy at ``served_key``, which no upload URL can write, and the verdict
-serves that key. The copy is pinned to the ETag ``/complete`` read (``if_match``) only to
-spare a HEAD: an ETag is an MD5 for a single PUT, and two objects can share one, so
-nothing here rests on it. Checks that read the incoming object instead, pinned by its
-ETag, while it is copied would rest on it; so would serving the incoming object. The copy
-is most of the wait before a URL upload's first download (``move_ms`` on the screening's
-line; ``docs/benchmarks.md``, *Time to downloadable*).
+Why bytes written to the upload URL after ``/complete`` are never served unchecked:
+
+- Where the store keeps versions: ``/complete`` records the ``VersionId`` of the object it
+  looked at (``Media.incoming_version``), which the store assigns and a PUT cannot choose:
+  a later PUT to the URL makes another version and changes none. The checks read that
+  version only, the verdict serves it (``incoming/<id>@<version>``: every read, presigned
+  GET and copy names it), and the background copy copies that version and switches the
+  row only where it still serves that version. A store that answers no version of its own
+  (S3's "null", versioning off or suspended) is never pinned: its bytes are moved.
+- Else: the checks read the copy at ``served_key``, which no upload URL can write, and the
+  verdict serves that key. The copy is pinned to the ETag ``/complete`` read
+  (``if_match``) only to spare a HEAD: an ETag is an MD5 for a single PUT, and two objects
+  can share one, so nothing here rests on it. Checks that read the incoming object
+  instead, pinned by its ETag, while it is copied would rest on it; so would serving the
+  incoming object. The copy is most of the wait before a URL upload's first download
+  (``move_ms`` on the screening's line; ``docs/benchmarks.md``, *Time to downloadable*),
+  which is what serving the version takes off the path.
 
 Every step is a compare-and-set or safe to repeat, so a redelivered or re-dispatched task
 does no harm. A screening that fails (storage down, a check's own error) records why on
@@ -37,7 +50,7 @@ from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from . import cleanup, lifecycle, logs, metrics, queue
+from . import cleanup, lifecycle, logs, metrics, queue, storage_keys
 from .conf import app_settings
 from .content_types import UNKNOWN_TYPE
 from .errors import Codes
@@ -231,13 +244,19 @@ def _screen_row(
     if not media.storage_key:
         if media.upload_method != UploadMethod.URL:
             return Outcome.RECEIVING  # a PUT is still streaming its body
-        # On the screening's line as move_ms: the copy out of the URL's reach is most of
-        # the wait between a URL upload's /complete and its first download.
-        with logs.step("move"):
-            moved = _move_out_of_reach(media, store, held, incoming)
-        if isinstance(moved, Outcome):
-            return moved
-        held, store_sha256 = moved
+        if pinned := pinned_key(media, store):
+            # The version /complete looked at is checked and served where it is: a later
+            # PUT to the URL makes another version, never changes this one.
+            media.storage_key = pinned
+            held = _with(held, {"storage_key": pinned})
+        else:
+            # On the screening's line as move_ms: the copy out of the URL's reach is most
+            # of the wait between a URL upload's /complete and its first download.
+            with logs.step("move"):
+                moved = _move_out_of_reach(media, store, held, incoming)
+            if isinstance(moved, Outcome):
+                return moved
+            held, store_sha256 = moved
     try:
         return _screen_stored(media, store, held, stored, store_sha256)
     except Exception:
@@ -250,6 +269,18 @@ def _screen_row(
 
 #: What moving a URL upload's bytes learns, recorded with the verdict.
 MOVE_FIELDS = ("declared_content_type", "storage_key")
+
+#: ``Media.storage_key``'s length: a version id that does not fit is moved instead.
+STORAGE_KEY_MAX = 512
+
+
+def pinned_key(media: Media, store: MediaStore) -> str | None:
+    """The key of the version of the upload URL's object that /complete looked at, if the
+    store keeps versions and it recorded one; else None (the bytes are moved)."""
+    if not (store.keeps_versions and media.incoming_version):
+        return None
+    key = storage_keys.pinned(media.incoming_key, media.incoming_version)
+    return key if len(key) <= STORAGE_KEY_MAX else None
 
 
 def _move_out_of_reach(
@@ -330,6 +361,11 @@ def _screen_stored(
         missing = Rejection("The stored object is missing", errcode=Codes.UNKNOWN)
         return _reject(media, missing, held)
     info, prefix = found
+    pinned = storage_keys.is_pinned_incoming(media.storage_key)
+    if pinned and info.content_type and not media.declared_content_type:
+        # S3 keeps the Content-Type of the client's PUT with each version.
+        media.declared_content_type = info.content_type[:255]
+        held = _with(held, {"declared_content_type": media.declared_content_type})
     ctx = ScreeningContext(
         media=media,
         store=store,
@@ -352,9 +388,8 @@ def reject_before_answer(media: Media, info: ObjectInfo, prefix: bytes | None = 
     They run again on the copy that will be served: the client can still overwrite the
     incoming object until it is moved. ``prefix``: its first bytes, if already read."""
     store = get_store()
-    ctx = ScreeningContext(
-        media=media, store=store, key=media.incoming_key, info=info, _prefix=prefix
-    )
+    key = pinned_key(media, store) or media.incoming_key
+    ctx = ScreeningContext(media=media, store=store, key=key, info=info, _prefix=prefix)
     try:
         for check in metadata_checks():
             check(ctx)
@@ -395,6 +430,9 @@ def _complete(
             )
             .exclude(pk=media.pk)
             .exclude(storage_key="")
+            # A version still served from the upload URL's bucket is copied to its own
+            # media's key, then deleted with every version of that key: never shared.
+            .exclude(storage_key__startswith=storage_keys.INCOMING_PREFIX)
             .order_by("pk")
         )
     if quota is not None or (twins is not False and sharing.exists()):
@@ -417,12 +455,20 @@ def _complete(
         won = _mark_complete(media, own_key, findings, held)
     if not won:
         return Outcome.SKIPPED
+    _completed(media, own_key)
+    return Outcome.COMPLETE
+
+
+def _completed(media: Media, own_key: str) -> None:
+    """What follows a won COMPLETE: ``own_key`` is where the screening found the bytes."""
     if not media.is_fetched:
         metrics.uploaded(media.upload_method, media.size or 0)
     if media.storage_key != own_key:
         get_store().delete(own_key)  # a fresh key of this media only: nobody else serves it
+    elif storage_keys.is_pinned_incoming(own_key):
+        # Served already; the copy to the media bucket is off the uploader's path.
+        queue.send("msc3870.copy_to_served_key", media.pk, background=True)
     send_state_signal(S.COMPLETE, [media.pk])
-    return Outcome.COMPLETE
 
 
 def _mark_complete(media: Media, storage_key: str, findings: dict[str, object], held: Held) -> bool:

@@ -10,7 +10,8 @@ module (the fixtures built on these are in ``conftest.py``).
 - every read path at once: ``every_read``, ``assert_all_not_found``.
 - settings and tokens: ``msc3870_settings``, ``typed``, ``environment_variables``,
   ``make_token``, ``bearer``.
-- S3 with moto: ``BUCKET``, ``s3_storages``, ``bucket_keys``, ``client_put``.
+- S3 with moto: ``BUCKET``, ``INCOMING_BUCKET``, ``s3_storages``, ``bucket_keys``,
+  ``client_put``.
 - processes and local services: ``free_port``, ``wait_until``, ``FakeClamd``,
   ``child_pytest``, ``connections_per_worker``.
 - answers: ``assert_matrix_error``, ``data_queries``.
@@ -487,6 +488,8 @@ def assert_all_not_found(answers: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- S3 (moto)
 
 BUCKET = "media-test"
+#: Where upload URLs write with ``S3_INCOMING_BUCKET`` (versioning on).
+INCOMING_BUCKET = "media-incoming-test"
 
 
 def s3_storages(**options: Any) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from msc3870 import storage_keys
 from msc3870.errors import InvalidParam, TooLarge
 from msc3870.stores import MediaStore, SourceChanged, UploadTarget
 
@@ -61,6 +62,8 @@ class StoreContract:
     versioned = True
     #: Why a moved-over source is not refused (the store ignores the condition), if so.
     if_match_not_enforced = ""
+    #: Upload URLs' objects keep their versions (``MediaStore.keeps_versions``).
+    keeps_versions = False
 
     # -- provided by each store's test class ---------------------------------------------
 
@@ -272,6 +275,77 @@ class StoreContract:
         store.delete(prefix + "incoming")
         with pytest.raises(SourceChanged):
             store.move(prefix + "incoming", prefix + "served", **pinned)
+
+    # -- versions of upload URLs' objects -----------------------------------------------
+
+    @pytest.fixture
+    def incoming(self, store: MediaStore) -> Iterator[str]:
+        """An upload URL's key of this test's own (they all live under ``incoming/``)."""
+        key = storage_keys.incoming(f"contract{secrets.token_hex(6)}")
+        yield key
+        store.delete(key)
+
+    def test_keeps_versions_as_it_says(self, store: MediaStore) -> None:
+        assert store.keeps_versions is self.keeps_versions
+
+    def test_a_pinned_key_reads_the_version_looked_at(
+        self, store: MediaStore, incoming: str, prefix: str
+    ) -> None:
+        self.write(store, incoming, b"checked bytes", content_type="image/png")
+        looked_at = store.head(incoming)
+        assert looked_at is not None
+        if not self.keeps_versions:
+            # Nothing to pin to: upload URLs' bytes are moved before they are read.
+            assert looked_at.version_id is None
+            return
+        assert looked_at.version_id
+        self.write(store, incoming, b"<html>swapped</html>", content_type="text/html")
+        pinned = storage_keys.pinned(incoming, looked_at.version_id)
+        assert read(store, incoming) == b"<html>swapped</html>"
+        assert read(store, pinned) == b"checked bytes"
+        found = store.head_with_prefix(pinned, 7)
+        assert found is not None
+        assert (found[0].size, found[0].version_id, found[1]) == (
+            13,
+            looked_at.version_id,
+            b"checked",
+        )
+        assert store.read_prefix(pinned, 7) == b"checked"
+        assert b"".join(store.iter_bytes(pinned, 8, 12)) == b"bytes"
+        url = store.download_url(
+            pinned, content_type="image/png", disposition="inline", lifetime=60
+        )
+        assert url is not None
+        status, headers, body = self.fetch(url)
+        assert (status, body) == (200, b"checked bytes")
+        assert headers["content-type"] == "image/png"
+        store.copy(pinned, prefix + "served", content_type="application/octet-stream")
+        assert read(store, prefix + "served") == b"checked bytes"
+        assert read(store, pinned) == b"checked bytes"  # a copy leaves its source
+
+    def test_deleting_an_upload_urls_object_deletes_every_version(
+        self, store: MediaStore, incoming: str, prefix: str
+    ) -> None:
+        self.write(store, incoming, b"first")
+        first = store.head(incoming)
+        assert first is not None
+        if not self.keeps_versions:
+            store.delete(incoming)
+            assert store.head(incoming) is None
+            assert list(store.list_keys(incoming)) == []
+            return
+        assert first.version_id
+        self.write(store, incoming, b"second")
+        pinned = storage_keys.pinned(incoming, first.version_id)
+        assert list(store.list_keys(incoming)) == [incoming]
+        store.delete_many([pinned, prefix + "never-written"])
+        assert store.head(pinned) is None
+        assert store.head(incoming) is None
+        assert list(store.list_keys(incoming)) == []
+        with pytest.raises(FileNotFoundError):
+            store.copy(pinned, prefix + "served")
+        assert store.head(prefix + "served") is None
+        store.delete(pinned)  # again: missing counts as deleted
 
     # -- delete, delete_many, list_keys --------------------------------------------------
 

@@ -179,6 +179,10 @@ ENVIRONMENT_CASES: list[tuple[dict[str, str], dict[str, Any]]] = [
     ({"MSC3870_COMPLETE_WAIT_SECONDS": "2.5"}, {"COMPLETE_WAIT_SECONDS": 2.5}),
     ({"MSC3870_COMPLETE_WAIT_SECONDS": "3"}, {"COMPLETE_WAIT_SECONDS": 3.0}),
     ({"MSC3870_COMPLETE_WAITS_FOR_CHECKS": "1"}, {"COMPLETE_WAITS_FOR_CHECKS": True}),
+    (
+        {"MSC3870_S3_INCOMING_BUCKET": "media-incoming"},
+        {"S3_INCOMING_BUCKET": "media-incoming"},
+    ),
     ({"MSC3870_S3_COPY_CHECKSUM": "0"}, {"S3_COPY_CHECKSUM": False}),
     ({"MSC3870_S3_COPY_CHECKSUM": "no"}, {}),  # only "0" turns it off
     ({"MSC3870_S3_SIGN_PAYLOAD": "1"}, {"S3_SIGN_PAYLOAD": True}),

@@ -439,6 +439,20 @@ def test_checks_refuse_public_or_sigv2_s3(options: dict[str, Any], check_id: str
         assert check_id in {m.id for m in check_settings()}
 
 
+def test_check_refuses_the_media_bucket_as_the_incoming_bucket() -> None:
+    with override_settings(STORAGES=s3_storages()):
+        with msc3870_settings(S3_INCOMING_BUCKET=BUCKET):
+            assert "msc3870.E033" in {m.id for m in check_settings()}
+        with msc3870_settings(S3_INCOMING_BUCKET=BUCKET + "-incoming"):
+            assert "msc3870.E033" not in {m.id for m in check_settings()}
+
+
+def test_check_warns_of_an_incoming_bucket_beside_the_local_disk() -> None:
+    with msc3870_settings(S3_INCOMING_BUCKET="media-incoming"):
+        assert "msc3870.W004" in {m.id for m in check_settings()}
+    assert "msc3870.W004" not in {m.id for m in check_settings()}
+
+
 def test_check_warns_when_expiry_exceeds_presign_limit() -> None:
     with (
         override_settings(STORAGES=s3_storages()),

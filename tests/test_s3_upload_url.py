@@ -204,7 +204,7 @@ def test_with_a_broker_the_task_is_given_what_complete_read(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The screening task's arguments carry /complete's read of the incoming object (JSON:
-    size, type, ETag), and the task copies that version without a HEAD."""
+    size, type, ETag, version), and the task copies that version without a HEAD."""
     from msc3870 import tasks
 
     created = alice.create()
@@ -214,7 +214,7 @@ def test_with_a_broker_the_task_is_given_what_complete_read(
     ((name, args, kwargs),) = broker_sends
     media = media_of(created["content_uri"])
     assert (name, args) == ("msc3870.screen_media", (media.pk,))
-    assert set(kwargs["incoming"]) == {"size", "content_type", "etag"}
+    assert set(kwargs["incoming"]) == {"size", "content_type", "etag", "version_id"}
     assert kwargs["incoming"]["size"] == len(data) and kwargs["incoming"]["etag"]
     heads = keys_passed_to(monkeypatch, "head")
     assert tasks.screen_media_task(media.pk, incoming=kwargs["incoming"]) == "complete"

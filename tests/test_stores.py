@@ -4,6 +4,7 @@ in-process mock. Each store's own behaviour: ``test_local_store.py``, ``test_s3_
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from msc3870.stores import MediaStore, UploadTarget, get_store
 from msc3870.stores.local import LocalMediaStore
 from msc3870.stores.s3 import S3MediaStore
 
-from .helpers import MatrixClient, files_under
+from .helpers import INCOMING_BUCKET, MatrixClient, files_under, msc3870_settings
 from .store_contract import S3StoreContract, StoreContract
 
 
@@ -51,3 +52,17 @@ class TestS3StoreOnMoto(S3StoreContract):
         store = get_store()
         assert isinstance(store, S3MediaStore)
         return store
+
+
+class TestS3StoreOnMotoWithAnIncomingBucket(TestS3StoreOnMoto):
+    """Upload URLs write to a bucket of their own, with versioning on."""
+
+    keeps_versions = True
+
+    @pytest.fixture
+    def store(self, s3: Any) -> Iterator[MediaStore]:
+        with msc3870_settings(S3_INCOMING_BUCKET=INCOMING_BUCKET):
+            store = get_store()
+            assert isinstance(store, S3MediaStore)
+            store.ensure_bucket()
+            yield store

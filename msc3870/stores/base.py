@@ -42,6 +42,9 @@ class ObjectInfo:
     content_type: str | None
     #: The store's version tag of the object (S3's ETag, quotes kept), where it has one.
     etag: str | None = None
+    #: The id the store gave this version of the object, where it keeps versions (S3
+    #: with versioning on): a later write makes a new version, never changes this one.
+    version_id: str | None = None
 
 
 class SourceChanged(Exception):
@@ -131,6 +134,11 @@ class MediaStore(ABC):
     #: where each batched delete is a request that does work per key): the expiry sweep
     #: then deletes only the upload URL objects that exist.
     lists_cheaper_than_deletes: bool = False
+    #: Whether an upload URL's object keeps its versions: ``head`` then gives a
+    #: ``version_id``, every read takes a ``storage_keys.pinned`` key (that version only),
+    #: ``copy`` exists, and deleting an upload URL's object deletes all its versions.
+    #: Stores without versions move the bytes out of the URL's reach before checking them.
+    keeps_versions: bool = False
 
     @abstractmethod
     def upload_target(self, media: Media) -> UploadTarget:
@@ -201,6 +209,13 @@ class MediaStore(ABC):
         the version of the source with this ``ObjectInfo.etag``, else raise
         ``SourceChanged`` (stores without versions ignore it). Returns the SHA-256 (hex)
         of the bytes where the store computed it during the move, else None."""
+
+    def copy(self, source: str, destination: str, *, content_type: str | None = None) -> None:
+        """Server-side copy of ``source`` (a ``pinned`` key: that version) to
+        ``destination``, with ``content_type`` and none of the uploader's metadata; the
+        source stays. Raises FileNotFoundError if there is no source. Only stores that
+        ``keeps_versions`` need it."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no versions")
 
     @abstractmethod
     def delete(self, key: str) -> None:

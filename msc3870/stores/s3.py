@@ -4,6 +4,12 @@ Clients upload straight to the bucket with a SigV4 presigned PUT for a key only 
 media id uses (``incoming/<id>``). The server moves the bytes with a server-side copy to
 a key no URL can write before checking them, reads only what it needs (a ranged read to
 sniff the type), streams downloads in chunks or redirects to a short-lived presigned GET.
+
+With ``S3_INCOMING_BUCKET``, upload URLs write to that bucket (versioning on) instead:
+every read of a ``storage_keys.pinned`` key names its version (``VersionId``), which a
+later PUT to the URL cannot change, so the checks and downloads read the version
+``/complete`` looked at without waiting for a copy; deleting an upload URL's object
+deletes all its versions.
 """
 
 from __future__ import annotations
@@ -73,7 +79,7 @@ PROBE_CONFIG = Config(connect_timeout=1, read_timeout=2, retries={"max_attempts"
 POOL_CONNECTIONS = 64
 # Keys in one DeleteObjects request, at most (S3's limit).
 DELETE_OBJECTS_MAX = 1000
-NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
+NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound", "NoSuchVersion"}
 #: A conditional copy's source is no longer the version asked for (or is gone).
 PRECONDITION_FAILED_CODES = {"412", "PreconditionFailed"}
 
@@ -225,6 +231,31 @@ class S3MediaStore(MediaStore):
         location = (self.storage.location or "").strip("/")
         return f"{location}/{key}" if location else key
 
+    @property
+    def incoming_bucket(self) -> str | None:
+        """The bucket upload URLs write to, if not the media bucket (read on access)."""
+        return app_settings.S3_INCOMING_BUCKET
+
+    @property
+    def keeps_versions(self) -> bool:  # type: ignore[override]
+        return bool(self.incoming_bucket)
+
+    def _where(self, key: str) -> dict[str, str]:
+        """The bucket, key and version (a ``pinned`` key's) of an app key, as S3's
+        parameters (and a ``CopySource``): upload URLs' objects are in the incoming
+        bucket where there is one."""
+        base, version_id = storage_keys.split_version(key)
+        bucket = self.bucket
+        if self.incoming_bucket and base.startswith(storage_keys.INCOMING_PREFIX):
+            bucket = self.incoming_bucket
+        where = {"Bucket": bucket, "Key": self._key(base)}
+        if version_id:
+            where["VersionId"] = version_id
+        return where
+
+    def _in_incoming_bucket(self, key: str) -> bool:
+        return bool(self.incoming_bucket) and self._where(key)["Bucket"] == self.incoming_bucket
+
     # -- MediaStore ---------------------------------------------------------------------
 
     def upload_target(self, media: Media) -> UploadTarget:
@@ -232,7 +263,7 @@ class S3MediaStore(MediaStore):
         # Only the key and the expiry are signed: no header a client cannot know.
         url = self.signing_client.generate_presigned_url(
             "put_object",
-            Params={"Bucket": self.bucket, "Key": self._key(media.incoming_key)},
+            Params=self._where(media.incoming_key),
             ExpiresIn=max(1, min(lifetime, MAX_PRESIGN_SECONDS)),
             HttpMethod="PUT",
         )
@@ -240,7 +271,7 @@ class S3MediaStore(MediaStore):
 
     def head(self, key: str) -> ObjectInfo | None:
         try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            head = self.client.head_object(**self._where(key))
         except ClientError as exc:
             if _code(exc) in NOT_FOUND_CODES:
                 return None
@@ -251,13 +282,12 @@ class S3MediaStore(MediaStore):
             size=int(head["ContentLength"]),
             content_type=head.get("ContentType"),
             etag=head.get("ETag"),
+            version_id=_version_of(head),
         )
 
     def read_prefix(self, key: str, length: int) -> bytes:
         try:
-            response = self.client.get_object(
-                Bucket=self.bucket, Key=self._key(key), Range=f"bytes=0-{length - 1}"
-            )
+            response = self.client.get_object(**self._where(key), Range=f"bytes=0-{length - 1}")
             return response["Body"].read()
         except ClientError as exc:
             if _code(exc) == "InvalidRange":  # an empty object has no byte 0
@@ -270,9 +300,7 @@ class S3MediaStore(MediaStore):
         # One ranged GET answers both: Content-Range carries the object's size. /complete
         # waits for this, so one round trip to the store instead of two.
         try:
-            response = self.client.get_object(
-                Bucket=self.bucket, Key=self._key(key), Range=f"bytes=0-{length - 1}"
-            )
+            response = self.client.get_object(**self._where(key), Range=f"bytes=0-{length - 1}")
             prefix = response["Body"].read()
         except ClientError as exc:
             if _code(exc) in NOT_FOUND_CODES:
@@ -286,7 +314,10 @@ class S3MediaStore(MediaStore):
         total = str(response.get("ContentRange", "")).rpartition("/")[2]
         size = int(total) if total.isdigit() else int(response["ContentLength"])
         info = ObjectInfo(
-            size=size, content_type=response.get("ContentType"), etag=response.get("ETag")
+            size=size,
+            content_type=response.get("ContentType"),
+            etag=response.get("ETag"),
+            version_id=_version_of(response),
         )
         return info, prefix
 
@@ -295,9 +326,7 @@ class S3MediaStore(MediaStore):
     ) -> Iterator[bytes]:
         byte_range = f"bytes={start}-{'' if end is None else end}"
         try:
-            response = self.client.get_object(
-                Bucket=self.bucket, Key=self._key(key), Range=byte_range
-            )
+            response = self.client.get_object(**self._where(key), Range=byte_range)
         except ClientError as exc:
             if _code(exc) == "InvalidRange":
                 return
@@ -310,7 +339,7 @@ class S3MediaStore(MediaStore):
     def read_whole(self, key: str) -> Iterator[bytes | memoryview]:
         # readinto one reused buffer: no new bytes object per chunk.
         try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            response = self.client.get_object(**self._where(key))
         except ClientError as exc:
             if _code(exc) in NOT_FOUND_CODES:
                 raise FileNotFoundError(key) from exc  # as the local store says it
@@ -337,10 +366,11 @@ class S3MediaStore(MediaStore):
         try:
             # Multipart past one part; a failed multipart upload is aborted by s3transfer
             # (no part left behind), and a failed single PUT writes nothing.
+            where = self._where(key)
             self.client.upload_fileobj(
                 metered,
-                self.bucket,
-                self._key(key),
+                where["Bucket"],
+                where["Key"],
                 ExtraArgs=extra,
                 Config=upload_transfer(expected_size if expected_size is not None else max_size),
             )
@@ -357,6 +387,28 @@ class S3MediaStore(MediaStore):
         content_type: str | None = None,
         if_match: str | None = None,
     ) -> str | None:
+        sha256 = self._copy(
+            source, destination, size=size, content_type=content_type, if_match=if_match
+        )
+        self.delete(source)
+        return sha256
+
+    def copy(self, source: str, destination: str, *, content_type: str | None = None) -> None:
+        info = self.head(source)  # its size picks one CopyObject or parts
+        if info is None:
+            raise FileNotFoundError(source)
+        self._copy(source, destination, size=info.size, content_type=content_type)
+
+    def _copy(
+        self,
+        source: str,
+        destination: str,
+        *,
+        size: int | None,
+        content_type: str | None,
+        if_match: str | None = None,
+    ) -> str | None:
+        """CopyObject (parts past ``S3_COPY_PART_THRESHOLD``) with our metadata only."""
         if size is None:
             info = self.head(source)
             if info is None:
@@ -380,7 +432,6 @@ class S3MediaStore(MediaStore):
             raise _unavailable(exc) from exc
         except BotoCoreError as exc:
             raise _unavailable(exc) from exc
-        self.delete(source)
         return sha256
 
     #: Set once a store refused CopyObject's ChecksumAlgorithm (R2 answers 501): the
@@ -393,7 +444,7 @@ class S3MediaStore(MediaStore):
         params: dict[str, Any] = {
             "Bucket": self.bucket,
             "Key": self._key(destination),
-            "CopySource": {"Bucket": self.bucket, "Key": self._key(source)},
+            "CopySource": self._where(source),
             **metadata,
             **condition,
         }
@@ -429,7 +480,7 @@ class S3MediaStore(MediaStore):
         upload_id = client.create_multipart_upload(
             Bucket=self.bucket, Key=key, ContentType=metadata["ContentType"]
         )["UploadId"]
-        copy_source = {"Bucket": self.bucket, "Key": self._key(source)}
+        copy_source = self._where(source)
 
         def copy_part(numbered: tuple[int, tuple[int, int]]) -> dict[str, Any]:
             number, (first, last) = numbered
@@ -460,6 +511,9 @@ class S3MediaStore(MediaStore):
             raise
 
     def delete(self, key: str) -> None:
+        if self._in_incoming_bucket(key):
+            self._delete_versions([key])
+            return
         try:
             # S3 answers 204 for a missing key: deleting twice is fine.
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
@@ -471,27 +525,33 @@ class S3MediaStore(MediaStore):
             raise _unavailable(exc) from exc
 
     def delete_many(self, keys: list[str]) -> None:
+        incoming = [key for key in keys if self._in_incoming_bucket(key)]
+        if incoming:
+            self._delete_versions(incoming)
+            keys = [key for key in keys if not self._in_incoming_bucket(key)]
+        self._delete_in_batches(self.bucket, [{"Key": self._key(key)} for key in keys])
+
+    def _delete_in_batches(self, bucket: str, objects: list[dict[str, str]]) -> None:
         # DeleteObjects takes at most 1,000 keys; a store spends most of a request on its
         # own bookkeeping per key, so several requests run at once.
         batches = [
-            keys[start : start + DELETE_OBJECTS_MAX]
-            for start in range(0, len(keys), DELETE_OBJECTS_MAX)
+            objects[start : start + DELETE_OBJECTS_MAX]
+            for start in range(0, len(objects), DELETE_OBJECTS_MAX)
         ]
         if len(batches) <= 1:
             for batch in batches:
-                self._delete_objects(batch)
+                self._delete_objects(bucket, batch)
             return
         workers = min(app_settings.DELETE_CONCURRENCY, len(batches))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3-delete") as pool:
-            for _ in pool.map(self._delete_objects, batches):
+            for _ in pool.map(partial(self._delete_objects, bucket), batches):
                 pass
 
-    def _delete_objects(self, keys: list[str]) -> None:
+    def _delete_objects(self, bucket: str, batch: list[dict[str, str]]) -> None:
         """One DeleteObjects request; a missing key counts as deleted."""
-        batch = [{"Key": self._key(key)} for key in keys]
         try:
             response = self.client.delete_objects(
-                Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+                Bucket=bucket, Delete={"Objects": batch, "Quiet": True}
             )
         except (ClientError, BotoCoreError) as exc:
             raise _unavailable(exc) from exc
@@ -499,21 +559,61 @@ class S3MediaStore(MediaStore):
         if errors:
             raise _logged(f"refused deletes: {errors[:3]}")
 
+    def _delete_versions(self, keys: list[str]) -> None:
+        """Delete every version (and delete marker) of upload URLs' objects in the
+        incoming bucket: a plain delete there would only hide the versions behind a
+        marker, and a pinned key's version is never the only one a URL may have made."""
+        bucket = str(self.incoming_bucket)
+        objects: list[dict[str, str]] = []
+        paginator = self.client.get_paginator("list_object_versions")
+        try:
+            for name in sorted({self._where(key)["Key"] for key in keys}):
+                for page in paginator.paginate(Bucket=bucket, Prefix=name):
+                    for item in page.get("Versions", []) + page.get("DeleteMarkers", []):
+                        if item["Key"] == name:
+                            objects.append({"Key": name, "VersionId": item["VersionId"]})
+        except (ClientError, BotoCoreError) as exc:
+            raise _unavailable(exc) from exc
+        self._delete_in_batches(bucket, objects)
+
     def probe(self, timeout: float) -> None:
         # The bucket answers: the credentials, the endpoint and the bucket all hold.
         # The client's own timeouts are PROBE_CONFIG's; the health check waits no longer
         # than ``timeout`` for them anyway.
         self.probe_client.head_bucket(Bucket=self.bucket)
+        if self.incoming_bucket:
+            self.probe_client.head_bucket(Bucket=self.incoming_bucket)
 
     def list_keys(self, prefix: str) -> Iterator[str]:
         location = self._key("")
-        paginator = self.client.get_paginator("list_objects_v2")
+        where = self._where(prefix)
         try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
-                for item in page.get("Contents", []):
-                    yield item["Key"][len(location) :]
+            if where["Bucket"] == self.incoming_bucket:
+                names = self._names_with_versions(where["Bucket"], where["Key"])
+            else:
+                names = self._names(where["Bucket"], where["Key"])
+            for name in names:
+                yield name[len(location) :]
         except (ClientError, BotoCoreError) as exc:
             raise _unavailable(exc) from exc
+
+    def _names(self, bucket: str, prefix: str) -> Iterator[str]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                yield item["Key"]
+
+    def _names_with_versions(self, bucket: str, prefix: str) -> Iterator[str]:
+        """Keys with any version or delete marker, once each, in ascending order: in a
+        versioned bucket a deleted key keeps its older versions."""
+        last = None
+        paginator = self.client.get_paginator("list_object_versions")
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            items = page.get("Versions", []) + page.get("DeleteMarkers", [])
+            for name in sorted({item["Key"] for item in items}):
+                if name != last:
+                    last = name
+                    yield name
 
     def download_url(
         self,
@@ -528,46 +628,61 @@ class S3MediaStore(MediaStore):
         # would, whatever metadata the object carries (objects copied before the copy
         # replaced the uploader's metadata may still carry its Cache-Control).
         params = {
-            "Bucket": self.bucket,
-            "Key": self._key(key),
+            **self._where(key),
             "ResponseContentType": content_type,
             "ResponseContentDisposition": disposition,
             "ResponseCacheControl": cache_control or f"private, max-age={lifetime}",
         }
+        if storage_keys.is_pinned_incoming(key):
+            # A version served where it was uploaded keeps the uploader's headers: a
+            # Content-Encoding would have clients decode other bytes than were checked.
+            params["ResponseContentEncoding"] = "identity"
         return self.signing_client.generate_presigned_url(
             "get_object", Params=params, ExpiresIn=lifetime
         )
 
     def ensure_bucket(self) -> None:
-        """Create the bucket if missing (for development and tests)."""
-        try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except ClientError:
-            self.client.create_bucket(Bucket=self.bucket)
+        """Create the bucket if missing (for development and tests), and the incoming
+        bucket with versioning on if there is one."""
+        for bucket in [self.bucket, self.incoming_bucket]:
+            if not bucket:
+                continue
+            try:
+                self.client.head_bucket(Bucket=bucket)
+            except ClientError:
+                self.client.create_bucket(Bucket=bucket)
+        if self.incoming_bucket:
+            self.client.put_bucket_versioning(
+                Bucket=self.incoming_bucket, VersioningConfiguration={"Status": "Enabled"}
+            )
 
     def ensure_incoming_expiry(self, days: int) -> bool:
         """Install a lifecycle rule that expires ``incoming/`` objects after ``days`` (and
         aborts multipart uploads left there), keeping the bucket's other rules. The sweeps
         delete abandoned uploads; this catches what they miss (a sweep that never ran, a
         row deleted by hand). False if the store does not support lifecycle rules."""
-        prefix = self._key(storage_keys.INCOMING_PREFIX)
+        where = self._where(storage_keys.INCOMING_PREFIX)
+        bucket = where["Bucket"]
         rule: dict[str, Any] = {
             "ID": INCOMING_RULE_ID,
-            "Filter": {"Prefix": prefix},
+            "Filter": {"Prefix": where["Key"]},
             "Status": "Enabled",
             "Expiration": {"Days": days},
             "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": days},
         }
+        if bucket == self.incoming_bucket:
+            # Versioned: an expired object only gets a delete marker; its versions too.
+            rule["NoncurrentVersionExpiration"] = {"NoncurrentDays": days}
         try:
             try:
-                rules = self.client.get_bucket_lifecycle_configuration(Bucket=self.bucket)["Rules"]
+                rules = self.client.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
             except ClientError as exc:
                 if _code(exc) != "NoSuchLifecycleConfiguration":
                     raise
                 rules = []
             rules = [r for r in rules if r.get("ID") != INCOMING_RULE_ID] + [rule]
             self.client.put_bucket_lifecycle_configuration(
-                Bucket=self.bucket, LifecycleConfiguration={"Rules": rules}
+                Bucket=bucket, LifecycleConfiguration={"Rules": rules}
             )
         except ClientError as exc:
             if _code(exc) in LIFECYCLE_UNSUPPORTED_CODES:
@@ -595,6 +710,14 @@ def upload_transfer(largest: int) -> TransferConfig:
     # An s3transfer setting that boto3's TransferConfig does not take as an argument.
     config.max_in_memory_upload_chunks = concurrency
     return config
+
+
+def _version_of(response: dict[str, Any]) -> str | None:
+    """The version id S3 answered with, if the object has one of its own: "null" is the
+    version of a bucket without versioning (or with it suspended), which the next write
+    replaces."""
+    version_id = response.get("VersionId")
+    return version_id if version_id and version_id != "null" else None
 
 
 def _code(exc: ClientError) -> str:

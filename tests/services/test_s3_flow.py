@@ -157,6 +157,77 @@ def test_reput_after_complete_changes_nothing(
     assert keys_of(s3_client, media) == [media.storage_key]
 
 
+def test_an_incoming_bucket_serves_the_version_complete_looked_at(
+    live: Stack, user_token: tuple[str, str], s3_client: Any
+) -> None:
+    """``S3_INCOMING_BUCKET`` on SeaweedFS: a second PUT to the upload URL after
+    /complete changes nothing served; the worker's background copy then switches the row
+    to the media bucket and deletes every version of the upload URL's object."""
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    from msc3870 import maintenance, served_copies
+
+    from ..helpers import msc3870_settings
+
+    _, token = user_token
+    bucket = f"{os.environ['AWS_STORAGE_BUCKET_NAME']}-incoming"
+    live.stop("server")
+    live.stop("worker")
+    live.env["MSC3870_S3_INCOMING_BUCKET"] = bucket
+    try:
+        with msc3870_settings(S3_INCOMING_BUCKET=bucket):
+            call_command("ensure_media_bucket", stdout=StringIO())
+            live.start_server()
+            live.start_worker()
+            created = live.client(token).create()
+            assert urlsplit(created["upload_url"]).path.startswith(f"/{bucket}/incoming/")
+            first = os.urandom(3 * 1024 * 1024)
+            put = requests.put(created["upload_url"], data=first)
+            assert put.status_code == 200, put.text
+            assert live.client(token).complete(created["content_uri"]).status_code == 200
+            again = requests.put(created["upload_url"], data=b"<script>swap</script>")
+            assert again.status_code == 200  # S3 cannot refuse it: a new version
+            media = decided(created["content_uri"])
+            assert media.state == MediaState.COMPLETE
+            assert media.incoming_version == put.headers["x-amz-version-id"]
+            path = mxc_path(media.mxc_uri)
+            got = requests.get(f"{live.base_url}/_matrix/media/v3/download/{path}")
+            assert got.content == first
+            redirect = requests.get(
+                f"{live.base_url}/_matrix/media/v3/download/{path}?allow_redirect=true",
+                allow_redirects=False,
+            )
+            assert redirect.status_code == 307
+            assert requests.get(redirect.headers["Location"]).content == first
+
+            def copied() -> Media | None:
+                row = media_of(media.mxc_uri)
+                return row if row.storage_key == row.served_key else None
+
+            media = wait_until(copied, 60, "the copy to the media bucket")
+            assert keys_of(s3_client, media) == [media.served_key]
+            got = requests.get(f"{live.base_url}/_matrix/media/v3/download/{path}")
+            assert got.content == first
+            # A redirect handed out before the switch still answers until the cleanup
+            # sweep deletes the versions, once no download of them can be running.
+            listed = s3_client.list_object_versions(Bucket=bucket, Prefix=media.incoming_key)
+            assert len(listed.get("Versions", [])) == 2
+            assert requests.get(redirect.headers["Location"]).content == first
+            Media.objects.filter(pk=media.pk).update(
+                incoming_copied_at=timezone.now() - served_copies.versions_kept()
+            )
+            maintenance.delete_dead_objects()
+            listed = s3_client.list_object_versions(Bucket=bucket, Prefix=media.incoming_key)
+            assert listed.get("Versions", []) + listed.get("DeleteMarkers", []) == []
+    finally:
+        del live.env["MSC3870_S3_INCOMING_BUCKET"]
+        live.stop("server")
+        live.stop("worker")
+        live.start_server()
+
+
 def test_oversize_upload_is_refused_and_deleted(
     live: Stack, user_token: tuple[str, str], s3_client: Any
 ) -> None:
