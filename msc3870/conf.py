@@ -353,7 +353,7 @@ class MSC3870Settings:
     S3_SIGN_PAYLOAD = Setting(BOOL, False, env=Env(always=True))
     # Batched deletes in flight at once (S3: DeleteObjects requests of up to 1,000 keys),
     # in the sweeps and in one large delete.
-    DELETE_CONCURRENCY = Setting(INT, 4, floor=1, must_be="positive")
+    DELETE_CONCURRENCY = Setting(INT, 16, floor=1, must_be="positive", env=Env())
     # Days after which the bucket's lifecycle rule (ensure_media_bucket) expires objects
     # under incoming/ (a second line of defence behind the expiry sweeps); None: one day
     # more than UNUSED_EXPIRATION.
