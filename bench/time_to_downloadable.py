@@ -33,9 +33,14 @@ def median(values: list[float]) -> float:
     return ordered[len(ordered) // 2] if ordered else float("nan")
 
 
-def this_server(run: dict[str, Any]) -> str:
-    """The run's one subject of this server (the table compares one policy)."""
-    return next(k for k, v in run.items() if isinstance(v, dict) and k != SYNAPSE)
+def this_server(run: dict[str, Any], policy: str | None = None) -> str:
+    """The run's subject of this server: its first, or the one of ``policy`` (a run of
+    several ``--policies``)."""
+    return next(
+        k
+        for k, v in run.items()
+        if isinstance(v, dict) and k != SYNAPSE and (policy is None or f"({policy}," in k)
+    )
 
 
 def got_the_media(subject: dict[str, Any]) -> bool:
@@ -54,7 +59,7 @@ def by_size(results: dict[str, Any]) -> dict[int, dict[str, float]]:
     out: dict[int, dict[str, float]] = {}
     for size in sorted({r["size_mib"] for r in results["runs"]}):
         runs = [r for r in results["runs"] if r["size_mib"] == size]
-        ours = this_server(runs[0])
+        ours = this_server(runs[0], results.get("_policy"))
 
         def first(subject: dict[str, Any]) -> float:
             if got_the_media(subject):
@@ -194,8 +199,12 @@ def main() -> None:
     args = parser.parse_args()
     labelled = []
     for spec in args.run:
+        # LABEL=PATH, or LABEL=PATH#POLICY for one policy of a run of several.
         label, _, path = spec.partition("=")
-        labelled.append((label, json.loads(Path(path).read_text())))
+        path, _, policy = path.partition("#")
+        results = json.loads(Path(path).read_text())
+        results["_policy"] = policy or None
+        labelled.append((label, results))
     if labelled:
         text = table(labelled)
         print(text + (FOOTNOTE if "decided *" in text else ""))
