@@ -58,8 +58,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # tests.redis_server
 
 from _shared import BIN, PYTHON, ROOT, S3Server, free_port, machine_info, markdown_table
+
+from tests.redis_server import RedisServer
 
 MiB = 1024 * 1024
 SOAK_DIR = ROOT / "var" / "soak"
@@ -189,46 +192,6 @@ class PrivatePostgres:
 
         with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
-
-
-class PrivateRedis:
-    """A redis-server of this run's own (no persistence: a restart loses what it held)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.directory),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        wait_until(lambda: answers_tcp(self.port), 20, "redis-server")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=20)
-            self.process = None
-
-    def url(self, db: int) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
 
 
 def soak_s3() -> S3Server:
@@ -768,7 +731,7 @@ class Faults:
         self,
         stack: Stack,
         pg: PrivatePostgres,
-        redis: PrivateRedis,
+        redis: RedisServer,
         s3: S3Server,
         journal: Journal,
         database_url: str,
@@ -1184,7 +1147,7 @@ def main() -> None:
     logs = SOAK_DIR / "logs"
     logs.mkdir()
     pg = PrivatePostgres(SOAK_DIR / "pg")
-    redis = PrivateRedis(SOAK_DIR / "redis")
+    redis = RedisServer(SOAK_DIR / "redis")
     s3 = soak_s3()
     nodes = [
         Node(f"node{i}", free_port(), SOAK_DIR / f"node{i}", SOAK_DIR / f"node{i}" / "spool")

@@ -30,6 +30,7 @@ from django.conf import settings
 from django.db import connection
 
 from ..helpers import EICAR, MatrixClient, free_port, make_token, wait_until
+from ..redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -330,60 +331,21 @@ def make_stack(django_db_setup: None, transactional_db: None, tmp_path: Path) ->
         extra.stop_all()
 
 
-class PrivateRedis:
+class PrivateRedis(RedisServer):
     """A redis-server of the test's own, to be stopped and started as a broker outage."""
 
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.directory = directory
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
+    @property  # type: ignore[override]
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return super().url()
 
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.directory),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-        def answers() -> bool:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return True
-            except OSError:
-                return False
-
-        wait_until(answers, 20, "the private redis-server")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-            self.process = None
+    def stop(self, *, kill: bool = True) -> None:
+        super().stop(kill=kill)
 
     def restart(self, down_seconds: float = 1.0) -> None:
         """As an operator restarts it: SIGTERM (it closes its clients' connections and
         exits), ``down_seconds`` with nothing listening, then started again on the same
         port, empty (no persistence)."""
-        assert self.process is not None
-        self.process.terminate()
-        self.process.wait(timeout=20)
-        self.process = None
+        super().stop(kill=False)
         time.sleep(down_seconds)
         self.start()
 
