@@ -113,9 +113,13 @@ class Media(models.Model):
         "incoming/<id>@<version>: one version of the upload URL's object, served until it "
         "is copied to media/ (S3_INCOMING_BUCKET).",
     )
+    # db_default too: rows inserted by code that does not know the column (a node of the
+    # previous release during a rolling upgrade, raw SQL) get a blank one.
     incoming_version = models.CharField(
         max_length=1024,
         blank=True,
+        default="",
+        db_default="",
         help_text="The version of the upload URL's object /complete looked at, where the "
         "store keeps versions: the only bytes the checks read and downloads serve; blank: "
         "none recorded.",

@@ -23,6 +23,8 @@ class Migration(migrations.Migration):
             name="incoming_version",
             field=models.CharField(
                 blank=True,
+                db_default="",
+                default="",
                 help_text="The version of the upload URL's object /complete looked at, where the store keeps versions: the only bytes the checks read and downloads serve; blank: none recorded.",
                 max_length=1024,
             ),

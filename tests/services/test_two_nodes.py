@@ -40,6 +40,7 @@ from ..federation_helpers import (
     signed,
 )
 from ..helpers import assert_matrix_error, body_of, mxc_path, png_bytes, wait_until
+from ..redis_server import RedisServer
 from ..server_helpers import read_response
 from .conftest import Stack, TwoNodes, make_user_token, running_two_nodes
 from .helpers import Waiters, results
@@ -59,17 +60,26 @@ WOKEN_WITHIN = 10.0
 def two_nodes(
     django_db_setup: None, django_db_blocker: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[TwoNodes]:
-    with running_two_nodes(
-        tmp_path_factory.mktemp("two-nodes"),
-        MSC3870_WAKEUP_SAFETY_POLL_SECONDS="60",
-        MSC3870_ADMINS=ADMIN,
-        MSC3870_CREATE_RATE=f"{CREATE_RATE}/hour",
-        MSC3870_MAX_PENDING_UPLOADS=str(PENDING_MAX),
-        MSC3870_UPLOAD_BODIES_PER_ADDRESS_MAX="1",
-        MSC3870_FEDERATION_IP_RANGE_ALLOWLIST="127.0.0.1/32",
-        MSC3870_FEDERATION_VERIFY_TLS="0",
-    ) as running:
-        yield running
+    tmp = tmp_path_factory.mktemp("two-nodes")
+    # A broker of their own: the session's stack has a worker on the shared one, which
+    # would take some of these nodes' tasks with its own settings.
+    broker = RedisServer(tmp / "broker")
+    broker.start()
+    try:
+        with running_two_nodes(
+            tmp,
+            CELERY_BROKER_URL=broker.url(),
+            MSC3870_WAKEUP_SAFETY_POLL_SECONDS="60",
+            MSC3870_ADMINS=ADMIN,
+            MSC3870_CREATE_RATE=f"{CREATE_RATE}/hour",
+            MSC3870_MAX_PENDING_UPLOADS=str(PENDING_MAX),
+            MSC3870_UPLOAD_BODIES_PER_ADDRESS_MAX="1",
+            MSC3870_FEDERATION_IP_RANGE_ALLOWLIST="127.0.0.1/32",
+            MSC3870_FEDERATION_VERIFY_TLS="0",
+        ) as running:
+            yield running
+    finally:
+        broker.stop(kill=True)
 
 
 def metric(node: Stack, name: str, **labels: str) -> float:
