@@ -6,7 +6,7 @@ else's: two web nodes (two gunicorn servers of one uvicorn worker each, their ow
 directories and spool directories, the same secrets), a PostgreSQL cluster of its own
 (``initdb``, trust auth, a free port), a ``redis-server`` of its own (the Celery broker
 and the cache; no persistence), two ``celery worker`` processes and ``celery beat`` (the
-sweeps, at short periods), and SeaweedFS (``scripts/s3-server`` on :9133).
+sweeps, at short periods), and SeaweedFS (``scripts/s3-server`` on :9133, or ``--s3-port``).
 
 Client threads upload (create, PUT to the upload URL, ``/complete``; or PUT through a
 node) random bytes of random sizes up to 64 MiB and small PNGs, park downloads on ids
@@ -58,10 +58,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # tests.redis_server
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # tests.redis_server, ...
 
-from _shared import BIN, PYTHON, ROOT, S3Server, free_port, machine_info, markdown_table
+from _shared import PYTHON, ROOT, S3Server, free_port, machine_info, markdown_table
 
+from tests.process_stack import Processes, beat_args, worker_args
 from tests.redis_server import RedisServer
 
 MiB = 1024 * 1024
@@ -110,19 +111,6 @@ def answers_tcp(port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            with open(stat) as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.split("/")[2]))
-    return found
 
 
 # ------------------------------------------------------------------ private services
@@ -194,11 +182,11 @@ class PrivatePostgres:
             conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
 
 
-def soak_s3() -> S3Server:
-    """``scripts/s3-server`` on :9133 in ``var/soak/s3``, with its own bucket."""
+def soak_s3(port: int) -> S3Server:
+    """``scripts/s3-server`` on ``port`` in ``var/soak/s3``, with its own bucket."""
     return S3Server(
         manage=True,
-        port=S3_PORT,
+        port=port,
         directory=SOAK_DIR / "s3",
         bucket=S3_BUCKET,
         volume_max="300",
@@ -222,24 +210,11 @@ class Node:
 
 
 @dataclass
-class Stack:
-    env: dict[str, str]
-    logs: Path
-    nodes: list[Node]
-    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+class Stack(Processes):
+    """The two web nodes, the celery workers and beat (``tests/process_stack.Processes``,
+    as the services suite's stack)."""
 
-    def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        handle = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
-        process = subprocess.Popen(
-            argv,
-            cwd=ROOT,
-            env=env,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.processes[name] = process
-        return process
+    nodes: list[Node] = field(default_factory=list)
 
     def node_env(self, node: Node) -> dict[str, str]:
         return {
@@ -253,75 +228,24 @@ class Stack:
 
     def start_node(self, node: Node) -> None:
         node.spool_dir.mkdir(parents=True, exist_ok=True)
-        process = self.spawn(
-            node.name,
-            [str(BIN / "gunicorn"), "-c", "mediarepo/gunicorn.conf.py", "mediarepo.asgi"],
-            self.node_env(node),
-        )
-
-        def up() -> bool:
-            if process.poll() is not None:
-                raise SystemExit(f"{node.name} exited; see {self.logs / node.name}.log")
-            return get_status(node.base + "/_matrix/client/versions") == 200
-
-        wait_until(up, 60, f"{node.name} to answer")
+        self.start_gunicorn(node.name, self.node_env(node), node.base, timeout=60)
 
     def web_worker_pid(self, node: Node) -> int | None:
-        kids = children_of(self.processes[node.name].pid)
+        kids = self.child_pids(node.name)
         return kids[0] if kids else None
 
-    def start_celery(self, name: str, args: list[str], ready: bytes) -> None:
-        path = self.logs / f"{name}.log"
-        offset = path.stat().st_size if path.exists() else 0
+    def celery_env(self, name: str) -> dict[str, str]:
+        """Each celery process its own data and temporary directories."""
         data_dir = SOAK_DIR / name
-        env = {**self.env, "MEDIAREPO_DATA_DIR": str(data_dir), "TMPDIR": str(data_dir / "tmp")}
         (data_dir / "tmp").mkdir(parents=True, exist_ok=True)
-        process = self.spawn(name, [str(BIN / "celery"), "-A", "mediarepo", *args], env)
-
-        def is_ready() -> bool:
-            if process.poll() is not None:
-                raise SystemExit(f"{name} exited; see {path}")
-            with open(path, "rb") as handle:
-                handle.seek(offset)
-                return ready in handle.read()
-
-        wait_until(is_ready, 90, f"{name} to start")
+        return {**self.env, "MEDIAREPO_DATA_DIR": str(data_dir), "TMPDIR": str(data_dir / "tmp")}
 
     def start_worker(self, name: str) -> None:
-        args = [
-            "worker",
-            "-n",
-            f"{name}@%h",
-            "-c",
-            "2",
-            "-l",
-            "info",
-            "--without-gossip",
-            "--without-mingle",
-        ]
-        self.start_celery(name, args, b" ready.")
+        self.start_celery(name, worker_args(f"{name}@%h"), self.celery_env(name), b" ready.", 90)
 
     def start_beat(self) -> None:
-        args = ["beat", "-l", "info", "-s", str(SOAK_DIR / "beat" / "schedule")]
-        self.start_celery("beat", args, b"beat: Starting")
-
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        process = self.processes.pop(name, None)
-        if process is None or process.poll() is not None:
-            return
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-
-    def stop_all(self) -> None:
-        for name in list(self.processes):
-            self.kill(name, signal.SIGTERM)
+        args = beat_args(SOAK_DIR / "beat" / "schedule")
+        self.start_celery("beat", args, self.celery_env("beat"), b"beat: Starting", 90)
 
     def manage(self, *args: str) -> str:
         env = {**self.env, "MEDIAREPO_DATA_DIR": str(SOAK_DIR / "manage")}
@@ -1017,12 +941,12 @@ def verify_downloads(
     return {"checked": len(work), "outcomes": dict(outcomes), "bad": bad}
 
 
-def bucket_audit(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def bucket_audit(rows: list[dict[str, Any]], s3: S3Server) -> dict[str, Any]:
     """Every key in the bucket must belong to a row that serves it, or to an upload in
     flight (an incoming object of a pending id; bytes of a row being screened)."""
     import boto3
 
-    env = soak_s3().storage_env()
+    env = s3.storage_env()
     client = boto3.client(
         "s3",
         endpoint_url=env["AWS_S3_ENDPOINT_URL"],
@@ -1130,6 +1054,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--json", type=Path, help="write the raw results here")
     parser.add_argument("--settle-seconds", type=float, default=300)
+    parser.add_argument(
+        "--s3-port",
+        type=int,
+        default=S3_PORT,
+        help=f"SeaweedFS's S3 port (default {S3_PORT}; its other ports move with it)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep var/soak afterwards")
     args = parser.parse_args()
 
@@ -1148,14 +1078,14 @@ def main() -> None:
     logs.mkdir()
     pg = PrivatePostgres(SOAK_DIR / "pg")
     redis = RedisServer(SOAK_DIR / "redis")
-    s3 = soak_s3()
+    s3 = soak_s3(args.s3_port)
     nodes = [
         Node(f"node{i}", free_port(), SOAK_DIR / f"node{i}", SOAK_DIR / f"node{i}" / "spool")
         for i in (1, 2)
     ]
     stack: Stack | None = None
     try:
-        log(f"services: PostgreSQL :{pg.port}, Redis :{redis.port}, SeaweedFS :{S3_PORT}")
+        log(f"services: PostgreSQL :{pg.port}, Redis :{redis.port}, SeaweedFS :{s3.port}")
         pg.init()
         pg.start()
         pg.create_database("mediarepo_soak")
@@ -1232,11 +1162,7 @@ def main() -> None:
 
         # A process of the stack that exited by itself (not one a fault killed and
         # started again): the soak does not supervise them, an operator's system would.
-        exited = {
-            name: process.returncode
-            for name, process in stack.processes.items()
-            if process.poll() is not None
-        }
+        exited = stack.exited()
         if exited:
             log(f"exited during the load: {exited}")
         settled = settle(database_url, args.settle_seconds)
@@ -1253,7 +1179,7 @@ def main() -> None:
         verified["answer_lost_but_complete"] = [u.media_id for u in answer_lost]
         rows = database_rows(database_url)
         late = overdue(rows)
-        audit = bucket_audit(rows)
+        audit = bucket_audit(rows, s3)
         accepted_states = Counter(r["state"] for r in rows if r["media_id"] in accepted_ids)
         records = journal.records
         by_kind_status = Counter(f"{r.kind} {r.status}" for r in records)

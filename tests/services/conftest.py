@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +28,9 @@ from django.conf import settings
 from django.db import connection
 
 from ..helpers import EICAR, MatrixClient, free_port, make_token, wait_until
+from ..process_stack import ROOT, Processes, beat_args, worker_args
 from ..redis_server import RedisServer
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 REQUIRED_ENV = ("DATABASE_URL", "CELERY_BROKER_URL", "AWS_STORAGE_BUCKET_NAME")
 
 
@@ -47,21 +44,11 @@ def database_url_of_test_db() -> str:
 
 
 @dataclass
-class Stack:
-    """gunicorn + celery workers sharing one environment."""
+class Stack(Processes):
+    """gunicorn + celery workers sharing one environment (``process_stack.Processes``: the
+    soak's stack is one too)."""
 
-    env: dict[str, str]
-    logs: Path
     base_url: str = ""
-    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the process
-        process = subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.processes[name] = process
-        return process
 
     def client(self, token: str = "") -> MatrixClient:
         """A client of this stack's server with ``token`` (none: anonymous)."""
@@ -70,11 +57,11 @@ class Stack:
     def start_server(
         self, workers: int | None = None, *, public_baseurl: str = "", **extra_env: str
     ) -> None:
-        """gunicorn serving the ASGI app (as ``make run`` and the container start it), with
-        ``workers`` uvicorn workers (WEB_CONCURRENCY; default: the environment's, else
-        one per core) and ``extra_env`` on top of the stack's; waits until every worker
-        has started and the server answers. ``public_baseurl``: where clients reach it
-        (a balancer in front), default its own address."""
+        """gunicorn serving the ASGI app, with ``workers`` uvicorn workers (WEB_CONCURRENCY;
+        default: the environment's, else one per core) and ``extra_env`` on top of the
+        stack's; waits until every worker has started and the server answers.
+        ``public_baseurl``: where clients reach it (a balancer in front), default its own
+        address."""
         port = free_port()
         self.base_url = f"http://127.0.0.1:{port}"
         env = {
@@ -85,94 +72,17 @@ class Stack:
         }
         if workers is not None:
             env["WEB_CONCURRENCY"] = str(workers)
-        expected = int(env.get("WEB_CONCURRENCY") or os.cpu_count() or 1)
-        log_path = self.logs / "server.log"
-        offset = log_path.stat().st_size if log_path.exists() else 0
-        process = self._spawn(
-            "server",
-            [str(BIN / "gunicorn"), "-c", "mediarepo/gunicorn.conf.py", "mediarepo.asgi"],
-            env,
-        )
-
-        def up() -> bool:
-            if process.poll() is not None:
-                raise AssertionError(f"gunicorn exited: {self.tail('server')}")
-            with open(log_path, "rb") as handle:
-                handle.seek(offset)
-                if handle.read().count(b"Application startup complete") < expected:
-                    return False
-            try:
-                return requests.get(f"{self.base_url}/_matrix/client/versions", timeout=1).ok
-            except requests.RequestException:
-                return False
-
-        wait_until(up, 30, "gunicorn to answer")
-
-    def _start_celery(
-        self, name: str, args: list[str], env: dict[str, str], ready_line: bytes
-    ) -> subprocess.Popen[bytes]:
-        """Start a celery process and wait for the line that says it is up."""
-        log_path = self.logs / f"{name}.log"
-        offset = log_path.stat().st_size if log_path.exists() else 0
-        process = self._spawn(name, [str(BIN / "celery"), "-A", "mediarepo", *args], env)
-
-        def ready() -> bool:
-            if process.poll() is not None:
-                raise AssertionError(f"{name} exited: {self.tail(name)}")
-            with open(log_path, "rb") as handle:
-                handle.seek(offset)
-                return ready_line in handle.read()
-
-        wait_until(ready, 60, f"{name} to start")
-        return process
+        self.start_gunicorn("server", env, self.base_url)
 
     def start_worker(self, name: str = "worker", **extra_env: str) -> subprocess.Popen[bytes]:
-        node = f"{name}-{secrets.token_hex(3)}@%h"
-        args = [
-            "worker",
-            "-n",
-            node,
-            "-c",
-            "2",
-            "-l",
-            "info",
-            "--without-gossip",
-            "--without-mingle",
-        ]
-        return self._start_celery(name, args, {**self.env, **extra_env}, b" ready.")
+        args = worker_args(f"{name}-{secrets.token_hex(3)}@%h")
+        return self.start_celery(name, args, {**self.env, **extra_env}, b" ready.", 60)
 
     def start_beat(self) -> subprocess.Popen[bytes]:
         """``celery beat`` with the database scheduler (the schedule an operator edits)."""
-        args = ["beat", "-l", "info", "-s", str(self.logs / "beat-schedule")]
-        return self._start_celery("beat", args, self.env, b"beat: Starting")
-
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Kill a process and its children (a prefork worker's pool goes with it)."""
-        process = self.processes.pop(name, None)
-        if process is None or process.poll() is not None:
-            return
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-
-    def stop(self, name: str) -> None:
-        self.kill(name, signal.SIGTERM)
-
-    def stop_all(self) -> None:
-        for name in list(self.processes):
-            self.stop(name)
-
-    def tail(self, name: str, lines: int = 40) -> str:
-        path = self.logs / f"{name}.log"
-        if not path.exists():
-            return ""
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        return self.start_celery(
+            "beat", beat_args(self.logs / "beat-schedule"), self.env, b"beat: Starting", 60
+        )
 
 
 def base_env(tmp: Path, **overrides: str) -> dict[str, str]:
@@ -244,7 +154,7 @@ def start_balancer(stack: Stack, port: int, backends: list[str]) -> None:
             for n, url in enumerate(backends, start=1)
         },
     }
-    process = stack._spawn("balancer", [haproxy, "-db", "-f", "docker/haproxy.cfg"], env)
+    process = stack.spawn("balancer", [haproxy, "-db", "-f", "docker/haproxy.cfg"], env)
 
     def forwards() -> bool:
         if process.poll() is not None:

@@ -23,7 +23,8 @@ import trustme
 from signedjson.key import read_signing_keys
 
 from ..helpers import MatrixClient, free_port, wait_until
-from .conftest import BIN, ROOT, Stack
+from ..process_stack import BIN
+from .conftest import ROOT, Stack
 
 SCRIPT = ROOT / "scripts" / "synapse"
 
@@ -155,7 +156,7 @@ def start_tls_server(stack: Stack, certificates: Certificates, **extra_env: str)
         # /complete answers with the verdict: the media is complete when Synapse asks.
         "MSC3870_COMPLETE_WAITS_FOR_CHECKS": "1",
     }
-    process = stack._spawn(
+    process = stack.spawn(
         "server",
         [str(BIN / "gunicorn"), "-c", "mediarepo/gunicorn.conf.py", "mediarepo.asgi"],
         env,

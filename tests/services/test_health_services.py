@@ -21,7 +21,8 @@ import pytest
 import requests
 
 from ..helpers import free_port, wait_until
-from .conftest import BIN, ROOT, PrivateRedis, Stack, s3_server
+from ..process_stack import BIN
+from .conftest import ROOT, PrivateRedis, Stack, s3_server
 
 pytestmark = pytest.mark.services
 
