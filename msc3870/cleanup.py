@@ -86,6 +86,10 @@ def object_keys(
     its incoming object, so an expiry batch is one batched delete. Another server's media
     has no incoming object (its id may be one of ours: never touch our upload's), nor has a
     preview's image."""
+    if not (upload_method or storage_key or completed_at):
+        # Never uploaded to (most rows of an expiry sweep): only the upload URL's object,
+        # known without building a model instance per row.
+        return {storage_keys.incoming(media_id)}
     probe = Media(server_name=server_name, media_id=media_id, upload_method=upload_method)
     keys = set() if probe.is_fetched else {probe.incoming_key}
     if upload_method or storage_key:
