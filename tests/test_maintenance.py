@@ -113,13 +113,13 @@ def test_expiry_has_several_deletes_in_flight(
 
 
 def deletes_sent(store: Any) -> list[list[str]]:
-    """The keys of each DeleteObjects request ``store``'s client sends from now on."""
+    """The keys of each DeleteObjects request ``store``'s delete client sends from now on."""
     sent: list[list[str]] = []
 
     def count(params: dict[str, Any], **kwargs: Any) -> None:
         sent.append([item["Key"] for item in params["Delete"]["Objects"]])
 
-    store.client.meta.events.register("before-parameter-build.s3.DeleteObjects", count)
+    store.delete_client.meta.events.register("before-parameter-build.s3.DeleteObjects", count)
     return sent
 
 
