@@ -16,7 +16,7 @@ from typing import Any
 
 from django.utils import timezone
 
-from . import queue, storage_keys
+from . import queue, sql, storage_keys
 from .conf import app_settings
 from .errors import StorageUnavailable
 from .models import Media, MediaState
@@ -239,11 +239,12 @@ class ObjectDeleter:
         return set(listed)
 
     def _mark_cleaned(self, pks: list[int]) -> None:
-        self.cleaned += (
-            Media.objects.dead_uncleaned()
-            .filter(pk__in=pks)
-            .update(objects_deleted_at=timezone.now())
-        )
+        now = timezone.now()
+        cleaned = sql.mark_cleaned(pks, now)
+        if cleaned is None:
+            dead = Media.objects.dead_uncleaned().filter(pk__in=pks)
+            cleaned = dead.update(objects_deleted_at=now)
+        self.cleaned += cleaned
 
     def _finish_oldest(self) -> None:
         future, pks = self._in_flight.popleft()
