@@ -18,6 +18,10 @@ that all N rows are EXPIRED with their objects marked deleted and that nothing i
 starts and stops the bench S3 server (``scripts/s3-server`` on :8433, ``var/s3-bench``,
 bucket ``mediarepo-bench``) and creates/drops the database ``mediarepo_bench2``.
 ``tracemalloc`` slows Python code down; ``--no-tracemalloc`` times without it.
+``--py-spy FILE`` samples the sweep's own process (every thread, on CPU only) with
+py-spy (``pip install py-spy``) into FILE, collapsed stacks (``N=<rows>`` is added to
+the name for each N); the CPU columns count only the sweep itself ("sweep CPU s") and
+the whole child process with its set-up ("CPU s (child)").
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import random
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -268,6 +273,26 @@ class S3Counter:
             self.seconds = 0.0
 
 
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def start_py_spy(output: str) -> subprocess.Popen[bytes]:
+    """py-spy sampling this process (all threads, idle ones left out) until stopped."""
+    py_spy = shutil.which("py-spy") or str(PYTHON.parent / "py-spy")
+    argv = [py_spy, "record", "--pid", str(os.getpid()), "--rate", "200", "--threads"]
+    argv += ["--nonblocking", "--format", "raw", "--output", output]
+    sampler = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached before the sweep starts
+    return sampler
+
+
+def stop_py_spy(sampler: subprocess.Popen[bytes]) -> None:
+    sampler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+    sampler.wait(timeout=60)
+
+
 def child(args: argparse.Namespace) -> None:
     import django
 
@@ -284,6 +309,8 @@ def child(args: argparse.Namespace) -> None:
     store = get_store()
     s3 = S3Counter()
     s3.register(store.client)  # type: ignore[attr-defined]
+    if getattr(store, "delete_client", None) is not None:  # DeleteObjects' own client
+        s3.register(store.delete_client)  # type: ignore[attr-defined]
     # Warm up what the first batch would otherwise pay for: the connection, the client.
     Media.objects.filter(pk=0).exists()
     store.head("incoming/warm-up")
@@ -291,12 +318,17 @@ def child(args: argparse.Namespace) -> None:
     queries = QueryCounter()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     hwm_before = vm_hwm_kib()
+    sampler = start_py_spy(args.py_spy) if args.py_spy else None
     if args.tracemalloc:
         tracemalloc.start()
+    cpu0 = cpu_seconds()
     t0 = time.monotonic()
     with connection.execute_wrapper(queries):
         result = expire_pending(batch_size=args.batch_size, max_batches=10**9)
     elapsed = time.monotonic() - t0
+    sweep_cpu = cpu_seconds() - cpu0
+    if sampler is not None:
+        stop_py_spy(sampler)
     traced_peak = tracemalloc.get_traced_memory()[1] if args.tracemalloc else None
     tracemalloc.stop()
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -332,6 +364,7 @@ def child(args: argparse.Namespace) -> None:
                 "vmhwm_kib_before": hwm_before,
                 "vmhwm_kib_after": hwm_after,
                 "cpu_s": usage.ru_utime + usage.ru_stime,
+                "sweep_cpu_s": sweep_cpu,
                 "states_after": states,
                 "rows_marked_cleaned": cleaned,
                 "incoming_left": left,
@@ -371,6 +404,7 @@ def report(results: list[dict[str, Any]], info: dict[str, Any], args: argparse.N
                 f"{r['sql_seconds']:.1f}",
                 f"{r['s3_seconds']:.1f}",
                 f"{r['seconds'] / r['rows'] * 1e3:.2f}",
+                f"{r.get('sweep_cpu_s', 0.0):.2f}",
                 f"{r['cpu_s']:.2f}",
                 f"{r['queries']:,}",
                 f"{r['batches']}",
@@ -395,6 +429,7 @@ def report(results: list[dict[str, Any]], info: dict[str, Any], args: argparse.N
                 "in SQL s",
                 "in S3 s (summed over threads)",
                 "ms/row",
+                "sweep CPU s",
                 "CPU s (child)",
                 "SQL queries",
                 "batches",
@@ -442,6 +477,7 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=32, help="S3 uploads in flight (setup)")
     parser.add_argument("--no-tracemalloc", dest="tracemalloc", action="store_false")
+    parser.add_argument("--py-spy", help="collapsed stacks of the sweep's process to this file")
     parser.add_argument("--external-s3", action="store_true", help="S3 already on :8433")
     parser.add_argument("--wait-s3-ports", type=float, default=60)
     parser.add_argument("--keep-db", action="store_true", help=f"do not drop {DB_NAME}")
@@ -485,6 +521,8 @@ def main() -> None:
             argv += ["--batch-size", str(args.batch_size), "--extra-rows", str(args.extra_rows)]
             if not args.tracemalloc:
                 argv.append("--no-tracemalloc")
+            if args.py_spy:
+                argv += ["--py-spy", f"{args.py_spy}.N={n}"]
             out = subprocess.run(argv, cwd=ROOT, check=True, capture_output=True, text=True)
             result = json.loads(out.stdout.strip().splitlines()[-1])
             result["setup"] = setup

@@ -16,7 +16,7 @@ from typing import Any
 
 from django.utils import timezone
 
-from . import queue, storage_keys
+from . import queue, sql, storage_keys
 from .conf import app_settings
 from .errors import StorageUnavailable
 from .models import Media, MediaState
@@ -86,6 +86,10 @@ def object_keys(
     its incoming object, so an expiry batch is one batched delete. Another server's media
     has no incoming object (its id may be one of ours: never touch our upload's), nor has a
     preview's image."""
+    if not (upload_method or storage_key or completed_at):
+        # Never uploaded to (most rows of an expiry sweep): only the upload URL's object,
+        # known without building a model instance per row.
+        return {storage_keys.incoming(media_id)}
     probe = Media(server_name=server_name, media_id=media_id, upload_method=upload_method)
     keys = set() if probe.is_fetched else {probe.incoming_key}
     if upload_method or storage_key:
@@ -235,11 +239,12 @@ class ObjectDeleter:
         return set(listed)
 
     def _mark_cleaned(self, pks: list[int]) -> None:
-        self.cleaned += (
-            Media.objects.dead_uncleaned()
-            .filter(pk__in=pks)
-            .update(objects_deleted_at=timezone.now())
-        )
+        now = timezone.now()
+        cleaned = sql.mark_cleaned(pks, now)
+        if cleaned is None:
+            dead = Media.objects.dead_uncleaned().filter(pk__in=pks)
+            cleaned = dead.update(objects_deleted_at=now)
+        self.cleaned += cleaned
 
     def _finish_oldest(self) -> None:
         future, pks = self._in_flight.popleft()

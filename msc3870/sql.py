@@ -18,7 +18,7 @@ from django.db import connection, connections, router
 from django.db.models import F, Q, Value, signals
 from django.db.models.expressions import CombinedExpression
 
-from .models import Media, MediaState, Uploader
+from .models import LIVE_STATES, Media, MediaState, Uploader
 
 _TABLE = Media._meta.db_table
 
@@ -422,3 +422,24 @@ def expire_due(now: datetime, limit: int) -> list[tuple[Any, ...]] | None:
     with connection.cursor() as cursor:
         cursor.execute(statement, params)
         return list(cursor.fetchall())
+
+
+def mark_cleaned(pks: list[int], at: datetime) -> int | None:
+    """``objects_deleted_at = at`` on those of ``pks`` whose media is dead (not live) and
+    not yet cleaned; how many. On PostgreSQL only (None elsewhere: the caller goes through
+    the ORM): the keys are one array parameter, where the ORM's ``IN (%s, ...)`` of a
+    sweep's batch has a parameter per key to compile, adapt and parse."""
+    connection = _connection(write=True)
+    if connection.vendor != "postgresql":
+        return None
+    quote = connection.ops.quote_name
+    cleaned = Media._meta.get_field("objects_deleted_at")
+    live = sorted(state.value for state in LIVE_STATES)
+    statement = (
+        f"UPDATE {quote(_TABLE)} SET {quote(cleaned.column)} = %s "
+        f"WHERE {quote('id')} = ANY(%s) AND {quote(cleaned.column)} IS NULL "
+        f"AND NOT ({quote('state')} = ANY(%s))"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(statement, [cleaned.get_db_prep_value(at, connection), pks, live])
+        return cursor.rowcount

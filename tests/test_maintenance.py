@@ -17,7 +17,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from msc3870 import maintenance, moderation
+from msc3870 import cleanup, lifecycle, maintenance, moderation
 from msc3870.models import Media, MediaState
 from msc3870.stores import get_store
 
@@ -86,6 +86,29 @@ def test_expiry_is_one_statement_per_batch_and_one_update_per_delete(alice: Matr
     assert Media.objects.filter(state=S.EXPIRED, objects_deleted_at__isnull=False).count() == 30
 
 
+def test_an_expiry_batch_marks_cleaned_only_rows_still_dead_and_uncleaned(
+    alice: MatrixClient,
+) -> None:
+    """The mark after a batch's delete (on PostgreSQL one statement with the batch's keys
+    as one array): a row made live meanwhile, or cleaned by another sweep, keeps what it
+    has; the others are marked, and counted."""
+    due_pending(4, "m")
+    rows = lifecycle.expire_due(timezone.now(), 10)
+    pks = sorted(row[0] for row in rows)
+    earlier = timezone.now() - timedelta(hours=1)
+    Media.objects.filter(pk=pks[0]).update(state=S.COMPLETE)  # live (by hand)
+    Media.objects.filter(pk=pks[1]).update(objects_deleted_at=earlier)
+    Media.objects.filter(pk=pks[2]).update(state=S.DELETED)
+    with cleanup.ObjectDeleter() as deleter:
+        deleter._mark_cleaned([*pks, 10**9])  # and a key no row has
+    assert deleter.cleaned == 2
+    marked = dict(Media.objects.filter(pk__in=pks).values_list("pk", "objects_deleted_at"))
+    assert marked[pks[0]] is None
+    assert marked[pks[1]] == earlier
+    assert marked[pks[2]] is not None and marked[pks[2]] > earlier
+    assert marked[pks[3]] is not None and marked[pks[3]] > earlier
+
+
 def test_expiry_has_several_deletes_in_flight(
     alice: MatrixClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -113,13 +136,13 @@ def test_expiry_has_several_deletes_in_flight(
 
 
 def deletes_sent(store: Any) -> list[list[str]]:
-    """The keys of each DeleteObjects request ``store``'s client sends from now on."""
+    """The keys of each DeleteObjects request ``store``'s delete client sends from now on."""
     sent: list[list[str]] = []
 
     def count(params: dict[str, Any], **kwargs: Any) -> None:
         sent.append([item["Key"] for item in params["Delete"]["Objects"]])
 
-    store.client.meta.events.register("before-parameter-build.s3.DeleteObjects", count)
+    store.delete_client.meta.events.register("before-parameter-build.s3.DeleteObjects", count)
     return sent
 
 

@@ -22,7 +22,7 @@ from django.utils import timezone
 from msc3870 import maintenance, moderation, queue, served_copies, storage_keys
 from msc3870.models import Media, MediaState
 from msc3870.stores import get_store
-from msc3870.stores.s3 import S3MediaStore
+from msc3870.stores.s3 import VERSIONS_LISTED_TOGETHER_MIN, S3MediaStore
 
 from .federation_helpers import FakeRemote, multipart
 from .helpers import (
@@ -271,6 +271,80 @@ def test_expiry_deletes_every_version_of_an_unused_upload_url(
     result = maintenance.expire_pending()
     assert (result.moved, result.objects_deleted) == (1, 1)
     assert versions(versioned) == []
+
+
+def requests_sent(store: Any) -> dict[str, int]:
+    """How many ListObjectVersions and DeleteObjects requests ``store`` sends from now on."""
+    sent = {"ListObjectVersions": 0, "DeleteObjects": 0, "keys": 0}
+
+    def count(model: Any, params: dict[str, Any], **kwargs: Any) -> None:
+        sent[model.name] += 1
+        if model.name == "DeleteObjects":
+            sent["keys"] += len(params["Delete"]["Objects"])
+
+    store.client.meta.events.register("before-parameter-build.s3.ListObjectVersions", count)
+    store.delete_client.meta.events.register("before-parameter-build.s3.DeleteObjects", count)
+    return sent
+
+
+def make_versions(s3: Any, keys: list[str], count: int = 2, deleted: bool = False) -> None:
+    for key in keys:
+        for _ in range(count):
+            s3.put_object(Bucket=INCOMING_BUCKET, Key=key, Body=b"version")
+        if deleted:  # a delete marker in front of its two versions
+            s3.delete_object(Bucket=INCOMING_BUCKET, Key=key)
+
+
+def test_many_upload_urls_objects_are_listed_together(versioned: Any) -> None:
+    """A batch of upload URLs' objects: their versions listed in one request under their
+    common prefix, not one per key; every version and delete marker of those keys goes,
+    and nothing else (not a key that only starts with a wanted one)."""
+    wanted = [f"incoming/w{index:02d}" for index in range(40)]
+    kept = ["incoming/w05x", "incoming/kept", "media/w00"]
+    make_versions(versioned, wanted[:20])
+    make_versions(versioned, wanted[20:30], deleted=True)  # wanted[30:] have no object
+    make_versions(versioned, kept[:2])
+    versioned.put_object(Bucket=INCOMING_BUCKET, Key=kept[2], Body=b"not an upload URL's")
+    store = get_store()
+    sent = requests_sent(store)
+    store.delete_many(wanted)
+    assert sent == {"ListObjectVersions": 1, "DeleteObjects": 1, "keys": 20 * 2 + 10 * 3}
+    left = {key for key, _ in versions(versioned)}
+    assert left == set(kept)
+    assert len(versions(versioned)) == 5  # the kept keys' versions all stay
+
+
+def test_a_long_listing_stops_and_the_rest_is_listed_key_by_key(versioned: Any) -> None:
+    """An incoming bucket holding far more versions than a batch wants: the walk under
+    the common prefix stops after a page per ``VERSIONS_LISTED_TOGETHER_MIN`` keys, and
+    the keys from there on are listed one by one, the key whose versions the page cut
+    included; every version of each goes, each once."""
+    store = get_store()
+    others = [f"incoming/a{index:04d}" for index in range(333)]
+    make_versions(versioned, others, count=3)  # 999 versions, then the page's end
+    cut = "incoming/a0333"  # its first version ends the page, two more start the next
+    make_versions(versioned, [cut], count=3)
+    wanted = [f"incoming/b{index:02d}" for index in range(VERSIONS_LISTED_TOGETHER_MIN)]
+    make_versions(versioned, wanted)
+    sent = requests_sent(store)
+    store.delete_many([others[0], cut, *wanted])
+    # One page of the walk (under "incoming/"), then the names from where it stopped.
+    assert sent["ListObjectVersions"] == 1 + 1 + len(wanted)
+    assert sent["DeleteObjects"] == 1
+    assert sent["keys"] == 3 + 3 + 2 * len(wanted)  # each version once
+    pages = versioned.get_paginator("list_object_versions").paginate(Bucket=INCOMING_BUCKET)
+    left = [item["Key"] for page in pages for item in page.get("Versions", [])]
+    assert sorted(left) == sorted(others[1:] * 3)
+
+
+def test_a_few_upload_urls_objects_are_listed_key_by_key(versioned: Any) -> None:
+    wanted = ["incoming/x1", "incoming/x2"]
+    make_versions(versioned, [*wanted, "incoming/x10"])
+    store = get_store()
+    sent = requests_sent(store)
+    store.delete_many(wanted)
+    assert sent == {"ListObjectVersions": 2, "DeleteObjects": 1, "keys": 4}
+    assert {key for key, _ in versions(versioned)} == {"incoming/x10"}
 
 
 def test_a_pinned_version_is_never_shared(

@@ -479,7 +479,7 @@ def test_delete_many_sends_batches_of_at_most_1000_keys_several_at_once(s3: Any)
         sizes.append(len(params["Delete"]["Objects"]))
         threads.add(threading.current_thread().name)
 
-    store.client.meta.events.register("before-parameter-build.s3.DeleteObjects", count)
+    store.delete_client.meta.events.register("before-parameter-build.s3.DeleteObjects", count)
     keys = [f"incoming/k{index:04d}" for index in range(2500)]
     for key in keys[:3]:
         store.write_stream(key, io.BytesIO(b"x"), max_size=10)

@@ -19,6 +19,7 @@ import binascii
 import contextlib
 import http.client
 import logging
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -79,6 +80,9 @@ PROBE_CONFIG = Config(connect_timeout=1, read_timeout=2, retries={"max_attempts"
 POOL_CONNECTIONS = 64
 # Keys in one DeleteObjects request, at most (S3's limit).
 DELETE_OBJECTS_MAX = 1000
+# From this many upload URLs' objects at once, the incoming bucket's versions are listed
+# under their common prefix instead of key by key (see ``_list_versions_together``).
+VERSIONS_LISTED_TOGETHER_MIN = 10
 NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound", "NoSuchVersion"}
 #: A conditional copy's source is no longer the version asked for (or is gone).
 PRECONDITION_FAILED_CODES = {"412", "PreconditionFailed"}
@@ -176,26 +180,48 @@ class S3MediaStore(MediaStore):
         its client costs 0.1 to 0.3 s of CPU here: paid by each of a process's web and
         screening threads on its first upload. boto3 clients are thread-safe; the pool
         holds a connection for each thread that may use it at once."""
-        storage = self.storage
-        session = storage._create_session()
+        return self._new_client(Config(max_pool_connections=POOL_CONNECTIONS))
+
+    @cached_property
+    def delete_client(self) -> Any:
+        """DeleteObjects' client: as ``client``, without botocore's parameter validation,
+        which walks each of up to 1,000 keys of every request in Python. The parameters
+        are built here from keys this server made, never from a request's input."""
+        return self._new_client(
+            Config(max_pool_connections=POOL_CONNECTIONS, parameter_validation=False)
+        )
+
+    @cached_property
+    def _session(self) -> Any:
+        """The storage's boto3 session, shared by ``client`` and ``delete_client``: the
+        second client of a session reuses its loaded service model."""
+        session = self.storage._create_session()
         with contextlib.suppress(AttributeError):  # the botocore session beneath boto3's
             session._session.get_component("response_parser_factory").set_parser_defaults(
                 timestamp_parser=parse_s3_timestamp
             )
-        config = storage.client_config.merge(Config(max_pool_connections=POOL_CONNECTIONS))
+        return session
+
+    # boto3 sessions are not thread-safe: the first uses of the clients may race.
+    _client_lock = threading.Lock()
+
+    def _new_client(self, extra: Config) -> Any:
+        storage = self.storage
+        config = storage.client_config.merge(extra)
         if str(storage.endpoint_url or "").startswith("http://"):
             config = config.merge(CHECKSUMS_WHEN_REQUIRED)
             if not app_settings.S3_SIGN_PAYLOAD:
                 s3_options = {**(config.s3 or {}), "payload_signing_enabled": False}
                 config = config.merge(Config(s3=s3_options))
-        return session.client(
-            "s3",
-            region_name=storage.region_name,
-            use_ssl=storage.use_ssl,
-            endpoint_url=storage.endpoint_url,
-            config=config,
-            verify=storage.verify,
-        )
+        with self._client_lock:
+            return self._session.client(
+                "s3",
+                region_name=storage.region_name,
+                use_ssl=storage.use_ssl,
+                endpoint_url=storage.endpoint_url,
+                config=config,
+                verify=storage.verify,
+            )
 
     @cached_property
     def signing_client(self) -> Any:
@@ -525,11 +551,14 @@ class S3MediaStore(MediaStore):
             raise _unavailable(exc) from exc
 
     def delete_many(self, keys: list[str]) -> None:
-        incoming = [key for key in keys if self._in_incoming_bucket(key)]
-        if incoming:
-            self._delete_versions(incoming)
-            keys = [key for key in keys if not self._in_incoming_bucket(key)]
-        self._delete_in_batches(self.bucket, [{"Key": self._key(key)} for key in keys])
+        # Up to a sweep's thousands of keys: the settings are read once, not per key.
+        if self.incoming_bucket:
+            prefix = storage_keys.INCOMING_PREFIX
+            if incoming := [key for key in keys if key.startswith(prefix)]:
+                self._delete_versions(incoming)
+                keys = [key for key in keys if not key.startswith(prefix)]
+        location = self._key("")
+        self._delete_in_batches(self.bucket, [{"Key": location + key} for key in keys])
 
     def _delete_in_batches(self, bucket: str, objects: list[dict[str, str]]) -> None:
         # DeleteObjects takes at most 1,000 keys; a store spends most of a request on its
@@ -550,7 +579,7 @@ class S3MediaStore(MediaStore):
     def _delete_objects(self, bucket: str, batch: list[dict[str, str]]) -> None:
         """One DeleteObjects request; a missing key counts as deleted."""
         try:
-            response = self.client.delete_objects(
+            response = self.delete_client.delete_objects(
                 Bucket=bucket, Delete={"Objects": batch, "Quiet": True}
             )
         except (ClientError, BotoCoreError) as exc:
@@ -564,17 +593,55 @@ class S3MediaStore(MediaStore):
         incoming bucket: a plain delete there would only hide the versions behind a
         marker, and a pinned key's version is never the only one a URL may have made."""
         bucket = str(self.incoming_bucket)
+        names = sorted({self._where(key)["Key"] for key in keys})
         objects: list[dict[str, str]] = []
-        paginator = self.client.get_paginator("list_object_versions")
         try:
-            for name in sorted({self._where(key)["Key"] for key in keys}):
-                for page in paginator.paginate(Bucket=bucket, Prefix=name):
-                    for item in page.get("Versions", []) + page.get("DeleteMarkers", []):
-                        if item["Key"] == name:
-                            objects.append({"Key": name, "VersionId": item["VersionId"]})
+            if len(names) >= VERSIONS_LISTED_TOGETHER_MIN:
+                names = self._list_versions_together(bucket, names, objects)
+            for name in names:
+                self._list_versions(bucket, name, {name}, objects)
         except (ClientError, BotoCoreError) as exc:
             raise _unavailable(exc) from exc
         self._delete_in_batches(bucket, objects)
+
+    def _list_versions(
+        self,
+        bucket: str,
+        prefix: str,
+        wanted: set[str],
+        objects: list[dict[str, str]],
+        max_pages: int | None = None,
+    ) -> str | None:
+        """Add the versions and delete markers of the ``wanted`` keys under ``prefix`` to
+        ``objects``; None once all are listed, else (``max_pages`` listed) the key from
+        which versions are still unlisted."""
+        paginator = self.client.get_paginator("list_object_versions")
+        pages = paginator.paginate(Bucket=bucket, Prefix=prefix)
+        for number, page in enumerate(pages, start=1):
+            for item in page.get("Versions", []) + page.get("DeleteMarkers", []):
+                if item["Key"] in wanted:
+                    objects.append({"Key": item["Key"], "VersionId": item["VersionId"]})
+            if page.get("IsTruncated") and max_pages is not None and number >= max_pages:
+                return str(page["NextKeyMarker"])
+        return None
+
+    def _list_versions_together(
+        self, bucket: str, names: list[str], objects: list[dict[str, str]]
+    ) -> list[str]:
+        """List the versions under the common prefix of many ``names`` (sorted) in one
+        walk, a page holding up to 1,000 versions instead of a request per key; returns
+        the names still to list one by one. A bucket holding many more versions than
+        wanted would make that walk long: it stops after ``len(names) //
+        VERSIONS_LISTED_TOGETHER_MIN`` pages, and the names from where it stopped on
+        (its last key included, whose versions may go on in the next page) are left."""
+        prefix = _common_prefix(names[0], names[-1])  # of all: they are sorted
+        max_pages = max(1, len(names) // VERSIONS_LISTED_TOGETHER_MIN)
+        stopped_at = self._list_versions(bucket, prefix, set(names), objects, max_pages)
+        if stopped_at is None:
+            return []
+        # The wanted versions listed so far of the names left are listed again with them.
+        objects[:] = [item for item in objects if item["Key"] < stopped_at]
+        return [name for name in names if name >= stopped_at]
 
     def probe(self, timeout: float) -> None:
         # The bucket answers: the credentials, the endpoint and the bucket all hold.
@@ -718,6 +785,14 @@ def _version_of(response: dict[str, Any]) -> str | None:
     replaces."""
     version_id = response.get("VersionId")
     return version_id if version_id and version_id != "null" else None
+
+
+def _common_prefix(first: str, last: str) -> str:
+    """The longest string both start with (characters, not path components)."""
+    for index, (a, b) in enumerate(zip(first, last, strict=False)):
+        if a != b:
+            return first[:index]
+    return first[: min(len(first), len(last))]
 
 
 def _code(exc: ClientError) -> str:
