@@ -14,12 +14,13 @@ from itertools import islice
 from types import TracebackType
 from typing import Any
 
+from django.db.models import Q
 from django.utils import timezone
 
-from . import queue, sql, storage_keys
+from . import lifecycle, queue, sql, storage_keys
 from .conf import app_settings
-from .errors import StorageUnavailable
-from .models import Media, MediaState
+from .errors import Codes, StorageUnavailable
+from .models import Media, MediaState, UploadMethod
 from .screening import record_sha256
 from .stores import get_store
 from .thumbnails import thumbnail_keys
@@ -56,6 +57,49 @@ def unrecorded_upload_keys(media: Media) -> list[str]:
     keys = [key for key in get_store().list_keys(directory) if key.startswith(prefix)]
     recorded = set(Media.objects.filter(storage_key__in=keys).values_list("storage_key", flat=True))
     return [key for key in keys if key not in recorded]
+
+
+def give_up_on_body(media: Media) -> bool:
+    """Free the claim of a PUT or POST whose body will never be recorded (its process died,
+    lost the database at the recording write, or its uploader sent the PUT again): a PUT's
+    id is pending again, a POST's media rejected, and what the request stored without
+    recording it is deleted. Only while the row still holds that claim, bytes unrecorded:
+    a request of the claim recording first wins, and one finishing later finds its claim
+    gone and deletes its own key. True if the claim was freed here."""
+    try:
+        leftovers = unrecorded_upload_keys(media)
+    except StorageUnavailable as exc:
+        # Given up on later instead: given up on now, its bytes would stay.
+        log.warning("Upload %s is given up on later: %s", media.media_id, exc)
+        return False
+    claim = lifecycle.same_claim(media) & Q(storage_key="")
+    if media.upload_method == UploadMethod.PUT:
+        moved = lifecycle.transition(
+            media,
+            [S.PROCESSING],
+            S.PENDING,
+            extra_where=claim,
+            upload_method="",
+            processing_started_at=None,
+        )
+    else:
+        moved = lifecycle.transition(
+            media,
+            [S.PROCESSING],
+            S.REJECTED,
+            extra_where=claim,
+            rejection_errcode=Codes.UNKNOWN.value,
+            rejection_reason="Upload was interrupted",
+        )
+        if moved:
+            schedule_object_deletion(media.pk)
+    if moved and leftovers:
+        # Deleting a key its request deletes too is harmless.
+        try:
+            get_store().delete_many(leftovers)
+        except StorageUnavailable as exc:
+            log.warning("Objects of an interrupted upload are left: %s: %s", leftovers, exc)
+    return moved
 
 
 def hash_blocked_content(pks: list[int]) -> None:

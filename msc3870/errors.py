@@ -225,7 +225,7 @@ class UploadAbandoned(MatrixError):
     status, errcode, default_message = (
         408,
         Codes.UNKNOWN,
-        "The upload took too long and was abandoned; upload again",
+        "The upload was abandoned (it took too long, or was sent again); upload again",
     )
 
 

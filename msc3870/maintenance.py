@@ -20,11 +20,10 @@ from . import lifecycle, served_copies, storage_keys, verdicts
 from .cleanup import (
     ObjectDeleter,
     delete_objects_of,
-    schedule_object_deletion,
-    unrecorded_upload_keys,
+    give_up_on_body,
 )
 from .conf import app_settings
-from .errors import Codes, StorageUnavailable
+from .errors import StorageUnavailable
 from .models import (
     AWAITING_UPLOAD_STATES,
     LIVE_STATES,
@@ -123,50 +122,8 @@ def redispatch_stuck(
         elif media.processing_started_at > now - max(older_than, in_flight_upload_timeout()):
             continue  # its body may still be arriving
         else:
-            count += _give_up_on_body(media)
+            count += int(give_up_on_body(media))
     return count + served_copies.queue_stuck(now - older_than, batch_size)
-
-
-def _give_up_on_body(media: Media) -> int:
-    """The process receiving a PUT or POST body died (or lost the database when it would
-    record the bytes): a PUT's id is free again, a POST's media rejected, and what the
-    request may have stored without recording it is deleted. Only while the row still
-    holds that request's claim, bytes unrecorded: a late request's own write wins."""
-    try:
-        leftovers = unrecorded_upload_keys(media)
-    except StorageUnavailable as exc:
-        # Given up on at the next sweep instead: given up on now, its bytes would stay.
-        log.warning("Upload %s is given up on later: %s", media.media_id, exc)
-        return 0
-    claim = lifecycle.same_claim(media) & Q(storage_key="")
-    if media.upload_method == UploadMethod.PUT:
-        moved = lifecycle.transition(
-            media,
-            [S.PROCESSING],
-            S.PENDING,
-            extra_where=claim,
-            upload_method="",
-            processing_started_at=None,
-        )
-    else:
-        moved = lifecycle.transition(
-            media,
-            [S.PROCESSING],
-            S.REJECTED,
-            extra_where=claim,
-            rejection_errcode=Codes.UNKNOWN.value,
-            rejection_reason="Upload was interrupted",
-        )
-        if moved:
-            schedule_object_deletion(media.pk)
-    if moved and leftovers:
-        # A request of the old claim still running finds its claim gone and deletes its
-        # own key too: deleting twice is harmless.
-        try:
-            get_store().delete_many(leftovers)
-        except StorageUnavailable as exc:
-            log.warning("Objects of an interrupted upload are left: %s: %s", leftovers, exc)
-    return int(moved)
 
 
 def in_flight_upload_timeout() -> timedelta:

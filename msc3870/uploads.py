@@ -34,7 +34,7 @@ from typing import Any, NoReturn
 from django.db import connection, transaction
 from django.utils import timezone
 
-from . import lifecycle, logs, metrics, sql, verdicts
+from . import cleanup, lifecycle, logs, metrics, sql, verdicts
 from .auth import MatrixUser
 from .availability import local_media
 from .conf import app_settings
@@ -193,8 +193,9 @@ def _record_and_screen(media: Media, received: dict[str, Any], first_bytes: byte
 
 
 def _abandon(key: str) -> NoReturn:
-    """The stuck sweep (or a moderator) gave up on this upload while it streamed, and the
-    id may have been claimed again since: the row's claim is not ours. The bytes this
+    """The stuck sweep (or a moderator) gave up on this upload while it streamed, or its
+    uploader sent it again, and the id may have been claimed again since: the row's
+    claim is not ours. The bytes this
     request stored (under a key of its own) are deleted."""
     get_store().delete(key)
     raise UploadAbandoned()
@@ -248,9 +249,31 @@ def _claim_for_put(
 ) -> Media:
     """PENDING -> PROCESSING for a PUT with a broker (its checks run elsewhere), read and
     claimed in one statement. The claim need not survive a database crash: the PUT it
-    belongs to would fail with it, and the verdict's commit makes it durable anyway."""
+    belongs to would fail with it, and the verdict's commit makes it durable anyway.
+
+    A PUT sent again by its uploader (its first try answered 503, or its connection was
+    cut) takes over the first try's claim while that one's bytes are unrecorded: the
+    first try may have died with its process or lost the database, and its claim would
+    otherwise hold the id until the stuck sweep gives up on it. A first try still running
+    finds its claim gone when it would record its bytes, and deletes them."""
+    claim = partial(_claim_pending_for_put, user, server_name, media_id, declared, name)
+    media = claim()
+    if media is None:
+        current = local_media(server_name, media_id)
+        if _unrecorded_put_of(user, current) and cleanup.give_up_on_body(current):
+            media = claim()
+    if media is None:
+        # Missing, another's, expired or already uploaded to: say which.
+        _check_can_upload(user, local_media(server_name, media_id))
+        raise CannotOverwrite()
+    return media
+
+
+def _claim_pending_for_put(
+    user: MatrixUser, server_name: str, media_id: str, declared: str, name: str
+) -> Media | None:
     now = timezone.now()
-    media = lifecycle.claim(
+    return lifecycle.claim(
         server_name,
         media_id,
         [S.PENDING],
@@ -263,11 +286,16 @@ def _claim_for_put(
         filename=name,
         processing_started_at=now,
     )
-    if media is None:
-        # Missing, another's, expired or already uploaded to: say which.
-        _check_can_upload(user, local_media(server_name, media_id))
-        raise CannotOverwrite()
-    return media
+
+
+def _unrecorded_put_of(user: MatrixUser, media: Media) -> bool:
+    """``media`` is claimed by a PUT of ``user`` whose bytes are not recorded yet."""
+    return (
+        media.user_id == user.user_id
+        and media.state == S.PROCESSING
+        and media.upload_method == UploadMethod.PUT
+        and not media.storage_key
+    )
 
 
 def _upload_decided_in_one_write(
