@@ -24,6 +24,10 @@ from django.db import connections
 #: Bytes received and not yet read past which the loop stops receiving (TCP then slows
 #: the client down).
 BUFFER_BYTES = 4 * 1024 * 1024
+#: A reader waiting for more than this is woken once this much has arrived (or the body
+#: ended), not for every chunk the loop receives (a quarter of a MiB on loopback): each
+#: wake-up is a switch of threads and of the GIL.
+WAKE_BYTES = 1024 * 1024
 
 
 class BodyEnded(OSError):
@@ -42,6 +46,9 @@ class StreamedBody:
         self._connections_released = False
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
+        #: Bytes buffered that wake the reader (``WAKE_BYTES`` at most, below
+        #: ``BUFFER_BYTES``: the loop always receives that much before it stops).
+        self._wake_at = 1
         #: Set (on the loop) when the reader has made room, or closed the body.
         self._room: asyncio.Event | None = None
 
@@ -55,7 +62,8 @@ class StreamedBody:
                 return
             self._chunks.append(chunk)
             self._buffered += len(chunk)
-            self._arrived.notify()
+            if self._buffered >= self._wake_at:
+                self._arrived.notify()
 
     def end(self) -> None:
         with self._lock:
@@ -128,7 +136,8 @@ class StreamedBody:
             self._connections_released = True
             release_idle_connections()
         with self._lock:
-            while not self._buffered and not self._ended:
+            self._wake_at = 1 if most is None else max(1, min(most, WAKE_BYTES))
+            while self._buffered < self._wake_at and not self._ended:
                 if self._error is not None or self._closed:
                     break
                 self._arrived.wait()

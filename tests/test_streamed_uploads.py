@@ -246,6 +246,34 @@ def test_streamed_body_reads_into_a_buffer_across_chunks() -> None:
     run(scenario)
 
 
+def test_a_reader_waiting_for_a_part_is_woken_per_mib_not_per_chunk() -> None:
+    """Each wake-up of the reading thread is a switch of threads (and of the GIL): a
+    reader filling a part buffer is woken once a MiB has arrived, not for each chunk."""
+
+    async def scenario() -> tuple[int, int]:
+        body = StreamedBody(asyncio.get_running_loop(), [])
+        wakes = 0
+        wait = body._arrived.wait
+
+        def counted(timeout: float | None = None) -> bool:
+            nonlocal wakes
+            wakes += 1
+            return wait(timeout)
+
+        body._arrived.wait = counted  # type: ignore[method-assign]
+        buffer = bytearray(3 * MiB)
+        reading = asyncio.ensure_future(asyncio.to_thread(body.readinto, memoryview(buffer)))
+        await asyncio.sleep(0.05)
+        for _ in range(3 * 16):
+            body.feed(b"c" * (64 * 1024))
+            await asyncio.sleep(0.002)  # time for a woken reader to take it
+        return await asyncio.wait_for(reading, 5), wakes
+
+    count, wakes = run(scenario)
+    assert count == 3 * MiB
+    assert wakes <= 3  # 48 chunks of 64 KiB
+
+
 def test_a_request_body_is_read_into_a_buffer_as_django_reads_it() -> None:
     """The store reads an upload's request with ``readinto`` (straight into its buffers):
     the request's body counts as read, and a body that stops is Django's
