@@ -5,10 +5,9 @@ Runs in this process, against the bench S3 server (started fresh for each case):
 
 * ``write``: stream ``--size-mib`` MiB from a fast in-memory reader through
   ``get_store().write_stream`` and report the peak RSS (VmHWM, reset before) and CPU time,
-  for the app's ``upload_transfer`` as it is and with s3transfer's
-  ``max_in_memory_upload_chunks`` (the app sets ``S3_UPLOAD_CONCURRENCY``; s3transfer's
-  default is 10) changed in this process only; and with botocore's default request checksums off
-  (``AWS_REQUEST_CHECKSUM_CALCULATION=when_required``, in a child process).
+  with the app's ``S3_UPLOAD_CONCURRENCY`` (parts in flight; one part buffer more is
+  held) as configured and changed (in a child process); and with botocore's default
+  request checksums off (``AWS_REQUEST_CHECKSUM_CALCULATION=when_required``).
 * ``complete``: time ``store.move`` (CopyObject + DeleteObject) and a full streamed read +
   SHA-256 (what ``check_sha256`` does) of an object of that size.
 
@@ -63,27 +62,18 @@ class FastBody:
         return (self.block * (amount // MiB + 1))[:amount]
 
 
-def case(kind: str, size: int, chunks: int | None) -> dict[str, Any]:
+def case(kind: str, size: int) -> dict[str, Any]:
     """One measurement in this (fresh) process; the store is configured by the env."""
     import django
 
     django.setup()
+    from msc3870.conf import app_settings
     from msc3870.stores import get_store
-    from msc3870.stores import s3 as s3_module
 
     store = get_store()
     store.head("warm-up")
     if kind == "write":
         store.write_stream("probe/warm", FastBody(16 * MiB), max_size=size * 2)
-        if chunks is not None:
-            made = s3_module.upload_transfer
-
-            def with_chunks(largest: int) -> Any:
-                config = made(largest)
-                config.max_in_memory_upload_chunks = chunks
-                return config
-
-            s3_module.upload_transfer = with_chunks  # type: ignore[assignment]
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")  # VmHWM := current RSS
         before, c0, t0 = status_kib("VmRSS"), cpu_s(), time.monotonic()
@@ -96,9 +86,7 @@ def case(kind: str, size: int, chunks: int | None) -> dict[str, Any]:
             "peak_kib": status_kib("VmHWM"),
             "cpu_s": cpu_s() - c0,
             "wall_s": time.monotonic() - t0,
-            "max_in_memory_upload_chunks": s3_module.upload_transfer(
-                size
-            ).max_in_memory_upload_chunks,
+            "concurrency": app_settings.S3_UPLOAD_CONCURRENCY,
         }
     store.write_stream("incoming/probe", FastBody(size), max_size=size * 2, expected_size=size)
     t0 = time.monotonic()
@@ -132,12 +120,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--case", help=argparse.SUPPRESS)  # child: kind[:chunks]
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # child: kind
     args = parser.parse_args()
     size = args.size_mib * MiB
     if args.case:  # a child: the parent's environment
-        kind, _, chunks = args.case.partition(":")
-        print(json.dumps(case(kind, size, int(chunks) if chunks else None)))
+        print(json.dumps(case(args.case, size)))
         return
 
     data_dir = tempfile.mkdtemp(prefix="s3-probe-")
@@ -151,9 +138,9 @@ def main() -> None:
         }
     )
     variants: list[tuple[str, str, dict[str, str]]] = [
-        ("write_stream, app config (max_in_memory_upload_chunks 2)", "write", {}),
-        ("write_stream, max_in_memory_upload_chunks 10 (s3transfer's default)", "write:10", {}),
-        ("write_stream, max_in_memory_upload_chunks 1", "write:1", {}),
+        ("write_stream, app config", "write", {}),
+        ("write_stream, 8 parts in flight", "write", {"MSC3870_S3_UPLOAD_CONCURRENCY": "8"}),
+        ("write_stream, 1 part in flight", "write", {"MSC3870_S3_UPLOAD_CONCURRENCY": "1"}),
         (
             "write_stream, app config, request checksums when_required",
             "write",

@@ -54,7 +54,7 @@ from django.core.exceptions import RequestDataTooBig
 from django.core.handlers import base
 from django.core.handlers.asgi import ASGIRequest, get_script_prefix
 from django.db import connections
-from django.http import HttpResponseBase
+from django.http import HttpResponseBase, UnreadablePostError
 from django.urls import Resolver404, ResolverMatch, resolve, set_script_prefix
 
 from . import admission, logs, metrics, wakeup
@@ -689,7 +689,7 @@ class MediaASGIHandler:
         set_script_prefix(get_script_prefix(scope))
         signals.request_started.send(sender=self.__class__, scope=scope)
         try:
-            request = ASGIRequest(scope, body)
+            request = MediaASGIRequest(scope, body)
         except UnicodeDecodeError:
             response: HttpResponseBase = json_error(InvalidParam("Undecodable request"))
         except RequestDataTooBig:
@@ -946,6 +946,25 @@ class Outgoing:
         """A refusal made by the handler itself (no Django request cycle to close)."""
         response = json_error(error)
         return cls(response, response.content)
+
+
+class MediaASGIRequest(ASGIRequest):
+    """Django's request, whose body is also read as a file's with ``readinto``: a store
+    reads an upload straight into its part buffers (``MeteredReader.readinto``), not
+    into a new bytes object per read. As Django's ``read``: the body counts as read, and
+    a body that cannot be read is ``UnreadablePostError``."""
+
+    def readinto(self, buffer: memoryview, /) -> int:
+        self._read_started = True
+        fill = getattr(self._stream, "readinto", None)
+        try:
+            if fill is not None:
+                return int(fill(buffer) or 0)
+            chunk = self._stream.read(len(buffer))
+        except OSError as exc:
+            raise UnreadablePostError(*exc.args) from exc
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
 
 
 def _finish(response: HttpResponseBase) -> Outgoing:

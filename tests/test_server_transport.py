@@ -128,3 +128,72 @@ def test_everything_else_is_the_wrapped_transports() -> None:
     transport = CoalescingTransport(raw)  # type: ignore[arg-type]
     assert transport.get_extra_info("peername") == ("127.0.0.1", 1234)
     assert transport.is_closing() is False
+
+
+class ReadableTransport(RecordingTransport):
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def set_write_buffer_limits(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+def test_a_body_reaches_the_application_in_the_chunks_that_arrived() -> None:
+    """uvicorn would append every chunk to a buffer and copy it out again: the body's
+    messages are the chunks as they arrived (joined when several came between two
+    receives), every byte in order."""
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    from mediarepo.server import MatrixHttpToolsProtocol, ReceivedChunks
+
+    body = bytes(range(256)) * 1024
+    received: list[bytes] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        more = True
+        while more:
+            message = await receive()
+            received.append(message["body"])
+            more = message["more_body"]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def scenario() -> None:
+        config = Config(app=app, lifespan="off", log_config=None)
+        protocol = MatrixHttpToolsProtocol(config, ServerState(), {})
+        protocol.connection_made(ReadableTransport())  # type: ignore[arg-type]
+        head = b"PUT /x HTTP/1.1\r\nhost: t\r\ncontent-length: %d\r\n\r\n" % len(body)
+        protocol.data_received(head + body[:1000])
+        await asyncio.sleep(0.01)
+        protocol.data_received(body[1000:50_000])
+        protocol.data_received(body[50_000:120_000])  # two chunks before a receive
+        assert isinstance(protocol.cycle.body, ReceivedChunks)  # type: ignore[union-attr]
+        await asyncio.sleep(0.01)
+        protocol.data_received(body[120_000:])
+        await asyncio.sleep(0.01)
+
+    run(scenario)
+    assert b"".join(received) == body
+    assert all(type(chunk) is bytes for chunk in received)
+    assert [len(chunk) for chunk in received] == [1000, 119_000, len(body) - 120_000]
+
+
+def test_received_chunks_are_what_uvicorn_asks_of_its_buffer() -> None:
+    from mediarepo.server import ReceivedChunks
+
+    chunks = ReceivedChunks(bytearray(b"ab"))
+    chunks += b"cd"
+    chunks += b""
+    assert len(chunks) == 4 and bytes(chunks) == b"abcd"
+    one = b"x" * 100
+    alone = ReceivedChunks()
+    alone += one
+    assert bytes(alone) is one  # not copied
+    assert bytes(ReceivedChunks()) == b""

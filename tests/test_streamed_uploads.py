@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import os
 import threading
 import time
@@ -222,6 +223,82 @@ def test_streamed_body_reads_whole_sizes_across_chunks() -> None:
         assert await asyncio.to_thread(body.read, 10) == b""
 
     run(scenario)
+
+
+def test_streamed_body_reads_into_a_buffer_across_chunks() -> None:
+    """``readinto`` fills the buffer from the chunks as they arrive (a store's part
+    buffer), short only at the end, as ``read`` does."""
+
+    async def scenario() -> None:
+        body = StreamedBody(asyncio.get_running_loop(), [b"ab", b"cde"])
+        buffer = bytearray(6)
+        reading = asyncio.ensure_future(asyncio.to_thread(body.readinto, memoryview(buffer)))
+        await asyncio.sleep(0.05)
+        assert not reading.done()  # 5 of 6 bytes are there: it waits for the rest
+        body.feed(b"fgh")
+        assert await reading == 6
+        assert buffer == b"abcdef"
+        body.end()
+        assert await asyncio.to_thread(body.readinto, memoryview(buffer)) == 2
+        assert buffer[:2] == b"gh"
+        assert await asyncio.to_thread(body.readinto, memoryview(buffer)) == 0
+
+    run(scenario)
+
+
+def test_a_reader_waiting_for_a_part_is_woken_per_mib_not_per_chunk() -> None:
+    """Each wake-up of the reading thread is a switch of threads (and of the GIL): a
+    reader filling a part buffer is woken once a MiB has arrived, not for each chunk."""
+
+    async def scenario() -> tuple[int, int]:
+        body = StreamedBody(asyncio.get_running_loop(), [])
+        wakes = 0
+        wait = body._arrived.wait
+
+        def counted(timeout: float | None = None) -> bool:
+            nonlocal wakes
+            wakes += 1
+            return wait(timeout)
+
+        body._arrived.wait = counted  # type: ignore[method-assign]
+        buffer = bytearray(3 * MiB)
+        reading = asyncio.ensure_future(asyncio.to_thread(body.readinto, memoryview(buffer)))
+        await asyncio.sleep(0.05)
+        for _ in range(3 * 16):
+            body.feed(b"c" * (64 * 1024))
+            await asyncio.sleep(0.002)  # time for a woken reader to take it
+        return await asyncio.wait_for(reading, 5), wakes
+
+    count, wakes = run(scenario)
+    assert count == 3 * MiB
+    assert wakes <= 3  # 48 chunks of 64 KiB
+
+
+def test_a_request_body_is_read_into_a_buffer_as_django_reads_it() -> None:
+    """The store reads an upload's request with ``readinto`` (straight into its buffers):
+    the request's body counts as read, and a body that stops is Django's
+    ``UnreadablePostError``."""
+    from django.core.handlers.asgi import ASGIRequest
+    from django.http import UnreadablePostError
+    from django.http.request import RawPostDataException
+
+    from msc3870.asgi import MediaASGIRequest
+
+    scope = {"type": "http", "method": "PUT", "path": "/", "headers": [], "query_string": b""}
+    request = MediaASGIRequest(scope, io.BytesIO(b"0123456789"))
+    buffer = bytearray(4)
+    assert request.readinto(memoryview(buffer)) == 4 and buffer == b"0123"
+    with pytest.raises(RawPostDataException):
+        request.body  # noqa: B018 (read as a stream: no body to give whole)
+    loop = asyncio.new_event_loop()
+    try:
+        cut = StreamedBody(loop, [b"ab"])
+        cut.fail(BodyEnded("The client went away"))
+        with pytest.raises(UnreadablePostError):
+            MediaASGIRequest(scope, cut).readinto(memoryview(buffer))
+    finally:
+        loop.close()
+    assert isinstance(request, ASGIRequest)
 
 
 def test_streamed_body_raises_why_it_stopped() -> None:

@@ -103,7 +103,35 @@ class MeteredReader:
         try:
             chunk = self._reader.read(size if size and size > 0 else CHUNK_SIZE)
         except OSError as exc:  # the client went away (UnreadablePostError, NoMoreData, ...)
-            raise InvalidParam(f"The request body could not be read: {exc}") from exc
+            raise _unreadable(exc) from exc
+        self._passed(chunk)
+        return chunk
+
+    def readinto(self, buffer: memoryview, /) -> int:
+        """Fill ``buffer`` (fewer bytes only at the end of the body), through the body's
+        own ``readinto`` where it has one: no bytes object made per read."""
+        fill = getattr(self._reader, "readinto", None)
+        filled = 0
+        while filled < len(buffer):
+            rest = buffer[filled:]
+            try:
+                if fill is not None:
+                    count = fill(rest) or 0
+                else:
+                    chunk = self._reader.read(len(rest))
+                    count = len(chunk)
+                    rest[:count] = chunk
+            except OSError as exc:
+                raise _unreadable(exc) from exc
+            self._passed(rest[:count])
+            if not count:
+                break
+            filled += count
+        return filled
+
+    def _passed(self, chunk: bytes | memoryview) -> None:
+        """Count and hash what was read, and hold the body to its limits (an empty chunk
+        is the end of the body)."""
         self.size += len(chunk)
         if self.size > self.max_size:
             raise TooLarge(f"Upload is larger than the limit of {self.max_size} bytes")
@@ -115,7 +143,6 @@ class MeteredReader:
         self._digest.update(chunk)
         if len(self._first) < self._keep_first:
             self._first += chunk[: self._keep_first - len(self._first)]
-        return chunk
 
     @property
     def sha256(self) -> str:
@@ -123,6 +150,10 @@ class MeteredReader:
 
     def result(self) -> WrittenObject:
         return WrittenObject(self.size, self.sha256, bytes(self._first))
+
+
+def _unreadable(exc: OSError) -> InvalidParam:
+    return InvalidParam(f"The request body could not be read: {exc}")
 
 
 class MediaStore(ABC):

@@ -28,7 +28,6 @@ from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import boto3
-from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, IncompleteReadError
 from botocore.utils import parse_timestamp
@@ -48,6 +47,7 @@ from .base import (
     UploadTarget,
     WrittenObject,
 )
+from .s3_parts import PartWriter
 
 if TYPE_CHECKING:
     from storages.backends.s3 import S3Storage
@@ -389,17 +389,12 @@ class S3MediaStore(MediaStore):
     ) -> WrittenObject:
         metered = MeteredReader(reader, max_size, expected_size, keep_first=keep_first)
         extra = {"ContentType": content_type} if content_type else {}
+        part_size = upload_part_size(expected_size if expected_size is not None else max_size)
         try:
-            # Multipart past one part; a failed multipart upload is aborted by s3transfer
-            # (no part left behind), and a failed single PUT writes nothing.
-            where = self._where(key)
-            self.client.upload_fileobj(
-                metered,
-                where["Bucket"],
-                where["Key"],
-                ExtraArgs=extra,
-                Config=upload_transfer(expected_size if expected_size is not None else max_size),
-            )
+            # Multipart past one part; a failed multipart upload is aborted (no part left
+            # behind), and a failed single PUT writes nothing.
+            writer = PartWriter(self.client, self._where(key), extra, part_size)
+            writer.write(metered, app_settings.S3_UPLOAD_CONCURRENCY, expected_size)
         except (ClientError, BotoCoreError) as exc:
             raise _unavailable(exc) from exc
         return metered.result()
@@ -760,23 +755,11 @@ class S3MediaStore(MediaStore):
         return True
 
 
-def upload_transfer(largest: int) -> TransferConfig:
-    """How a streamed upload of at most ``largest`` bytes is written: parts of
-    ``S3_UPLOAD_PART_SIZE`` (larger if 10,000 of them would not hold it), multipart past
-    one part, ``S3_UPLOAD_CONCURRENCY`` parts sent at once. s3transfer reads a stream
-    part by part (``read(part_size)``) and holds at most ``max_in_memory_upload_chunks``
-    parts read and not yet stored: reading waits for a part to be stored past that."""
-    part_size = max(app_settings.S3_UPLOAD_PART_SIZE, -(-largest // MAX_PARTS), MIN_PART_SIZE)
-    concurrency = app_settings.S3_UPLOAD_CONCURRENCY
-    config = TransferConfig(
-        multipart_threshold=part_size,
-        multipart_chunksize=part_size,
-        max_concurrency=concurrency,
-        use_threads=True,
-    )
-    # An s3transfer setting that boto3's TransferConfig does not take as an argument.
-    config.max_in_memory_upload_chunks = concurrency
-    return config
+def upload_part_size(largest: int) -> int:
+    """The parts of a streamed upload of at most ``largest`` bytes: ``S3_UPLOAD_PART_SIZE``,
+    larger if 10,000 of them would not hold it (multipart past one part, written by
+    ``s3_parts.PartWriter``, ``S3_UPLOAD_CONCURRENCY`` parts sent at once)."""
+    return max(app_settings.S3_UPLOAD_PART_SIZE, -(-largest // MAX_PARTS), MIN_PART_SIZE)
 
 
 def _version_of(response: dict[str, Any]) -> str | None:
