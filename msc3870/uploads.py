@@ -258,15 +258,17 @@ def _claim_for_put(
     finds its claim gone when it would record its bytes, and deletes them."""
     claim = partial(_claim_pending_for_put, user, server_name, media_id, declared, name)
     media = claim()
-    if media is None:
-        current = local_media(server_name, media_id)
-        if _unrecorded_put_of(user, current) and cleanup.give_up_on_body(current):
-            media = claim()
-    if media is None:
-        # Missing, another's, expired or already uploaded to: say which.
-        _check_can_upload(user, local_media(server_name, media_id))
-        raise CannotOverwrite()
-    return media
+    if media is not None:
+        return media
+    current = local_media(server_name, media_id)
+    if _unrecorded_put_of(user, current) and cleanup.give_up_on_body(current):
+        media = claim()
+        if media is not None:
+            return media
+        current = local_media(server_name, media_id)  # claimed by another retry meanwhile
+    # Missing, another's, expired or already uploaded to: say which.
+    _check_can_upload(user, current)
+    raise CannotOverwrite()
 
 
 def _claim_pending_for_put(

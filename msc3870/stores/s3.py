@@ -19,6 +19,7 @@ import binascii
 import contextlib
 import http.client
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -629,7 +630,8 @@ class S3MediaStore(MediaStore):
         wanted would make that walk long: it stops after ``len(names) //
         VERSIONS_LISTED_TOGETHER_MIN`` pages, and the names from where it stopped on
         (its last key included, whose versions may go on in the next page) are left."""
-        prefix = _common_prefix(names[0], names[-1])  # of all: they are sorted
+        # Character by character, not by path component; of all names: they are sorted.
+        prefix = os.path.commonprefix([names[0], names[-1]])  # noqa: RUF071
         max_pages = max(1, len(names) // VERSIONS_LISTED_TOGETHER_MIN)
         stopped_at = self._list_versions(bucket, prefix, set(names), objects, max_pages)
         if stopped_at is None:
@@ -768,14 +770,6 @@ def _version_of(response: dict[str, Any]) -> str | None:
     replaces."""
     version_id = response.get("VersionId")
     return version_id if version_id and version_id != "null" else None
-
-
-def _common_prefix(first: str, last: str) -> str:
-    """The longest string both start with (characters, not path components)."""
-    for index, (a, b) in enumerate(zip(first, last, strict=False)):
-        if a != b:
-            return first[:index]
-    return first[: min(len(first), len(last))]
 
 
 def _code(exc: ClientError) -> str:
