@@ -17,22 +17,30 @@ gunicorn forks one worker per core and restarts any that dies; each worker is uv
   (``msc3870.admission.BodyPace``), or the connection is closed: uvicorn would hold it as
   long as a byte trickles in now and then;
 - a request body's chunks reach the application as they arrived, not appended to a
-  buffer and copied out of it (``ReceivedChunks``).
+  buffer and copied out of it (``ReceivedChunks``);
+- a connection reads into a large buffer (``Reception``), and the rest of a body with a
+  Content-Length is received straight into the application's own buffers where it asks
+  for that (``ReceiveInto``, msc3870's ``RECEIVE_INTO``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import resource
+import threading
+from collections.abc import Callable
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+import httptools
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn_worker import UvicornWorker
 
 from msc3870.admission import BodyPace
 from msc3870.errors import HeadersTooLarge, InvalidHttpRequest, MatrixError, URITooLong
+from msc3870.streamed_body import RECEIVE_INTO
 
 from . import balance, redaction
 
@@ -40,6 +48,10 @@ from . import balance, redaction
 MAX_URL_BYTES = 16 * 1024
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADERS = 200
+
+#: What one read from a connection takes at most: a streamed body arrives in a few large
+#: chunks, each parsed, handed on and waited for once (uvloop's own reads take 256 KB).
+READ_BUFFER_BYTES = 4 * 1024 * 1024
 
 _STATUS_TEXT = {400: b"Bad Request", 414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
 
@@ -144,6 +156,150 @@ class ReceivedChunks:
         return b"".join(chunks)
 
 
+_read_buffers = threading.local()
+
+
+def read_buffer() -> memoryview:
+    """The read buffer of this thread's event loop, shared by its connections: each read
+    is parsed before the next one is made, and the parser copies out what it keeps."""
+    buffer: memoryview | None = getattr(_read_buffers, "buffer", None)
+    if buffer is None:
+        buffer = _read_buffers.buffer = memoryview(bytearray(READ_BUFFER_BYTES))
+    return buffer
+
+
+class Reception(asyncio.BufferedProtocol):
+    """What a connection receives, read into a buffer (asyncio's ``BufferedProtocol``):
+    the loop thread's ``read_buffer``, then parsed by the HTTP protocol; or, while a body
+    is received straight into the application's buffer (``ReceiveInto``), that buffer,
+    unparsed. Everything else is the HTTP protocol's."""
+
+    def __init__(self, http: MatrixHttpToolsProtocol) -> None:
+        self.http = http
+        self.buffer = read_buffer()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        into = self.http.receiving_into
+        return into.space(self.buffer) if into is not None else self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        into = self.http.receiving_into
+        if into is not None:
+            into.received(nbytes, self.buffer)
+        else:
+            self.http.data_received(self.buffer[:nbytes])  # type: ignore[arg-type]
+
+    def eof_received(self) -> bool | None:
+        return self.http.eof_received()  # type: ignore[func-returns-value]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.http.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.http.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.http.resume_writing()
+
+
+class ReceiveInto:
+    """msc3870's ``RECEIVE_INTO`` for one request whose body has a Content-Length: the
+    rest of the body, past what the parser has seen, received into the application's
+    buffers (``receive_into``) or dropped (``discard``).
+
+    Once the first buffer is asked for, this owns the connection's reads until the last
+    byte of the body (``engaged``), and reads no byte past it: the parser, which never
+    sees those bytes, is then replaced by a new one for the next request, and the message
+    completes as the parser would have completed it. Between two buffers the connection
+    does not read."""
+
+    def __init__(self, http: MatrixHttpToolsProtocol, cycle: RequestResponseCycle, left: int):
+        self.http, self.cycle = http, cycle
+        #: Bytes of the body neither parsed nor received yet.
+        self.left = left
+        self.engaged = False
+        self.discarding = False
+        self._target: memoryview | None = None
+        self._filled = 0
+        self._arrived: Callable[[int], None] | None = None
+        self._waiter: asyncio.Future[int] | None = None
+
+    def extension(self) -> dict[str, Any]:
+        return {"receive_into": self.receive_into, "discard": self.discard}
+
+    async def receive_into(self, buffer: memoryview, arrived: Callable[[int], None]) -> int:
+        if self._waiter is not None or self.discarding:
+            raise RuntimeError("receive_into while a body is being received or discarded")
+        if self.cycle.disconnected:
+            raise ConnectionResetError("The client went away")
+        count = self._take_parsed(buffer)
+        if count == len(buffer) or not self.left:
+            return count
+        self.engaged = True
+        self.http.receiving_into = self
+        self._target = buffer[count : count + min(len(buffer) - count, self.left)]
+        self._filled, self._arrived = 0, arrived
+        self._waiter = waiter = asyncio.get_running_loop().create_future()
+        self.http.flow.resume_reading()
+        try:
+            return count + await waiter
+        except asyncio.CancelledError:
+            self.discard()
+            raise
+        finally:
+            self._waiter = self._target = self._arrived = None
+
+    def discard(self) -> None:
+        if not self.engaged or not self.left or self.discarding:
+            return  # not engaged: the parser still has the body, and uvicorn drains it
+        self.discarding = True
+        self._target = None
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.cancel()
+        self.http.flow.resume_reading()
+
+    def _take_parsed(self, buffer: memoryview) -> int:
+        """What the parser had received of the body and the application had not."""
+        parsed = self.cycle.body
+        if not len(parsed):
+            return 0
+        data = memoryview(bytes(parsed))
+        count = min(len(data), len(buffer))
+        buffer[:count] = data[:count]
+        self.cycle.body = ReceivedChunks(data[count:]) if count < len(data) else bytearray()  # type: ignore[assignment]
+        return count
+
+    # -- the reads, from Reception
+
+    def space(self, scratch: memoryview) -> memoryview:
+        if self._target is not None:
+            return self._target[self._filled :]
+        return scratch[: self.left]  # discarded, or kept for the next buffer
+
+    def received(self, count: int, scratch: memoryview) -> None:
+        self.left -= count
+        if self._target is not None:
+            self._filled += count
+            assert self._arrived is not None and self._waiter is not None
+            self._arrived(count)
+            if self._filled == len(self._target):
+                self._target = None
+                self._waiter.set_result(self._filled)
+                if self.left:
+                    self.http.flow.pause_reading()
+        elif self.discarding:
+            self.http.body_discarded(count)
+        else:  # read while no buffer was asked for: kept for the next one
+            self.cycle.body += bytes(scratch[:count])  # type: ignore[operator]
+            self.http.flow.pause_reading()
+        if not self.left:
+            self.http.body_received_directly()
+
+    def lost(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(ConnectionResetError("The client went away"))
+
+
 class MatrixHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, with bounded request heads, JSON refusals, and the
     head and body of a small answer sent together (``CoalescingTransport``)."""
@@ -152,14 +308,21 @@ class MatrixHttpToolsProtocol(HttpToolsProtocol):
     _head_error: MatrixError | None = None
     _drain: BodyPace | None = None
     _drain_timer: asyncio.TimerHandle | None = None
+    #: The ``ReceiveInto`` of the body being parsed, if it has a Content-Length.
+    _into: ReceiveInto | None = None
+    #: The ``ReceiveInto`` that has the connection's reads.
+    receiving_into: ReceiveInto | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport))  # type: ignore[arg-type]
+        transport.set_protocol(Reception(self))
         if balance.table is not None:
             balance.table.opened()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_drain()
+        if self.receiving_into is not None:
+            self.receiving_into.lost()
         super().connection_lost(exc)
         if balance.table is not None:
             balance.table.closed()
@@ -167,10 +330,35 @@ class MatrixHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         previous = self.cycle
         super().on_headers_complete()
-        if self.cycle is not previous and balance.table is not None and balance.table.over_share():
+        if self.cycle is previous:
+            return  # an upgrade
+        if balance.table is not None and balance.table.over_share():
             # This answer is the connection's last: its client reconnects, to a less
             # busy worker as a rule.
-            self.cycle.keep_alive = False  # type: ignore[union-attr]
+            self.cycle.keep_alive = False
+        length = _content_length(self.headers)
+        self._into = None
+        if length:
+            self._into = ReceiveInto(self, self.cycle, length)
+            self.scope.setdefault("extensions", {})[RECEIVE_INTO] = self._into.extension()  # type: ignore[typeddict-unknown-key]
+
+    def body_received_directly(self) -> None:
+        """A ``ReceiveInto`` took the body's last byte: a new parser for the next request,
+        and the message complete, as the parser would have said."""
+        self.receiving_into = self._into = None
+        self.parser = httptools.HttpRequestParser(self)
+        with contextlib.suppress(AttributeError):  # as uvicorn: httptools < 0.6.3
+            self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        self.on_message_complete()
+        self.flow.resume_reading()
+
+    def body_discarded(self, count: int) -> None:
+        """``count`` bytes of a body a ``ReceiveInto`` discards arrived: as the drained
+        bytes of ``on_body``, they keep the connection (and the drain's pace)."""
+        self._unset_keepalive_if_required()
+        if self._drain is not None:
+            self._drain.arrived(count, self.loop.time())
+            self._arm_drain()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -181,6 +369,8 @@ class MatrixHttpToolsProtocol(HttpToolsProtocol):
             self._arm_drain()
 
     def on_body(self, body: bytes) -> None:
+        if self._into is not None:
+            self._into.left -= len(body)
         if self._drain is not None:
             self._drain.arrived(len(body), self.loop.time())
             self._arm_drain()
@@ -239,6 +429,14 @@ class MatrixHttpToolsProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         self.transport.write(matrix_error_bytes(self._head_error or InvalidHttpRequest()))
         self.transport.close()
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """The body's length, if one Content-Length says it and it is not chunked."""
+    lengths = [value for name, value in headers if name == b"content-length"]
+    if len(lengths) != 1 or any(name == b"transfer-encoding" for name, _ in headers):
+        return None
+    return int(lengths[0]) if lengths[0].isdigit() else None
 
 
 def raise_open_files_limit() -> None:

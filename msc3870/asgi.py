@@ -72,7 +72,7 @@ from .errors import (
     URITooLong,
 )
 from .pace_watch import PaceWatch
-from .streamed_body import BodyEnded, StreamedBody
+from .streamed_body import RECEIVE_INTO, BodyEnded, DirectBody, StreamedBody
 from .waiting import LEGACY, MediaWait, RetryWhenDone
 
 log = logging.getLogger(__name__)
@@ -129,12 +129,19 @@ class _ClientGone(Exception):
     pass
 
 
+def _receive_into(scope: Scope) -> dict[str, Any] | None:
+    """The server's ``RECEIVE_INTO`` extension, if it offers it for this request."""
+    extensions = scope.get("extensions") or {}
+    into = extensions.get(RECEIVE_INTO)
+    return into if isinstance(into, dict) else None
+
+
 @dataclass
 class _Streaming:
     """An upload whose body its view reads as it arrives: what the loop needs to go on
     receiving it (``_pump``)."""
 
-    body: StreamedBody
+    body: StreamedBody | DirectBody
     received: int
     limit: int
     declared: int | None
@@ -145,6 +152,8 @@ class _Streaming:
     #: the client left (``gone``).
     refusal: MatrixError | None = None
     gone: bool = False
+    #: The server's ``RECEIVE_INTO``, which fills a ``DirectBody``.
+    into: dict[str, Any] | None = None
 
 
 class WaitCaps:
@@ -544,8 +553,9 @@ class MediaASGIHandler:
             if not message.get("more_body", False):
                 break
             if size > SPOOL_MEMORY_BYTES:
-                body = StreamedBody(loop, chunks)
-                return _Streaming(body, size, limit, declared, pace, address)
+                into = _receive_into(scope) if declared is not None else None
+                body = DirectBody(loop, chunks) if into else StreamedBody(loop, chunks)
+                return _Streaming(body, size, limit, declared, pace, address, into=into)
             message = await receive()
         if declared is None:
             scope["headers"] = [*scope["headers"], (b"content-length", str(size).encode())]
@@ -581,7 +591,10 @@ class MediaASGIHandler:
         assert task is not None
         watch = PaceWatch(pace, task)
         try:
-            await self._pump_messages(receive, streaming, watch)
+            if streaming.into is not None:
+                await self._pump_into(streaming.into, streaming, watch)
+            else:
+                await self._pump_messages(receive, streaming, watch)
         except asyncio.CancelledError:
             if not watch.expired:
                 raise
@@ -624,6 +637,44 @@ class MediaASGIHandler:
             if not message.get("more_body", False):
                 body.end()
                 return
+
+    async def _pump_into(
+        self, into: dict[str, Any], streaming: _Streaming, watch: PaceWatch
+    ) -> None:
+        """``_pump_messages`` for a ``DirectBody``: each buffer its reader hands over is
+        filled by the server (``RECEIVE_INTO``), the clock stopped while the reader has
+        none to fill; if the pump stops before the body's end, the server discards the
+        rest."""
+        loop = asyncio.get_running_loop()
+        body, pace = streaming.body, streaming.pace
+        assert isinstance(body, DirectBody)
+
+        def arrived(count: int) -> None:
+            pace.arrived(count, loop.time())
+
+        ended = False
+        try:
+            while not ended:
+                watch.hold()
+                waited = loop.time()
+                await body.asked.wait()
+                pace.paused(loop.time() - waited)
+                watch.resume()
+                buffer = body.wanted()
+                if buffer is None:
+                    return  # closed by its reader
+                try:
+                    count = await into["receive_into"](buffer, arrived)
+                except OSError:
+                    streaming.gone = True
+                    body.fail(BodyEnded("The client went away"))
+                    return
+                streaming.received += count
+                ended = count < len(buffer)
+                body.filled(count)
+        finally:
+            if not ended:
+                into["discard"]()
 
     async def _refuse(self, scope: Scope, error: MatrixError, *, close: bool) -> Outgoing:
         outgoing: Outgoing = await self._run(self._refused, scope, error)
@@ -673,7 +724,7 @@ class MediaASGIHandler:
             return self._respond_noted(chain, scope, body, retried)
 
     def _respond_streamed(
-        self, chain: _Chain, scope: Scope, body: StreamedBody
+        self, chain: _Chain, scope: Scope, body: StreamedBody | DirectBody
     ) -> Outgoing | Parking:
         """``_respond`` for a streamed upload, on its own thread; that thread's database
         connection is closed afterwards (there are as many of these threads as bodies may

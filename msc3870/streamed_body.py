@@ -7,6 +7,11 @@ file (``read(n)`` blocks until ``n`` bytes, the end, or the failure), and the lo
 receiving while ``BUFFER_BYTES`` wait unread (``wait_for_room``), so that a fast client
 and a slow store hold a few MiB, never the upload.
 
+Where the server offers it (the ASGI extension ``RECEIVE_INTO``), a body with a
+Content-Length is read by ``DirectBody`` instead: the reader's own buffer is handed to the
+loop, which has the server receive the socket's bytes straight into it, with no copy and
+no message per chunk.
+
 The reading thread lets go of its database connections when it starts reading: a body may
 take minutes, and as many arrive at once as ``UPLOAD_BODIES_MAX`` allows per process, far
 more than a database accepts connections.
@@ -18,6 +23,8 @@ import asyncio
 import contextlib
 import threading
 from collections import deque
+from collections.abc import Callable
+from typing import Protocol
 
 from django.db import connections
 
@@ -28,6 +35,26 @@ BUFFER_BYTES = 4 * 1024 * 1024
 #: ended), not for every chunk the loop receives (a quarter of a MiB on loopback): each
 #: wake-up is a switch of threads and of the GIL.
 WAKE_BYTES = 1024 * 1024
+#: The ASGI extension (a key of ``scope["extensions"]``) by which a server offers to receive
+#: the rest of a body with a Content-Length straight into the application's buffers. Its
+#: value holds the two callables of ``ReceiveInto``: ``{"receive_into": ..., "discard":
+#: ...}``. Without it, a body comes in ``receive()`` messages.
+RECEIVE_INTO = "msc3870.receive_into"
+
+
+class ReceiveInto(Protocol):
+    """What a server offering ``RECEIVE_INTO`` does, on the event loop."""
+
+    async def receive_into(self, buffer: memoryview, arrived: Callable[[int], None]) -> int:
+        """Fill ``buffer`` with the body's next bytes, fewer only at its end (none past
+        it), calling ``arrived(n)`` as each ``n`` bytes land; ``OSError`` if the client
+        left. Cancelled, it discards the rest of the body."""
+        ...
+
+    def discard(self) -> None:
+        """The application reads no more of the body: the server takes the rest as it
+        comes and drops it (the connection can carry the next request)."""
+        ...
 
 
 class BodyEnded(OSError):
@@ -183,6 +210,133 @@ class StreamedBody:
             self._chunks.clear()
             self._buffered = 0
             self._make_room()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+class DirectBody:
+    """A body the server receives straight into the buffer of each ``readinto`` (the
+    server's ``RECEIVE_INTO``): the reader hands its buffer to the event loop (``asked``,
+    ``wanted``), which has the server fill it and says how much (``filled``). No byte is
+    copied on the way, the loop wakes the reader once per buffer, and between two reads
+    the server does not receive (TCP holds the client back). What arrived before this
+    body was made (``received``) is read first. The loop's side is ``_pump_into`` in
+    ``msc3870.asgi``."""
+
+    #: Never full: the server receives only into the reader's buffers.
+    full = False
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, received: list[bytes]) -> None:
+        self._loop = loop
+        self._received: deque[memoryview] = deque(memoryview(c) for c in received if c)
+        self._lock = threading.Lock()
+        self._answered = threading.Condition(self._lock)
+        self._want: memoryview | None = None
+        self._got: int | None = None
+        self._ended = False
+        self._error: BaseException | None = None
+        self._closed = False
+        self._connections_released = False
+        #: Set (on the loop) when the reader waits for its buffer to be filled, or closed.
+        self.asked = asyncio.Event()
+
+    # ------------------------------------------------------------ the event loop's side
+
+    def wanted(self) -> memoryview | None:
+        """The buffer the reader waits to have filled; None once it closed the body."""
+        with self._lock:
+            self.asked.clear()
+            return None if self._closed else self._want
+
+    def filled(self, count: int) -> None:
+        """``count`` bytes of the wanted buffer were received (fewer than it holds: the
+        body ended)."""
+        with self._lock:
+            if self._want is None:
+                return
+            if count < len(self._want):
+                self._ended = True
+            self._got = count
+            self._answered.notify()
+
+    def end(self) -> None:
+        with self._lock:
+            self._ended = True
+            self._answered.notify()
+
+    def fail(self, error: BaseException) -> None:
+        with self._lock:
+            if self._ended or self._error is not None:
+                return
+            self._error = error
+            self._answered.notify()
+
+    # ------------------------------------------------------------ the reader's side
+
+    def read(self, size: int = -1, /) -> bytes:
+        """As ``StreamedBody.read``, by way of ``readinto``."""
+        if size < 0:
+            return b"".join(iter(lambda: self.read(WAKE_BYTES), b""))
+        buffer = bytearray(size)
+        count = self.readinto(buffer)
+        del buffer[count:]
+        return bytes(buffer)
+
+    def readinto(self, buffer: memoryview | bytearray, /) -> int:
+        """Fill ``buffer``, fewer bytes only at the end of the body."""
+        view = buffer if isinstance(buffer, memoryview) else memoryview(buffer)
+        filled = self._take_received(view)
+        if filled == len(view):
+            return filled
+        if not self._connections_released:
+            self._connections_released = True
+            release_idle_connections()
+        with self._lock:
+            self._raise_if_stopped()
+            if self._ended:
+                return filled
+            self._want, self._got = view[filled:], None
+            try:
+                self._loop.call_soon_threadsafe(self.asked.set)
+            except RuntimeError:  # the loop is closed: nobody will fill it
+                self._error = BodyEnded("The request body stopped")
+            while self._got is None and self._error is None and not self._closed:
+                self._answered.wait()
+            got, self._want = self._got, None
+            if got is None:
+                self._raise_if_stopped()
+        return filled + (got or 0)
+
+    def _take_received(self, view: memoryview) -> int:
+        filled = 0
+        received = self._received
+        while received and filled < len(view):
+            chunk = received.popleft()
+            count = min(len(chunk), len(view) - filled)
+            view[filled : filled + count] = chunk[:count]
+            if count < len(chunk):
+                received.appendleft(chunk[count:])
+            filled += count
+        return filled
+
+    def _raise_if_stopped(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise BodyEnded("The request body was closed")
+
+    def close(self) -> None:
+        """The reader is done with the body: the loop stops receiving it."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._received.clear()
+            self._answered.notify()
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            self._loop.call_soon_threadsafe(self.asked.set)
 
     @property
     def closed(self) -> bool:

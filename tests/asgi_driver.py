@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from msc3870 import wakeup
+from msc3870.streamed_body import RECEIVE_INTO
 
 from .helpers import bearer, mxc_path
 
@@ -79,8 +80,11 @@ class Feed:
 
     task: asyncio.Task[Reply]
     queue: asyncio.Queue[Any]
-    #: Sizes of the body pieces the application pulled from ``receive``.
+    #: Sizes of the body pieces the application pulled from ``receive`` (or were
+    #: received into its buffers).
     pulled: list[int] = field(default_factory=list)
+    #: With ``into``: whether the application discarded the rest of the body.
+    discarded: bool = False
 
     def send(self, data: bytes, *, more: bool = True) -> None:
         self.queue.put_nowait((data, more))
@@ -100,9 +104,11 @@ def feed(
     headers: dict[str, str] | None = None,
     length: int | None = None,
     client: tuple[str, int] | None = ("127.0.0.1", 40000),
+    into: bool = False,
 ) -> Feed:
     """Start a request whose body comes only from ``Feed.send``; ``length`` is its
-    Content-Length (None: chunked)."""
+    Content-Length (None: chunked). ``into``: the server offers msc3870's
+    ``RECEIVE_INTO``, and fills the application's buffers with what is sent."""
     header_list = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     if length is not None:
         header_list.append((b"content-length", str(length).encode()))
@@ -120,8 +126,42 @@ def feed(
         exchange.pulled.append(len(data))
         return {"type": "http.request", "body": data, "more_body": more}
 
+    if into:
+        scope["extensions"] = {RECEIVE_INTO: _receive_into(exchange, queue)}
     exchange.task = asyncio.ensure_future(_reply(app, scope, receive, whole=False))
     return exchange
+
+
+def _receive_into(exchange: Feed, queue: asyncio.Queue[Any]) -> dict[str, Any]:
+    """``RECEIVE_INTO`` over what the test sends: each buffer filled from the pieces
+    sent (a piece may span buffers), fewer bytes only at the end of the body."""
+    left = memoryview(b"")
+    ended = False
+
+    async def receive_into(buffer: memoryview, arrived: Callable[[int], None]) -> int:
+        nonlocal left, ended
+        filled = 0
+        while filled < len(buffer):
+            if not left:
+                if ended:
+                    break
+                item = await queue.get()
+                if item is HANG_UP:
+                    raise ConnectionResetError("The client went away")
+                data, more = item
+                left, ended = memoryview(data), not more
+                continue
+            count = min(len(left), len(buffer) - filled)
+            buffer[filled : filled + count] = left[:count]
+            left, filled = left[count:], filled + count
+            exchange.pulled.append(count)
+            arrived(count)
+        return filled
+
+    def discard() -> None:
+        exchange.discarded = True
+
+    return {"receive_into": receive_into, "discard": discard}
 
 
 def http_scope(

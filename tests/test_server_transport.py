@@ -131,6 +131,11 @@ def test_everything_else_is_the_wrapped_transports() -> None:
 
 
 class ReadableTransport(RecordingTransport):
+    protocol: Any = None
+
+    def set_protocol(self, protocol: Any) -> None:
+        self.protocol = protocol
+
     def pause_reading(self) -> None:
         pass
 

@@ -28,6 +28,9 @@ from .asgi_driver import call, created_path, feed, run, until
 from .helpers import bearer, msc3870_settings
 
 MiB = 1024 * 1024
+#: A body with a Content-Length comes in receive() messages, or into the application's
+#: buffers where the server offers RECEIVE_INTO (mediarepo's does).
+BODY_PATHS = pytest.mark.parametrize("into", [False, True], ids=["messages", "into"])
 
 
 @pytest.fixture(autouse=True)
@@ -63,8 +66,9 @@ def stored_keys() -> list[str]:
     return list(get_store().list_keys("media/"))
 
 
+@BODY_PATHS
 def test_an_upload_is_stored_while_it_arrives(
-    app: MediaASGIHandler, token: str, monkeypatch: pytest.MonkeyPatch
+    into: bool, app: MediaASGIHandler, token: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The store is writing before the last byte has arrived: the body is not received
     whole first (a second pass, as long as the first)."""
@@ -75,7 +79,12 @@ def test_an_upload_is_stored_while_it_arrives(
     async def scenario() -> tuple[int, bytes]:
         path = await created_path(app, token)
         exchange = feed(
-            app, "PUT", f"/_matrix/media/v3/upload/{path}", headers=bearer(token), length=len(data)
+            app,
+            "PUT",
+            f"/_matrix/media/v3/upload/{path}",
+            headers=bearer(token),
+            length=len(data),
+            into=into,
         )
         exchange.send(data[:first])
         await until(writes.started.is_set, "the store to start writing")
@@ -132,19 +141,26 @@ def test_a_chunked_upload_over_the_limit_is_413_and_keeps_nothing(
     assert app.bodies.total == 0
 
 
+@BODY_PATHS
 def test_a_streamed_body_that_stalls_is_408_and_keeps_nothing(
-    app: MediaASGIHandler, token: str
+    into: bool, app: MediaASGIHandler, token: str
 ) -> None:
     async def scenario() -> Any:
         path = await created_path(app, token)
         exchange = feed(
-            app, "PUT", f"/_matrix/media/v3/upload/{path}", headers=bearer(token), length=4 * MiB
+            app,
+            "PUT",
+            f"/_matrix/media/v3/upload/{path}",
+            headers=bearer(token),
+            length=4 * MiB,
+            into=into,
         )
         exchange.send(os.urandom(2 * MiB))
-        return path, await exchange.reply(timeout=15)
+        return path, await exchange.reply(timeout=15), exchange.discarded
 
     with msc3870_settings(UPLOAD_IDLE_TIMEOUT_SECONDS=0.5):
-        path, reply = run(scenario)
+        path, reply, discarded = run(scenario)
+    assert discarded is into  # received into the buffers: the server drops the rest
     assert reply.status == 408
     assert "No bytes of the request body arrived" in reply.json()["error"]
     assert reply.headers["connection"] == "close"
@@ -153,14 +169,20 @@ def test_a_streamed_body_that_stalls_is_408_and_keeps_nothing(
     assert app.bodies.total == 0
 
 
+@BODY_PATHS
 def test_a_client_that_leaves_mid_stream_gets_no_answer_and_leaves_nothing(
-    app: MediaASGIHandler, token: str, monkeypatch: pytest.MonkeyPatch
+    into: bool, app: MediaASGIHandler, token: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writes = Writes(monkeypatch)
 
     async def scenario() -> Any:
         exchange = feed(
-            app, "POST", "/_matrix/media/v3/upload", headers=bearer(token), length=4 * MiB
+            app,
+            "POST",
+            "/_matrix/media/v3/upload",
+            headers=bearer(token),
+            length=4 * MiB,
+            into=into,
         )
         exchange.send(os.urandom(2 * MiB))
         await until(writes.started.is_set, "the store to start writing")
@@ -173,8 +195,9 @@ def test_a_client_that_leaves_mid_stream_gets_no_answer_and_leaves_nothing(
     assert app.bodies.total == 0
 
 
+@BODY_PATHS
 def test_a_slow_store_holds_the_body_back_without_cutting_the_client(
-    app: MediaASGIHandler, token: str, monkeypatch: pytest.MonkeyPatch
+    into: bool, app: MediaASGIHandler, token: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """While the store does not read, the handler stops receiving once the buffer is
     full (memory stays bounded), and that pause is not counted against the client's pace:
@@ -186,7 +209,12 @@ def test_a_slow_store_holds_the_body_back_without_cutting_the_client(
     async def scenario() -> tuple[int, int, int]:
         path = await created_path(app, token)
         exchange = feed(
-            app, "PUT", f"/_matrix/media/v3/upload/{path}", headers=bearer(token), length=len(data)
+            app,
+            "PUT",
+            f"/_matrix/media/v3/upload/{path}",
+            headers=bearer(token),
+            length=len(data),
+            into=into,
         )
         for start in range(0, len(data), MiB):
             exchange.send(data[start : start + MiB], more=start + MiB < len(data))

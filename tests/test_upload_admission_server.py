@@ -4,7 +4,9 @@ One worker, so that every request meets the same caps."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -150,6 +152,82 @@ def test_the_per_address_cap_refuses_with_429_and_recovers(admitting_server: Ser
     assert put.status_code == 200, put.text
     url = requests.put(created["upload_url"], data=b"fine", timeout=15)
     assert url.status_code == 409  # this id is complete: the upload URL reached the view
+
+
+def responses(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
+    """The next ``count`` responses on ``sock`` (each with a Content-Length): statuses and
+    bodies, however the bytes came."""
+    received, found = b"", []
+    while len(found) < count:
+        head_end = received.find(b"\r\n\r\n")
+        if head_end >= 0:
+            head = received[:head_end].decode("latin1")
+            length = int(head.lower().split("content-length:")[1].split("\r\n")[0])
+            end = head_end + 4 + length
+            if len(received) >= end:
+                found.append((int(head.split(" ", 2)[1]), received[head_end + 4 : end]))
+                received = received[end:]
+                continue
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {len(found)} responses"
+        received += chunk
+    return found
+
+
+def test_an_upload_and_the_request_after_it_share_a_connection(admitting_server: Server) -> None:
+    """Past its first MiB an upload is received straight into the store's buffers: the
+    request sent right behind it, in the same bytes, is still parsed and answered."""
+    data = os.urandom(6 * MiB + 321)
+    target = "/_matrix/media/v3/upload?filename=a.bin"
+    auth = {"Authorization": f"Bearer {admitting_server.token}"}
+    with socket.create_connection(("127.0.0.1", admitting_server.port), timeout=30) as sock:
+        sock.sendall(
+            head("POST", target, len(data), **auth)
+            + data
+            + b"GET /_matrix/client/versions HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        )
+        (uploaded, answer), (versions, _) = responses(sock, 2)
+    assert uploaded == 200, answer
+    assert versions == 200
+    download = requests.get(
+        f"{admitting_server.base_url}/_matrix/client/v1/media/download/"
+        + mxc_path(json.loads(answer)["content_uri"]),
+        headers=auth,
+        timeout=30,
+    )
+    assert download.status_code == 200
+    assert hashlib.sha256(download.content).digest() == hashlib.sha256(data).digest()
+
+
+def test_an_upload_that_stalls_past_its_first_mib_is_dropped_with_408(
+    admitting_server: Server,
+) -> None:
+    auth = {"Authorization": f"Bearer {admitting_server.token}"}
+    with socket.create_connection(("127.0.0.1", admitting_server.port), timeout=30) as sock:
+        sock.sendall(head("POST", "/_matrix/media/v3/upload", 20 * MiB, **auth))
+        sock.sendall(os.urandom(3 * MiB))
+        status, headers, body = read_response(sock, length_required=True)
+        assert_matrix_error(status, body, 408, "M_UNKNOWN")
+        assert headers["connection"] == "close"
+        assert closed_by_server(sock)
+
+
+def test_a_client_that_leaves_past_the_first_mib_leaves_the_server_serving(
+    admitting_server: Server,
+) -> None:
+    auth = {"Authorization": f"Bearer {admitting_server.token}"}
+    with socket.create_connection(("127.0.0.1", admitting_server.port), timeout=30) as sock:
+        sock.sendall(head("POST", "/_matrix/media/v3/upload", 20 * MiB, **auth))
+        sock.sendall(os.urandom(3 * MiB))
+        time.sleep(0.3)  # the store is writing
+    time.sleep(0.3)
+    put = requests.post(
+        f"{admitting_server.base_url}/_matrix/media/v3/upload",
+        data=os.urandom(2 * MiB),
+        headers={**auth, "Content-Type": "application/octet-stream"},
+        timeout=30,
+    )
+    assert put.status_code == 200, put.text
 
 
 def test_the_server_logged_no_traceback(admitting_server: Server) -> None:
