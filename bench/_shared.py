@@ -80,6 +80,7 @@ class S3Server:
         bucket: str = S3_BUCKET,
         volume_max: str = "100",
         quiet: bool = False,
+        cpus: str | None = None,
     ) -> None:
         self.manage = manage
         self.wait_for_ports = wait_for_ports
@@ -99,6 +100,8 @@ class S3Server:
             # served) and a few more.
             "S3_VOLUME_MAX": volume_max,
         }
+        if cpus is not None:  # the CPUs weed may run on (taskset's list)
+            self.env["S3_SERVER_CPUS"] = cpus
 
     def _run(self, *args: str) -> None:
         subprocess.run(

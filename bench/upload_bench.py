@@ -1304,7 +1304,17 @@ def compare_main(args: argparse.Namespace) -> None:
         sys.exit(f"unknown paths: {unknown}")
     info = machine_info()
     logs = Path(tempfile.mkdtemp(prefix="upload-compare-", dir=args.workdir))
-    s3 = S3Server(manage=not args.external_s3, wait_for_ports=args.wait_s3_ports)
+    store_cpus = None
+    if args.store_cpu is not None:
+        # The store on a CPU of its own, as on a machine of its own; this process, the
+        # servers it starts and their clients on the others (children inherit it).
+        others = os.sched_getaffinity(0) - {args.store_cpu}
+        if not others:
+            sys.exit(f"--store-cpu {args.store_cpu}: no CPU left for the rest")
+        os.sched_setaffinity(0, others)
+        store_cpus = str(args.store_cpu)
+        info["pinned"] = {"store": store_cpus, "rest": sorted(others)}
+    s3 = S3Server(manage=not args.external_s3, wait_for_ports=args.wait_s3_ports, cpus=store_cpus)
     database_url = recreate_database(DB_NAME)
     base_env = {
         **os.environ,
@@ -1451,7 +1461,13 @@ def busy_cpu(results: dict[str, Any], name: str, run: dict[str, Any]) -> float:
 def compare_report(results: dict[str, Any], names: list[str], sizes: list[int]) -> str:
     info = results["machine"]
     out = [
-        f"{info['date']}; {info['nproc']} CPUs; git {info['git_head']}"
+        f"{info['date']}; {info['nproc']} CPUs"
+        + (
+            f" (the store on CPU {info['pinned']['store']}, the rest on {info['pinned']['rest']})"
+            if info.get("pinned")
+            else ""
+        )
+        + f"; git {info['git_head']}"
         + (f" (modified: {info['git_dirty']})" if info["git_dirty"] else "")
         + f"; Synapse {results.get('synapse_version', '-')}; load average during the run: "
         + ", ".join(results["loadavg"]),
@@ -1654,6 +1670,12 @@ def main() -> None:
         "--idle-seconds", type=float, default=130, help="--compare: idle CPU measured this long"
     )
     parser.add_argument("--no-synapse", dest="synapse", action="store_false")
+    parser.add_argument(
+        "--store-cpu",
+        type=int,
+        help="--compare: run the S3 server on this CPU alone and everything else on the "
+        "other CPUs (the store as on a machine of its own)",
+    )
     parser.add_argument(
         "--report-from", type=Path, help="--compare: print the report of a saved --json"
     )
