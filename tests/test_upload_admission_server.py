@@ -199,13 +199,21 @@ def test_an_upload_and_the_request_after_it_share_a_connection(admitting_server:
     assert hashlib.sha256(download.content).digest() == hashlib.sha256(data).digest()
 
 
+def upload_past_its_first_mib(server: Server) -> socket.socket:
+    """A POST announcing 20 MiB that sends 3 MiB (received into the store's buffers past
+    the first) and then nothing."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall(
+        head("POST", "/_matrix/media/v3/upload", 20 * MiB, Authorization=f"Bearer {server.token}")
+    )
+    sock.sendall(os.urandom(3 * MiB))
+    return sock
+
+
 def test_an_upload_that_stalls_past_its_first_mib_is_dropped_with_408(
     admitting_server: Server,
 ) -> None:
-    auth = {"Authorization": f"Bearer {admitting_server.token}"}
-    with socket.create_connection(("127.0.0.1", admitting_server.port), timeout=30) as sock:
-        sock.sendall(head("POST", "/_matrix/media/v3/upload", 20 * MiB, **auth))
-        sock.sendall(os.urandom(3 * MiB))
+    with upload_past_its_first_mib(admitting_server) as sock:
         status, headers, body = read_response(sock, length_required=True)
         assert_matrix_error(status, body, 408, "M_UNKNOWN")
         assert headers["connection"] == "close"
@@ -216,9 +224,7 @@ def test_a_client_that_leaves_past_the_first_mib_leaves_the_server_serving(
     admitting_server: Server,
 ) -> None:
     auth = {"Authorization": f"Bearer {admitting_server.token}"}
-    with socket.create_connection(("127.0.0.1", admitting_server.port), timeout=30) as sock:
-        sock.sendall(head("POST", "/_matrix/media/v3/upload", 20 * MiB, **auth))
-        sock.sendall(os.urandom(3 * MiB))
+    with upload_past_its_first_mib(admitting_server):
         time.sleep(0.3)  # the store is writing
     time.sleep(0.3)
     put = requests.post(
