@@ -225,9 +225,6 @@ class DirectBody:
     body was made (``received``) is read first. The loop's side is ``_pump_into`` in
     ``msc3870.asgi``."""
 
-    #: Never full: the server receives only into the reader's buffers.
-    full = False
-
     def __init__(self, loop: asyncio.AbstractEventLoop, received: list[bytes]) -> None:
         self._loop = loop
         self._received: deque[memoryview] = deque(memoryview(c) for c in received if c)
@@ -259,11 +256,6 @@ class DirectBody:
             if count < len(self._want):
                 self._ended = True
             self._got = count
-            self._answered.notify()
-
-    def end(self) -> None:
-        with self._lock:
-            self._ended = True
             self._answered.notify()
 
     def fail(self, error: BaseException) -> None:
