@@ -346,6 +346,12 @@ class MSC3870Settings:
     # Memory per upload is about one part more than that, whatever the upload's size.
     S3_UPLOAD_PART_SIZE = Setting(INT, 8 * MiB, floor=5 * MiB, env=Env())
     S3_UPLOAD_CONCURRENCY = Setting(INT, 4, floor=1, env=Env())
+    # A body of known length (a Content-Length), at least 1 MiB and at most this, goes as
+    # one PUT sent as it arrives, where botocore sends bodies as they are (a plain-HTTP
+    # store with S3_SIGN_PAYLOAD off): nothing held back until a part is whole, none of
+    # a multipart upload's extra requests. Such a PUT cannot be retried once under way
+    # (the client sends the upload again); parts are, one by one. 0: always parts.
+    S3_UPLOAD_SINGLE_PUT_LIMIT = Setting(INT, 256 * MiB, floor=0, env=Env())
     # Over plain HTTP botocore signs every request's body: one SHA-256 pass more over each
     # byte stored, beside the one this server makes of what it stores. Off, bodies go as
     # UNSIGNED-PAYLOAD (as botocore sends them over HTTPS, where TLS protects them): for a

@@ -7,6 +7,7 @@ import io
 import os
 import threading
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -17,9 +18,11 @@ from django.test import Client, override_settings
 from moto import mock_aws
 
 from msc3870.checks import check_settings
+from msc3870.errors import InvalidParam
 from msc3870.models import MediaState
 from msc3870.stores import get_store
 from msc3870.stores.s3 import POOL_CONNECTIONS, S3MediaStore, upload_part_size
+from msc3870.stores.s3_parts import PUT_BUFFERS, PutBody
 
 from .helpers import (
     BUCKET,
@@ -435,6 +438,146 @@ def test_a_part_the_store_refuses_stops_the_reading_and_aborts_the_upload(
     assert body.remaining > 0  # not read to its end
     assert bucket_keys(s3) == []
     assert s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []
+
+
+@pytest.fixture
+def plain_http_s3(s3: Any) -> Iterator[Any]:
+    """The S3 mock behind a plain-HTTP endpoint: bodies go as they are (no checksum, no
+    payload hash), as to a store on the operator's own network."""
+    with override_settings(STORAGES=s3_storages(endpoint_url="http://s3.amazonaws.com")):
+        yield s3
+
+
+def sent_bodies(store: Any, operation: str) -> list[Any]:
+    """The ``Body`` of every ``operation`` the store's client makes from now on."""
+    bodies: list[Any] = []
+    store.client.meta.events.register(
+        f"before-parameter-build.s3.{operation}",
+        lambda params, **kwargs: bodies.append(params.get("Body")),
+    )
+    return bodies
+
+
+def test_a_body_of_known_length_is_one_put_sent_as_it_is_read(plain_http_s3: Any) -> None:
+    """Past one buffer and within S3_UPLOAD_SINGLE_PUT_LIMIT, a body whose length is known
+    goes as one PUT whose body is read while it is sent: no multipart upload, nothing
+    held back until a part is whole."""
+    store = get_store()
+    puts, parts = sent_bodies(store, "PutObject"), sent_bodies(store, "UploadPart")
+    data = os.urandom(12 * 1024 * 1024 + 5)
+    with msc3870_settings(S3_UPLOAD_PART_SIZE=5 * 1024 * 1024):
+        written = store.write_stream(
+            "media/xx/one", io.BytesIO(data), max_size=len(data), expected_size=len(data)
+        )
+    assert [type(body) for body in puts] == [PutBody] and parts == []
+    stored = plain_http_s3.get_object(Bucket=BUCKET, Key="media/xx/one")
+    assert "-" not in stored["ETag"] and stored["Body"].read() == data
+    assert written.sha256 == hashlib.sha256(data).hexdigest() and written.size == len(data)
+
+
+@pytest.mark.parametrize(
+    ("size", "expected", "limit"),
+    [
+        (12 * 1024 * 1024, None, 64 * 1024 * 1024),  # length unknown (a chunked body)
+        (12 * 1024 * 1024, 12 * 1024 * 1024, 8 * 1024 * 1024),  # over the limit
+    ],
+)
+def test_a_body_of_unknown_length_or_over_the_limit_goes_in_parts(
+    plain_http_s3: Any, size: int, expected: int | None, limit: int
+) -> None:
+    data = os.urandom(size)
+    store = get_store()
+    parts = sent_bodies(store, "UploadPart")
+    # moto, behind a plain-HTTP endpoint, takes no bytearray body (a real store does).
+    store.client.meta.events.register_first(
+        "before-send.s3.UploadPart",
+        lambda request, **kwargs: setattr(request, "body", bytes(request.body)),
+    )
+    with msc3870_settings(S3_UPLOAD_PART_SIZE=5 * 1024 * 1024, S3_UPLOAD_SINGLE_PUT_LIMIT=limit):
+        store.write_stream(
+            "media/xx/parts", io.BytesIO(data), max_size=size, expected_size=expected
+        )
+    assert [type(body) for body in parts] == [bytearray] * 3
+    stored = plain_http_s3.get_object(Bucket=BUCKET, Key="media/xx/parts")
+    assert stored["ETag"].strip('"').endswith("-3") and stored["Body"].read() == data
+
+
+def test_over_https_with_checksums_a_body_of_known_length_goes_in_parts(s3: Any) -> None:
+    """botocore reads a body it sends a checksum of (HTTPS, "when_supported"): such a
+    body is not sent as it is read."""
+    store = get_store()
+    puts = sent_bodies(store, "PutObject")
+    data = os.urandom(6 * 1024 * 1024)
+    with msc3870_settings(S3_UPLOAD_PART_SIZE=5 * 1024 * 1024):
+        store.write_stream(
+            "media/xx/https", io.BytesIO(data), max_size=len(data), expected_size=len(data)
+        )
+    assert puts == []
+    assert s3.get_object(Bucket=BUCKET, Key="media/xx/https")["ETag"].strip('"').endswith("-2")
+
+
+def test_a_body_cut_short_fails_its_put_and_nothing_is_stored(plain_http_s3: Any) -> None:
+    """The client went away mid-body: the PUT fails mid-body (the store keeps nothing) and
+    what is raised is the body's error, not botocore's."""
+    with pytest.raises(InvalidParam, match="could not be read"):
+        get_store().write_stream(
+            "media/xx/cut", CutBody(3 * 1024 * 1024), max_size=10**9, expected_size=8 * 1024 * 1024
+        )
+    assert bucket_keys(plain_http_s3) == []
+
+
+def test_a_body_longer_than_announced_fails_its_put(plain_http_s3: Any) -> None:
+    body = LyingBody(20 * 1024 * 1024)
+    with pytest.raises(InvalidParam, match="longer than the 3145728 bytes announced"):
+        get_store().write_stream(
+            "media/xx/long", body, max_size=10**9, expected_size=3 * 1024 * 1024
+        )
+    assert bucket_keys(plain_http_s3) == []
+
+
+def test_a_put_the_store_refuses_stops_the_reading(
+    plain_http_s3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store answers the PUT with an error before taking its body (as to its
+    ``Expect: 100-continue``): the body is read no further than the buffers already
+    filled, and the client is told the storage is unavailable."""
+    from botocore.exceptions import ClientError
+
+    from msc3870.errors import StorageUnavailable
+
+    store = get_store()
+
+    def refuse(**params: Any) -> Any:
+        time.sleep(0.05)  # the reader fills what buffers it has meanwhile
+        raise ClientError({"Error": {"Code": "InternalError"}}, "PutObject")
+
+    monkeypatch.setattr(store.client, "put_object", refuse)
+    body = LyingBody(40 * 1024 * 1024)
+    with pytest.raises(StorageUnavailable):
+        store.write_stream("media/xx/refused", body, max_size=10**9, expected_size=40 * 1024 * 1024)
+    assert body.remaining >= (40 - PUT_BUFFERS - 1) * 1024 * 1024
+    assert bucket_keys(plain_http_s3) == []
+
+
+def test_a_put_body_can_be_sent_again_only_before_any_of_it_was() -> None:
+    """botocore rewinds a body before a retry: a store that refused the request before
+    its body was sent gets it again; once some was sent, the retry fails (the rest of it
+    is not kept anywhere)."""
+    body = PutBody(6, count=2, size=4)
+    assert body.seek(0) == 0
+    buffer = body.take()
+    assert buffer is not None
+    buffer[:] = b"abcd"
+    body.give(buffer, 4)
+    assert bytes(body.read(3)) == b"abc"
+    with pytest.raises(io.UnsupportedOperation):
+        body.seek(0)
+    second = body.take()
+    assert second is not None
+    second[:2] = b"ef"
+    body.give(second, 2)
+    assert bytes(body.read(10)) == b"d" and bytes(body.read(10)) == b"ef"
+    assert body.read(10) == b""
 
 
 def test_request_checksums_only_where_they_spare_the_payload_hash() -> None:

@@ -395,7 +395,12 @@ class S3MediaStore(MediaStore):
             # Multipart past one part; a failed multipart upload is aborted (no part left
             # behind), and a failed single PUT writes nothing.
             writer = PartWriter(self.client, self._where(key), extra, part_size)
-            writer.write(metered, app_settings.S3_UPLOAD_CONCURRENCY, expected_size)
+            writer.write(
+                metered,
+                app_settings.S3_UPLOAD_CONCURRENCY,
+                expected_size,
+                app_settings.S3_UPLOAD_SINGLE_PUT_LIMIT,
+            )
         except (ClientError, BotoCoreError) as exc:
             raise _unavailable(exc) from exc
         return metered.result()

@@ -1,6 +1,7 @@
 """Uploads through this server to the real S3 server (SeaweedFS), stored as they arrive:
-multipart (forced by a small part size), byte-exact, and nothing left behind by a body cut
-short or over the limit (no object, no multipart upload)."""
+one PUT sent as it is read (a body of known length up to the single-PUT limit) or
+multipart (past it, forced by a small limit and part size), byte-exact, and nothing left
+behind by a body cut short or over the limit (no object, no multipart upload)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.services
 
 MiB = 1024 * 1024
 PART = 5 * MiB
+SINGLE_PUT = 8 * MiB
 LIMIT = 16 * MiB
 
 
@@ -31,10 +33,15 @@ LIMIT = 16 * MiB
 def streaming(
     django_db_setup: None, django_db_blocker: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
-    """A stack of the module's own (one web worker, a celery worker) writing parts of
-    5 MiB, with a 16 MiB limit."""
+    """A stack of the module's own (one web worker, a celery worker) writing one PUT up
+    to 8 MiB and parts of 5 MiB past it, with a 16 MiB limit."""
     tmp = tmp_path_factory.mktemp("streaming")
-    env = base_env(tmp, MSC3870_S3_UPLOAD_PART_SIZE=str(PART), MSC3870_MAX_UPLOAD_SIZE=str(LIMIT))
+    env = base_env(
+        tmp,
+        MSC3870_S3_UPLOAD_PART_SIZE=str(PART),
+        MSC3870_S3_UPLOAD_SINGLE_PUT_LIMIT=str(SINGLE_PUT),
+        MSC3870_MAX_UPLOAD_SIZE=str(LIMIT),
+    )
     stack = Stack(env=env, logs=tmp)
     try:
         stack.start_server(workers=1)
@@ -80,6 +87,68 @@ def test_a_put_through_the_server_is_stored_in_parts_byte_exact(
     assert download.status_code == 200
     assert download.content == data
     assert keys_of(s3_client, media) == [media.storage_key]
+
+
+def test_a_put_up_to_the_limit_is_one_put_sent_as_it_arrives_byte_exact(
+    streaming: Stack, user_token: tuple[str, str], s3_client: Any
+) -> None:
+    _, token = user_token
+    created = streaming.client(token).create()
+    path = mxc_path(created["content_uri"])
+    data = os.urandom(SINGLE_PUT - 321)
+    put = requests.put(
+        f"{streaming.base_url}/_matrix/media/v3/upload/{path}",
+        data=data,
+        headers={**bearer(token), "Content-Type": "application/octet-stream"},
+        timeout=60,
+    )
+    assert put.status_code == 200, put.text
+    media = wait_until(
+        lambda: (m := media_of(created["content_uri"])).state == MediaState.COMPLETE and m,
+        30,
+        "the upload to be decided",
+    )
+    bucket = settings.STORAGES["msc3870"]["OPTIONS"]["bucket_name"]
+    head = s3_client.head_object(Bucket=bucket, Key=media.storage_key)
+    assert "-" not in head["ETag"]  # one PUT, not a multipart upload
+    assert head["ContentLength"] == len(data)
+    download = requests.get(
+        f"{streaming.base_url}/_matrix/client/v1/media/download/{path}",
+        headers=bearer(token),
+        timeout=60,
+    )
+    assert download.status_code == 200
+    assert download.content == data
+    assert keys_of(s3_client, media) == [media.storage_key]
+
+
+def test_a_body_cut_short_in_its_one_put_leaves_nothing(
+    streaming: Stack, user_token: tuple[str, str], s3_client: Any
+) -> None:
+    """The client goes away with 3 of 7 MiB sent, while the PUT to the store is under
+    way: the store keeps no object, and the id may be uploaded to again."""
+    _, token = user_token
+    created = streaming.client(token).create()
+    path = mxc_path(created["content_uri"])
+    media_id = path.split("/")[1]
+    port = urlsplit(streaming.base_url).port
+    assert port is not None
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(
+            f"PUT /_matrix/media/v3/upload/{path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Bearer {token}\r\nContent-Length: {7 * MiB}\r\n\r\n".encode()
+        )
+        for _ in range(3):
+            sock.sendall(os.urandom(MiB))
+        wait_until(
+            lambda: media_of(created["content_uri"]).state == MediaState.PROCESSING,
+            30,
+            "the upload to be under way",
+        )
+    wait_until(lambda: media_of(created["content_uri"]).state == MediaState.PENDING, 30, "PENDING")
+    media = Media.objects.get(media_id=media_id)
+    assert keys_of(s3_client, media) == []
+    assert uploads_in_progress(s3_client, media_id) == []
 
 
 def test_a_body_cut_short_aborts_its_multipart_upload(
