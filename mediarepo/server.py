@@ -232,7 +232,13 @@ class ReceiveInto:
             raise RuntimeError("receive_into while a body is being received or discarded")
         if self.cycle.disconnected:
             raise ConnectionResetError("The client went away")
+        if self.cycle.waiting_for_100_continue and not self.cycle.transport.is_closing():
+            # As uvicorn's receive() would: the client sends no byte of its body before it.
+            self.cycle.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.cycle.waiting_for_100_continue = False
         count = self._take_parsed(buffer)
+        if count:
+            arrived(count)
         if count == len(buffer) or not self.left:
             return count
         self.engaged = True

@@ -534,9 +534,14 @@ class MediaASGIHandler:
     ) -> IO[bytes] | _Streaming | Outgoing:
         """An upload's body: in memory if it ends within ``SPOOL_MEMORY_BYTES`` (as any
         small body), else the bytes so far, to be handed to the view with the rest to
-        come."""
+        come. A body announced larger is handed on at once: the view's work before it
+        reads (its database writes) is done while the first bytes arrive."""
         loop = asyncio.get_running_loop()
         pace, timer = clock
+        if declared is not None and declared > SPOOL_MEMORY_BYTES:
+            into = _receive_into(scope)
+            body = DirectBody(loop, []) if into else StreamedBody(loop, [])
+            return _Streaming(body, 0, limit, declared, pace, address, into=into)
         chunks: list[bytes] = []
         size = 0
         message = await receive()

@@ -90,10 +90,13 @@ def test_uploads_without_a_credential_are_refused_at_once_and_closed(
         assert closed_by_server(sock)
 
 
+@pytest.mark.parametrize("size", [4, 2 * MiB + 3])  # in memory; streamed from its start
 def test_a_client_that_expects_100_continue_is_refused_without_sending_its_body(
-    admitting_server: Server,
+    admitting_server: Server, size: int
 ) -> None:
-    """No 100 Continue for a refused upload: the final answer is the first thing sent."""
+    """No 100 Continue for a refused upload: the final answer is the first thing sent.
+    An admitted one gets it, also when its body is handed to the view before a byte of
+    it arrived."""
     with socket.create_connection(("127.0.0.1", admitting_server.port), timeout=10) as sock:
         sock.sendall(head("POST", "/_matrix/media/v3/upload", 40 * MiB, Expect="100-continue"))
         status, _, body = read_response(sock, length_required=True)
@@ -101,10 +104,12 @@ def test_a_client_that_expects_100_continue_is_refused_without_sending_its_body(
     auth = f"Bearer {admitting_server.token}"
     with socket.create_connection(("127.0.0.1", admitting_server.port), timeout=10) as sock:
         sock.sendall(
-            head("POST", "/_matrix/media/v3/upload", 4, Expect="100-continue", Authorization=auth)
+            head(
+                "POST", "/_matrix/media/v3/upload", size, Expect="100-continue", Authorization=auth
+            )
         )
         assert sock.recv(1024).startswith(b"HTTP/1.1 100 Continue")  # admitted: send it
-        sock.sendall(b"data")
+        sock.sendall(b"d" * size)
         assert read_response(sock, length_required=True)[0] == 200
 
 
