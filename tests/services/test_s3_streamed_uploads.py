@@ -57,15 +57,13 @@ def uploads_in_progress(s3_client: Any, media_id: str) -> list[str]:
     return [u["Key"] for u in found.get("Uploads", []) if media_id in u["Key"]]
 
 
-def test_a_put_through_the_server_is_stored_in_parts_byte_exact(
-    streaming: Stack, user_token: tuple[str, str], s3_client: Any
-) -> None:
-    _, token = user_token
-    created = streaming.client(token).create()
+def stored_etag_of_a_put(stack: Stack, token: str, s3_client: Any, data: bytes) -> str:
+    """PUT ``data`` through the server to a new id; once decided, downloaded byte-exact
+    and its only object: the stored object's ETag (a multipart upload's ends in -N)."""
+    created = stack.client(token).create()
     path = mxc_path(created["content_uri"])
-    data = os.urandom(2 * PART + 12345)  # three parts
     put = requests.put(
-        f"{streaming.base_url}/_matrix/media/v3/upload/{path}",
+        f"{stack.base_url}/_matrix/media/v3/upload/{path}",
         data=data,
         headers={**bearer(token), "Content-Type": "application/octet-stream"},
         timeout=60,
@@ -78,48 +76,49 @@ def test_a_put_through_the_server_is_stored_in_parts_byte_exact(
     )
     bucket = settings.STORAGES["msc3870"]["OPTIONS"]["bucket_name"]
     head = s3_client.head_object(Bucket=bucket, Key=media.storage_key)
-    assert head["ETag"].strip('"').endswith("-3")  # multipart: 5 + 5 MiB + the rest
+    assert head["ContentLength"] == len(data)
     download = requests.get(
-        f"{streaming.base_url}/_matrix/client/v1/media/download/{path}",
+        f"{stack.base_url}/_matrix/client/v1/media/download/{path}",
         headers=bearer(token),
         timeout=60,
     )
     assert download.status_code == 200
     assert download.content == data
     assert keys_of(s3_client, media) == [media.storage_key]
+    return str(head["ETag"]).strip('"')
+
+
+def test_a_put_through_the_server_is_stored_in_parts_byte_exact(
+    streaming: Stack, user_token: tuple[str, str], s3_client: Any
+) -> None:
+    data = os.urandom(2 * PART + 12345)  # over the single-PUT limit: three parts
+    etag = stored_etag_of_a_put(streaming, user_token[1], s3_client, data)
+    assert etag.endswith("-3")  # multipart: 5 + 5 MiB + the rest
 
 
 def test_a_put_up_to_the_limit_is_one_put_sent_as_it_arrives_byte_exact(
     streaming: Stack, user_token: tuple[str, str], s3_client: Any
 ) -> None:
-    _, token = user_token
-    created = streaming.client(token).create()
-    path = mxc_path(created["content_uri"])
-    data = os.urandom(SINGLE_PUT - 321)
-    put = requests.put(
-        f"{streaming.base_url}/_matrix/media/v3/upload/{path}",
-        data=data,
-        headers={**bearer(token), "Content-Type": "application/octet-stream"},
-        timeout=60,
+    etag = stored_etag_of_a_put(streaming, user_token[1], s3_client, os.urandom(SINGLE_PUT - 321))
+    assert "-" not in etag  # one PUT, not a multipart upload
+
+
+def new_id(stack: Stack, token: str) -> tuple[dict[str, Any], str]:
+    created = stack.client(token).create()
+    return created, mxc_path(created["content_uri"]).split("/")[1]
+
+
+def put_started(stack: Stack, token: str, created: dict[str, Any], length: int) -> socket.socket:
+    """A connection that has sent the head of a PUT of ``length`` bytes to ``created``."""
+    port = urlsplit(stack.base_url).port
+    assert port is not None
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(
+        f"PUT /_matrix/media/v3/upload/{mxc_path(created['content_uri'])} HTTP/1.1\r\n"
+        f"Host: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Length: {length}\r\n\r\n".encode()
     )
-    assert put.status_code == 200, put.text
-    media = wait_until(
-        lambda: (m := media_of(created["content_uri"])).state == MediaState.COMPLETE and m,
-        30,
-        "the upload to be decided",
-    )
-    bucket = settings.STORAGES["msc3870"]["OPTIONS"]["bucket_name"]
-    head = s3_client.head_object(Bucket=bucket, Key=media.storage_key)
-    assert "-" not in head["ETag"]  # one PUT, not a multipart upload
-    assert head["ContentLength"] == len(data)
-    download = requests.get(
-        f"{streaming.base_url}/_matrix/client/v1/media/download/{path}",
-        headers=bearer(token),
-        timeout=60,
-    )
-    assert download.status_code == 200
-    assert download.content == data
-    assert keys_of(s3_client, media) == [media.storage_key]
+    return sock
 
 
 def test_a_body_cut_short_in_its_one_put_leaves_nothing(
@@ -127,17 +126,8 @@ def test_a_body_cut_short_in_its_one_put_leaves_nothing(
 ) -> None:
     """The client goes away with 3 of 7 MiB sent, while the PUT to the store is under
     way: the store keeps no object, and the id may be uploaded to again."""
-    _, token = user_token
-    created = streaming.client(token).create()
-    path = mxc_path(created["content_uri"])
-    media_id = path.split("/")[1]
-    port = urlsplit(streaming.base_url).port
-    assert port is not None
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(
-            f"PUT /_matrix/media/v3/upload/{path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            f"Authorization: Bearer {token}\r\nContent-Length: {7 * MiB}\r\n\r\n".encode()
-        )
+    created, media_id = new_id(streaming, user_token[1])
+    with put_started(streaming, user_token[1], created, 7 * MiB) as sock:
         for _ in range(3):
             sock.sendall(os.urandom(MiB))
         wait_until(
@@ -154,17 +144,8 @@ def test_a_body_cut_short_in_its_one_put_leaves_nothing(
 def test_a_body_cut_short_aborts_its_multipart_upload(
     streaming: Stack, user_token: tuple[str, str], s3_client: Any
 ) -> None:
-    _, token = user_token
-    created = streaming.client(token).create()
-    path = mxc_path(created["content_uri"])
-    media_id = path.split("/")[1]
-    port = urlsplit(streaming.base_url).port
-    assert port is not None
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(
-            f"PUT /_matrix/media/v3/upload/{path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            f"Authorization: Bearer {token}\r\nContent-Length: {3 * PART}\r\n\r\n".encode()
-        )
+    created, media_id = new_id(streaming, user_token[1])
+    with put_started(streaming, user_token[1], created, 3 * PART) as sock:
         sent = 0
         while sent < 2 * PART + MiB:  # two parts written, the third under way
             sock.sendall(os.urandom(MiB))
