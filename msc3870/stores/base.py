@@ -135,6 +135,8 @@ class MeteredReader:
         self.size += len(chunk)
         if self.size > self.max_size:
             raise TooLarge(f"Upload is larger than the limit of {self.max_size} bytes")
+        if self.expected_size is not None and self.size > self.expected_size:
+            raise InvalidParam(f"The body is longer than the {self.expected_size} bytes announced")
         if not chunk and self.expected_size is not None and self.size != self.expected_size:
             # The client went away mid-body: keeping a truncated object would corrupt it.
             raise InvalidParam(

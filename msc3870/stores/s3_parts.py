@@ -32,7 +32,6 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from ..errors import InvalidParam
 from .base import MeteredReader
 
 
@@ -205,8 +204,8 @@ PUT_BUFFER = 1024 * 1024
 class PutBody(io.RawIOBase):
     """The body of one PUT sent as it is read: buffers filled by the reading thread
     (``take``, ``give``), read by the thread that sends the request (http.client reads a
-    block at a time and sends it before it reads the next). Exactly ``length`` bytes, or
-    the send fails."""
+    block at a time and sends it before it reads the next). The reader holds the body to
+    ``length`` (``MeteredReader``), or the send fails."""
 
     def __init__(self, length: int, count: int, size: int) -> None:
         super().__init__()
@@ -215,7 +214,6 @@ class PutBody(io.RawIOBase):
         self._full: queue.SimpleQueue[memoryview | BaseException | None] = queue.SimpleQueue()
         for _ in range(count):
             self._free.put(bytearray(size))
-        self._given = 0
         self._current = memoryview(b"")
         self._buffer: bytearray | None = None  # the one ``_current`` is of
         self._sent = 0
@@ -235,9 +233,6 @@ class PutBody(io.RawIOBase):
 
     def give(self, buffer: bytearray, count: int) -> None:
         """The first ``count`` bytes of ``buffer`` were read; fewer than it holds: the end."""
-        self._given += count
-        if self._given > self.length:
-            raise InvalidParam(f"The body is longer than the {self.length} bytes announced")
         self._full.put(memoryview(buffer)[:count])
         if count < len(buffer):
             self._full.put(None)
