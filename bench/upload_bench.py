@@ -21,7 +21,7 @@ the real deployable, a ``gunicorn`` process (``mediarepo/gunicorn.conf.py``) and
 Flow ``url``: POST /create, PUT the body straight to the presigned ``upload_url``, POST
 /complete. Flow ``put``: POST /create, PUT the body to ``/_matrix/media/v3/upload/..`` on
 gunicorn. Both wait for the screening task (the answer comes once it decided). The body is
-random, generated and hashed in 1 MiB chunks while it is sent; afterwards the row's size
+random (`RandomBody`), made and hashed in 1 MiB chunks while it is sent; afterwards the row's size
 and SHA-256 are checked, and the media is downloaded (a separate, extra phase, measured on
 its own) and hashed. The screening task's own duration is read from the celery log.
 
@@ -326,17 +326,39 @@ def request(
         conn.close()
 
 
+POOL_SIZE = 64 * MiB
+_pool: list[bytes] = []
+
+
+def random_pool() -> memoryview:
+    """64 MiB of random bytes, made once per process from a fixed seed (the same in every
+    process, so a seeded body is too)."""
+    if not _pool:
+        _pool.append(random.Random(0x5EED).randbytes(POOL_SIZE))
+    return memoryview(_pool[0])
+
+
 class RandomBody:
-    """A body of ``size`` random bytes, made and hashed chunk by chunk as it is read; with
+    """A body of ``size`` bytes that no other body shares and no compressor shrinks, hashed
+    chunk by chunk as it is read. Each chunk is 32 fresh random bytes, then a slice of
+    ``random_pool`` at a random offset: making it costs the client a copy, not the kernel's
+    random generator, whose CPU (about 160 MB/s) would otherwise be taken from the CPU the
+    client shares with the server under test, and not with the store, in a pinned run. With
     ``seed``, the same bytes for the same seed and size (read in the same chunks)."""
+
+    HEAD = 32
 
     def __init__(self, size: int, seed: int | None = None) -> None:
         self.remaining = size
         self.digest = hashlib.sha256()
-        self.make = os.urandom if seed is None else random.Random(seed).randbytes
+        self.pick = random.Random(seed)  # None: seeded from os.urandom
+        self.pool = random_pool()
 
     def read(self, size: int = MiB) -> bytes:
-        chunk = self.make(min(size if size > 0 else MiB, self.remaining, MiB))
+        length = min(size if size > 0 else MiB, self.remaining, MiB)
+        head = min(length, self.HEAD)
+        offset = self.pick.randrange(POOL_SIZE - length + 1)
+        chunk = self.pick.randbytes(head) + self.pool[offset + head : offset + length]
         self.remaining -= len(chunk)
         self.digest.update(chunk)
         return chunk
