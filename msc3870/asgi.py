@@ -72,7 +72,7 @@ from .errors import (
     URITooLong,
 )
 from .pace_watch import PaceWatch
-from .streamed_body import RECEIVE_INTO, BodyEnded, DirectBody, StreamedBody
+from .streamed_body import RECEIVE_INTO, BodyEnded, ConnectionKeepers, DirectBody, StreamedBody
 from .waiting import LEGACY, MediaWait, RetryWhenDone
 
 log = logging.getLogger(__name__)
@@ -281,6 +281,7 @@ class MediaASGIHandler:
         self.upload_executor = ThreadPoolExecutor(
             app_settings.UPLOAD_BODIES_MAX, thread_name_prefix="msc3870-upload"
         )
+        self.upload_connection_keepers = ConnectionKeepers(self.threads)
         self.caps = WaitCaps()
         self.federation_in_flight = InFlight(lambda: app_settings.FEDERATION_REQUESTS_PER_ADDRESS)
         self.bodies = admission.BodyCaps()
@@ -732,12 +733,14 @@ class MediaASGIHandler:
         self, chain: _Chain, scope: Scope, body: StreamedBody | DirectBody
     ) -> Outgoing | Parking:
         """``_respond`` for a streamed upload, on its own thread; that thread's database
-        connection is closed afterwards (there are as many of these threads as bodies may
-        be received at once: their connections must not outlive their requests)."""
+        connection is closed afterwards, but for a few threads' (there are as many of these
+        threads as bodies may be received at once: their connections must not all outlive
+        their requests)."""
         try:
             return self._respond(chain, scope, body)  # type: ignore[arg-type]
         finally:
-            connections.close_all()
+            if not self.upload_connection_keepers.keeps():
+                connections.close_all()
 
     def _respond_noted(
         self, chain: _Chain, scope: Scope, body: IO[bytes], retried: bool

@@ -12,16 +12,20 @@ Content-Length is read by ``DirectBody`` instead: the reader's own buffer is han
 loop, which has the server receive the socket's bytes straight into it, with no copy and
 no message per chunk.
 
-The reading thread lets go of its database connections when it starts reading: a body may
-take minutes, and as many arrive at once as ``UPLOAD_BODIES_MAX`` allows per process, far
-more than a database accepts connections.
+The reading thread lets go of its database connections once a body has taken longer than
+``HOLD_CONNECTIONS_SECONDS`` (``HeldConnections``): a body may take minutes, and as many
+arrive at once as ``UPLOAD_BODIES_MAX`` allows per process, far more than a database
+accepts connections; a body that arrives sooner keeps them for the writes after it, which
+would otherwise begin by connecting again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol
@@ -40,6 +44,8 @@ WAKE_BYTES = 1024 * 1024
 #: value holds the two callables of ``ReceiveInto``: ``{"receive_into": ..., "discard":
 #: ...}``. Without it, a body comes in ``receive()`` messages.
 RECEIVE_INTO = "msc3870.receive_into"
+#: How long a body's reader keeps its thread's idle database connections (``HeldConnections``).
+HOLD_CONNECTIONS_SECONDS = 1.0
 
 
 class ReceiveInto(Protocol):
@@ -70,7 +76,7 @@ class StreamedBody:
         self._ended = False
         self._error: BaseException | None = None
         self._closed = False
-        self._connections_released = False
+        self._held = HeldConnections()
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         #: Bytes buffered that wake the reader (``WAKE_BYTES`` at most, below
@@ -159,15 +165,14 @@ class StreamedBody:
     def _next(self, most: int | None) -> list[bytes | memoryview]:
         """Up to ``most`` bytes (all there are with None) of what has arrived, waiting
         for at least one; none at the end of the body."""
-        if not self._connections_released:
-            self._connections_released = True
-            release_idle_connections()
+        hold = self._held.check()
         with self._lock:
             self._wake_at = 1 if most is None else max(1, min(most, WAKE_BYTES))
             while self._buffered < self._wake_at and not self._ended:
                 if self._error is not None or self._closed:
                     break
-                self._arrived.wait()
+                if not self._arrived.wait(hold):
+                    hold = self._held.check()
             if self._error is not None:
                 raise self._error
             if self._closed:
@@ -235,7 +240,7 @@ class DirectBody:
         self._ended = False
         self._error: BaseException | None = None
         self._closed = False
-        self._connections_released = False
+        self._held = HeldConnections()
         #: Set (on the loop) when the reader waits for its buffer to be filled, or closed.
         self.asked = asyncio.Event()
 
@@ -279,12 +284,10 @@ class DirectBody:
     def readinto(self, buffer: memoryview | bytearray, /) -> int:
         """Fill ``buffer``, fewer bytes only at the end of the body."""
         view = buffer if isinstance(buffer, memoryview) else memoryview(buffer)
+        hold = self._held.check()
         filled = self._take_received(view)
         if filled == len(view):
             return filled
-        if not self._connections_released:
-            self._connections_released = True
-            release_idle_connections()
         with self._lock:
             self._raise_if_stopped()
             if self._ended:
@@ -295,7 +298,8 @@ class DirectBody:
             except RuntimeError:  # the loop is closed: nobody will fill it
                 self._error = BodyEnded("The request body stopped")
             while self._got is None and self._error is None and not self._closed:
-                self._answered.wait()
+                if not self._answered.wait(hold):
+                    hold = self._held.check()
             got, self._want = self._got, None
             if got is None:
                 self._raise_if_stopped()
@@ -333,6 +337,49 @@ class DirectBody:
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+class HeldConnections:
+    """The reading thread's idle database connections, kept from its first read for
+    ``HOLD_CONNECTIONS_SECONDS``, then released: at the first read past that time, or
+    while the reader waits for bytes (it waits no longer than ``check`` says)."""
+
+    def __init__(self) -> None:
+        self._release_at: float | None = None
+
+    def check(self) -> float | None:
+        """Release them if it is time; the seconds until it is (None: released)."""
+        now = time.monotonic()
+        if self._release_at is None:
+            self._release_at = now + HOLD_CONNECTIONS_SECONDS
+        if self._release_at == math.inf:
+            return None
+        if now < self._release_at:
+            return self._release_at - now
+        self._release_at = math.inf
+        release_idle_connections()
+        return None
+
+
+class ConnectionKeepers:
+    """The upload threads that keep their database connections from one request to the
+    next: the first ``most`` to ask. An upload's first write then finds a connection
+    open, where connecting costs milliseconds; the other threads, there so that many
+    bodies can arrive at once, close theirs after each request."""
+
+    def __init__(self, most: int) -> None:
+        self._most = most
+        self._threads: set[int] = set()
+        self._lock = threading.Lock()
+
+    def keeps(self) -> bool:
+        """Whether the calling thread keeps its connections (known by its ident, which
+        a thread passes on only when it ends: the executor's threads live as long as it)."""
+        thread = threading.get_ident()
+        with self._lock:
+            if thread not in self._threads and len(self._threads) < self._most:
+                self._threads.add(thread)
+            return thread in self._threads
 
 
 def release_idle_connections() -> None:

@@ -22,7 +22,7 @@ from msc3870.errors import TooLarge
 from msc3870.models import Media, MediaState
 from msc3870.stores import get_store
 from msc3870.stores.local import LocalMediaStore
-from msc3870.streamed_body import BodyEnded, StreamedBody
+from msc3870.streamed_body import BodyEnded, DirectBody, StreamedBody
 
 from .asgi_driver import call, created_path, feed, run, until
 from .helpers import bearer, msc3870_settings
@@ -406,19 +406,24 @@ class _Connection:
         self.closed = True
 
 
-def test_the_reading_thread_holds_no_idle_database_connection(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A body may take minutes and 64 may arrive at once per process: the thread reading
-    one closes its connections (not one a transaction holds) when it starts, once."""
+@pytest.fixture
+def thread_connections(monkeypatch: pytest.MonkeyPatch) -> tuple[_Connection, _Connection]:
+    """The reading thread's database connections: one idle, one in a transaction."""
     idle, in_transaction = _Connection(False), _Connection(True)
-    asked: list[bool] = []
 
     def all_connections(initialized_only: bool = False) -> list[_Connection]:
-        asked.append(initialized_only)
+        assert initialized_only
         return [idle, in_transaction]
 
     monkeypatch.setattr(streamed_body.connections, "all", all_connections)
+    return idle, in_transaction
+
+
+def test_a_body_that_arrives_within_the_hold_keeps_the_thread_s_connections(
+    thread_connections: tuple[_Connection, _Connection],
+) -> None:
+    """Its writes after the body use them, without connecting again."""
+    idle, in_transaction = thread_connections
 
     async def scenario() -> None:
         body = StreamedBody(asyncio.get_running_loop(), [b"abc"])
@@ -427,5 +432,77 @@ def test_the_reading_thread_holds_no_idle_database_connection(
         assert await asyncio.to_thread(body.read, 2) == b"c"
 
     run(scenario)
+    assert not idle.closed and not in_transaction.closed
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["messages", "receive_into"])
+def test_a_reader_waiting_past_the_hold_lets_go_of_its_idle_connections(
+    thread_connections: tuple[_Connection, _Connection],
+    monkeypatch: pytest.MonkeyPatch,
+    direct: bool,
+) -> None:
+    """A body may take minutes and 64 may arrive at once per process: a reader waiting
+    for bytes closes its thread's idle connections (not one a transaction holds) once the
+    body has taken longer than the hold, while it still waits."""
+    idle, in_transaction = thread_connections
+    monkeypatch.setattr(streamed_body, "HOLD_CONNECTIONS_SECONDS", 0.05)
+
+    async def scenario() -> bytes:
+        loop = asyncio.get_running_loop()
+        body = DirectBody(loop, [b"ab"]) if direct else StreamedBody(loop, [b"ab"])
+        reading = asyncio.ensure_future(asyncio.to_thread(body.read, 3))
+        await until(lambda: idle.closed, "the idle connection closed")
+        assert not reading.done()
+        if isinstance(body, DirectBody):
+            await until(lambda: body.wanted() is not None, "the reader to want the rest")
+            wanted = body.wanted()
+            assert wanted is not None
+            wanted[:1] = b"c"
+            body.filled(1)
+        else:
+            body.feed(b"c")
+        return await asyncio.wait_for(reading, 5)
+
+    assert run(scenario) == b"abc"
     assert idle.closed and not in_transaction.closed
-    assert asked == [True]
+
+
+def test_a_body_read_past_the_hold_lets_go_at_the_next_read(
+    thread_connections: tuple[_Connection, _Connection],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without waiting: a body that keeps arriving faster than it is read."""
+    idle, _ = thread_connections
+    monkeypatch.setattr(streamed_body, "HOLD_CONNECTIONS_SECONDS", 0)
+
+    async def scenario() -> None:
+        body = StreamedBody(asyncio.get_running_loop(), [b"abc"])
+        assert await asyncio.to_thread(body.read, 1) == b"a"
+
+    run(scenario)
+    assert idle.closed
+
+
+def test_only_the_first_few_upload_threads_keep_their_connections() -> None:
+    """As many upload threads as the web threads keep their connections between requests
+    (an upload's first write then needs no new one); the others close theirs."""
+    keepers = streamed_body.ConnectionKeepers(2)
+    answers: dict[str, list[bool]] = {}
+    done = threading.Event()  # the threads live on, as the executor's do
+
+    def ask(name: str, asked: threading.Event) -> None:
+        answers[name] = [keepers.keeps(), keepers.keeps()]
+        asked.set()
+        done.wait(5)
+
+    threads = []
+    for name in ("first", "second", "third"):
+        asked = threading.Event()
+        threads.append(threading.Thread(target=ask, args=(name, asked)))
+        threads[-1].start()
+        assert asked.wait(5)
+    done.set()
+    for thread in threads:
+        thread.join()
+    assert answers["first"] == answers["second"] == [True, True]
+    assert answers["third"] == [False, False]
