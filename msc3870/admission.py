@@ -30,7 +30,14 @@ from django.http import QueryDict
 from django.urls import Resolver404, resolve
 
 from .conf import app_settings
-from .errors import Codes, Forbidden, InvalidParam, LimitExceeded, MatrixError, MissingToken
+from .errors import (
+    BodyTooSlow,
+    Forbidden,
+    InvalidParam,
+    LimitExceeded,
+    MatrixError,
+    MissingToken,
+)
 from .upload_tokens import read_upload_token
 
 # Routes (``msc3870.api.urls``) whose bodies are uploads, by method: the upload URL's
@@ -47,12 +54,6 @@ class NotCached(enum.Enum):
 
 #: The verdict on an access token that this process does not hold: resolve it.
 NOT_CACHED = NotCached.NOT_CACHED
-
-
-class BodyTooSlow(MatrixError):
-    """A body that stopped arriving, or arrives too slowly to be waited for."""
-
-    status, errcode, default_message = 408, Codes.UNKNOWN, "The request body arrived too slowly"
 
 
 @dataclass(frozen=True)

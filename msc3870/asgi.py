@@ -62,6 +62,7 @@ from .api.deferred import CAN_DEFER, RETRIED, DeferredResponse
 from .api.errors import API_PREFIXES, json_error, to_matrix_error
 from .conf import app_settings
 from .errors import (
+    BodyTooSlow,
     HeadersTooLarge,
     InvalidParam,
     LimitExceeded,
@@ -584,7 +585,7 @@ class MediaASGIHandler:
                 await pump
         if streaming.gone:
             raise _ClientGone()
-        if isinstance(streaming.refusal, admission.BodyTooSlow) and isinstance(outgoing, Outgoing):
+        if isinstance(streaming.refusal, BodyTooSlow) and isinstance(outgoing, Outgoing):
             outgoing = _closing(outgoing)  # the rest of a stalled body is not waited for
         return outgoing
 

@@ -229,6 +229,12 @@ class UploadAbandoned(MatrixError):
     )
 
 
+class BodyTooSlow(MatrixError):
+    """A body that stopped arriving, or arrives too slowly to be waited for."""
+
+    status, errcode, default_message = 408, Codes.UNKNOWN, "The request body arrived too slowly"
+
+
 class StorageUnavailable(MatrixError):
     status, errcode, default_message = 503, Codes.UNKNOWN, "Media storage is unavailable"
 

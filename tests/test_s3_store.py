@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,9 +19,9 @@ from django.test import Client, override_settings
 from moto import mock_aws
 
 from msc3870.checks import check_settings
-from msc3870.errors import InvalidParam
+from msc3870.errors import BodyTooSlow, InvalidParam, MatrixError, StorageUnavailable
 from msc3870.models import MediaState
-from msc3870.stores import get_store
+from msc3870.stores import get_store, s3_parts
 from msc3870.stores.s3 import POOL_CONNECTIONS, S3MediaStore, upload_part_size
 from msc3870.stores.s3_parts import PUT_BUFFERS, PutBody
 
@@ -718,3 +719,90 @@ def test_ensure_media_bucket_command() -> None:
         assert f"Bucket {BUCKET} is ready" in out.getvalue()
         assert BUCKET in [b["Name"] for b in boto3.client("s3").list_buckets()["Buckets"]]
         call_command("ensure_media_bucket", stdout=StringIO())  # twice is fine
+
+
+class _IdleDroppingStore(threading.Thread):
+    """An S3 endpoint on loopback that takes one PUT and drops it, as a store does, once
+    its body has been silent for ``idle`` seconds: AWS's 400 ``RequestTimeout``, then the
+    connection closed. With ``fail_after``, it answers 500 once that many bytes came."""
+
+    TIMEOUT = (
+        b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>RequestTimeout</Code><Message>"
+        b"Your socket connection to the server was not read from or written to within the "
+        b"timeout period.</Message></Error>"
+    )
+
+    def __init__(self, idle: float, fail_after: int | None = None) -> None:
+        super().__init__(daemon=True)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.idle, self.fail_after = idle, fail_after
+
+    def run(self) -> None:
+        connection, _ = self.listener.accept()
+        with connection, self.listener:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += connection.recv(65536)
+            head, _, body = head.partition(b"\r\n\r\n")
+            if b"100-continue" in head.lower():
+                connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            received = len(body)
+            connection.settimeout(self.idle)
+            status, answer = b"500 Internal Server Error", b""
+            try:
+                while chunk := connection.recv(1024 * 1024):
+                    received += len(chunk)
+                    if self.fail_after is not None and received >= self.fail_after:
+                        break
+            except TimeoutError:
+                status, answer = b"400 Bad Request", self.TIMEOUT
+            connection.sendall(
+                b"HTTP/1.1 " + status + b"\r\nContent-Type: application/xml\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(answer) + answer
+            )
+
+
+class _PausingBody:
+    """``head`` bytes, then a pause of ``pause`` seconds, then the rest up to ``size``."""
+
+    def __init__(self, size: int, head: int, pause: float) -> None:
+        self.data, self.head, self.pause, self.sent = os.urandom(size), head, pause, 0
+
+    def read(self, size: int = -1, /) -> bytes:
+        if self.sent == self.head:
+            time.sleep(self.pause)
+        end = len(self.data) if size < 0 else self.sent + size
+        if self.sent < self.head:
+            end = min(end, self.head)
+        chunk = self.data[self.sent : end]
+        self.sent += len(chunk)
+        return chunk
+
+
+@pytest.mark.parametrize(
+    ("pause", "fail_after", "expected"),
+    [
+        (0.6, None, BodyTooSlow),  # the store gave up on the client's pause: 408
+        (0.0, 2 * 1024 * 1024, StorageUnavailable),  # the store failed by itself: 503
+    ],
+    ids=["store-dropped-the-paused-body", "store-failed"],
+)
+def test_a_put_dropped_by_the_store_while_the_client_paused_is_the_client_s_408(
+    monkeypatch: pytest.MonkeyPatch, pause: float, fail_after: int | None, expected: type
+) -> None:
+    """A PUT sent as it is read holds the store's request open while the client pauses,
+    and a store drops a request idle for its own timeout, often shorter than this
+    server's: that failure is the client's pause (408, send it again more steadily), not
+    the storage's (503, try again later)."""
+    monkeypatch.setattr(s3_parts, "PAUSE_BLAMED_SECONDS", 0.4)
+    store_endpoint = _IdleDroppingStore(idle=0.2, fail_after=fail_after)
+    store_endpoint.start()
+    size = 3 * 1024 * 1024
+    body = _PausingBody(size, head=PUT_BUFFERS * 1024 * 1024 // 2, pause=pause)
+    storages = s3_storages(endpoint_url=store_endpoint.endpoint)
+    with override_settings(STORAGES=storages), pytest.raises(expected) as raised:
+        get_store().write_stream("media/xx/paused", body, max_size=size, expected_size=size)
+    store_endpoint.join(5)
+    assert isinstance(raised.value, MatrixError)
+    assert raised.value.status == (408 if expected is BodyTooSlow else 503)

@@ -26,12 +26,14 @@ from __future__ import annotations
 import contextlib
 import io
 import queue
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from ..errors import BodyTooSlow
 from .base import MeteredReader
 
 
@@ -148,7 +150,15 @@ class PartWriter:
                 with contextlib.suppress(Exception):
                     sending.result()
                 raise
-            sending.result()
+            try:
+                sending.result()
+            except Exception as exc:
+                if body.last_pause < PAUSE_BLAMED_SECONDS:
+                    raise
+                raise BodyTooSlow(
+                    f"The request body paused for {body.last_pause:.0f} s, longer than the "
+                    "storage waits for it; send it again"
+                ) from exc
 
     def _send_parts(
         self,
@@ -199,6 +209,11 @@ class PartWriter:
 #: another is sent).
 PUT_BUFFERS = 3
 PUT_BUFFER = 1024 * 1024
+#: A PUT sent as it is read holds the store's request open while the client pauses, and a
+#: store drops a request idle for its own timeout (10 to 20 s is usual), shorter than
+#: ``UPLOAD_IDLE_TIMEOUT_SECONDS``: a PUT that failed when its body came back from a pause
+#: this long failed because of the pause, and the client hears 408, not 503.
+PAUSE_BLAMED_SECONDS = 5.0
 
 
 class PutBody(io.RawIOBase):
@@ -218,6 +233,8 @@ class PutBody(io.RawIOBase):
         self._buffer: bytearray | None = None  # the one ``_current`` is of
         self._sent = 0
         self._ended = False
+        #: Seconds the sender last waited for the reader's next buffer.
+        self.last_pause = 0.0
 
     def __len__(self) -> int:
         return self.length
@@ -264,7 +281,9 @@ class PutBody(io.RawIOBase):
             if self._buffer is not None:  # sent: the reader may fill it again
                 self._free.put(self._buffer)
                 self._buffer = None
+            waiting = time.monotonic()
             item = self._full.get()
+            self.last_pause = time.monotonic() - waiting
             if isinstance(item, BaseException):
                 raise item
             if item is None:
