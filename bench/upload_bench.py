@@ -35,6 +35,7 @@ and drops the database ``mediarepo_bench``, uses Redis DB 13 (flushed) and free 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import http.client
 import json
@@ -327,15 +328,13 @@ def request(
 
 
 POOL_SIZE = 64 * MiB
-_pool: list[bytes] = []
 
 
+@functools.cache
 def random_pool() -> memoryview:
     """64 MiB of random bytes, made once per process from a fixed seed (the same in every
     process, so a seeded body is too)."""
-    if not _pool:
-        _pool.append(random.Random(0x5EED).randbytes(POOL_SIZE))
-    return memoryview(_pool[0])
+    return memoryview(random.Random(0x5EED).randbytes(POOL_SIZE))
 
 
 class RandomBody:
@@ -1117,8 +1116,7 @@ def incoming_buckets() -> list[str]:
 
 
 def start_store(s3: S3Server) -> None:
-    """Start the bench SeaweedFS empty, with the incoming buckets (versioning on) that the
-    "versioned" policy, or MSC3870_S3_INCOMING_BUCKET in the environment, names."""
+    """Start the bench SeaweedFS empty, with the ``incoming_buckets``."""
     s3.start()
     client = bench_s3_client()
     for bucket in incoming_buckets():
@@ -1431,11 +1429,10 @@ def compare_main(args: argparse.Namespace) -> None:
             for repeat in range(args.repeat):
                 results["loadavg"].append(load_average())
                 # The bench SeaweedFS reclaims deleted space only by vacuum, and stalls
-                # for most of a second when writes fill one of its 1 GiB volumes (at the
-                # same point of every run: about 1 and 2 GiB written, in 32 MiB runs the
-                # PUT of the 4th and 8th repeats, 1.2 s against 0.4). A fresh one before
-                # each repeat, and before each large upload; its clients reconnect
-                # (botocore retries the first request).
+                # when writes fill one of its 1 GiB volumes, at the same point of every
+                # run (docs/benchmarks.md). A fresh one before each repeat, and before
+                # each large upload; its clients reconnect (botocore retries the first
+                # request).
                 fresh = s3.manage and size_mib >= 64
                 if s3.manage or repeat == 0:
                     fresh_store(s3)

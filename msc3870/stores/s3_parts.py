@@ -210,7 +210,7 @@ class PartWriter:
 PUT_BUFFERS = 3
 PUT_BUFFER = 1024 * 1024
 #: A PUT sent as it is read holds the store's request open while the client pauses, and a
-#: store drops a request idle for its own timeout (10 to 20 s is usual), shorter than
+#: store drops a request idle for its own timeout (AWS: about 20 s), shorter than
 #: ``UPLOAD_IDLE_TIMEOUT_SECONDS``: a PUT that failed when its body came back from a pause
 #: this long failed because of the pause, and the client hears 408, not 503.
 PAUSE_BLAMED_SECONDS = 5.0
